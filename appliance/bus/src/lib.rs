@@ -1,0 +1,1 @@
+//! appliance-bus (skeleton; being written).

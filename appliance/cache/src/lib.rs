@@ -1,0 +1,1 @@
+//! appliance-cache (skeleton; being written).

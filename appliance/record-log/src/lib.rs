@@ -1,0 +1,1 @@
+//! appliance-record-log (skeleton; being written).

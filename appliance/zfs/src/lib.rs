@@ -1,0 +1,1 @@
+//! appliance-zfs (skeleton; being written).
