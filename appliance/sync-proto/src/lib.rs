@@ -1,0 +1,1 @@
+//! appliance-sync-proto (skeleton; being written).
