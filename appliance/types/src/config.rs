@@ -1,0 +1,464 @@
+//! The daemon's configuration: one TOML file with defaults in code.
+//!
+//! Rules:
+//! - The file must carry `version = 1` ([`CONFIG_VERSION`]); another version is
+//!   refused, so a future format change is never misread.
+//! - An unknown key anywhere is refused, and every error names the key
+//!   (`metrics.listen`, `control.admin_group`, ...), because a typo in a storage
+//!   appliance's config must not silently fall back to a default.
+//! - Paths left unset are derived: under `--state-dir DIR` everything lives in
+//!   `DIR`; otherwise the production locations (`/run/appliance`,
+//!   `/var/lib/appliance`, ...) apply. See [`Config::resolve`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The config format version this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Production location of the config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/appliance/appliance.toml";
+
+/// Production control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/appliance/control.sock";
+
+/// Production data directory (systemd `StateDirectory=appliance`).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/appliance";
+
+/// Production log directory (systemd `LogsDirectory=appliance`).
+pub const DEFAULT_LOG_DIR: &str = "/var/log/appliance";
+
+/// Production metrics address. 9464 is a commonly used exporter port; only
+/// loopback is allowed (see [`MetricsConfig::listen`]).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Format version; must be [`CONFIG_VERSION`].
+    pub version: u32,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The control socket.
+    #[serde(default)]
+    pub control: ControlConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Storage manager.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Where data and logs go.
+    #[serde(default)]
+    pub paths: PathsConfig,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            log: LogConfig::default(),
+            control: ControlConfig::default(),
+            metrics: MetricsConfig::default(),
+            storage: StorageConfig::default(),
+            paths: PathsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter directive (`info`, `debug`, `info,appliance_bus=trace`).
+    /// `RUST_LOG`, when set, wins over this.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+/// `[control]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Socket path. Default: `/run/appliance/control.sock`, or
+    /// `DIR/control.sock` with `--state-dir DIR`.
+    pub socket: Option<PathBuf>,
+    /// Group whose members may send mutating requests (besides root and the
+    /// daemon's own user). A group that does not exist on the system admits
+    /// nobody extra; the daemon logs a warning.
+    pub admin_group: String,
+    /// Group that owns the socket file (mode 0660), so its members can connect.
+    /// Unset: the daemon's primary group.
+    pub socket_group: Option<String>,
+    /// Largest frame accepted, in bytes (1 KiB ..= 16 MiB).
+    pub max_frame_bytes: u32,
+    /// Concurrent client connections; more are told `busy` and closed.
+    pub max_connections: u32,
+    /// A connection that sends nothing for this long is closed (seconds).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            admin_group: "appliance-admin".into(),
+            socket_group: None,
+            max_frame_bytes: crate::control::DEFAULT_MAX_FRAME,
+            max_connections: 64,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics.
+    pub enabled: bool,
+    /// Loopback address. Default `127.0.0.1:9464`; with `--state-dir`,
+    /// `127.0.0.1:0` (an ephemeral port, shown by `appliancectl status`). The
+    /// endpoint has no authentication, so non-loopback addresses are refused.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Whether the appliance is useless without ZFS (true on the real box).
+    /// When true, missing ZFS fails the ready probe; when false it is reported
+    /// as `unavailable` and everything else runs.
+    pub required: bool,
+    /// The ZFS control device whose presence means the module is loaded.
+    pub zfs_device: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            required: false,
+            zfs_device: PathBuf::from("/dev/zfs"),
+        }
+    }
+}
+
+/// `[paths]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// Persistent data (logs of the bus and cache, sync staging, keys).
+    pub data_dir: Option<PathBuf>,
+    /// File logs, where a component keeps any.
+    pub log_dir: Option<PathBuf>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight work may take to finish after SIGTERM (1..=60 s).
+    /// The daemon exits 0 within this, aborting what is left. Keep it below
+    /// the unit's `TimeoutStopSec=`.
+    pub timeout_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { timeout_secs: 8 }
+    }
+}
+
+/// A configuration error that names the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key (`metrics.listen`), or empty when the file is not TOML at all.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "config key `{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new("", format!("not valid TOML: {}", e.message())))?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().to_owned();
+            // serde_path_to_error already includes an unknown field in the
+            // path; a missing field is named only in the message.
+            let key = match missing_field_name(&msg) {
+                Some(field) if path == "." || path.is_empty() => field,
+                Some(field) => format!("{path}.{field}"),
+                None if path == "." => String::new(),
+                None => path,
+            };
+            let message = msg;
+            ConfigError::new(key, message)
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.version != CONFIG_VERSION {
+            return Err(ConfigError::new(
+                "version",
+                format!(
+                    "this daemon reads config version {CONFIG_VERSION}, the file says {}",
+                    self.version
+                ),
+            ));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(ConfigError::new("log.level", "must not be empty (try \"info\")"));
+        }
+        if self.control.admin_group.trim().is_empty() {
+            return Err(ConfigError::new("control.admin_group", "must not be empty"));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.control.max_frame_bytes) {
+            return Err(ConfigError::new(
+                "control.max_frame_bytes",
+                format!("{} is outside 1024..=16777216", self.control.max_frame_bytes),
+            ));
+        }
+        if !(1..=4096).contains(&self.control.max_connections) {
+            return Err(ConfigError::new(
+                "control.max_connections",
+                format!("{} is outside 1..=4096", self.control.max_connections),
+            ));
+        }
+        if !(1..=86_400).contains(&self.control.idle_timeout_secs) {
+            return Err(ConfigError::new(
+                "control.idle_timeout_secs",
+                format!("{} is outside 1..=86400", self.control.idle_timeout_secs),
+            ));
+        }
+        if let Some(addr) = self.metrics.listen {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::new(
+                    "metrics.listen",
+                    format!("{addr} is not a loopback address; the metrics endpoint has no authentication"),
+                ));
+            }
+        }
+        if !(1..=60).contains(&self.shutdown.timeout_secs) {
+            return Err(ConfigError::new(
+                "shutdown.timeout_secs",
+                format!("{} is outside 1..=60", self.shutdown.timeout_secs),
+            ));
+        }
+        for (key, p) in [
+            ("control.socket", self.control.socket.as_deref()),
+            ("paths.data_dir", self.paths.data_dir.as_deref()),
+            ("paths.log_dir", self.paths.log_dir.as_deref()),
+            ("storage.zfs_device", Some(self.storage.zfs_device.as_path())),
+        ] {
+            if let Some(p) = p {
+                if !p.is_absolute() {
+                    return Err(ConfigError::new(key, format!("{} is not an absolute path", p.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills in every unset path and address. With `state_dir`, everything
+    /// lives under it and listeners default to ephemeral loopback ports (so
+    /// several daemons can run side by side in tests); without it the
+    /// production defaults apply.
+    pub fn resolve(&self, state_dir: Option<&Path>) -> Resolved {
+        let pick = |explicit: &Option<PathBuf>, under: &str, prod: &str| -> PathBuf {
+            match (explicit, state_dir) {
+                (Some(p), _) => p.clone(),
+                (None, Some(dir)) => dir.join(under),
+                (None, None) => PathBuf::from(prod),
+            }
+        };
+        let metrics_listen = self.metrics.listen.unwrap_or_else(|| {
+            let default = if state_dir.is_some() {
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            } else {
+                DEFAULT_METRICS_ADDR
+                    .parse()
+                    .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464)))
+            };
+            default
+        });
+        Resolved {
+            control_socket: pick(&self.control.socket, "control.sock", DEFAULT_CONTROL_SOCKET),
+            data_dir: pick(&self.paths.data_dir, "data", DEFAULT_DATA_DIR),
+            log_dir: pick(&self.paths.log_dir, "logs", DEFAULT_LOG_DIR),
+            metrics_listen: self.metrics.enabled.then_some(metrics_listen),
+            config: self.clone(),
+        }
+    }
+}
+
+/// A configuration with every path and address decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The control socket path.
+    pub control_socket: PathBuf,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The log directory.
+    pub log_dir: PathBuf,
+    /// Where metrics are served, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The validated file contents.
+    pub config: Config,
+}
+
+/// Extracts `foo` from serde's "missing field `foo`" message.
+fn missing_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("missing field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::from_toml("version = 1\n").unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+version = 1
+[log]
+level = "debug"
+[control]
+socket = "/tmp/x.sock"
+admin_group = "wheel"
+max_frame_bytes = 4096
+[metrics]
+listen = "127.0.0.1:9999"
+[storage]
+required = true
+[paths]
+data_dir = "/srv/data"
+[shutdown]
+timeout_secs = 5
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.control.admin_group, "wheel");
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9999".parse().unwrap()));
+        assert!(c.storage.required);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("version = 1\n[control]\nsockett = \"/x\"\n").unwrap_err();
+        assert_eq!(e.key, "control.sockett");
+        assert!(e.to_string().contains("control.sockett"), "{e}");
+        let e = Config::from_toml("version = 1\nbogus = 3\n").unwrap_err();
+        assert_eq!(e.key, "bogus");
+        let e = Config::from_toml("version = 1\n[nope]\n").unwrap_err();
+        assert_eq!(e.key, "nope");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = Config::from_toml("version = 1\n[control]\nmax_connections = \"many\"\n").unwrap_err();
+        assert_eq!(e.key, "control.max_connections");
+        assert!(e.message.contains("invalid type"), "{e}");
+        let e = Config::from_toml("version = 1\n[metrics]\nlisten = \"not an address\"\n").unwrap_err();
+        assert_eq!(e.key, "metrics.listen");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let e = Config::from_toml("version = 2\n").unwrap_err();
+        assert_eq!(e.key, "version");
+        let e = Config::from_toml("").unwrap_err();
+        assert_eq!(e.key, "version");
+        let e = Config::from_toml("version = 1\n[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap_err();
+        assert_eq!(e.key, "metrics.listen");
+        let e = Config::from_toml("version = 1\n[control]\nmax_frame_bytes = 1\n").unwrap_err();
+        assert_eq!(e.key, "control.max_frame_bytes");
+        let e = Config::from_toml("version = 1\n[paths]\ndata_dir = \"relative\"\n").unwrap_err();
+        assert_eq!(e.key, "paths.data_dir");
+        let e = Config::from_toml("version = 1\n[shutdown]\ntimeout_secs = 0\n").unwrap_err();
+        assert_eq!(e.key, "shutdown.timeout_secs");
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let e = Config::from_toml("version = = 1").unwrap_err();
+        assert!(e.message.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn resolve_under_state_dir_and_production() {
+        let c = Config::default();
+        let r = c.resolve(Some(Path::new("/tmp/s")));
+        assert_eq!(r.control_socket, PathBuf::from("/tmp/s/control.sock"));
+        assert_eq!(r.data_dir, PathBuf::from("/tmp/s/data"));
+        assert_eq!(r.metrics_listen.unwrap().port(), 0);
+        let r = c.resolve(None);
+        assert_eq!(r.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(r.metrics_listen.unwrap().to_string(), DEFAULT_METRICS_ADDR);
+        let mut c = Config::default();
+        c.control.socket = Some("/elsewhere.sock".into());
+        c.metrics.enabled = false;
+        let r = c.resolve(Some(Path::new("/tmp/s")));
+        assert_eq!(r.control_socket, PathBuf::from("/elsewhere.sock"));
+        assert_eq!(r.metrics_listen, None);
+    }
+}
