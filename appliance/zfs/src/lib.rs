@@ -1,1 +1,9 @@
-//! appliance-zfs (skeleton; being written).
+//! appliance-zfs: the only code in the appliance that talks to ZFS.
+//!
+//! (Design notes are completed as the crate grows.)
+
+pub mod model;
+pub mod redundancy;
+
+pub use model::*;
+pub use redundancy::{redundancy, Layout, Redundancy, RedundancyLevel, VdevRedundancy};
