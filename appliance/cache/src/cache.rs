@@ -1,0 +1,698 @@
+//! The thread-safe, in-process cache API.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{duration_ms, Clock, SystemClock};
+use crate::key::{parse_md5_hex, Request};
+use crate::store::{AgentLookup, AgentOwner, Change, Entry, Key, Store, StoreError, StoreLimits};
+
+/// Default total byte bound of the memory tier: 256 MiB.
+pub const DEFAULT_CAPACITY_BYTES: usize = 256 << 20;
+/// Default largest value: 8 MiB, far above any text response an agent
+/// produces, and small enough that one put cannot displace most of the cache.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 8 << 20;
+/// Default TTL of agent responses: one day. Answers age (models and
+/// documents change); plain `SET` keys follow Redis and never expire unless
+/// told to.
+pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Configuration of the memory tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Total byte bound (keys, values and per-entry overhead).
+    pub capacity_bytes: usize,
+    /// Largest value a put accepts.
+    pub max_value_bytes: usize,
+    /// TTL of agent entries put without an explicit TTL; `None` keeps them
+    /// until evicted.
+    pub default_agent_ttl: Option<Duration>,
+    /// Per-agent TTL overrides (agent id → TTL), taking precedence over the
+    /// default.
+    pub agent_ttl: BTreeMap<String, Duration>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: DEFAULT_CAPACITY_BYTES,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            default_agent_ttl: Some(DEFAULT_AGENT_TTL),
+            agent_ttl: BTreeMap::new(),
+        }
+    }
+}
+
+/// Errors of cache operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The entry does not fit the configured limits.
+    #[error("cache put refused: {0}")]
+    Refused(#[from] StoreError),
+    /// A zero TTL was given (the entry would be born expired).
+    #[error("invalid TTL: must be at least one millisecond")]
+    ZeroTtl,
+    /// The persistence layer failed; the operation is not durable and must
+    /// not be acknowledged to a client.
+    #[error("cache persistence failed: {0}")]
+    Persist(String),
+}
+
+/// A snapshot of the statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheStats {
+    /// Lookups that returned a value.
+    pub hits: u64,
+    /// Lookups that returned nothing (collisions included).
+    pub misses: u64,
+    /// `hits / (hits + misses)`, 0 when there were no lookups.
+    pub hit_rate: f64,
+    /// MD5 matches that failed the SHA-256 ownership check.
+    pub collisions: u64,
+    /// Entries dropped for the byte bound.
+    pub evictions: u64,
+    /// Entries dropped because their TTL ran out.
+    pub expirations: u64,
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes charged (keys, values, overhead).
+    pub bytes: u64,
+    /// Configured byte bound.
+    pub capacity_bytes: u64,
+}
+
+/// Condition of a plain `SET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SetCondition {
+    /// Always write.
+    #[default]
+    Always,
+    /// Only if the key does not exist (`NX`).
+    IfAbsent,
+    /// Only if the key exists (`XX`).
+    IfPresent,
+}
+
+/// Remaining lifetime of a key, as `TTL` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyTtl {
+    /// No such key.
+    Missing,
+    /// The key never expires.
+    Persistent,
+    /// Milliseconds left.
+    Remaining(u64),
+}
+
+/// One item of a batch put.
+#[derive(Debug, Clone)]
+pub struct PutItem<'a> {
+    /// The request.
+    pub request: Request<'a>,
+    /// The response to cache.
+    pub response: Bytes,
+    /// Explicit TTL; `None` applies the per-agent or default TTL.
+    pub ttl: Option<Duration>,
+}
+
+/// Receives every applied mutation, in order, while the cache lock is held.
+///
+/// The persistence layer implements this; `append` must only buffer or write
+/// (it runs under the lock), and [`Journal::commit`] is called after the lock
+/// is released to make the writes durable per the fsync policy before the
+/// caller is acknowledged.
+pub trait Journal: Send + Sync + std::fmt::Debug {
+    /// Record changes in order. An error refuses the operation.
+    fn append(&self, changes: &[Change]) -> Result<(), String>;
+    /// Make appended changes durable according to the policy.
+    fn commit(&self) -> Result<(), String>;
+}
+
+/// The agent response cache. Cheap to share behind an `Arc`; every method
+/// takes `&self`.
+#[derive(Debug)]
+pub struct Cache {
+    store: Mutex<Store>,
+    clock: Arc<dyn Clock>,
+    config: CacheConfig,
+    journal: Option<Arc<dyn Journal>>,
+}
+
+impl Cache {
+    /// A cache on the system clock.
+    pub fn new(config: CacheConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// A cache on the given clock (tests use [`crate::ManualClock`]).
+    pub fn with_clock(config: CacheConfig, clock: Arc<dyn Clock>) -> Self {
+        let limits = StoreLimits {
+            capacity_bytes: config.capacity_bytes,
+            max_value_bytes: config.max_value_bytes,
+        };
+        Self {
+            store: Mutex::new(Store::new(limits, false)),
+            clock,
+            config,
+            journal: None,
+        }
+    }
+
+    /// A cache whose mutations go to `journal`, starting from `store`
+    /// (already loaded, with journalling enabled).
+    #[allow(dead_code)] // used by the persistence layer
+    pub(crate) fn with_journal(
+        config: CacheConfig,
+        clock: Arc<dyn Clock>,
+        store: Store,
+        journal: Arc<dyn Journal>,
+    ) -> Self {
+        Self {
+            store: Mutex::new(store),
+            clock,
+            config,
+            journal: Some(journal),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// The current time of the cache's clock (Unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        // The store's invariants hold between statements that cannot panic,
+        // so a poisoned lock still guards a consistent store.
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Run an operation under the lock and hand its journal to the
+    /// persistence layer, then commit outside the lock. The operation's
+    /// result is returned even when persisting fails, with the error beside it.
+    fn apply<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> (T, Result<(), CacheError>) {
+        let now = self.clock.now_ms();
+        let Some(journal) = self.journal.as_ref() else {
+            return (f(&mut self.lock(), now), Ok(()));
+        };
+        let (out, appended) = {
+            let mut store = self.lock();
+            let out = f(&mut store, now);
+            let changes = store.take_journal();
+            let appended = if changes.is_empty() {
+                Ok(())
+            } else {
+                journal.append(&changes).map_err(CacheError::Persist)
+            };
+            (out, appended)
+        };
+        let done = appended.and_then(|()| journal.commit().map_err(CacheError::Persist));
+        (out, done)
+    }
+
+    /// A mutation: fails if it could not be made durable. The memory tier
+    /// has applied it regardless, so a reader may see a value whose writer
+    /// got an error; the writer must treat its write as not acknowledged.
+    fn mutate<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> Result<T, CacheError> {
+        let (out, done) = self.apply(f);
+        done.map(|()| out)
+    }
+
+    /// A read; it can expire entries, and failing to record that is logged,
+    /// not returned (the answer itself is right).
+    fn read<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> T {
+        let (out, done) = self.apply(f);
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "cache: could not persist an expiry");
+        }
+        out
+    }
+
+    /// The TTL for an agent put without an explicit TTL.
+    fn agent_ttl(&self, agent: &[u8]) -> Option<Duration> {
+        std::str::from_utf8(agent)
+            .ok()
+            .and_then(|a| self.config.agent_ttl.get(a).copied())
+            .or(self.config.default_agent_ttl)
+    }
+
+    fn expiry(now: u64, ttl: Option<Duration>) -> Result<Option<u64>, CacheError> {
+        match ttl {
+            None => Ok(None),
+            Some(d) if d.is_zero() => Err(CacheError::ZeroTtl),
+            Some(d) => Ok(Some(now.saturating_add(duration_ms(d).max(1)))),
+        }
+    }
+
+    // ----- agent API -----
+
+    /// The cached response to a request, if any. A stored entry under the same
+    /// MD5 that belongs to another request is a miss (and a collision).
+    pub fn get(&self, agent: &[u8], prompt: &[u8], variant: &[u8]) -> Option<Bytes> {
+        let d = Request::new(agent, prompt, variant).digests();
+        self.read(|s, now| match s.get_agent(&d.md5, &d.sha256, now) {
+            AgentLookup::Hit(v) => Some(v),
+            AgentLookup::Miss | AgentLookup::Collision => None,
+        })
+    }
+
+    /// Cache a response. `ttl: None` applies the agent's override or the default.
+    pub fn put(
+        &self,
+        agent: &[u8],
+        prompt: &[u8],
+        variant: &[u8],
+        response: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<(), CacheError> {
+        self.put_many(&[PutItem {
+            request: Request::new(agent, prompt, variant),
+            response: response.into(),
+            ttl,
+        }])
+        .into_iter()
+        .next()
+        .unwrap_or(Ok(()))
+    }
+
+    fn agent_entry(&self, item: &PutItem<'_>, now: u64) -> Result<(Key, Entry), CacheError> {
+        let r = item.request;
+        let ttl = item.ttl.or_else(|| self.agent_ttl(r.agent));
+        let expires_at = Self::expiry(now, ttl)?;
+        let d = r.digests();
+        let owner = AgentOwner {
+            agent: r.agent.into(),
+            prompt: r.prompt.into(),
+            variant: r.variant.into(),
+            sha256: d.sha256,
+        };
+        Ok((
+            Key::Agent(d.md5),
+            Entry {
+                value: item.response.clone(),
+                expires_at,
+                owner: Some(Arc::new(owner)),
+            },
+        ))
+    }
+
+    /// Batch put under one lock acquisition; one result per item.
+    pub fn put_many(&self, items: &[PutItem<'_>]) -> Vec<Result<(), CacheError>> {
+        let (results, done) = self.apply(|s, now| {
+            items
+                .iter()
+                .map(|item| {
+                    let (key, entry) = self.agent_entry(item, now)?;
+                    s.insert(key, entry, now).map_err(CacheError::from)
+                })
+                .collect::<Vec<_>>()
+        });
+        match done {
+            Ok(()) => results,
+            Err(e) => {
+                let msg = e.to_string();
+                results
+                    .into_iter()
+                    .map(|r| r.and_then(|()| Err(CacheError::Persist(msg.clone()))))
+                    .collect()
+            }
+        }
+    }
+
+    /// Batch get under one lock acquisition.
+    pub fn get_many(&self, requests: &[Request<'_>]) -> Vec<Option<Bytes>> {
+        let digests: Vec<_> = requests.iter().map(Request::digests).collect();
+        self.read(|s, now| {
+            digests
+                .iter()
+                .map(|d| match s.get_agent(&d.md5, &d.sha256, now) {
+                    AgentLookup::Hit(v) => Some(v),
+                    AgentLookup::Miss | AgentLookup::Collision => None,
+                })
+                .collect()
+        })
+    }
+
+    /// Drop the cached response to one request; returns whether it was there.
+    /// An entry of a different request under the same MD5 is left alone.
+    pub fn invalidate(
+        &self,
+        agent: &[u8],
+        prompt: &[u8],
+        variant: &[u8],
+    ) -> Result<bool, CacheError> {
+        let d = Request::new(agent, prompt, variant).digests();
+        self.mutate(|s, now| {
+            let key = Key::Agent(d.md5);
+            let owned = s
+                .peek(&key, now)
+                .and_then(|e| e.owner.as_ref())
+                .is_some_and(|o| o.sha256 == d.sha256);
+            owned && s.remove(&key, now)
+        })
+    }
+
+    /// Drop every cached response of an agent; returns how many.
+    pub fn invalidate_agent(&self, agent: &[u8]) -> Result<usize, CacheError> {
+        self.mutate(|s, now| s.remove_agent(agent, now))
+    }
+
+    // ----- plain key-value tier (RESP GET/SET) -----
+
+    /// Resolve a RESP key: a plain key as given, else a 32-hex-digit MD5
+    /// naming an agent entry.
+    fn resolve(s: &mut Store, key: &[u8], now: u64) -> Option<Key> {
+        let plain = Key::Plain(key.into());
+        if s.contains(&plain, now) {
+            return Some(plain);
+        }
+        let agent = Key::Agent(parse_md5_hex(key)?);
+        s.contains(&agent, now).then_some(agent)
+    }
+
+    /// `GET key`: a plain key, or an agent entry by its MD5 hex.
+    pub fn get_plain(&self, key: &[u8]) -> Option<Bytes> {
+        self.read(|s, now| {
+            let k = Self::resolve(s, key, now).unwrap_or_else(|| Key::Plain(key.into()));
+            s.get(&k, now).map(|e| e.value.clone())
+        })
+    }
+
+    /// `SET key value [ttl] [NX|XX]`; returns whether the value was written.
+    pub fn set_plain(
+        &self,
+        key: &[u8],
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+        condition: SetCondition,
+    ) -> Result<bool, CacheError> {
+        let value = value.into();
+        let res = self.mutate(|s, now| {
+            let expires_at = Self::expiry(now, ttl)?;
+            let exists = Self::resolve(s, key, now).is_some();
+            let go = match condition {
+                SetCondition::Always => true,
+                SetCondition::IfAbsent => !exists,
+                SetCondition::IfPresent => exists,
+            };
+            if !go {
+                return Ok(false);
+            }
+            let entry = Entry {
+                value,
+                expires_at,
+                owner: None,
+            };
+            s.insert(Key::Plain(key.into()), entry, now)?;
+            Ok(true)
+        });
+        res?
+    }
+
+    /// `DEL key`; returns whether a key was deleted.
+    pub fn del_plain(&self, key: &[u8]) -> Result<bool, CacheError> {
+        self.mutate(|s, now| Self::resolve(s, key, now).is_some_and(|k| s.remove(&k, now)))
+    }
+
+    /// `EXISTS key`.
+    pub fn exists(&self, key: &[u8]) -> bool {
+        self.read(|s, now| Self::resolve(s, key, now).is_some())
+    }
+
+    /// `EXPIRE`/`PERSIST`: set (or clear with `None`) a key's TTL; a zero TTL
+    /// deletes it. Returns whether the key exists.
+    pub fn expire(&self, key: &[u8], ttl: Option<Duration>) -> Result<bool, CacheError> {
+        self.mutate(|s, now| {
+            let Some(k) = Self::resolve(s, key, now) else {
+                return false;
+            };
+            let at = ttl.map(|d| now.saturating_add(duration_ms(d)));
+            s.set_expiry(&k, at, now)
+        })
+    }
+
+    /// `TTL`/`PTTL`.
+    pub fn ttl(&self, key: &[u8]) -> KeyTtl {
+        self.read(|s, now| match Self::resolve(s, key, now) {
+            None => KeyTtl::Missing,
+            Some(k) => match s.ttl_ms(&k, now) {
+                None => KeyTtl::Missing,
+                Some(None) => KeyTtl::Persistent,
+                Some(Some(ms)) => KeyTtl::Remaining(ms),
+            },
+        })
+    }
+
+    /// Drop expired entries now (the server calls this periodically).
+    pub fn purge_expired(&self) -> Result<usize, CacheError> {
+        self.mutate(|s, now| s.purge_expired(now))
+    }
+
+    /// Drop everything.
+    pub fn clear(&self) -> Result<(), CacheError> {
+        self.mutate(|s, _| s.clear())
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// A statistics snapshot.
+    pub fn stats(&self) -> CacheStats {
+        let s = self.lock();
+        let c = s.counters();
+        let lookups = c.hits + c.misses;
+        CacheStats {
+            hits: c.hits,
+            misses: c.misses,
+            hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                c.hits as f64 / lookups as f64
+            },
+            collisions: c.collisions,
+            evictions: c.evictions,
+            expirations: c.expirations,
+            entries: s.len() as u64,
+            bytes: s.bytes() as u64,
+            capacity_bytes: s.limits().capacity_bytes as u64,
+        }
+    }
+
+    /// A copy of every live entry, least recently used first (export,
+    /// compaction).
+    pub fn snapshot(&self) -> Vec<(Key, Entry)> {
+        let s = self.lock();
+        let now = self.clock.now_ms();
+        s.iter()
+            .filter(|(k, _)| s.peek(k, now).is_some())
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Insert a prepared entry (import).
+    pub fn insert_entry(&self, key: Key, entry: Entry) -> Result<(), CacheError> {
+        let res = self.mutate(|s, now| s.insert(key, entry, now));
+        Ok(res??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use md5::{Digest as _, Md5};
+
+    /// The first published MD5 collision (Wang, Feng, Lai, Yu, 2004): two
+    /// 128-byte messages that differ in six bytes and share the MD5
+    /// 79054025255fb1a26e4bc422aef54eb4.
+    const WANG_M1: &str = "d131dd02c5e6eec4693d9a0698aff95c2fcab58712467eab4004583eb8fb7f89\
+                           55ad340609f4b30283e488832571415a085125e8f7cdc99fd91dbdf280373c5b\
+                           d8823e3156348f5bae6dacd436c919c6dd53e2b487da03fd02396306d248cda0\
+                           e99f33420f577ee8ce54b67080a80d1ec69821bcb6a8839396f9652b6ff72a70";
+    const WANG_M2: &str = "d131dd02c5e6eec4693d9a0698aff95c2fcab50712467eab4004583eb8fb7f89\
+                           55ad340609f4b30283e4888325f1415a085125e8f7cdc99fd91dbd7280373c5b\
+                           d8823e3156348f5bae6dacd436c919c6dd53e23487da03fd02396306d248cda0\
+                           e99f33420f577ee8ce54b67080280d1ec69821bcb6a8839396f965ab6ff72a70";
+
+    fn collision_pair() -> (Vec<u8>, Vec<u8>) {
+        let m1 = hex::decode(WANG_M1).unwrap();
+        let m2 = hex::decode(WANG_M2).unwrap();
+        // Check the pair before relying on it.
+        assert_eq!(m1.len(), 128);
+        assert_ne!(m1, m2, "the pair must differ");
+        let (h1, h2) = (Md5::digest(&m1), Md5::digest(&m2));
+        assert_eq!(h1, h2, "the pair must collide under MD5");
+        assert_eq!(hex::encode(h1), "79054025255fb1a26e4bc422aef54eb4");
+        (m1, m2)
+    }
+
+    fn cache_at(clock: &Arc<ManualClock>, config: CacheConfig) -> Cache {
+        Cache::with_clock(config, clock.clone())
+    }
+
+    #[test]
+    fn collision_pair_is_a_miss_and_counted() {
+        let (m1, m2) = collision_pair();
+        for (agent1, agent2, prompt1, prompt2) in [
+            // As agent id.
+            (&m1[..], &m2[..], &b"which pool?"[..], &b"which pool?"[..]),
+            // As prompt, with an empty agent id so the prompt starts at offset 0.
+            (&b""[..], &b""[..], &m1[..], &m2[..]),
+        ] {
+            let r1 = Request::new(agent1, prompt1, b"v");
+            let r2 = Request::new(agent2, prompt2, b"v");
+            assert_eq!(r1.md5(), r2.md5(), "requests collide inside the encoding");
+            assert_ne!(r1.sha256(), r2.sha256());
+
+            let cache = Cache::new(CacheConfig::default());
+            cache.put(agent1, prompt1, b"v", "answer-1", None).unwrap();
+            assert_eq!(cache.get(agent2, prompt2, b"v"), None);
+            let st = cache.stats();
+            assert_eq!((st.hits, st.misses, st.collisions), (0, 1, 1));
+            assert_eq!(
+                cache.get(agent1, prompt1, b"v"),
+                Some(Bytes::from("answer-1"))
+            );
+            // Invalidating the other request must not drop this entry.
+            assert!(!cache.invalidate(agent2, prompt2, b"v").unwrap());
+            assert_eq!(cache.len(), 1);
+            // Writing the other request replaces the slot; now the first misses.
+            cache.put(agent2, prompt2, b"v", "answer-2", None).unwrap();
+            assert_eq!(cache.get(agent1, prompt1, b"v"), None);
+            assert_eq!(
+                cache.get(agent2, prompt2, b"v"),
+                Some(Bytes::from("answer-2"))
+            );
+            assert_eq!(cache.stats().collisions, 2);
+        }
+    }
+
+    #[test]
+    fn ttl_default_override_and_explicit() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let mut config = CacheConfig {
+            default_agent_ttl: Some(Duration::from_secs(60)),
+            ..CacheConfig::default()
+        };
+        config
+            .agent_ttl
+            .insert("fast".into(), Duration::from_secs(5));
+        let cache = cache_at(&clock, config);
+        cache.put(b"slow", b"p", b"", "a", None).unwrap();
+        cache.put(b"fast", b"p", b"", "b", None).unwrap();
+        cache
+            .put(b"slow", b"q", b"", "c", Some(Duration::from_secs(2)))
+            .unwrap();
+        clock.advance(Duration::from_millis(1_999));
+        assert!(cache.get(b"slow", b"q", b"").is_some());
+        clock.advance(Duration::from_millis(1));
+        assert!(cache.get(b"slow", b"q", b"").is_none(), "explicit TTL");
+        clock.advance(Duration::from_secs(3));
+        assert!(cache.get(b"fast", b"p", b"").is_none(), "per-agent TTL");
+        assert!(cache.get(b"slow", b"p", b"").is_some());
+        clock.advance(Duration::from_secs(55));
+        assert!(cache.get(b"slow", b"p", b"").is_none(), "default TTL");
+        let st = cache.stats();
+        assert_eq!(st.expirations, 3);
+        assert_eq!(st.entries, 0);
+        assert!(matches!(
+            cache.put(b"a", b"p", b"", "x", Some(Duration::ZERO)),
+            Err(CacheError::ZeroTtl)
+        ));
+    }
+
+    #[test]
+    fn plain_tier_and_md5_hex_reads() {
+        let clock = Arc::new(ManualClock::new(0));
+        let cache = cache_at(&clock, CacheConfig::default());
+        assert!(cache
+            .set_plain(b"k", "v", None, SetCondition::Always)
+            .unwrap());
+        assert!(!cache
+            .set_plain(b"k", "w", None, SetCondition::IfAbsent)
+            .unwrap());
+        assert!(!cache
+            .set_plain(b"x", "w", None, SetCondition::IfPresent)
+            .unwrap());
+        assert_eq!(cache.get_plain(b"k"), Some(Bytes::from("v")));
+        assert_eq!(cache.ttl(b"k"), KeyTtl::Persistent);
+        assert_eq!(cache.ttl(b"x"), KeyTtl::Missing);
+        assert!(cache.expire(b"k", Some(Duration::from_secs(10))).unwrap());
+        assert_eq!(cache.ttl(b"k"), KeyTtl::Remaining(10_000));
+        clock.advance(Duration::from_secs(10));
+        assert!(!cache.exists(b"k"));
+
+        cache.put(b"agent", b"prompt", b"", "resp", None).unwrap();
+        let hex = crate::md5_hex(&Request::new(b"agent", b"prompt", b"").md5());
+        assert_eq!(cache.get_plain(hex.as_bytes()), Some(Bytes::from("resp")));
+        assert_eq!(
+            cache.get_plain(hex.to_uppercase().as_bytes()),
+            Some(Bytes::from("resp"))
+        );
+        assert!(cache.exists(hex.as_bytes()));
+        assert!(matches!(cache.ttl(hex.as_bytes()), KeyTtl::Remaining(_)));
+        assert!(cache.del_plain(hex.as_bytes()).unwrap());
+        assert_eq!(cache.get(b"agent", b"prompt", b""), None);
+    }
+
+    #[test]
+    fn batch_and_invalidate_agent() {
+        let cache = Cache::new(CacheConfig::default());
+        const PROMPTS: [[u8; 1]; 5] = [[0], [1], [2], [3], [4]];
+        let items: Vec<PutItem<'_>> = (0..5u8)
+            .map(|i| PutItem {
+                request: Request::new(
+                    if i < 3 { b"a" } else { b"b" },
+                    &PROMPTS[usize::from(i)],
+                    b"",
+                ),
+                response: Bytes::from(vec![i]),
+                ttl: None,
+            })
+            .collect();
+        assert!(cache.put_many(&items).iter().all(Result::is_ok));
+        let reqs: Vec<_> = items.iter().map(|i| i.request).collect();
+        let got = cache.get_many(&reqs);
+        assert_eq!(got.len(), 5);
+        for (g, p) in got.iter().zip(PROMPTS.iter()) {
+            assert_eq!(g.as_deref(), Some(&p[..]));
+        }
+        assert_eq!(cache.invalidate_agent(b"a").unwrap(), 3);
+        assert_eq!(cache.len(), 2);
+        assert!(cache.invalidate(b"b", &[3], b"").unwrap());
+        assert_eq!(cache.len(), 1);
+        let st = cache.stats();
+        assert_eq!((st.hits, st.misses), (5, 0));
+        assert!((st.hit_rate - 1.0).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn oversized_put_is_refused_with_a_clear_error() {
+        let cache = Cache::new(CacheConfig {
+            max_value_bytes: 16,
+            ..CacheConfig::default()
+        });
+        let err = cache.put(b"a", b"p", b"", vec![0u8; 17], None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cache put refused: value of 17 bytes exceeds the maximum value size of 16 bytes"
+        );
+        assert!(cache.is_empty());
+    }
+}
