@@ -1,0 +1,82 @@
+//! Protocol limits. Every allocation driven by peer input is bounded by one of
+//! these, checked before allocating. The reasons are part of the contract: the
+//! limits are chosen so that every legal object fits every frame that carries it.
+
+/// Target average content-defined chunk size (fastcdc `avg`). About 1 MiB, as
+/// the design asks: large enough that per-chunk overhead (one hash, one frame,
+/// one chunk-store entry) is negligible against the data, small enough that an
+/// edit near the start of a large scan re-sends about one megabyte.
+pub const AVG_CHUNK_SIZE: u32 = 1 << 20;
+
+/// Minimum chunk size (fastcdc `min`): a quarter of the average. FastCDC skips
+/// this many bytes before looking for a cut point ("cut-point skipping"), which
+/// both speeds up chunking and guarantees that no chunk but a file's last is
+/// smaller than this. That lower bound is what lets [`MAX_FILE_SIZE`] be
+/// derived from [`MAX_CHUNKS_PER_MANIFEST`]. A quarter keeps dedup quality:
+/// boundaries shifted by an insertion re-synchronise within a chunk or two.
+pub const MIN_CHUNK_SIZE: u32 = 256 << 10;
+
+/// Maximum chunk size (fastcdc `max`): four times the average. Low-entropy data
+/// (runs of zeros in disk images, blank scan pages) has no natural cut points,
+/// so chunks there are cut at this size. Four MiB bounds the memory one chunk in
+/// flight costs on either side, and keeps a chunk frame within
+/// [`MAX_FRAME_LEN`] with room for its header.
+pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
+
+/// Maximum number of chunks one manifest may list. A chunk entry costs at most
+/// [`MAX_ENCODED_CHUNK_REF_LEN`] bytes on the wire, so a full manifest is about
+/// 5.5 MiB and fits [`MAX_FRAME_LEN`]; the server keeps one small record per
+/// listed chunk, so this also bounds its per-upload memory (a few MiB).
+pub const MAX_CHUNKS_PER_MANIFEST: u32 = 1 << 17;
+
+/// Largest file that can be uploaded: `MAX_CHUNKS_PER_MANIFEST * MIN_CHUNK_SIZE`
+/// = 32 GiB. Because every chunk but the last is at least [`MIN_CHUNK_SIZE`],
+/// any file up to this size is guaranteed to chunk into at most
+/// [`MAX_CHUNKS_PER_MANIFEST`] chunks, whatever its content. The appliance
+/// stores documents (contracts, statements, scans); 32 GiB leaves room for
+/// large archives and videos while keeping manifests in one frame.
+pub const MAX_FILE_SIZE: u64 = MAX_CHUNKS_PER_MANIFEST as u64 * MIN_CHUNK_SIZE as u64;
+
+/// Upper bound on the encoded size of one chunk reference in a manifest:
+/// offset varint (at most 10 bytes) + length varint (at most 5) + 32-byte hash.
+pub const MAX_ENCODED_CHUNK_REF_LEN: usize = 10 + 5 + 32;
+
+/// Maximum frame payload length (the postcard body, after the header). 8 MiB:
+/// the largest legal frames are a full manifest (~6.2 MiB, see
+/// [`MAX_CHUNKS_PER_MANIFEST`]) and a maximum chunk (4 MiB + ~40 bytes). The
+/// decoder rejects a larger length prefix before buffering a single body byte.
+pub const MAX_FRAME_LEN: u32 = 8 << 20;
+
+/// Maximum length in bytes of a relative path. Linux `PATH_MAX` is 4096 and
+/// includes the client root and the staging prefix on the server; 1024 leaves
+/// ample room for both while being far beyond any real document name.
+pub const MAX_PATH_LEN: usize = 1024;
+
+/// Maximum length in bytes of one path component. Linux `NAME_MAX` is 255; the
+/// server needs room to append a version suffix (`.~12345~`) or a staging
+/// suffix to a name without exceeding it, so we keep 55 bytes in reserve.
+pub const MAX_COMPONENT_LEN: usize = 200;
+
+/// Maximum number of components in a path. Bounds the directories the server
+/// may have to create for one upload and the recursion of any tree walk.
+pub const MAX_PATH_DEPTH: usize = 64;
+
+/// Maximum entries in one list reply page. An entry is at most ~1.1 KiB
+/// (path + size + hash + mtime), so a page stays below 5 MiB.
+pub const MAX_LIST_ENTRIES: u32 = 4096;
+
+/// Maximum length of free-text fields (client agent string, storage error
+/// detail). Long enough for a useful message, short enough to log safely.
+pub const MAX_TEXT_LEN: usize = 512;
+
+/// How often one chunk may fail hash verification in one upload before the
+/// server gives up on the upload. A flipped bit on a bad link deserves a retry;
+/// a client that keeps sending wrong data for the same hash is broken or
+/// hostile, and re-requesting forever would let it burn the server's CPU.
+pub const MAX_CHUNK_RETRIES: u32 = 3;
+
+/// Idle timeout of an upload session on either side: if no frame arrives for
+/// this long while the session waits for its peer, it fails with a timeout.
+/// A bad link may stall for tens of seconds; two minutes tolerates that while
+/// freeing the server's session and staging promptly for a vanished client.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
