@@ -1,0 +1,188 @@
+//! Start-up, the main loop and shutdown.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use appliance_types::config::Resolved;
+use appliance_types::health::ComponentState;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::control;
+use crate::health::HealthRegistry;
+use crate::liveness;
+use crate::logging::LogControl;
+use crate::metrics::{self, Metrics};
+use crate::notify::Notifier;
+use crate::storage;
+use crate::supervisor::{self, Endpoints, LoopState};
+
+/// How long components may take to leave `starting` before the daemon
+/// declares itself ready anyway (the ready probe then says who is late).
+pub const STARTUP_GRACE: Duration = Duration::from_secs(30);
+
+fn ensure_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(path)
+        .with_context(|| format!("cannot create directory {}", path.display()))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<()> {
+    let cfg = &resolved.config;
+    let notifier = Notifier::from_env();
+    let started = Instant::now();
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let health = HealthRegistry::default();
+    let endpoints = Endpoints::default();
+    let tick = supervisor::tick_interval(notifier.watchdog_timeout());
+    let loop_state = LoopState::new(tick * 3 + Duration::from_secs(2));
+    let mut probes = Vec::new();
+
+    notifier.status("preparing directories");
+    ensure_dir(&resolved.data_dir)?;
+    ensure_dir(&resolved.log_dir)?;
+
+    // Control socket.
+    notifier.status("binding the control socket");
+    let admin_gid = control::group_gid(&cfg.control.admin_group).with_context(|| {
+        format!("cannot look up control.admin_group {:?}", cfg.control.admin_group)
+    })?;
+    if admin_gid.is_none() {
+        warn!(group = %cfg.control.admin_group, "control.admin_group does not exist; only root and the daemon's user may change the appliance");
+    }
+    let socket_gid = match &cfg.control.socket_group {
+        None => None,
+        Some(name) => Some(
+            control::group_gid(name)?
+                .with_context(|| format!("config key `control.socket_group`: group {name:?} does not exist"))?,
+        ),
+    };
+    let settings = control::Settings {
+        path: resolved.control_socket.clone(),
+        max_frame: cfg.control.max_frame_bytes,
+        max_connections: cfg.control.max_connections,
+        idle_timeout: Duration::from_secs(cfg.control.idle_timeout_secs),
+        daemon_uid: nix::unistd::getuid().as_raw(),
+        admin_gid,
+        socket_gid,
+    };
+    let listener = control::bind(&settings)?;
+    endpoints.set("control", resolved.control_socket.display().to_string());
+
+    // Metrics.
+    let metrics = Metrics::new(health.clone());
+    let metrics_listener = match resolved.metrics_listen {
+        Some(addr) => {
+            notifier.status("binding the metrics endpoint");
+            let l = metrics::bind(addr).await?;
+            let local = l.local_addr().context("metrics listener has no address")?;
+            endpoints.set("metrics", local.to_string());
+            Some(l)
+        }
+        None => None,
+    };
+
+    // Start the components.
+    notifier.status("starting components");
+    let ctx = control::Context {
+        health: health.clone(),
+        endpoints: endpoints.clone(),
+        loop_state: loop_state.clone(),
+        log,
+        started,
+    };
+    {
+        let h = health.register("control", true);
+        let (p, r) = liveness::pair("control");
+        probes.push(p);
+        tracker.spawn(control::serve(listener, settings, ctx, h, r, shutdown.clone()));
+    }
+    if let Some(l) = metrics_listener {
+        let h = health.register("metrics", false);
+        let (p, r) = liveness::pair("metrics");
+        probes.push(p);
+        tracker.spawn(metrics::serve(l, metrics.clone(), h, r, shutdown.clone()));
+    }
+    {
+        let h = health.register("storage", cfg.storage.required);
+        let (p, r) = liveness::pair("storage");
+        probes.push(p);
+        tracker.spawn(storage::run(cfg.storage.zfs_device.clone(), h, r, shutdown.clone()));
+    }
+
+    // Wait for every component to leave `starting`.
+    let deadline = Instant::now() + STARTUP_GRACE;
+    loop {
+        let late: Vec<String> = health
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.state == ComponentState::Starting)
+            .map(|c| c.name)
+            .collect();
+        if late.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(?late, "components still starting after the grace period");
+            break;
+        }
+        notifier.status(&format!("waiting for {}", late.join(", ")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Prove liveness once before READY, so the live probe is true from the start.
+    let failures = supervisor::tick(&probes, tick / 2, &notifier, &loop_state).await;
+    let summary: Vec<String> = health
+        .snapshot()
+        .iter()
+        .map(|c| format!("{}={}", c.name, c.state))
+        .collect();
+    let status = format!("ready: {}", summary.join(" "));
+    notifier.ready(&status);
+    info!(
+        control = %resolved.control_socket.display(),
+        endpoints = ?endpoints.snapshot(),
+        startup_ms = started.elapsed().as_millis(),
+        liveness_failures = failures.len(),
+        "applianced ready"
+    );
+
+    // The main loop.
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = interval.tick() => {
+                supervisor::tick(&probes, tick / 2, &notifier, &loop_state).await;
+            }
+        }
+    };
+
+    // Shutdown.
+    info!(signal = signal_name, "shutting down");
+    notifier.stopping();
+    shutdown.cancel();
+    tracker.close();
+    let limit = Duration::from_secs(cfg.shutdown.timeout_secs);
+    if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
+        warn!(?limit, "in-flight work did not finish in time; aborting it");
+    }
+    let _ = std::fs::remove_file(&resolved.control_socket);
+    info!("stopped");
+    Ok(())
+}
