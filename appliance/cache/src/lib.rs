@@ -73,6 +73,7 @@
 pub mod cache;
 pub mod clock;
 pub mod key;
+pub mod resp;
 pub mod store;
 
 pub use cache::{

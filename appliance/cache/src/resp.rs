@@ -1,0 +1,694 @@
+//! RESP codec, sans-IO: bytes in, frames out; replies in, bytes out.
+//!
+//! The [`Decoder`] is incremental: it consumes complete tokens (a header
+//! line, or a bulk body) from the front of the caller's buffer and keeps the
+//! partially built frame in its own state, so a frame that arrives one byte at
+//! a time costs the same as one that arrives whole. It accepts RESP2 (`+ - : $
+//! *`) and inline commands (a line of space-separated words, as telnet sends).
+//!
+//! Every allocation is bounded by a [`Limits`] field checked *before* the
+//! allocation: a bulk length is compared with `max_bulk_len` and the remaining
+//! frame budget before a byte of it is buffered; an array header is compared
+//! with the element budget and never pre-allocates more than
+//! [`PREALLOC_ELEMENTS`] slots; nesting deeper than `max_depth` is refused at
+//! the header that would exceed it; a line (header or inline command) longer
+//! than its limit is refused as soon as that many bytes are buffered without a
+//! line end. After any [`ProtocolError`] the stream position is unknown; the
+//! server replies with the error and closes the connection, as Redis does.
+//!
+//! The [`Reply`] encoder writes RESP2 or RESP3 (chosen per connection by
+//! `HELLO`): `Null` is `$-1` in RESP2 and `_` in RESP3, a `Map` is a flat
+//! array in RESP2 and `%` in RESP3.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Array slots reserved up front at most, whatever the header claims.
+pub const PREALLOC_ELEMENTS: usize = 64;
+
+/// Longest type/length header line: `$` + sign + 20 digits + CRLF fits in 32.
+const MAX_HEADER_LINE: usize = 32;
+
+/// Hard limits of the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest bulk string. 16 MiB: twice the default maximum value size, so
+    /// a refused put gets a clear "too large" reply rather than a protocol error.
+    pub max_bulk_len: usize,
+    /// Most elements in one frame, all arrays counted (1 Mi; bounds the
+    /// `Frame` structs a frame can create).
+    pub max_elements: usize,
+    /// Deepest array nesting. Commands are flat arrays (depth 1); 8 leaves room
+    /// for decoding replies in tests and tools.
+    pub max_depth: usize,
+    /// Longest inline command or simple-string line (64 KiB, as Redis).
+    pub max_inline_len: usize,
+    /// Most bytes in one frame, headers and bodies (64 MiB): the per-connection
+    /// buffering bound.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bulk_len: 16 << 20,
+            max_elements: 1 << 20,
+            max_depth: 8,
+            max_inline_len: 64 << 10,
+            max_frame_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A decoded RESP value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// `+text`
+    Simple(Bytes),
+    /// `-text`
+    Error(Bytes),
+    /// `:n`
+    Integer(i64),
+    /// `$n` and n bytes
+    Bulk(Bytes),
+    /// `$-1` or `*-1`
+    Null,
+    /// `*n` and n frames
+    Array(Vec<Frame>),
+}
+
+/// Why the input was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A length other than -1 (null) below zero.
+    #[error("invalid {kind} length {len}")]
+    NegativeLength {
+        /// `bulk` or `multibulk`.
+        kind: &'static str,
+        /// The length given.
+        len: i64,
+    },
+    /// A bulk string longer than allowed.
+    #[error("invalid bulk length {len} (limit {max})")]
+    BulkTooLong {
+        /// Length given.
+        len: i64,
+        /// Limit.
+        max: usize,
+    },
+    /// More array elements in one frame than allowed.
+    #[error("invalid multibulk length {len} (at most {max} elements per frame)")]
+    TooManyElements {
+        /// Length given.
+        len: i64,
+        /// Limit.
+        max: usize,
+    },
+    /// Arrays nested deeper than allowed.
+    #[error("arrays nested deeper than {max}")]
+    TooDeep {
+        /// Limit.
+        max: usize,
+    },
+    /// The frame would exceed the byte budget.
+    #[error("frame exceeds {max} bytes")]
+    FrameTooLarge {
+        /// Limit.
+        max: usize,
+    },
+    /// An inline command with no line end within the limit.
+    #[error("too big inline request (limit {max} bytes)")]
+    InlineTooLong {
+        /// Limit.
+        max: usize,
+    },
+    /// A header line with no line end within [`MAX_HEADER_LINE`] bytes.
+    #[error("header line too long")]
+    HeaderTooLong,
+    /// A length or integer that is not a decimal number.
+    #[error("invalid number in header")]
+    BadNumber,
+    /// A bulk body not followed by CRLF.
+    #[error("bulk string not terminated by CRLF")]
+    MissingCrlf,
+    /// A byte that starts no RESP type inside an array.
+    #[error("expected a RESP type byte, got {0:#04x}")]
+    UnexpectedByte(u8),
+}
+
+#[derive(Debug)]
+struct Partial {
+    want: usize,
+    items: Vec<Frame>,
+}
+
+/// Incremental RESP decoder; one per connection.
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    stack: Vec<Partial>,
+    pending_bulk: Option<usize>,
+    frame_bytes: usize,
+    frame_elements: usize,
+}
+
+fn find_crlf(buf: &[u8], limit: usize) -> Option<usize> {
+    let window = &buf[..buf.len().min(limit)];
+    memchr::memmem::find(window, b"\r\n")
+}
+
+fn parse_i64(digits: &[u8]) -> Result<i64, ProtocolError> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or(ProtocolError::BadNumber)
+}
+
+impl Decoder {
+    /// A decoder with the given limits.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            stack: Vec::new(),
+            pending_bulk: None,
+            frame_bytes: 0,
+            frame_elements: 0,
+        }
+    }
+
+    /// Whether a frame is partly decoded (a truncated frame at EOF).
+    pub fn in_frame(&self) -> bool {
+        !self.stack.is_empty() || self.pending_bulk.is_some()
+    }
+
+    fn charge_bytes(&mut self, n: usize) -> Result<(), ProtocolError> {
+        self.frame_bytes = self.frame_bytes.saturating_add(n);
+        if self.frame_bytes > self.limits.max_frame_bytes {
+            return Err(ProtocolError::FrameTooLarge {
+                max: self.limits.max_frame_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decode the next complete frame from the front of `buf`, consuming what
+    /// it uses. `Ok(None)` means more bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            let value = if let Some(len) = self.pending_bulk {
+                if buf.len() < len + 2 {
+                    return Ok(None);
+                }
+                if &buf[len..len + 2] != b"\r\n" {
+                    return Err(ProtocolError::MissingCrlf);
+                }
+                let data = buf.split_to(len).freeze();
+                buf.advance(2);
+                self.pending_bulk = None;
+                Frame::Bulk(data)
+            } else {
+                let Some(&first) = buf.first() else {
+                    return Ok(None);
+                };
+                if self.stack.is_empty() && !matches!(first, b'+' | b'-' | b':' | b'$' | b'*') {
+                    match self.decode_inline(buf)? {
+                        None => return Ok(None),
+                        Some(None) => continue, // blank line
+                        Some(Some(f)) => return Ok(Some(f)),
+                    }
+                }
+                let limit = match first {
+                    b'+' | b'-' => self.limits.max_inline_len,
+                    _ => MAX_HEADER_LINE,
+                };
+                let Some(end) = find_crlf(buf, limit) else {
+                    if buf.len() >= limit {
+                        return Err(match first {
+                            b'+' | b'-' => ProtocolError::InlineTooLong { max: limit },
+                            _ => ProtocolError::HeaderTooLong,
+                        });
+                    }
+                    return Ok(None);
+                };
+                self.charge_bytes(end + 2)?;
+                let line = buf.split_to(end + 2);
+                let body = &line[1..end];
+                match first {
+                    b'+' => Frame::Simple(Bytes::copy_from_slice(body)),
+                    b'-' => Frame::Error(Bytes::copy_from_slice(body)),
+                    b':' => Frame::Integer(parse_i64(body)?),
+                    b'$' => match self.bulk_header(parse_i64(body)?)? {
+                        Some(len) => {
+                            self.pending_bulk = Some(len);
+                            continue;
+                        }
+                        None => Frame::Null,
+                    },
+                    b'*' => match self.array_header(parse_i64(body)?)? {
+                        Some(0) => Frame::Array(Vec::new()),
+                        Some(n) => {
+                            self.stack.push(Partial {
+                                want: n,
+                                items: Vec::with_capacity(n.min(PREALLOC_ELEMENTS)),
+                            });
+                            continue;
+                        }
+                        None => Frame::Null,
+                    },
+                    other => return Err(ProtocolError::UnexpectedByte(other)),
+                }
+            };
+            if let Some(frame) = self.complete(value) {
+                self.frame_bytes = 0;
+                self.frame_elements = 0;
+                return Ok(Some(frame));
+            }
+        }
+    }
+
+    /// Validate a bulk length; `None` for the null bulk.
+    fn bulk_header(&mut self, len: i64) -> Result<Option<usize>, ProtocolError> {
+        if len == -1 {
+            return Ok(None);
+        }
+        if len < 0 {
+            return Err(ProtocolError::NegativeLength { kind: "bulk", len });
+        }
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|n| *n <= self.limits.max_bulk_len)
+            .ok_or(ProtocolError::BulkTooLong {
+                len,
+                max: self.limits.max_bulk_len,
+            })?;
+        self.charge_bytes(n + 2)?;
+        Ok(Some(n))
+    }
+
+    /// Validate an array header; `None` for the null array.
+    fn array_header(&mut self, len: i64) -> Result<Option<usize>, ProtocolError> {
+        if len == -1 {
+            return Ok(None);
+        }
+        if len < 0 {
+            return Err(ProtocolError::NegativeLength {
+                kind: "multibulk",
+                len,
+            });
+        }
+        let remaining = self.limits.max_elements - self.frame_elements;
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|n| *n <= remaining)
+            .ok_or(ProtocolError::TooManyElements {
+                len,
+                max: self.limits.max_elements,
+            })?;
+        if n > 0 && self.stack.len() >= self.limits.max_depth {
+            return Err(ProtocolError::TooDeep {
+                max: self.limits.max_depth,
+            });
+        }
+        self.frame_elements += n;
+        Ok(Some(n))
+    }
+
+    /// Fold a finished value into the arrays being built; returns the
+    /// top-level frame once it is complete.
+    fn complete(&mut self, mut value: Frame) -> Option<Frame> {
+        loop {
+            let Some(top) = self.stack.last_mut() else {
+                return Some(value);
+            };
+            top.items.push(value);
+            if top.items.len() < top.want {
+                return None;
+            }
+            let done = self.stack.pop()?;
+            value = Frame::Array(done.items);
+        }
+    }
+
+    /// An inline command line. `Some(None)` for a blank line.
+    fn decode_inline(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Option<Frame>>, ProtocolError> {
+        let max = self.limits.max_inline_len;
+        let window = &buf[..buf.len().min(max)];
+        let Some(nl) = memchr::memchr(b'\n', window) else {
+            if buf.len() >= max {
+                return Err(ProtocolError::InlineTooLong { max });
+            }
+            return Ok(None);
+        };
+        let line = buf.split_to(nl + 1).freeze();
+        let text = line.slice(..nl);
+        let words: Vec<Frame> = text
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+            .map(|w| Frame::Bulk(text.slice_ref(w)))
+            .collect();
+        if words.is_empty() {
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(Frame::Array(words))))
+    }
+}
+
+/// Protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// RESP2 (the default).
+    #[default]
+    Resp2,
+    /// RESP3 (after `HELLO 3`).
+    Resp3,
+}
+
+/// A reply to encode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// `+OK`-style status.
+    Simple(String),
+    /// `-ERR ...`; the text must include the error code (`ERR`, `WRONGTYPE`, ...).
+    Error(String),
+    /// Integer.
+    Integer(i64),
+    /// Binary-safe string.
+    Bulk(Bytes),
+    /// Absent value.
+    Null,
+    /// Array of replies.
+    Array(Vec<Reply>),
+    /// Key-value pairs (RESP3 map; flat array in RESP2).
+    Map(Vec<(Reply, Reply)>),
+}
+
+impl Reply {
+    /// `+OK`
+    pub fn ok() -> Self {
+        Reply::Simple("OK".into())
+    }
+
+    /// `-ERR <msg>`
+    pub fn err(msg: impl std::fmt::Display) -> Self {
+        Reply::Error(format!("ERR {msg}"))
+    }
+
+    /// Bulk string from text.
+    pub fn text(s: impl Into<String>) -> Self {
+        Reply::Bulk(Bytes::from(s.into()))
+    }
+}
+
+fn put_line(out: &mut BytesMut, prefix: u8, body: &[u8]) {
+    out.extend_from_slice(&[prefix]);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_len(out: &mut BytesMut, prefix: u8, n: usize) {
+    put_line(out, prefix, n.to_string().as_bytes());
+}
+
+/// Strip CR and LF from status and error text so it cannot break framing.
+fn one_line(s: &str) -> Vec<u8> {
+    s.bytes()
+        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+        .collect()
+}
+
+/// Append the encoding of `reply` to `out`.
+pub fn encode(reply: &Reply, proto: Protocol, out: &mut BytesMut) {
+    match reply {
+        Reply::Simple(s) => put_line(out, b'+', &one_line(s)),
+        Reply::Error(s) => put_line(out, b'-', &one_line(s)),
+        Reply::Integer(n) => put_line(out, b':', n.to_string().as_bytes()),
+        Reply::Bulk(b) => {
+            put_len(out, b'$', b.len());
+            out.extend_from_slice(b);
+            out.extend_from_slice(b"\r\n");
+        }
+        Reply::Null => match proto {
+            Protocol::Resp2 => out.extend_from_slice(b"$-1\r\n"),
+            Protocol::Resp3 => out.extend_from_slice(b"_\r\n"),
+        },
+        Reply::Array(items) => {
+            put_len(out, b'*', items.len());
+            for item in items {
+                encode(item, proto, out);
+            }
+        }
+        Reply::Map(pairs) => {
+            match proto {
+                Protocol::Resp2 => put_len(out, b'*', pairs.len() * 2),
+                Protocol::Resp3 => put_len(out, b'%', pairs.len()),
+            }
+            for (k, v) in pairs {
+                encode(k, proto, out);
+                encode(v, proto, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8]) -> Result<Vec<Frame>, ProtocolError> {
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        while let Some(f) = d.decode(&mut buf)? {
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    fn bulk(s: &str) -> Frame {
+        Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn decodes_commands_and_types() {
+        let frames = decode_all(
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n+OK\r\n-ERR x\r\n:-42\r\n$-1\r\n*-1\r\n*0\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Array(vec![bulk("SET"), bulk("k"), bulk("")]),
+                Frame::Simple(Bytes::from("OK")),
+                Frame::Error(Bytes::from("ERR x")),
+                Frame::Integer(-42),
+                Frame::Null,
+                Frame::Null,
+                Frame::Array(vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn decodes_byte_by_byte() {
+        let input = b"*2\r\n*1\r\n$5\r\nhe\r\nl\r\n:7\r\nPING x\r\n";
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for &b in input.iter() {
+            buf.extend_from_slice(&[b]);
+            while let Some(f) = d.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(
+            out,
+            vec![
+                Frame::Array(vec![
+                    Frame::Array(vec![Frame::Bulk(Bytes::from("he\r\nl"))]),
+                    Frame::Integer(7)
+                ]),
+                Frame::Array(vec![bulk("PING"), bulk("x")]),
+            ]
+        );
+        assert!(!d.in_frame());
+    }
+
+    #[test]
+    fn inline_commands_and_blank_lines() {
+        assert_eq!(
+            decode_all(b"\r\n  GET   key\r\nPING\n").unwrap(),
+            vec![
+                Frame::Array(vec![bulk("GET"), bulk("key")]),
+                Frame::Array(vec![bulk("PING")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn bulk_length_2_pow_40_is_refused_before_allocating() {
+        let err = decode_all(b"*1\r\n$1099511627776\r\n").unwrap_err();
+        assert_eq!(
+            err,
+            ProtocolError::BulkTooLong {
+                len: 1 << 40,
+                max: 16 << 20
+            }
+        );
+        // Also at top level and beyond i64.
+        assert!(matches!(
+            decode_all(b"$1099511627776\r\n"),
+            Err(ProtocolError::BulkTooLong { .. })
+        ));
+        assert_eq!(
+            decode_all(b"$99999999999999999999999\r\n"),
+            Err(ProtocolError::BadNumber)
+        );
+    }
+
+    #[test]
+    fn negative_lengths_are_refused() {
+        assert_eq!(
+            decode_all(b"*1\r\n$-5\r\n"),
+            Err(ProtocolError::NegativeLength {
+                kind: "bulk",
+                len: -5
+            })
+        );
+        assert_eq!(
+            decode_all(b"*-2\r\n"),
+            Err(ProtocolError::NegativeLength {
+                kind: "multibulk",
+                len: -2
+            })
+        );
+        assert_eq!(
+            decode_all(b"*-9223372036854775808\r\n"),
+            Err(ProtocolError::NegativeLength {
+                kind: "multibulk",
+                len: i64::MIN
+            })
+        );
+    }
+
+    #[test]
+    fn truncated_frame_waits_and_reports_in_frame() {
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$10\r\nabc"[..]);
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        assert!(d.in_frame());
+        // The buffered partial bulk is bounded by its declared length.
+        assert!(buf.len() <= 10 + 2);
+    }
+
+    #[test]
+    fn ten_megabyte_inline_is_refused_at_the_limit() {
+        let limits = Limits::default();
+        let mut d = Decoder::new(limits);
+        let mut buf = BytesMut::new();
+        let chunk = vec![b'a'; 8192];
+        let mut fed = 0;
+        let err = loop {
+            buf.extend_from_slice(&chunk);
+            fed += chunk.len();
+            match d.decode(&mut buf) {
+                Ok(None) => assert!(fed < 10 << 20, "never refused"),
+                Ok(Some(f)) => panic!("decoded {f:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, ProtocolError::InlineTooLong { max: 64 << 10 });
+        assert!(fed <= limits.max_inline_len + chunk.len());
+    }
+
+    #[test]
+    fn ten_thousand_deep_nesting_is_refused() {
+        let input = b"*1\r\n".repeat(10_000);
+        assert_eq!(decode_all(&input), Err(ProtocolError::TooDeep { max: 8 }));
+        // Depth 8 itself is fine.
+        let mut ok = b"*1\r\n".repeat(8);
+        ok.extend_from_slice(b":1\r\n");
+        assert_eq!(decode_all(&ok).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn element_and_frame_budgets() {
+        assert!(matches!(
+            decode_all(b"*2000000\r\n"),
+            Err(ProtocolError::TooManyElements { .. })
+        ));
+        let limits = Limits {
+            max_frame_bytes: 100,
+            ..Limits::default()
+        };
+        let mut d = Decoder::new(limits);
+        let mut buf = BytesMut::from(&b"*2\r\n$50\r\n"[..]);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+        buf.extend_from_slice(&[b'x'; 50]);
+        buf.extend_from_slice(b"\r\n$50\r\n");
+        assert_eq!(
+            d.decode(&mut buf),
+            Err(ProtocolError::FrameTooLarge { max: 100 })
+        );
+        // Budgets reset per frame.
+        let mut d = Decoder::new(limits);
+        let mut buf = BytesMut::from(&b"$60\r\n"[..]);
+        buf.extend_from_slice(&[b'x'; 60]);
+        buf.extend_from_slice(b"\r\n$60\r\n");
+        buf.extend_from_slice(&[b'y'; 60]);
+        buf.extend_from_slice(b"\r\n");
+        assert!(d.decode(&mut buf).unwrap().is_some());
+        assert!(d.decode(&mut buf).unwrap().is_some());
+    }
+
+    #[test]
+    fn malformed_headers() {
+        assert_eq!(
+            decode_all(b"*1\r\n$3\r\nabcX\r\n"),
+            Err(ProtocolError::MissingCrlf)
+        );
+        assert_eq!(
+            decode_all(b"*1\r\n?x\r\n"),
+            Err(ProtocolError::UnexpectedByte(b'?'))
+        );
+        assert_eq!(decode_all(b":abc\r\n"), Err(ProtocolError::BadNumber));
+        let long = [b"*".as_slice(), &[b'1'; 40]].concat();
+        assert_eq!(decode_all(&long), Err(ProtocolError::HeaderTooLong));
+    }
+
+    #[test]
+    fn encodes_resp2_and_resp3() {
+        let reply = Reply::Array(vec![
+            Reply::ok(),
+            Reply::err("bad\r\nthing"),
+            Reply::Integer(5),
+            Reply::text("hi"),
+            Reply::Null,
+            Reply::Map(vec![(Reply::text("proto"), Reply::Integer(3))]),
+        ]);
+        let mut out = BytesMut::new();
+        encode(&reply, Protocol::Resp2, &mut out);
+        assert_eq!(
+            &out[..],
+            b"*6\r\n+OK\r\n-ERR bad  thing\r\n:5\r\n$2\r\nhi\r\n$-1\r\n*2\r\n$5\r\nproto\r\n:3\r\n"
+        );
+        let mut out = BytesMut::new();
+        encode(&reply, Protocol::Resp3, &mut out);
+        assert_eq!(
+            &out[..],
+            b"*6\r\n+OK\r\n-ERR bad  thing\r\n:5\r\n$2\r\nhi\r\n_\r\n%1\r\n$5\r\nproto\r\n:3\r\n"
+        );
+        // What we encode (RESP2) we decode back.
+        let mut buf = BytesMut::new();
+        encode(
+            &Reply::Array(vec![Reply::text("a"), Reply::Integer(1)]),
+            Protocol::Resp2,
+            &mut buf,
+        );
+        assert_eq!(
+            Decoder::new(Limits::default()).decode(&mut buf).unwrap(),
+            Some(Frame::Array(vec![bulk("a"), Frame::Integer(1)]))
+        );
+    }
+}
