@@ -1,0 +1,256 @@
+//! Crash-safe compaction: replace the records below a boundary with a caller's
+//! chosen subset, by building a new generation directory and switching to it
+//! with one `rename(2)`. The invariant is documented in the crate docs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::{io_err, Error, Result};
+use crate::frame::{encode_frame, frame_size, SEGMENT_MAGIC};
+use crate::log::{gen_dir_name, segment_file_name, sync_dir, Log, Segment};
+use crate::read::{LogIter, Record};
+
+/// A compaction in progress: a temporary generation being filled with the
+/// records to keep. Created by [`Log::begin_compaction`], finished by
+/// [`Log::finish_compaction`]. Dropping it unfinished removes the temporary
+/// directory (a crash leaves it behind; the next `open` removes it).
+#[derive(Debug)]
+pub struct Compaction {
+    root: PathBuf,
+    new_gen: u64,
+    tmp_dir: PathBuf,
+    boundary: u64,
+    segment_max_bytes: u64,
+    current: Option<(BufWriter<File>, Segment)>,
+    done: Vec<Segment>,
+    last_seq: Option<u64>,
+    buf: Vec<u8>,
+    records_before: u64,
+    bytes_before: u64,
+    started: Instant,
+    finished: bool,
+}
+
+/// What a finished compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// The new generation number.
+    pub generation: u64,
+    /// Records below the boundary before compaction.
+    pub records_before: u64,
+    /// Records kept.
+    pub records_after: u64,
+    /// Bytes of the compacted part before.
+    pub bytes_before: u64,
+    /// Bytes of the compacted part after.
+    pub bytes_after: u64,
+    /// Time from `begin_compaction` to the switch.
+    pub elapsed: Duration,
+}
+
+impl Compaction {
+    /// Records with `seq` below this are being replaced; records at or above
+    /// it (appended since `begin_compaction`) are kept as they are.
+    pub fn boundary_seq(&self) -> u64 {
+        self.boundary
+    }
+
+    /// Adds a record to keep. Sequence numbers must strictly increase and stay
+    /// below [`boundary_seq`](Self::boundary_seq). Usually the record comes from
+    /// the source iterator, keeping its number and timestamp.
+    pub fn push(&mut self, record: &Record) -> Result<()> {
+        self.push_parts(record.seq, record.ts_ms, &record.payload)
+    }
+
+    /// Like [`push`](Self::push), from parts.
+    pub fn push_parts(&mut self, seq: u64, ts_ms: u64, payload: &[u8]) -> Result<()> {
+        if seq >= self.boundary {
+            return Err(Error::Compaction(format!(
+                "record {seq} is not below the boundary {}",
+                self.boundary
+            )));
+        }
+        if self.last_seq.is_some_and(|l| seq <= l) {
+            return Err(Error::Compaction(format!(
+                "record {seq} does not follow {}",
+                self.last_seq.unwrap_or_default()
+            )));
+        }
+        let size = frame_size(payload.len());
+        let needs_new = match &self.current {
+            None => true,
+            Some((_, seg)) => seg.records > 0 && seg.len + size > self.segment_max_bytes,
+        };
+        if needs_new {
+            self.close_current()?;
+            let path = self.tmp_dir.join(segment_file_name(seq));
+            let f = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err("create compacted segment", &path))?;
+            let mut w = BufWriter::with_capacity(256 * 1024, f);
+            w.write_all(&SEGMENT_MAGIC)
+                .map_err(io_err("write compacted segment", &path))?;
+            self.current = Some((w, Segment::empty(seq, path)));
+        }
+        let Some((w, seg)) = self.current.as_mut() else {
+            return Err(Error::Compaction("no current segment".into()));
+        };
+        self.buf.clear();
+        encode_frame(&mut self.buf, seq, ts_ms, payload);
+        w.write_all(&self.buf)
+            .map_err(io_err("write compacted segment", &seg.path))?;
+        let off = seg.len;
+        seg.note(seq, ts_ms, off, size);
+        self.last_seq = Some(seq);
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the segment being written.
+    fn close_current(&mut self) -> Result<()> {
+        if let Some((w, seg)) = self.current.take() {
+            let f = w.into_inner().map_err(|e| Error::Io {
+                op: "flush compacted segment",
+                path: seg.path.clone(),
+                source: e.into_error(),
+            })?;
+            f.sync_all()
+                .map_err(io_err("fsync compacted segment", &seg.path))?;
+            self.done.push(seg);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Compaction {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.current = None;
+            if let Err(e) = fs::remove_dir_all(&self.tmp_dir) {
+                tracing::warn!(dir = %self.tmp_dir.display(), error = %e, "could not remove abandoned compaction");
+            }
+        }
+    }
+}
+
+impl Log {
+    /// Starts a compaction. Seals the active segment so that every record
+    /// so far is below the boundary, creates `gen-<N+1>.tmp`, and returns the
+    /// plan with an iterator over the records it replaces. Appends may go on
+    /// (through the same `Log`) while the caller fills the plan; they land
+    /// above the boundary and are carried over untouched.
+    ///
+    /// The records the caller keeps must describe the state as of some moment
+    /// at or after the boundary, and replaying the carried-over tail on top of
+    /// them must give the current state: true when every record is an
+    /// idempotent assignment (put with the full value, delete), as for a
+    /// key-value store.
+    pub fn begin_compaction(&mut self) -> Result<(Compaction, LogIter)> {
+        self.rotate()?;
+        // The active segment is now empty (or was never written), and every
+        // record is in an older segment, below its name.
+        let boundary = self.segments[self.segments.len() - 1].name_seq;
+        let new_gen = self.gen + 1;
+        let tmp_dir = self.root.join(format!("{}.tmp", gen_dir_name(new_gen)));
+        fs::create_dir(&tmp_dir).map_err(io_err("create compaction directory", &tmp_dir))?;
+        let source = self.snapshot(0, 0, boundary - 1)?;
+        let (records_before, bytes_before) = self
+            .segments
+            .iter()
+            .filter(|s| s.name_seq < boundary)
+            .fold((0, 0), |(r, b), s| (r + s.records, b + s.len));
+        let plan = Compaction {
+            root: self.root.clone(),
+            new_gen,
+            tmp_dir,
+            boundary,
+            segment_max_bytes: self.opts.segment_max_bytes,
+            current: None,
+            done: Vec::new(),
+            last_seq: None,
+            buf: Vec::new(),
+            records_before,
+            bytes_before,
+            started: Instant::now(),
+            finished: false,
+        };
+        Ok((plan, source))
+    }
+
+    /// Switches the log to the compacted generation:
+    /// 1. fsync the last compacted segment;
+    /// 2. hard-link every segment at or above the boundary into the new
+    ///    directory (same inodes, so the open active segment stays valid);
+    /// 3. fsync the new directory, `rename` it to `gen-<N+1>`, fsync the root;
+    /// 4. remove the old generation.
+    pub fn finish_compaction(&mut self, mut plan: Compaction) -> Result<CompactionReport> {
+        if plan.root != self.root || plan.new_gen != self.gen + 1 {
+            return Err(Error::Compaction(
+                "the plan belongs to another log or generation".into(),
+            ));
+        }
+        plan.close_current()?;
+        let mut new_segments: Vec<Segment> = std::mem::take(&mut plan.done);
+        let (records_after, bytes_after) = new_segments
+            .iter()
+            .fold((0, 0), |(r, b), s| (r + s.records, b + s.len));
+        for seg in self.segments.iter().filter(|s| s.name_seq >= plan.boundary) {
+            let name = segment_file_name(seg.name_seq);
+            let to = plan.tmp_dir.join(&name);
+            fs::hard_link(&seg.path, &to).map_err(io_err("link segment into compaction", &to))?;
+            let mut moved = seg.clone();
+            moved.path = to;
+            new_segments.push(moved);
+        }
+        sync_dir(&plan.tmp_dir)?;
+        let final_dir = self.root.join(gen_dir_name(plan.new_gen));
+        fs::rename(&plan.tmp_dir, &final_dir)
+            .map_err(io_err("rename compacted generation", &final_dir))?;
+        plan.finished = true;
+        sync_dir(&self.root)?;
+        // From here the new generation is the log, whatever happens next.
+        for seg in &mut new_segments {
+            if let Some(name) = seg.path.file_name() {
+                seg.path = final_dir.join(name);
+            }
+        }
+        let old_dir = std::mem::replace(&mut self.gen_dir, final_dir);
+        self.gen = plan.new_gen;
+        self.segments = new_segments;
+        match fs::remove_dir_all(&old_dir) {
+            Ok(()) => sync_dir(&self.root)?,
+            Err(e) => tracing::warn!(dir = %old_dir.display(), error = %e,
+                "could not remove the old generation; the next open removes it"),
+        }
+        let report = CompactionReport {
+            generation: self.gen,
+            records_before: plan.records_before,
+            records_after,
+            bytes_before: plan.bytes_before,
+            bytes_after,
+            elapsed: plan.started.elapsed(),
+        };
+        tracing::info!(?report, "record log compacted");
+        Ok(report)
+    }
+
+    /// Compacts in one call, keeping the records for which `keep` returns
+    /// true. Holds `&mut self` throughout; use `begin_compaction` /
+    /// `finish_compaction` to let appends continue meanwhile.
+    pub fn compact_retain(
+        &mut self,
+        mut keep: impl FnMut(&Record) -> bool,
+    ) -> Result<CompactionReport> {
+        let (mut plan, source) = self.begin_compaction()?;
+        for rec in source {
+            let rec = rec?;
+            if keep(&rec) {
+                plan.push(&rec)?;
+            }
+        }
+        self.finish_compaction(plan)
+    }
+}

@@ -1,0 +1,714 @@
+#![allow(clippy::cast_possible_truncation)]
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::frame::{frame_size, SEGMENT_HEADER_LEN};
+use crate::*;
+
+fn opts() -> LogOptions {
+    LogOptions {
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        ..LogOptions::default()
+    }
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("record-{i:05}-{}", "x".repeat((i % 7) as usize)).into_bytes()
+}
+
+fn all(log: &Log) -> Vec<Record> {
+    log.iter().unwrap().collect::<Result<Vec<_>>>().unwrap()
+}
+
+fn seqs(log: &Log) -> Vec<u64> {
+    all(log).iter().map(|r| r.seq).collect()
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut gens: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_str().unwrap();
+            n.starts_with("gen-") && !n.ends_with(".tmp")
+        })
+        .collect();
+    gens.sort();
+    let gen = gens.pop().unwrap();
+    let mut v: Vec<PathBuf> = fs::read_dir(gen)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+        assert!(rep.is_clean());
+        assert_eq!(rep.next_seq, 1);
+        for i in 1..=100 {
+            let a = log.append_at(1000 + i, &payload(i)).unwrap();
+            assert_eq!(a.seq, i);
+        }
+        let recs = all(&log);
+        assert_eq!(recs.len(), 100);
+        for (i, r) in recs.iter().enumerate() {
+            let i = i as u64 + 1;
+            assert_eq!((r.seq, r.ts_ms, &r.payload), (i, 1000 + i, &payload(i)));
+        }
+        log.sync().unwrap();
+    }
+    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(rep.records_loaded, 100);
+    assert_eq!(
+        (rep.first_seq, rep.last_seq, rep.next_seq),
+        (Some(1), Some(100), 101)
+    );
+    assert_eq!(log.append(b"more").unwrap().seq, 101);
+    assert_eq!(seqs(&log).len(), 101);
+}
+
+#[test]
+fn empty_payload_and_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(log.append_batch_at(5, Vec::<Vec<u8>>::new()).unwrap(), None);
+    assert_eq!(log.append_at(5, b"").unwrap().seq, 1);
+    let r = log.append_batch_at(6, [&b"a"[..], b"bb", b"ccc"]).unwrap();
+    assert_eq!(r, Some(2..=4));
+    let recs = all(&log);
+    assert_eq!(
+        recs.iter().map(|r| r.payload.len()).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+}
+
+#[test]
+fn oversized_payload_is_refused_and_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        max_payload_bytes: 10,
+        ..opts()
+    };
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    log.append(b"ok").unwrap();
+    let e = log
+        .append_batch_at(1, [&b"fine"[..], &[0u8; 11][..]])
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::PayloadTooLarge { len: 11, max: 10 }),
+        "{e}"
+    );
+    assert_eq!(seqs(&log), vec![1]);
+    assert_eq!(log.append(b"next").unwrap().seq, 2);
+    let too_big = LogOptions {
+        max_payload_bytes: FORMAT_MAX_PAYLOAD + 1,
+        ..opts()
+    };
+    drop(log);
+    assert!(matches!(
+        Log::open(dir.path(), too_big),
+        Err(Error::InvalidOptions(_))
+    ));
+}
+
+#[test]
+fn rotation_by_size_and_reads_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        segment_max_bytes: 200,
+        ..opts()
+    };
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=50 {
+        log.append_at(i * 10, &payload(i)).unwrap();
+    }
+    assert!(log.stats().segments > 5, "{:?}", log.stats());
+    for f in segment_files(dir.path()) {
+        let len = fs::metadata(&f).unwrap().len();
+        assert!(
+            len <= 200 || len == SEGMENT_HEADER_LEN + frame_size(payload(1).len() + 10),
+            "{len}"
+        );
+    }
+    assert_eq!(seqs(&log), (1..=50).collect::<Vec<_>>());
+    let from: Vec<u64> = log
+        .read_from_seq(37)
+        .unwrap()
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(from, (37..=50).collect::<Vec<_>>());
+    let since: Vec<u64> = log
+        .read_since(255)
+        .unwrap()
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(since, (26..=50).collect::<Vec<_>>());
+    assert_eq!(log.read_from_seq(51).unwrap().count(), 0);
+    // A record larger than a segment gets one of its own.
+    let big = vec![7u8; 500];
+    let a = log.append(&big).unwrap();
+    assert_eq!(
+        log.read_from_seq(a.seq)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .payload,
+        big
+    );
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean());
+    assert_eq!(seqs(&log), (1..=51).collect::<Vec<_>>());
+}
+
+#[test]
+fn seek_by_sparse_index_in_large_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+    let p = vec![1u8; 1000];
+    for _ in 0..1000 {
+        log.append_at(1, &p).unwrap();
+    }
+    for start in [1, 2, 64, 65, 500, 999, 1000] {
+        let got: Vec<u64> = log
+            .read_from_seq(start)
+            .unwrap()
+            .map(|r| r.unwrap().seq)
+            .take(2)
+            .collect();
+        assert_eq!(got[0], start);
+    }
+}
+
+#[test]
+fn read_since_tolerates_clock_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+    for ts in [100, 200, 50, 300, 10] {
+        log.append_at(ts, b"x").unwrap();
+    }
+    let since: Vec<u64> = log
+        .read_since(150)
+        .unwrap()
+        .map(|r| r.unwrap().ts_ms)
+        .collect();
+    assert_eq!(since, vec![200, 300]);
+}
+
+#[test]
+fn snapshot_does_not_see_later_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+    log.append(b"a").unwrap();
+    let it = log.iter().unwrap();
+    log.append(b"b").unwrap();
+    assert_eq!(it.count(), 1);
+}
+
+#[test]
+fn directory_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, _) = Log::open(dir.path(), opts()).unwrap();
+    assert!(matches!(
+        Log::open(dir.path(), opts()),
+        Err(Error::Locked(_))
+    ));
+}
+
+fn write_n(dir: &Path, o: LogOptions, n: u64) {
+    let (mut log, _) = Log::open(dir, o).unwrap();
+    for i in 1..=n {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+}
+
+#[test]
+fn torn_tail_is_truncated_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), opts(), 20);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&seg).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+
+    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(rep.records_loaded, 19);
+    assert_eq!(rep.damage.len(), 1);
+    let d = &rep.damage[0];
+    assert_eq!(d.kind, DamageKind::TornTail);
+    assert_eq!(d.reason, DamageReason::IncompleteFrame);
+    assert_eq!(d.last_good_seq, Some(19));
+    assert_eq!(d.lost.at_least, 1);
+    assert_eq!(d.bytes_lost, frame_size(payload(20).len()) - 5);
+    assert!(d.quarantined.as_ref().unwrap().exists());
+    assert_eq!(seqs(&log), (1..=19).collect::<Vec<_>>());
+    // Appends continue cleanly, and a second open finds nothing to repair.
+    assert_eq!(log.append(b"after").unwrap().seq, 20);
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), (1..=20).collect::<Vec<_>>());
+}
+
+#[test]
+fn zero_filled_tail_is_torn_and_not_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), opts(), 3);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[0; 4096])
+        .unwrap();
+    let (_log, rep) = Log::open(dir.path(), opts()).unwrap();
+    let d = &rep.damage[0];
+    assert_eq!(
+        (d.kind, d.reason, d.bytes_lost),
+        (DamageKind::TornTail, DamageReason::ZeroFilled, 4096)
+    );
+    assert_eq!(d.lost.at_least, 0);
+    assert!(d.quarantined.is_none());
+    assert_eq!(rep.records_loaded, 3);
+}
+
+/// Offset of the frame for `seq` when every record in one segment holds payload(i).
+fn offset_of(seq: u64) -> u64 {
+    SEGMENT_HEADER_LEN + (1..seq).map(|i| frame_size(payload(i).len())).sum::<u64>()
+}
+
+#[test]
+fn flipped_byte_in_the_middle_loads_everything_before() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), opts(), 100);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = offset_of(50) + 30; // inside record 50's payload
+    bytes[at as usize] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+
+    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(rep.records_loaded, 49);
+    let d = &rep.damage[0];
+    assert_eq!(d.kind, DamageKind::Corrupt);
+    assert_eq!(d.reason, DamageReason::Checksum);
+    assert_eq!(d.offset, offset_of(50));
+    assert_eq!(d.last_good_seq, Some(49));
+    assert_eq!(d.lost.at_least, 51);
+    assert_eq!(d.lost.seqs, Some(50..=100));
+    assert_eq!(d.bytes_lost, bytes.len() as u64 - offset_of(50));
+    assert_eq!(
+        fs::read(d.quarantined.as_ref().unwrap()).unwrap(),
+        bytes[offset_of(50) as usize..]
+    );
+    assert_eq!(seqs(&log), (1..=49).collect::<Vec<_>>());
+    // Numbers seen past the damage are never reused.
+    assert_eq!(rep.next_seq, 101);
+    assert_eq!(log.append(b"x").unwrap().seq, 101);
+}
+
+#[test]
+fn damage_in_a_sealed_segment_costs_only_that_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        segment_max_bytes: 300,
+        ..opts()
+    };
+    write_n(dir.path(), o, 60);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 4);
+    let victim = &files[1];
+    let first_of_next: u64 = files[2]
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let first_of_victim: u64 = victim
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut bytes = fs::read(victim).unwrap();
+    // Damage the second frame's CRC.
+    let second = SEGMENT_HEADER_LEN as usize + frame_size(payload(first_of_victim).len()) as usize;
+    bytes[second + 5] ^= 0xff;
+    fs::write(victim, &bytes).unwrap();
+
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert_eq!(rep.damage.len(), 1);
+    let d = &rep.damage[0];
+    assert_eq!(d.last_good_seq, Some(first_of_victim));
+    assert_eq!(d.lost.seqs, Some(first_of_victim + 1..=first_of_next - 1));
+    assert_eq!(d.lost.at_least, first_of_next - first_of_victim - 1);
+    let got = seqs(&log);
+    let want: Vec<u64> = (1..=60)
+        .filter(|s| *s <= first_of_victim || *s >= first_of_next)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        rep.records_lost_at_least(),
+        first_of_next - first_of_victim - 1
+    );
+}
+
+#[test]
+fn garbage_header_and_empty_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), opts(), 3);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let mut b = fs::read(&seg).unwrap();
+    b[..8].copy_from_slice(b"GARBAGE!");
+    fs::write(&seg, &b).unwrap();
+    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(rep.damage[0].reason, DamageReason::BadSegmentHeader);
+    assert_eq!(rep.records_loaded, 0);
+    assert_eq!(rep.damage[0].lost.at_least, 3);
+    // Never reuse the numbers that were on disk.
+    assert_eq!(log.append(b"x").unwrap().seq, 4);
+    drop(log);
+    // A segment created but whose header never reached the disk.
+    let (log, _) = Log::open(dir.path(), opts()).unwrap();
+    drop(log);
+    let empty = segment_files(dir.path())[0].with_file_name(format!("{:020}.seg", 1000));
+    fs::write(&empty, b"").unwrap();
+    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(log.append(b"y").unwrap().seq, 1000);
+}
+
+#[test]
+fn retention_by_size_drops_oldest_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        segment_max_bytes: 1000,
+        retention: Retention {
+            max_total_bytes: Some(3000),
+            max_age: None,
+        },
+        ..opts()
+    };
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=500 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let st = log.stats();
+    assert!(st.bytes <= 3000 + 1000, "{st:?}");
+    assert!(st.bytes > 1500, "{st:?}");
+    let s = seqs(&log);
+    assert_eq!(*s.last().unwrap(), 500);
+    assert!(
+        s.windows(2).all(|w| w[1] == w[0] + 1),
+        "a contiguous suffix survives"
+    );
+    assert_eq!(Some(s[0]), log.first_seq());
+}
+
+#[test]
+fn retention_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        segment_max_bytes: 200,
+        retention: Retention {
+            max_total_bytes: None,
+            max_age: Some(Duration::from_secs(10)),
+        },
+        ..opts()
+    };
+    let now = now_ms();
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    // 44-byte frames: four per 200-byte segment. Twelve old records fill
+    // three segments exactly; eight fresh ones follow.
+    let p = [0u8; 20];
+    for i in 0..20 {
+        let ts = if i < 12 { now - 3_600_000 } else { now };
+        log.append_at(ts, &p).unwrap();
+    }
+    // Retention ran on each rotation, with the real clock.
+    let recs = all(&log);
+    assert!(
+        recs.iter().all(|r| r.ts_ms == now),
+        "only fresh records left"
+    );
+    assert_eq!(recs.len(), 8);
+    assert_eq!(log.first_seq(), Some(13));
+    assert_eq!(log.enforce_retention_at(now).unwrap().segments_removed, 0);
+    // Far in the future everything but the active segment goes.
+    log.enforce_retention_at(now + 3_600_000).unwrap();
+    assert_eq!(log.stats().segments, 1);
+}
+
+#[test]
+fn reader_survives_retention_deleting_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        segment_max_bytes: 200,
+        retention: Retention {
+            max_age: Some(Duration::from_secs(60)),
+            max_total_bytes: None,
+        },
+        ..opts()
+    };
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    let now = now_ms();
+    for i in 1..=30 {
+        log.append_at(now, &payload(i)).unwrap();
+    }
+    let it = log.iter().unwrap();
+    let rep = log.enforce_retention_at(now + 3_600_000).unwrap();
+    assert!(rep.segments_removed > 1);
+    assert_eq!(it.count(), 30);
+}
+
+#[test]
+fn fsync_always_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        fsync: FsyncPolicy::Always,
+        segment_max_bytes: 256,
+        ..LogOptions::default()
+    };
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=20 {
+        log.append(&payload(i)).unwrap();
+        assert!(!log.stats().dirty, "Always leaves nothing unsynced");
+        assert_eq!(log.sync_due_in(), None);
+    }
+    log.append_batch_at(1, [b"a", b"b"]).unwrap();
+    assert!(!log.stats().dirty);
+}
+
+#[test]
+fn interval_policy_reports_when_sync_is_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        fsync: FsyncPolicy::Interval(Duration::from_millis(30)),
+        ..LogOptions::default()
+    };
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    assert_eq!(log.sync_due_in(), None);
+    assert!(!log.sync_if_due().unwrap());
+    log.append(b"x").unwrap();
+    assert!(log.stats().dirty);
+    assert!(log.sync_due_in().is_some());
+    std::thread::sleep(Duration::from_millis(40));
+    assert_eq!(log.sync_due_in(), Some(Duration::ZERO));
+    assert!(log.sync_if_due().unwrap());
+    assert!(!log.stats().dirty);
+}
+
+fn compaction_opts() -> LogOptions {
+    LogOptions {
+        segment_max_bytes: 400,
+        ..opts()
+    }
+}
+
+#[test]
+fn compaction_keeps_chosen_records_and_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = compaction_opts();
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=100 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let (mut plan, source) = log.begin_compaction().unwrap();
+    assert_eq!(plan.boundary_seq(), 101);
+    // Appends go on while the plan is filled.
+    for i in 101..=110 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    for r in source {
+        let r = r.unwrap();
+        if r.seq % 10 == 0 {
+            plan.push(&r).unwrap();
+        }
+    }
+    let rep = log.finish_compaction(plan).unwrap();
+    assert_eq!(
+        (rep.generation, rep.records_before, rep.records_after),
+        (2, 100, 10)
+    );
+    assert!(rep.bytes_after < rep.bytes_before);
+    let want: Vec<u64> = (1..=100).filter(|s| s % 10 == 0).chain(101..=110).collect();
+    assert_eq!(seqs(&log), want);
+    // The active segment still works after the switch.
+    assert_eq!(log.append(b"z").unwrap().seq, 111);
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean() && rep.removed_stale.is_empty(), "{rep:?}");
+    assert_eq!(rep.generation, 2);
+    let mut want = want;
+    want.push(111);
+    assert_eq!(seqs(&log), want);
+    assert!(!dir.path().join("gen-000001").exists());
+    // Payloads survived intact.
+    assert!(all(&log)
+        .iter()
+        .all(|r| r.seq == 111 || r.payload == payload(r.seq)));
+}
+
+#[test]
+fn compaction_refuses_bad_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), compaction_opts()).unwrap();
+    for i in 1..=5 {
+        log.append(&payload(i)).unwrap();
+    }
+    let (mut plan, _) = log.begin_compaction().unwrap();
+    plan.push_parts(3, 0, b"x").unwrap();
+    assert!(matches!(
+        plan.push_parts(3, 0, b"x"),
+        Err(Error::Compaction(_))
+    ));
+    assert!(matches!(
+        plan.push_parts(6, 0, b"x"),
+        Err(Error::Compaction(_))
+    ));
+    // Dropping an unfinished plan removes its directory.
+    drop(plan);
+    assert!(!dir.path().join("gen-000002.tmp").exists());
+    let rep = log.compact_retain(|_| false).unwrap();
+    assert_eq!(rep.records_after, 0);
+    assert_eq!(seqs(&log), Vec::<u64>::new());
+    assert_eq!(log.append(b"x").unwrap().seq, 6);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// Builds a log with 50 records, then returns (dir, gen-1 copy, gen-2 copy):
+/// the complete directories before and after a compaction keeping even seqs.
+fn compaction_states() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    let o = compaction_opts();
+    let (mut log, _) = Log::open(&live, o).unwrap();
+    for i in 1..=50 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    copy_dir(&live.join("gen-000001"), &dir.path().join("old"));
+    log.compact_retain(|r| r.seq % 2 == 0).unwrap();
+    copy_dir(&live.join("gen-000002"), &dir.path().join("new"));
+    drop(log);
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    (dir, old, new)
+}
+
+fn assert_opens_to(root: &Path, want: &[u64], want_gen: u64) {
+    let (log, rep) = Log::open(root, compaction_opts()).unwrap();
+    assert_eq!(seqs(&log), want, "{rep:?}");
+    assert_eq!(rep.generation, want_gen);
+    let names: Vec<String> = fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("gen-{want_gen:06}")],
+        "stale generations removed"
+    );
+}
+
+#[test]
+fn compaction_crash_points() {
+    let (tmp, old, new) = compaction_states();
+    let all_seqs: Vec<u64> = (1..=50).collect();
+    let even: Vec<u64> = (1..=50).filter(|s| s % 2 == 0).collect();
+
+    // 1. Crash while writing the new generation: a partial .tmp (half a
+    //    segment written) next to the old generation.
+    let root = tmp.path().join("c1");
+    copy_dir(&old, &root.join("gen-000001"));
+    fs::create_dir_all(root.join("gen-000002.tmp")).unwrap();
+    let first_new = fs::read_dir(&new).unwrap().next().unwrap().unwrap().path();
+    let b = fs::read(&first_new).unwrap();
+    fs::write(
+        root.join("gen-000002.tmp")
+            .join(first_new.file_name().unwrap()),
+        &b[..b.len() / 2],
+    )
+    .unwrap();
+    assert_opens_to(&root, &all_seqs, 1);
+
+    // 2. Crash after the new generation is complete but before the rename.
+    let root = tmp.path().join("c2");
+    copy_dir(&old, &root.join("gen-000001"));
+    copy_dir(&new, &root.join("gen-000002.tmp"));
+    assert_opens_to(&root, &all_seqs, 1);
+
+    // 3. Crash after the rename, before the old generation was removed.
+    let root = tmp.path().join("c3");
+    copy_dir(&old, &root.join("gen-000001"));
+    copy_dir(&new, &root.join("gen-000002"));
+    assert_opens_to(&root, &even, 2);
+
+    // 4. Crash half-way through removing the old generation.
+    let root = tmp.path().join("c4");
+    copy_dir(&old, &root.join("gen-000001"));
+    copy_dir(&new, &root.join("gen-000002"));
+    let mut olds: Vec<PathBuf> = fs::read_dir(root.join("gen-000001"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    olds.sort();
+    for p in olds.iter().take(olds.len() / 2) {
+        fs::remove_file(p).unwrap();
+    }
+    assert_opens_to(&root, &even, 2);
+
+    // 5. An empty old generation directory left at the very end.
+    let root = tmp.path().join("c5");
+    fs::create_dir_all(root.join("gen-000001")).unwrap();
+    copy_dir(&new, &root.join("gen-000002"));
+    assert_opens_to(&root, &even, 2);
+}
+
+#[test]
+fn compaction_preserves_numbering_across_reopen_with_damage() {
+    // After compaction, segments have gaps in their numbers; recovery must
+    // still accept them and keep numbering above the highest.
+    let dir = tempfile::tempdir().unwrap();
+    let o = compaction_opts();
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=40 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    log.compact_retain(|r| r.seq % 5 == 0).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let (mut log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), vec![5, 10, 15, 20, 25, 30, 35, 40]);
+    assert_eq!(log.append(b"x").unwrap().seq, 41);
+}
