@@ -22,7 +22,11 @@ use appliance_types::health::{Probe, ProbeResult, StatusReport};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "appliancectl", version, about = "Control the storage appliance daemon")]
+#[command(
+    name = "appliancectl",
+    version,
+    about = "Control the storage appliance daemon"
+)]
 struct Cli {
     /// The daemon's control socket.
     #[arg(long, env = "APPLIANCE_SOCKET", default_value = DEFAULT_CONTROL_SOCKET, global = true)]
@@ -92,7 +96,10 @@ impl Client {
             stream,
             max_frame: DEFAULT_MAX_FRAME,
         };
-        c.send(&ClientHello::new(concat!("appliancectl ", env!("CARGO_PKG_VERSION"))))?;
+        c.send(&ClientHello::new(concat!(
+            "appliancectl ",
+            env!("CARGO_PKG_VERSION")
+        )))?;
         let payload = c.recv_payload()?;
         // The daemon answers either a ServerHello or an error response.
         match decode_payload::<ServerHello>(&payload, "server hello") {
@@ -102,14 +109,19 @@ impl Client {
             }
             Err(_) => match decode_payload::<Response>(&payload, "response") {
                 Ok(Response::Error(e)) => Err(e.into()),
-                _ => bail!("{} does not speak the appliance control protocol", path.display()),
+                _ => bail!(
+                    "{} does not speak the appliance control protocol",
+                    path.display()
+                ),
             },
         }
     }
 
     fn send<T: serde::Serialize>(&mut self, msg: &T) -> anyhow::Result<()> {
         let frame = encode_frame(msg, self.max_frame)?;
-        self.stream.write_all(&frame).context("cannot send to applianced")
+        self.stream
+            .write_all(&frame)
+            .context("cannot send to applianced")
     }
 
     fn recv_payload(&mut self) -> anyhow::Result<Vec<u8>> {
@@ -149,18 +161,32 @@ fn mark(pass: bool) -> &'static str {
 }
 
 fn print_status(s: &StatusReport) {
-    println!("applianced {}  up {}s  health {:.2}", s.version, s.uptime_secs, s.score);
+    println!(
+        "applianced {}  up {}s  health {:.2}",
+        s.version, s.uptime_secs, s.score
+    );
     for p in [&s.probes.live, &s.probes.ready, &s.probes.startup] {
         if p.pass {
             println!("  probe {:<8} {}", p.probe.as_str(), mark(p.pass));
         } else {
-            println!("  probe {:<8} {}  {}", p.probe.as_str(), mark(p.pass), p.reason);
+            println!(
+                "  probe {:<8} {}  {}",
+                p.probe.as_str(),
+                mark(p.pass),
+                p.reason
+            );
         }
     }
     println!("components:");
     for c in &s.components {
         let req = if c.required { "" } else { " (optional)" };
-        println!("  {:<10} {:<11} {}{}", c.name, c.state.as_str(), c.reason, req);
+        println!(
+            "  {:<10} {:<11} {}{}",
+            c.name,
+            c.state.as_str(),
+            c.reason,
+            req
+        );
     }
     println!("endpoints:");
     for (k, v) in &s.endpoints {
@@ -197,21 +223,27 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     print_probe(&p);
                 }
-                Ok(if p.pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-            }
-            other => bail!("unexpected answer from applianced: {other:?}"),
-        },
-        Command::LogLevel { filter } => match client.request(&Request::SetLogFilter(filter.clone()))? {
-            Response::Done(msg) => {
-                if cli.json {
-                    print_json(&serde_json::json!({ "ok": true, "message": msg }))?;
+                Ok(if p.pass {
+                    ExitCode::SUCCESS
                 } else {
-                    println!("{msg}");
-                }
-                Ok(ExitCode::SUCCESS)
+                    ExitCode::FAILURE
+                })
             }
             other => bail!("unexpected answer from applianced: {other:?}"),
         },
+        Command::LogLevel { filter } => {
+            match client.request(&Request::SetLogFilter(filter.clone()))? {
+                Response::Done(msg) => {
+                    if cli.json {
+                        print_json(&serde_json::json!({ "ok": true, "message": msg }))?;
+                    } else {
+                        println!("{msg}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+        }
     }
 }
 
@@ -229,8 +261,12 @@ fn main() -> ExitCode {
             let typed = e.downcast_ref::<ControlError>().cloned();
             if cli.json {
                 let doc = match typed {
-                    Some(t) => serde_json::json!({ "error": { "code": t.code.as_str(), "message": t.message } }),
-                    None => serde_json::json!({ "error": { "code": "client", "message": format!("{e:#}") } }),
+                    Some(t) => {
+                        serde_json::json!({ "error": { "code": t.code.as_str(), "message": t.message } })
+                    }
+                    None => {
+                        serde_json::json!({ "error": { "code": "client", "message": format!("{e:#}") } })
+                    }
                 };
                 println!("{doc}");
             }

@@ -65,7 +65,11 @@ pub fn parse_proc_groups(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -283,7 +287,11 @@ enum ReadError {
     Io(std::io::Error),
 }
 
-async fn read_frame(stream: &mut UnixStream, max: u32, timeout: Duration) -> Result<Vec<u8>, ReadError> {
+async fn read_frame(
+    stream: &mut UnixStream,
+    max: u32,
+    timeout: Duration,
+) -> Result<Vec<u8>, ReadError> {
     let read = async {
         let mut prefix = [0u8; LEN_PREFIX];
         if let Err(e) = stream.read_exact(&mut prefix).await {
@@ -291,7 +299,10 @@ async fn read_frame(stream: &mut UnixStream, max: u32, timeout: Duration) -> Res
         }
         let len = check_frame_len(prefix, max).map_err(ReadError::Frame)?;
         let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.map_err(io_to_read_error)?;
+        stream
+            .read_exact(&mut payload)
+            .await
+            .map_err(io_to_read_error)?;
         Ok(payload)
     };
     tokio::time::timeout(timeout, read)
@@ -307,7 +318,11 @@ fn io_to_read_error(e: std::io::Error) -> ReadError {
     }
 }
 
-async fn write_msg<T: serde::Serialize>(stream: &mut UnixStream, msg: &T, max: u32) -> std::io::Result<()> {
+async fn write_msg<T: serde::Serialize>(
+    stream: &mut UnixStream,
+    msg: &T,
+    max: u32,
+) -> std::io::Result<()> {
     let frame = match encode_frame(msg, max) {
         Ok(f) => f,
         Err(e) => {
@@ -321,7 +336,12 @@ async fn write_msg<T: serde::Serialize>(stream: &mut UnixStream, msg: &T, max: u
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer is not reading"))?
 }
 
-async fn connection(mut stream: UnixStream, settings: &Settings, ctx: &Context, shutdown: CancellationToken) {
+async fn connection(
+    mut stream: UnixStream,
+    settings: &Settings,
+    ctx: &Context,
+    shutdown: CancellationToken,
+) {
     let peer = peer_of(&stream);
     let admin = may_mutate(&peer, settings.daemon_uid, settings.admin_gid);
     debug!(pid = peer.pid, uid = peer.uid, admin, "control connection");
@@ -353,7 +373,10 @@ async fn connection(mut stream: UnixStream, settings: &Settings, ctx: &Context, 
         max_frame: settings.max_frame,
         admin,
     };
-    if write_msg(&mut stream, &server_hello, settings.max_frame).await.is_err() {
+    if write_msg(&mut stream, &server_hello, settings.max_frame)
+        .await
+        .is_err()
+    {
         return;
     }
 
@@ -377,7 +400,12 @@ async fn connection(mut stream: UnixStream, settings: &Settings, ctx: &Context, 
             // The frame boundary is intact, so the connection stays usable.
             Err(e) => Response::Error(e.into()),
             Ok(req) if req.is_mutating() && !admin => {
-                warn!(pid = peer.pid, uid = peer.uid, request = req.name(), "mutating request refused");
+                warn!(
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    request = req.name(),
+                    "mutating request refused"
+                );
                 Response::Error(ControlError::new(
                     ErrorCode::PermissionDenied,
                     format!(
@@ -389,7 +417,10 @@ async fn connection(mut stream: UnixStream, settings: &Settings, ctx: &Context, 
             }
             Ok(req) => ctx.handle(req),
         };
-        if write_msg(&mut stream, &response, settings.max_frame).await.is_err() {
+        if write_msg(&mut stream, &response, settings.max_frame)
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -41,8 +41,10 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     let notifier = Notifier::from_env();
     let started = Instant::now();
     // Signals first, so a SIGTERM during start-up is not lost.
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -59,17 +61,19 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     // Control socket.
     notifier.status("binding the control socket");
     let admin_gid = control::group_gid(&cfg.control.admin_group).with_context(|| {
-        format!("cannot look up control.admin_group {:?}", cfg.control.admin_group)
+        format!(
+            "cannot look up control.admin_group {:?}",
+            cfg.control.admin_group
+        )
     })?;
     if admin_gid.is_none() {
         warn!(group = %cfg.control.admin_group, "control.admin_group does not exist; only root and the daemon's user may change the appliance");
     }
     let socket_gid = match &cfg.control.socket_group {
         None => None,
-        Some(name) => Some(
-            control::group_gid(name)?
-                .with_context(|| format!("config key `control.socket_group`: group {name:?} does not exist"))?,
-        ),
+        Some(name) => Some(control::group_gid(name)?.with_context(|| {
+            format!("config key `control.socket_group`: group {name:?} does not exist")
+        })?),
     };
     let settings = control::Settings {
         path: resolved.control_socket.clone(),
@@ -109,7 +113,14 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         let h = health.register("control", true);
         let (p, r) = liveness::pair("control");
         probes.push(p);
-        tracker.spawn(control::serve(listener, settings, ctx, h, r, shutdown.clone()));
+        tracker.spawn(control::serve(
+            listener,
+            settings,
+            ctx,
+            h,
+            r,
+            shutdown.clone(),
+        ));
     }
     if let Some(l) = metrics_listener {
         let h = health.register("metrics", false);
@@ -121,7 +132,12 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         let h = health.register("storage", cfg.storage.required);
         let (p, r) = liveness::pair("storage");
         probes.push(p);
-        tracker.spawn(storage::run(cfg.storage.zfs_device.clone(), h, r, shutdown.clone()));
+        tracker.spawn(storage::run(
+            cfg.storage.zfs_device.clone(),
+            h,
+            r,
+            shutdown.clone(),
+        ));
     }
 
     // Wait for every component to leave `starting`.

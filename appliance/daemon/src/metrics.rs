@@ -70,13 +70,17 @@ impl ProcessCollector {
     fn new() -> Self {
         let start_time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+            .map_or(0.0, |d| d.as_secs_f64());
         Self { start_time }
     }
 }
 
-fn encode_gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+fn encode_gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(v);
     let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
     g.encode(m)
@@ -84,14 +88,20 @@ fn encode_gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64)
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        {
             let tv = |t: nix::sys::time::TimeVal| {
                 #[allow(clippy::cast_precision_loss)]
                 let s = t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
                 s
             };
             let c = ConstCounter::new(tv(usage.user_time()) + tv(usage.system_time()));
-            let m = enc.encode_descriptor("process_cpu_seconds", "Total user and system CPU time spent in seconds.", None, c.metric_type())?;
+            let m = enc.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                c.metric_type(),
+            )?;
             c.encode(m)?;
         }
         if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
@@ -99,18 +109,36 @@ impl Collector for ProcessCollector {
                 .ok()
                 .flatten()
                 .unwrap_or(4096);
-            let fields: Vec<f64> = statm.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            let fields: Vec<f64> = statm
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
             #[allow(clippy::cast_precision_loss)]
             let page = page as f64;
             if let [size, resident, ..] = fields[..] {
-                encode_gauge(&mut enc, "process_virtual_memory_bytes", "Virtual memory size in bytes.", size * page)?;
-                encode_gauge(&mut enc, "process_resident_memory_bytes", "Resident memory size in bytes.", resident * page)?;
+                encode_gauge(
+                    &mut enc,
+                    "process_virtual_memory_bytes",
+                    "Virtual memory size in bytes.",
+                    size * page,
+                )?;
+                encode_gauge(
+                    &mut enc,
+                    "process_resident_memory_bytes",
+                    "Resident memory size in bytes.",
+                    resident * page,
+                )?;
             }
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             #[allow(clippy::cast_precision_loss)]
             let n = dir.count() as f64;
-            encode_gauge(&mut enc, "process_open_fds", "Number of open file descriptors.", n)?;
+            encode_gauge(
+                &mut enc,
+                "process_open_fds",
+                "Number of open file descriptors.",
+                n,
+            )?;
         }
         if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
             if let Some(threads) = status
@@ -118,7 +146,12 @@ impl Collector for ProcessCollector {
                 .find_map(|l| l.strip_prefix("Threads:"))
                 .and_then(|t| t.trim().parse::<f64>().ok())
             {
-                encode_gauge(&mut enc, "process_threads", "Number of OS threads.", threads)?;
+                encode_gauge(
+                    &mut enc,
+                    "process_threads",
+                    "Number of OS threads.",
+                    threads,
+                )?;
             }
         }
         encode_gauge(
@@ -185,7 +218,10 @@ async fn respond(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Res
                 }
                 r
             }
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode metrics: {e}\n"),
+            ),
         },
         _ => text(StatusCode::NOT_FOUND, "see /metrics\n".into()),
     }
@@ -264,7 +300,9 @@ mod tests {
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("process_cpu_seconds_total"), "{text}");
         assert!(
-            text.contains(r#"appliance_component_state{component="storage",state="unavailable"} 1"#),
+            text.contains(
+                r#"appliance_component_state{component="storage",state="unavailable"} 1"#
+            ),
             "{text}"
         );
         assert!(

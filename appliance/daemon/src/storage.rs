@@ -40,7 +40,9 @@ pub fn probe(device: &Path, zpool_candidates: &[&str]) -> Probe {
         return Probe::NoDevice(device.to_owned());
     }
     match zpool_candidates.iter().map(Path::new).find(|p| p.exists()) {
-        Some(z) => Probe::Present { zpool: z.to_owned() },
+        Some(z) => Probe::Present {
+            zpool: z.to_owned(),
+        },
         None => Probe::NoTools,
     }
 }

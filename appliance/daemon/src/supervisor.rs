@@ -27,7 +27,10 @@ impl Endpoints {
 
     /// A copy of all endpoints.
     pub fn snapshot(&self) -> BTreeMap<String, String> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -114,7 +117,10 @@ mod tests {
     #[test]
     fn tick_interval_follows_watchdog() {
         assert_eq!(tick_interval(None), Duration::from_secs(1));
-        assert_eq!(tick_interval(Some(Duration::from_secs(30))), Duration::from_secs(1));
+        assert_eq!(
+            tick_interval(Some(Duration::from_secs(30))),
+            Duration::from_secs(1)
+        );
         assert_eq!(
             tick_interval(Some(Duration::from_millis(1000))),
             Duration::from_millis(500)
@@ -129,7 +135,13 @@ mod tests {
         let t = tokio::spawn(async move { while ra.answer_next().await {} });
         let state = LoopState::new(Duration::from_secs(5));
         let notifier = Notifier::from_env();
-        let failures = tick(&[a.clone(), b, c], Duration::from_millis(100), &notifier, &state).await;
+        let failures = tick(
+            &[a.clone(), b, c],
+            Duration::from_millis(100),
+            &notifier,
+            &state,
+        )
+        .await;
         assert_eq!(failures.len(), 2, "{failures:?}");
         assert!(!state.alive());
         let failures = tick(&[a], Duration::from_millis(100), &notifier, &state).await;

@@ -35,6 +35,9 @@ pub const DEFAULT_LOG_DIR: &str = "/var/log/appliance";
 /// loopback is allowed (see [`MetricsConfig::listen`]).
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
+/// The port of [`DEFAULT_METRICS_ADDR`].
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,7 +89,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into() }
+        Self {
+            level: "info".into(),
+        }
     }
 }
 
@@ -259,7 +264,10 @@ impl Config {
             ));
         }
         if self.log.level.trim().is_empty() {
-            return Err(ConfigError::new("log.level", "must not be empty (try \"info\")"));
+            return Err(ConfigError::new(
+                "log.level",
+                "must not be empty (try \"info\")",
+            ));
         }
         if self.control.admin_group.trim().is_empty() {
             return Err(ConfigError::new("control.admin_group", "must not be empty"));
@@ -267,7 +275,10 @@ impl Config {
         if !(1024..=16 * 1024 * 1024).contains(&self.control.max_frame_bytes) {
             return Err(ConfigError::new(
                 "control.max_frame_bytes",
-                format!("{} is outside 1024..=16777216", self.control.max_frame_bytes),
+                format!(
+                    "{} is outside 1024..=16777216",
+                    self.control.max_frame_bytes
+                ),
             ));
         }
         if !(1..=4096).contains(&self.control.max_connections) {
@@ -300,11 +311,17 @@ impl Config {
             ("control.socket", self.control.socket.as_deref()),
             ("paths.data_dir", self.paths.data_dir.as_deref()),
             ("paths.log_dir", self.paths.log_dir.as_deref()),
-            ("storage.zfs_device", Some(self.storage.zfs_device.as_path())),
+            (
+                "storage.zfs_device",
+                Some(self.storage.zfs_device.as_path()),
+            ),
         ] {
             if let Some(p) = p {
                 if !p.is_absolute() {
-                    return Err(ConfigError::new(key, format!("{} is not an absolute path", p.display())));
+                    return Err(ConfigError::new(
+                        key,
+                        format!("{} is not an absolute path", p.display()),
+                    ));
                 }
             }
         }
@@ -324,14 +341,11 @@ impl Config {
             }
         };
         let metrics_listen = self.metrics.listen.unwrap_or_else(|| {
-            let default = if state_dir.is_some() {
+            if state_dir.is_some() {
                 SocketAddr::from(([127, 0, 0, 1], 0))
             } else {
-                DEFAULT_METRICS_ADDR
-                    .parse()
-                    .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464)))
-            };
-            default
+                SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))
+            }
         });
         Resolved {
             control_socket: pick(&self.control.socket, "control.sock", DEFAULT_CONTROL_SOCKET),
@@ -415,10 +429,12 @@ timeout_secs = 5
 
     #[test]
     fn wrong_type_is_named() {
-        let e = Config::from_toml("version = 1\n[control]\nmax_connections = \"many\"\n").unwrap_err();
+        let e =
+            Config::from_toml("version = 1\n[control]\nmax_connections = \"many\"\n").unwrap_err();
         assert_eq!(e.key, "control.max_connections");
         assert!(e.message.contains("invalid type"), "{e}");
-        let e = Config::from_toml("version = 1\n[metrics]\nlisten = \"not an address\"\n").unwrap_err();
+        let e =
+            Config::from_toml("version = 1\n[metrics]\nlisten = \"not an address\"\n").unwrap_err();
         assert_eq!(e.key, "metrics.listen");
     }
 
@@ -428,7 +444,8 @@ timeout_secs = 5
         assert_eq!(e.key, "version");
         let e = Config::from_toml("").unwrap_err();
         assert_eq!(e.key, "version");
-        let e = Config::from_toml("version = 1\n[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap_err();
+        let e =
+            Config::from_toml("version = 1\n[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap_err();
         assert_eq!(e.key, "metrics.listen");
         let e = Config::from_toml("version = 1\n[control]\nmax_frame_bytes = 1\n").unwrap_err();
         assert_eq!(e.key, "control.max_frame_bytes");

@@ -245,10 +245,11 @@ pub fn check_frame_len(prefix: [u8; LEN_PREFIX], max: u32) -> Result<usize, Fram
 
 /// Encodes a message as one frame (prefix and payload).
 pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameError> {
-    let mut out = postcard::to_extend(msg, vec![0u8; LEN_PREFIX]).map_err(|e| FrameError::Decode {
-        what: "outgoing message",
-        detail: e.to_string(),
-    })?;
+    let mut out =
+        postcard::to_extend(msg, vec![0u8; LEN_PREFIX]).map_err(|e| FrameError::Decode {
+            what: "outgoing message",
+            detail: e.to_string(),
+        })?;
     let payload_len = out.len() - LEN_PREFIX;
     let len = u32::try_from(payload_len)
         .ok()
@@ -263,7 +264,10 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameErr
 
 /// Decodes a frame's payload (without its prefix) as `T`. Trailing bytes are an
 /// error: a frame holds exactly one message.
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T, FrameError> {
+pub fn decode_payload<T: DeserializeOwned>(
+    payload: &[u8],
+    what: &'static str,
+) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes::<T>(payload).map_err(|e| FrameError::Decode {
         what,
         detail: e.to_string(),
@@ -333,7 +337,10 @@ mod tests {
     #[test]
     fn oversized_message_is_refused_on_encode() {
         let req = Request::SetLogFilter("x".repeat(100));
-        assert!(matches!(encode_frame(&req, 10), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            encode_frame(&req, 10),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -345,7 +352,9 @@ mod tests {
             Err(FrameError::Decode { .. })
         ));
         assert!(decode_payload::<Request>(&[0xff, 0xff, 0xff], "request").is_err());
-        let e: ControlError = decode_payload::<Request>(&[200], "request").unwrap_err().into();
+        let e: ControlError = decode_payload::<Request>(&[200], "request")
+            .unwrap_err()
+            .into();
         assert_eq!(e.code, ErrorCode::BadFrame);
     }
 
@@ -359,7 +368,10 @@ mod tests {
         assert!(e.message.contains("99"));
         h = ClientHello::new("t");
         h.magic = *b"HTTP";
-        assert_eq!(check_hello(&h).unwrap_err().code, ErrorCode::UnsupportedVersion);
+        assert_eq!(
+            check_hello(&h).unwrap_err().code,
+            ErrorCode::UnsupportedVersion
+        );
     }
 
     #[test]

@@ -167,7 +167,10 @@ pub fn probes(components: &[ComponentHealth], loop_alive: bool) -> Probes {
     let startup = if still_starting.is_empty() {
         pass(Probe::Startup)
     } else {
-        fail(Probe::Startup, format!("still starting: {}", still_starting.join(", ")))
+        fail(
+            Probe::Startup,
+            format!("still starting: {}", still_starting.join(", ")),
+        )
     };
 
     let blocking: Vec<String> = components
@@ -188,7 +191,10 @@ pub fn probes(components: &[ComponentHealth], loop_alive: bool) -> Probes {
     let live = if loop_alive {
         pass(Probe::Live)
     } else {
-        fail(Probe::Live, "the daemon's main loop did not answer".to_owned())
+        fail(
+            Probe::Live,
+            "the daemon's main loop did not answer".to_owned(),
+        )
     };
     Probes {
         live,
@@ -246,7 +252,10 @@ mod tests {
 
     #[test]
     fn score_all_ready_is_one() {
-        let cs = [c("a", ComponentState::Ready, true), c("b", ComponentState::Ready, false)];
+        let cs = [
+            c("a", ComponentState::Ready, true),
+            c("b", ComponentState::Ready, false),
+        ];
         assert!((score(&cs) - 1.0).abs() < f64::EPSILON);
     }
 
