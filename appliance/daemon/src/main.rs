@@ -32,8 +32,8 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    // Files we create are private to the daemon's user and group.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    // Files we create are private to the daemon (the control socket gets 0660 explicitly).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let log = match applianced::logging::init(&resolved.config.log.level) {
         Ok((_, log)) => Some(log),
         Err(e) => {

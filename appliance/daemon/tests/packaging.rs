@@ -1,0 +1,99 @@
+//! The shipped files: the default config parses, and the systemd unit passes
+//! `systemd-analyze verify` with an exposure score of at most 2.0.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let text =
+        std::fs::read_to_string(repo().join("appliance/daemon/config/appliance.toml")).unwrap();
+    let cfg = appliance_types::config::Config::from_toml(&text).unwrap();
+    assert!(cfg.storage.required);
+    assert_eq!(cfg.control.socket_group.as_deref(), Some("appliance-admin"));
+}
+
+/// A throwaway root holding systemd's own units, our binary and our unit.
+fn unit_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+    std::fs::create_dir_all(r.join("etc/systemd/system")).unwrap();
+    std::fs::create_dir_all(r.join("lib/systemd")).unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg("/lib/systemd/system")
+        .arg(r.join("lib/systemd/"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_applianced"),
+        r.join("usr/bin/applianced"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("systemd/applianced.service"),
+        r.join("etc/systemd/system/applianced.service"),
+    )
+    .unwrap();
+    root
+}
+
+fn systemd_analyze() -> Command {
+    assert!(
+        Path::new("/usr/bin/systemd-analyze").exists(),
+        "systemd-analyze is missing: install the `systemd` package (.ci/run does)"
+    );
+    Command::new("/usr/bin/systemd-analyze")
+}
+
+#[test]
+fn unit_verifies() {
+    let root = unit_root();
+    let out = systemd_analyze()
+        .arg("verify")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("/etc/systemd/system/applianced.service")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify:\n{err}"
+    );
+}
+
+#[test]
+fn unit_exposure_is_at_most_2() {
+    let root = unit_root();
+    let out = systemd_analyze()
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--root={}", root.path().display()))
+        .arg("applianced.service")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure line in:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the score from {line:?}"));
+    eprintln!("systemd-analyze security: {line}");
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
+}
