@@ -72,8 +72,10 @@
 
 pub mod cache;
 pub mod clock;
+pub mod commands;
 pub mod key;
 pub mod resp;
+pub mod server;
 pub mod store;
 
 pub use cache::{
@@ -81,4 +83,6 @@ pub use cache::{
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use key::{md5_hex, parse_md5_hex, Digests, Request};
+pub use resp::{Limits, Protocol, ProtocolError};
+pub use server::{serve, serve_unix, ServerConfig};
 pub use store::{AgentOwner, Change, Entry, Key, StoreError};

@@ -1,0 +1,622 @@
+//! The command layer: one decoded frame in, one reply out.
+//!
+//! No IO here beyond calling the [`Cache`]; the server feeds frames from the
+//! decoder and writes the replies. Unknown commands, wrong arities and bad
+//! arguments get a RESP error and the connection stays open.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::cache::{Cache, CacheError, KeyTtl, SetCondition};
+use crate::resp::{Frame, Protocol, Reply};
+
+/// Server name reported by `HELLO` and `INFO`.
+pub const SERVER_NAME: &str = "appliance-cache";
+/// Redis version we claim compatibility with (clients gate features on it).
+pub const COMPAT_VERSION: &str = "7.2.0";
+
+/// Per-connection state.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// Connection id (`CLIENT ID`, `HELLO`).
+    pub id: u64,
+    /// Reply protocol.
+    pub protocol: Protocol,
+    /// `CLIENT SETNAME` name.
+    pub name: Option<Bytes>,
+}
+
+/// What to do after a command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The reply to send.
+    pub reply: Reply,
+    /// Close the connection after sending it (`QUIT`).
+    pub close: bool,
+}
+
+impl From<Reply> for Outcome {
+    fn from(reply: Reply) -> Self {
+        Self {
+            reply,
+            close: false,
+        }
+    }
+}
+
+/// Whether a command name (any case) changes data; the server uses this to
+/// decide whether a batch needs a durable commit.
+pub fn is_write(name: &[u8]) -> bool {
+    const WRITES: [&[u8]; 8] = [
+        b"SET",
+        b"DEL",
+        b"EXPIRE",
+        b"PEXPIRE",
+        b"MSET",
+        b"AGENT.SET",
+        b"AGENT.DEL",
+        b"AGENT.FLUSH",
+    ];
+    WRITES.iter().any(|w| w.eq_ignore_ascii_case(name))
+}
+
+fn wrong_args(name: &str) -> Reply {
+    Reply::err(format!(
+        "wrong number of arguments for '{}' command",
+        name.to_ascii_lowercase()
+    ))
+}
+
+fn syntax_error() -> Reply {
+    Reply::err("syntax error")
+}
+
+fn not_integer() -> Reply {
+    Reply::err("value is not an integer or out of range")
+}
+
+fn cache_error(e: &CacheError) -> Reply {
+    Reply::err(e)
+}
+
+fn parse_int(b: &[u8]) -> Option<i64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// A positive TTL argument (`EX`/`PX`), in milliseconds per `unit_ms`.
+fn positive_ttl(b: &[u8], unit_ms: u64, cmd: &str) -> Result<Duration, Reply> {
+    let n = parse_int(b).ok_or_else(not_integer)?;
+    let n = u64::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| n.checked_mul(unit_ms))
+        .ok_or_else(|| Reply::err(format!("invalid expire time in '{cmd}' command")))?;
+    Ok(Duration::from_millis(n))
+}
+
+fn bulk_or_null(v: Option<Bytes>) -> Reply {
+    v.map_or(Reply::Null, Reply::Bulk)
+}
+
+fn upper(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_uppercase()
+}
+
+/// Turn a frame into command arguments.
+fn arguments(frame: Frame) -> Result<Vec<Bytes>, Reply> {
+    let Frame::Array(items) = frame else {
+        return Err(Reply::err(
+            "Protocol error: expected an array of bulk strings",
+        ));
+    };
+    items
+        .into_iter()
+        .map(|f| match f {
+            Frame::Bulk(b) => Ok(b),
+            _ => Err(Reply::err(
+                "Protocol error: command arguments must be bulk strings",
+            )),
+        })
+        .collect()
+}
+
+/// Execute one decoded frame.
+pub fn execute(cache: &Cache, session: &mut Session, frame: Frame) -> Outcome {
+    let args = match arguments(frame) {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => return Reply::err("empty command").into(),
+        Err(r) => return r.into(),
+    };
+    let name = upper(&args[0]);
+    if name == "QUIT" {
+        return Outcome {
+            reply: Reply::ok(),
+            close: true,
+        };
+    }
+    dispatch(cache, session, &name, &args[1..]).into()
+}
+
+fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Reply {
+    match (name, a.len()) {
+        ("PING", 0) => Reply::Simple("PONG".into()),
+        ("PING", 1) | ("ECHO", 1) => Reply::Bulk(a[0].clone()),
+        ("HELLO", _) => hello(session, a),
+        ("GET", 1) => bulk_or_null(cache.get_plain(&a[0])),
+        ("SET", n) if n >= 2 => set(cache, a),
+        ("DEL", n) if n >= 1 => count(a.iter().map(|k| cache.del_plain(k))),
+        ("EXISTS", n) if n >= 1 => count(a.iter().map(|k| Ok(cache.exists(k)))),
+        ("EXPIRE", 2) => expire(cache, a, 1_000),
+        ("PEXPIRE", 2) => expire(cache, a, 1),
+        ("PERSIST", 1) => match cache.ttl(&a[0]) {
+            KeyTtl::Remaining(_) => match cache.expire(&a[0], None) {
+                Ok(_) => Reply::Integer(1),
+                Err(e) => cache_error(&e),
+            },
+            KeyTtl::Missing | KeyTtl::Persistent => Reply::Integer(0),
+        },
+        ("TTL", 1) => ttl_reply(cache.ttl(&a[0]), true),
+        ("PTTL", 1) => ttl_reply(cache.ttl(&a[0]), false),
+        ("MGET", n) if n >= 1 => {
+            Reply::Array(a.iter().map(|k| bulk_or_null(cache.get_plain(k))).collect())
+        }
+        ("MSET", n) if n >= 2 && n % 2 == 0 => mset(cache, a),
+        ("DBSIZE", 0) => Reply::Integer(i64::try_from(cache.len()).unwrap_or(i64::MAX)),
+        ("INFO", _) => Reply::text(info(cache)),
+        ("CLIENT", n) if n >= 1 => client(session, a),
+        ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
+        ("SELECT", 1) => Reply::err("DB index is out of range"),
+        ("COMMAND", _) => Reply::Array(Vec::new()),
+        ("CONFIG", n) if n >= 1 && upper(&a[0]) == "GET" => Reply::Array(Vec::new()),
+        ("AGENT.GET", 2 | 3) => {
+            let variant = a.get(2).map_or(&b""[..], |v| &v[..]);
+            bulk_or_null(cache.get(&a[0], &a[1], variant))
+        }
+        ("AGENT.SET", n) if n >= 3 => agent_set(cache, a),
+        ("AGENT.DEL", 2 | 3) => {
+            let variant = a.get(2).map_or(&b""[..], |v| &v[..]);
+            match cache.invalidate(&a[0], &a[1], variant) {
+                Ok(gone) => Reply::Integer(i64::from(gone)),
+                Err(e) => cache_error(&e),
+            }
+        }
+        ("AGENT.FLUSH", 1) => match cache.invalidate_agent(&a[0]) {
+            Ok(n) => Reply::Integer(i64::try_from(n).unwrap_or(i64::MAX)),
+            Err(e) => cache_error(&e),
+        },
+        (
+            "PING" | "ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "EXPIRE" | "PEXPIRE" | "PERSIST"
+            | "TTL" | "PTTL" | "MGET" | "MSET" | "DBSIZE" | "CLIENT" | "SELECT" | "CONFIG"
+            | "AGENT.GET" | "AGENT.SET" | "AGENT.DEL" | "AGENT.FLUSH",
+            _,
+        ) => wrong_args(name),
+        _ => {
+            let first = a
+                .first()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(64)]).into_owned())
+                .unwrap_or_default();
+            Reply::err(format!(
+                "unknown command '{}', with args beginning with: '{first}'",
+                &name[..name.len().min(64)]
+            ))
+        }
+    }
+}
+
+fn count(results: impl Iterator<Item = Result<bool, CacheError>>) -> Reply {
+    let mut n = 0i64;
+    for r in results {
+        match r {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => return cache_error(&e),
+        }
+    }
+    Reply::Integer(n)
+}
+
+fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
+    let mut rest = a;
+    if let Some(v) = a.first() {
+        match parse_int(v) {
+            Some(2) => session.protocol = Protocol::Resp2,
+            Some(3) => session.protocol = Protocol::Resp3,
+            Some(_) => return Reply::Error("NOPROTO unsupported protocol version".into()),
+            None => return Reply::err("Protocol version is not an integer or out of range"),
+        }
+        rest = &a[1..];
+    }
+    while let Some(opt) = rest.first() {
+        match (upper(opt).as_str(), rest.len()) {
+            ("SETNAME", n) if n >= 2 => {
+                session.name = Some(rest[1].clone());
+                rest = &rest[2..];
+            }
+            ("AUTH", _) => {
+                return Reply::Error(
+                    "WRONGPASS authentication is not enabled on this server".into(),
+                )
+            }
+            _ => return syntax_error(),
+        }
+    }
+    let proto = match session.protocol {
+        Protocol::Resp2 => 2,
+        Protocol::Resp3 => 3,
+    };
+    Reply::Map(vec![
+        (Reply::text("server"), Reply::text(SERVER_NAME)),
+        (Reply::text("version"), Reply::text(COMPAT_VERSION)),
+        (Reply::text("proto"), Reply::Integer(proto)),
+        (
+            Reply::text("id"),
+            Reply::Integer(i64::try_from(session.id).unwrap_or(i64::MAX)),
+        ),
+        (Reply::text("mode"), Reply::text("standalone")),
+        (Reply::text("role"), Reply::text("master")),
+        (Reply::text("modules"), Reply::Array(Vec::new())),
+    ])
+}
+
+fn set(cache: &Cache, a: &[Bytes]) -> Reply {
+    let (key, value) = (&a[0], &a[1]);
+    let mut ttl = None;
+    let mut condition = SetCondition::Always;
+    let mut i = 2;
+    while i < a.len() {
+        let opt = upper(&a[i]);
+        match opt.as_str() {
+            "NX" | "XX" if condition != SetCondition::Always => return syntax_error(),
+            "NX" => condition = SetCondition::IfAbsent,
+            "XX" => condition = SetCondition::IfPresent,
+            "EX" | "PX" if ttl.is_some() => return syntax_error(),
+            "EX" | "PX" => {
+                let Some(arg) = a.get(i + 1) else {
+                    return syntax_error();
+                };
+                let unit = if opt == "EX" { 1_000 } else { 1 };
+                match positive_ttl(arg, unit, "set") {
+                    Ok(d) => ttl = Some(d),
+                    Err(r) => return r,
+                }
+                i += 1;
+            }
+            _ => return syntax_error(),
+        }
+        i += 1;
+    }
+    match cache.set_plain(key, value.clone(), ttl, condition) {
+        Ok(true) => Reply::ok(),
+        Ok(false) => Reply::Null,
+        Err(e) => cache_error(&e),
+    }
+}
+
+fn expire(cache: &Cache, a: &[Bytes], unit_ms: i64) -> Reply {
+    let Some(n) = parse_int(&a[1]) else {
+        return not_integer();
+    };
+    // Zero or negative deletes the key, as in Redis.
+    let ms = u64::try_from(n.saturating_mul(unit_ms)).unwrap_or(0);
+    match cache.expire(&a[0], Some(Duration::from_millis(ms))) {
+        Ok(found) => Reply::Integer(i64::from(found)),
+        Err(e) => cache_error(&e),
+    }
+}
+
+fn ttl_reply(t: KeyTtl, seconds: bool) -> Reply {
+    match t {
+        KeyTtl::Missing => Reply::Integer(-2),
+        KeyTtl::Persistent => Reply::Integer(-1),
+        KeyTtl::Remaining(ms) => {
+            let v = if seconds { ms.div_ceil(1_000) } else { ms };
+            Reply::Integer(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+    }
+}
+
+fn mset(cache: &Cache, a: &[Bytes]) -> Reply {
+    // Refuse the whole command up front if any value is too large, so an
+    // MSET is not half applied for a reason known in advance.
+    let max = cache.config().max_value_bytes;
+    if let Some(v) = a.chunks(2).map(|kv| &kv[1]).find(|v| v.len() > max) {
+        return Reply::err(format!(
+            "value of {} bytes exceeds the maximum value size of {max} bytes",
+            v.len()
+        ));
+    }
+    for kv in a.chunks(2) {
+        if let Err(e) = cache.set_plain(&kv[0], kv[1].clone(), None, SetCondition::Always) {
+            return cache_error(&e);
+        }
+    }
+    Reply::ok()
+}
+
+fn agent_set(cache: &Cache, a: &[Bytes]) -> Reply {
+    let (agent, prompt, response) = (&a[0], &a[1], &a[2]);
+    let mut ttl = None;
+    let mut variant: &[u8] = b"";
+    let mut rest = &a[3..];
+    while let Some(opt) = rest.first() {
+        let Some(arg) = rest.get(1) else {
+            return syntax_error();
+        };
+        match upper(opt).as_str() {
+            "EX" if ttl.is_none() => match positive_ttl(arg, 1_000, "agent.set") {
+                Ok(d) => ttl = Some(d),
+                Err(r) => return r,
+            },
+            "PX" if ttl.is_none() => match positive_ttl(arg, 1, "agent.set") {
+                Ok(d) => ttl = Some(d),
+                Err(r) => return r,
+            },
+            "VARIANT" => variant = arg,
+            _ => return syntax_error(),
+        }
+        rest = &rest[2..];
+    }
+    match cache.put(agent, prompt, variant, response.clone(), ttl) {
+        Ok(()) => Reply::ok(),
+        Err(e) => cache_error(&e),
+    }
+}
+
+fn client(session: &mut Session, a: &[Bytes]) -> Reply {
+    match (upper(&a[0]).as_str(), a.len()) {
+        ("SETNAME", 2) => {
+            if a[1].iter().any(|b| *b == b' ' || *b == b'\n') {
+                return Reply::err(
+                    "Client names cannot contain spaces, newlines or special characters.",
+                );
+            }
+            session.name = (!a[1].is_empty()).then(|| a[1].clone());
+            Reply::ok()
+        }
+        ("GETNAME", 1) => bulk_or_null(session.name.clone()),
+        ("ID", 1) => Reply::Integer(i64::try_from(session.id).unwrap_or(i64::MAX)),
+        // Client libraries announce themselves; accept and ignore.
+        ("SETINFO", 3) => Reply::ok(),
+        (sub, _) => Reply::err(format!(
+            "unknown subcommand or wrong number of arguments for 'CLIENT|{}'",
+            &sub[..sub.len().min(32)]
+        )),
+    }
+}
+
+/// The `INFO` text: Redis-style sections plus our statistics.
+pub fn info(cache: &Cache) -> String {
+    let s = cache.stats();
+    format!(
+        "# Server\r\nredis_version:{COMPAT_VERSION}\r\nserver_name:{SERVER_NAME}\r\n\
+         appliance_cache_version:{}\r\n\r\n\
+         # Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:allkeys-lru\r\n\r\n\
+         # Stats\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\nexpired_keys:{}\r\nevicted_keys:{}\r\n\r\n\
+         # Cache\r\nhits:{}\r\nmisses:{}\r\nhit_rate:{:.4}\r\ncollisions:{}\r\nevictions:{}\r\n\
+         expirations:{}\r\nentries:{}\r\nbytes:{}\r\n\r\n\
+         # Keyspace\r\ndb0:keys={},expires=0,avg_ttl=0\r\n",
+        env!("CARGO_PKG_VERSION"),
+        s.bytes,
+        s.capacity_bytes,
+        s.hits,
+        s.misses,
+        s.expirations,
+        s.evictions,
+        s.hits,
+        s.misses,
+        s.hit_rate,
+        s.collisions,
+        s.evictions,
+        s.expirations,
+        s.entries,
+        s.bytes,
+        s.entries,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::clock::ManualClock;
+    use std::sync::Arc;
+
+    fn cmd(parts: &[&str]) -> Frame {
+        Frame::Array(
+            parts
+                .iter()
+                .map(|p| Frame::Bulk(Bytes::copy_from_slice(p.as_bytes())))
+                .collect(),
+        )
+    }
+
+    fn run(cache: &Cache, s: &mut Session, parts: &[&str]) -> Reply {
+        execute(cache, s, cmd(parts)).reply
+    }
+
+    fn setup() -> (Arc<ManualClock>, Cache, Session) {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let cache = Cache::with_clock(CacheConfig::default(), clock.clone());
+        (clock, cache, Session::default())
+    }
+
+    #[test]
+    fn set_options() {
+        let (clock, c, mut s) = setup();
+        assert_eq!(run(&c, &mut s, &["SET", "k", "v", "EX", "10"]), Reply::ok());
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(10));
+        assert_eq!(run(&c, &mut s, &["set", "k", "w", "nx"]), Reply::Null);
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "w", "XX", "PX", "1500"]),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["PTTL", "k"]), Reply::Integer(1500));
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(2));
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(run(&c, &mut s, &["GET", "k"]), Reply::Null);
+        assert_eq!(run(&c, &mut s, &["SET", "k", "v", "XX"]), Reply::Null);
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "0"]),
+            Reply::err("invalid expire time in 'set' command")
+        );
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "x"]),
+            Reply::err("value is not an integer or out of range")
+        );
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "NX", "XX"]),
+            syntax_error()
+        );
+        assert_eq!(run(&c, &mut s, &["SET", "k", "v", "EX"]), syntax_error());
+        assert_eq!(run(&c, &mut s, &["SET", "k"]), wrong_args("SET"));
+    }
+
+    #[test]
+    fn keys_and_multi() {
+        let (_, c, mut s) = setup();
+        assert_eq!(run(&c, &mut s, &["MSET", "a", "1", "b", "2"]), Reply::ok());
+        assert_eq!(
+            run(&c, &mut s, &["MGET", "a", "x", "b"]),
+            Reply::Array(vec![Reply::text("1"), Reply::Null, Reply::text("2")])
+        );
+        assert_eq!(run(&c, &mut s, &["MSET", "a"]), wrong_args("MSET"));
+        assert_eq!(
+            run(&c, &mut s, &["EXISTS", "a", "b", "x"]),
+            Reply::Integer(2)
+        );
+        assert_eq!(run(&c, &mut s, &["DBSIZE"]), Reply::Integer(2));
+        assert_eq!(run(&c, &mut s, &["TTL", "a"]), Reply::Integer(-1));
+        assert_eq!(run(&c, &mut s, &["EXPIRE", "a", "5"]), Reply::Integer(1));
+        assert_eq!(run(&c, &mut s, &["EXPIRE", "x", "5"]), Reply::Integer(0));
+        assert_eq!(run(&c, &mut s, &["PERSIST", "a"]), Reply::Integer(1));
+        assert_eq!(run(&c, &mut s, &["TTL", "a"]), Reply::Integer(-1));
+        assert_eq!(run(&c, &mut s, &["EXPIRE", "a", "-1"]), Reply::Integer(1));
+        assert_eq!(run(&c, &mut s, &["TTL", "a"]), Reply::Integer(-2));
+        assert_eq!(run(&c, &mut s, &["DEL", "a", "b"]), Reply::Integer(1));
+        assert_eq!(run(&c, &mut s, &["DBSIZE"]), Reply::Integer(0));
+    }
+
+    #[test]
+    fn agent_commands_and_md5_get() {
+        let (clock, c, mut s) = setup();
+        assert_eq!(
+            run(
+                &c,
+                &mut s,
+                &[
+                    "AGENT.SET",
+                    "a1",
+                    "what?",
+                    "this",
+                    "EX",
+                    "5",
+                    "VARIANT",
+                    "m1"
+                ]
+            ),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["AGENT.GET", "a1", "what?"]), Reply::Null);
+        assert_eq!(
+            run(&c, &mut s, &["AGENT.GET", "a1", "what?", "m1"]),
+            Reply::text("this")
+        );
+        let hex = crate::md5_hex(&crate::Request::new(b"a1", b"what?", b"m1").md5());
+        assert_eq!(run(&c, &mut s, &["GET", &hex]), Reply::text("this"));
+        assert_eq!(run(&c, &mut s, &["TTL", &hex]), Reply::Integer(5));
+        assert_eq!(
+            run(&c, &mut s, &["AGENT.SET", "a1", "p2", "x"]),
+            Reply::ok()
+        );
+        assert_eq!(
+            run(&c, &mut s, &["AGENT.DEL", "a1", "p2"]),
+            Reply::Integer(1)
+        );
+        assert_eq!(
+            run(&c, &mut s, &["AGENT.DEL", "a1", "p2"]),
+            Reply::Integer(0)
+        );
+        assert_eq!(run(&c, &mut s, &["AGENT.FLUSH", "a1"]), Reply::Integer(1));
+        assert_eq!(
+            run(&c, &mut s, &["AGENT.SET", "a1", "p"]),
+            wrong_args("AGENT.SET")
+        );
+        assert_eq!(
+            run(&c, &mut s, &["AGENT.SET", "a1", "p", "r", "VARIANT"]),
+            syntax_error()
+        );
+        clock.advance(Duration::from_secs(1));
+        let info = match run(&c, &mut s, &["INFO"]) {
+            Reply::Bulk(b) => String::from_utf8(b.to_vec()).unwrap(),
+            other => panic!("INFO replied {other:?}"),
+        };
+        assert!(info.contains("hits:2\r\n"), "{info}");
+        assert!(info.contains("misses:1\r\n"), "{info}");
+        assert!(info.contains("collisions:0\r\n"), "{info}");
+    }
+
+    #[test]
+    fn session_commands() {
+        let (_, c, mut s) = setup();
+        assert_eq!(run(&c, &mut s, &["PING"]), Reply::Simple("PONG".into()));
+        assert_eq!(run(&c, &mut s, &["PING", "hi"]), Reply::text("hi"));
+        assert_eq!(run(&c, &mut s, &["CLIENT", "GETNAME"]), Reply::Null);
+        assert_eq!(
+            run(&c, &mut s, &["CLIENT", "SETNAME", "worker"]),
+            Reply::ok()
+        );
+        assert_eq!(
+            run(&c, &mut s, &["CLIENT", "GETNAME"]),
+            Reply::text("worker")
+        );
+        let Reply::Map(m) = run(&c, &mut s, &["HELLO", "3", "SETNAME", "w2"]) else {
+            panic!("HELLO must reply with a map");
+        };
+        assert!(m.contains(&(Reply::text("proto"), Reply::Integer(3))));
+        assert_eq!(s.protocol, Protocol::Resp3);
+        assert_eq!(s.name.as_deref(), Some(&b"w2"[..]));
+        assert_eq!(
+            run(&c, &mut s, &["HELLO", "4"]),
+            Reply::Error("NOPROTO unsupported protocol version".into())
+        );
+        assert!(execute(&c, &mut s, cmd(&["QUIT"])).close);
+    }
+
+    #[test]
+    fn bad_commands_get_errors() {
+        let (_, c, mut s) = setup();
+        assert_eq!(
+            run(&c, &mut s, &["FLUSHALL"]),
+            Reply::err("unknown command 'FLUSHALL', with args beginning with: ''")
+        );
+        assert_eq!(
+            execute(&c, &mut s, Frame::Integer(3)).reply,
+            Reply::err("Protocol error: expected an array of bulk strings")
+        );
+        assert_eq!(
+            execute(&c, &mut s, Frame::Array(vec![Frame::Integer(1)])).reply,
+            Reply::err("Protocol error: command arguments must be bulk strings")
+        );
+        assert_eq!(
+            execute(&c, &mut s, Frame::Array(vec![])).reply,
+            Reply::err("empty command")
+        );
+        let small = Cache::new(CacheConfig {
+            max_value_bytes: 4,
+            ..CacheConfig::default()
+        });
+        let r = run(&small, &mut s, &["SET", "k", "12345"]);
+        assert_eq!(
+            r,
+            Reply::err(
+                "cache put refused: value of 5 bytes exceeds the maximum value size of 4 bytes"
+            )
+        );
+        assert_eq!(
+            run(&small, &mut s, &["MSET", "a", "1", "b", "12345"]),
+            Reply::err("value of 5 bytes exceeds the maximum value size of 4 bytes")
+        );
+        assert_eq!(run(&small, &mut s, &["DBSIZE"]), Reply::Integer(0));
+    }
+}

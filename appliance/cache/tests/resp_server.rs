@@ -1,0 +1,326 @@
+//! Loopback tests of the RESP endpoint: real clients (the `redis` crate) and
+//! hostile raw-TCP input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance_cache::{serve, Cache, CacheConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    cache: Arc<Cache>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cache = Arc::new(Cache::new(CacheConfig::default()));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(
+            listener,
+            cache.clone(),
+            ServerConfig::default(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Server {
+            addr,
+            stop: Some(tx),
+            task,
+            cache,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn client(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Ping over a fresh raw connection: proves the server still serves others.
+async fn still_serving(server: &Server) {
+    let mut c = client(&server.url()).await;
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_round_trips() {
+    let server = Server::start().await;
+    let mut c = client(&server.url()).await;
+
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let v: Option<String> = redis::cmd("GET")
+        .arg("k")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("v"));
+
+    let () = redis::cmd("SET")
+        .arg("t")
+        .arg(vec![0u8, 255, 13, 10])
+        .arg("EX")
+        .arg(100)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("t")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((99..=100).contains(&ttl), "ttl {ttl}");
+    let bin: Vec<u8> = redis::cmd("GET")
+        .arg("t")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(bin, vec![0u8, 255, 13, 10]);
+
+    let () = redis::cmd("MSET")
+        .arg("a")
+        .arg("1")
+        .arg("b")
+        .arg("2")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let got: Vec<Option<String>> = redis::cmd("MGET")
+        .arg("a")
+        .arg("missing")
+        .arg("b")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some("1".into()), None, Some("2".into())]);
+
+    let () = redis::cmd("AGENT.SET")
+        .arg("agent-7")
+        .arg("How full is the pool?")
+        .arg("81%")
+        .arg("EX")
+        .arg(60)
+        .arg("VARIANT")
+        .arg("llama3")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let hit: Option<String> = redis::cmd("AGENT.GET")
+        .arg("agent-7")
+        .arg("How full is the pool?")
+        .arg("llama3")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(hit.as_deref(), Some("81%"));
+    let other_variant: Option<String> = redis::cmd("AGENT.GET")
+        .arg("agent-7")
+        .arg("How full is the pool?")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(other_variant, None);
+    let hex = appliance_cache::md5_hex(
+        &appliance_cache::Request::new(b"agent-7", b"How full is the pool?", b"llama3").md5(),
+    );
+    let by_md5: Option<String> = redis::cmd("GET")
+        .arg(&hex)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(by_md5.as_deref(), Some("81%"));
+    let flushed: i64 = redis::cmd("AGENT.FLUSH")
+        .arg("agent-7")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(flushed, 1);
+
+    // Unsupported commands are errors, and the connection lives on.
+    let err = redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown command"), "{err}");
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 4);
+    let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
+    assert!(info.contains("# Cache\r\nhits:"), "{info}");
+    assert_eq!(server.cache.stats().collisions, 0);
+
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_via_hello() {
+    let server = Server::start().await;
+    let mut c = client(&format!("{}?protocol=resp3", server.url())).await;
+    let () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("tester")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let name: Option<String> = redis::cmd("CLIENT")
+        .arg("GETNAME")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(name.as_deref(), Some("tester"));
+    let missing: Option<String> = redis::cmd("GET")
+        .arg("nope")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(missing, None);
+    server.stop().await;
+
+    // The RESP3 null on the wire, without a client library in between.
+    let server = Server::start().await;
+    let reply = raw_exchange(server.addr, b"HELLO 3\r\nGET nope\r\nQUIT\r\n", false).await;
+    assert!(
+        reply.starts_with(b"%7\r\n"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(
+        reply.ends_with(b"_\r\n+OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    server.stop().await;
+}
+
+/// Send `input`, optionally half-close, and read until EOF or 5 s of silence.
+async fn raw_exchange(addr: std::net::SocketAddr, input: &[u8], half_close: bool) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may close while we are still writing; that is a valid answer.
+    let _ = s.write_all(input).await;
+    if half_close {
+        let _ = s.shutdown().await;
+    }
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    out
+}
+
+async fn assert_protocol_error_and_close(server: &Server, input: &[u8], expect: &str) {
+    let reply = raw_exchange(server.addr, input, false).await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.starts_with("-ERR Protocol error: ") && text.contains(expect),
+        "got {text:?}"
+    );
+    still_serving(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_an_error_and_the_server_keeps_serving() {
+    let server = Server::start().await;
+
+    assert_protocol_error_and_close(
+        &server,
+        b"*2\r\n$3\r\nGET\r\n$1099511627776\r\n",
+        "invalid bulk length 1099511627776",
+    )
+    .await;
+    assert_protocol_error_and_close(&server, b"*1\r\n$-7\r\n", "invalid bulk length -7").await;
+    assert_protocol_error_and_close(&server, b"*-3\r\n", "invalid multibulk length -3").await;
+    assert_protocol_error_and_close(&server, &b"*1\r\n".repeat(10_000), "nested deeper than 8")
+        .await;
+
+    // 10 MB inline command: refused at 64 KiB; the client may see the error or
+    // a reset while still writing.
+    let big = vec![b'a'; 10 << 20];
+    let reply = raw_exchange(server.addr, &big, false).await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.is_empty() || text.starts_with("-ERR Protocol error: too big inline request"),
+        "got {text:?}"
+    );
+    still_serving(&server).await;
+
+    // Truncated frame, then EOF: no reply, connection closed, server fine.
+    let reply = raw_exchange(server.addr, b"*2\r\n$3\r\nGET\r\n$10\r\nabc", true).await;
+    assert!(
+        reply.is_empty(),
+        "got {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    still_serving(&server).await;
+
+    // A pipelined good command before a bad one is answered first.
+    let reply = raw_exchange(server.addr, b"PING\r\n*1\r\n$-2\r\n", false).await;
+    assert!(
+        reply.starts_with(b"+PONG\r\n-ERR Protocol error"),
+        "{reply:?}"
+    );
+    assert_eq!(server.cache.len(), 0);
+
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_and_many_clients() {
+    let server = Server::start().await;
+    let mut handles = Vec::new();
+    for t in 0..8 {
+        let url = server.url();
+        handles.push(tokio::spawn(async move {
+            let mut c = client(&url).await;
+            let mut pipe = redis::pipe();
+            for i in 0..200 {
+                pipe.cmd("SET").arg(format!("k{t}-{i}")).arg(i).ignore();
+            }
+            for i in 0..200 {
+                pipe.cmd("GET").arg(format!("k{t}-{i}"));
+            }
+            let got: Vec<i64> = pipe.query_async(&mut c).await.unwrap();
+            assert_eq!(got, (0..200).collect::<Vec<_>>());
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(server.cache.len(), 1600);
+    server.stop().await;
+}
