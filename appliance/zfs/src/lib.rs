@@ -3,6 +3,7 @@
 //! (Design notes are completed as the crate grows.)
 
 pub mod model;
+pub mod parse;
 pub mod redundancy;
 
 pub use model::*;
