@@ -62,6 +62,12 @@ pub struct Config {
     /// Shutdown behaviour.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// The event bus.
+    #[serde(default)]
+    pub bus: BusConfig,
+    /// The agent response cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -74,6 +80,8 @@ impl Default for Config {
             storage: StorageConfig::default(),
             paths: PathsConfig::default(),
             shutdown: ShutdownConfig::default(),
+            bus: BusConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -198,6 +206,139 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// When appended records reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// Every record is fsynced before it is acknowledged.
+    Always,
+    /// Records are fsynced at least every `fsync_interval_ms`; a power cut
+    /// may lose that window.
+    Interval,
+}
+
+/// What happens to an ordinary (non-durable) subscriber that falls behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// NATS behaviour: `-ERR 'Slow Consumer'` and disconnect.
+    Disconnect,
+    /// Drop the oldest queued messages and count them.
+    DropOldest,
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// Run the bus's NATS endpoint (the in-process bus always runs).
+    pub enabled: bool,
+    /// NATS endpoint on loopback. Default `127.0.0.1:4222` (the NATS port);
+    /// with `--state-dir`, an ephemeral port.
+    pub listen: Option<SocketAddr>,
+    /// Optional Unix socket for the NATS endpoint.
+    pub unix_socket: Option<PathBuf>,
+    /// Largest message payload, advertised in `INFO` (bytes, 1 KiB ..= 64 MiB).
+    pub max_payload: u32,
+    /// Concurrent NATS connections.
+    pub max_connections: u32,
+    /// Messages queued per subscriber before the slow-consumer policy applies.
+    pub subscriber_queue: u32,
+    /// See [`SlowConsumerPolicy`].
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Subjects (patterns) whose messages are written to the durable log.
+    pub durable_subjects: Vec<String>,
+    /// Durability of the log.
+    pub fsync: FsyncMode,
+    /// Interval for [`FsyncMode::Interval`] (1 ..= 60000 ms).
+    pub fsync_interval_ms: u64,
+    /// Drop durable messages older than this (seconds, 0 = keep by age forever).
+    pub retention_secs: u64,
+    /// Keep the durable log under this many bytes (oldest segments go first).
+    pub retention_bytes: u64,
+    /// `system.heartbeat` period in seconds.
+    pub heartbeat_secs: u64,
+    /// Attempts for an in-process handler before its message is dead-lettered.
+    pub dlq_max_attempts: u32,
+    /// First retry delay; doubles with each attempt (ms).
+    pub dlq_backoff_ms: u64,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+            unix_socket: None,
+            max_payload: 1024 * 1024,
+            max_connections: 256,
+            subscriber_queue: 8192,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            durable_subjects: vec!["storage.>".into(), "sync.>".into(), "system.>".into()],
+            fsync: FsyncMode::Interval,
+            fsync_interval_ms: 100,
+            retention_secs: 30 * 24 * 3600,
+            retention_bytes: 1024 * 1024 * 1024,
+            heartbeat_secs: 10,
+            dlq_max_attempts: 5,
+            dlq_backoff_ms: 100,
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Run the cache's RESP endpoint (the in-process cache always runs).
+    pub enabled: bool,
+    /// RESP endpoint on loopback. Default `127.0.0.1:6379` (the Redis port,
+    /// so stock clients need no flags); with `--state-dir`, an ephemeral port.
+    pub listen: Option<SocketAddr>,
+    /// Optional Unix socket for the RESP endpoint.
+    pub unix_socket: Option<PathBuf>,
+    /// Memory bound: keys, values and overhead (bytes, at least 1 MiB).
+    pub max_bytes: u64,
+    /// Largest value a put accepts (bytes).
+    pub max_value_bytes: u64,
+    /// TTL of agent responses put without one (seconds; 0 = no expiry).
+    pub default_ttl_secs: u64,
+    /// Per-agent TTL overrides in seconds.
+    pub agent_ttl_secs: std::collections::BTreeMap<String, u64>,
+    /// Durability of the cache's log.
+    pub fsync: FsyncMode,
+    /// Interval for [`FsyncMode::Interval`] (1 ..= 60000 ms).
+    pub fsync_interval_ms: u64,
+    /// Concurrent RESP connections.
+    pub max_connections: u32,
+    /// `cache.stats` on the bus every this many seconds.
+    pub stats_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+            unix_socket: None,
+            max_bytes: 256 * 1024 * 1024,
+            max_value_bytes: 8 * 1024 * 1024,
+            default_ttl_secs: 24 * 3600,
+            agent_ttl_secs: std::collections::BTreeMap::new(),
+            fsync: FsyncMode::Interval,
+            fsync_interval_ms: 100,
+            max_connections: 1024,
+            stats_secs: 10,
+        }
+    }
+}
+
+/// Production NATS endpoint port.
+pub const DEFAULT_NATS_PORT: u16 = 4222;
+
+/// Production RESP endpoint port.
+pub const DEFAULT_RESP_PORT: u16 = 6379;
+
 /// A configuration error that names the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -307,7 +448,11 @@ impl Config {
                 format!("{} is outside 1..=60", self.shutdown.timeout_secs),
             ));
         }
+        self.validate_bus()?;
+        self.validate_cache()?;
         for (key, p) in [
+            ("bus.unix_socket", self.bus.unix_socket.as_deref()),
+            ("cache.unix_socket", self.cache.unix_socket.as_deref()),
             ("control.socket", self.control.socket.as_deref()),
             ("paths.data_dir", self.paths.data_dir.as_deref()),
             ("paths.log_dir", self.paths.log_dir.as_deref()),
@@ -323,6 +468,77 @@ impl Config {
                         format!("{} is not an absolute path", p.display()),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_bus(&self) -> Result<(), ConfigError> {
+        let b = &self.bus;
+        check_loopback("bus.listen", b.listen)?;
+        check_range(
+            "bus.max_payload",
+            u64::from(b.max_payload),
+            1024,
+            64 * 1024 * 1024,
+        )?;
+        check_range(
+            "bus.max_connections",
+            u64::from(b.max_connections),
+            1,
+            65_536,
+        )?;
+        check_range(
+            "bus.subscriber_queue",
+            u64::from(b.subscriber_queue),
+            16,
+            10_000_000,
+        )?;
+        check_range("bus.fsync_interval_ms", b.fsync_interval_ms, 1, 60_000)?;
+        check_range(
+            "bus.retention_bytes",
+            b.retention_bytes,
+            1024 * 1024,
+            u64::MAX,
+        )?;
+        check_range("bus.heartbeat_secs", b.heartbeat_secs, 1, 3600)?;
+        check_range(
+            "bus.dlq_max_attempts",
+            u64::from(b.dlq_max_attempts),
+            1,
+            100,
+        )?;
+        check_range("bus.dlq_backoff_ms", b.dlq_backoff_ms, 1, 600_000)?;
+        for (i, pattern) in b.durable_subjects.iter().enumerate() {
+            if !plausible_pattern(pattern) {
+                return Err(ConfigError::new(
+                    format!("bus.durable_subjects[{i}]"),
+                    format!("{pattern:?} is not a subject pattern (dot-separated tokens, `*` or a final `>`)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_cache(&self) -> Result<(), ConfigError> {
+        let c = &self.cache;
+        check_loopback("cache.listen", c.listen)?;
+        check_range("cache.max_bytes", c.max_bytes, 1024 * 1024, u64::MAX)?;
+        check_range("cache.max_value_bytes", c.max_value_bytes, 1, c.max_bytes)?;
+        check_range("cache.fsync_interval_ms", c.fsync_interval_ms, 1, 60_000)?;
+        check_range(
+            "cache.max_connections",
+            u64::from(c.max_connections),
+            1,
+            65_536,
+        )?;
+        check_range("cache.stats_secs", c.stats_secs, 1, 3600)?;
+        for (agent, ttl) in &c.agent_ttl_secs {
+            if *ttl == 0 {
+                return Err(ConfigError::new(
+                    format!("cache.agent_ttl_secs.{agent}"),
+                    "must be at least 1 second",
+                ));
             }
         }
         Ok(())
@@ -347,7 +563,19 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))
             }
         });
+        let listen = |explicit: Option<SocketAddr>,
+                      enabled: bool,
+                      port: u16|
+         -> Option<SocketAddr> {
+            enabled.then(|| {
+                explicit.unwrap_or_else(|| {
+                    SocketAddr::from(([127, 0, 0, 1], if state_dir.is_some() { 0 } else { port }))
+                })
+            })
+        };
         Resolved {
+            bus_listen: listen(self.bus.listen, self.bus.enabled, DEFAULT_NATS_PORT),
+            cache_listen: listen(self.cache.listen, self.cache.enabled, DEFAULT_RESP_PORT),
             control_socket: pick(&self.control.socket, "control.sock", DEFAULT_CONTROL_SOCKET),
             data_dir: pick(&self.paths.data_dir, "data", DEFAULT_DATA_DIR),
             log_dir: pick(&self.paths.log_dir, "logs", DEFAULT_LOG_DIR),
@@ -368,8 +596,49 @@ pub struct Resolved {
     pub log_dir: PathBuf,
     /// Where metrics are served, if enabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the NATS endpoint listens, if enabled.
+    pub bus_listen: Option<SocketAddr>,
+    /// Where the RESP endpoint listens, if enabled.
+    pub cache_listen: Option<SocketAddr>,
     /// The validated file contents.
     pub config: Config,
+}
+
+fn check_loopback(key: &str, addr: Option<SocketAddr>) -> Result<(), ConfigError> {
+    match addr {
+        Some(a) if !a.ip().is_loopback() => Err(ConfigError::new(
+            key,
+            format!("{a} is not a loopback address; this endpoint has no authentication and serves only the box itself"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_range(key: &str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else if max == u64::MAX {
+        Err(ConfigError::new(
+            key,
+            format!("{v} is below the minimum of {min}"),
+        ))
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("{v} is outside {min}..={max}"),
+        ))
+    }
+}
+
+/// A cheap syntactic check of a subject pattern; the bus validates fully.
+fn plausible_pattern(p: &str) -> bool {
+    let tokens: Vec<&str> = p.split('.').collect();
+    !p.is_empty()
+        && tokens.iter().enumerate().all(|(i, t)| {
+            !t.is_empty()
+                && !t.chars().any(char::is_whitespace)
+                && (*t == "*" || (*t == ">" && i == tokens.len() - 1) || !t.contains(['*', '>']))
+        })
 }
 
 /// Extracts `foo` from serde's "missing field `foo`" message.
@@ -453,6 +722,41 @@ timeout_secs = 5
         assert_eq!(e.key, "paths.data_dir");
         let e = Config::from_toml("version = 1\n[shutdown]\ntimeout_secs = 0\n").unwrap_err();
         assert_eq!(e.key, "shutdown.timeout_secs");
+    }
+
+    #[test]
+    fn bus_and_cache_sections() {
+        let c = Config::from_toml(
+            "version = 1\n[bus]\nfsync = \"always\"\nslow_consumer = \"drop-oldest\"\ndurable_subjects = [\"a.*.b\", \"c.>\"]\n[cache]\nmax_bytes = 16777216\n[cache.agent_ttl_secs]\nsummariser = 60\n",
+        )
+        .unwrap();
+        assert_eq!(c.bus.fsync, FsyncMode::Always);
+        assert_eq!(c.bus.slow_consumer, SlowConsumerPolicy::DropOldest);
+        assert_eq!(c.cache.agent_ttl_secs.get("summariser"), Some(&60));
+        let e = Config::from_toml("version = 1\n[bus]\nfsync = \"sometimes\"\n").unwrap_err();
+        assert_eq!(e.key, "bus.fsync");
+        let e =
+            Config::from_toml("version = 1\n[bus]\ndurable_subjects = [\"ok.>\", \"bad..x\"]\n")
+                .unwrap_err();
+        assert_eq!(e.key, "bus.durable_subjects[1]");
+        let e =
+            Config::from_toml("version = 1\n[bus]\ndurable_subjects = [\"a.>.b\"]\n").unwrap_err();
+        assert_eq!(e.key, "bus.durable_subjects[0]");
+        let e =
+            Config::from_toml("version = 1\n[cache]\nlisten = \"192.168.1.2:6379\"\n").unwrap_err();
+        assert_eq!(e.key, "cache.listen");
+        let e = Config::from_toml("version = 1\n[cache]\nmax_value_bytes = 0\n").unwrap_err();
+        assert_eq!(e.key, "cache.max_value_bytes");
+        let e = Config::from_toml("version = 1\n[cache.agent_ttl_secs]\nx = 0\n").unwrap_err();
+        assert_eq!(e.key, "cache.agent_ttl_secs.x");
+        let e = Config::from_toml("version = 1\n[cache]\nmax_bytes = \"big\"\n").unwrap_err();
+        assert_eq!(e.key, "cache.max_bytes");
+        let r = Config::default().resolve(Some(Path::new("/s")));
+        assert_eq!(r.bus_listen.unwrap().port(), 0);
+        assert_eq!(r.cache_listen.unwrap().port(), 0);
+        let r = Config::default().resolve(None);
+        assert_eq!(r.bus_listen.unwrap().port(), DEFAULT_NATS_PORT);
+        assert_eq!(r.cache_listen.unwrap().port(), DEFAULT_RESP_PORT);
     }
 
     #[test]
