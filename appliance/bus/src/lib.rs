@@ -1,1 +1,4 @@
-//! appliance-bus (skeleton; being written).
+//! appliance-bus (being written).
+
+pub mod proto;
+pub mod subject;
