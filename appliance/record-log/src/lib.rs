@@ -133,7 +133,7 @@ pub use error::{Error, Result};
 pub use frame::{DamageReason, FORMAT_MAX_PAYLOAD};
 pub use log::{
     now_ms, Appended, Damage, DamageKind, FsyncPolicy, Log, LogOptions, LogStats, LostRecords,
-    RecoveryReport, Retention, RetentionReport,
+    PendingSync, RecoveryReport, Retention, RetentionReport,
 };
 pub use read::{LogIter, Record};
 

@@ -296,6 +296,22 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// An fsync taken out of a [`Log`] by [`Log::take_pending_sync`].
+#[derive(Debug)]
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// `fdatasync`s the segment.
+    pub fn run(self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(io_err("fdatasync segment", &self.path))
+    }
+}
+
 /// An append-only, segmented record log in one directory. See the crate docs.
 #[derive(Debug)]
 pub struct Log {
@@ -793,6 +809,32 @@ impl Log {
         self.dirty = false;
         self.last_sync = Instant::now();
         Ok(())
+    }
+
+    /// Hands out the fsync of everything appended so far, to run without
+    /// holding the `Log` (for a writer that keeps the log behind a mutex and
+    /// must not block appenders during `fdatasync`). Marks the log clean;
+    /// appends made after this call are not covered by the returned handle.
+    /// If [`PendingSync::run`] fails, call [`Log::poison`].
+    pub fn take_pending_sync(&mut self) -> Result<Option<PendingSync>> {
+        self.check_writable()?;
+        if !self.dirty {
+            return Ok(None);
+        }
+        let path = self.active_segment().path.clone();
+        let file = self
+            .active
+            .try_clone()
+            .map_err(io_err("dup segment for fsync", &path))?;
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(Some(PendingSync { file, path }))
+    }
+
+    /// Refuses all further writes (see [`Error::Poisoned`]). For callers whose
+    /// [`PendingSync::run`] failed.
+    pub fn poison(&mut self, reason: impl Into<String>) {
+        self.poisoned.get_or_insert_with(|| reason.into());
     }
 
     /// With `FsyncPolicy::Interval(d)`: syncs if there are unsynced appends

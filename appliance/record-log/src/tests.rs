@@ -712,3 +712,22 @@ fn compaction_preserves_numbering_across_reopen_with_damage() {
     assert_eq!(seqs(&log), vec![5, 10, 15, 20, 25, 30, 35, 40]);
     assert_eq!(log.append(b"x").unwrap().seq, 41);
 }
+
+#[test]
+fn pending_sync_outside_the_log_and_poison() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+    assert!(log.take_pending_sync().unwrap().is_none());
+    log.append(b"a").unwrap();
+    let ps = log.take_pending_sync().unwrap().unwrap();
+    assert!(!log.stats().dirty);
+    log.append(b"b").unwrap(); // appends go on meanwhile
+    ps.run().unwrap();
+    assert!(log.stats().dirty, "the later append is not covered");
+    log.poison("simulated fsync failure");
+    assert!(matches!(log.append(b"c"), Err(Error::Poisoned { .. })));
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert!(rep.is_clean());
+    assert_eq!(seqs(&log), vec![1, 2]);
+}
