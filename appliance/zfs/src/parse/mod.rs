@@ -30,7 +30,7 @@ pub const MAX_OUTPUT_BYTES: usize = 32 * 1024 * 1024;
 pub const MAX_VDEV_DEPTH: usize = 16;
 
 /// Why some output could not be parsed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     /// The output was larger than [`MAX_OUTPUT_BYTES`].
     #[error("{what}: output of {len} bytes exceeds the {limit}-byte limit")]
