@@ -7,9 +7,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use std::cell::Cell;
+
 use crate::clock::{duration_ms, Clock, SystemClock};
 use crate::key::{parse_md5_hex, Request};
-use crate::store::{AgentLookup, AgentOwner, Change, Entry, Key, Store, StoreError, StoreLimits};
+use crate::persist::{Fsync, LoadReport, PersistConfig, PersistError, Persistence};
+use crate::store::{AgentLookup, AgentOwner, Entry, Key, Store, StoreError, StoreLimits};
 
 /// Default total byte bound of the memory tier: 256 MiB.
 pub const DEFAULT_CAPACITY_BYTES: usize = 256 << 20;
@@ -61,6 +64,20 @@ pub enum CacheError {
     /// not be acknowledged to a client.
     #[error("cache persistence failed: {0}")]
     Persist(String),
+}
+
+#[allow(clippy::needless_pass_by_value)] // shaped for `map_err`
+fn persist_error(e: PersistError) -> CacheError {
+    CacheError::Persist(e.to_string())
+}
+
+/// What one [`Cache::maintenance`] pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Maintenance {
+    /// Expired entries dropped.
+    pub purged: usize,
+    /// The compaction run, if one was due.
+    pub compaction: Option<appliance_record_log::CompactionReport>,
 }
 
 /// A snapshot of the statistics.
@@ -120,19 +137,6 @@ pub struct PutItem<'a> {
     pub ttl: Option<Duration>,
 }
 
-/// Receives every applied mutation, in order, while the cache lock is held.
-///
-/// The persistence layer implements this; `append` must only buffer or write
-/// (it runs under the lock), and [`Journal::commit`] is called after the lock
-/// is released to make the writes durable per the fsync policy before the
-/// caller is acknowledged.
-pub trait Journal: Send + Sync + std::fmt::Debug {
-    /// Record changes in order. An error refuses the operation.
-    fn append(&self, changes: &[Change]) -> Result<(), String>;
-    /// Make appended changes durable according to the policy.
-    fn commit(&self) -> Result<(), String>;
-}
-
 /// The agent response cache. Cheap to share behind an `Arc`; every method
 /// takes `&self`.
 #[derive(Debug)]
@@ -140,7 +144,15 @@ pub struct Cache {
     store: Mutex<Store>,
     clock: Arc<dyn Clock>,
     config: CacheConfig,
-    journal: Option<Arc<dyn Journal>>,
+    persist: Option<Persistence>,
+}
+
+thread_local! {
+    /// Set while a [`Cache::deferring`] closure runs on this thread: mutations
+    /// append to the log but leave the durable commit to the closure's end.
+    static DEFER_COMMIT: Cell<bool> = const { Cell::new(false) };
+    /// Set when a deferred mutation appended to the log.
+    static DEFERRED_APPENDS: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Cache {
@@ -159,25 +171,103 @@ impl Cache {
             store: Mutex::new(Store::new(limits, false)),
             clock,
             config,
-            journal: None,
+            persist: None,
         }
     }
 
-    /// A cache whose mutations go to `journal`, starting from `store`
-    /// (already loaded, with journalling enabled).
-    #[allow(dead_code)] // used by the persistence layer
-    pub(crate) fn with_journal(
+    /// A persistent cache on the system clock: opens (or creates) the log in
+    /// `persist.dir` and replays it.
+    pub fn open(
         config: CacheConfig,
+        persist: PersistConfig,
+    ) -> Result<(Self, LoadReport), PersistError> {
+        Self::open_with_clock(config, persist, Arc::new(SystemClock))
+    }
+
+    /// [`Cache::open`] on the given clock.
+    pub fn open_with_clock(
+        config: CacheConfig,
+        persist: PersistConfig,
         clock: Arc<dyn Clock>,
-        store: Store,
-        journal: Arc<dyn Journal>,
-    ) -> Self {
-        Self {
-            store: Mutex::new(store),
-            clock,
-            config,
-            journal: Some(journal),
+    ) -> Result<(Self, LoadReport), PersistError> {
+        let limits = StoreLimits {
+            capacity_bytes: config.capacity_bytes,
+            max_value_bytes: config.max_value_bytes,
+        };
+        let mut store = Store::new(limits, false);
+        let (persistence, report) = Persistence::open(persist, &mut store, clock.now_ms())?;
+        store.set_journal(true);
+        tracing::info!(
+            entries = report.entries,
+            records = report.records_read,
+            expired = report.expired,
+            elapsed_ms = crate::clock::duration_ms(report.elapsed),
+            bytes_lost = report.recovery.bytes_lost(),
+            records_lost_at_least = report.recovery.records_lost_at_least(),
+            undecodable = report.undecodable,
+            "cache loaded from its log"
+        );
+        Ok((
+            Self {
+                store: Mutex::new(store),
+                clock,
+                config,
+                persist: Some(persistence),
+            },
+            report,
+        ))
+    }
+
+    /// The persistence layer, if the cache has one.
+    pub fn persistence(&self) -> Option<&Persistence> {
+        self.persist.as_ref()
+    }
+
+    /// Whether a commit can block on `fdatasync` (persistent with `Always`).
+    pub fn commit_blocks(&self) -> bool {
+        self.persist
+            .as_ref()
+            .is_some_and(|p| p.fsync() == Fsync::Always)
+    }
+
+    /// Run `f` with durable commits deferred to its end: the mutations inside
+    /// are appended to the log as usual, and one commit (one `fdatasync` under
+    /// `Always`) covers them all. The second result is that commit's; when it
+    /// is an error, none of the mutations inside may be acknowledged.
+    pub fn deferring<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
+        let was = DEFER_COMMIT.with(|d| d.replace(true));
+        let out = f();
+        DEFER_COMMIT.with(|d| d.set(was));
+        if was {
+            return (out, Ok(()));
         }
+        let appended = DEFERRED_APPENDS.with(|d| d.replace(false));
+        let done = match self.persist.as_ref() {
+            // A batch that wrote nothing does not wait for others' fsyncs.
+            Some(p) if appended => p.commit().map_err(persist_error),
+            _ => Ok(()),
+        };
+        (out, done)
+    }
+
+    /// Periodic upkeep: purge expired entries, sync under `Interval`, and
+    /// compact the log when its garbage passes the threshold. Blocking (it
+    /// may `fdatasync` and rewrite the log): run it on a blocking thread.
+    pub fn maintenance(&self) -> Result<Maintenance, CacheError> {
+        let purged = self.purge_expired()?;
+        let mut out = Maintenance {
+            purged,
+            compaction: None,
+        };
+        if let Some(p) = self.persist.as_ref() {
+            p.commit().map_err(persist_error)?;
+            if p.needs_compaction(self.len() as u64) {
+                out.compaction = p
+                    .compact(&self.store, self.clock.now_ms())
+                    .map_err(persist_error)?;
+            }
+        }
+        Ok(out)
     }
 
     /// The configuration in force.
@@ -201,7 +291,7 @@ impl Cache {
     /// result is returned even when persisting fails, with the error beside it.
     fn apply<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> (T, Result<(), CacheError>) {
         let now = self.clock.now_ms();
-        let Some(journal) = self.journal.as_ref() else {
+        let Some(persist) = self.persist.as_ref() else {
             return (f(&mut self.lock(), now), Ok(()));
         };
         let (out, appended) = {
@@ -211,12 +301,18 @@ impl Cache {
             let appended = if changes.is_empty() {
                 Ok(())
             } else {
-                journal.append(&changes).map_err(CacheError::Persist)
+                persist.append(&changes, now).map_err(persist_error)
             };
             (out, appended)
         };
-        let done = appended.and_then(|()| journal.commit().map_err(CacheError::Persist));
-        (out, done)
+        if appended.is_err() {
+            return (out, appended);
+        }
+        if DEFER_COMMIT.with(Cell::get) {
+            DEFERRED_APPENDS.with(|d| d.set(true));
+            return (out, appended);
+        }
+        (out, persist.commit().map_err(persist_error))
     }
 
     /// A mutation: fails if it could not be made durable. The memory tier

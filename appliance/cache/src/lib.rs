@@ -11,6 +11,29 @@
 //!   sans-IO, the current time is an argument.
 //! - [`Cache`]: the thread-safe in-process API over a `Store` (one mutex; every
 //!   critical section is a hash lookup or an insert plus evictions).
+//! - [`persist`]: every mutation as a postcard record in an
+//!   `appliance-record-log`; replay on open with a [`LoadReport`]; group
+//!   commit under `fsync: always`; background compaction.
+//! - [`resp`]: the sans-IO RESP2/RESP3 codec with hard limits.
+//! - [`commands`]: one frame in, one reply out (GET/SET/…/AGENT.*).
+//! - [`server`]: the thin tokio adapter (`serve`, `serve_unix`,
+//!   `maintenance_loop`).
+//! - `appliance-cache-server` (binary): a stand-alone endpoint for benchmarks,
+//!   the kill -9 test and redis-cli; the appliance serves from `applianced`.
+//!
+//! ## Using it from the daemon
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use appliance_cache::{Cache, CacheConfig, PersistConfig, ServerConfig};
+//! let (cache, report) = Cache::open(CacheConfig::default(), PersistConfig::new("/var/lib/appliance/cache"))?;
+//! let cache = Arc::new(cache);
+//! cache.put(b"agent-1", b"What is RAID-Z2?", b"", "Two-disk parity.", None)?;
+//! assert!(cache.get(b"agent-1", b"What is RAID-Z2?", b"").is_some());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:6379").await?;
+//! appliance_cache::serve(listener, cache.clone(), ServerConfig::default(), std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
 //!
 //! ## Key encoding (format version 1)
 //! A request is three byte strings: the agent id `A`, the prompt `P` and the
@@ -74,15 +97,17 @@ pub mod cache;
 pub mod clock;
 pub mod commands;
 pub mod key;
+pub mod persist;
 pub mod resp;
 pub mod server;
 pub mod store;
 
 pub use cache::{
-    Cache, CacheConfig, CacheError, CacheStats, Journal, KeyTtl, PutItem, SetCondition,
+    Cache, CacheConfig, CacheError, CacheStats, KeyTtl, Maintenance, PutItem, SetCondition,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use key::{md5_hex, parse_md5_hex, Digests, Request};
+pub use persist::{Fsync, LoadReport, PersistConfig, PersistError, PersistStats};
 pub use resp::{Limits, Protocol, ProtocolError};
-pub use server::{serve, serve_unix, ServerConfig};
+pub use server::{maintenance_loop, serve, serve_unix, ServerConfig};
 pub use store::{AgentOwner, Change, Entry, Key, StoreError};

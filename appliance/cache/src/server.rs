@@ -32,8 +32,10 @@ pub struct ServerConfig {
     /// Most simultaneous connections; more are told so and closed. 1024:
     /// each costs a task and a buffer, and the box's clients are a few services.
     pub max_connections: usize,
-    /// How often expired entries are purged in the background.
-    pub purge_interval: Duration,
+    /// How often [`Cache::maintenance`] runs (purge expired entries, sync
+    /// under `Interval`, compact). 100 ms: the default `Interval` fsync
+    /// window is bounded by the log's own check on every commit plus this.
+    pub maintenance_interval: Duration,
     /// How long shutdown waits for connections to finish their current batch.
     pub shutdown_grace: Duration,
 }
@@ -43,7 +45,7 @@ impl Default for ServerConfig {
         Self {
             limits: Limits::default(),
             max_connections: 1024,
-            purge_interval: Duration::from_secs(1),
+            maintenance_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -105,9 +107,9 @@ where
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = JoinSet::new();
-    tasks.spawn(purge_loop(
+    tasks.spawn(maintenance_loop(
         cache.clone(),
-        config.purge_interval,
+        config.maintenance_interval,
         stop_rx.clone(),
     ));
     tokio::pin!(shutdown);
@@ -154,17 +156,60 @@ where
     Ok(())
 }
 
-async fn purge_loop(cache: Arc<Cache>, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Run [`Cache::maintenance`] every `every` on a blocking thread until
+/// `stop` changes. `serve` runs one; a daemon using the cache without the
+/// RESP endpoint runs its own.
+pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = cache.purge_expired() {
-                    tracing::warn!(error = %e, "cache: purge of expired entries not persisted");
+                let c = cache.clone();
+                match tokio::task::spawn_blocking(move || c.maintenance()).await {
+                    Ok(Ok(m)) => {
+                        if let Some(r) = m.compaction {
+                            tracing::info!(?r, "cache log compacted");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cache maintenance failed"),
+                    Err(e) => tracing::warn!(error = %e, "cache maintenance task failed"),
                 }
             }
             _ = stop.changed() => return,
+        }
+    }
+}
+
+fn multi_thread() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Decode and execute every complete frame in `buf`, encoding replies into
+/// `out`. Returns whether the connection must close after writing them.
+fn decode_and_run(
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    cache: &Cache,
+    session: &mut Session,
+    out: &mut BytesMut,
+) -> bool {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Some(frame)) => {
+                let outcome = execute(cache, session, frame);
+                encode(&outcome.reply, session.protocol, out);
+                if outcome.close {
+                    return true;
+                }
+            }
+            Ok(None) => return false,
+            Err(e) => {
+                let reply = Reply::err(format!("Protocol error: {e}"));
+                encode(&reply, session.protocol, out);
+                return true;
+            }
         }
     }
 }
@@ -198,25 +243,20 @@ where
             // EOF; a partial frame (truncated input) is simply dropped.
             return Ok(());
         }
-        let mut close = false;
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    let outcome = execute(cache, &mut session, frame);
-                    encode(&outcome.reply, session.protocol, &mut out);
-                    if outcome.close {
-                        close = true;
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let reply = Reply::err(format!("Protocol error: {e}"));
-                    encode(&reply, session.protocol, &mut out);
-                    close = true;
-                    break;
-                }
-            }
+        let mut process = || {
+            cache
+                .deferring(|| decode_and_run(&mut decoder, &mut buf, cache, &mut session, &mut out))
+        };
+        let (close, committed) = if cache.commit_blocks() && multi_thread() {
+            // fdatasync ahead: keep this worker's other tasks moving.
+            tokio::task::block_in_place(process)
+        } else {
+            process()
+        };
+        if let Err(e) = committed {
+            // Nothing in this batch is durable: acknowledge none of it.
+            tracing::warn!(error = %e, "cache RESP: commit failed, dropping connection");
+            return Err(io::Error::other(e.to_string()));
         }
         if !out.is_empty() {
             stream.write_all(&out).await?;

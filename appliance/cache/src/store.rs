@@ -208,6 +208,16 @@ impl Store {
         self.counters
     }
 
+    /// Start or stop recording mutations (off while replaying the log).
+    pub fn set_journal(&mut self, on: bool) {
+        self.journal = on.then(Vec::new);
+    }
+
+    /// Zero the event counters (after replaying the log at start-up).
+    pub fn reset_counters(&mut self) {
+        self.counters = Counters::default();
+    }
+
     /// Drain the mutations recorded since the last call.
     pub fn take_journal(&mut self) -> Vec<Change> {
         self.journal
@@ -378,6 +388,12 @@ impl Store {
         if !self.ensure_live(key, now) {
             return false;
         }
+        self.take(key).is_some()
+    }
+
+    /// Delete `key` whether or not it has expired, counting nothing (log
+    /// replay); returns whether it was there.
+    pub fn discard(&mut self, key: &Key) -> bool {
         self.take(key).is_some()
     }
 

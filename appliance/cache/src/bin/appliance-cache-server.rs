@@ -1,0 +1,98 @@
+//! Stand-alone RESP endpoint over a persistent cache: for benchmarks, the
+//! kill -9 durability test and manual poking with redis-cli. The appliance
+//! itself serves the cache from `applianced`.
+//!
+//! ```text
+//! appliance-cache-server --listen 127.0.0.1:7379 --dir /tmp/cache-log \
+//!     [--fsync always|interval:MS] [--capacity-bytes N] [--max-value-bytes N]
+//! ```
+//! Prints `listening on ADDR` once bound; stops on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use appliance_cache::{serve, Cache, CacheConfig, Fsync, PersistConfig, ServerConfig};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "RESP endpoint over a persistent appliance cache")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7379")]
+    listen: SocketAddr,
+    /// Log directory; without it the cache is memory-only.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// `always` or `interval:MS`.
+    #[arg(long, default_value = "always")]
+    fsync: String,
+    /// Memory bound in bytes.
+    #[arg(long, default_value_t = appliance_cache::cache::DEFAULT_CAPACITY_BYTES)]
+    capacity_bytes: usize,
+    /// Largest value in bytes.
+    #[arg(long, default_value_t = appliance_cache::cache::DEFAULT_MAX_VALUE_BYTES)]
+    max_value_bytes: usize,
+}
+
+fn parse_fsync(s: &str) -> anyhow::Result<Fsync> {
+    if s == "always" {
+        return Ok(Fsync::Always);
+    }
+    if let Some(ms) = s.strip_prefix("interval:") {
+        return Ok(Fsync::IntervalMs(
+            ms.parse().context("interval milliseconds")?,
+        ));
+    }
+    bail!("--fsync must be `always` or `interval:MS`, not {s:?}")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = CacheConfig {
+        capacity_bytes: args.capacity_bytes,
+        max_value_bytes: args.max_value_bytes,
+        ..CacheConfig::default()
+    };
+    let cache = match &args.dir {
+        Some(dir) => {
+            let mut p = PersistConfig::new(dir);
+            p.fsync = parse_fsync(&args.fsync)?;
+            let (cache, report) = Cache::open(config, p)
+                .with_context(|| format!("opening the cache log in {}", dir.display()))?;
+            eprintln!(
+                "loaded {} entries from {} records in {:?} ({} bytes lost, at least {} records lost, {} expired)",
+                report.entries,
+                report.records_read,
+                report.elapsed,
+                report.recovery.bytes_lost(),
+                report.recovery.records_lost_at_least(),
+                report.expired
+            );
+            cache
+        }
+        None => Cache::new(config),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    let shutdown = async {
+        let terminate = tokio::signal::unix::SignalKind::terminate();
+        let Ok(mut term) = tokio::signal::unix::signal(terminate) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    serve(listener, Arc::new(cache), ServerConfig::default(), shutdown).await?;
+    Ok(())
+}

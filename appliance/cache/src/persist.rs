@@ -1,0 +1,454 @@
+//! Persistence: every applied mutation as a postcard record in an
+//! `appliance-record-log`, replayed on start-up and compacted in the
+//! background.
+//!
+//! ## Records
+//! Each log record's payload is the postcard encoding of [`Rec`]: variant 0
+//! `Put { key, value, expires_at, owner }` (the whole entry, so a put is an
+//! idempotent assignment) or variant 1 `Remove { key }` (delete, eviction or
+//! expiry). Keys are variant 0 `Agent([u8; 16])` or 1 `Plain(bytes)`.
+//! Replaying the records in order rebuilds the memory tier; entries whose
+//! expiry has passed by then are dropped and counted.
+//!
+//! ## Ordering and durability
+//! Records are appended (a `write(2)` into the page cache) while the cache
+//! lock is held, so the log order is the order in which mutations were
+//! applied. Making them durable happens after the cache lock is released:
+//! - `Always`: `fdatasync` before the caller is acknowledged. Concurrent
+//!   writers share one `fdatasync` (the record log skips the call when nothing
+//!   is unsynced), and the RESP server defers the commit to the end of each
+//!   pipelined batch, so one batch costs one `fdatasync`.
+//! - `Interval(d)`: the caller is acknowledged after the `write(2)` (the record
+//!   survives a crash of the process); `fdatasync` runs at most `d` later,
+//!   from the commit path or the maintenance timer.
+//!
+//! ## Compaction
+//! When the log holds more dead records than live entries times
+//! `compact_garbage_ratio` (and at least `compact_min_garbage` of them), a
+//! compaction starts: under both locks (cache, then log: the only lock order)
+//! the log seals its active segment and the live entries are cloned; then,
+//! without locks, the entries are written as the new generation's records
+//! (numbered 1..=n in LRU order, below the boundary since every live entry
+//! came from a distinct earlier record), and the record log switches to the
+//! new generation with one `rename(2)` after everything is fsynced. Writes go
+//! on meanwhile and land above the boundary. A crash at any point leaves
+//! either the old or the new generation, both complete.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use appliance_record_log::{CompactionReport, FsyncPolicy, Log, LogOptions, RecoveryReport};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{AgentOwner, Change, Entry, Key, Store};
+
+/// When writes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// `fdatasync` before acknowledging.
+    Always,
+    /// `fdatasync` at most this often (milliseconds).
+    IntervalMs(u64),
+}
+
+/// Persistence settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersistConfig {
+    /// The log directory (created if missing; locked while open).
+    pub dir: PathBuf,
+    /// Durability policy.
+    pub fsync: Fsync,
+    /// Compact when dead records exceed live entries times this (default 1.0:
+    /// the log is at most about twice its live size plus the minimum).
+    pub compact_garbage_ratio: f64,
+    /// ... and there are at least this many dead records (default 10,000, so a
+    /// small cache does not compact on every maintenance tick).
+    pub compact_min_garbage: u64,
+    /// Segment size of the record log (default 64 MiB).
+    pub segment_max_bytes: u64,
+}
+
+impl PersistConfig {
+    /// Defaults for a directory: `Always`, ratio 1.0, 10,000 records, 64 MiB.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            fsync: Fsync::Always,
+            compact_garbage_ratio: 1.0,
+            compact_min_garbage: 10_000,
+            segment_max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Largest record: a maximal value plus a maximal prompt fit, with room.
+const MAX_RECORD_BYTES: u32 = 64 << 20;
+
+/// Errors of the persistence layer.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The record log failed (names the operation and path).
+    #[error("cache log: {0}")]
+    Log(#[from] appliance_record_log::Error),
+    /// A record could not be encoded.
+    #[error("cache log: cannot encode a record: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+/// What start-up found.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Entries in the cache after loading.
+    pub entries: u64,
+    /// Log records read.
+    pub records_read: u64,
+    /// Entries dropped because they had expired while the cache was down.
+    pub expired: u64,
+    /// Records that passed their CRC but did not decode (another format
+    /// version); skipped.
+    pub undecodable: u64,
+    /// Time to open, recover and replay.
+    pub elapsed: Duration,
+    /// The record log's own report: damage found, bytes and records lost.
+    pub recovery: RecoveryReport,
+}
+
+impl LoadReport {
+    /// Nothing was lost.
+    pub fn is_clean(&self) -> bool {
+        self.recovery.is_clean() && self.undecodable == 0
+    }
+}
+
+/// Counters of the persistence layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistStats {
+    /// Records in the log.
+    pub log_records: u64,
+    /// Bytes of the log on disk.
+    pub log_bytes: u64,
+    /// Compactions finished since start-up.
+    pub compactions: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum RecKey<'a> {
+    Agent([u8; 16]),
+    Plain(#[serde(with = "serde_bytes", borrow)] Cow<'a, [u8]>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct RecOwner<'a> {
+    #[serde(with = "serde_bytes", borrow)]
+    agent: Cow<'a, [u8]>,
+    #[serde(with = "serde_bytes", borrow)]
+    prompt: Cow<'a, [u8]>,
+    #[serde(with = "serde_bytes", borrow)]
+    variant: Cow<'a, [u8]>,
+    sha256: [u8; 32],
+}
+
+/// The record payload (see the module docs).
+#[derive(Serialize, Deserialize)]
+enum Rec<'a> {
+    Put {
+        #[serde(borrow)]
+        key: RecKey<'a>,
+        #[serde(with = "serde_bytes", borrow)]
+        value: Cow<'a, [u8]>,
+        expires_at: Option<u64>,
+        #[serde(borrow)]
+        owner: Option<RecOwner<'a>>,
+    },
+    Remove {
+        #[serde(borrow)]
+        key: RecKey<'a>,
+    },
+}
+
+fn rec_key(key: &Key) -> RecKey<'_> {
+    match key {
+        Key::Agent(k) => RecKey::Agent(*k),
+        Key::Plain(k) => RecKey::Plain(Cow::Borrowed(k)),
+    }
+}
+
+fn encode_put(key: &Key, entry: &Entry) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(&Rec::Put {
+        key: rec_key(key),
+        value: Cow::Borrowed(&entry.value),
+        expires_at: entry.expires_at,
+        owner: entry.owner.as_ref().map(|o| RecOwner {
+            agent: Cow::Borrowed(&o.agent),
+            prompt: Cow::Borrowed(&o.prompt),
+            variant: Cow::Borrowed(&o.variant),
+            sha256: o.sha256,
+        }),
+    })
+}
+
+fn encode_change(change: &Change) -> Result<Vec<u8>, postcard::Error> {
+    match change {
+        Change::Put { key, entry } => encode_put(key, entry),
+        Change::Remove { key } => postcard::to_stdvec(&Rec::Remove { key: rec_key(key) }),
+    }
+}
+
+fn owned_key(k: RecKey<'_>) -> Key {
+    match k {
+        RecKey::Agent(k) => Key::Agent(k),
+        RecKey::Plain(k) => Key::Plain(k.into_owned().into_boxed_slice()),
+    }
+}
+
+/// Decode a payload into a change.
+fn decode(payload: &[u8]) -> Result<Change, postcard::Error> {
+    Ok(match postcard::from_bytes::<Rec<'_>>(payload)? {
+        Rec::Put {
+            key,
+            value,
+            expires_at,
+            owner,
+        } => Change::Put {
+            key: owned_key(key),
+            entry: Entry {
+                value: Bytes::from(value.into_owned()),
+                expires_at,
+                owner: owner.map(|o| {
+                    Arc::new(AgentOwner {
+                        agent: o.agent.into_owned().into_boxed_slice(),
+                        prompt: o.prompt.into_owned().into_boxed_slice(),
+                        variant: o.variant.into_owned().into_boxed_slice(),
+                        sha256: o.sha256,
+                    })
+                }),
+            },
+        },
+        Rec::Remove { key } => Change::Remove {
+            key: owned_key(key),
+        },
+    })
+}
+
+/// The log behind a cache.
+#[derive(Debug)]
+pub struct Persistence {
+    log: Mutex<Log>,
+    config: PersistConfig,
+    compacting: AtomicBool,
+    compactions: AtomicU64,
+}
+
+impl Persistence {
+    /// Open the log and replay it into `store` (whose journal must be off).
+    pub(crate) fn open(
+        config: PersistConfig,
+        store: &mut Store,
+        now_ms: u64,
+    ) -> Result<(Self, LoadReport), PersistError> {
+        let started = Instant::now();
+        let fsync = match config.fsync {
+            // Syncing is driven by `commit`, outside the cache lock; the log's
+            // own timer is never due.
+            Fsync::Always => FsyncPolicy::Interval(Duration::from_secs(u64::from(u32::MAX))),
+            Fsync::IntervalMs(ms) => FsyncPolicy::Interval(Duration::from_millis(ms)),
+        };
+        let opts = LogOptions {
+            segment_max_bytes: config.segment_max_bytes,
+            fsync,
+            max_payload_bytes: MAX_RECORD_BYTES,
+            ..LogOptions::default()
+        };
+        let (log, recovery) = Log::open(&config.dir, opts)?;
+        let mut report = LoadReport {
+            entries: 0,
+            records_read: 0,
+            expired: 0,
+            undecodable: 0,
+            elapsed: Duration::ZERO,
+            recovery,
+        };
+        for rec in log.iter()? {
+            let rec = rec?;
+            report.records_read += 1;
+            match decode(&rec.payload) {
+                Ok(Change::Put { key, entry }) => {
+                    // Refused entries (the limits shrank since) are dropped
+                    // like evictions; the next compaction forgets them.
+                    let _ = store.insert(key, entry, now_ms);
+                }
+                Ok(Change::Remove { key }) => {
+                    store.discard(&key);
+                }
+                Err(e) => {
+                    report.undecodable += 1;
+                    tracing::warn!(seq = rec.seq, error = %e, "cache log: undecodable record skipped");
+                }
+            }
+        }
+        store.purge_expired(now_ms);
+        report.expired = store.counters().expirations;
+        report.entries = store.len() as u64;
+        report.elapsed = started.elapsed();
+        store.reset_counters();
+        Ok((
+            Self {
+                log: Mutex::new(log),
+                config,
+                compacting: AtomicBool::new(false),
+                compactions: AtomicU64::new(0),
+            },
+            report,
+        ))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        // The log poisons itself on failed writes; a panicked holder leaves
+        // it consistent (every method restores its invariants before IO).
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The durability policy.
+    pub fn fsync(&self) -> Fsync {
+        self.config.fsync
+    }
+
+    /// Append changes in order (called with the cache lock held).
+    pub(crate) fn append(&self, changes: &[Change], now_ms: u64) -> Result<(), PersistError> {
+        let payloads = changes
+            .iter()
+            .map(encode_change)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.lock().append_batch_at(now_ms, payloads)?;
+        Ok(())
+    }
+
+    /// Make appended changes durable per the policy.
+    pub(crate) fn commit(&self) -> Result<(), PersistError> {
+        let mut log = self.lock();
+        match self.config.fsync {
+            Fsync::Always => log.sync()?,
+            Fsync::IntervalMs(_) => {
+                log.sync_if_due()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` now if anything is unsynced.
+    pub fn sync(&self) -> Result<(), PersistError> {
+        Ok(self.lock().sync()?)
+    }
+
+    /// Log size.
+    pub fn stats(&self) -> PersistStats {
+        let s = self.lock().stats();
+        PersistStats {
+            log_records: s.records,
+            log_bytes: s.bytes,
+            compactions: self.compactions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the garbage threshold is passed for `live` entries.
+    pub(crate) fn needs_compaction(&self, live: u64) -> bool {
+        let records = self.lock().stats().records;
+        let garbage = records.saturating_sub(live);
+        garbage >= self.config.compact_min_garbage
+            && garbage as f64 >= self.config.compact_garbage_ratio * live as f64
+    }
+
+    /// Compact: `begin` runs under the caller's cache lock and returns the
+    /// snapshot to write; see the module docs.
+    pub(crate) fn compact(
+        &self,
+        store: &Mutex<Store>,
+        now_ms: u64,
+    ) -> Result<Option<CompactionReport>, PersistError> {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let result = self.compact_inner(store, now_ms);
+        self.compacting.store(false, Ordering::Release);
+        result
+    }
+
+    fn compact_inner(
+        &self,
+        store: &Mutex<Store>,
+        now_ms: u64,
+    ) -> Result<Option<CompactionReport>, PersistError> {
+        let (mut plan, snapshot) = {
+            let store = store.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut log = self.lock();
+            let (plan, _replaced) = log.begin_compaction()?;
+            let snapshot: Vec<(Key, Entry)> = store
+                .iter()
+                .filter(|(_, e)| e.expires_at.is_none_or(|at| at > now_ms))
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            (plan, snapshot)
+        };
+        if snapshot.len() as u64 >= plan.boundary_seq() {
+            // Cannot happen while every entry came from its own record; refuse
+            // rather than write records out of range.
+            tracing::warn!("cache log: compaction skipped, more entries than records");
+            return Ok(None);
+        }
+        for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
+            plan.push_parts(seq, now_ms, &encode_put(key, entry)?)?;
+        }
+        let report = self.lock().finish_compaction(plan)?;
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let owner = Arc::new(AgentOwner {
+            agent: b"a".as_slice().into(),
+            prompt: b"p".as_slice().into(),
+            variant: b"".as_slice().into(),
+            sha256: [7; 32],
+        });
+        let changes = [
+            Change::Put {
+                key: Key::Agent([1; 16]),
+                entry: Entry {
+                    value: Bytes::from_static(b"resp"),
+                    expires_at: Some(99),
+                    owner: Some(owner),
+                },
+            },
+            Change::Put {
+                key: Key::Plain(b"k".as_slice().into()),
+                entry: Entry {
+                    value: Bytes::from_static(b"\x00\xff"),
+                    expires_at: None,
+                    owner: None,
+                },
+            },
+            Change::Remove {
+                key: Key::Plain(b"k".as_slice().into()),
+            },
+        ];
+        for c in &changes {
+            let bytes = encode_change(c).unwrap();
+            assert_eq!(&decode(&bytes).unwrap(), c);
+        }
+        // Pin the layout of the simplest record: variant 1, key variant 1,
+        // varint length 1, "k".
+        assert_eq!(encode_change(&changes[2]).unwrap(), vec![1, 1, 1, b'k']);
+        assert!(decode(&[9, 9]).is_err());
+    }
+}

@@ -1,0 +1,287 @@
+//! Persistence: reopen, expiry across restarts, corrupt tail and middle
+//! records, compaction, and kill -9 after an acknowledged SET.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance_cache::{
+    Cache, CacheConfig, Clock as _, Fsync, ManualClock, PersistConfig, SetCondition,
+};
+use bytes::Bytes;
+
+fn open(dir: &Path, clock: &Arc<ManualClock>) -> (Cache, appliance_cache::LoadReport) {
+    Cache::open_with_clock(
+        CacheConfig::default(),
+        PersistConfig::new(dir),
+        clock.clone(),
+    )
+    .unwrap()
+}
+
+/// The single segment file of a fresh (uncompacted) log.
+fn segment(dir: &Path) -> PathBuf {
+    let gen = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("gen-"))
+        .unwrap();
+    let mut segs: Vec<_> = std::fs::read_dir(gen)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    segs.pop().unwrap()
+}
+
+#[test]
+fn puts_deletes_and_expiries_survive_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    {
+        let (cache, report) = open(tmp.path(), &clock);
+        assert_eq!(report.entries, 0);
+        assert!(report.is_clean());
+        cache.put(b"a1", b"p1", b"", "r1", None).unwrap();
+        cache.put(b"a1", b"p2", b"v", "r2", None).unwrap();
+        cache
+            .put(b"a2", b"short", b"", "r3", Some(Duration::from_secs(5)))
+            .unwrap();
+        cache
+            .set_plain(b"k1", "v1", None, SetCondition::Always)
+            .unwrap();
+        cache
+            .set_plain(b"k2", "v2", None, SetCondition::Always)
+            .unwrap();
+        cache
+            .set_plain(
+                b"k3",
+                "v3",
+                Some(Duration::from_secs(60)),
+                SetCondition::Always,
+            )
+            .unwrap();
+        assert!(cache.del_plain(b"k2").unwrap());
+        assert!(cache.invalidate(b"a1", b"p2", b"v").unwrap());
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(cache.purge_expired().unwrap(), 1); // a2/short
+    }
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.entries, 3, "{report:?}");
+    assert_eq!(report.records_read, 9); // 6 puts, 2 deletes, 1 expiry
+    assert!(report.is_clean());
+    assert_eq!(cache.get(b"a1", b"p1", b""), Some(Bytes::from("r1")));
+    assert_eq!(cache.get(b"a1", b"p2", b"v"), None);
+    assert_eq!(cache.get(b"a2", b"short", b""), None);
+    assert_eq!(cache.get_plain(b"k1"), Some(Bytes::from("v1")));
+    assert_eq!(cache.get_plain(b"k2"), None);
+    assert!(matches!(
+        cache.ttl(b"k3"),
+        appliance_cache::KeyTtl::Remaining(54_000)
+    ));
+    // invalidate_agent works on loaded entries (the agent index is rebuilt).
+    assert_eq!(cache.invalidate_agent(b"a1").unwrap(), 1);
+    drop(cache);
+
+    // k3 expires while the cache is down: dropped and counted at load.
+    clock.advance(Duration::from_secs(120));
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.expired, 1);
+    assert_eq!(report.entries, 1);
+    assert_eq!(cache.get_plain(b"k3"), None);
+    assert_eq!(cache.get_plain(b"k1"), Some(Bytes::from("v1")));
+    // Load does not count as traffic.
+    assert_eq!(cache.stats().expirations, 0);
+}
+
+fn fill(dir: &Path, clock: &Arc<ManualClock>, n: usize) {
+    let (cache, _) = open(dir, clock);
+    for i in 0..n {
+        cache
+            .set_plain(
+                format!("key-{i}").as_bytes(),
+                vec![b'x'; 100],
+                None,
+                SetCondition::Always,
+            )
+            .unwrap();
+    }
+}
+
+fn present(cache: &Cache, n: usize) -> Vec<bool> {
+    (0..n)
+        .map(|i| cache.exists(format!("key-{i}").as_bytes()))
+        .collect()
+}
+
+#[test]
+fn torn_tail_loses_only_the_damaged_record_and_reports_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    fill(tmp.path(), &clock, 10);
+    let seg = segment(tmp.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    // Cut the last record in half, as a crash during the write would.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 60)
+        .unwrap();
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.entries, 9);
+    assert!(!report.is_clean());
+    assert!(report.recovery.bytes_lost() > 0);
+    assert_eq!(report.recovery.damage.len(), 1);
+    assert_eq!(
+        report.recovery.damage[0].kind,
+        appliance_record_log::DamageKind::TornTail
+    );
+    let mut expect = vec![true; 10];
+    expect[9] = false;
+    assert_eq!(present(&cache, 10), expect);
+    // The log is usable after repair.
+    cache
+        .set_plain(b"after", "1", None, SetCondition::Always)
+        .unwrap();
+    drop(cache);
+    let (cache, report) = open(tmp.path(), &clock);
+    assert!(report.is_clean());
+    assert_eq!(report.entries, 10);
+    assert!(cache.exists(b"after"));
+}
+
+#[test]
+fn corrupt_middle_record_loads_everything_before_and_reports_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    fill(tmp.path(), &clock, 10);
+    let seg = segment(tmp.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    // 10 equal-size records after an 8-byte header: flip a byte inside the
+    // payload of the 5th (index 4).
+    let rec = (len - 8) / 10;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&seg)
+        .unwrap();
+    f.seek(SeekFrom::Start(8 + 4 * rec + rec / 2)).unwrap();
+    f.write_all(&[0xA5]).unwrap();
+    drop(f);
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.entries, 4, "{report:?}");
+    assert_eq!(report.recovery.damage.len(), 1);
+    let d = &report.recovery.damage[0];
+    assert_eq!(d.kind, appliance_record_log::DamageKind::Corrupt);
+    // The damaged record and the five that still verify after it.
+    assert_eq!(report.recovery.records_lost_at_least(), 6);
+    assert_eq!(d.lost.seqs, Some(5..=10));
+    let mut expect = vec![false; 10];
+    expect[..4].fill(true);
+    assert_eq!(present(&cache, 10), expect);
+}
+
+#[test]
+fn compaction_keeps_the_state_and_shrinks_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let mut persist = PersistConfig::new(tmp.path());
+    persist.compact_min_garbage = 100;
+    persist.fsync = Fsync::IntervalMs(10);
+    let config = CacheConfig::default();
+    {
+        let (cache, _) =
+            Cache::open_with_clock(config.clone(), persist.clone(), clock.clone()).unwrap();
+        for round in 0..20 {
+            for i in 0..50 {
+                cache
+                    .set_plain(
+                        format!("k{i}").as_bytes(),
+                        format!("{round}"),
+                        None,
+                        SetCondition::Always,
+                    )
+                    .unwrap();
+            }
+        }
+        cache.put(b"agent", b"prompt", b"", "resp", None).unwrap();
+        let before = cache.persistence().unwrap().stats();
+        assert_eq!(before.log_records, 1001);
+        let m = cache.maintenance().unwrap();
+        let report = m.compaction.expect("garbage above threshold compacts");
+        assert_eq!(report.records_after, 51);
+        let after = cache.persistence().unwrap().stats();
+        assert_eq!(after.log_records, 51);
+        assert!(after.log_bytes < before.log_bytes / 5);
+        // Writes after compaction land in the new generation.
+        cache
+            .set_plain(b"k0", "final", None, SetCondition::Always)
+            .unwrap();
+        // Below the threshold: no compaction.
+        assert!(cache.maintenance().unwrap().compaction.is_none());
+    }
+    let (cache, report) = Cache::open_with_clock(config, persist, clock).unwrap();
+    assert!(report.is_clean());
+    assert_eq!(report.entries, 51);
+    assert_eq!(report.records_read, 52);
+    assert_eq!(cache.get_plain(b"k0"), Some(Bytes::from("final")));
+    assert_eq!(cache.get_plain(b"k49"), Some(Bytes::from("19")));
+    assert_eq!(
+        cache.get(b"agent", b"prompt", b""),
+        Some(Bytes::from("resp"))
+    );
+}
+
+#[test]
+fn kill_9_after_acknowledged_set_keeps_the_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_appliance-cache-server"))
+        .args(["--listen", "127.0.0.1:0", "--fsync", "always", "--dir"])
+        .arg(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+
+    let client = redis::Client::open(format!("redis://{addr}/")).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let () = redis::cmd("SET")
+        .arg("durable")
+        .arg("yes")
+        .query(&mut con)
+        .unwrap();
+    let () = redis::cmd("AGENT.SET")
+        .arg("agent")
+        .arg("prompt")
+        .arg("answer")
+        .query(&mut con)
+        .unwrap();
+
+    // SIGKILL: no destructors, no flush; only what was fsynced survives.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let clock = Arc::new(ManualClock::new(appliance_cache::SystemClock.now_ms()));
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.entries, 2);
+    assert_eq!(cache.get_plain(b"durable"), Some(Bytes::from("yes")));
+    assert_eq!(
+        cache.get(b"agent", b"prompt", b""),
+        Some(Bytes::from("answer"))
+    );
+}
