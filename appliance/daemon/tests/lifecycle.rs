@@ -50,6 +50,11 @@ fn ready_status_watchdog_and_graceful_stop() {
     assert!(comps
         .iter()
         .any(|c| c["name"] == "control" && c["state"] == "ready"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660, "control socket mode");
+    }
     let endpoints = &s["endpoints"];
     assert_eq!(endpoints["control"], d.socket().display().to_string());
     let metrics_addr = endpoints["metrics"].as_str().unwrap();
