@@ -2,6 +2,7 @@
 
 pub mod chunk;
 pub mod client;
+pub mod conn;
 pub mod frame;
 pub mod hash;
 pub mod limits;
@@ -14,6 +15,7 @@ pub use chunk::{digest_bytes, digest_reader, ChunkError, Chunker, FileDigest};
 pub use client::{
     ClientAction, ClientError, ClientUpload, DownloadCheck, DownloadStep, UploadStats,
 };
+pub use conn::{check_welcome, client_hello, ConnAction, Request, ServerConnection};
 pub use frame::{decode_payload, encode, encode_into, parse_header, FrameDecoder, FrameError};
 pub use hash::Hash;
 pub use manifest::{validate as validate_manifest, ValidManifest};

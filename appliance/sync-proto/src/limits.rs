@@ -80,3 +80,10 @@ pub const MAX_CHUNK_RETRIES: u32 = 3;
 /// A bad link may stall for tens of seconds; two minutes tolerates that while
 /// freeing the server's session and staging promptly for a vanished client.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Concurrent uploads one connection may have open. A fully sized upload
+/// session holds its manifest and two hash maps over its chunks (about 10 MiB
+/// at [`MAX_CHUNKS_PER_MANIFEST`]), so 8 bound the worst case to ~80 MiB per
+/// connection, while 8 files in flight already keep a fast link busy (each
+/// upload itself sends its chunks over parallel streams).
+pub const MAX_UPLOADS_PER_CONNECTION: u32 = 8;

@@ -197,6 +197,8 @@ pub enum WireError {
     Storage { detail: String },
     #[error("text field is {len} bytes; the limit is {max}")]
     TextTooLong { len: u64, max: u32 },
+    #[error("cancelled: {detail}")]
+    Cancelled { detail: String },
 }
 
 /// What is wrong with a manifest (beyond its path and size limits).
