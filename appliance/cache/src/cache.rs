@@ -151,8 +151,8 @@ thread_local! {
     /// Set while a [`Cache::deferring`] closure runs on this thread: mutations
     /// append to the log but leave the durable commit to the closure's end.
     static DEFER_COMMIT: Cell<bool> = const { Cell::new(false) };
-    /// Set when a deferred mutation appended to the log.
-    static DEFERRED_APPENDS: Cell<bool> = const { Cell::new(false) };
+    /// The last log record appended by deferred mutations (0: none).
+    static DEFERRED_TARGET: Cell<u64> = const { Cell::new(0) };
 }
 
 impl Cache {
@@ -241,10 +241,10 @@ impl Cache {
         if was {
             return (out, Ok(()));
         }
-        let appended = DEFERRED_APPENDS.with(|d| d.replace(false));
+        let target = DEFERRED_TARGET.with(|d| d.replace(0));
         let done = match self.persist.as_ref() {
             // A batch that wrote nothing does not wait for others' fsyncs.
-            Some(p) if appended => p.commit().map_err(persist_error),
+            Some(p) if target > 0 => p.commit(target).map_err(persist_error),
             _ => Ok(()),
         };
         (out, done)
@@ -260,7 +260,7 @@ impl Cache {
             compaction: None,
         };
         if let Some(p) = self.persist.as_ref() {
-            p.commit().map_err(persist_error)?;
+            p.sync_if_due().map_err(persist_error)?;
             if p.needs_compaction(self.len() as u64) {
                 out.compaction = p
                     .compact(&self.store, self.clock.now_ms())
@@ -299,20 +299,25 @@ impl Cache {
             let out = f(&mut store, now);
             let changes = store.take_journal();
             let appended = if changes.is_empty() {
-                Ok(())
+                Ok(None)
             } else {
-                persist.append(&changes, now).map_err(persist_error)
+                persist
+                    .append(&changes, now)
+                    .map(Some)
+                    .map_err(persist_error)
             };
             (out, appended)
         };
-        if appended.is_err() {
-            return (out, appended);
-        }
+        let target = match appended {
+            Ok(Some(t)) => t,
+            Ok(None) => return (out, Ok(())),
+            Err(e) => return (out, Err(e)),
+        };
         if DEFER_COMMIT.with(Cell::get) {
-            DEFERRED_APPENDS.with(|d| d.set(true));
-            return (out, appended);
+            DEFERRED_TARGET.with(|d| d.set(d.get().max(target)));
+            return (out, Ok(()));
         }
-        (out, persist.commit().map_err(persist_error))
+        (out, persist.commit(target).map_err(persist_error))
     }
 
     /// A mutation: fails if it could not be made durable. The memory tier

@@ -14,10 +14,12 @@
 //! Records are appended (a `write(2)` into the page cache) while the cache
 //! lock is held, so the log order is the order in which mutations were
 //! applied. Making them durable happens after the cache lock is released:
-//! - `Always`: `fdatasync` before the caller is acknowledged. Concurrent
-//!   writers share one `fdatasync` (the record log skips the call when nothing
-//!   is unsynced), and the RESP server defers the commit to the end of each
-//!   pipelined batch, so one batch costs one `fdatasync`.
+//! - `Always`: `fdatasync` before the caller is acknowledged, as a group
+//!   commit: one thread takes the pending `fdatasync` out of the log
+//!   (`Log::take_pending_sync`) and runs it holding neither lock, so appends
+//!   go on meanwhile; writers whose records it covers wait for it instead of
+//!   issuing their own. The RESP server also defers the commit to the end of
+//!   each pipelined batch, so one batch costs at most one `fdatasync`.
 //! - `Interval(d)`: the caller is acknowledged after the `write(2)` (the record
 //!   survives a crash of the process); `fdatasync` runs at most `d` later,
 //!   from the commit path or the maintenance timer.
@@ -37,7 +39,7 @@
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use appliance_record_log::{CompactionReport, FsyncPolicy, Log, LogOptions, RecoveryReport};
@@ -235,10 +237,20 @@ fn decode(payload: &[u8]) -> Result<Change, postcard::Error> {
     })
 }
 
+/// Group-commit state: how far the log is known durable, and whether a
+/// thread is running an `fdatasync` for everyone.
+#[derive(Debug, Default)]
+struct SyncState {
+    durable_seq: u64,
+    syncing: bool,
+}
+
 /// The log behind a cache.
 #[derive(Debug)]
 pub struct Persistence {
     log: Mutex<Log>,
+    sync_state: Mutex<SyncState>,
+    sync_done: Condvar,
     config: PersistConfig,
     compacting: AtomicBool,
     compactions: AtomicU64,
@@ -299,6 +311,8 @@ impl Persistence {
         Ok((
             Self {
                 log: Mutex::new(log),
+                sync_state: Mutex::new(SyncState::default()),
+                sync_done: Condvar::new(),
                 config,
                 compacting: AtomicBool::new(false),
                 compactions: AtomicU64::new(0),
@@ -318,31 +332,100 @@ impl Persistence {
         self.config.fsync
     }
 
-    /// Append changes in order (called with the cache lock held).
-    pub(crate) fn append(&self, changes: &[Change], now_ms: u64) -> Result<(), PersistError> {
+    /// Append changes in order (called with the cache lock held). Returns the
+    /// sequence number of the last record, the target for [`Self::commit`].
+    pub(crate) fn append(&self, changes: &[Change], now_ms: u64) -> Result<u64, PersistError> {
         let payloads = changes
             .iter()
             .map(encode_change)
             .collect::<Result<Vec<_>, _>>()?;
-        self.lock().append_batch_at(now_ms, payloads)?;
-        Ok(())
+        let mut log = self.lock();
+        log.append_batch_at(now_ms, payloads)?;
+        Ok(log.next_seq().saturating_sub(1))
     }
 
-    /// Make appended changes durable per the policy.
-    pub(crate) fn commit(&self) -> Result<(), PersistError> {
-        let mut log = self.lock();
+    /// Make the log durable up to `target` per the policy: under `Always`,
+    /// wait for an `fdatasync` covering it; under `Interval`, run one only if
+    /// the interval has passed.
+    pub(crate) fn commit(&self, target: u64) -> Result<(), PersistError> {
         match self.config.fsync {
-            Fsync::Always => log.sync()?,
+            Fsync::Always => self.sync_to(target),
             Fsync::IntervalMs(_) => {
-                log.sync_if_due()?;
+                let due = self.lock().sync_due_in().is_some_and(|d| d.is_zero());
+                if due {
+                    self.sync_to(target)?;
+                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
-    /// `fdatasync` now if anything is unsynced.
+    fn state(&self) -> MutexGuard<'_, SyncState> {
+        self.sync_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Group commit: one thread at a time takes the pending `fdatasync` out of
+    /// the log (so appends, which run under the cache lock, never wait for
+    /// the disk) and runs it; threads whose records it covers just wait.
+    fn sync_to(&self, target: u64) -> Result<(), PersistError> {
+        let mut st = self.state();
+        loop {
+            if st.durable_seq >= target {
+                return Ok(());
+            }
+            if !st.syncing {
+                break;
+            }
+            st = self
+                .sync_done
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.syncing = true;
+        drop(st);
+        let taken = {
+            let mut log = self.lock();
+            let upto = log.next_seq().saturating_sub(1);
+            log.take_pending_sync().map(|p| (p, upto))
+        };
+        let result = match taken {
+            Ok((pending, upto)) => {
+                let ran = pending.map_or(Ok(()), appliance_record_log::PendingSync::run);
+                if let Err(e) = &ran {
+                    // The kernel may have dropped the pages: never retry.
+                    self.lock().poison(format!("fdatasync failed: {e}"));
+                }
+                ran.map(|()| upto).map_err(PersistError::from)
+            }
+            Err(e) => Err(PersistError::from(e)),
+        };
+        let mut st = self.state();
+        st.syncing = false;
+        if let Ok(upto) = result {
+            st.durable_seq = st.durable_seq.max(upto);
+        }
+        drop(st);
+        self.sync_done.notify_all();
+        result.map(|_| ())
+    }
+
+    /// Under `Interval`: `fdatasync` if the interval has passed since the
+    /// last one and records are waiting (the maintenance timer calls this so
+    /// the window is bounded even when no writes arrive).
+    pub fn sync_if_due(&self) -> Result<(), PersistError> {
+        let target = self.lock().next_seq().saturating_sub(1);
+        match self.config.fsync {
+            Fsync::Always => Ok(()),
+            Fsync::IntervalMs(_) => self.commit(target),
+        }
+    }
+
+    /// `fdatasync` everything appended so far.
     pub fn sync(&self) -> Result<(), PersistError> {
-        Ok(self.lock().sync()?)
+        let target = self.lock().next_seq().saturating_sub(1);
+        self.sync_to(target)
     }
 
     /// Log size.

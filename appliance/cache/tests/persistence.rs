@@ -285,3 +285,48 @@ fn kill_9_after_acknowledged_set_keeps_the_entry() {
         Some(Bytes::from("answer"))
     );
 }
+
+#[test]
+fn concurrent_writers_share_fsyncs_and_all_survive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    {
+        let (cache, _) = open(tmp.path(), &clock);
+        let cache = Arc::new(cache);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        let prompt = format!("p{i}");
+                        cache
+                            .put(
+                                format!("a{t}").as_bytes(),
+                                prompt.as_bytes(),
+                                b"",
+                                "r",
+                                None,
+                            )
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // A deferred batch: three writes, one commit.
+        let ((), done) = cache.deferring(|| {
+            for k in ["x", "y", "z"] {
+                cache
+                    .set_plain(k.as_bytes(), "1", None, SetCondition::Always)
+                    .unwrap();
+            }
+        });
+        done.unwrap();
+    }
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.entries, 803);
+    assert_eq!(cache.get(b"a7", b"p99", b""), Some(Bytes::from("r")));
+    assert!(cache.exists(b"z"));
+}
