@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod error;
+pub mod fake;
 pub mod model;
 pub mod parse;
 pub mod redundancy;
