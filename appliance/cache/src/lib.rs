@@ -14,6 +14,7 @@
 //! - [`persist`]: every mutation as a postcard record in an
 //!   `appliance-record-log`; replay on open with a [`LoadReport`]; group
 //!   commit under `fsync: always`; background compaction.
+//! - [`json`]: import/export in the earlier JSON cache's format.
 //! - [`resp`]: the sans-IO RESP2/RESP3 codec with hard limits.
 //! - [`commands`]: one frame in, one reply out (GET/SET/…/AGENT.*).
 //! - [`server`]: the thin tokio adapter (`serve`, `serve_unix`,
@@ -96,6 +97,7 @@
 pub mod cache;
 pub mod clock;
 pub mod commands;
+pub mod json;
 pub mod key;
 pub mod persist;
 pub mod resp;
@@ -106,6 +108,10 @@ pub use cache::{
     Cache, CacheConfig, CacheError, CacheStats, KeyTtl, Maintenance, PutItem, SetCondition,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use json::{
+    export_json, export_json_file, import_json, import_json_file, ExportReport, ImportReport,
+    JsonError,
+};
 pub use key::{md5_hex, parse_md5_hex, Digests, Request};
 pub use persist::{Fsync, LoadReport, PersistConfig, PersistError, PersistStats};
 pub use resp::{Limits, Protocol, ProtocolError};
