@@ -19,6 +19,7 @@ use crate::hash::Hash;
 use crate::limits::IDLE_TIMEOUT;
 use crate::manifest::{validate, ValidManifest};
 use crate::message::{ChunkRef, Committed, Manifest, Message, MessageKind, UploadId, WireError};
+use crate::path::RelPath;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -49,6 +50,8 @@ pub enum ClientError {
     },
     #[error("downloaded file does not match its hash: expected {expected}, got {actual}")]
     DownloadFileMismatch { expected: Hash, actual: Hash },
+    #[error("asked for {requested:?}, server described {got:?}")]
+    WrongFile { requested: String, got: String },
     #[error("no progress for too long")]
     IdleTimeout,
 }
@@ -262,10 +265,18 @@ pub struct DownloadCheck {
 }
 
 impl DownloadCheck {
-    /// Starts from the server's `DownloadBegin` manifest.
-    pub fn new(manifest: Manifest) -> Result<Self, ClientError> {
+    /// Starts from the server's `DownloadBegin` manifest, which must describe
+    /// the file that was asked for.
+    pub fn new(requested: &RelPath, manifest: Manifest) -> Result<Self, ClientError> {
+        let manifest = validate(manifest).map_err(ClientError::Manifest)?;
+        if manifest.path != *requested {
+            return Err(ClientError::WrongFile {
+                requested: requested.as_str().to_owned(),
+                got: manifest.path.into_string(),
+            });
+        }
         Ok(Self {
-            manifest: validate(manifest).map_err(ClientError::Manifest)?,
+            manifest,
             next: 0,
             hasher: blake3::Hasher::new(),
         })

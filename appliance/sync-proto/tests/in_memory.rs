@@ -489,6 +489,18 @@ fn disk_full_during_transfer_fails_cleanly() {
 }
 
 #[test]
+fn repeated_chunks_within_a_file_are_requested_once() {
+    // Zeros cut at the maximum chunk size: two identical 4 MiB chunks + tail.
+    let data = vec![0u8; 9 << 20];
+    let mut store = Store::default();
+    let run = push(&mut store, "zeros.img", &data, &Options::default());
+    assert!(run.committed.is_some());
+    assert_eq!(run.stats.chunks_requested, 2);
+    assert_eq!(run.stats.bytes_sent, 5 << 20);
+    assert_eq!(store.files["zeros.img"], data);
+}
+
+#[test]
 fn empty_file_uploads_without_chunks() {
     let mut store = Store::default();
     let run = push(&mut store, "empty.txt", b"", &Options::default());
@@ -652,7 +664,12 @@ fn client_rejects_server_nonsense() {
 fn download_is_verified_chunk_by_chunk_and_whole() {
     let data = sample(3 << 20, 12);
     let manifest = manifest_for("d.bin", &data);
-    let mut check = DownloadCheck::new(manifest.clone()).unwrap();
+    let requested = RelPath::parse("d.bin").unwrap();
+    assert!(matches!(
+        DownloadCheck::new(&RelPath::parse("other").unwrap(), manifest.clone()),
+        Err(ClientError::WrongFile { .. })
+    ));
+    let mut check = DownloadCheck::new(&requested, manifest.clone()).unwrap();
     let mut rebuilt = vec![0u8; data.len()];
     let n = manifest.chunks.len();
     for (i, c) in manifest.chunks.iter().enumerate() {
@@ -670,7 +687,7 @@ fn download_is_verified_chunk_by_chunk_and_whole() {
     assert_eq!(rebuilt, data);
 
     // A tampered chunk is refused.
-    let mut check = DownloadCheck::new(manifest.clone()).unwrap();
+    let mut check = DownloadCheck::new(&requested, manifest.clone()).unwrap();
     let c = manifest.chunks[0];
     let mut bytes = data[..c.len as usize].to_vec();
     bytes[10] ^= 1;
@@ -682,7 +699,7 @@ fn download_is_verified_chunk_by_chunk_and_whole() {
     // A manifest whose file hash lies is caught at the end.
     let mut lying = manifest_for("d.bin", b"xyz");
     lying.file_hash = Hash([3; 32]);
-    let mut check = DownloadCheck::new(lying.clone()).unwrap();
+    let mut check = DownloadCheck::new(&requested, lying.clone()).unwrap();
     assert!(matches!(
         check.chunk(lying.chunks[0].hash, b"xyz".to_vec()),
         Err(ClientError::DownloadFileMismatch { .. })
