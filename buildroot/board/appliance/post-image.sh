@@ -10,13 +10,13 @@ BINARIES_DIR="${1:-$BINARIES_DIR}"
 GENIMAGE_CFG="$BOARD_DIR/genimage.cfg"
 EFI_PART="$BINARIES_DIR/efi-part"
 
-# PARTUUID of root slot A, as written in genimage.cfg.
+# PARTUUID of root slot A (appliance-root-a), as written in genimage.cfg.
 ROOT_A_UUID="$(awk '
-	/partition root-a[ \t]*\{/ { slot = 1 }
+	/partition appliance-root-a[ \t]*\{/ { slot = 1 }
 	slot && /partition-uuid/ { gsub(/[" \t]/, ""); sub(/.*=/, ""); print; exit }
 ' "$GENIMAGE_CFG")"
 if [ -z "$ROOT_A_UUID" ]; then
-	echo "post-image.sh: no partition-uuid for root-a in $GENIMAGE_CFG" >&2
+	echo "post-image.sh: no partition-uuid for appliance-root-a in $GENIMAGE_CFG" >&2
 	exit 1
 fi
 
