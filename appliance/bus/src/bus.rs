@@ -1,0 +1,1220 @@
+//! The in-process bus: subscription index, publish and fan-out, durable
+//! subjects, subscriptions that catch up from the log, replay, statistics.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use appliance_record_log::{FsyncPolicy, Log, LogOptions, RecoveryReport, Retention};
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::watch;
+
+use crate::message::{decode_stored, encode_stored, Message};
+use crate::queue::{CloseReason, ConnOutbound, LocalQueue, Offer, SlowConsumerPolicy};
+use crate::stats::{
+    sum, ConnCounters, ConnectionStats, Counters, DurableStats, StatsSnapshot, SubjectCounters,
+};
+use crate::subject::{Pattern, Subject, SubjectError};
+
+/// When durable messages are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurableFsync {
+    /// Before the publish is acknowledged and before fan-out. Concurrent
+    /// publishes share one `fdatasync` (group commit).
+    Always,
+    /// At most this long after the append; fan-out does not wait.
+    Interval(Duration),
+}
+
+/// The durable log's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableOptions {
+    /// Directory of the record log.
+    pub dir: PathBuf,
+    /// Patterns whose messages are stored. Default `storage.>`, `sync.>`, `system.>`.
+    pub subjects: Vec<String>,
+    /// See [`DurableFsync`].
+    pub fsync: DurableFsync,
+    /// Drop whole old segments by age and total size.
+    pub retention: Retention,
+    /// Segment size (see `appliance_record_log::LogOptions`).
+    pub segment_max_bytes: u64,
+}
+
+impl DurableOptions {
+    /// Defaults for a log in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            subjects: vec!["storage.>".into(), "sync.>".into(), "system.>".into()],
+            fsync: DurableFsync::Interval(Duration::from_millis(100)),
+            retention: Retention {
+                max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+                max_total_bytes: Some(1 << 30),
+            },
+            segment_max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Dead-letter settings for in-process handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DlqOptions {
+    /// Attempts before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles each time.
+    pub backoff: Duration,
+    /// Upper bound of the delay.
+    pub max_backoff: Duration,
+    /// Entries kept in the dead-letter list (oldest go first).
+    pub max_entries: usize,
+}
+
+impl Default for DlqOptions {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// Options for [`Bus::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusOptions {
+    /// Messages queued per in-process subscription.
+    pub subscriber_queue: usize,
+    /// What happens to a subscriber that falls behind on ordinary subjects.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Largest payload accepted.
+    pub max_payload: usize,
+    /// The durable log; `None` for a bus without durable subjects.
+    pub durable: Option<DurableOptions>,
+    /// Dead-letter settings.
+    pub dlq: DlqOptions,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        Self {
+            subscriber_queue: 8192,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            max_payload: 1 << 20,
+            durable: None,
+            dlq: DlqOptions::default(),
+        }
+    }
+}
+
+/// Errors from the bus API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// A subject or pattern failed validation.
+    #[error("invalid subject: {0}")]
+    InvalidSubject(#[from] SubjectError),
+    /// The payload is over `max_payload`.
+    #[error("payload of {size} bytes exceeds the maximum of {max}")]
+    PayloadTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The durable log failed (see the log's error).
+    #[error("durable log: {0}")]
+    Durable(String),
+    /// The durable log could not be opened.
+    #[error("opening the durable log: {0}")]
+    Open(#[from] appliance_record_log::Error),
+    /// Replay or `from_seq` asked of a bus without a durable log.
+    #[error("this bus has no durable log")]
+    NotDurable,
+    /// The bus was shut down.
+    #[error("the bus is shut down")]
+    Closed,
+    /// Serialising a typed event failed.
+    #[error("encoding JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// No dead-letter entry with this id.
+    #[error("no dead-letter entry with id {0}")]
+    DlqNotFound(u64),
+    /// The handler a dead-letter entry belongs to is gone.
+    #[error("handler {0:?} is no longer running")]
+    HandlerGone(String),
+    /// A handler with this name is already running.
+    #[error("a handler named {0:?} is already running")]
+    HandlerExists(String),
+}
+
+/// Options for [`Bus::subscribe`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Share messages with other members of this group (one gets each).
+    pub queue_group: Option<String>,
+    /// Queue bound (default: `BusOptions::subscriber_queue`).
+    pub capacity: Option<usize>,
+    /// Policy override (default: `BusOptions::slow_consumer`).
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Start with stored durable messages from this sequence number, then
+    /// continue live, with nothing missed or repeated in between.
+    pub from_seq: Option<u64>,
+}
+
+/// What a publish returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishAck {
+    /// The sequence number in the durable log (durable subjects only).
+    pub seq: Option<u64>,
+}
+
+/// A replay request (`appliancectl events replay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayQuery {
+    /// Pattern to match.
+    pub pattern: String,
+    /// Start at this sequence number.
+    pub from_seq: Option<u64>,
+    /// Only messages at or after this time (unix ms).
+    pub since_ms: Option<u64>,
+    /// At most this many (capped at [`MAX_REPLAY`]).
+    pub limit: usize,
+}
+
+/// Upper bound on one replay answer.
+pub const MAX_REPLAY: usize = 100_000;
+
+/// A delivery target in the index.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    Local(Arc<LocalQueue>),
+    Conn(Arc<ConnHandle>),
+}
+
+/// One subscription.
+#[derive(Debug)]
+pub(crate) struct SubEntry {
+    pub id: u64,
+    pub pattern: Pattern,
+    pub queue: Option<Arc<str>>,
+    pub sink: Sink,
+    /// Client's subscription id (connections only).
+    pub sid: Arc<str>,
+    /// Remove after this many deliveries in total (`u64::MAX`: never).
+    pub max: AtomicU64,
+    pub delivered: AtomicU64,
+}
+
+/// The bus's view of a NATS connection.
+#[derive(Debug)]
+pub(crate) struct ConnHandle {
+    pub id: u64,
+    pub peer: String,
+    pub out: ConnOutbound,
+    pub headers: AtomicBool,
+    pub echo: AtomicBool,
+    pub name: Mutex<Option<String>>,
+    pub counters: ConnCounters,
+    pub subs: Mutex<HashMap<Arc<str>, Arc<SubEntry>>>,
+}
+
+#[derive(Debug, Default)]
+struct Matched {
+    plain: Vec<Arc<SubEntry>>,
+    groups: Vec<Vec<Arc<SubEntry>>>,
+    rr: AtomicUsize,
+}
+
+/// Subscriptions, plus a cache of match results per subject (cleared on
+/// every change; bounded).
+#[derive(Debug, Default)]
+struct Index {
+    subs: HashMap<u64, Arc<SubEntry>>,
+    cache: HashMap<Box<str>, Arc<Matched>>,
+}
+
+const MATCH_CACHE_MAX: usize = 4096;
+
+impl Index {
+    fn compute(&self, subject: &str) -> Matched {
+        let mut m = Matched::default();
+        let mut groups: HashMap<(&str, &str), Vec<Arc<SubEntry>>> = HashMap::new();
+        let mut subs: Vec<&Arc<SubEntry>> = self.subs.values().collect();
+        subs.sort_by_key(|s| s.id);
+        for s in subs {
+            if !s.pattern.matches(subject) {
+                continue;
+            }
+            match &s.queue {
+                None => m.plain.push(s.clone()),
+                Some(q) => groups
+                    .entry((s.pattern.as_str(), q))
+                    .or_default()
+                    .push(s.clone()),
+            }
+        }
+        let mut g: Vec<_> = groups.into_iter().collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        m.groups = g.into_iter().map(|(_, v)| v).collect();
+        m
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct SyncState {
+    synced: u64,
+    failed: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct DurState {
+    log: Log,
+    /// Appended, waiting for the group fsync before fan-out (`Always`).
+    pending: VecDeque<(Message, Option<u64>)>,
+    closed: bool,
+    failed: Option<String>,
+}
+
+#[derive(Debug)]
+struct Durable {
+    patterns: Vec<Pattern>,
+    policy: DurableFsync,
+    state: Mutex<DurState>,
+    cond: Condvar,
+    synced: watch::Sender<SyncState>,
+    fsyncs: AtomicU64,
+    recovery_bytes_lost: u64,
+    recovery_records_lost: u64,
+}
+
+impl Durable {
+    fn is_durable(&self, subject: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(subject))
+    }
+}
+
+pub(crate) struct BusInner {
+    pub(crate) opts: BusOptions,
+    index: RwLock<Index>,
+    next_id: AtomicU64,
+    durable: Option<Arc<Durable>>,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) subjects: SubjectCounters,
+    conns: Mutex<HashMap<u64, Weak<ConnHandle>>>,
+    pub(crate) closed: AtomicBool,
+    pub(crate) dlq: crate::dlq::DlqState,
+}
+
+impl std::fmt::Debug for BusInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusInner")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The event bus. Cheap to clone; all clones are the same bus.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub(crate) inner: Arc<BusInner>,
+}
+
+impl Bus {
+    /// Opens the bus, and its durable log when configured (scanning and
+    /// repairing it: see the returned report). Call from a context that may
+    /// block (start-up, or `spawn_blocking`).
+    pub fn open(opts: BusOptions) -> Result<(Self, Option<RecoveryReport>), BusError> {
+        let mut report = None;
+        let durable = match &opts.durable {
+            None => None,
+            Some(d) => {
+                let patterns = d
+                    .subjects
+                    .iter()
+                    .map(|p| Pattern::new(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let log_opts = LogOptions {
+                    segment_max_bytes: d.segment_max_bytes,
+                    // The bus drives fsync itself (group commit, off-lock).
+                    fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+                    retention: d.retention,
+                    max_payload_bytes: u32::try_from(opts.max_payload + 4096).unwrap_or(u32::MAX),
+                };
+                let (log, rep) = Log::open(&d.dir, log_opts)?;
+                let synced = rep.last_seq.unwrap_or(0);
+                let durable = Durable {
+                    patterns,
+                    policy: d.fsync,
+                    state: Mutex::new(DurState {
+                        log,
+                        pending: VecDeque::new(),
+                        closed: false,
+                        failed: None,
+                    }),
+                    cond: Condvar::new(),
+                    synced: watch::Sender::new(SyncState {
+                        synced,
+                        failed: None,
+                    }),
+                    fsyncs: AtomicU64::new(0),
+                    recovery_bytes_lost: rep.bytes_lost(),
+                    recovery_records_lost: rep.records_lost_at_least(),
+                };
+                if !rep.is_clean() {
+                    tracing::warn!(
+                        bytes_lost = rep.bytes_lost(),
+                        records_lost_at_least = rep.records_lost_at_least(),
+                        "bus durable log: damage found and truncated at start-up"
+                    );
+                }
+                report = Some(rep);
+                Some(Arc::new(durable))
+            }
+        };
+        let inner = Arc::new(BusInner {
+            dlq: crate::dlq::DlqState::new(opts.dlq.max_entries),
+            opts,
+            index: RwLock::new(Index::default()),
+            next_id: AtomicU64::new(1),
+            durable: durable.clone(),
+            syncer: Mutex::new(None),
+            subjects: SubjectCounters::default(),
+            conns: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        if let Some(d) = durable {
+            let weak = Arc::downgrade(&inner);
+            let handle = std::thread::Builder::new()
+                .name("bus-durable-sync".into())
+                .spawn(move || syncer_loop(&d, &weak))
+                .map_err(|e| BusError::Durable(format!("starting the sync thread: {e}")))?;
+            *inner.syncer.lock() = Some(handle);
+        }
+        Ok((Self { inner }, report))
+    }
+
+    /// The options the bus runs with.
+    pub fn options(&self) -> &BusOptions {
+        &self.inner.opts
+    }
+
+    /// Whether messages on `subject` are stored in the durable log.
+    pub fn is_durable(&self, subject: &str) -> bool {
+        self.inner
+            .durable
+            .as_ref()
+            .is_some_and(|d| d.is_durable(subject))
+    }
+
+    /// Publishes bytes. For a durable subject the message is appended to the
+    /// log first (and with `DurableFsync::Always`, fsynced) before any
+    /// subscriber sees it; the returned ack carries its sequence number.
+    /// Never waits for subscribers.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: Option<Bytes>,
+        payload: impl Into<Bytes>,
+    ) -> Result<PublishAck, BusError> {
+        let msg = self.make_message(subject, None, headers, payload.into())?;
+        let ticket = self.inner.publish_msg(msg, None)?;
+        self.settle(ticket).await
+    }
+
+    /// Publishes a request: like [`publish`](Self::publish) with a reply subject.
+    pub async fn publish_with_reply(
+        &self,
+        subject: &str,
+        reply: &str,
+        headers: Option<Bytes>,
+        payload: impl Into<Bytes>,
+    ) -> Result<PublishAck, BusError> {
+        let msg = self.make_message(subject, Some(reply), headers, payload.into())?;
+        let ticket = self.inner.publish_msg(msg, None)?;
+        self.settle(ticket).await
+    }
+
+    /// Publishes a typed event as JSON.
+    pub async fn publish_json<T: serde::Serialize + ?Sized>(
+        &self,
+        subject: &str,
+        value: &T,
+    ) -> Result<PublishAck, BusError> {
+        let payload = serde_json::to_vec(value)?;
+        self.publish(subject, None, payload).await
+    }
+
+    pub(crate) fn make_message(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: Option<Bytes>,
+        payload: Bytes,
+    ) -> Result<Message, BusError> {
+        let size = payload.len() + headers.as_ref().map_or(0, Bytes::len);
+        if size > self.inner.opts.max_payload {
+            return Err(BusError::PayloadTooLarge {
+                size,
+                max: self.inner.opts.max_payload,
+            });
+        }
+        Ok(Message {
+            subject: Subject::new(subject)?,
+            reply: reply.map(Subject::new).transpose()?,
+            headers,
+            payload,
+            seq: None,
+            ts_ms: appliance_record_log::now_ms(),
+        })
+    }
+
+    /// Waits until a ticket's message is durable (no-op for the others).
+    pub(crate) async fn settle(&self, t: Ticket) -> Result<PublishAck, BusError> {
+        if t.wait_sync {
+            if let Some(seq) = t.seq {
+                self.wait_synced(seq).await?;
+            }
+        }
+        Ok(PublishAck { seq: t.seq })
+    }
+
+    /// Waits until every durable message up to `seq` is fsynced (under
+    /// `DurableFsync::Always`; immediate otherwise).
+    pub(crate) async fn wait_synced(&self, seq: u64) -> Result<(), BusError> {
+        let Some(d) = &self.inner.durable else {
+            return Ok(());
+        };
+        let mut rx = d.synced.subscribe();
+        let st = rx
+            .wait_for(|s| s.synced >= seq || s.failed.is_some())
+            .await
+            .map_err(|_| BusError::Closed)?;
+        if st.synced >= seq {
+            Ok(())
+        } else {
+            Err(BusError::Durable(
+                st.failed.as_deref().unwrap_or("failed").to_owned(),
+            ))
+        }
+    }
+
+    /// Forces an fsync of the durable log now (a barrier for tests and
+    /// shutdown).
+    pub async fn sync_durable(&self) -> Result<(), BusError> {
+        let Some(d) = self.inner.durable.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let ps = d.state.lock().log.take_pending_sync();
+            match ps {
+                Ok(Some(ps)) => {
+                    d.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    ps.run().map_err(|e| {
+                        let msg = e.to_string();
+                        d.state.lock().log.poison(msg.clone());
+                        BusError::Durable(msg)
+                    })
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(BusError::Durable(e.to_string())),
+            }
+        })
+        .await
+        .map_err(|_| BusError::Closed)?
+    }
+
+    /// Subscribes to a pattern. The returned handle unsubscribes when dropped.
+    pub fn subscribe(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription, BusError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BusError::Closed);
+        }
+        let SubscribeOptions {
+            queue_group,
+            capacity,
+            slow_consumer,
+            from_seq,
+        } = opts;
+        let pattern = Pattern::new(pattern)?;
+        let queue_group = queue_group.as_deref().map(Subject::new).transpose()?;
+        let durable = self
+            .inner
+            .durable
+            .as_ref()
+            .filter(|d| d.patterns.iter().any(|p| p.overlaps(&pattern)));
+        if from_seq.is_some() && durable.is_none() {
+            return Err(BusError::NotDurable);
+        }
+        let cap = capacity.unwrap_or(self.inner.opts.subscriber_queue);
+        let policy = slow_consumer.unwrap_or(self.inner.opts.slow_consumer);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let make = |lag_high: Option<u64>| {
+            let q = Arc::new(LocalQueue::new(cap, policy, durable.is_some(), lag_high));
+            let entry = Arc::new(SubEntry {
+                id,
+                pattern: pattern.clone(),
+                queue: queue_group.as_ref().map(|g| Arc::from(g.as_str())),
+                sink: Sink::Local(q.clone()),
+                sid: Arc::from(""),
+                max: AtomicU64::new(u64::MAX),
+                delivered: AtomicU64::new(0),
+            });
+            (q, entry)
+        };
+        let (queue, cursor) = match durable {
+            Some(d) => {
+                // Registering under the log lock pins "now" in the log: every
+                // later durable message is either queued or left in the log
+                // past `cursor`.
+                let st = d.state.lock();
+                let next = st.log.next_seq();
+                let from = from_seq.unwrap_or(next);
+                let lag = (from < next).then(|| next - 1);
+                let (q, entry) = make(lag);
+                self.inner.insert_sub(entry);
+                drop(st);
+                (q, from)
+            }
+            None => {
+                let (q, entry) = make(None);
+                self.inner.insert_sub(entry);
+                (q, 0)
+            }
+        };
+        Ok(Subscription {
+            bus: self.clone(),
+            id,
+            pattern,
+            queue,
+            cursor,
+            replay: VecDeque::new(),
+        })
+    }
+
+    /// Stored durable messages matching a pattern (for `appliancectl events
+    /// replay`). Reads on a blocking thread.
+    pub async fn replay(&self, q: ReplayQuery) -> Result<Vec<Message>, BusError> {
+        let pattern = Pattern::new(&q.pattern)?;
+        let Some(d) = self.inner.durable.clone() else {
+            return Err(BusError::NotDurable);
+        };
+        let limit = q.limit.min(MAX_REPLAY);
+        tokio::task::spawn_blocking(move || {
+            let iter = {
+                let st = d.state.lock();
+                match (q.from_seq, q.since_ms) {
+                    (Some(s), _) => st.log.read_from_seq(s),
+                    (None, Some(t)) => st.log.read_since(t),
+                    (None, None) => st.log.iter(),
+                }
+            }
+            .map_err(|e| BusError::Durable(e.to_string()))?;
+            let mut out = Vec::new();
+            for rec in iter {
+                if out.len() >= limit {
+                    break;
+                }
+                let rec = rec.map_err(|e| BusError::Durable(e.to_string()))?;
+                if q.since_ms.is_some_and(|t| rec.ts_ms < t) {
+                    continue;
+                }
+                if let Some(m) = decode_stored(rec.seq, rec.ts_ms, &rec.payload) {
+                    if pattern.matches(m.subject.as_str()) {
+                        out.push(m);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| BusError::Closed)?
+    }
+
+    /// Reads up to `limit` stored messages matching `pattern` from `from`,
+    /// and the sequence number after the last record looked at.
+    async fn read_durable(
+        &self,
+        pattern: Pattern,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<Message>, u64), BusError> {
+        let Some(d) = self.inner.durable.clone() else {
+            return Err(BusError::NotDurable);
+        };
+        tokio::task::spawn_blocking(move || {
+            let iter = d
+                .state
+                .lock()
+                .log
+                .read_from_seq(from)
+                .map_err(|e| BusError::Durable(e.to_string()))?;
+            let mut out = Vec::new();
+            let mut next = from;
+            for (scanned, rec) in iter.enumerate() {
+                let rec = rec.map_err(|e| BusError::Durable(e.to_string()))?;
+                next = rec.seq + 1;
+                if let Some(m) = decode_stored(rec.seq, rec.ts_ms, &rec.payload) {
+                    if pattern.matches(m.subject.as_str()) {
+                        out.push(m);
+                    }
+                }
+                if out.len() >= limit || scanned >= 65_536 {
+                    break;
+                }
+            }
+            Ok((out, next))
+        })
+        .await
+        .map_err(|_| BusError::Closed)?
+    }
+
+    /// Whether anyone is subscribed to something matching `subject`.
+    pub fn has_interest(&self, subject: &str) -> bool {
+        let m = self.inner.lookup(subject);
+        !m.plain.is_empty() || !m.groups.is_empty()
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> StatsSnapshot {
+        let subjects = self.inner.subjects.snapshot();
+        let total = sum(&subjects);
+        let mut connections: Vec<ConnectionStats> = self
+            .inner
+            .conns
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|c| ConnectionStats {
+                id: c.id,
+                peer: c.peer.clone(),
+                name: c.name.lock().clone(),
+                subscriptions: c.subs.lock().len(),
+                traffic: c.counters.snapshot(),
+            })
+            .collect();
+        connections.sort_by_key(|c| c.id);
+        let local_subscriptions = self
+            .inner
+            .index
+            .read()
+            .subs
+            .values()
+            .filter(|s| matches!(s.sink, Sink::Local(_)))
+            .count();
+        let durable = self.inner.durable.as_ref().map(|d| {
+            let st = d.state.lock();
+            let ls = st.log.stats();
+            DurableStats {
+                records: ls.records,
+                bytes: ls.bytes,
+                segments: ls.segments,
+                first_seq: ls.first_seq,
+                last_seq: ls.last_seq,
+                fsyncs: d.fsyncs.load(Ordering::Relaxed),
+                recovery_bytes_lost: d.recovery_bytes_lost,
+                recovery_records_lost: d.recovery_records_lost,
+                failed: st.failed.is_some(),
+            }
+        });
+        StatsSnapshot {
+            subjects,
+            total,
+            connections,
+            local_subscriptions,
+            durable,
+            dlq_entries: self.inner.dlq.len(),
+        }
+    }
+
+    /// Shuts the bus down: subscriptions end with [`CloseReason::BusClosed`],
+    /// the durable log gets a last fsync, and its thread stops. Blocks briefly.
+    pub fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let subs: Vec<Arc<SubEntry>> = self
+            .inner
+            .index
+            .write()
+            .subs
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        self.inner.index.write().cache.clear();
+        for s in subs {
+            match &s.sink {
+                Sink::Local(q) => q.close(CloseReason::BusClosed),
+                Sink::Conn(c) => c.out.close(CloseReason::BusClosed),
+            }
+        }
+        self.inner.dlq.close();
+        if let Some(d) = &self.inner.durable {
+            d.state.lock().closed = true;
+            d.cond.notify_all();
+        }
+        if let Some(h) = self.inner.syncer.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    pub(crate) fn register_conn(
+        &self,
+        peer: String,
+        max_pending_bytes: usize,
+        max_pending_msgs: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Arc<ConnHandle> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let c = Arc::new(ConnHandle {
+            id,
+            peer,
+            out: ConnOutbound::new(max_pending_bytes, max_pending_msgs, policy),
+            headers: AtomicBool::new(false),
+            echo: AtomicBool::new(true),
+            name: Mutex::new(None),
+            counters: ConnCounters::default(),
+            subs: Mutex::new(HashMap::new()),
+        });
+        self.inner.conns.lock().insert(id, Arc::downgrade(&c));
+        if self.inner.closed.load(Ordering::Acquire) {
+            c.out.close(CloseReason::BusClosed);
+        }
+        c
+    }
+
+    pub(crate) fn unregister_conn(&self, conn: &ConnHandle) {
+        let subs: Vec<Arc<SubEntry>> = conn.subs.lock().drain().map(|(_, s)| s).collect();
+        {
+            let mut idx = self.inner.index.write();
+            for s in &subs {
+                idx.subs.remove(&s.id);
+            }
+            idx.cache.clear();
+        }
+        self.inner.conns.lock().remove(&conn.id);
+    }
+
+    pub(crate) fn conn_subscribe(
+        &self,
+        conn: &Arc<ConnHandle>,
+        sid: &str,
+        pattern: &str,
+        queue: Option<&str>,
+    ) -> Result<(), BusError> {
+        let pattern = Pattern::new(pattern)?;
+        let sid: Arc<str> = Arc::from(sid);
+        let entry = Arc::new(SubEntry {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            pattern,
+            queue: queue.map(Arc::from),
+            sink: Sink::Conn(conn.clone()),
+            sid: sid.clone(),
+            max: AtomicU64::new(u64::MAX),
+            delivered: AtomicU64::new(0),
+        });
+        // A repeated sid replaces the old subscription, as in nats-server.
+        if let Some(old) = conn.subs.lock().insert(sid, entry.clone()) {
+            self.inner.index.write().subs.remove(&old.id);
+        }
+        self.inner.insert_sub(entry);
+        Ok(())
+    }
+
+    pub(crate) fn conn_unsubscribe(&self, conn: &ConnHandle, sid: &str, max: Option<u64>) {
+        let Some(entry) = conn.subs.lock().get(sid).cloned() else {
+            return;
+        };
+        match max {
+            Some(m) if entry.delivered.load(Ordering::Acquire) < m => {
+                entry.max.store(m, Ordering::Release);
+            }
+            _ => self.inner.remove_sub(&entry),
+        }
+    }
+}
+
+/// A ticket from the synchronous part of a publish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    pub seq: Option<u64>,
+    pub wait_sync: bool,
+}
+
+impl BusInner {
+    fn insert_sub(&self, entry: Arc<SubEntry>) {
+        let mut idx = self.index.write();
+        idx.subs.insert(entry.id, entry);
+        idx.cache.clear();
+    }
+
+    pub(crate) fn remove_sub(&self, entry: &SubEntry) {
+        {
+            let mut idx = self.index.write();
+            if idx.subs.remove(&entry.id).is_some() {
+                idx.cache.clear();
+            }
+        }
+        if let Sink::Conn(c) = &entry.sink {
+            let mut subs = c.subs.lock();
+            if subs.get(&entry.sid).is_some_and(|s| s.id == entry.id) {
+                subs.remove(&entry.sid);
+            }
+        }
+    }
+
+    fn lookup(&self, subject: &str) -> Arc<Matched> {
+        if let Some(m) = self.index.read().cache.get(subject) {
+            return m.clone();
+        }
+        let mut idx = self.index.write();
+        if let Some(m) = idx.cache.get(subject) {
+            return m.clone();
+        }
+        let m = Arc::new(idx.compute(subject));
+        if idx.cache.len() >= MATCH_CACHE_MAX {
+            idx.cache.clear();
+        }
+        idx.cache.insert(subject.into(), m.clone());
+        m
+    }
+
+    /// The synchronous part of publishing: durable append (and, unless the
+    /// policy is `Always`, fan-out). `origin` is the publishing connection.
+    pub(crate) fn publish_msg(
+        &self,
+        mut msg: Message,
+        origin: Option<&ConnHandle>,
+    ) -> Result<Ticket, BusError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BusError::Closed);
+        }
+        let size = msg.payload.len();
+        let counters = self.subjects.get(msg.subject.top_token());
+        counters.publish(size);
+        if let Some(o) = origin {
+            o.counters.counters.publish(size);
+        }
+        let no_echo = origin
+            .filter(|o| !o.echo.load(Ordering::Relaxed))
+            .map(|o| o.id);
+        let Some(d) = self
+            .durable
+            .as_ref()
+            .filter(|d| d.is_durable(msg.subject.as_str()))
+        else {
+            self.fan_out(&msg, no_echo, &counters);
+            return Ok(Ticket {
+                seq: None,
+                wait_sync: false,
+            });
+        };
+        let record = encode_stored(&msg);
+        let mut st = d.state.lock();
+        if let Some(f) = &st.failed {
+            return Err(BusError::Durable(f.clone()));
+        }
+        let appended = match st.log.append_at(msg.ts_ms, &record) {
+            Ok(a) => a,
+            Err(e) => {
+                let text = e.to_string();
+                if matches!(e, appliance_record_log::Error::Poisoned { .. }) {
+                    st.failed = Some(text.clone());
+                }
+                return Err(BusError::Durable(text));
+            }
+        };
+        msg.seq = Some(appended.seq);
+        match d.policy {
+            DurableFsync::Interval(_) => {
+                // Fan-out under the log lock keeps delivery in sequence order.
+                self.fan_out(&msg, no_echo, &counters);
+                Ok(Ticket {
+                    seq: msg.seq,
+                    wait_sync: false,
+                })
+            }
+            DurableFsync::Always => {
+                st.pending.push_back((msg, no_echo));
+                drop(st);
+                d.cond.notify_one();
+                Ok(Ticket {
+                    seq: Some(appended.seq),
+                    wait_sync: true,
+                })
+            }
+        }
+    }
+
+    /// Offers `msg` to every matching subscription (one per queue group).
+    /// Returns how many took it. Never blocks.
+    fn fan_out(&self, msg: &Message, no_echo: Option<u64>, counters: &Counters) -> usize {
+        let m = self.lookup(msg.subject.as_str());
+        let mut n = 0;
+        for s in &m.plain {
+            if no_echo.is_some() && matches!(&s.sink, Sink::Conn(c) if Some(c.id) == no_echo) {
+                continue;
+            }
+            n += usize::from(self.deliver(s, msg, counters));
+        }
+        if !m.groups.is_empty() {
+            let start = m.rr.fetch_add(1, Ordering::Relaxed);
+            for g in &m.groups {
+                for k in 0..g.len() {
+                    if self.deliver(&g[(start + k) % g.len()], msg, counters) {
+                        n += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    fn deliver(&self, s: &Arc<SubEntry>, msg: &Message, counters: &Counters) -> bool {
+        let max = s.max.load(Ordering::Acquire);
+        let mut last = false;
+        if max != u64::MAX {
+            let n = s.delivered.fetch_add(1, Ordering::AcqRel) + 1;
+            if n > max {
+                return false;
+            }
+            last = n == max;
+        } else {
+            s.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        let size = msg.payload.len();
+        let (offer, conn) = match &s.sink {
+            Sink::Local(q) => (q.offer(msg), None),
+            Sink::Conn(c) => (
+                c.out
+                    .offer_msg(msg, &s.sid, c.headers.load(Ordering::Relaxed)),
+                Some(c),
+            ),
+        };
+        let taken = match offer {
+            Offer::Queued | Offer::Deferred => true,
+            Offer::QueuedDroppedOldest => {
+                counters.drop_one();
+                if let Some(c) = conn {
+                    c.counters.counters.drop_one();
+                }
+                true
+            }
+            Offer::Dropped => {
+                counters.drop_one();
+                if let Some(c) = conn {
+                    c.counters.counters.drop_one();
+                }
+                false
+            }
+            Offer::SlowConsumer => {
+                counters.slow_consumer();
+                if let Some(c) = conn {
+                    c.counters.counters.slow_consumer();
+                    c.counters.slow.store(true, Ordering::Relaxed);
+                }
+                tracing::warn!(subject = %msg.subject, pattern = %s.pattern, "slow consumer closed");
+                false
+            }
+            Offer::Closed => false,
+        };
+        if taken {
+            counters.deliver(size);
+            if let Some(c) = conn {
+                c.counters.counters.deliver(size);
+            }
+        }
+        if last {
+            self.remove_sub(s);
+        }
+        taken
+    }
+}
+
+/// The durable log's fsync thread: group commit under `Always` (fsync, then
+/// fan out the batch in order, then acknowledge), a timer under `Interval`.
+fn syncer_loop(d: &Durable, bus: &Weak<BusInner>) {
+    loop {
+        let mut st = d.state.lock();
+        match d.policy {
+            DurableFsync::Always => {
+                while st.pending.is_empty() && !st.closed {
+                    d.cond.wait(&mut st);
+                }
+            }
+            DurableFsync::Interval(iv) => {
+                if !st.closed {
+                    let t = st.log.sync_due_in().unwrap_or(iv);
+                    d.cond.wait_for(&mut st, t);
+                }
+            }
+        }
+        let batch: Vec<(Message, Option<u64>)> = st.pending.drain(..).collect();
+        let closed = st.closed;
+        let due = closed || !batch.is_empty() || st.log.sync_due_in().is_some_and(|t| t.is_zero());
+        let ps = if due {
+            st.log.take_pending_sync()
+        } else {
+            Ok(None)
+        };
+        drop(st);
+        let result = match ps {
+            Ok(Some(ps)) => {
+                d.fsyncs.fetch_add(1, Ordering::Relaxed);
+                ps.run().map_err(|e| {
+                    let text = e.to_string();
+                    let mut st = d.state.lock();
+                    st.log.poison(text.clone());
+                    st.failed = Some(text.clone());
+                    text
+                })
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                if let Some(last) = batch.last().and_then(|(m, _)| m.seq) {
+                    if let Some(inner) = bus.upgrade() {
+                        for (m, no_echo) in &batch {
+                            let counters = inner.subjects.get(m.subject.top_token());
+                            inner.fan_out(m, *no_echo, &counters);
+                        }
+                    }
+                    d.synced.send_modify(|s| s.synced = s.synced.max(last));
+                }
+            }
+            Err(text) => {
+                tracing::error!(error = %text, "bus durable log: fsync failed; durable publishing stops");
+                d.synced
+                    .send_modify(|s| s.failed = Some(text.as_str().into()));
+            }
+        }
+        if closed {
+            break;
+        }
+    }
+}
+
+/// An in-process subscription. Unsubscribes when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    bus: Bus,
+    id: u64,
+    pattern: Pattern,
+    queue: Arc<LocalQueue>,
+    /// Durable messages below this were delivered (or skipped).
+    cursor: u64,
+    replay: VecDeque<Message>,
+}
+
+/// How many stored messages a catching-up subscriber reads at a time.
+const CATCH_UP_BATCH: usize = 256;
+
+impl Subscription {
+    /// The next message. Ends with the reason once the subscription is
+    /// closed (slow consumer, bus shut down). Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Message, CloseReason> {
+        loop {
+            if let Some(m) = self.replay.pop_front() {
+                if let Some(s) = m.seq {
+                    self.cursor = s + 1;
+                }
+                return Ok(m);
+            }
+            let from = {
+                let mut st = self.queue.state.lock();
+                let mut got = None;
+                while let Some(m) = st.buf.pop_front() {
+                    match m.seq {
+                        Some(s) if self.queue_has_catch_up() && s < self.cursor => continue,
+                        Some(s) => self.cursor = s + 1,
+                        None => {}
+                    }
+                    got = Some(m);
+                    break;
+                }
+                if let Some(m) = got {
+                    return Ok(m);
+                }
+                if let Some(r) = st.closed {
+                    return Err(r);
+                }
+                match st.lag_high {
+                    Some(h) if self.cursor > h => {
+                        st.lag_high = None;
+                        continue;
+                    }
+                    Some(_) => Some(self.cursor),
+                    None => None,
+                }
+            };
+            match from {
+                None => self.queue.notify.notified().await,
+                Some(from) => match self
+                    .bus
+                    .read_durable(self.pattern.clone(), from, CATCH_UP_BATCH)
+                    .await
+                {
+                    Ok((msgs, next)) => {
+                        if msgs.is_empty() {
+                            self.cursor = self.cursor.max(next);
+                            if next == from {
+                                // Nothing at or after `from` in the log (e.g.
+                                // removed by retention): skip what was deferred.
+                                let mut st = self.queue.state.lock();
+                                if let Some(h) = st.lag_high {
+                                    self.cursor = self.cursor.max(h + 1);
+                                    st.lag_high = None;
+                                }
+                            }
+                        }
+                        self.replay.extend(msgs);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, pattern = %self.pattern, "subscription could not catch up from the durable log");
+                        let mut st = self.queue.state.lock();
+                        if let Some(h) = st.lag_high.take() {
+                            self.queue
+                                .dropped
+                                .fetch_add(h + 1 - self.cursor.min(h + 1), Ordering::Relaxed);
+                            self.cursor = h + 1;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn queue_has_catch_up(&self) -> bool {
+        self.bus.inner.durable.is_some()
+    }
+
+    /// Messages dropped for this subscriber (drop-oldest policy).
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The pattern.
+    pub fn pattern(&self) -> &str {
+        self.pattern.as_str()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.queue.close(CloseReason::Unsubscribed);
+        let entry = self.bus.inner.index.read().subs.get(&self.id).cloned();
+        if let Some(e) = entry {
+            self.bus.inner.remove_sub(&e);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Bounded queues between the publisher's fan-out and each consumer. A push
+//! never blocks and never waits: over the bound, the slow-consumer policy
+//! decides, or (for durable messages to an in-process subscriber) the
+//! subscriber is switched to catching up from the log.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Buf, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::message::Message;
+use crate::proto;
+
+/// What to do with a subscriber whose queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowConsumerPolicy {
+    /// Close it (NATS: `-ERR 'Slow Consumer'` and disconnect).
+    #[default]
+    Disconnect,
+    /// Drop its oldest queued message and count the drop.
+    DropOldest,
+}
+
+/// Why a subscription or connection stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// It fell behind under [`SlowConsumerPolicy::Disconnect`].
+    SlowConsumer,
+    /// It was unsubscribed (or reached its maximum number of messages).
+    Unsubscribed,
+    /// The bus shut down.
+    BusClosed,
+    /// The connection closed.
+    ConnectionClosed,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SlowConsumer => "slow consumer",
+            Self::Unsubscribed => "unsubscribed",
+            Self::BusClosed => "bus closed",
+            Self::ConnectionClosed => "connection closed",
+        })
+    }
+}
+
+/// Result of offering one message to a consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offer {
+    /// Queued.
+    Queued,
+    /// Queued after dropping an older message.
+    QueuedDroppedOldest,
+    /// Not queued: the message itself was dropped (counted).
+    Dropped,
+    /// Not queued; the subscriber will read it from the durable log.
+    Deferred,
+    /// The consumer was just closed as a slow consumer.
+    SlowConsumer,
+    /// The consumer was already closed.
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct LocalState {
+    pub buf: VecDeque<Message>,
+    pub closed: Option<CloseReason>,
+    /// While catching up from the log: the highest durable sequence number
+    /// that was not queued.
+    pub lag_high: Option<u64>,
+}
+
+/// The queue of one in-process subscription.
+#[derive(Debug)]
+pub(crate) struct LocalQueue {
+    pub state: Mutex<LocalState>,
+    pub notify: Notify,
+    cap: usize,
+    policy: SlowConsumerPolicy,
+    /// Durable messages are deferred to the log instead of being dropped.
+    catch_up: bool,
+    pub dropped: AtomicU64,
+}
+
+impl LocalQueue {
+    pub fn new(
+        cap: usize,
+        policy: SlowConsumerPolicy,
+        catch_up: bool,
+        lag_high: Option<u64>,
+    ) -> Self {
+        Self {
+            state: Mutex::new(LocalState {
+                buf: VecDeque::with_capacity(cap.min(1024)),
+                closed: None,
+                lag_high,
+            }),
+            notify: Notify::new(),
+            cap: cap.max(1),
+            policy,
+            catch_up,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn offer(&self, msg: &Message) -> Offer {
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return Offer::Closed;
+        }
+        let durable_seq = msg.seq.filter(|_| self.catch_up);
+        if let Some(seq) = durable_seq {
+            if st.lag_high.is_some() || st.buf.len() >= self.cap {
+                st.lag_high = Some(seq);
+                drop(st);
+                self.notify.notify_one();
+                return Offer::Deferred;
+            }
+        }
+        let mut offer = Offer::Queued;
+        if st.buf.len() >= self.cap {
+            match self.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    st.closed = Some(CloseReason::SlowConsumer);
+                    st.buf.clear();
+                    drop(st);
+                    self.notify.notify_one();
+                    return Offer::SlowConsumer;
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    // Durable messages in the queue are never dropped: they
+                    // cannot be re-read once the subscriber has moved past.
+                    let victim = if self.catch_up {
+                        st.buf.iter().position(|m| m.seq.is_none())
+                    } else {
+                        Some(0)
+                    };
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    match victim {
+                        Some(i) => {
+                            st.buf.remove(i);
+                            offer = Offer::QueuedDroppedOldest;
+                        }
+                        None => return Offer::Dropped,
+                    }
+                }
+            }
+        }
+        st.buf.push_back(msg.clone());
+        drop(st);
+        self.notify.notify_one();
+        offer
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        self.state.lock().closed.get_or_insert(reason);
+        self.notify.notify_one();
+    }
+}
+
+#[derive(Debug)]
+struct OutState {
+    buf: BytesMut,
+    /// Frames in `buf`, oldest first: (length, droppable).
+    frames: VecDeque<(usize, bool)>,
+    closed: Option<CloseReason>,
+}
+
+/// The outbound queue of one NATS connection: encoded frames, bounded in
+/// bytes and in messages. The connection's writer task drains it.
+#[derive(Debug)]
+pub(crate) struct ConnOutbound {
+    state: Mutex<OutState>,
+    pub notify: Notify,
+    max_bytes: usize,
+    max_msgs: usize,
+    policy: SlowConsumerPolicy,
+    pub dropped: AtomicU64,
+}
+
+impl ConnOutbound {
+    pub fn new(max_bytes: usize, max_msgs: usize, policy: SlowConsumerPolicy) -> Self {
+        Self {
+            state: Mutex::new(OutState {
+                buf: BytesMut::with_capacity(16 * 1024),
+                frames: VecDeque::new(),
+                closed: None,
+            }),
+            notify: Notify::new(),
+            max_bytes,
+            max_msgs,
+            policy,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a message frame for `sid`.
+    pub fn offer_msg(&self, msg: &Message, sid: &str, with_headers: bool) -> Offer {
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return Offer::Closed;
+        }
+        let start = st.buf.len();
+        let reply = msg.reply.as_ref().map(|r| r.as_str());
+        match (&msg.headers, with_headers) {
+            (Some(h), true) => proto::encode_hmsg(
+                &mut st.buf,
+                msg.subject.as_str(),
+                sid,
+                reply,
+                h,
+                &msg.payload,
+            ),
+            _ => proto::encode_msg(&mut st.buf, msg.subject.as_str(), sid, reply, &msg.payload),
+        }
+        let len = st.buf.len() - start;
+        st.frames.push_back((len, true));
+        let offer = self.enforce(&mut st);
+        drop(st);
+        if !matches!(offer, Offer::SlowConsumer) {
+            self.notify.notify_one();
+        }
+        offer
+    }
+
+    /// Queues a control frame (PONG, +OK, -ERR, INFO): never dropped, but
+    /// counted against the byte bound.
+    pub fn push_control(&self, bytes: &[u8]) -> Offer {
+        let mut st = self.state.lock();
+        if st.closed.is_some() {
+            return Offer::Closed;
+        }
+        st.buf.extend_from_slice(bytes);
+        st.frames.push_back((bytes.len(), false));
+        let offer = self.enforce(&mut st);
+        drop(st);
+        self.notify.notify_one();
+        offer
+    }
+
+    fn enforce(&self, st: &mut OutState) -> Offer {
+        let mut offer = Offer::Queued;
+        while st.buf.len() > self.max_bytes || st.frames.len() > self.max_msgs {
+            let victim = match self.policy {
+                SlowConsumerPolicy::DropOldest => st.frames.iter().position(|(_, d)| *d),
+                SlowConsumerPolicy::Disconnect => None,
+            };
+            let Some(i) = victim else {
+                st.closed = Some(CloseReason::SlowConsumer);
+                st.buf.clear();
+                st.frames.clear();
+                self.notify.notify_one();
+                return Offer::SlowConsumer;
+            };
+            let off: usize = st.frames.iter().take(i).map(|(l, _)| l).sum();
+            let (len, _) = st.frames.remove(i).unwrap_or((0, true));
+            if off == 0 {
+                st.buf.advance(len);
+            } else {
+                let mut tail = st.buf.split_off(off);
+                tail.advance(len);
+                st.buf.unsplit(tail);
+            }
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            offer = Offer::QueuedDroppedOldest;
+        }
+        offer
+    }
+
+    /// Takes everything queued. Once closed, what was queued before the close
+    /// is still handed out (a slow consumer's queue is discarded at the
+    /// close), then `Err(reason)`.
+    pub fn take(&self) -> Result<Option<BytesMut>, CloseReason> {
+        let mut st = self.state.lock();
+        if st.buf.is_empty() {
+            return match st.closed {
+                Some(r) => Err(r),
+                None => Ok(None),
+            };
+        }
+        st.frames.clear();
+        Ok(Some(st.buf.split()))
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.state.lock();
+        st.closed.get_or_insert(reason);
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subject::Subject;
+    use bytes::Bytes;
+
+    fn msg(i: u64, seq: Option<u64>) -> Message {
+        Message {
+            subject: Subject::new("a.b").unwrap(),
+            reply: None,
+            headers: None,
+            payload: Bytes::from(i.to_string()),
+            seq,
+            ts_ms: 0,
+        }
+    }
+
+    fn payloads(q: &LocalQueue) -> Vec<String> {
+        q.state
+            .lock()
+            .buf
+            .iter()
+            .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn local_drop_oldest() {
+        let q = LocalQueue::new(2, SlowConsumerPolicy::DropOldest, false, None);
+        assert_eq!(q.offer(&msg(1, None)), Offer::Queued);
+        assert_eq!(q.offer(&msg(2, None)), Offer::Queued);
+        assert_eq!(q.offer(&msg(3, None)), Offer::QueuedDroppedOldest);
+        assert_eq!(payloads(&q), vec!["2", "3"]);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn local_disconnect() {
+        let q = LocalQueue::new(1, SlowConsumerPolicy::Disconnect, false, None);
+        assert_eq!(q.offer(&msg(1, None)), Offer::Queued);
+        assert_eq!(q.offer(&msg(2, None)), Offer::SlowConsumer);
+        assert_eq!(q.offer(&msg(3, None)), Offer::Closed);
+        assert_eq!(q.state.lock().closed, Some(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn local_durable_defers_instead_of_dropping() {
+        let q = LocalQueue::new(2, SlowConsumerPolicy::Disconnect, true, None);
+        q.offer(&msg(1, Some(1)));
+        q.offer(&msg(2, Some(2)));
+        assert_eq!(q.offer(&msg(3, Some(3))), Offer::Deferred);
+        assert_eq!(q.state.lock().lag_high, Some(3));
+        // Once lagging, later durable messages are deferred even with room.
+        q.state.lock().buf.clear();
+        assert_eq!(q.offer(&msg(4, Some(4))), Offer::Deferred);
+        assert_eq!(q.state.lock().lag_high, Some(4));
+        assert!(q.state.lock().closed.is_none());
+        // Drop-oldest never drops a durable message from the queue.
+        let q = LocalQueue::new(2, SlowConsumerPolicy::DropOldest, true, None);
+        q.offer(&msg(1, Some(1)));
+        q.offer(&msg(2, None));
+        assert_eq!(q.offer(&msg(3, None)), Offer::QueuedDroppedOldest);
+        assert_eq!(payloads(&q), vec!["1", "3"]);
+        q.state.lock().buf.pop_back();
+        q.offer(&msg(4, Some(2)));
+        assert_eq!(q.offer(&msg(5, None)), Offer::Dropped);
+    }
+
+    #[test]
+    fn conn_bounds() {
+        let o = ConnOutbound::new(60, 100, SlowConsumerPolicy::DropOldest);
+        o.push_control(b"PONG\r\n");
+        for i in 0..5 {
+            o.offer_msg(&msg(i, None), "1", true);
+        }
+        let out = o.take().unwrap().unwrap();
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            text.starts_with("PONG\r\n"),
+            "control frames are kept: {text}"
+        );
+        assert!(text.len() <= 60);
+        assert!(text.ends_with("MSG a.b 1 1\r\n4\r\n"), "{text}");
+        assert!(o.dropped.load(Ordering::Relaxed) > 0);
+
+        let o = ConnOutbound::new(40, 100, SlowConsumerPolicy::Disconnect);
+        assert_eq!(o.offer_msg(&msg(1, None), "1", true), Offer::Queued);
+        assert_eq!(o.offer_msg(&msg(2, None), "1", true), Offer::Queued);
+        assert_eq!(o.offer_msg(&msg(3, None), "1", true), Offer::SlowConsumer);
+        assert_eq!(o.take(), Err(CloseReason::SlowConsumer));
+    }
+}

@@ -1,0 +1,396 @@
+//! The NATS endpoint: a thin tokio adapter around [`crate::proto`] and the
+//! [`Bus`].
+//!
+//! Each connection has a reader (socket → parser → bus) and a writer (the
+//! connection's bounded outbound queue → socket). The reader never waits on
+//! the writer, so a client that stops reading only fills its own queue, and
+//! the slow-consumer policy decides what happens (bounded memory either way).
+//! A fatal protocol error gets `-ERR` and a close of that connection only.
+//!
+//! `+OK` (verbose mode) and `PONG` are sent only once every durable message
+//! the connection published before them is fsynced (under
+//! `DurableFsync::Always`): so `PUB` + `PING` → `PONG` is a durable
+//! acknowledgement, with many publishes sharing one fsync.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, ConnHandle};
+use crate::message::Headers;
+use crate::proto::{self, ClientOp, Parser, ServerInfo};
+use crate::queue::{CloseReason, SlowConsumerPolicy};
+
+/// Settings of the NATS endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Advertised in `INFO` and enforced (a larger `PUB` is a fatal error).
+    pub max_payload: usize,
+    /// Longest control line (NATS default 4096).
+    pub max_control_line: usize,
+    /// Concurrent connections; more get `-ERR` and are closed.
+    pub max_connections: usize,
+    /// Outbound bytes queued per connection before the slow-consumer policy
+    /// applies (nats-server's default is 64 MiB).
+    pub max_pending_bytes: usize,
+    /// Outbound messages queued per connection, likewise.
+    pub max_pending_msgs: usize,
+    /// What to do with a connection that falls behind.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// How often the server pings an idle client.
+    pub ping_interval: Duration,
+    /// Unanswered pings before the connection is considered dead.
+    pub max_pings_out: u32,
+    /// `server_name` in `INFO`.
+    pub server_name: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_payload: 1 << 20,
+            max_control_line: 4096,
+            max_connections: 256,
+            max_pending_bytes: 64 << 20,
+            max_pending_msgs: 1 << 20,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            ping_interval: Duration::from_secs(120),
+            max_pings_out: 2,
+            server_name: "appliance".into(),
+        }
+    }
+}
+
+/// Serves NATS clients on a TCP listener until `shutdown` is cancelled, then
+/// closes every connection and returns.
+pub async fn serve(
+    bus: Bus,
+    listener: TcpListener,
+    opts: ServerOptions,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    let opts = Arc::new(opts);
+    let limit = Arc::new(Semaphore::new(opts.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "NATS accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let info = (local.ip().to_string(), local.port(), Some(peer.ip().to_string()));
+                conns.spawn(run_conn(bus.clone(), stream, peer.to_string(), info, opts.clone(), limit.clone(), shutdown.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Serves NATS clients on a Unix socket until `shutdown` is cancelled.
+pub async fn serve_unix(
+    bus: Bus,
+    listener: UnixListener,
+    opts: ServerOptions,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let opts = Arc::new(opts);
+    let limit = Arc::new(Semaphore::new(opts.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NATS accept (unix) failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let info = ("unix".to_owned(), 0, None);
+                conns.spawn(run_conn(bus.clone(), stream, "unix".into(), info, opts.clone(), limit.clone(), shutdown.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+fn server_id() -> String {
+    let t = appliance_record_log::now_ms();
+    format!("APPLIANCE{:08X}{t:012X}", std::process::id())
+}
+
+async fn run_conn<S>(
+    bus: Bus,
+    stream: S,
+    peer: String,
+    (host, port, client_ip): (String, u16, Option<String>),
+    opts: Arc<ServerOptions>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let Ok(_permit) = limit.try_acquire_owned() else {
+        let mut b = BytesMut::new();
+        proto::encode_err(&mut b, "maximum connections exceeded");
+        let _ = wr.write_all(&b).await;
+        let _ = wr.shutdown().await;
+        return;
+    };
+    let conn = bus.register_conn(
+        peer.clone(),
+        opts.max_pending_bytes,
+        opts.max_pending_msgs,
+        opts.slow_consumer,
+    );
+    let info = ServerInfo {
+        server_id: server_id(),
+        server_name: opts.server_name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        go: "appliance-bus".into(),
+        host,
+        port,
+        headers: true,
+        max_payload: opts.max_payload,
+        proto: 1,
+        client_id: conn.id,
+        client_ip,
+    };
+    let mut b = BytesMut::new();
+    proto::encode_info(&info, &mut b);
+    conn.out.push_control(&b);
+
+    let writer = tokio::spawn(write_loop(conn.clone(), wr));
+    let reason = read_loop(&bus, &conn, &mut rd, &opts, &shutdown).await;
+    tracing::debug!(peer, id = conn.id, ?reason, "NATS connection ending");
+    bus.unregister_conn(&conn);
+    conn.out.close(CloseReason::ConnectionClosed);
+    // Let the writer flush what is queued (a final -ERR), but not forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<ConnHandle>, mut wr: W) {
+    loop {
+        match conn.out.take() {
+            Ok(Some(buf)) => {
+                if wr.write_all(&buf).await.is_err() {
+                    conn.out.close(CloseReason::ConnectionClosed);
+                    return;
+                }
+            }
+            Ok(None) => conn.out.notify.notified().await,
+            Err(reason) => {
+                if reason == CloseReason::SlowConsumer {
+                    let mut b = BytesMut::new();
+                    proto::encode_err(&mut b, "Slow Consumer");
+                    let _ = wr.write_all(&b).await;
+                }
+                let _ = wr.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum End {
+    Eof,
+    ReadError,
+    Protocol,
+    SlowConsumer,
+    Stale,
+    Shutdown,
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    bus: &Bus,
+    conn: &Arc<ConnHandle>,
+    rd: &mut R,
+    opts: &ServerOptions,
+    shutdown: &CancellationToken,
+) -> End {
+    let mut parser = Parser::new(opts.max_control_line, opts.max_payload);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut verbose = false;
+    let mut no_responders = false;
+    let mut pending_sync: Option<u64> = None;
+    let mut pings_out = 0u32;
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + opts.ping_interval,
+        opts.ping_interval,
+    );
+    loop {
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return End::Shutdown,
+            _ = ping.tick() => {
+                if pings_out >= opts.max_pings_out {
+                    let mut b = BytesMut::new();
+                    proto::encode_err(&mut b, "Stale Connection");
+                    conn.out.push_control(&b);
+                    return End::Stale;
+                }
+                pings_out += 1;
+                conn.out.push_control(proto::PING);
+                continue;
+            }
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => return End::Eof,
+                Ok(_) => {}
+                Err(_) => return End::ReadError,
+            },
+        }
+        loop {
+            if conn.out.is_closed() {
+                return End::SlowConsumer;
+            }
+            let op = match parser.parse(&mut buf) {
+                Ok(Some(op)) => op,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(peer = %conn.peer, error = %e, "NATS protocol error");
+                    let mut b = BytesMut::new();
+                    proto::encode_err(&mut b, &e.err_text());
+                    conn.out.push_control(&b);
+                    if e.is_fatal() {
+                        return End::Protocol;
+                    }
+                    continue;
+                }
+            };
+            match op {
+                ClientOp::Connect(c) => {
+                    verbose = c.verbose;
+                    no_responders = c.no_responders && c.headers;
+                    conn.headers.store(c.headers, Ordering::Relaxed);
+                    conn.echo.store(c.echo, Ordering::Relaxed);
+                    *conn.name.lock() = c.name.clone();
+                    if verbose {
+                        conn.out.push_control(proto::OK);
+                    }
+                }
+                ClientOp::Pub {
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                } => {
+                    if let Some(r) = reply.as_deref().filter(|_| no_responders) {
+                        if !bus.has_interest(&subject) {
+                            send_no_responders(bus, r);
+                            if verbose {
+                                conn.out.push_control(proto::OK);
+                            }
+                            continue;
+                        }
+                    }
+                    let msg = match bus.make_message(&subject, reply.as_deref(), headers, payload) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            err(conn, &e.to_string());
+                            continue;
+                        }
+                    };
+                    match bus.inner.publish_msg(msg, Some(conn)) {
+                        Ok(t) if t.wait_sync => pending_sync = t.seq.max(pending_sync),
+                        Ok(_) => {}
+                        Err(e) => {
+                            err(conn, &format!("publish failed: {e}"));
+                            continue;
+                        }
+                    }
+                    if verbose && !ack_after_sync(bus, conn, &mut pending_sync).await {
+                        continue;
+                    }
+                    if verbose {
+                        conn.out.push_control(proto::OK);
+                    }
+                }
+                ClientOp::Sub {
+                    subject,
+                    queue,
+                    sid,
+                } => match bus.conn_subscribe(conn, &sid, &subject, queue.as_deref()) {
+                    Ok(()) if verbose => {
+                        conn.out.push_control(proto::OK);
+                    }
+                    Ok(()) => {}
+                    Err(e) => err(conn, &e.to_string()),
+                },
+                ClientOp::Unsub { sid, max } => {
+                    bus.conn_unsubscribe(conn, &sid, max);
+                    if verbose {
+                        conn.out.push_control(proto::OK);
+                    }
+                }
+                ClientOp::Ping => {
+                    if ack_after_sync(bus, conn, &mut pending_sync).await {
+                        conn.out.push_control(proto::PONG);
+                    }
+                }
+                ClientOp::Pong => pings_out = 0,
+            }
+        }
+    }
+}
+
+fn err(conn: &ConnHandle, text: &str) {
+    let mut b = BytesMut::new();
+    proto::encode_err(&mut b, text);
+    conn.out.push_control(&b);
+}
+
+/// Waits until the connection's durable publishes are fsynced. On failure
+/// sends `-ERR` and returns false.
+async fn ack_after_sync(bus: &Bus, conn: &ConnHandle, pending: &mut Option<u64>) -> bool {
+    let Some(seq) = pending.take() else {
+        return true;
+    };
+    match bus.wait_synced(seq).await {
+        Ok(()) => true,
+        Err(e) => {
+            err(conn, &format!("durable log failure: {e}"));
+            false
+        }
+    }
+}
+
+/// A request with nobody to answer: tell the requester at once with a
+/// `503` status message (what nats-server does for `no_responders` clients).
+fn send_no_responders(bus: &Bus, reply: &str) {
+    let h = Headers {
+        status: Some("503".into()),
+        entries: Vec::new(),
+    };
+    if let Ok(m) = bus.make_message(reply, None, Some(h.encode()), Bytes::new()) {
+        let _ = bus.inner.publish_msg(m, None);
+    }
+}

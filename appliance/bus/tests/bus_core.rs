@@ -1,0 +1,553 @@
+//! In-process bus: fan-out, queue groups, slow consumers, durable subjects,
+//! catch-up, replay, dead letters, statistics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance_bus::*;
+use bytes::Bytes;
+use tokio::time::timeout;
+
+fn bus() -> Bus {
+    Bus::open(BusOptions::default()).unwrap().0
+}
+
+fn durable_bus(dir: &std::path::Path, fsync: DurableFsync, queue: usize) -> (Bus, RecoveryReport) {
+    let mut d = DurableOptions::new(dir);
+    d.fsync = fsync;
+    let (b, r) = Bus::open(BusOptions {
+        subscriber_queue: queue,
+        durable: Some(d),
+        ..BusOptions::default()
+    })
+    .unwrap();
+    (b, r.unwrap())
+}
+
+async fn recv(s: &mut Subscription) -> Message {
+    timeout(Duration::from_secs(5), s.recv())
+        .await
+        .expect("timed out")
+        .expect("closed")
+}
+
+fn text(m: &Message) -> String {
+    String::from_utf8(m.payload.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn wildcards_and_fan_out() {
+    let b = bus();
+    let mut star = b
+        .subscribe("storage.*.state", SubscribeOptions::default())
+        .unwrap();
+    let mut gt = b
+        .subscribe("storage.>", SubscribeOptions::default())
+        .unwrap();
+    let mut other = b.subscribe("sync.>", SubscribeOptions::default()).unwrap();
+    b.publish("storage.tank.state", None, "a").await.unwrap();
+    b.publish("storage.tank.disk.sda", None, "b").await.unwrap();
+    assert_eq!(text(&recv(&mut star).await), "a");
+    assert_eq!(text(&recv(&mut gt).await), "a");
+    assert_eq!(text(&recv(&mut gt).await), "b");
+    assert!(timeout(Duration::from_millis(50), other.recv())
+        .await
+        .is_err());
+    assert!(timeout(Duration::from_millis(50), star.recv())
+        .await
+        .is_err());
+    assert!(matches!(
+        b.publish("storage..x", None, "").await,
+        Err(BusError::InvalidSubject(SubjectError::EmptyToken { .. }))
+    ));
+    assert!(matches!(
+        b.publish("storage.*", None, "").await,
+        Err(BusError::InvalidSubject(_))
+    ));
+    assert!(matches!(
+        b.subscribe("a.>.b", SubscribeOptions::default()),
+        Err(BusError::InvalidSubject(_))
+    ));
+    let big = vec![0u8; b.options().max_payload + 1];
+    assert!(matches!(
+        b.publish("a", None, big).await,
+        Err(BusError::PayloadTooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn typed_json_and_headers() {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Ev {
+        pool: String,
+        ok: bool,
+    }
+    let b = bus();
+    let mut s = b.subscribe("x.>", SubscribeOptions::default()).unwrap();
+    b.publish_json(
+        "x.ev",
+        &Ev {
+            pool: "tank".into(),
+            ok: true,
+        },
+    )
+    .await
+    .unwrap();
+    let m = recv(&mut s).await;
+    assert_eq!(
+        m.json::<Ev>().unwrap(),
+        Ev {
+            pool: "tank".into(),
+            ok: true
+        }
+    );
+    b.publish("x.h", Some(Headers::new().with("K", "v").encode()), "p")
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut s).await.headers().get("k"), Some("v"));
+}
+
+#[tokio::test]
+async fn queue_group_spreads_load_and_plain_subscribers_see_everything() {
+    let b = bus();
+    let opts = || SubscribeOptions {
+        queue_group: Some("workers".into()),
+        ..SubscribeOptions::default()
+    };
+    let mut w: Vec<Subscription> = (0..3)
+        .map(|_| b.subscribe("jobs.*", opts()).unwrap())
+        .collect();
+    let mut all = b.subscribe("jobs.*", SubscribeOptions::default()).unwrap();
+    for i in 0..300 {
+        b.publish("jobs.x", None, i.to_string()).await.unwrap();
+    }
+    let mut counts = Vec::new();
+    let mut total = 0;
+    for s in &mut w {
+        let mut n = 0;
+        while timeout(Duration::from_millis(20), s.recv()).await.is_ok() {
+            n += 1;
+        }
+        counts.push(n);
+        total += n;
+    }
+    assert_eq!(total, 300, "each message to exactly one member: {counts:?}");
+    assert!(counts.iter().all(|c| *c >= 50), "spread: {counts:?}");
+    for _ in 0..300 {
+        recv(&mut all).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_consumer_disconnect_leaves_others_alone() {
+    let b = bus();
+    let mut slow = b
+        .subscribe(
+            "ev.>",
+            SubscribeOptions {
+                capacity: Some(2),
+                ..SubscribeOptions::default()
+            },
+        )
+        .unwrap();
+    let mut fast = b.subscribe("ev.>", SubscribeOptions::default()).unwrap();
+    for i in 0..10 {
+        // Never blocks, whatever the slow subscriber does.
+        timeout(
+            Duration::from_millis(100),
+            b.publish("ev.x", None, i.to_string()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    assert_eq!(slow.recv().await, Err(CloseReason::SlowConsumer));
+    for i in 0..10 {
+        assert_eq!(text(&recv(&mut fast).await), i.to_string());
+    }
+    let st = b.stats();
+    assert_eq!(st.subjects["ev"].slow_consumers, 1);
+    assert_eq!(st.subjects["ev"].messages_in, 10);
+}
+
+#[tokio::test]
+async fn slow_consumer_drop_oldest_counts() {
+    let b = bus();
+    let mut s = b
+        .subscribe(
+            "ev.>",
+            SubscribeOptions {
+                capacity: Some(3),
+                slow_consumer: Some(SlowConsumerPolicy::DropOldest),
+                ..SubscribeOptions::default()
+            },
+        )
+        .unwrap();
+    for i in 0..10 {
+        b.publish("ev.x", None, i.to_string()).await.unwrap();
+    }
+    let got: Vec<String> = vec![
+        text(&recv(&mut s).await),
+        text(&recv(&mut s).await),
+        text(&recv(&mut s).await),
+    ];
+    assert_eq!(got, vec!["7", "8", "9"]);
+    assert_eq!(s.dropped(), 7);
+    assert_eq!(b.stats().subjects["ev"].drops, 7);
+}
+
+#[tokio::test]
+async fn durable_messages_are_stored_and_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (b, rep) = durable_bus(
+            dir.path(),
+            DurableFsync::Interval(Duration::from_millis(10)),
+            64,
+        );
+        assert!(rep.is_clean());
+        let a1 = b.publish("storage.pool.tank", None, "1").await.unwrap();
+        let a2 = b.publish("sync.upload.x", None, "2").await.unwrap();
+        let n = b.publish("cache.stats", None, "not durable").await.unwrap();
+        let a3 = b.publish("storage.disk.sda", None, "3").await.unwrap();
+        assert_eq!(
+            (a1.seq, a2.seq, n.seq, a3.seq),
+            (Some(1), Some(2), None, Some(3))
+        );
+        b.sync_durable().await.unwrap();
+        b.close();
+    }
+    let (b, rep) = durable_bus(
+        dir.path(),
+        DurableFsync::Interval(Duration::from_millis(10)),
+        64,
+    );
+    assert_eq!(rep.records_loaded, 3);
+    let all = b
+        .replay(ReplayQuery {
+            pattern: ">".into(),
+            from_seq: None,
+            since_ms: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(text).collect::<Vec<_>>(),
+        vec!["1", "2", "3"]
+    );
+    let storage = b
+        .replay(ReplayQuery {
+            pattern: "storage.>".into(),
+            from_seq: Some(2),
+            since_ms: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.iter().map(|m| m.seq.unwrap()).collect::<Vec<_>>(),
+        vec![3]
+    );
+    let limited = b
+        .replay(ReplayQuery {
+            pattern: ">".into(),
+            from_seq: None,
+            since_ms: Some(0),
+            limit: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(limited.len(), 2);
+    let future = b
+        .replay(ReplayQuery {
+            pattern: ">".into(),
+            from_seq: None,
+            since_ms: Some(appliance_record_log::now_ms() + 60_000),
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert!(future.is_empty());
+    // Numbering continues.
+    assert_eq!(b.publish("system.x", None, "4").await.unwrap().seq, Some(4));
+}
+
+#[tokio::test]
+async fn subscribe_from_seq_replays_then_goes_live_without_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = durable_bus(
+        dir.path(),
+        DurableFsync::Interval(Duration::from_millis(10)),
+        8,
+    );
+    for i in 1..=500 {
+        b.publish("storage.e", None, i.to_string()).await.unwrap();
+    }
+    let mut s = b
+        .subscribe(
+            "storage.>",
+            SubscribeOptions {
+                from_seq: Some(100),
+                ..SubscribeOptions::default()
+            },
+        )
+        .unwrap();
+    let writer = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            for i in 501..=700 {
+                b.publish("storage.e", None, i.to_string()).await.unwrap();
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    for want in 100..=700u64 {
+        let m = recv(&mut s).await;
+        assert_eq!(m.seq, Some(want));
+        assert_eq!(text(&m), want.to_string());
+    }
+    writer.await.unwrap();
+    assert!(
+        timeout(Duration::from_millis(50), s.recv()).await.is_err(),
+        "nothing repeated"
+    );
+    assert!(matches!(
+        bus().subscribe(
+            "x",
+            SubscribeOptions {
+                from_seq: Some(1),
+                ..SubscribeOptions::default()
+            }
+        ),
+        Err(BusError::NotDurable)
+    ));
+}
+
+#[tokio::test]
+async fn durable_subjects_never_drop_for_a_slow_in_process_subscriber() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = durable_bus(
+        dir.path(),
+        DurableFsync::Interval(Duration::from_millis(10)),
+        4,
+    );
+    let mut s = b.subscribe(">", SubscribeOptions::default()).unwrap();
+    for i in 1..=1000 {
+        b.publish("storage.e", None, i.to_string()).await.unwrap();
+    }
+    for want in 1..=1000u64 {
+        let m = recv(&mut s).await;
+        assert_eq!(m.seq, Some(want), "in order, none missing");
+    }
+    assert!(
+        timeout(Duration::from_millis(50), s.recv()).await.is_err(),
+        "nothing repeated"
+    );
+    // Non-durable subjects on the same subscription still follow the policy.
+    for i in 0..10 {
+        b.publish("cache.x", None, i.to_string()).await.unwrap();
+    }
+    assert_eq!(s.recv().await, Err(CloseReason::SlowConsumer));
+}
+
+#[tokio::test]
+async fn fsync_always_acknowledges_after_fsync_and_groups_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = durable_bus(dir.path(), DurableFsync::Always, 10_000);
+    let mut s = b
+        .subscribe("storage.>", SubscribeOptions::default())
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                b.publish("storage.e", None, format!("{t}-{i}"))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let st = b.stats().durable.unwrap();
+    assert_eq!(st.records, 400);
+    assert!(st.fsyncs >= 1 && st.fsyncs <= 400, "{st:?}");
+    let mut last = 0;
+    for _ in 0..400 {
+        let seq = recv(&mut s).await.seq.unwrap();
+        assert!(seq > last, "fan-out in sequence order");
+        last = seq;
+    }
+}
+
+#[tokio::test]
+async fn damaged_log_is_reported_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (b, _) = durable_bus(dir.path(), DurableFsync::Always, 64);
+        for i in 0..10 {
+            b.publish("system.heartbeat", None, i.to_string())
+                .await
+                .unwrap();
+        }
+        b.close();
+    }
+    // Cut the active segment mid-record.
+    let gen = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("gen-"))
+        .unwrap();
+    let seg = std::fs::read_dir(gen)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let (b, rep) = durable_bus(dir.path(), DurableFsync::Always, 64);
+    assert_eq!(rep.records_loaded, 9);
+    assert_eq!(rep.damage.len(), 1);
+    let st = b.stats().durable.unwrap();
+    assert!(st.recovery_bytes_lost > 0);
+    assert_eq!(st.recovery_records_lost, 1);
+}
+
+#[tokio::test]
+async fn failing_handler_dead_letters_and_retry_delivers() {
+    let b = Bus::open(BusOptions {
+        dlq: DlqOptions {
+            max_attempts: 3,
+            backoff: Duration::from_millis(5),
+            ..DlqOptions::default()
+        },
+        ..BusOptions::default()
+    })
+    .unwrap()
+    .0;
+    let calls = Arc::new(AtomicU32::new(0));
+    let healthy = Arc::new(AtomicU32::new(0));
+    let mut dlq = b.subscribe("_dlq.>", SubscribeOptions::default()).unwrap();
+    let h = {
+        let calls = calls.clone();
+        let healthy = healthy.clone();
+        b.handle(
+            "notifier",
+            "storage.>",
+            HandlerOptions::default(),
+            move |m: Message| {
+                let calls = calls.clone();
+                let healthy = healthy.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    if healthy.load(Ordering::SeqCst) == 1 {
+                        return Ok(());
+                    }
+                    if m.payload == "panic" {
+                        panic!("kaboom");
+                    }
+                    Err("smtp relay refused".to_string())
+                }
+            },
+        )
+        .unwrap()
+    };
+    assert!(matches!(
+        b.handle(
+            "notifier",
+            "x",
+            HandlerOptions::default(),
+            |_m: Message| async { Ok(()) }
+        ),
+        Err(BusError::HandlerExists(_))
+    ));
+    b.publish("storage.disk.failed", None, "sda").await.unwrap();
+    let d = recv(&mut dlq).await;
+    assert_eq!(d.subject.as_str(), "_dlq.storage.disk.failed");
+    assert_eq!(text(&d), "sda");
+    let hd = d.headers();
+    assert_eq!(hd.get("Dlq-Error"), Some("smtp relay refused"));
+    assert_eq!(hd.get("Dlq-Attempts"), Some("3"));
+    assert_eq!(hd.get("Dlq-Handler"), Some("notifier"));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    b.publish("storage.disk.failed", None, "panic")
+        .await
+        .unwrap();
+    let d = recv(&mut dlq).await;
+    assert_eq!(
+        d.headers().get("Dlq-Error"),
+        Some("handler panicked: kaboom")
+    );
+
+    let list = b.dlq_list();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].subject, "storage.disk.failed");
+    assert_eq!(list[0].error, "smtp relay refused");
+    let id: u64 = hd.get("Dlq-Id").unwrap().parse().unwrap();
+    assert_eq!(list[0].id, id);
+
+    // Still failing: the entry stays, with one more attempt.
+    match b.dlq_retry(id).await.unwrap() {
+        RetryOutcome::Failed(e) => assert_eq!(e, "smtp relay refused"),
+        RetryOutcome::Delivered => panic!("should fail"),
+    }
+    assert_eq!(b.dlq_get(id).unwrap().attempts, 4);
+    healthy.store(1, Ordering::SeqCst);
+    assert_eq!(b.dlq_retry(id).await.unwrap(), RetryOutcome::Delivered);
+    assert_eq!(b.dlq_list().len(), 1);
+    assert!(matches!(
+        b.dlq_retry(id).await,
+        Err(BusError::DlqNotFound(_))
+    ));
+    let other = b.dlq_list()[0].id;
+    drop(h);
+    assert!(matches!(
+        b.dlq_retry(other).await,
+        Err(BusError::HandlerGone(_))
+    ));
+}
+
+#[tokio::test]
+async fn stats_per_subject() {
+    let b = bus();
+    let _s = b.subscribe(">", SubscribeOptions::default()).unwrap();
+    b.publish("storage.a", None, Bytes::from_static(b"12345"))
+        .await
+        .unwrap();
+    b.publish("storage.b", None, "1").await.unwrap();
+    b.publish("sync.x", None, "").await.unwrap();
+    let st = b.stats();
+    assert_eq!(st.subjects["storage"].messages_in, 2);
+    assert_eq!(st.subjects["storage"].bytes_in, 6);
+    assert_eq!(st.subjects["storage"].messages_out, 2);
+    assert_eq!(st.subjects["sync"].messages_in, 1);
+    assert_eq!(st.total.messages_in, 3);
+    assert_eq!(st.local_subscriptions, 1);
+}
+
+#[tokio::test]
+async fn close_ends_subscriptions() {
+    let b = bus();
+    let mut s = b.subscribe(">", SubscribeOptions::default()).unwrap();
+    b.close();
+    assert_eq!(s.recv().await, Err(CloseReason::BusClosed));
+    assert!(matches!(
+        b.publish("a", None, "").await,
+        Err(BusError::Closed)
+    ));
+}
