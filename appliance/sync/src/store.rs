@@ -1,0 +1,1366 @@
+//! The per-client document store on real files.
+//!
+//! ```text
+//! <documents>/<client>/                 the client's root; its documents, as uploaded
+//!   .appliance-staging/                 files being assembled (swept at start-up)
+//!   .appliance-meta/chunks/ab/<hash>    content-addressed chunks not yet part of a file
+//!   .appliance-meta/manifests/<path>    manifest (chunk list, hash, mtime) of each document
+//! ```
+//! The `.appliance-` prefix is reserved by the protocol's path rules, so no
+//! uploaded path can reach these directories.
+//!
+//! **Commit protocol** (a document is complete and verified, or absent):
+//! 1. every chunk of the file is in the chunk store, or inside an existing
+//!    document (the chunk index points at it);
+//! 2. the file is assembled in the staging directory, every chunk re-hashed
+//!    as it is read and the whole file hashed as it is written;
+//! 3. the whole-file hash is compared with the manifest; the staging file's
+//!    mtime is set, it is fsynced, its manifest is written durably;
+//! 4. the file is renamed into place (a replaced document is first renamed to
+//!    `name.~N~` if versions are kept) and the directory is fsynced;
+//! 5. the chunks now held by the document leave the chunk store.
+//!
+//! A crash before 4 leaves only staging leftovers, which [`ClientStore::open`]
+//! sweeps; chunks in the store survive, so the next push resumes. A manifest
+//! that does not match its document (crash between manifest and rename) is
+//! detected by size and mtime and recomputed from the file.
+//!
+//! **Chunk index**: chunk hash → where its bytes are: the chunk store or an
+//! offset in a document. A re-push of an unchanged or slightly edited
+//! document therefore needs no copy of the data in the chunk store, and the
+//! store does not double the disk use of what it keeps. Every chunk read for
+//! assembly is re-verified, so a document changed behind our back costs a
+//! retry, never a wrong file.
+//!
+//! **Symlinks**: paths are resolved one component at a time with
+//! `openat(O_NOFOLLOW)` from a descriptor of the client root, so a symlink
+//! planted anywhere in the tree (by a local user; clients cannot create them)
+//! is refused ([`StoreError::Symlink`]) instead of followed out of the root.
+//! Renames and unlinks are done relative to those descriptors.
+//!
+//! **Full disk**: `ENOSPC`/`EDQUOT` at any step become [`StoreError::DiskFull`],
+//! and the staging file or temporary chunk file is removed.
+
+use crate::identity::ClientName;
+use appliance_sync_proto::message::{ListEntry, Manifest, Mtime};
+use appliance_sync_proto::path::{is_reserved_component, METADATA_DIR_NAME, STAGING_DIR_NAME};
+use appliance_sync_proto::{digest_reader, Hash, RelPath, ValidManifest};
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const CHUNKS_DIR: &str = "chunks";
+const MANIFESTS_DIR: &str = "manifests";
+/// Mode of document directories and files: owner only; the appliance serves
+/// them to their owner through this protocol, nobody reads them locally.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Store failures, each naming the client and the path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{client}: {path} not found")]
+    NotFound { client: ClientName, path: String },
+    #[error("{client}: {path} is or passes through a symlink; refused")]
+    Symlink { client: ClientName, path: String },
+    #[error("{client}: {path} is not a regular file or directory as expected")]
+    WrongType { client: ClientName, path: String },
+    #[error("{client}: disk full while writing {path}")]
+    DiskFull { client: ClientName, path: String },
+    #[error("{client}: chunk {hash} is missing from the store")]
+    MissingChunk { client: ClientName, hash: Hash },
+    #[error("{client}: stored data for chunk {hash} no longer matches it (changed on disk); it was dropped, retry the upload")]
+    ChunkChanged { client: ClientName, hash: Hash },
+    #[error("{client}: assembled {path} hashes to {actual}, the manifest says {expected}")]
+    FileHashMismatch {
+        client: ClientName,
+        path: String,
+        expected: Hash,
+        actual: Hash,
+    },
+    #[error("{client}: {path}: {source}")]
+    Io {
+        client: ClientName,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether this is a full disk (or a full filesystem quota).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::DiskFull { .. })
+    }
+}
+
+fn is_enospc(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Where the bytes of an indexed chunk are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChunkSource {
+    Store {
+        len: u32,
+    },
+    Document {
+        path: RelPath,
+        offset: u64,
+        len: u32,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    index: HashMap<Hash, ChunkSource>,
+    files: u64,
+}
+
+/// One client's documents. Cheap to share (`Arc`); every method is
+/// blocking IO and belongs on a blocking thread.
+#[derive(Debug)]
+pub struct ClientStore {
+    client: ClientName,
+    root: PathBuf,
+    root_fd: OwnedFd,
+    keep_versions: bool,
+    used: Arc<AtomicU64>,
+    state: Mutex<State>,
+    staging_seq: AtomicU64,
+}
+
+/// Result of a start-up scan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    pub files: u64,
+    pub chunks_in_store: u64,
+    pub staging_swept: u64,
+    pub used_bytes: u64,
+}
+
+fn mode(bits: u32) -> Mode {
+    Mode::from_bits_truncate(bits)
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY
+}
+
+fn errno_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+impl ClientStore {
+    /// Opens (creating if needed) `root` for `client`, sweeps staging
+    /// leftovers, and rebuilds the chunk index and usage. `used` receives the
+    /// client's byte usage and is kept current by every operation.
+    pub fn open(
+        client: ClientName,
+        root: &Path,
+        keep_versions: bool,
+        used: Arc<AtomicU64>,
+    ) -> Result<(Self, OpenReport), StoreError> {
+        let err_client = client.clone();
+        let io_at = |path: &Path| {
+            let client = err_client.clone();
+            let path = path.display().to_string();
+            move |source: io::Error| StoreError::Io {
+                client,
+                path,
+                source,
+            }
+        };
+        crate::fsutil::ensure_dir(root, DIR_MODE).map_err(io_at(root))?;
+        let root_fd = nix::fcntl::open(root, dir_flags(), Mode::empty())
+            .map_err(|e| io_at(root)(errno_io(e)))?;
+        let store = Self {
+            client,
+            root: root.to_path_buf(),
+            root_fd,
+            keep_versions,
+            used,
+            state: Mutex::new(State::default()),
+            staging_seq: AtomicU64::new(0),
+        };
+        for dir in [
+            STAGING_DIR_NAME.to_owned(),
+            METADATA_DIR_NAME.to_owned(),
+            format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}"),
+            format!("{METADATA_DIR_NAME}/{MANIFESTS_DIR}"),
+        ] {
+            store.open_internal_dir(&dir, true)?;
+        }
+        let mut report = OpenReport::default();
+        // 1. Sweep staging: anything there is an assembly that never committed.
+        let staging = root.join(STAGING_DIR_NAME);
+        for entry in std::fs::read_dir(&staging).map_err(io_at(&staging))? {
+            let entry = entry.map_err(io_at(&staging))?;
+            let path = entry.path();
+            let removed = if entry.file_type().map_err(io_at(&path))?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(io_at(&path))?;
+            report.staging_swept += 1;
+        }
+        if report.staging_swept > 0 {
+            crate::fsutil::fsync_dir(&staging).map_err(io_at(&staging))?;
+            tracing::info!(client = %store.client, swept = report.staging_swept, "swept staging leftovers");
+        }
+        // 2. Chunk store: index chunks; drop temporaries and damaged names.
+        let mut state = State::default();
+        let mut used = 0u64;
+        let chunks = root.join(METADATA_DIR_NAME).join(CHUNKS_DIR);
+        for shard in std::fs::read_dir(&chunks).map_err(io_at(&chunks))? {
+            let shard = shard.map_err(io_at(&chunks))?;
+            if !shard.file_type().map_err(io_at(&chunks))?.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(shard.path()).map_err(io_at(&shard.path()))? {
+                let entry = entry.map_err(io_at(&shard.path()))?;
+                let path = entry.path();
+                let name = entry.file_name();
+                let parsed = name.to_str().and_then(Hash::from_hex);
+                let meta = entry.metadata().map_err(io_at(&path))?;
+                match parsed {
+                    Some(hash) if meta.is_file() && meta.len() <= u64::from(u32::MAX) => {
+                        let len = u32::try_from(meta.len()).unwrap_or(u32::MAX);
+                        state.index.insert(hash, ChunkSource::Store { len });
+                        used += meta.len();
+                        report.chunks_in_store += 1;
+                    }
+                    _ => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+        // 3. Documents: count, index their chunks from the manifests.
+        let mut docs = Vec::new();
+        store.walk(None, &mut docs)?;
+        for (rel, size) in docs {
+            used += size;
+            state.files += 1;
+            if let Ok(Some(manifest)) = store.read_manifest(&rel) {
+                for c in &manifest.chunks {
+                    state.index.entry(c.hash).or_insert(ChunkSource::Document {
+                        path: rel.clone(),
+                        offset: c.offset,
+                        len: c.len,
+                    });
+                }
+            }
+        }
+        used += store.version_bytes()?;
+        report.files = state.files;
+        report.used_bytes = used;
+        store.used.store(used, Ordering::SeqCst);
+        *store.state.lock() = state;
+        Ok((store, report))
+    }
+
+    /// The client this store belongs to.
+    pub fn client(&self) -> &ClientName {
+        &self.client
+    }
+
+    /// The client's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Bytes used by the client (documents, kept versions, chunk store).
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Number of documents.
+    pub fn files(&self) -> u64 {
+        self.state.lock().files
+    }
+
+    /// Number of chunks waiting in the chunk store (not yet in a document).
+    pub fn chunks_in_store(&self) -> usize {
+        self.state
+            .lock()
+            .index
+            .values()
+            .filter(|s| matches!(s, ChunkSource::Store { .. }))
+            .count()
+    }
+
+    /// Whether the bytes of `hash` are available (chunk store or document).
+    pub fn has_chunk(&self, hash: &Hash) -> bool {
+        self.state.lock().index.contains_key(hash)
+    }
+
+    /// The size of the document at `path`, if there is one.
+    pub fn existing_size(&self, path: &RelPath) -> Option<u64> {
+        let (parent, name) = self.open_parent(path, false).ok()?;
+        let st = fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+        (SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG)
+            .then(|| u64::try_from(st.st_size).unwrap_or(0))
+    }
+
+    /// The stored manifest of `path` if it matches the document now there.
+    pub fn current_manifest(&self, path: &RelPath) -> Option<Manifest> {
+        self.document_manifest(path).ok()
+    }
+
+    fn err_io(&self, path: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError + '_ {
+        let path = path.into();
+        move |source| {
+            if is_enospc(&source) {
+                StoreError::DiskFull {
+                    client: self.client.clone(),
+                    path,
+                }
+            } else {
+                StoreError::Io {
+                    client: self.client.clone(),
+                    path,
+                    source,
+                }
+            }
+        }
+    }
+
+    fn err_errno(&self, path: impl Into<String>, e: Errno) -> StoreError {
+        let path = path.into();
+        match e {
+            Errno::ELOOP => StoreError::Symlink {
+                client: self.client.clone(),
+                path,
+            },
+            Errno::ENOENT => StoreError::NotFound {
+                client: self.client.clone(),
+                path,
+            },
+            Errno::ENOTDIR => StoreError::WrongType {
+                client: self.client.clone(),
+                path,
+            },
+            other => self.err_io(path)(errno_io(other)),
+        }
+    }
+
+    /// Opens a directory below the root by walking `components` with
+    /// `O_NOFOLLOW`, creating missing ones if `create`.
+    fn open_dir_walk<'a>(
+        &self,
+        components: impl Iterator<Item = &'a str>,
+        create: bool,
+        shown: &str,
+    ) -> Result<OwnedFd, StoreError> {
+        let mut fd = self
+            .root_fd
+            .try_clone()
+            .map_err(self.err_io(shown.to_owned()))?;
+        for component in components {
+            if create {
+                match mkdirat(&fd, component, mode(DIR_MODE)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(self.err_errno(shown, e)),
+                }
+            }
+            fd = match openat(&fd, component, dir_flags(), Mode::empty()) {
+                Ok(fd) => fd,
+                // O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP or ENOTDIR
+                // depending on the kernel; tell the two apart.
+                Err(Errno::ENOTDIR) | Err(Errno::ELOOP) if self.is_symlink_at(&fd, component) => {
+                    return Err(StoreError::Symlink {
+                        client: self.client.clone(),
+                        path: shown.to_owned(),
+                    })
+                }
+                Err(e) => return Err(self.err_errno(shown, e)),
+            };
+        }
+        Ok(fd)
+    }
+
+    fn is_symlink_at(&self, dir: &OwnedFd, name: &str) -> bool {
+        fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK)
+    }
+
+    fn open_internal_dir(&self, rel: &str, create: bool) -> Result<OwnedFd, StoreError> {
+        self.open_dir_walk(rel.split('/'), create, rel)
+    }
+
+    /// The parent directory of `path` (walked safely) and the last component.
+    fn open_parent<'p>(
+        &self,
+        path: &'p RelPath,
+        create: bool,
+    ) -> Result<(OwnedFd, &'p str), StoreError> {
+        let components: Vec<&str> = path.components().collect();
+        let (name, parents) = components
+            .split_last()
+            .ok_or_else(|| StoreError::NotFound {
+                client: self.client.clone(),
+                path: path.to_string(),
+            })?;
+        let fd = self.open_dir_walk(parents.iter().copied(), create, path.as_str())?;
+        Ok((fd, name))
+    }
+
+    fn open_file_at(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        flags: OFlag,
+        file_mode: u32,
+        shown: &str,
+    ) -> Result<File, StoreError> {
+        match openat(
+            dir,
+            name,
+            flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            mode(file_mode),
+        ) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(Errno::ELOOP) => Err(StoreError::Symlink {
+                client: self.client.clone(),
+                path: shown.to_owned(),
+            }),
+            Err(e) => Err(self.err_errno(shown, e)),
+        }
+    }
+
+    /// Opens a document for reading, refusing symlinks and non-files.
+    pub fn open_document(&self, path: &RelPath) -> Result<File, StoreError> {
+        let (parent, name) = self.open_parent(path, false)?;
+        let file = self.open_file_at(&parent, name, OFlag::O_RDONLY, 0, path.as_str())?;
+        let meta = file.metadata().map_err(self.err_io(path.as_str()))?;
+        if !meta.is_file() {
+            return Err(StoreError::WrongType {
+                client: self.client.clone(),
+                path: path.to_string(),
+            });
+        }
+        Ok(file)
+    }
+
+    fn chunk_name(hash: &Hash) -> (String, String) {
+        let hex = hash.to_string();
+        (hex[..2].to_owned(), hex)
+    }
+
+    /// Stores a verified chunk durably (file fsynced before its rename, so
+    /// a chunk that exists after a crash has its full content). The caller
+    /// has checked the hash; it is checked again here because the store
+    /// trusts nothing it did not hash itself.
+    pub fn write_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
+        if Hash::of(data) != *hash {
+            return Err(StoreError::ChunkChanged {
+                client: self.client.clone(),
+                hash: *hash,
+            });
+        }
+        if self.has_chunk(hash) {
+            return Ok(());
+        }
+        let len = u32::try_from(data.len()).map_err(|_| {
+            self.err_io(hash.to_string())(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "chunk too large",
+            ))
+        })?;
+        let (shard, hex) = Self::chunk_name(hash);
+        let shown = format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}/{shard}/{hex}");
+        let dir =
+            self.open_internal_dir(&format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}/{shard}"), true)?;
+        let seq = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!("{hex}.tmp{seq}");
+        let result = (|| {
+            let mut file = self.open_file_at(
+                &dir,
+                &tmp,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                FILE_MODE,
+                &shown,
+            )?;
+            file.write_all(data).map_err(self.err_io(shown.clone()))?;
+            file.sync_data().map_err(self.err_io(shown.clone()))?;
+            renameat(&dir, tmp.as_str(), &dir, hex.as_str())
+                .map_err(|e| self.err_errno(shown.clone(), e))
+        })();
+        if let Err(e) = result {
+            let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
+        let mut state = self.state.lock();
+        if !state.index.contains_key(hash) {
+            state.index.insert(*hash, ChunkSource::Store { len });
+            self.used.fetch_add(u64::from(len), Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies the bytes of a chunk from wherever the index says.
+    fn read_chunk(&self, hash: &Hash) -> Result<Vec<u8>, StoreError> {
+        let source = self.state.lock().index.get(hash).cloned();
+        let data = match source {
+            None => {
+                return Err(StoreError::MissingChunk {
+                    client: self.client.clone(),
+                    hash: *hash,
+                })
+            }
+            Some(ChunkSource::Store { len }) => {
+                let (shard, hex) = Self::chunk_name(hash);
+                let dir = self.open_internal_dir(
+                    &format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}/{shard}"),
+                    false,
+                )?;
+                let mut file = self.open_file_at(&dir, &hex, OFlag::O_RDONLY, 0, &hex)?;
+                let mut data = Vec::with_capacity(len as usize);
+                file.read_to_end(&mut data).map_err(self.err_io(hex))?;
+                data
+            }
+            Some(ChunkSource::Document { path, offset, len }) => {
+                let mut data = vec![0u8; len as usize];
+                let read = self.open_document(&path).and_then(|f| {
+                    f.read_exact_at(&mut data, offset)
+                        .map_err(self.err_io(path.as_str()))
+                });
+                match read {
+                    Ok(()) => data,
+                    Err(_) => Vec::new(), // fails verification below
+                }
+            }
+        };
+        if Hash::of(&data) != *hash {
+            self.drop_chunk(hash);
+            return Err(StoreError::ChunkChanged {
+                client: self.client.clone(),
+                hash: *hash,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Forgets a chunk (and deletes it from the chunk store if it is there).
+    fn drop_chunk(&self, hash: &Hash) {
+        let removed = self.state.lock().index.remove(hash);
+        if let Some(ChunkSource::Store { len }) = removed {
+            let (shard, hex) = Self::chunk_name(hash);
+            if let Ok(dir) =
+                self.open_internal_dir(&format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}/{shard}"), false)
+            {
+                if unlinkat(&dir, hex.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                    self.used.fetch_sub(u64::from(len), Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Assembles, verifies and commits `manifest` (see the module docs). On
+    /// any error the staging file is removed and the document tree is
+    /// unchanged.
+    pub fn assemble(&self, manifest: &ValidManifest) -> Result<(), StoreError> {
+        let path = &manifest.path;
+        // An identical document already in place: only the mtime may differ.
+        if let Ok(current) = self.document_manifest(path) {
+            if current.file_hash == manifest.file_hash && current.size == manifest.size {
+                if current.mtime != manifest.mtime {
+                    let file = self.open_document(path)?;
+                    file.set_modified(system_time(manifest.mtime))
+                        .map_err(self.err_io(path.as_str()))?;
+                    file.sync_all().map_err(self.err_io(path.as_str()))?;
+                    self.write_manifest(manifest)?;
+                }
+                self.release_store_chunks(manifest);
+                return Ok(());
+            }
+        }
+        let staging = self.open_internal_dir(STAGING_DIR_NAME, true)?;
+        let seq = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+        let staging_name = format!("{}.{seq}", blake3::hash(path.as_str().as_bytes()).to_hex());
+        let shown = format!("{STAGING_DIR_NAME}/{staging_name}");
+        let mut grew = 0u64;
+        let result = self.assemble_into(manifest, &staging, &staging_name, &shown, &mut grew);
+        if let Err(e) = result {
+            let _ = unlinkat(&staging, staging_name.as_str(), UnlinkatFlags::NoRemoveDir);
+            self.used.fetch_sub(grew, Ordering::SeqCst);
+            return Err(e);
+        }
+        self.release_store_chunks(manifest);
+        Ok(())
+    }
+
+    fn assemble_into(
+        &self,
+        manifest: &ValidManifest,
+        staging: &OwnedFd,
+        staging_name: &str,
+        shown: &str,
+        grew: &mut u64,
+    ) -> Result<(), StoreError> {
+        let path = &manifest.path;
+        let mut file = self.open_file_at(
+            staging,
+            staging_name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+            FILE_MODE,
+            shown,
+        )?;
+        let mut hasher = blake3::Hasher::new();
+        let mut writer = io::BufWriter::with_capacity(1 << 20, &mut file);
+        for chunk in &manifest.chunks {
+            let data = self.read_chunk(&chunk.hash)?;
+            hasher.update(&data);
+            writer.write_all(&data).map_err(self.err_io(shown))?;
+            *grew += data.len() as u64;
+            self.used.fetch_add(data.len() as u64, Ordering::SeqCst);
+        }
+        writer.flush().map_err(self.err_io(shown))?;
+        drop(writer);
+        let actual: Hash = hasher.finalize().into();
+        if actual != manifest.file_hash {
+            return Err(StoreError::FileHashMismatch {
+                client: self.client.clone(),
+                path: path.to_string(),
+                expected: manifest.file_hash,
+                actual,
+            });
+        }
+        file.set_modified(system_time(manifest.mtime))
+            .map_err(self.err_io(shown))?;
+        file.sync_all().map_err(self.err_io(shown))?;
+        drop(file);
+        self.write_manifest(manifest)?;
+        let (parent, name) = self.open_parent(path, true)?;
+        // What is in the way: a document (replaced, or kept as a version),
+        // or something we must not clobber.
+        let replaced = match fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+                if kind == SFlag::S_IFLNK {
+                    return Err(StoreError::Symlink {
+                        client: self.client.clone(),
+                        path: path.to_string(),
+                    });
+                }
+                if kind != SFlag::S_IFREG {
+                    return Err(StoreError::WrongType {
+                        client: self.client.clone(),
+                        path: path.to_string(),
+                    });
+                }
+                Some(u64::try_from(st.st_size).unwrap_or(0))
+            }
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(self.err_errno(path.as_str(), e)),
+        };
+        if let (Some(_), true) = (replaced, self.keep_versions) {
+            let version = self.next_version_name(&parent, name)?;
+            renameat(&parent, name, &parent, version.as_str())
+                .map_err(|e| self.err_errno(path.as_str(), e))?;
+        }
+        renameat(staging, staging_name, &parent, name)
+            .map_err(|e| self.err_errno(path.as_str(), e))?;
+        nix::unistd::fsync(&parent).map_err(|e| self.err_errno(path.as_str(), e))?;
+        let mut state = self.state.lock();
+        match replaced {
+            Some(old) if !self.keep_versions => {
+                self.used.fetch_sub(old, Ordering::SeqCst);
+                // Index entries pointing into the replaced document are stale.
+                state.index.retain(
+                    |_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path),
+                );
+            }
+            Some(_) => {
+                state.index.retain(
+                    |_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path),
+                );
+            }
+            None => state.files += 1,
+        }
+        Ok(())
+    }
+
+    /// After a commit: the document now holds these chunks, so the index
+    /// points at it and the chunk-store copies are deleted.
+    fn release_store_chunks(&self, manifest: &ValidManifest) {
+        let mut released = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for c in &manifest.chunks {
+                let previous = state.index.insert(
+                    c.hash,
+                    ChunkSource::Document {
+                        path: manifest.path.clone(),
+                        offset: c.offset,
+                        len: c.len,
+                    },
+                );
+                if let Some(ChunkSource::Store { len }) = previous {
+                    released.push((c.hash, len));
+                }
+            }
+        }
+        for (hash, len) in released {
+            let (shard, hex) = Self::chunk_name(&hash);
+            if let Ok(dir) =
+                self.open_internal_dir(&format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}/{shard}"), false)
+            {
+                if unlinkat(&dir, hex.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                    self.used.fetch_sub(u64::from(len), Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    fn next_version_name(&self, dir: &OwnedFd, name: &str) -> Result<String, StoreError> {
+        // A fresh descriptor: a dup would share (and exhaust) the offset.
+        let fresh =
+            openat(dir, ".", dir_flags(), Mode::empty()).map_err(|e| self.err_errno(name, e))?;
+        let listing = nix::dir::Dir::from_fd(fresh).map_err(|e| self.err_errno(name, e))?;
+        let prefix = format!("{name}.~");
+        let mut max = 0u64;
+        for entry in listing {
+            let Ok(entry) = entry else { continue };
+            let Ok(entry_name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if let Some(n) = entry_name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix('~'))
+                .and_then(|digits| digits.parse::<u64>().ok())
+            {
+                max = max.max(n);
+            }
+        }
+        Ok(format!("{name}.~{}~", max + 1))
+    }
+
+    fn manifest_components(path: &RelPath) -> Vec<&str> {
+        let mut v = vec![METADATA_DIR_NAME, MANIFESTS_DIR];
+        v.extend(path.components());
+        v
+    }
+
+    fn write_manifest(&self, manifest: &ValidManifest) -> Result<(), StoreError> {
+        let components = Self::manifest_components(&manifest.path);
+        let shown = components.join("/");
+        let (name, parents) = components
+            .split_last()
+            .ok_or_else(|| self.err_io(shown.clone())(io::Error::other("empty path")))?;
+        let dir = self.open_dir_walk(parents.iter().copied(), true, &shown)?;
+        let bytes = postcard::to_allocvec(&manifest.to_manifest())
+            .map_err(|e| self.err_io(shown.clone())(io::Error::other(e)))?;
+        let tmp = format!("{name}.tmp");
+        let result = (|| {
+            let mut file = self.open_file_at(
+                &dir,
+                &tmp,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
+                FILE_MODE,
+                &shown,
+            )?;
+            file.write_all(&bytes).map_err(self.err_io(shown.clone()))?;
+            file.sync_data().map_err(self.err_io(shown.clone()))?;
+            renameat(&dir, tmp.as_str(), &dir, *name).map_err(|e| self.err_errno(shown.clone(), e))
+        })();
+        if result.is_err() {
+            let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        result
+    }
+
+    fn read_manifest(&self, path: &RelPath) -> Result<Option<Manifest>, StoreError> {
+        let components = Self::manifest_components(path);
+        let shown = components.join("/");
+        let Some((name, parents)) = components.split_last() else {
+            return Ok(None);
+        };
+        let dir = match self.open_dir_walk(parents.iter().copied(), false, &shown) {
+            Ok(dir) => dir,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut file = match self.open_file_at(&dir, name, OFlag::O_RDONLY, 0, &shown) {
+            Ok(f) => f,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(self.err_io(shown))?;
+        Ok(postcard::from_bytes::<Manifest>(&bytes).ok())
+    }
+
+    /// The manifest of the document at `path`: the stored one if it matches
+    /// the file's size and mtime, otherwise recomputed from the file (and
+    /// stored again).
+    pub fn document_manifest(&self, path: &RelPath) -> Result<Manifest, StoreError> {
+        let file = self.open_document(path)?;
+        let meta = file.metadata().map_err(self.err_io(path.as_str()))?;
+        let mtime = Mtime::from_system_time(meta.modified().map_err(self.err_io(path.as_str()))?);
+        if let Some(stored) = self.read_manifest(path)? {
+            if stored.size == meta.len() && stored.mtime == mtime && stored.path == path.as_str() {
+                return Ok(stored);
+            }
+        }
+        let digest = digest_reader(io::BufReader::new(&file)).map_err(|e| match e {
+            appliance_sync_proto::ChunkError::Io(io) => self.err_io(path.as_str())(io),
+            other => self.err_io(path.as_str())(io::Error::other(other.to_string())),
+        })?;
+        let manifest = digest.to_manifest(path, mtime);
+        if let Ok(valid) = appliance_sync_proto::validate_manifest(manifest.clone()) {
+            // Best effort: a listing must not fail because the cache could not be written.
+            let _ = self.write_manifest(&valid);
+        }
+        Ok(manifest)
+    }
+
+    /// Walks the documents below `dir` (or the root), skipping reserved
+    /// names and symlinks, collecting `(path, size)`.
+    fn walk(&self, dir: Option<&RelPath>, out: &mut Vec<(RelPath, u64)>) -> Result<(), StoreError> {
+        let fd = match dir {
+            // A fresh descriptor: a dup would share (and exhaust) the offset.
+            None => openat(&self.root_fd, ".", dir_flags(), Mode::empty())
+                .map_err(|e| self.err_errno("", e))?,
+            Some(d) => self.open_dir_walk(d.components(), false, d.as_str())?,
+        };
+        let shown = dir.map(RelPath::to_string).unwrap_or_default();
+        let listing = nix::dir::Dir::from_fd(fd).map_err(|e| self.err_errno(shown.clone(), e))?;
+        let mut subdirs = Vec::new();
+        for entry in listing {
+            let entry = entry.map_err(|e| self.err_errno(shown.clone(), e))?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name == "." || name == ".." || is_reserved_component(name) {
+                continue;
+            }
+            let Ok(child) = (match dir {
+                None => RelPath::parse(name),
+                Some(d) => RelPath::parse(&format!("{d}/{name}")),
+            }) else {
+                continue; // a name we could never have written; not ours to serve
+            };
+            let (parent, last) = self.open_parent(&child, false)?;
+            let Ok(st) = fstatat(&parent, last, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            if kind == SFlag::S_IFREG {
+                out.push((child, u64::try_from(st.st_size).unwrap_or(0)));
+            } else if kind == SFlag::S_IFDIR {
+                subdirs.push(child);
+            }
+        }
+        for sub in subdirs {
+            self.walk(Some(&sub), out)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of kept versions (`name.~N~`), which `walk` skips.
+    fn version_bytes(&self) -> Result<u64, StoreError> {
+        fn visit(dir: &Path, total: &mut u64) -> io::Result<()> {
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let ft = entry.file_type()?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if ft.is_dir() && !name.starts_with(".appliance-") {
+                    visit(&entry.path(), total)?;
+                } else if ft.is_file()
+                    && is_reserved_component(&name)
+                    && !name.starts_with(".appliance-")
+                {
+                    *total += entry.metadata()?.len();
+                }
+            }
+            Ok(())
+        }
+        let mut total = 0;
+        visit(&self.root, &mut total).map_err(self.err_io(""))?;
+        Ok(total)
+    }
+
+    /// One page of the listing below `dir`, strictly after `after`, sorted by
+    /// path; `true` if more entries follow.
+    pub fn list(
+        &self,
+        dir: Option<&RelPath>,
+        after: Option<&RelPath>,
+        limit: usize,
+    ) -> Result<(Vec<ListEntry>, bool), StoreError> {
+        let mut docs = Vec::new();
+        self.walk(dir, &mut docs)?;
+        docs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut entries = Vec::new();
+        let mut more = false;
+        for (path, _size) in docs {
+            if after.is_some_and(|a| path.as_str() <= a.as_str()) {
+                continue;
+            }
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            let manifest = match self.document_manifest(&path) {
+                Ok(m) => m,
+                Err(StoreError::NotFound { .. }) => continue, // deleted meanwhile
+                Err(e) => return Err(e),
+            };
+            entries.push(ListEntry {
+                path: path.into_string(),
+                size: manifest.size,
+                file_hash: manifest.file_hash,
+                mtime: manifest.mtime,
+            });
+        }
+        Ok((entries, more))
+    }
+
+    /// Deletes a document (and its manifest). Symlinks are refused.
+    pub fn delete(&self, path: &RelPath) -> Result<(), StoreError> {
+        let (parent, name) = self.open_parent(path, false)?;
+        let st = fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err_errno(path.as_str(), e))?;
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFLNK {
+            return Err(StoreError::Symlink {
+                client: self.client.clone(),
+                path: path.to_string(),
+            });
+        }
+        if kind != SFlag::S_IFREG {
+            return Err(StoreError::WrongType {
+                client: self.client.clone(),
+                path: path.to_string(),
+            });
+        }
+        unlinkat(&parent, name, UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| self.err_errno(path.as_str(), e))?;
+        nix::unistd::fsync(&parent).map_err(|e| self.err_errno(path.as_str(), e))?;
+        let components = Self::manifest_components(path);
+        if let Some((mname, mparents)) = components.split_last() {
+            if let Ok(mdir) = self.open_dir_walk(mparents.iter().copied(), false, path.as_str()) {
+                let _ = unlinkat(&mdir, *mname, UnlinkatFlags::NoRemoveDir);
+            }
+        }
+        let mut state = self.state.lock();
+        state.files = state.files.saturating_sub(1);
+        state
+            .index
+            .retain(|_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path));
+        self.used
+            .fetch_sub(u64::try_from(st.st_size).unwrap_or(0), Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of an open document.
+    pub fn read_at(file: &mut File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let mut data = vec![0u8; len as usize];
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(&mut data)?;
+        Ok(data)
+    }
+}
+
+fn system_time(mtime: Mtime) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(mtime.nanos));
+    if mtime.secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(mtime.secs.unsigned_abs()) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(mtime.secs.unsigned_abs()) + nanos
+    }
+}
+
+/// Every client's store under one documents directory.
+#[derive(Debug)]
+pub struct Documents {
+    base: PathBuf,
+    keep_versions: bool,
+    ledger: Arc<crate::admission::UsageLedger>,
+    open: Mutex<HashMap<ClientName, Arc<ClientStore>>>,
+}
+
+impl Documents {
+    /// Documents under `base` (one directory per client).
+    pub fn new(
+        base: &Path,
+        keep_versions: bool,
+        ledger: Arc<crate::admission::UsageLedger>,
+    ) -> Result<Self, io::Error> {
+        crate::fsutil::ensure_dir(base, DIR_MODE)?;
+        Ok(Self {
+            base: base.to_path_buf(),
+            keep_versions,
+            ledger,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The base directory.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The client's store, opened (swept and indexed) on first use.
+    pub fn client(&self, name: &ClientName) -> Result<Arc<ClientStore>, StoreError> {
+        if let Some(store) = self.open.lock().get(name) {
+            return Ok(store.clone());
+        }
+        let root = self.base.join(name.as_str());
+        let (store, report) = ClientStore::open(
+            name.clone(),
+            &root,
+            self.keep_versions,
+            self.ledger.counter(name),
+        )?;
+        tracing::debug!(client = %name, ?report, "opened client store");
+        let store = Arc::new(store);
+        Ok(self
+            .open
+            .lock()
+            .entry(name.clone())
+            .or_insert(store)
+            .clone())
+    }
+
+    /// Opens every client directory present, sweeping staging leftovers
+    /// (start-up recovery).
+    pub fn recover_all(&self) -> Result<Vec<(ClientName, OpenReport)>, StoreError> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.base) else {
+            return Ok(out);
+        };
+        for entry in entries.flatten() {
+            let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| ClientName::parse(n).ok())
+            else {
+                continue;
+            };
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let store = self.client(&name)?;
+            out.push((
+                name,
+                OpenReport {
+                    files: store.files(),
+                    chunks_in_store: store.chunks_in_store() as u64,
+                    staging_swept: 0,
+                    used_bytes: store.used(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use appliance_sync_proto::{digest_bytes, validate_manifest};
+
+    fn name() -> ClientName {
+        ClientName::parse("alice").unwrap()
+    }
+
+    fn open(root: &Path, keep_versions: bool) -> ClientStore {
+        ClientStore::open(name(), root, keep_versions, Arc::new(AtomicU64::new(0)))
+            .unwrap()
+            .0
+    }
+
+    fn data(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24).to_le_bytes()[0]
+            })
+            .collect()
+    }
+
+    fn manifest_for(path: &str, bytes: &[u8]) -> ValidManifest {
+        let digest = digest_bytes(bytes).unwrap();
+        let m = digest.to_manifest(
+            &RelPath::parse(path).unwrap(),
+            Mtime {
+                secs: 1_700_000_000,
+                nanos: 42,
+            },
+        );
+        validate_manifest(m).unwrap()
+    }
+
+    fn upload(store: &ClientStore, m: &ValidManifest, bytes: &[u8]) -> Result<(), StoreError> {
+        for c in &m.chunks {
+            if !store.has_chunk(&c.hash) {
+                let start = usize::try_from(c.offset).unwrap();
+                store.write_chunk(&c.hash, &bytes[start..start + c.len as usize])?;
+            }
+        }
+        store.assemble(m)
+    }
+
+    #[test]
+    fn assemble_commit_list_read_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(3 << 20, 1);
+        let m = manifest_for("docs/contract.pdf", &bytes);
+        upload(&store, &m, &bytes).unwrap();
+        assert_eq!(
+            std::fs::read(root.join("docs/contract.pdf")).unwrap(),
+            bytes
+        );
+        // Chunks moved into the document: the store holds none, and usage is the file.
+        assert_eq!(store.chunks_in_store(), 0);
+        assert_eq!(store.used(), bytes.len() as u64);
+        assert!(m.chunks.iter().all(|c| store.has_chunk(&c.hash)));
+        let meta = std::fs::metadata(root.join("docs/contract.pdf")).unwrap();
+        assert_eq!(Mtime::from_system_time(meta.modified().unwrap()), m.mtime);
+        let (entries, more) = store.list(None, None, 10).unwrap();
+        assert!(!more);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].path, "docs/contract.pdf");
+        assert_eq!(entries[0].file_hash, m.file_hash);
+        assert_eq!(entries[0].size, bytes.len() as u64);
+        // Reserved directories never show up.
+        assert!(std::fs::metadata(root.join(STAGING_DIR_NAME)).is_ok());
+        // A fresh store (restart) rebuilds the same index from the manifests.
+        drop(store);
+        let store = open(&root, false);
+        assert!(m.chunks.iter().all(|c| store.has_chunk(&c.hash)));
+        assert_eq!(store.files(), 1);
+        assert_eq!(store.used(), bytes.len() as u64);
+        store.delete(&m.path).unwrap();
+        assert!(!root.join("docs/contract.pdf").exists());
+        assert!(!store.has_chunk(&m.chunks[0].hash));
+        assert_eq!(store.used(), 0);
+        assert!(matches!(
+            store.delete(&m.path),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_whole_file_hash_leaves_nothing_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(100_000, 2);
+        let mut m = manifest_for("a.pdf", &bytes);
+        m.file_hash = Hash::of(b"something else");
+        let err = upload(&store, &m, &bytes).unwrap_err();
+        assert!(matches!(err, StoreError::FileHashMismatch { .. }), "{err}");
+        assert!(!root.join("a.pdf").exists());
+        assert_eq!(
+            std::fs::read_dir(root.join(STAGING_DIR_NAME))
+                .unwrap()
+                .count(),
+            0
+        );
+        // The chunk stays for a retry; usage counts only it.
+        assert_eq!(store.chunks_in_store(), 1);
+        assert_eq!(store.used(), bytes.len() as u64);
+    }
+
+    #[test]
+    fn chunk_with_wrong_bytes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("alice"), false);
+        assert!(matches!(
+            store.write_chunk(&Hash::of(b"x"), b"y"),
+            Err(StoreError::ChunkChanged { .. })
+        ));
+        assert_eq!(store.chunks_in_store(), 0);
+    }
+
+    #[test]
+    fn staging_leftovers_are_swept_and_chunks_kept_for_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(10_000, 3);
+        let m = manifest_for("x.bin", &bytes);
+        store.write_chunk(&m.chunks[0].hash, &bytes).unwrap();
+        drop(store);
+        std::fs::write(root.join(STAGING_DIR_NAME).join("half-written"), b"partial").unwrap();
+        let tmp_chunk = root.join(METADATA_DIR_NAME).join(CHUNKS_DIR).join("zz");
+        std::fs::create_dir_all(&tmp_chunk).unwrap();
+        std::fs::write(tmp_chunk.join("abc.tmp3"), b"junk").unwrap();
+        let (store, report) =
+            ClientStore::open(name(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+        assert_eq!(report.staging_swept, 1);
+        assert_eq!(report.chunks_in_store, 1);
+        assert!(!tmp_chunk.join("abc.tmp3").exists());
+        assert!(store.has_chunk(&m.chunks[0].hash));
+        assert_eq!(
+            std::fs::read_dir(root.join(STAGING_DIR_NAME))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn symlinks_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"do not touch").unwrap();
+        let store = open(&root, false);
+        // A directory symlink pointing out of the root.
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        let bytes = data(1000, 4);
+        let m = manifest_for("escape/new.pdf", &bytes);
+        let err = upload(&store, &m, &bytes).unwrap_err();
+        assert!(matches!(err, StoreError::Symlink { .. }), "{err}");
+        assert!(!outside.join("new.pdf").exists());
+        let secret = RelPath::parse("escape/secret").unwrap();
+        assert!(matches!(
+            store.open_document(&secret),
+            Err(StoreError::Symlink { .. })
+        ));
+        assert!(matches!(
+            store.delete(&secret),
+            Err(StoreError::Symlink { .. })
+        ));
+        // A file symlink: neither read, nor replaced, nor deleted through.
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("link.pdf")).unwrap();
+        let link = RelPath::parse("link.pdf").unwrap();
+        assert!(matches!(
+            store.open_document(&link),
+            Err(StoreError::Symlink { .. })
+        ));
+        let m = manifest_for("link.pdf", &bytes);
+        assert!(matches!(
+            upload(&store, &m, &bytes),
+            Err(StoreError::Symlink { .. })
+        ));
+        assert!(matches!(
+            store.delete(&link),
+            Err(StoreError::Symlink { .. })
+        ));
+        assert_eq!(
+            std::fs::read(outside.join("secret")).unwrap(),
+            b"do not touch"
+        );
+        // Listings skip symlinks.
+        assert!(store.list(None, None, 100).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn previous_versions_are_kept_when_enabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, true);
+        let v1 = data(5000, 5);
+        let v2 = data(6000, 6);
+        let v3 = data(7000, 7);
+        for v in [&v1, &v2, &v3] {
+            upload(&store, &manifest_for("doc.txt", v), v).unwrap();
+        }
+        assert_eq!(std::fs::read(root.join("doc.txt")).unwrap(), v3);
+        assert_eq!(std::fs::read(root.join("doc.txt.~1~")).unwrap(), v1);
+        assert_eq!(std::fs::read(root.join("doc.txt.~2~")).unwrap(), v2);
+        assert_eq!(store.used(), 18_000);
+        let (entries, _) = store.list(None, None, 100).unwrap();
+        assert_eq!(entries.len(), 1, "versions are not listed");
+
+        // Off (the default): replaced in place, no version files.
+        let root2 = dir.path().join("bob");
+        let store = open(&root2, false);
+        upload(&store, &manifest_for("doc.txt", &v1), &v1).unwrap();
+        upload(&store, &manifest_for("doc.txt", &v2), &v2).unwrap();
+        assert!(!root2.join("doc.txt.~1~").exists());
+        assert_eq!(store.used(), 6000);
+    }
+
+    #[test]
+    fn listing_pages_and_stale_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        for i in 0..5 {
+            let bytes = data(100 + i, i as u64);
+            upload(&store, &manifest_for(&format!("d/f{i}"), &bytes), &bytes).unwrap();
+        }
+        let (page, more) = store.list(None, None, 2).unwrap();
+        assert_eq!(page.len(), 2);
+        assert!(more);
+        let after = RelPath::parse(&page[1].path).unwrap();
+        let (rest, more) = store.list(None, Some(&after), 10).unwrap();
+        assert_eq!(rest.len(), 3);
+        assert!(!more);
+        let d = RelPath::parse("d").unwrap();
+        assert_eq!(store.list(Some(&d), None, 10).unwrap().0.len(), 5);
+        // Changed behind our back: the listing reports the real hash.
+        std::fs::write(root.join("d/f0"), b"changed").unwrap();
+        let (all, _) = store.list(None, None, 10).unwrap();
+        assert_eq!(all[0].file_hash, Hash::of(b"changed"));
+    }
+
+    /// A real full filesystem (a 2 MiB tmpfs): ENOSPC mid-assembly gives a
+    /// typed error and leaves neither the file nor a staging leftover.
+    #[test]
+    fn full_disk_is_a_clean_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("small");
+        std::fs::create_dir(&mount).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(&mount)
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return;
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _guard = Unmount(mount.clone());
+        let root = mount.join("alice");
+        let store = open(&root, false);
+        // 1.5 MiB of chunks fit; assembling a second 1.5 MiB copy does not.
+        let bytes = data(1_500_000, 9);
+        let m = manifest_for("big.bin", &bytes);
+        let err = upload(&store, &m, &bytes).unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        assert!(!root.join("big.bin").exists());
+        assert_eq!(
+            std::fs::read_dir(root.join(STAGING_DIR_NAME))
+                .unwrap()
+                .count(),
+            0
+        );
+        // Chunk writes that do not fit fail the same way, without leftovers.
+        let more = data(1_500_000, 10);
+        let err = store.write_chunk(&Hash::of(&more), &more).unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        assert_eq!(store.chunks_in_store(), 1);
+    }
+}
