@@ -16,7 +16,10 @@
 #      expect, and the Rust version Buildroot ships;
 #   6. post-image.sh and genimage.cfg, run on stand-in inputs, make a GPT
 #      disk with the expected partitions (skipped when genimage, mtools,
-#      dosfstools, e2fsprogs or sfdisk are missing).
+#      dosfstools, e2fsprogs or sfdisk are missing);
+#   7. make applianced-rsync copies every workspace member and every file
+#      the package installs (read with "cargo metadata --no-deps", which
+#      compiles nothing, when cargo is installed).
 #
 # Usage: buildroot/check.sh BUILDROOT_DIR
 # Exit status: 0 when every check passes, 1 otherwise, 2 on usage errors.
@@ -341,6 +344,57 @@ else
 		else
 			pass "post-image: GPT esp, appliance-root-{a,b}, appliance-state; entry boots slot A"
 		fi
+	fi
+fi
+
+# 7 ---------------------------------------------------------------------
+step "7. make applianced-rsync (the package's copy of the sources)"
+SRC="$OUT/build/applianced-$MK_VERSION"
+if [ ! -f "$OUT/.config" ]; then
+	fail "source copy: no .config (check 1 failed)"
+elif ! brmake applianced-rsync > "$WORK/rsync.log" 2>&1; then
+	tail -n 20 "$WORK/rsync.log"
+	fail "source copy: make applianced-rsync failed"
+else
+	ok=1
+	echo "copied: $(du -sh "$SRC" | cut -f1) in $(cd "$SRC" && echo ./*)"
+	for f in Cargo.toml Cargo.lock appliance/daemon/config/appliance.toml \
+		systemd/applianced.service systemd/appliance.sysusers.conf \
+		systemd/appliance.tmpfiles.conf; do
+		if [ ! -f "$SRC/$f" ]; then
+			echo "error: $f is not in the copy"
+			ok=0
+		fi
+	done
+	# Every workspace member must be in the copy, or cargo cannot load the
+	# workspace. Reading the manifests compiles nothing.
+	if ! command -v cargo > /dev/null; then
+		echo "cargo not installed: the workspace manifests were not read"
+	elif ! (cd "$SRC" && cargo metadata --no-deps --offline --format-version 1) \
+		> "$WORK/metadata.json" 2> "$WORK/metadata.err"; then
+		cat "$WORK/metadata.err"
+		ok=0
+	elif ! python3 - "$WORK/metadata.json" <<'EOF'
+import json
+import sys
+
+with open(sys.argv[1]) as f:
+    packages = json.load(f)["packages"]
+bins = {t["name"] for p in packages for t in p["targets"] if "bin" in t["kind"]}
+print("workspace members: %s" % ", ".join(p["name"] for p in packages))
+print("binaries: %s" % ", ".join(sorted(bins)))
+missing = {"applianced", "appliancectl"} - bins
+for name in sorted(missing):
+    print("error: no binary %s in the workspace" % name)
+sys.exit(1 if missing else 0)
+EOF
+	then
+		ok=0
+	fi
+	if [ "$ok" = 1 ]; then
+		pass "source copy: workspace complete, installed files present"
+	else
+		fail "source copy: see errors above"
 	fi
 fi
 

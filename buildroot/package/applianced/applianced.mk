@@ -12,12 +12,18 @@ APPLIANCED_SITE_METHOD = local
 APPLIANCED_LICENSE = Apache-2.0
 
 # Only what the build reads is copied into the build directory: the
-# workspace manifests, the crates, and the folders the files installed
-# below come from. This keeps target/, buildroot/ and image/ out of it.
+# workspace manifests, the folders of its members (appliance/, hw-tests/),
+# and the folders the files installed below come from. Whatever git
+# ignores (target/, build outputs, fuzzing corpora) stays out, and so do
+# the crates' fuzzing trees, which are not workspace members.
 APPLIANCED_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = \
+	--filter=':- .gitignore' \
+	--exclude='target/' \
+	--exclude='/appliance/*/fuzz/' \
 	--include='/Cargo.toml' \
 	--include='/Cargo.lock' \
 	--include='/appliance/***' \
+	--include='/hw-tests/***' \
 	--include='/systemd/***' \
 	--include='/udev/***' \
 	--exclude='*'
