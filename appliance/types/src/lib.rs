@@ -16,3 +16,4 @@
 pub mod config;
 pub mod control;
 pub mod health;
+pub mod storage;

@@ -1,0 +1,791 @@
+//! Event derivation: from successive pool snapshots (polling) and ZFS events
+//! (`zpool events -f`) to the `storage.*` events, each change published once.
+//!
+//! # Dedup by state, not by source
+//! The deriver keeps the *published* view of every pool: its state word and
+//! margin, each disk's state and error counters, the current scan. Both
+//! inputs are compared with that view, and an event is produced only when the
+//! view changes; the view is then updated. A disk that ZED reports REMOVED and
+//! the next poll also shows REMOVED is therefore published once, whichever
+//! source saw it first.
+//!
+//! # Stale ZFS events
+//! `zpool events -f` first replays the kernel's ring buffer, which can hold
+//! events from long ago (a disk that was removed and came back). An event is
+//! applied only if it is not older than the last poll of its pool (event
+//! `time` in whole seconds ≥ snapshot time), and events are applied once per
+//! `eid`. Anything a skipped event would have changed is in the snapshot.
+//!
+//! # What each source gives
+//! * ZFS events carry vdev state changes (fast disk events) but no pool
+//!   health, margin or scan statistics. Every event of interest asks the
+//!   caller to re-poll (the returned `repoll` flag), and the pool state,
+//!   scans and error counters are derived from that snapshot.
+//! * Snapshots carry everything; they alone would miss nothing but the
+//!   precise moment.
+//!
+//! # Rates
+//! Scan progress is published at most every [`DeriveConfig::progress_min_interval`]
+//! and only when it advanced by [`DeriveConfig::progress_min_step`] points, but
+//! at least every [`DeriveConfig::progress_max_silence`] while running: a 10-hour
+//! scrub gives ~100 step events plus one every 5 minutes, not one per poll.
+//! Error-counter events per disk are limited to one per
+//! [`DeriveConfig::errors_min_interval`] (a failing disk can log thousands of
+//! errors a minute); the latest counters are published when the interval ends.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use appliance_types::storage::{
+    DeviceErrors, DiskAction, DiskEvent, EventSource, PoolHealthyEvent, PoolStateEvent, ScanEvent,
+    ScanEventPhase, ScanKind, ScanPhase, ScanReport, StorageEvent, StorageStatus,
+};
+use appliance_zfs::{
+    redundancy, DeviceState, ErrorCounts, PoolStatus, ScanFunction, ScanState, ScanStatus, Vdev,
+    ZpoolEvent,
+};
+
+use crate::report::{
+    classify, device_errors, devices_with_errors, disk_id, scan_report, PoolSnapshot,
+};
+
+/// The synthetic state word published when ZFS stops answering for a pool.
+pub const UNRESPONSIVE: &str = "UNRESPONSIVE";
+
+/// The synthetic state word published when a pool is no longer imported.
+pub const ABSENT: &str = "ABSENT";
+
+/// Rate limits and intervals.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeriveConfig {
+    /// Least seconds between two progress events of one scan (10 s).
+    pub progress_min_interval: u64,
+    /// Least progress, in percentage points, for another progress event (1).
+    pub progress_min_step: f64,
+    /// Most seconds without a progress event while a scan runs (300 s).
+    pub progress_max_silence: u64,
+    /// Seconds between `storage.pool.<pool>.healthy` heartbeats (900 s: an
+    /// absent heartbeat is noticed within a quarter hour at 96 events a day).
+    pub heartbeat_interval: u64,
+    /// Least seconds between error-counter events of one disk (60 s).
+    pub errors_min_interval: u64,
+}
+
+impl Default for DeriveConfig {
+    fn default() -> Self {
+        Self {
+            progress_min_interval: 10,
+            progress_min_step: 1.0,
+            progress_max_silence: 300,
+            heartbeat_interval: 900,
+            errors_min_interval: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DiskSeen {
+    state: DeviceState,
+    errors: ErrorCounts,
+    errors_published_at: Option<u64>,
+    guid: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct ScanSeen {
+    function: ScanFunction,
+    start_time: Option<u64>,
+    state: ScanState,
+    fingerprint: Option<(u64, Option<u64>, u64)>,
+    progress_at: u64,
+    progress_pct: f64,
+}
+
+#[derive(Debug, Clone)]
+struct PoolSeen {
+    state: String,
+    margin: Option<i64>,
+    disks: BTreeMap<String, DiskSeen>,
+    scan: Option<ScanSeen>,
+    /// A resilver's `started` was published (from an event or a snapshot).
+    resilver_started: bool,
+    last_status: Option<PoolStatus>,
+    status_as_of: u64,
+    healthy: bool,
+    redundancy: String,
+    free_bytes: u64,
+    heartbeat_at: Option<u64>,
+}
+
+/// What a ZFS event asks of the caller besides the events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventOutcome {
+    /// Events to publish now.
+    pub events: Vec<StorageEvent>,
+    /// Re-read the pool(s) now: the event means state changed.
+    pub repoll: bool,
+}
+
+/// The published view of every pool (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct EventDeriver {
+    cfg: DeriveConfig,
+    pools: BTreeMap<String, PoolSeen>,
+    eids: BTreeSet<(u64, u64)>,
+    known_scrub_end: BTreeMap<String, u64>,
+    known_resilver_end: BTreeMap<String, u64>,
+}
+
+/// Most `(pool_guid, eid)` pairs remembered for replay de-duplication; the
+/// kernel ring holds 512 by default (`zfs_zevent_len_max`).
+const MAX_EIDS: usize = 4096;
+
+fn action_for(state: &DeviceState) -> DiskAction {
+    match state {
+        DeviceState::Online | DeviceState::Avail | DeviceState::InUse => DiskAction::Online,
+        DeviceState::Removed => DiskAction::Removed,
+        DeviceState::Faulted
+        | DeviceState::Degraded
+        | DeviceState::Offline
+        | DeviceState::Unavail
+        | DeviceState::Suspended
+        | DeviceState::Other(_) => DiskAction::Faulted,
+    }
+}
+
+fn counts_exceed(a: &ErrorCounts, b: &ErrorCounts) -> bool {
+    a.read > b.read || a.write > b.write || a.checksum > b.checksum
+}
+
+fn all_leaves(s: &PoolStatus) -> Vec<&Vdev> {
+    let mut v = s.root.leaves();
+    v.extend(s.cache.iter().flat_map(Vdev::leaves));
+    v.extend(s.spares.iter().flat_map(Vdev::leaves));
+    // The root of a pool without children is not a disk.
+    v.retain(|l| !std::ptr::eq(*l, &s.root));
+    v
+}
+
+fn is_terminal(s: &ScanState) -> bool {
+    matches!(s, ScanState::Finished | ScanState::Canceled)
+}
+
+/// Tells finished scans apart when the output has no start time (the 2.1
+/// text form): bytes repaired, duration and errors of a terminal scan.
+fn fingerprint(scan: &ScanStatus) -> Option<(u64, Option<u64>, u64)> {
+    (scan.start_time.is_none() && is_terminal(&scan.state)).then_some((
+        scan.processed,
+        scan.elapsed_secs,
+        scan.errors,
+    ))
+}
+
+fn empty_scan(function: &ScanFunction) -> ScanReport {
+    let kind = match function {
+        ScanFunction::Scrub => ScanKind::Scrub,
+        ScanFunction::Resilver => ScanKind::Resilver,
+        _ => ScanKind::Other,
+    };
+    ScanReport {
+        kind,
+        phase: ScanPhase::Running,
+        percent: 0.0,
+        issued_bytes: 0,
+        total_bytes: 0,
+        repaired_bytes: 0,
+        errors: 0,
+        rate_bytes_per_sec: None,
+        eta_secs: None,
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+impl EventDeriver {
+    /// A deriver with these limits.
+    pub fn new(cfg: DeriveConfig) -> Self {
+        Self {
+            cfg,
+            ..Self::default()
+        }
+    }
+
+    /// Seeds the end of the last completed scrub known from persisted state,
+    /// so a finished scrub seen at start-up is published only if newer.
+    pub fn set_known_scrub_end(&mut self, pool: &str, end: u64) {
+        self.known_scrub_end.insert(pool.to_owned(), end);
+    }
+
+    /// Pools in the published view.
+    pub fn pools(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    /// The published state word and margin of `pool`.
+    pub fn published_state(&self, pool: &str) -> Option<(String, Option<i64>)> {
+        self.pools.get(pool).map(|p| (p.state.clone(), p.margin))
+    }
+
+    /// Applies one poll of one pool.
+    pub fn observe_snapshot(&mut self, snap: &PoolSnapshot, now: u64) -> Vec<StorageEvent> {
+        let status = &snap.status;
+        let name = status.name.clone();
+        let red = redundancy(status);
+        let (st, reasons) = classify(status, &red);
+        let first = !self.pools.contains_key(&name);
+        let free = snap.datasets.iter().find(|d| d.name == name).map_or_else(
+            || snap.list.as_ref().map_or(0, |l| l.capacity.free),
+            |d| d.available,
+        );
+        let seen = self.pools.entry(name.clone()).or_insert_with(PoolSeen::new);
+        let mut events = Vec::new();
+
+        // Pool state and margin.
+        let new_state = status.state.as_str().to_owned();
+        if first || seen.state != new_state || seen.margin != Some(red.margin) {
+            events.push(StorageEvent::PoolState(PoolStateEvent {
+                pool: name.clone(),
+                old_state: (!first).then(|| seen.state.clone()),
+                new_state: new_state.clone(),
+                old_margin: if first { None } else { seen.margin },
+                new_margin: Some(red.margin),
+                status: st,
+                redundancy: red.summary.clone(),
+                failed_devices: red
+                    .vdevs
+                    .iter()
+                    .flat_map(|v| v.failed_devices.iter().map(|d| disk_id(d)))
+                    .collect(),
+                reason: if reasons.is_empty() {
+                    format!("pool {name} is {new_state}")
+                } else {
+                    reasons.join("; ")
+                },
+                source: EventSource::Poll,
+                at: now,
+            }));
+            seen.state = new_state;
+            seen.margin = Some(red.margin);
+        }
+
+        // Disks.
+        let leaves = all_leaves(status);
+        let mut present = BTreeSet::new();
+        for leaf in &leaves {
+            let id = disk_id(&leaf.name);
+            present.insert(id.clone());
+            let errs = device_errors(leaf);
+            match seen.disks.get_mut(&id) {
+                None => {
+                    let action = if first {
+                        (leaf.state.is_failed()).then(|| action_for(&leaf.state))
+                    } else {
+                        Some(DiskAction::Added)
+                    };
+                    let mut errors_published_at = None;
+                    if let Some(action) = action {
+                        events.push(disk_event(
+                            &id,
+                            action,
+                            &name,
+                            &leaf.state,
+                            None,
+                            errs.clone(),
+                            EventSource::Poll,
+                            now,
+                        ));
+                    }
+                    if leaf.errors.any() {
+                        events.push(disk_event(
+                            &id,
+                            DiskAction::Errors,
+                            &name,
+                            &leaf.state,
+                            None,
+                            errs,
+                            EventSource::Poll,
+                            now,
+                        ));
+                        errors_published_at = Some(now);
+                    }
+                    seen.disks.insert(
+                        id,
+                        DiskSeen {
+                            state: leaf.state.clone(),
+                            errors: leaf.errors,
+                            errors_published_at,
+                            guid: leaf.guid,
+                        },
+                    );
+                }
+                Some(d) => {
+                    d.guid = leaf.guid.or(d.guid);
+                    if d.state != leaf.state {
+                        events.push(disk_event(
+                            &id,
+                            action_for(&leaf.state),
+                            &name,
+                            &leaf.state,
+                            Some(&d.state),
+                            errs.clone(),
+                            EventSource::Poll,
+                            now,
+                        ));
+                        d.state = leaf.state.clone();
+                    }
+                    if !counts_exceed(&leaf.errors, &d.errors) {
+                        // Counters cleared (`zpool clear`) or unchanged.
+                        if counts_exceed(&d.errors, &leaf.errors) {
+                            d.errors = leaf.errors;
+                        }
+                    } else if d
+                        .errors_published_at
+                        .is_none_or(|t| now >= t.saturating_add(self.cfg.errors_min_interval))
+                    {
+                        events.push(disk_event(
+                            &id,
+                            DiskAction::Errors,
+                            &name,
+                            &leaf.state,
+                            Some(&d.state),
+                            errs,
+                            EventSource::Poll,
+                            now,
+                        ));
+                        d.errors = leaf.errors;
+                        d.errors_published_at = Some(now);
+                    }
+                }
+            }
+        }
+        // Disks that left the pool: a healthy one leaving is a removal; a
+        // failed one leaving (detached after a replace) was already published.
+        let gone: Vec<String> = seen
+            .disks
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(d) = seen.disks.remove(&id) {
+                if !d.state.is_failed() {
+                    events.push(disk_event(
+                        &id,
+                        DiskAction::Removed,
+                        &name,
+                        &DeviceState::Other("DETACHED".into()),
+                        Some(&d.state),
+                        DeviceErrors {
+                            disk: id.clone(),
+                            ..DeviceErrors::default()
+                        },
+                        EventSource::Poll,
+                        now,
+                    ));
+                }
+            }
+        }
+
+        // Scans.
+        let errs = devices_with_errors(status);
+        if let Some(scan) = &status.scan {
+            let ev = self.scan_events(&name, scan, &errs, first, now);
+            events.extend(ev);
+        }
+
+        let seen = self.pools.entry(name.clone()).or_insert_with(PoolSeen::new);
+        seen.healthy = st == StorageStatus::Healthy;
+        seen.redundancy = red.summary;
+        seen.free_bytes = free;
+        seen.status_as_of = now;
+        seen.last_status = Some(status.clone());
+        events
+    }
+
+    fn scan_events(
+        &mut self,
+        pool: &str,
+        scan: &ScanStatus,
+        errs: &[DeviceErrors],
+        first: bool,
+        now: u64,
+    ) -> Vec<StorageEvent> {
+        let cfg = self.cfg;
+        let Some(seen) = self.pools.get_mut(pool) else {
+            return Vec::new();
+        };
+        let report = scan_report(scan, now);
+        let mut out = Vec::new();
+        let is_scrub = scan.function == ScanFunction::Scrub;
+        let is_resilver = scan.function == ScanFunction::Resilver;
+        if !is_scrub && !is_resilver {
+            return out;
+        }
+        let mk = |phase| {
+            let ev = ScanEvent {
+                pool: pool.to_owned(),
+                phase,
+                scan: report.clone(),
+                devices_with_errors: errs.to_vec(),
+                at: now,
+            };
+            if is_scrub {
+                StorageEvent::Scrub(ev)
+            } else {
+                StorageEvent::Resilver(ev)
+            }
+        };
+        let prev = seen.scan.clone();
+        let fp = fingerprint(scan);
+        let same_start = prev
+            .as_ref()
+            .filter(|p| p.function == scan.function && p.start_time == scan.start_time);
+        let was_active = same_start.is_some_and(|p| !is_terminal(&p.state));
+        let repeat = same_start.is_some_and(|p| p.state == scan.state && p.fingerprint == fp);
+        let pct = scan.progress_percent();
+        let mut progress_at = prev.as_ref().map_or(now, |p| p.progress_at);
+        let mut progress_pct = prev.as_ref().map_or(0.0, |p| p.progress_pct);
+        let known_end = if is_scrub {
+            self.known_scrub_end.get(pool).copied()
+        } else {
+            self.known_resilver_end.get(pool).copied()
+        };
+        // A terminal scan never seen running: publish it if it is newer than
+        // what we know. At first sight of a pool only a scrub newer than the
+        // persisted completion counts (resilver ends are not persisted).
+        let unseen_terminal_is_new = match scan.end_time {
+            Some(e) => {
+                known_end.is_none_or(|k| e > k) && !(first && (is_resilver || known_end.is_none()))
+            }
+            None => !first,
+        };
+        match scan.state {
+            ScanState::Running if was_active => {
+                let resumed = same_start.is_some_and(|p| p.state == ScanState::Paused);
+                let since = now.saturating_sub(progress_at);
+                let due = (since >= cfg.progress_min_interval
+                    && pct - progress_pct >= cfg.progress_min_step)
+                    || since >= cfg.progress_max_silence;
+                if resumed || due {
+                    out.push(mk(ScanEventPhase::Progress));
+                    progress_at = now;
+                    progress_pct = pct;
+                }
+            }
+            ScanState::Running => {
+                if is_resilver && !seen.resilver_started {
+                    out.push(mk(ScanEventPhase::Started));
+                }
+                if is_resilver {
+                    seen.resilver_started = true;
+                }
+                out.push(mk(ScanEventPhase::Progress));
+                progress_at = now;
+                progress_pct = pct;
+            }
+            ScanState::Paused => {
+                if !repeat {
+                    out.push(mk(ScanEventPhase::Paused));
+                }
+            }
+            ScanState::Finished | ScanState::Canceled => {
+                let phase = if scan.state == ScanState::Finished {
+                    ScanEventPhase::Finished
+                } else {
+                    ScanEventPhase::Canceled
+                };
+                if was_active || (!repeat && unseen_terminal_is_new) {
+                    out.push(mk(phase));
+                }
+                if is_resilver {
+                    seen.resilver_started = false;
+                }
+            }
+            ScanState::Other(_) => {}
+        }
+        if let Some(end) = scan.end_time.filter(|_| is_terminal(&scan.state)) {
+            let map = if is_scrub {
+                &mut self.known_scrub_end
+            } else {
+                &mut self.known_resilver_end
+            };
+            let e = map.entry(pool.to_owned()).or_insert(end);
+            *e = (*e).max(end);
+        }
+        if let Some(seen) = self.pools.get_mut(pool) {
+            seen.scan = Some(ScanSeen {
+                function: scan.function.clone(),
+                start_time: scan.start_time,
+                state: scan.state.clone(),
+                fingerprint: fp,
+                progress_at,
+                progress_pct,
+            });
+        }
+        out
+    }
+
+    /// Applies one ZFS event.
+    pub fn observe_zfs_event(&mut self, ev: &ZpoolEvent, now: u64) -> EventOutcome {
+        let mut out = EventOutcome::default();
+        if let Some(eid) = ev.eid {
+            let key = (ev.pool_guid.unwrap_or(0), eid);
+            if !self.eids.insert(key) {
+                return out;
+            }
+            while self.eids.len() > MAX_EIDS {
+                self.eids.pop_first();
+            }
+        }
+        let class = ev.short_class();
+        let interesting = matches!(
+            class,
+            "statechange"
+                | "removed"
+                | "vdev_attach"
+                | "vdev_remove"
+                | "vdev_clear"
+                | "vdev_online"
+                | "scrub_start"
+                | "scrub_finish"
+                | "scrub_abort"
+                | "scrub_paused"
+                | "scrub_resume"
+                | "resilver_start"
+                | "resilver_finish"
+                | "pool_import"
+                | "pool_export"
+                | "pool_destroy"
+                | "pool_create"
+                | "io_failure"
+                | "checksum"
+                | "io"
+                | "vdev.no_replicas"
+                | "vdev.unknown"
+                | "vdev.open_failed"
+                | "vdev.corrupt_data"
+                | "vdev.bad_label"
+                | "data"
+                | "probe_failure"
+                | "deadman"
+        );
+        if !interesting {
+            return out;
+        }
+        out.repoll = true;
+        let Some(pool) = ev.pool.clone() else {
+            return out;
+        };
+        let Some(seen) = self.pools.get_mut(&pool) else {
+            // Not polled yet: the poll this asks for publishes everything.
+            return out;
+        };
+        if ev.time_secs.is_some_and(|t| t < seen.status_as_of) {
+            return out;
+        }
+        let at = ev.time_secs.unwrap_or(now);
+        let by_guid = ev.vdev_guid.and_then(|g| {
+            seen.disks
+                .iter()
+                .find(|(_, d)| d.guid == Some(g))
+                .map(|(k, _)| k.clone())
+        });
+        let id = by_guid.or_else(|| ev.vdev_path.as_deref().map(disk_id));
+        match class {
+            "statechange" | "removed" | "vdev_attach" | "vdev_online" => {
+                let Some(id) = id else { return out };
+                let new_state = match (class, &ev.vdev_state) {
+                    (_, Some(s)) => s.clone(),
+                    ("removed", None) => DeviceState::Removed,
+                    ("vdev_attach" | "vdev_online", None) => DeviceState::Online,
+                    _ => return out,
+                };
+                match seen.disks.get_mut(&id) {
+                    Some(d) if d.state == new_state => {}
+                    Some(d) => {
+                        out.events.push(disk_event(
+                            &id,
+                            action_for(&new_state),
+                            &pool,
+                            &new_state,
+                            Some(&d.state),
+                            DeviceErrors {
+                                disk: id.clone(),
+                                read: d.errors.read,
+                                write: d.errors.write,
+                                checksum: d.errors.checksum,
+                            },
+                            EventSource::ZfsEvent,
+                            at,
+                        ));
+                        d.state = new_state;
+                    }
+                    None => {
+                        let action = if new_state.is_failed() {
+                            action_for(&new_state)
+                        } else {
+                            DiskAction::Added
+                        };
+                        out.events.push(disk_event(
+                            &id,
+                            action,
+                            &pool,
+                            &new_state,
+                            None,
+                            DeviceErrors {
+                                disk: id.clone(),
+                                ..DeviceErrors::default()
+                            },
+                            EventSource::ZfsEvent,
+                            at,
+                        ));
+                        seen.disks.insert(
+                            id,
+                            DiskSeen {
+                                state: new_state,
+                                errors: ErrorCounts::default(),
+                                errors_published_at: None,
+                                guid: ev.vdev_guid,
+                            },
+                        );
+                    }
+                }
+            }
+            "resilver_start" if !seen.resilver_started => {
+                seen.resilver_started = true;
+                let errs = seen
+                    .last_status
+                    .as_ref()
+                    .map(devices_with_errors)
+                    .unwrap_or_default();
+                let mut scan = empty_scan(&ScanFunction::Resilver);
+                scan.started_at = ev.time_secs;
+                out.events.push(StorageEvent::Resilver(ScanEvent {
+                    pool: pool.clone(),
+                    phase: ScanEventPhase::Started,
+                    scan,
+                    devices_with_errors: errs,
+                    at,
+                }));
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// ZFS did not answer for `pool` (a timeout or an open circuit breaker).
+    pub fn observe_unreachable(&mut self, pool: &str, reason: &str, now: u64) -> Vec<StorageEvent> {
+        self.synthetic_state(pool, UNRESPONSIVE, reason, now)
+    }
+
+    /// `pool` is no longer imported.
+    pub fn observe_absent(&mut self, pool: &str, now: u64) -> Vec<StorageEvent> {
+        let ev = self.synthetic_state(
+            pool,
+            ABSENT,
+            &format!("pool {pool} is no longer imported"),
+            now,
+        );
+        self.pools.remove(pool);
+        ev
+    }
+
+    fn synthetic_state(
+        &mut self,
+        pool: &str,
+        state: &str,
+        reason: &str,
+        now: u64,
+    ) -> Vec<StorageEvent> {
+        let Some(seen) = self.pools.get_mut(pool) else {
+            return Vec::new();
+        };
+        if seen.state == state {
+            return Vec::new();
+        }
+        let ev = StorageEvent::PoolState(PoolStateEvent {
+            pool: pool.to_owned(),
+            old_state: Some(seen.state.clone()),
+            new_state: state.to_owned(),
+            old_margin: seen.margin,
+            new_margin: None,
+            status: StorageStatus::Unavailable,
+            redundancy: seen.redundancy.clone(),
+            failed_devices: Vec::new(),
+            reason: reason.to_owned(),
+            source: EventSource::Daemon,
+            at: now,
+        });
+        seen.state = state.to_owned();
+        seen.margin = None;
+        seen.healthy = false;
+        vec![ev]
+    }
+
+    /// Periodic work: heartbeats of healthy pools.
+    pub fn tick(&mut self, now: u64) -> Vec<StorageEvent> {
+        let interval = self.cfg.heartbeat_interval;
+        let mut out = Vec::new();
+        for (name, p) in &mut self.pools {
+            if !p.healthy {
+                p.heartbeat_at = None;
+                continue;
+            }
+            if p.heartbeat_at
+                .is_none_or(|t| now >= t.saturating_add(interval))
+            {
+                out.push(StorageEvent::PoolHealthy(PoolHealthyEvent {
+                    pool: name.clone(),
+                    redundancy: p.redundancy.clone(),
+                    margin: p.margin.unwrap_or(0),
+                    free_bytes: p.free_bytes,
+                    at: now,
+                }));
+                p.heartbeat_at = Some(now);
+            }
+        }
+        out
+    }
+}
+
+impl PoolSeen {
+    fn new() -> Self {
+        Self {
+            state: String::new(),
+            margin: None,
+            disks: BTreeMap::new(),
+            scan: None,
+            resilver_started: false,
+            last_status: None,
+            status_as_of: 0,
+            healthy: false,
+            redundancy: String::new(),
+            free_bytes: 0,
+            heartbeat_at: None,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one flat constructor for a flat payload
+fn disk_event(
+    id: &str,
+    action: DiskAction,
+    pool: &str,
+    state: &DeviceState,
+    previous: Option<&DeviceState>,
+    errors: DeviceErrors,
+    source: EventSource,
+    at: u64,
+) -> StorageEvent {
+    StorageEvent::Disk(DiskEvent {
+        disk: id.to_owned(),
+        action,
+        pool: Some(pool.to_owned()),
+        state: state.as_str().to_owned(),
+        previous_state: previous.map(|s| s.as_str().to_owned()),
+        errors,
+        bay: None,
+        serial: None,
+        source,
+        at,
+    })
+}

@@ -1,0 +1,11 @@
+//! appliance-storage: the storage manager.
+//!
+//! (Design notes are completed as the crate grows.)
+
+pub mod derive;
+pub mod quota;
+pub mod report;
+pub mod scrub;
+pub mod sink;
+
+pub use sink::{subject_and_payload, CollectingSink, EventSink};

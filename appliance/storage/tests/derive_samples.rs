@@ -1,0 +1,618 @@
+//! Event derivation and the storage report on real captures from a six-disk
+//! RAID-Z2 pool in QEMU (`tests/fixtures/`, copied from
+//! `../shared/zfs-samples/`, OpenZFS 2.3.2).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use appliance_storage::derive::{DeriveConfig, EventDeriver};
+use appliance_storage::report::{pool_report, storage_report, PoolSnapshot};
+use appliance_types::storage::{
+    DiskAction, EventSource, ScanEventPhase, StorageEvent, StorageStatus,
+};
+use appliance_zfs::parse::events::{parse_zpool_events, EventItem, ZpoolEvent};
+use appliance_zfs::parse::{json, text};
+use appliance_zfs::PoolStatus;
+
+fn fixture(rel: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn text_status(state: &str) -> PoolStatus {
+    let mut v =
+        text::parse_zpool_status(&fixture(&format!("text/zpool-status-p.{state}.txt"))).unwrap();
+    v.remove(0)
+}
+
+fn json_snapshot(state: &str, as_of: u64) -> PoolSnapshot {
+    let status = json::parse_zpool_status(&fixture(&format!("json/status.{state}.json")))
+        .unwrap()
+        .remove(0);
+    let list = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/json/zpool-list.{state}.json")),
+    )
+    .ok()
+    .map(|s| json::parse_zpool_list(&s).unwrap().remove(0));
+    let datasets = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/json/zfs-list.{state}.json")),
+    )
+    .ok()
+    .map(|s| json::parse_zfs_list(&s).unwrap())
+    .unwrap_or_default();
+    PoolSnapshot {
+        status,
+        list,
+        datasets,
+        as_of,
+    }
+}
+
+fn snap(status: PoolStatus, as_of: u64) -> PoolSnapshot {
+    PoolSnapshot {
+        status,
+        list: None,
+        datasets: Vec::new(),
+        as_of,
+    }
+}
+
+fn events_of(file: &str) -> Vec<ZpoolEvent> {
+    parse_zpool_events(&fixture(file), true)
+        .unwrap()
+        .into_iter()
+        .filter_map(|i| match i {
+            EventItem::Event(e) => Some(*e),
+            EventItem::Dropped(_) => None,
+        })
+        .collect()
+}
+
+/// A compact, comparable form of an event.
+fn brief(e: &StorageEvent) -> String {
+    match e {
+        StorageEvent::PoolState(p) => format!(
+            "{} {}->{} margin {:?}->{:?} {}",
+            e.subject(),
+            p.old_state.as_deref().unwrap_or("-"),
+            p.new_state,
+            p.old_margin,
+            p.new_margin,
+            p.status
+        ),
+        StorageEvent::Disk(d) => format!("{} {}", e.subject(), d.state),
+        _ => e.subject(),
+    }
+}
+
+fn briefs(v: &[StorageEvent]) -> Vec<String> {
+    v.iter().map(brief).collect()
+}
+
+const T0: u64 = 1_795_375_000;
+
+#[test]
+fn removal_replacement_and_recovery_sequence_from_polling() {
+    let mut d = EventDeriver::new(DeriveConfig::default());
+    let steps: [(&str, &[&str]); 7] = [
+        (
+            "healthy",
+            &["storage.pool.tank.state -->ONLINE margin None->Some(2) healthy"],
+        ),
+        (
+            "removed1",
+            &[
+                "storage.pool.tank.state ONLINE->DEGRADED margin Some(2)->Some(1) degraded",
+                "storage.disk.virtio-ZD2.removed REMOVED",
+                // The capture ran a scrub (the one that found the checksum
+                // errors, 35.0M repaired) between `healthy` and `removed1`.
+                "storage.scrub.tank.finished",
+            ],
+        ),
+        (
+            "removed2",
+            &[
+                "storage.pool.tank.state DEGRADED->DEGRADED margin Some(1)->Some(0) critical",
+                "storage.disk.virtio-ZD3.removed REMOVED",
+            ],
+        ),
+        (
+            // ZD2 replaced by ZN2 (resilver already done when polled).
+            "replaced1",
+            &[
+                "storage.pool.tank.state DEGRADED->DEGRADED margin Some(0)->Some(1) degraded",
+                "storage.disk.virtio-ZN2.added ONLINE",
+                "storage.resilver.tank.finished",
+            ],
+        ),
+        (
+            "replaced2",
+            &[
+                "storage.pool.tank.state DEGRADED->ONLINE margin Some(1)->Some(2) healthy",
+                "storage.disk.virtio-ZN3.added ONLINE",
+                "storage.resilver.tank.finished",
+            ],
+        ),
+        (
+            "removed3",
+            &[
+                "storage.pool.tank.state ONLINE->SUSPENDED margin Some(2)->Some(-1) unavailable",
+                "storage.disk.virtio-ZN3.removed REMOVED",
+                "storage.disk.virtio-ZD5.removed REMOVED",
+                "storage.disk.virtio-ZD6.removed REMOVED",
+            ],
+        ),
+        (
+            "recovered",
+            &[
+                "storage.pool.tank.state SUSPENDED->ONLINE margin Some(-1)->Some(2) healthy",
+                "storage.disk.virtio-ZN3.online ONLINE",
+                "storage.disk.virtio-ZD5.online ONLINE",
+                "storage.disk.virtio-ZD6.online ONLINE",
+                "storage.resilver.tank.finished",
+            ],
+        ),
+    ];
+    for (i, (state, want)) in steps.iter().enumerate() {
+        let now = T0 + 100 * i as u64;
+        let got = d.observe_snapshot(&snap(text_status(state), now), now);
+        assert_eq!(briefs(&got), *want, "after {state}");
+        // The same snapshot again changes nothing.
+        let again = d.observe_snapshot(&snap(text_status(state), now + 5), now + 5);
+        assert!(again.is_empty(), "{state} repeated: {:?}", briefs(&again));
+    }
+}
+
+#[test]
+fn margin_and_redundancy_string_in_pool_events() {
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("healthy"), T0), T0);
+    let ev = d.observe_snapshot(&snap(text_status("removed1"), T0 + 1), T0 + 1);
+    let StorageEvent::PoolState(p) = &ev[0] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(p.redundancy, "RAID-Z2, 6 disks, 1 failed, survives 1 more");
+    assert_eq!(p.failed_devices, ["virtio-ZD2"]);
+    assert_eq!(p.source, EventSource::Poll);
+    assert!(p.reason.contains("replace virtio-ZD2"), "{}", p.reason);
+    let ev = d.observe_snapshot(&snap(text_status("removed2"), T0 + 2), T0 + 2);
+    let StorageEvent::PoolState(p) = &ev[0] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(p.redundancy, "RAID-Z2, 6 disks, 2 failed, survives no more");
+    assert_eq!(p.status, StorageStatus::Critical);
+}
+
+/// Events from `zpool events -v` (statechange + removed for each disk) and the
+/// polls that follow: each disk is published once, by whichever came first.
+#[test]
+fn zfs_events_and_polls_publish_each_change_once() {
+    let events = events_of("text/zpool-events-v.removed.txt");
+    let t_first = events[0].time_secs.unwrap();
+    // Event first, poll second.
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("healthy"), t_first - 60), t_first - 60);
+    let mut published = Vec::new();
+    let mut repolls = 0;
+    for e in &events {
+        let out = d.observe_zfs_event(e, e.time_secs.unwrap());
+        repolls += usize::from(out.repoll);
+        published.extend(out.events);
+    }
+    assert_eq!(
+        briefs(&published),
+        [
+            "storage.disk.virtio-ZD2.removed REMOVED",
+            "storage.disk.virtio-ZD3.removed REMOVED"
+        ]
+    );
+    assert!(published
+        .iter()
+        .all(|e| matches!(e, StorageEvent::Disk(d) if d.source == EventSource::ZfsEvent)));
+    assert_eq!(
+        repolls, 4,
+        "statechange and removed ask for a re-poll; config_sync does not"
+    );
+    let t = t_first + 30;
+    let after = d.observe_snapshot(&snap(text_status("removed2"), t), t);
+    assert_eq!(
+        briefs(&after),
+        [
+            "storage.pool.tank.state ONLINE->DEGRADED margin Some(2)->Some(0) critical",
+            // The scrub run between the `healthy` and `removed*` captures.
+            "storage.scrub.tank.finished"
+        ]
+    );
+
+    // Poll first, event second (and the replayed ring buffer after a
+    // restart of the follower): nothing more.
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("healthy"), t_first - 60), t_first - 60);
+    let polled = d.observe_snapshot(&snap(text_status("removed1"), t_first), t_first);
+    assert_eq!(
+        polled.len(),
+        3,
+        "pool state, ZD2 removed, the scrub run in between"
+    );
+    let mut late = Vec::new();
+    for e in &events[..3] {
+        late.extend(d.observe_zfs_event(e, t_first + 1).events);
+    }
+    assert!(late.is_empty(), "{:?}", briefs(&late));
+    // ZD3's events are newer than the poll: published once.
+    let mut rest = Vec::new();
+    for e in &events[3..] {
+        rest.extend(d.observe_zfs_event(e, t_first + 20).events);
+    }
+    assert_eq!(briefs(&rest), ["storage.disk.virtio-ZD3.removed REMOVED"]);
+    // The same eids replayed: nothing.
+    for e in &events {
+        assert!(d.observe_zfs_event(e, t_first + 40).events.is_empty());
+    }
+}
+
+#[test]
+fn replayed_events_older_than_the_last_poll_are_ignored() {
+    let events = events_of("text/zpool-events-v.removed.txt");
+    let t_last = events.last().unwrap().time_secs.unwrap();
+    let mut d = EventDeriver::default();
+    // The pool is healthy again by now; the ring buffer still holds the
+    // old removals.
+    d.observe_snapshot(&snap(text_status("healthy"), t_last + 3600), t_last + 3600);
+    for e in &events {
+        let out = d.observe_zfs_event(e, t_last + 3601);
+        assert!(out.events.is_empty());
+    }
+}
+
+#[test]
+fn three_disks_pulled_events_then_suspended_poll() {
+    let events = events_of("text/zpool-events-v.removed3.txt");
+    let first_tank = events
+        .iter()
+        .find(|e| e.pool.as_deref() == Some("tank"))
+        .unwrap()
+        .time_secs
+        .unwrap();
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(
+        &snap(text_status("replaced2"), first_tank - 10),
+        first_tank - 10,
+    );
+    let mut published = Vec::new();
+    let mut repolls = 0;
+    for e in &events {
+        let out = d.observe_zfs_event(e, first_tank);
+        repolls += usize::from(out.repoll);
+        published.extend(out.events);
+    }
+    assert!(
+        events.len() > 800,
+        "the capture has a flood of io_failure ereports"
+    );
+    assert!(
+        repolls > 800,
+        "each asks for a re-poll; the manager coalesces them"
+    );
+    assert_eq!(
+        briefs(&published),
+        [
+            "storage.disk.virtio-ZD5.removed REMOVED",
+            "storage.disk.virtio-ZD6.removed REMOVED",
+            "storage.disk.virtio-ZN3.removed REMOVED",
+        ]
+    );
+    let t = first_tank + 30;
+    let polled = d.observe_snapshot(&snap(text_status("removed3"), t), t);
+    assert_eq!(
+        briefs(&polled),
+        ["storage.pool.tank.state ONLINE->SUSPENDED margin Some(2)->Some(-1) unavailable"]
+    );
+}
+
+#[test]
+fn unresponsive_pool_is_published_once_and_recovers() {
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("healthy"), T0), T0);
+    let ev = d.observe_unreachable("tank", "zpool status timed out after 30s", T0 + 10);
+    assert_eq!(
+        briefs(&ev),
+        ["storage.pool.tank.state ONLINE->UNRESPONSIVE margin Some(2)->None unavailable"]
+    );
+    assert!(d.observe_unreachable("tank", "again", T0 + 20).is_empty());
+    let ev = d.observe_snapshot(&snap(text_status("removed3"), T0 + 30), T0 + 30);
+    assert_eq!(
+        briefs(&ev)[0],
+        "storage.pool.tank.state UNRESPONSIVE->SUSPENDED margin None->Some(-1) unavailable"
+    );
+    assert!(d.observe_unreachable("unknown-pool", "x", T0).is_empty());
+    let gone = d.observe_absent("tank", T0 + 40);
+    assert_eq!(gone.len(), 1);
+    assert!(d.pools().is_empty());
+}
+
+#[test]
+fn checksum_errors_after_scrub_are_reported_from_counters() {
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("healthy"), T0), T0);
+    let ev = d.observe_snapshot(&snap(text_status("cksum"), T0 + 100), T0 + 100);
+    let got = briefs(&ev);
+    assert!(
+        got.contains(&"storage.disk.virtio-ZD1.errors ONLINE".to_owned()),
+        "{got:?}"
+    );
+    // The scrub that found them finished between polls: one finished event
+    // carrying the repaired bytes and the device counters.
+    let fin: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            StorageEvent::Scrub(s) if s.phase == ScanEventPhase::Finished => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fin.len(), 1, "{got:?}");
+    assert_eq!(fin[0].scan.repaired_bytes, 35 * 1024 * 1024);
+    assert_eq!(fin[0].devices_with_errors[0].disk, "virtio-ZD1");
+    assert_eq!(fin[0].devices_with_errors[0].checksum, 1191);
+    // The pool state did not change (ONLINE, margin 2): no pool event.
+    assert!(!ev.iter().any(|e| matches!(e, StorageEvent::PoolState(_))));
+    // The report says degraded and why.
+    let r = pool_report(&snap(text_status("cksum"), T0), T0);
+    assert_eq!(r.status, StorageStatus::Degraded);
+    assert!(
+        r.reasons.iter().any(|s| s.contains("1191 checksum errors")),
+        "{:?}",
+        r.reasons
+    );
+    // More errors within the rate limit: held back, then published.
+    let mut more = text_status("cksum");
+    more.root.children[0].children[0].errors.checksum = 1500;
+    assert!(d
+        .observe_snapshot(&snap(more.clone(), T0 + 110), T0 + 110)
+        .is_empty());
+    let ev = d.observe_snapshot(&snap(more, T0 + 200), T0 + 200);
+    assert_eq!(briefs(&ev), ["storage.disk.virtio-ZD1.errors ONLINE"]);
+    let StorageEvent::Disk(e) = &ev[0] else {
+        panic!()
+    };
+    assert_eq!(e.errors.checksum, 1500);
+}
+
+#[test]
+fn scrub_progress_pause_resume_finish_from_json_captures() {
+    let mut d = EventDeriver::new(DeriveConfig::default());
+    let t = 1_795_376_690;
+    let healthy = json_snapshot("healthy", t - 100);
+    d.observe_snapshot(&healthy, t - 100);
+    let running = json_snapshot("scrub-running", t);
+    let ev = d.observe_snapshot(&running, t);
+    assert_eq!(briefs(&ev), ["storage.scrub.tank.progress"]);
+    // Rate limit: the same progress a few seconds later is not republished.
+    assert!(d.observe_snapshot(&running, t + 3).is_empty());
+    let ev = d.observe_snapshot(&json_snapshot("scrub-paused", t + 8), t + 8);
+    assert_eq!(briefs(&ev), ["storage.scrub.tank.paused"]);
+    assert!(d
+        .observe_snapshot(&json_snapshot("scrub-paused", t + 9), t + 9)
+        .is_empty());
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 10), t + 10);
+    assert_eq!(briefs(&ev), ["storage.scrub.tank.progress"], "resume");
+    let ev = d.observe_snapshot(&json_snapshot("scrub-done", t + 30), t + 30);
+    assert_eq!(briefs(&ev), ["storage.scrub.tank.finished"]);
+    let StorageEvent::Scrub(s) = &ev[0] else {
+        panic!()
+    };
+    assert_eq!(s.scan.ended_at, Some(1_795_376_712));
+    assert_eq!(s.scan.errors, 0);
+    assert!((s.scan.percent - 100.0).abs() < 1e-9);
+    assert!(d
+        .observe_snapshot(&json_snapshot("scrub-done", t + 40), t + 40)
+        .is_empty());
+}
+
+#[test]
+fn scrub_progress_is_rate_limited() {
+    let cfg = DeriveConfig::default();
+    let mut d = EventDeriver::new(cfg);
+    let t = 1_795_376_690;
+    let mut s = json_snapshot("scrub-running", t);
+    let total = {
+        let sc = s.status.scan.as_ref().unwrap();
+        sc.to_examine - sc.skipped
+    };
+    let mut published = 0;
+    // 1000 polls one second apart, progress 0.1 % per poll.
+    for i in 0..1000u64 {
+        let sc = s.status.scan.as_mut().unwrap();
+        sc.issued = total * i / 1000;
+        sc.pass_issued = sc.issued;
+        published += d.observe_snapshot(&s, t + i).len();
+    }
+    // 100 % in 1000 s at 1 point per 10 s: about 100 events, never one per poll.
+    assert!((90..=101).contains(&published), "{published}");
+    // No progress at all: one event per max silence.
+    let mut d = EventDeriver::new(cfg);
+    let s = json_snapshot("scrub-running", t);
+    let mut n = 0;
+    for i in 0..=600u64 {
+        n += d
+            .observe_snapshot(&s, t + i)
+            .iter()
+            .filter(|e| matches!(e, StorageEvent::Scrub(_)))
+            .count();
+    }
+    assert_eq!(n, 3, "first sight, then every 300 s");
+}
+
+#[test]
+fn finished_scrub_at_start_up_is_published_only_if_newer_than_persisted() {
+    let t = 1_795_376_800;
+    let done = json_snapshot("scrub-done", t);
+    // Never persisted: a pool seen for the first time; its old scrub is
+    // history, not news.
+    let mut d = EventDeriver::default();
+    let ev = d.observe_snapshot(&done, t);
+    assert!(!ev.iter().any(|e| matches!(e, StorageEvent::Scrub(_))));
+    // Persisted completion older than the scrub: the daemon was down when
+    // it finished; publish it.
+    let mut d = EventDeriver::default();
+    d.set_known_scrub_end("tank", 1_795_000_000);
+    let ev = d.observe_snapshot(&done, t);
+    assert!(briefs(&ev).contains(&"storage.scrub.tank.finished".to_owned()));
+    // Persisted completion equal: already known.
+    let mut d = EventDeriver::default();
+    d.set_known_scrub_end("tank", 1_795_376_712);
+    let ev = d.observe_snapshot(&done, t);
+    assert!(!ev.iter().any(|e| matches!(e, StorageEvent::Scrub(_))));
+}
+
+#[test]
+fn replace_and_resilver_from_json_captures() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    assert_eq!(
+        briefs(&ev),
+        [
+            "storage.disk.virtio-ZN2.added ONLINE",
+            "storage.resilver.tank.started",
+            "storage.resilver.tank.progress",
+        ],
+        "resilvering: the replacing vdev keeps the pool at margin 0, so no pool event"
+    );
+    let ev = d.observe_snapshot(&json_snapshot("resilvered", t + 70), t + 70);
+    assert_eq!(
+        briefs(&ev),
+        [
+            "storage.pool.tank.state DEGRADED->DEGRADED margin Some(0)->Some(1) degraded",
+            "storage.resilver.tank.finished",
+        ]
+    );
+    let StorageEvent::Resilver(r) = &ev[1] else {
+        panic!()
+    };
+    assert_eq!(r.scan.repaired_bytes, 109_031_424);
+}
+
+#[test]
+fn resilver_start_event_is_not_repeated_by_the_poll() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    let start = ZpoolEvent {
+        class: "sysevent.fs.zfs.resilver_start".into(),
+        time_text: String::new(),
+        time_secs: Some(t + 47),
+        time_nanos: None,
+        eid: Some(9),
+        pool: Some("tank".into()),
+        pool_guid: None,
+        vdev_guid: None,
+        vdev_path: None,
+        vdev_state: None,
+        vdev_laststate: None,
+        fields: Default::default(),
+        fields_dropped: 0,
+    };
+    let out = d.observe_zfs_event(&start, t + 47);
+    assert!(out.repoll);
+    assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    assert_eq!(
+        briefs(&ev),
+        [
+            "storage.disk.virtio-ZN2.added ONLINE",
+            "storage.resilver.tank.progress"
+        ]
+    );
+}
+
+#[test]
+fn heartbeat_only_for_healthy_pools_at_the_interval() {
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("healthy", T0), T0);
+    let hb = d.tick(T0);
+    assert_eq!(briefs(&hb), ["storage.pool.tank.healthy"]);
+    let StorageEvent::PoolHealthy(h) = &hb[0] else {
+        panic!()
+    };
+    assert_eq!(h.margin, 2);
+    assert_eq!(h.free_bytes, 730_048_136);
+    assert!(d.tick(T0 + 899).is_empty());
+    assert_eq!(d.tick(T0 + 900).len(), 1);
+    d.observe_snapshot(&json_snapshot("removed1", T0 + 901), T0 + 901);
+    assert!(
+        d.tick(T0 + 5000).is_empty(),
+        "degraded pools get no heartbeat"
+    );
+}
+
+#[test]
+fn report_from_json_captures() {
+    let h = json_snapshot("healthy", T0);
+    let r = storage_report(std::slice::from_ref(&h), T0, None);
+    assert_eq!(r.status, StorageStatus::Healthy);
+    assert_eq!(r.redundancy, "RAID-Z2, 6 disks, 0 failed, survives 2 more");
+    assert_eq!(r.used_bytes, 119_036_280);
+    assert_eq!(r.free_bytes, 730_048_136);
+    assert_eq!(r.total_bytes, 119_036_280 + 730_048_136);
+    assert!((r.free_tb - 0.001).abs() < 1e-12);
+    let p = &r.pools[0];
+    assert_eq!(p.raw_size_bytes, 1_476_395_008);
+    let docs = p
+        .datasets
+        .iter()
+        .find(|d| d.name == "tank/documents")
+        .unwrap();
+    assert!(docs.encrypted);
+    assert_eq!(docs.key_loaded, Some(true));
+    assert_eq!(p.datasets.len(), 4);
+
+    let r = storage_report(&[json_snapshot("removed1", T0)], T0, None);
+    assert_eq!(r.status, StorageStatus::Degraded);
+    assert_eq!(r.redundancy, "RAID-Z2, 6 disks, 1 failed, survives 1 more");
+    let r = storage_report(&[json_snapshot("removed2", T0)], T0, None);
+    assert_eq!(r.status, StorageStatus::Critical);
+    let r = storage_report(&[json_snapshot("resilvering", T0)], T0, None);
+    assert_eq!(r.status, StorageStatus::Critical);
+    assert!(
+        r.reasons.iter().any(|s| s.contains("resilver in progress")),
+        "{:?}",
+        r.reasons
+    );
+    let r = storage_report(&[snap(text_status("removed3"), T0)], T0, None);
+    assert_eq!(r.status, StorageStatus::Unavailable);
+    assert!(r.reasons[0].contains("SUSPENDED"), "{:?}", r.reasons);
+    let r = storage_report(&[], T0, None);
+    assert_eq!(r.status, StorageStatus::Unavailable);
+    let r = storage_report(&[h], T0 + 60, Some("zpool status timed out"));
+    assert_eq!(r.status, StorageStatus::Unavailable);
+    assert_eq!(r.as_of, T0);
+    assert!(r.reasons[0].contains("last known state"));
+}
+
+#[test]
+fn disk_pulled_actions() {
+    let mut d = EventDeriver::default();
+    let ev = d.observe_snapshot(&snap(text_status("removed2"), T0), T0);
+    // First sight of an already degraded pool: the failed disks are
+    // published so that a restart misses nothing.
+    let disks: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            StorageEvent::Disk(x) => Some((x.disk.clone(), x.action)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        disks,
+        [
+            ("virtio-ZD2".to_owned(), DiskAction::Removed),
+            ("virtio-ZD3".to_owned(), DiskAction::Removed)
+        ]
+    );
+}
