@@ -48,8 +48,9 @@ APPLIANCED_PRE_BUILD_HOOKS += APPLIANCED_CARGO_VENDOR
 # infrastructure's "cargo install --path ./" cannot be used: build the
 # binary crates by name and install their outputs below.
 #
-# appliance-sync: its crate is not in the workspace yet. When it lands,
-# add "--package appliance-sync" here and "appliance-sync" to
+# appliance-sync: not built yet. Its crate (appliance/sync) is in the
+# workspace, but its binary is still an empty stub. When the binary is
+# real, add "--package appliance-sync" here and "appliance-sync" to
 # APPLIANCED_BINS.
 APPLIANCED_CARGO_BUILD_OPTS = \
 	--package applianced \
