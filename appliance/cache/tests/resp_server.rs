@@ -324,3 +324,58 @@ async fn pipelined_batches_and_many_clients() {
     assert_eq!(server.cache.len(), 1600);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_and_durable_pipelines() {
+    use appliance_cache::{serve_unix, PersistConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("cache.sock");
+    let log_dir = tmp.path().join("log");
+    let (cache, _) = Cache::open(CacheConfig::default(), PersistConfig::new(&log_dir)).unwrap();
+    let cache = Arc::new(cache);
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_unix(
+        listener,
+        cache.clone(),
+        ServerConfig::default(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..100 {
+        batch.extend_from_slice(format!("SET key{i} value{i}\r\n").as_bytes());
+    }
+    batch.extend_from_slice(b"QUIT\r\n");
+    s.write_all(&batch).await.unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"+OK\r\n".repeat(101));
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+    // The log is locked until the last handle (a maintenance pass may still
+    // be finishing on a blocking thread) is gone.
+    let mut cache = cache;
+    for _ in 0..100 {
+        match Arc::try_unwrap(cache) {
+            Ok(c) => {
+                drop(c);
+                break;
+            }
+            Err(c) => {
+                cache = c;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    let (cache, report) =
+        Cache::open(CacheConfig::default(), PersistConfig::new(&log_dir)).unwrap();
+    assert_eq!(report.entries, 100);
+    assert_eq!(
+        cache.get_plain(b"key99"),
+        Some(bytes::Bytes::from("value99"))
+    );
+}

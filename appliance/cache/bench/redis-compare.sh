@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Compare the appliance cache's RESP endpoint with redis-server using
+# redis-benchmark (issue 5). Not a test: it prints a table.
+#
+# Needs the Debian packages redis-server and redis-tools
+# (apt-get install redis-server redis-tools). Everything runs on loopback;
+# both servers are started here and stopped on exit.
+#
+# Rows: GET and SET, 50 clients, pipeline 1 and 16, values of 256 B and
+# 16 KiB, in memory mode (redis: no persistence; ours: no log) and durable
+# mode (redis: appendonly yes + appendfsync always; ours: --fsync always).
+#
+# Environment: REQUESTS (default 100000; pipelined rows use 4x),
+# DURABLE_REQUESTS (default 20000), KEYSPACE (default 10000).
+set -euo pipefail
+
+REQUESTS=${REQUESTS:-100000}
+DURABLE_REQUESTS=${DURABLE_REQUESTS:-20000}
+KEYSPACE=${KEYSPACE:-10000}
+REDIS_PORT=${REDIS_PORT:-16379}
+OURS_PORT=${OURS_PORT:-16380}
+
+for tool in redis-server redis-benchmark redis-cli; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install redis-server redis-tools" >&2; exit 2; }
+done
+
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+cargo build --release -q -p appliance-cache --bin appliance-cache-server --manifest-path "$root/Cargo.toml"
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+ours_bin="$target_dir/release/appliance-cache-server"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_port() {
+    for _ in $(seq 100); do
+        redis-cli -p "$1" PING >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "server on port $1 did not come up" >&2
+    exit 1
+}
+
+start_servers() { # mode
+    local mode=$1
+    mkdir -p "$work/$mode/redis" "$work/$mode/ours"
+    if [[ $mode == durable ]]; then
+        redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
+            --appendonly yes --appendfsync always --daemonize no --logfile "$work/redis.log" &
+        pids+=($!)
+        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" --dir "$work/$mode/ours" --fsync always \
+            >"$work/ours.log" 2>&1 &
+        pids+=($!)
+    else
+        redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
+            --appendonly no --daemonize no --logfile "$work/redis.log" &
+        pids+=($!)
+        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" >"$work/ours.log" 2>&1 &
+        pids+=($!)
+    fi
+    wait_port "$REDIS_PORT"
+    wait_port "$OURS_PORT"
+}
+
+stop_servers() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    pids=()
+}
+
+# One redis-benchmark run; prints "rps p99_ms".
+run() { # port test pipeline size requests
+    redis-benchmark -h 127.0.0.1 -p "$1" -c 50 -n "$5" -P "$3" -d "$4" -r "$KEYSPACE" -t "$2" --csv -q 2>/dev/null |
+        python3 -c '
+import csv, sys
+rows = [r for r in csv.reader(sys.stdin) if r and r[0] != "test"]
+r = rows[-1]
+print(r[1], r[6])'
+}
+
+printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %s\n' \
+    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict
+for mode in memory durable; do
+    start_servers "$mode"
+    for size in 256 16384; do
+        for p in 1 16; do
+            for t in set get; do
+                n=$REQUESTS
+                [[ $p == 16 ]] && n=$((REQUESTS * 4))
+                [[ $mode == durable ]] && n=$DURABLE_REQUESTS
+                read -r r_rps r_p99 < <(run "$REDIS_PORT" "$t" "$p" "$size" "$n")
+                read -r o_rps o_p99 < <(run "$OURS_PORT" "$t" "$p" "$size" "$n")
+                verdict=$(python3 -c "
+r, o, rp, op = $r_rps, $o_rps, $r_p99, $o_p99
+ok = o >= r and op <= rp
+print(f'{o / r:.2f} ' + ('ok' if ok else 'MISS'))")
+                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %s\n' \
+                    "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$verdict"
+            done
+        done
+    done
+    stop_servers
+done
