@@ -21,6 +21,8 @@ use appliance_types::control::{
 use appliance_types::health::{Probe, ProbeResult, StatusReport};
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod events;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "appliancectl",
@@ -54,6 +56,9 @@ enum Command {
         /// A tracing filter such as `debug` or `info,applianced=trace`.
         filter: String,
     },
+    /// The event bus: publish, follow, replay, dead letters.
+    #[command(subcommand)]
+    Events(events::EventsCmd),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,7 +81,7 @@ impl From<ProbeArg> for Probe {
 /// How long to wait for the daemon to answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct Client {
+pub(crate) struct Client {
     stream: UnixStream,
     max_frame: u32,
 }
@@ -117,7 +122,7 @@ impl Client {
         }
     }
 
-    fn send<T: serde::Serialize>(&mut self, msg: &T) -> anyhow::Result<()> {
+    pub(crate) fn send<T: serde::Serialize>(&mut self, msg: &T) -> anyhow::Result<()> {
         let frame = encode_frame(msg, self.max_frame)?;
         self.stream
             .write_all(&frame)
@@ -137,17 +142,29 @@ impl Client {
         Ok(payload)
     }
 
-    fn request(&mut self, req: &Request) -> anyhow::Result<Response> {
+    pub(crate) fn request(&mut self, req: &Request) -> anyhow::Result<Response> {
         self.send(req)?;
+        self.next_response()
+    }
+
+    /// Reads the next response of a streamed answer; a typed error becomes
+    /// an `Err`.
+    pub(crate) fn next_response(&mut self) -> anyhow::Result<Response> {
         let payload = self.recv_payload()?;
         match decode_payload::<Response>(&payload, "response")? {
             Response::Error(e) => Err(e.into()),
             r => Ok(r),
         }
     }
+
+    /// Waits without a time limit (for `events tail`).
+    pub(crate) fn no_read_timeout(&mut self) -> anyhow::Result<()> {
+        self.stream.set_read_timeout(None)?;
+        Ok(())
+    }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -244,6 +261,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 other => bail!("unexpected answer from applianced: {other:?}"),
             }
         }
+        Command::Events(cmd) => events::run(&mut client, cmd, cli.json),
     }
 }
 

@@ -105,6 +105,8 @@ pub struct Context {
     pub log: Option<LogControl>,
     /// When the daemon started.
     pub started: Instant,
+    /// The event bus.
+    pub bus: Option<appliance_bus::Bus>,
 }
 
 impl Context {
@@ -122,7 +124,7 @@ impl Context {
         }
     }
 
-    /// Carries out one authorised request.
+    /// Carries out one authorised request that has a single answer.
     pub fn handle(&self, req: Request) -> Response {
         match req {
             Request::Status => Response::Status(self.status()),
@@ -143,7 +145,61 @@ impl Context {
                     Err(e) => Response::Error(ControlError::new(ErrorCode::InvalidArgument, e)),
                 },
             },
+            Request::Events(_) => Response::Error(ControlError::new(
+                ErrorCode::Internal,
+                "events requests are served by the streaming path",
+            )),
         }
+    }
+}
+
+/// The control connection as a sink for streamed answers.
+struct ConnSink<'a> {
+    stream: &'a mut UnixStream,
+    max_frame: u32,
+}
+
+impl crate::bus::EventSink for ConnSink<'_> {
+    async fn send(
+        &mut self,
+        r: Result<appliance_types::events::EventsResponse, ControlError>,
+    ) -> std::io::Result<()> {
+        let resp = match r {
+            Ok(e) => Response::Events(e),
+            Err(e) => Response::Error(e),
+        };
+        write_msg(self.stream, &resp, self.max_frame).await
+    }
+
+    async fn closed(&mut self) {
+        // The client sends nothing while it listens: any readable event is
+        // its hang-up (or a protocol violation, which ends the stream too).
+        let mut byte = [0u8; 1];
+        let _ = self.stream.read(&mut byte).await;
+    }
+}
+
+/// Room left in a frame for a message's payload after its envelope.
+const ENVELOPE_ROOM: usize = 16 * 1024;
+
+async fn serve_request(
+    ctx: &Context,
+    req: Request,
+    stream: &mut UnixStream,
+    max_frame: u32,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    match req {
+        Request::Events(ev) => {
+            let Some(bus) = &ctx.bus else {
+                let e = ControlError::new(ErrorCode::Unavailable, "the event bus is not running");
+                return write_msg(stream, &Response::Error(e), max_frame).await;
+            };
+            let max_payload = (max_frame as usize).saturating_sub(ENVELOPE_ROOM);
+            let mut sink = ConnSink { stream, max_frame };
+            crate::bus::handle(bus, ev, &mut sink, max_payload, shutdown).await
+        }
+        other => write_msg(stream, &ctx.handle(other), max_frame).await,
     }
 }
 
@@ -415,7 +471,15 @@ async fn connection(
                     ),
                 ))
             }
-            Ok(req) => ctx.handle(req),
+            Ok(req) => {
+                if serve_request(ctx, req, &mut stream, settings.max_frame, &shutdown)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
         };
         if write_msg(&mut stream, &response, settings.max_frame)
             .await

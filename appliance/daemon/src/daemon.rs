@@ -100,6 +100,37 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         None => None,
     };
 
+    // The event bus and its NATS endpoint.
+    notifier.status("opening the event bus");
+    let bus = crate::bus::open(&cfg.bus, &resolved.data_dir).await?;
+    metrics.with_registry(|r| {
+        r.register_collector(Box::new(crate::bus::BusCollector::new(bus.clone())));
+    });
+    let nats_listener = match resolved.bus_listen {
+        Some(addr) => {
+            notifier.status("binding the NATS endpoint");
+            let l = crate::bus::bind(addr).await?;
+            let local = l.local_addr().context("NATS listener has no address")?;
+            endpoints.set("bus_nats", local.to_string());
+            Some(l)
+        }
+        None => None,
+    };
+    let nats_unix = match &cfg.bus.unix_socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path).with_context(|| {
+                format!(
+                    "cannot bind the NATS Unix socket {} (config key `bus.unix_socket`)",
+                    path.display()
+                )
+            })?;
+            endpoints.set("bus_nats_unix", path.display().to_string());
+            Some(l)
+        }
+        None => None,
+    };
+
     // Start the components.
     notifier.status("starting components");
     let ctx = control::Context {
@@ -108,6 +139,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         loop_state: loop_state.clone(),
         log,
         started,
+        bus: Some(bus.clone()),
     };
     {
         let h = health.register("control", true);
@@ -127,6 +159,38 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         let (p, r) = liveness::pair("metrics");
         probes.push(p);
         tracker.spawn(metrics::serve(l, metrics.clone(), h, r, shutdown.clone()));
+    }
+    {
+        let h = health.register("bus", true);
+        let (p, r) = liveness::pair("bus");
+        probes.push(p);
+        let every = Duration::from_secs(cfg.bus.heartbeat_secs);
+        tracker.spawn(crate::bus::run(
+            bus.clone(),
+            every,
+            health.clone(),
+            h,
+            started,
+            r,
+            shutdown.clone(),
+        ));
+        let opts = crate::bus::server_options(&cfg.bus);
+        if let Some(l) = nats_listener {
+            let (bus, opts, shutdown) = (bus.clone(), opts.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                if let Err(e) = appliance_bus::server::serve(bus, l, opts, shutdown).await {
+                    tracing::error!(error = %e, "the NATS endpoint stopped");
+                }
+            });
+        }
+        if let Some(l) = nats_unix {
+            let (bus, shutdown) = (bus.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                if let Err(e) = appliance_bus::server::serve_unix(bus, l, opts, shutdown).await {
+                    tracing::error!(error = %e, "the NATS Unix endpoint stopped");
+                }
+            });
+        }
     }
     {
         let h = health.register("storage", cfg.storage.required);

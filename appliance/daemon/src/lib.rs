@@ -21,6 +21,7 @@
 //! the peer's groups parser in [`control::parse_proc_groups`], all plain code
 //! with unit tests.
 
+pub mod bus;
 pub mod cli;
 pub mod control;
 pub mod daemon;

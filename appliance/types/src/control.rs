@@ -28,6 +28,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{EventsRequest, EventsResponse};
 use crate::health::{Probe, ProbeResult, StatusReport};
 
 /// Magic bytes at the start of [`ClientHello`], so that a stray client of some
@@ -90,6 +91,8 @@ pub enum Request {
     /// Change the log filter at run time (a `tracing` `EnvFilter` directive such
     /// as `debug` or `info,appliance_bus=trace`). Mutating.
     SetLogFilter(String),
+    /// The event bus.
+    Events(EventsRequest),
 }
 
 impl Request {
@@ -99,6 +102,7 @@ impl Request {
         match self {
             Request::Status | Request::Health(_) => false,
             Request::SetLogFilter(_) => true,
+            Request::Events(e) => e.is_mutating(),
         }
     }
 
@@ -108,6 +112,11 @@ impl Request {
             Request::Status => "status",
             Request::Health(_) => "health",
             Request::SetLogFilter(_) => "set-log-filter",
+            Request::Events(EventsRequest::Publish { .. }) => "events publish",
+            Request::Events(EventsRequest::Replay { .. }) => "events replay",
+            Request::Events(EventsRequest::Tail { .. }) => "events tail",
+            Request::Events(EventsRequest::DlqList) => "events dlq list",
+            Request::Events(EventsRequest::DlqRetry { .. }) => "events dlq retry",
         }
     }
 }
@@ -123,6 +132,8 @@ pub enum Response {
     Health(ProbeResult),
     /// The request was carried out; the string says what changed.
     Done(String),
+    /// Answer to [`Request::Events`].
+    Events(EventsResponse),
 }
 
 /// Error codes. Stable: only ever appended to.
@@ -379,6 +390,17 @@ mod tests {
         assert!(!Request::Status.is_mutating());
         assert!(!Request::Health(Probe::Live).is_mutating());
         assert!(Request::SetLogFilter("info".into()).is_mutating());
+        assert!(Request::Events(EventsRequest::Publish {
+            subject: "a".into(),
+            payload: vec![]
+        })
+        .is_mutating());
+        assert!(Request::Events(EventsRequest::DlqRetry { id: 1 }).is_mutating());
+        assert!(!Request::Events(EventsRequest::DlqList).is_mutating());
+        assert!(!Request::Events(EventsRequest::Tail {
+            pattern: ">".into()
+        })
+        .is_mutating());
     }
 
     proptest! {

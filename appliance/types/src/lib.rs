@@ -12,8 +12,11 @@
 //! - [`control`]: the control protocol (handshake, requests, responses,
 //!   typed errors) and its length-prefixed postcard framing.
 //! - [`health`]: component states, probes, and the status report.
+//! - [`events`]: bus messages on the control socket, and the daemon's own
+//!   event payloads.
 
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod health;
 pub mod storage;

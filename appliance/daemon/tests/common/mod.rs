@@ -102,6 +102,8 @@ impl Daemon {
     /// Starts `applianced --state-dir DIR [extra args]` with `NOTIFY_SOCKET`
     /// and waits for `READY=1`.
     pub fn start(state_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let _ = std::fs::remove_file(state_dir.join("notify.sock"));
         let notify = NotifySocket::bind(state_dir);
         let stderr_path = state_dir.join("daemon.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
