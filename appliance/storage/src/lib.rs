@@ -3,6 +3,7 @@
 //! (Design notes are completed as the crate grows.)
 
 pub mod derive;
+pub mod disks;
 pub mod quota;
 pub mod report;
 pub mod scrub;
