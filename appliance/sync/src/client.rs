@@ -1,0 +1,840 @@
+//! The client library behind `appliance-sync`: connect with a bundle, push
+//! (resumable, deduplicated, chunks over several streams), pull (verified),
+//! list, delete, status.
+//!
+//! Resumption needs no client state: the manifest of a file is recomputed
+//! on every push and the server answers with the chunks it lacks, so an
+//! interrupted push simply sends less the next time.
+
+use crate::identity::{Bundle, BundleError};
+use crate::tls::{client_crypto, server_name, TlsError};
+use crate::wire::{read_frame, write_frame, WireIoError};
+use appliance_sync_proto::limits::IDLE_TIMEOUT;
+use appliance_sync_proto::message::{ListEntry, Mtime, StatusReply};
+use appliance_sync_proto::{
+    check_welcome, client_hello, digest_reader, ChunkRef, ClientAction, ClientUpload,
+    DownloadCheck, DownloadStep, Message, RelPath, WireError,
+};
+use parking_lot::Mutex;
+use quinn::{Connection, Endpoint, SendStream};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Client failures, in words a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("no server address: the bundle has none; pass --server HOST:PORT")]
+    NoServer,
+    #[error("cannot resolve {server}: {detail}")]
+    Resolve { server: String, detail: String },
+    #[error("cannot connect to {server}: {detail}")]
+    Connect { server: String, detail: String },
+    #[error("the appliance refused this device or the connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{context}: {error}")]
+    Server { context: String, error: WireError },
+    #[error("{context}: {error}")]
+    Protocol {
+        context: String,
+        error: appliance_sync_proto::ClientError,
+    },
+    #[error("{context}: {error}")]
+    Wire { context: String, error: WireIoError },
+    #[error("{path}: {source}")]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    LocalPath { path: PathBuf, detail: String },
+    #[error("{context}: the server sent an unexpected {got:?} message")]
+    Unexpected {
+        context: String,
+        got: appliance_sync_proto::MessageKind,
+    },
+}
+
+impl ClientError {
+    /// The server's typed error, if that is what this is.
+    pub fn wire_error(&self) -> Option<&WireError> {
+        match self {
+            ClientError::Server { error, .. } => Some(error),
+            ClientError::Protocol {
+                error: appliance_sync_proto::ClientError::Server(error),
+                ..
+            } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+fn wire(context: &str) -> impl FnOnce(WireIoError) -> ClientError + '_ {
+    move |error| ClientError::Wire {
+        context: context.to_owned(),
+        error,
+    }
+}
+
+/// Progress callbacks (the binary draws bars or prints lines).
+pub trait Progress: Send + Sync {
+    /// A file is about to be sent: `to_send` bytes of its `size` are missing.
+    fn file_started(&self, path: &str, size: u64, to_send: u64);
+    /// `bytes` more bytes of `path` were sent.
+    fn sent(&self, path: &str, bytes: u64);
+    /// The file is committed (or failed).
+    fn file_finished(&self, path: &str, ok: bool);
+}
+
+/// No progress output.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn file_started(&self, _: &str, _: u64, _: u64) {}
+    fn sent(&self, _: &str, _: u64) {}
+    fn file_finished(&self, _: &str, _: bool) {}
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Extra unidirectional streams per file for its chunks. Several streams
+    /// keep one lost packet from stalling every chunk behind it.
+    pub chunk_streams: usize,
+    /// Files pushed at once (at most the server's per-connection upload limit).
+    pub parallel_files: usize,
+    /// Keep-alive interval, well below the server's idle timeout.
+    pub keep_alive: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            chunk_streams: 4,
+            parallel_files: 4,
+            keep_alive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Result of pushing one file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PushReport {
+    pub local: PathBuf,
+    pub path: String,
+    pub size: u64,
+    pub file_hash: String,
+    pub chunks: u32,
+    pub chunks_sent: u32,
+    pub bytes_sent: u64,
+    pub chunks_rejected: u32,
+}
+
+/// Result of pulling one file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PullReport {
+    pub path: String,
+    pub local: PathBuf,
+    pub size: u64,
+    pub file_hash: String,
+}
+
+/// A connected client.
+#[derive(Debug, Clone)]
+pub struct SyncClient {
+    endpoint: Endpoint,
+    conn: Connection,
+    options: ClientOptions,
+}
+
+impl SyncClient {
+    /// Connects to `server` (or the bundle's address) and says hello.
+    pub async fn connect(
+        bundle: &Bundle,
+        server: Option<&str>,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let server = server
+            .map(str::to_owned)
+            .or_else(|| bundle.server.clone())
+            .ok_or(ClientError::NoServer)?;
+        let addr = resolve(&server).await?;
+        let crypto = client_crypto(bundle)?;
+        let mut config = quinn::ClientConfig::new(crypto);
+        let mut transport =
+            crate::server::transport_config(64, Duration::from_secs(60)).map_err(|detail| {
+                ClientError::Connect {
+                    server: server.clone(),
+                    detail,
+                }
+            })?;
+        transport.keep_alive_interval(Some(options.keep_alive));
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let connect_err = |detail: String| ClientError::Connect {
+            server: server.clone(),
+            detail,
+        };
+        let socket = std::net::UdpSocket::bind(bind).map_err(|e| connect_err(e.to_string()))?;
+        crate::server::set_udp_buffers(&socket);
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| connect_err("no async runtime".into()))?;
+        let mut endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        let conn = endpoint
+            .connect(addr, server_name(bundle))
+            .map_err(|e| connect_err(e.to_string()))?
+            .await?;
+        let client = Self {
+            endpoint,
+            conn,
+            options,
+        };
+        client.hello().await?;
+        Ok(client)
+    }
+
+    async fn hello(&self) -> Result<(), ClientError> {
+        let context = "hello";
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(
+            &mut send,
+            &client_hello(concat!("appliance-sync ", env!("CARGO_PKG_VERSION"))),
+        )
+        .await
+        .map_err(wire(context))?;
+        let _ = send.finish();
+        let reply = self.read_reply(&mut recv, context).await?;
+        check_welcome(reply).map_err(|error| ClientError::Protocol {
+            context: context.into(),
+            error,
+        })?;
+        Ok(())
+    }
+
+    async fn read_reply(
+        &self,
+        recv: &mut quinn::RecvStream,
+        context: &str,
+    ) -> Result<Message, ClientError> {
+        match read_frame(recv, IDLE_TIMEOUT).await {
+            Ok(Some((message, _))) => Ok(message),
+            Ok(None) => Err(self.closed_error(context)),
+            Err(e) => {
+                if let Some(reason) = self.conn.close_reason() {
+                    return Err(ClientError::Connection(reason));
+                }
+                Err(wire(context)(e))
+            }
+        }
+    }
+
+    fn closed_error(&self, context: &str) -> ClientError {
+        match self.conn.close_reason() {
+            Some(reason) => ClientError::Connection(reason),
+            None => ClientError::Wire {
+                context: context.into(),
+                error: WireIoError::Truncated,
+            },
+        }
+    }
+
+    /// UDP payload bytes this client has sent so far (QUIC's own counter).
+    pub fn wire_bytes_sent(&self) -> u64 {
+        self.conn.stats().udp_tx.bytes
+    }
+
+    /// Closes the connection and waits for the close to be sent.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// One request/answer exchange on a fresh stream.
+    async fn request(&self, message: &Message, context: &str) -> Result<Message, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, message)
+            .await
+            .map_err(wire(context))?;
+        let _ = send.finish();
+        match self.read_reply(&mut recv, context).await? {
+            Message::Error { error, .. } => Err(ClientError::Server {
+                context: context.into(),
+                error,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Every file below `dir` (or the root), with sizes, hashes and mtimes.
+    pub async fn list(&self, dir: Option<&str>) -> Result<Vec<ListEntry>, ClientError> {
+        let context = format!("ls {}", dir.unwrap_or("/"));
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let request = Message::List {
+                dir: dir.unwrap_or("").to_owned(),
+                after: after.clone(),
+            };
+            match self.request(&request, &context).await? {
+                Message::ListReply { entries, more } => {
+                    after = entries.last().map(|e| e.path.clone());
+                    out.extend(entries);
+                    if !more || after.is_none() {
+                        return Ok(out);
+                    }
+                }
+                other => {
+                    return Err(ClientError::Unexpected {
+                        context,
+                        got: other.kind(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Deletes a remote file.
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let context = format!("rm {path}");
+        match self
+            .request(&Message::Delete { path: path.into() }, &context)
+            .await?
+        {
+            Message::Deleted { .. } => Ok(()),
+            other => Err(ClientError::Unexpected {
+                context,
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// Quota and usage.
+    pub async fn status(&self) -> Result<StatusReply, ClientError> {
+        let context = "status";
+        match self.request(&Message::Status, context).await? {
+            Message::StatusReply(s) => Ok(s),
+            other => Err(ClientError::Unexpected {
+                context: context.into(),
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// Pushes files and directories (recursively) under `to`.
+    pub async fn push(
+        &self,
+        paths: &[PathBuf],
+        to: Option<&RelPath>,
+        progress: Arc<dyn Progress>,
+    ) -> Result<Vec<PushReport>, ClientError> {
+        let mut jobs = Vec::new();
+        for path in paths {
+            collect_files(path, to, &mut jobs)?;
+        }
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.options.parallel_files.max(1),
+        ));
+        let mut set = tokio::task::JoinSet::new();
+        for (index, (local, remote)) in jobs.into_iter().enumerate() {
+            let client = self.clone();
+            let progress = progress.clone();
+            let limit = limit.clone();
+            set.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                (index, client.push_file(&local, &remote, progress).await)
+            });
+        }
+        let mut results = Vec::new();
+        let mut first_error = None;
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((index, Ok(report))) => results.push((index, report)),
+                Ok((_, Err(e))) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(ClientError::LocalPath {
+                        path: PathBuf::new(),
+                        detail: format!("push task failed: {e}"),
+                    });
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        results.sort_by_key(|(i, _)| *i);
+        Ok(results.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Pushes one local file to `remote`.
+    pub async fn push_file(
+        &self,
+        local: &Path,
+        remote: &RelPath,
+        progress: Arc<dyn Progress>,
+    ) -> Result<PushReport, ClientError> {
+        let context = format!("push {}", remote);
+        let local_err = |source: std::io::Error| ClientError::Local {
+            path: local.to_path_buf(),
+            source,
+        };
+        let path = local.to_path_buf();
+        let (file, digest, mtime) = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path)?;
+            let mtime = Mtime::from_system_time(file.metadata()?.modified()?);
+            let digest = digest_reader(std::io::BufReader::with_capacity(1 << 20, &file))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok::<_, std::io::Error>((file, digest, mtime))
+        })
+        .await
+        .map_err(|e| local_err(std::io::Error::other(e.to_string())))?
+        .map_err(local_err)?;
+        let file = Arc::new(file);
+        let manifest = digest.to_manifest(remote, mtime);
+        let (machine, upload_msg) =
+            ClientUpload::new(manifest, Instant::now()).map_err(|error| ClientError::Protocol {
+                context: context.clone(),
+                error,
+            })?;
+        let machine = Arc::new(Mutex::new(machine));
+        let (mut control_send, mut control_recv) = self.conn.open_bi().await?;
+        write_frame(&mut control_send, &upload_msg)
+            .await
+            .map_err(wire(&context))?;
+        let control_send = Arc::new(tokio::sync::Mutex::new(control_send));
+
+        // Replies arrive on their own task so the wait below can also watch
+        // the machine's idle deadline without cancelling a read mid-frame.
+        let (reply_tx, mut reply_rx) = mpsc::channel::<Result<Message, WireIoError>>(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = read_frame(&mut control_recv, IDLE_TIMEOUT * 4).await;
+                let done = !matches!(next, Ok(Some(_)));
+                let item = match next {
+                    Ok(Some((m, _))) => Ok(m),
+                    Ok(None) => Err(WireIoError::Truncated),
+                    Err(e) => Err(e),
+                };
+                if reply_tx.send(item).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+
+        let (chunk_tx, chunk_rx) = mpsc::unbounded_channel::<ChunkRef>();
+        let chunk_rx = Arc::new(tokio::sync::Mutex::new(chunk_rx));
+        let (fail_tx, mut fail_rx) = mpsc::channel::<ClientError>(4);
+        let mut workers = Vec::new();
+        let mut chunk_tx = Some(chunk_tx);
+        let path_str = remote.to_string();
+        let mut started = false;
+        let result: Result<(), ClientError> = loop {
+            let deadline = machine.lock().poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let actions = tokio::select! {
+                reply = reply_rx.recv() => match reply {
+                    Some(Ok(message)) => machine.lock().handle(message, Instant::now()),
+                    Some(Err(e)) => break Err(match self.conn.close_reason() {
+                        Some(reason) => ClientError::Connection(reason),
+                        None => wire(&context)(e),
+                    }),
+                    None => break Err(self.closed_error(&context)),
+                },
+                Some(error) = fail_rx.recv() => break Err(error),
+                () = sleep => machine.lock().handle_timeout(Instant::now()),
+            };
+            let mut outcome = None;
+            let sends: Vec<ChunkRef> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    ClientAction::SendChunk { chunk, .. } => Some(*chunk),
+                    _ => None,
+                })
+                .collect();
+            if !started
+                && (!sends.is_empty()
+                    || actions
+                        .iter()
+                        .any(|a| matches!(a, ClientAction::Committed(_))))
+            {
+                started = true;
+                let to_send: u64 = sends.iter().map(|c| u64::from(c.len)).sum();
+                progress.file_started(&path_str, digest.size, to_send);
+                // Small uploads go on the control stream; larger ones fan
+                // out over extra streams.
+                let streams = if sends.len() <= 2 {
+                    0
+                } else {
+                    self.options.chunk_streams.min(sends.len())
+                };
+                for _ in 0..streams.max(1) {
+                    let target = if streams == 0 {
+                        ChunkTarget::Control(control_send.clone())
+                    } else {
+                        match self.conn.open_uni().await {
+                            Ok(s) => ChunkTarget::Own(s),
+                            Err(e) => {
+                                outcome = Some(Err(ClientError::Connection(e)));
+                                break;
+                            }
+                        }
+                    };
+                    workers.push(tokio::spawn(chunk_worker(
+                        target,
+                        chunk_rx.clone(),
+                        machine.clone(),
+                        file.clone(),
+                        fail_tx.clone(),
+                        progress.clone(),
+                        path_str.clone(),
+                        context.clone(),
+                    )));
+                }
+            }
+            for action in actions {
+                match action {
+                    ClientAction::SendChunk { chunk, .. } => {
+                        if let Some(tx) = &chunk_tx {
+                            let _ = tx.send(chunk);
+                        }
+                    }
+                    ClientAction::ChunkRejected { hash } => {
+                        tracing::warn!(%hash, path = %path_str, "server rejected a chunk; resending");
+                    }
+                    ClientAction::Committed(_) => outcome = Some(Ok(())),
+                    ClientAction::Failed(error) => {
+                        outcome = Some(Err(match error {
+                            appliance_sync_proto::ClientError::Server(error) => {
+                                ClientError::Server {
+                                    context: context.clone(),
+                                    error,
+                                }
+                            }
+                            error => ClientError::Protocol {
+                                context: context.clone(),
+                                error,
+                            },
+                        }));
+                    }
+                }
+            }
+            if let Some(outcome) = outcome {
+                break outcome;
+            }
+        };
+        // Stop the workers (they finish their streams) and the reader.
+        chunk_tx.take();
+        for w in workers {
+            if result.is_err() {
+                w.abort();
+            }
+            let _ = w.await;
+        }
+        reader.abort();
+        {
+            let mut send = control_send.lock().await;
+            if result.is_err() {
+                let _ = send.reset(0u32.into());
+            } else {
+                let _ = send.finish();
+            }
+        }
+        progress.file_finished(&path_str, result.is_ok());
+        result?;
+        let stats = machine.lock().stats();
+        Ok(PushReport {
+            local: local.to_path_buf(),
+            path: path_str,
+            size: digest.size,
+            file_hash: digest.file_hash.to_string(),
+            chunks: u32::try_from(digest.chunks.len()).unwrap_or(u32::MAX),
+            chunks_sent: stats.chunks_sent,
+            bytes_sent: stats.bytes_sent,
+            chunks_rejected: stats.chunks_rejected,
+        })
+    }
+
+    /// Downloads `remote` to `local` (a file path, or a directory to put it
+    /// in; default: the current directory). Each chunk and the whole file
+    /// are verified before the file is renamed into place.
+    pub async fn pull(
+        &self,
+        remote: &str,
+        local: Option<&Path>,
+    ) -> Result<PullReport, ClientError> {
+        let context = format!("pull {remote}");
+        let remote_path = RelPath::parse(remote).map_err(|reason| ClientError::Server {
+            context: context.clone(),
+            error: WireError::PathRejected { reason },
+        })?;
+        let target = match local {
+            None => PathBuf::from(remote_path.file_name()),
+            Some(p) if p.is_dir() => p.join(remote_path.file_name()),
+            Some(p) => p.to_path_buf(),
+        };
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(
+            &mut send,
+            &Message::Download {
+                path: remote.to_owned(),
+            },
+        )
+        .await
+        .map_err(wire(&context))?;
+        let _ = send.finish();
+        let manifest = match self.read_reply(&mut recv, &context).await? {
+            Message::DownloadBegin(m) => m,
+            Message::Error { error, .. } => return Err(ClientError::Server { context, error }),
+            other => {
+                return Err(ClientError::Unexpected {
+                    context,
+                    got: other.kind(),
+                })
+            }
+        };
+        let protocol = |error| ClientError::Protocol {
+            context: context.clone(),
+            error,
+        };
+        let mut check = DownloadCheck::new(&remote_path, manifest).map_err(protocol)?;
+        let size = check.manifest().size;
+        let file_hash = check.manifest().file_hash;
+        let mtime = check.manifest().mtime;
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let name = target.file_name().map_or_else(
+            || remote_path.file_name().to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let tmp = dir.join(format!(".{name}.appliance-sync-partial"));
+        let local_err = |source| ClientError::Local {
+            path: tmp.clone(),
+            source,
+        };
+        let file = std::fs::File::create(&tmp).map_err(local_err)?;
+        let result: Result<(), ClientError> = async {
+            let mut complete = check.is_complete().map_err(protocol)?;
+            while !complete {
+                let message = self.read_reply(&mut recv, &context).await?;
+                let (hash, data) = match message {
+                    Message::DownloadChunk { hash, data } => (hash, data),
+                    Message::Error { error, .. } => {
+                        return Err(ClientError::Server {
+                            context: context.clone(),
+                            error,
+                        })
+                    }
+                    other => {
+                        return Err(ClientError::Unexpected {
+                            context: context.clone(),
+                            got: other.kind(),
+                        })
+                    }
+                };
+                let (offset, data, last) = match check.chunk(hash, data).map_err(protocol)? {
+                    DownloadStep::Write { offset, data } => (offset, data, false),
+                    DownloadStep::Finish { offset, data } => (offset, data, true),
+                };
+                file.write_all_at(&data, offset).map_err(local_err)?;
+                complete = last;
+            }
+            file.set_modified(crate::client::system_time(mtime))
+                .map_err(local_err)?;
+            file.sync_all().map_err(local_err)?;
+            std::fs::rename(&tmp, &target).map_err(|source| ClientError::Local {
+                path: target.clone(),
+                source,
+            })?;
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result?;
+        Ok(PullReport {
+            path: remote.to_owned(),
+            local: target,
+            size,
+            file_hash: file_hash.to_string(),
+        })
+    }
+}
+
+pub(crate) fn system_time(mtime: Mtime) -> std::time::SystemTime {
+    let nanos = Duration::from_nanos(u64::from(mtime.nanos));
+    let base = std::time::UNIX_EPOCH;
+    if mtime.secs >= 0 {
+        base + Duration::from_secs(mtime.secs.unsigned_abs()) + nanos
+    } else {
+        base - Duration::from_secs(mtime.secs.unsigned_abs()) + nanos
+    }
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
+    let resolve_err = |detail: String| ClientError::Resolve {
+        server: server.to_owned(),
+        detail,
+    };
+    let mut addrs = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| resolve_err(e.to_string()))?;
+    addrs.next().ok_or_else(|| resolve_err("no address".into()))
+}
+
+/// Files to push: `(local, remote)`. A file goes to `to/<name>`; a
+/// directory `d` to `to/d/...`, recursively. Symlinks are skipped (their
+/// targets may lie anywhere), with a warning.
+fn collect_files(
+    path: &Path,
+    to: Option<&RelPath>,
+    out: &mut Vec<(PathBuf, RelPath)>,
+) -> Result<(), ClientError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|source| ClientError::Local {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ClientError::LocalPath {
+            path: path.to_path_buf(),
+            detail: "has no usable UTF-8 file name".into(),
+        })?;
+    let remote = match to {
+        Some(dir) => RelPath::parse(&format!("{dir}/{name}")),
+        None => RelPath::parse(name),
+    }
+    .map_err(|reason| ClientError::LocalPath {
+        path: path.to_path_buf(),
+        detail: format!("cannot be stored under that name: {reason}"),
+    })?;
+    if meta.file_type().is_symlink() {
+        tracing::warn!(path = %path.display(), "skipping symlink");
+        return Ok(());
+    }
+    if meta.is_file() {
+        out.push((path.to_path_buf(), remote));
+        return Ok(());
+    }
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| ClientError::Local {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for entry in entries {
+            collect_files(&entry, Some(&remote), out)?;
+        }
+        return Ok(());
+    }
+    Err(ClientError::LocalPath {
+        path: path.to_path_buf(),
+        detail: "is not a regular file or directory".into(),
+    })
+}
+
+enum ChunkTarget {
+    Control(Arc<tokio::sync::Mutex<SendStream>>),
+    Own(SendStream),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn chunk_worker(
+    mut target: ChunkTarget,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ChunkRef>>>,
+    machine: Arc<Mutex<ClientUpload>>,
+    file: Arc<std::fs::File>,
+    fail: mpsc::Sender<ClientError>,
+    progress: Arc<dyn Progress>,
+    path: String,
+    context: String,
+) {
+    loop {
+        let next = queue.lock().await.recv().await;
+        let Some(chunk) = next else { break };
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut data = vec![0u8; chunk.len as usize];
+            f.read_exact_at(&mut data, chunk.offset).map(|()| data)
+        })
+        .await;
+        let data = match read {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => {
+                let _ = fail
+                    .send(ClientError::LocalPath {
+                        path: PathBuf::from(&path),
+                        detail: format!("reading chunk at {}: {e}", chunk.offset),
+                    })
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let message = machine.lock().chunk_message(&chunk, data);
+        let message = match message {
+            Ok(m) => m,
+            Err(error) => {
+                let _ = fail
+                    .send(ClientError::Protocol {
+                        context: context.clone(),
+                        error,
+                    })
+                    .await;
+                return;
+            }
+        };
+        let written = match &mut target {
+            ChunkTarget::Control(send) => write_frame(&mut *send.lock().await, &message).await,
+            ChunkTarget::Own(send) => write_frame(send, &message).await,
+        };
+        if let Err(e) = written {
+            let _ = fail.send(wire(&context)(e)).await;
+            return;
+        }
+        machine.lock().touch(Instant::now());
+        progress.sent(&path, u64::from(chunk.len));
+    }
+    if let ChunkTarget::Own(mut send) = target {
+        let _ = send.finish();
+    }
+}
+
+/// Writes `bytes` to stdout, ignoring a closed pipe.
+pub fn print_out(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes);
+    let _ = out.flush();
+}

@@ -1,0 +1,1094 @@
+//! The QUIC server: a thin adapter around `appliance-sync-proto`'s
+//! [`ServerConnection`] state machine.
+//!
+//! One task owns each connection's protocol state. Stream reader tasks
+//! decode frames and send them to it; it applies them to the state machine
+//! and performs the resulting actions: replies go to per-stream writer
+//! tasks, chunk writes and assembly go to blocking threads whose results
+//! come back as events, and list/download/delete/status run as their own
+//! tasks on their stream. Nothing but that task touches the state machine.
+//!
+//! Limits (reasons):
+//! - [`ServerConfig::max_connections_per_client`] (4): a laptop needs one;
+//!   a few allow a second device session or a reconnect racing the old one,
+//!   and a stolen-but-not-yet-revoked key cannot open hundreds.
+//! - [`ServerConfig::max_streams`] (32 bidirectional + 32 unidirectional
+//!   per connection): the client uses one stream per file in flight (at
+//!   most 8, the protocol's upload limit) plus a few chunk streams each.
+//! - [`IN_FLIGHT_CHUNK_BYTES`] (64 MiB per connection): decoded chunks wait
+//!   for the disk; readers stop reading (QUIC flow control then stops the
+//!   client) while this much is queued.
+//! - [`ServerConfig::idle_timeout`] (60 s): QUIC idle timeout; the client
+//!   sends keep-alives every 10 s, so only a vanished peer hits it. A stream
+//!   that stalls in the middle of a frame for [`STREAM_IDLE`] is reset, and
+//!   an upload that stops getting chunks fails after the protocol's
+//!   `IDLE_TIMEOUT`.
+//! - UDP socket buffers of 4 MiB ([`UDP_BUFFER_BYTES`]): with the kernel
+//!   default (~200 KiB) a fast sender overflows the receive buffer and
+//!   QUIC backs off on the resulting loss; the bench measured the
+//!   difference. Raising them may be refused (`net.core.rmem_max`); that
+//!   is logged and the server runs with what it got.
+
+use crate::admission::Admission;
+use crate::events::{EventSink, SyncEvent};
+use crate::identity::{Authority, ClientName};
+use crate::store::{ClientStore, Documents, StoreError};
+use crate::wire::{read_header, read_payload, write_frame, WireIoError};
+use appliance_sync_proto::limits::{IDLE_TIMEOUT, MAX_LIST_ENTRIES};
+use appliance_sync_proto::message::{StatusReply, UploadId};
+use appliance_sync_proto::server::{
+    Admission as ProtoAdmission, AdmissionRequest, ChunkIndex, Refusal,
+};
+use appliance_sync_proto::{
+    decode_payload, AssembleFailure, ConnAction, Hash, Message, Request, ServerConnection,
+    StorageFailure, UploadOutcome, WireError,
+};
+use parking_lot::Mutex;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes of decoded chunks one connection may have queued for the disk.
+pub const IN_FLIGHT_CHUNK_BYTES: usize = 64 << 20;
+/// A stream that sends nothing for this long in the middle of a frame (or
+/// before its first) is reset.
+pub const STREAM_IDLE: Duration = IDLE_TIMEOUT;
+/// Requested UDP socket buffer size.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// QUIC application close codes.
+pub mod close_code {
+    pub const NORMAL: u32 = 0;
+    pub const PROTOCOL: u32 = 1;
+    pub const REVOKED: u32 = 2;
+    pub const TOO_MANY_CONNECTIONS: u32 = 3;
+    pub const SHUTDOWN: u32 = 4;
+    pub const NOT_ENROLLED: u32 = 5;
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// UDP address to bind (`endpoints.sync_quic`).
+    pub listen: SocketAddr,
+    pub max_connections_per_client: usize,
+    pub max_streams: u32,
+    pub idle_timeout: Duration,
+    /// Time a graceful shutdown waits for connections to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults (see the module docs) listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            max_connections_per_client: 4,
+            max_streams: 32,
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The components the server uses; the daemon builds them (and may swap
+/// the admission for the storage manager's).
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub authority: Arc<Authority>,
+    pub documents: Arc<Documents>,
+    pub admission: Arc<dyn Admission>,
+    pub events: Arc<dyn EventSink>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("start-up recovery failed: {0}")]
+    Recovery(#[from] StoreError),
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct SyncServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+    live: Arc<LiveConnections>,
+}
+
+impl SyncServer {
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of live connections of `client`.
+    pub fn connections_of(&self, client: &ClientName) -> usize {
+        self.live.count(client)
+    }
+
+    /// Waits until the server has shut down (after the token is cancelled).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Debug, Default)]
+struct LiveConnections {
+    next: Mutex<u64>,
+    by_client: Mutex<HashMap<ClientName, Vec<(u64, Connection)>>>,
+}
+
+impl LiveConnections {
+    fn add(&self, client: &ClientName, conn: Connection, max: usize) -> Option<u64> {
+        let mut map = self.by_client.lock();
+        let list = map.entry(client.clone()).or_default();
+        if list.len() >= max {
+            return None;
+        }
+        let mut next = self.next.lock();
+        *next += 1;
+        list.push((*next, conn));
+        Some(*next)
+    }
+
+    fn remove(&self, client: &ClientName, id: u64) {
+        let mut map = self.by_client.lock();
+        if let Some(list) = map.get_mut(client) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                map.remove(client);
+            }
+        }
+    }
+
+    fn count(&self, client: &ClientName) -> usize {
+        self.by_client.lock().get(client).map_or(0, Vec::len)
+    }
+
+    fn close_client(&self, client: &ClientName, code: u32, reason: &[u8]) {
+        let conns: Vec<Connection> = self
+            .by_client
+            .lock()
+            .get(client)
+            .map(|l| l.iter().map(|(_, c)| c.clone()).collect())
+            .unwrap_or_default();
+        for c in conns {
+            c.close(VarInt::from_u32(code), reason);
+        }
+    }
+
+    fn all(&self) -> Vec<(ClientName, Connection)> {
+        self.by_client
+            .lock()
+            .iter()
+            .flat_map(|(n, l)| l.iter().map(|(_, c)| (n.clone(), c.clone())))
+            .collect()
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    set_udp_buffers(&socket);
+    Ok(socket)
+}
+
+/// Asks for [`UDP_BUFFER_BYTES`] send and receive buffers; logs what it got.
+pub fn set_udp_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let rcv = setsockopt(socket, sockopt::RcvBuf, &UDP_BUFFER_BYTES);
+    let snd = setsockopt(socket, sockopt::SndBuf, &UDP_BUFFER_BYTES);
+    let got_rcv = getsockopt(socket, sockopt::RcvBuf).unwrap_or(0);
+    let got_snd = getsockopt(socket, sockopt::SndBuf).unwrap_or(0);
+    // Linux doubles the requested value for bookkeeping; half is usable.
+    if rcv.is_err() || snd.is_err() || got_rcv < UDP_BUFFER_BYTES || got_snd < UDP_BUFFER_BYTES {
+        tracing::warn!(
+            requested = UDP_BUFFER_BYTES,
+            receive = got_rcv,
+            send = got_snd,
+            "UDP socket buffers are smaller than requested (raise net.core.rmem_max/wmem_max)"
+        );
+    }
+}
+
+/// Transport settings shared by server and client.
+pub fn transport_config(
+    max_streams: u32,
+    idle: Duration,
+) -> Result<quinn::TransportConfig, String> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams));
+    t.max_concurrent_uni_streams(VarInt::from_u32(max_streams));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle).map_err(|e| e.to_string())?,
+    ));
+    // Windows sized for a fast LAN or loopback: one stream may carry a full
+    // chunk frame without stalling; the connection a few chunks at once.
+    t.stream_receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    Ok(t)
+}
+
+/// Starts the server: start-up recovery (staging sweep of every client),
+/// then the QUIC endpoint. Returns once bound. Cancelling `shutdown` stops
+/// accepting, lets connections finish for `shutdown_grace`, then closes.
+pub async fn serve(
+    config: ServerConfig,
+    services: Services,
+    shutdown: CancellationToken,
+) -> Result<SyncServer, ServeError> {
+    let documents = services.documents.clone();
+    let recovered = tokio::task::spawn_blocking(move || documents.recover_all())
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()))??;
+    for (client, report) in &recovered {
+        tracing::info!(%client, ?report, "sync store recovered");
+    }
+    let crypto = crate::tls::server_crypto(&services.authority)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+    server_config.transport_config(Arc::new(
+        transport_config(config.max_streams, config.idle_timeout).map_err(ServeError::Transport)?,
+    ));
+    let socket = udp_socket(config.listen).map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| ServeError::Transport("no async runtime".into()))?;
+    let endpoint = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        runtime,
+    )
+    .map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    if services.authority.public_address().is_none() {
+        services
+            .authority
+            .set_public_address(Some(addr.to_string()));
+    }
+    tracing::info!(%addr, "sync server listening");
+    let live = Arc::new(LiveConnections::default());
+    let task = tokio::spawn(accept_loop(
+        endpoint,
+        config,
+        services,
+        shutdown,
+        live.clone(),
+    ));
+    Ok(SyncServer { addr, task, live })
+}
+
+async fn accept_loop(
+    endpoint: Endpoint,
+    config: ServerConfig,
+    services: Services,
+    shutdown: CancellationToken,
+    live: Arc<LiveConnections>,
+) {
+    let mut revocations = services.authority.subscribe_revocations();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            revoked = revocations.recv() => match revoked {
+                Ok(client) => live.close_client(&client, close_code::REVOKED, b"client revoked"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed some: re-check every live connection.
+                    for (client, conn) in live.all() {
+                        if services.authority.client(&client).is_none_or(|c| !c.is_active()) {
+                            conn.close(VarInt::from_u32(close_code::REVOKED), b"client revoked");
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+            },
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let services = services.clone();
+                let live = live.clone();
+                let config = config.clone();
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => handle_connection(conn, config, services, live, shutdown).await,
+                        // Refused handshakes (unknown, self-signed, revoked
+                        // clients) end here, before any storage access.
+                        Err(e) => tracing::info!(%remote, error = %e, "sync handshake failed"),
+                    }
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    // Graceful shutdown: no new connections; give the live ones a moment.
+    endpoint.set_server_config(None);
+    let grace = tokio::time::sleep(config.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            () = &mut grace => break,
+            next = tasks.join_next() => if next.is_none() { break },
+        }
+    }
+    endpoint.close(
+        VarInt::from_u32(close_code::SHUTDOWN),
+        b"server shutting down",
+    );
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    endpoint.wait_idle().await;
+}
+
+fn peer_client(conn: &Connection, authority: &Authority) -> Option<ClientName> {
+    let identity = conn.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    authority.client_for_cert(certs.first()?)
+}
+
+async fn handle_connection(
+    conn: Connection,
+    config: ServerConfig,
+    services: Services,
+    live: Arc<LiveConnections>,
+    shutdown: CancellationToken,
+) {
+    let remote = conn.remote_address();
+    // The verifier already refused unknown and revoked certificates; this
+    // maps the certificate to its client (and closes the race with a
+    // revocation that landed during the handshake).
+    let Some(client) = peer_client(&conn, &services.authority) else {
+        conn.close(
+            VarInt::from_u32(close_code::NOT_ENROLLED),
+            b"client not enrolled",
+        );
+        return;
+    };
+    let Some(id) = live.add(&client, conn.clone(), config.max_connections_per_client) else {
+        tracing::warn!(%client, %remote, "too many connections");
+        conn.close(
+            VarInt::from_u32(close_code::TOO_MANY_CONNECTIONS),
+            b"too many connections for this client",
+        );
+        return;
+    };
+    services.events.publish(SyncEvent::ClientConnected {
+        client: client.clone(),
+        remote,
+    });
+    let documents = services.documents.clone();
+    let name = client.clone();
+    let store = match tokio::task::spawn_blocking(move || documents.client(&name)).await {
+        Ok(Ok(store)) => Some(store),
+        Ok(Err(e)) => {
+            tracing::error!(%client, error = %e, "cannot open client store");
+            None
+        }
+        Err(e) => {
+            tracing::error!(%client, error = %e, "store task failed");
+            None
+        }
+    };
+    let reason = match store {
+        Some(store) => {
+            let actor = ConnActor::new(conn.clone(), client.clone(), store, services.clone());
+            actor.run(shutdown).await
+        }
+        None => {
+            conn.close(
+                VarInt::from_u32(close_code::PROTOCOL),
+                b"storage unavailable",
+            );
+            "storage unavailable".to_owned()
+        }
+    };
+    live.remove(&client, id);
+    services
+        .events
+        .publish(SyncEvent::ClientDisconnected { client, reason });
+}
+
+/// Identifies a stream within one connection.
+type StreamKey = u64;
+
+enum Event {
+    Frame {
+        stream: StreamKey,
+        message: Message,
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    ReadFailed {
+        stream: StreamKey,
+        error: WireIoError,
+    },
+    ReaderDone {
+        stream: StreamKey,
+    },
+    ChunkWritten {
+        upload: UploadId,
+        hash: Hash,
+        len: u64,
+        result: Result<(), StoreError>,
+    },
+    Assembled {
+        upload: UploadId,
+        result: Result<(), StoreError>,
+    },
+    ServeDone {
+        stream: StreamKey,
+    },
+}
+
+/// The storage view handed to the state machine for one call.
+struct StorageView<'a> {
+    store: &'a ClientStore,
+    admission: &'a dyn Admission,
+    client: &'a ClientName,
+}
+
+impl ChunkIndex for StorageView<'_> {
+    fn has_chunk(&self, hash: &Hash) -> bool {
+        self.store.has_chunk(hash)
+    }
+}
+
+impl ProtoAdmission for StorageView<'_> {
+    fn admit(&mut self, request: &AdmissionRequest<'_>) -> Result<(), Refusal> {
+        // Bytes this upload adds at its peak: the missing chunks in the
+        // chunk store plus the assembled file, less the document it
+        // replaces (freed at the rename) unless versions are kept. An
+        // identical document already in place adds nothing.
+        let needed = match self.store.current_manifest(request.path) {
+            Some(m) if m.size == request.file_size && request.missing_bytes == 0 => 0,
+            _ => request.missing_bytes.saturating_add(request.file_size),
+        };
+        self.admission
+            .admit(self.client, needed)
+            .map_err(|q| Refusal::QuotaExceeded {
+                needed: q.needed,
+                available: q.available,
+            })
+    }
+}
+
+struct UploadInfo {
+    path: String,
+    size: u64,
+    bytes: u64,
+    started: bool,
+}
+
+struct StreamState {
+    writer: Option<mpsc::Sender<Message>>,
+    reader_done: bool,
+    serving: bool,
+}
+
+struct ConnActor {
+    conn: Connection,
+    client: ClientName,
+    store: Arc<ClientStore>,
+    services: Services,
+    proto: ServerConnection<StreamKey>,
+    streams: HashMap<StreamKey, StreamState>,
+    uploads: HashMap<UploadId, UploadInfo>,
+    /// Number of running uploads each stream controls.
+    upload_streams: HashMap<StreamKey, usize>,
+    upload_stream_of: HashMap<UploadId, StreamKey>,
+    next_stream: StreamKey,
+    /// Memory reservation of the frame being handled, for its chunk write.
+    pending_permit: Option<OwnedSemaphorePermit>,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+    memory: Arc<Semaphore>,
+}
+
+/// Permits are counted in KiB so a 4 MiB chunk fits the semaphore's range.
+fn permits_for(len: usize) -> u32 {
+    u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+impl ConnActor {
+    fn new(
+        conn: Connection,
+        client: ClientName,
+        store: Arc<ClientStore>,
+        services: Services,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(256);
+        Self {
+            conn,
+            client,
+            store,
+            services,
+            proto: ServerConnection::new(),
+            streams: HashMap::new(),
+            uploads: HashMap::new(),
+            upload_streams: HashMap::new(),
+            upload_stream_of: HashMap::new(),
+            next_stream: 0,
+            pending_permit: None,
+            events_tx,
+            events_rx,
+            memory: Arc::new(Semaphore::new(IN_FLIGHT_CHUNK_BYTES / 1024)),
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) -> String {
+        let reason = loop {
+            let deadline = self.proto.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Level-triggered: once cancelled, the connection closes as
+                // soon as its running uploads have finished.
+                () = shutdown.cancelled(), if self.uploads.is_empty() => {
+                    self.conn.close(VarInt::from_u32(close_code::SHUTDOWN), b"server shutting down");
+                    break "server shutting down".to_owned();
+                }
+                bi = self.conn.accept_bi() => match bi {
+                    Ok((send, recv)) => self.add_stream(Some(send), recv),
+                    Err(e) => break e.to_string(),
+                },
+                uni = self.conn.accept_uni() => match uni {
+                    Ok(recv) => self.add_stream(None, recv),
+                    Err(e) => break e.to_string(),
+                },
+                Some(event) = self.events_rx.recv() => self.handle_event(event),
+                () = sleep => {
+                    let actions = self.proto.handle_timeout(Instant::now());
+                    self.perform(actions);
+                }
+            }
+            if self.proto.is_closed() {
+                break "protocol error".to_owned();
+            }
+        };
+        let actions = self.proto.connection_closed(&WireError::Cancelled {
+            detail: reason.clone(),
+        });
+        self.perform(actions);
+        reason
+    }
+
+    fn add_stream(&mut self, send: Option<SendStream>, recv: RecvStream) {
+        let key = self.next_stream;
+        self.next_stream += 1;
+        let writer = send.map(|send| {
+            let (tx, rx) = mpsc::channel::<Message>(64);
+            tokio::spawn(writer_task(send, rx));
+            tx
+        });
+        self.streams.insert(
+            key,
+            StreamState {
+                writer,
+                reader_done: false,
+                serving: false,
+            },
+        );
+        tokio::spawn(reader_task(
+            key,
+            recv,
+            self.events_tx.clone(),
+            self.memory.clone(),
+        ));
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Frame {
+                stream,
+                message,
+                _permit: permit,
+            } => {
+                let starting = match &message {
+                    Message::Upload(m) => Some((m.path.clone(), m.size)),
+                    _ => None,
+                };
+                let mut view = StorageView {
+                    store: &self.store,
+                    admission: self.services.admission.as_ref(),
+                    client: &self.client,
+                };
+                let actions = self.proto.handle(stream, message, now, &mut view);
+                if let Some((path, size)) = starting {
+                    // The new upload's id appears in its first action.
+                    let id = actions.iter().find_map(|a| match a {
+                        ConnAction::Send {
+                            message: Message::NeedChunks(n),
+                            ..
+                        } => Some(n.upload),
+                        ConnAction::UploadFinished { upload, .. } => Some(*upload),
+                        _ => None,
+                    });
+                    if let Some(id) = id {
+                        self.uploads.insert(
+                            id,
+                            UploadInfo {
+                                path,
+                                size,
+                                bytes: 0,
+                                started: false,
+                            },
+                        );
+                    }
+                }
+                // The chunk's memory stays reserved until it is on disk.
+                self.pending_permit = permit;
+                self.perform(actions);
+                self.pending_permit = None;
+            }
+            Event::ReadFailed { stream, error } => {
+                tracing::info!(client = %self.client, stream, %error, "stream failed");
+                let actions = match error {
+                    WireIoError::Frame(e) => {
+                        // Malformed or oversized frame: a protocol violation.
+                        let wire: WireError = e.into();
+                        let mut actions = self.proto.connection_closed(&wire);
+                        actions.push(ConnAction::Close {
+                            stream,
+                            error: wire,
+                        });
+                        actions
+                    }
+                    _ => self.proto.stream_closed(stream),
+                };
+                self.perform(actions);
+                self.mark_reader_done(stream);
+            }
+            Event::ReaderDone { stream } => self.mark_reader_done(stream),
+            Event::ChunkWritten {
+                upload,
+                hash,
+                len,
+                result,
+            } => {
+                let actions = match result {
+                    Ok(()) => {
+                        if let Some(info) = self.uploads.get_mut(&upload) {
+                            info.bytes += len;
+                        }
+                        self.proto.chunk_written(upload, hash, now)
+                    }
+                    Err(e) => {
+                        tracing::warn!(client = %self.client, %upload, error = %e, "chunk write failed");
+                        self.proto
+                            .chunk_write_failed(upload, hash, storage_failure(&e))
+                    }
+                };
+                self.perform(actions);
+            }
+            Event::Assembled { upload, result } => {
+                let result = result.map_err(|e| {
+                    tracing::warn!(client = %self.client, %upload, error = %e, "assembly failed");
+                    match e {
+                        StoreError::FileHashMismatch { actual, .. } => {
+                            AssembleFailure::FileHashMismatch { actual }
+                        }
+                        other => AssembleFailure::Storage(storage_failure(&other)),
+                    }
+                });
+                let actions = self.proto.assembled(upload, result);
+                self.perform(actions);
+            }
+            Event::ServeDone { stream } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.serving = false;
+                }
+                self.maybe_drop_stream(stream);
+            }
+        }
+    }
+
+    fn mark_reader_done(&mut self, stream: StreamKey) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.reader_done = true;
+        }
+        self.maybe_drop_stream(stream);
+    }
+
+    /// Finishes a stream's writer once nothing can still reply on it.
+    fn maybe_drop_stream(&mut self, stream: StreamKey) {
+        let Some(s) = self.streams.get(&stream) else {
+            return;
+        };
+        let controls_upload = self.proto_controls(stream);
+        if s.reader_done && !s.serving && !controls_upload {
+            self.streams.remove(&stream);
+        }
+    }
+
+    fn proto_controls(&self, stream: StreamKey) -> bool {
+        // Uploads are tracked here from start to `UploadFinished`; the
+        // stream key of each is the one its manifest arrived on.
+        self.upload_streams.get(&stream).is_some_and(|n| *n > 0)
+    }
+
+    fn send(&mut self, stream: StreamKey, message: Message) {
+        if let Some(writer) = self.streams.get(&stream).and_then(|s| s.writer.as_ref()) {
+            if let Err(mpsc::error::TrySendError::Full(message)) = writer.try_send(message) {
+                // The client is slow to read its replies; queue behind them.
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let _ = writer.send(message).await;
+                });
+            }
+        }
+    }
+
+    fn perform(&mut self, actions: Vec<ConnAction<StreamKey>>) {
+        for action in actions {
+            match action {
+                ConnAction::Send { stream, message } => {
+                    if let Message::NeedChunks(n) = &message {
+                        self.note_upload_stream(n.upload, stream);
+                    }
+                    self.send(stream, message);
+                }
+                ConnAction::WriteChunk { upload, hash, data } => {
+                    let store = self.store.clone();
+                    let tx = self.events_tx.clone();
+                    let len = data.len() as u64;
+                    let permit = self.pending_permit.take();
+                    tokio::task::spawn_blocking(move || {
+                        let result = store.write_chunk(&hash, &data);
+                        drop(data);
+                        drop(permit);
+                        let _ = tx.blocking_send(Event::ChunkWritten {
+                            upload,
+                            hash,
+                            len,
+                            result,
+                        });
+                    });
+                }
+                ConnAction::Assemble(request) => {
+                    let store = self.store.clone();
+                    let tx = self.events_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = store.assemble(&request.manifest);
+                        let _ = tx.blocking_send(Event::Assembled {
+                            upload: request.upload,
+                            result,
+                        });
+                    });
+                }
+                ConnAction::UploadFinished { upload, outcome } => {
+                    self.finish_upload(upload, outcome);
+                }
+                ConnAction::Serve { stream, request } => {
+                    let writer = self.streams.get_mut(&stream).and_then(|s| {
+                        s.serving = true;
+                        s.writer.clone()
+                    });
+                    if let Some(writer) = writer {
+                        let store = self.store.clone();
+                        let tx = self.events_tx.clone();
+                        let admission = self.services.admission.clone();
+                        let client = self.client.clone();
+                        tokio::spawn(async move {
+                            serve_request(store, admission, client, request, writer).await;
+                            let _ = tx.send(Event::ServeDone { stream }).await;
+                        });
+                    }
+                }
+                ConnAction::Close { stream, error } => {
+                    self.send(
+                        stream,
+                        Message::Error {
+                            upload: None,
+                            error: error.clone(),
+                        },
+                    );
+                    let conn = self.conn.clone();
+                    let reason = error.to_string();
+                    // Let the error frame go out before the close.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        conn.close(VarInt::from_u32(close_code::PROTOCOL), reason.as_bytes());
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl ConnActor {
+    fn note_upload_stream(&mut self, upload: UploadId, stream: StreamKey) {
+        if let Some(info) = self.uploads.get_mut(&upload) {
+            if !info.started {
+                info.started = true;
+                *self.upload_streams.entry(stream).or_default() += 1;
+                self.upload_stream_of.insert(upload, stream);
+                self.services.events.publish(SyncEvent::UploadStarted {
+                    client: self.client.clone(),
+                    path: info.path.clone(),
+                    size: info.size,
+                });
+            }
+        }
+    }
+
+    fn finish_upload(&mut self, upload: UploadId, outcome: UploadOutcome) {
+        let info = self.uploads.remove(&upload);
+        if let Some(stream) = self.upload_stream_of.remove(&upload) {
+            if let Some(n) = self.upload_streams.get_mut(&stream) {
+                *n = n.saturating_sub(1);
+            }
+            self.maybe_drop_stream(stream);
+        }
+        let (path, size, bytes) = info.map_or((String::new(), 0, 0), |i| (i.path, i.size, i.bytes));
+        let event = match outcome {
+            UploadOutcome::Committed {
+                path,
+                size,
+                bytes_received,
+                ..
+            } => SyncEvent::UploadCompleted {
+                client: self.client.clone(),
+                path: path.into_string(),
+                size,
+                bytes_transferred: bytes_received,
+            },
+            UploadOutcome::Failed { error } => SyncEvent::UploadFailed {
+                client: self.client.clone(),
+                path,
+                size,
+                bytes_transferred: bytes,
+                error: error.to_string(),
+            },
+        };
+        self.services.events.publish(event);
+    }
+}
+
+fn storage_failure(e: &StoreError) -> StorageFailure {
+    if e.is_disk_full() {
+        StorageFailure::DiskFull
+    } else {
+        StorageFailure::Io {
+            detail: e.to_string(),
+        }
+    }
+}
+
+async fn writer_task(mut send: SendStream, mut rx: mpsc::Receiver<Message>) {
+    while let Some(message) = rx.recv().await {
+        if write_frame(&mut send, &message).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn reader_task(
+    stream: StreamKey,
+    mut recv: RecvStream,
+    events: mpsc::Sender<Event>,
+    memory: Arc<Semaphore>,
+) {
+    loop {
+        let len = match read_header(&mut recv, STREAM_IDLE).await {
+            Ok(Some(len)) => len,
+            Ok(None) => {
+                let _ = events.send(Event::ReaderDone { stream }).await;
+                return;
+            }
+            Err(error) => {
+                let _ = recv.stop(VarInt::from_u32(close_code::PROTOCOL));
+                let _ = events.send(Event::ReadFailed { stream, error }).await;
+                return;
+            }
+        };
+        // Reserve memory for the payload before reading it.
+        let permit = memory
+            .clone()
+            .acquire_many_owned(permits_for(len))
+            .await
+            .ok();
+        let message = match read_payload(&mut recv, len, STREAM_IDLE).await {
+            Ok(payload) => decode_payload(&payload).map_err(WireIoError::from),
+            Err(e) => Err(e),
+        };
+        match message {
+            Ok(message) => {
+                if events
+                    .send(Event::Frame {
+                        stream,
+                        message,
+                        _permit: permit,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(error) => {
+                let _ = recv.stop(VarInt::from_u32(close_code::PROTOCOL));
+                let _ = events.send(Event::ReadFailed { stream, error }).await;
+                return;
+            }
+        }
+    }
+}
+
+fn store_wire_error(e: StoreError) -> WireError {
+    match e {
+        StoreError::NotFound { path, .. } => WireError::NotFound { path },
+        StoreError::DiskFull { .. } => WireError::DiskFull,
+        other => WireError::Storage {
+            detail: other.to_string(),
+        },
+    }
+}
+
+async fn serve_request(
+    store: Arc<ClientStore>,
+    admission: Arc<dyn Admission>,
+    client: ClientName,
+    request: Request,
+    writer: mpsc::Sender<Message>,
+) {
+    let error = |error: WireError| Message::Error {
+        upload: None,
+        error,
+    };
+    match request {
+        Request::List { dir, after } => {
+            let s = store.clone();
+            let limit = MAX_LIST_ENTRIES as usize;
+            let result =
+                tokio::task::spawn_blocking(move || s.list(dir.as_ref(), after.as_ref(), limit))
+                    .await;
+            let message = match result {
+                Ok(Ok((entries, more))) => Message::ListReply { entries, more },
+                Ok(Err(e)) => error(store_wire_error(e)),
+                Err(e) => error(WireError::Storage {
+                    detail: e.to_string(),
+                }),
+            };
+            let _ = writer.send(message).await;
+        }
+        Request::Delete { path } => {
+            let s = store.clone();
+            let p = path.clone();
+            let message = match tokio::task::spawn_blocking(move || s.delete(&p)).await {
+                Ok(Ok(())) => Message::Deleted {
+                    path: path.into_string(),
+                },
+                Ok(Err(e)) => error(store_wire_error(e)),
+                Err(e) => error(WireError::Storage {
+                    detail: e.to_string(),
+                }),
+            };
+            let _ = writer.send(message).await;
+        }
+        Request::Status => {
+            let space = admission.space(&client);
+            let _ = writer
+                .send(Message::StatusReply(StatusReply {
+                    used: space.used,
+                    available: space.available,
+                    quota: space.quota,
+                    files: store.files(),
+                }))
+                .await;
+        }
+        Request::Download { path } => {
+            // The manifest is taken from the file itself (recomputed if the
+            // stored one is stale) and the file stays open, so what is sent
+            // is what the manifest describes; the client verifies anyway.
+            let s = store.clone();
+            let p = path.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                let file = s.open_document(&p)?;
+                let manifest = s.document_manifest(&p)?;
+                Ok::<_, StoreError>((file, manifest))
+            })
+            .await;
+            let (file, manifest) = match opened {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    let _ = writer.send(error(store_wire_error(e))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = writer
+                        .send(error(WireError::Storage {
+                            detail: e.to_string(),
+                        }))
+                        .await;
+                    return;
+                }
+            };
+            let chunks = manifest.chunks.clone();
+            if writer.send(Message::DownloadBegin(manifest)).await.is_err() {
+                return;
+            }
+            let file = Arc::new(Mutex::new(file));
+            for chunk in chunks {
+                let f = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut file = f.lock();
+                    ClientStore::read_at(&mut file, chunk.offset, chunk.len)
+                })
+                .await;
+                let data = match read {
+                    Ok(Ok(data)) => data,
+                    Ok(Err(e)) => {
+                        let _ = writer
+                            .send(error(WireError::Storage {
+                                detail: format!("{client}: {path}: {e}"),
+                            }))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if writer
+                    .send(Message::DownloadChunk {
+                        hash: chunk.hash,
+                        data,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}

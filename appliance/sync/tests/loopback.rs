@@ -1,0 +1,559 @@
+//! Real QUIC on 127.0.0.1: round trips, dedup, quota, refused clients,
+//! hostile input and a corrupted chunk.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use appliance_sync::client::{ClientError, NoProgress};
+use appliance_sync::events::SyncEvent;
+use appliance_sync::identity::{Bundle, ClientName, BUNDLE_VERSION, SERVER_NAME};
+use appliance_sync_proto::limits::{MAX_CHUNKS_PER_MANIFEST, MAX_FRAME_LEN};
+use appliance_sync_proto::message::{Manifest, Mtime};
+use appliance_sync_proto::{
+    digest_bytes, ChunkRef, Hash, Message, PathRejection, RelPath, WireError,
+};
+use common::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_push_ls_pull_rm_status() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("alice", None);
+    let client = fx.connect(&bundle).await;
+
+    let src = fx.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let big = random_bytes(5 << 20, 1);
+    let small = b"a small statement".to_vec();
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+    std::fs::write(src.join("sub/small.txt"), &small).unwrap();
+    std::fs::write(src.join("empty"), b"").unwrap();
+
+    let reports = client
+        .push(
+            std::slice::from_ref(&src),
+            Some(&RelPath::parse("backup").unwrap()),
+            Arc::new(NoProgress),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reports.len(), 3);
+
+    let entries = client.list(None).await.unwrap();
+    let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "backup/src/big.bin",
+            "backup/src/empty",
+            "backup/src/sub/small.txt"
+        ]
+    );
+    let big_entry = &entries[0];
+    assert_eq!(big_entry.size, big.len() as u64);
+    assert_eq!(big_entry.file_hash, Hash::of(&big));
+    assert_eq!(client.list(Some("backup/src/sub")).await.unwrap().len(), 1);
+
+    let out = fx.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for (remote, want) in [
+        ("backup/src/big.bin", &big),
+        ("backup/src/sub/small.txt", &small),
+        ("backup/src/empty", &Vec::new()),
+    ] {
+        let report = client.pull(remote, Some(&out)).await.unwrap();
+        let got = std::fs::read(&report.local).unwrap();
+        assert_eq!(Hash::of(&got), Hash::of(want), "{remote}");
+        assert_eq!(report.file_hash, Hash::of(want).to_string());
+    }
+    // The mtime travelled with the file.
+    let local_mtime = std::fs::metadata(src.join("big.bin"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let pulled_mtime = std::fs::metadata(out.join("big.bin"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(local_mtime, pulled_mtime);
+
+    let status = client.status().await.unwrap();
+    assert_eq!(status.files, 3);
+    assert_eq!(status.used, (big.len() + small.len()) as u64);
+
+    client.delete("backup/src/empty").await.unwrap();
+    assert_eq!(client.list(None).await.unwrap().len(), 2);
+    let err = client.delete("backup/src/empty").await.unwrap_err();
+    assert!(
+        matches!(err.wire_error(), Some(WireError::NotFound { .. })),
+        "{err}"
+    );
+    let err = client.pull("nope", Some(&out)).await.unwrap_err();
+    assert!(
+        matches!(err.wire_error(), Some(WireError::NotFound { .. })),
+        "{err}"
+    );
+
+    client.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = fx.events.events();
+    let subjects: Vec<String> = events.iter().map(SyncEvent::subject).collect();
+    assert!(subjects.contains(&"sync.client.alice.connected".to_owned()));
+    assert!(subjects.contains(&"sync.client.alice.disconnected".to_owned()));
+    assert_eq!(
+        subjects
+            .iter()
+            .filter(|s| *s == "sync.upload.alice.completed")
+            .count(),
+        3
+    );
+    assert!(events.iter().any(|e| matches!(e,
+        SyncEvent::UploadCompleted { path, bytes_transferred, .. }
+            if path == "backup/src/big.bin" && *bytes_transferred == big.len() as u64)));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_push_sends_under_one_percent() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("alice", None);
+    let file = fx.path().join("scan.pdf");
+    let data = random_bytes(24 << 20, 2);
+    std::fs::write(&file, &data).unwrap();
+
+    let first = fx.connect(&bundle).await;
+    let report = first
+        .push(std::slice::from_ref(&file), None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(report[0].bytes_sent, data.len() as u64);
+    let first_wire = first.wire_bytes_sent();
+    assert!(first_wire >= data.len() as u64);
+    first.close().await;
+
+    let second = fx.connect(&bundle).await;
+    let before = second.wire_bytes_sent();
+    let report = second
+        .push(std::slice::from_ref(&file), None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let wire = second.wire_bytes_sent() - before;
+    assert_eq!(report[0].chunks_sent, 0);
+    assert_eq!(report[0].bytes_sent, 0);
+    assert!(
+        wire * 100 < data.len() as u64,
+        "second push put {wire} bytes on the wire for a {} byte file",
+        data.len()
+    );
+    // A small edit re-sends about one chunk, not the file.
+    let mut edited = data.clone();
+    edited[10 << 20] ^= 0xff;
+    std::fs::write(&file, &edited).unwrap();
+    let report = second
+        .push(&[file], None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert!(report[0].chunks_sent <= 2, "{:?}", report[0]);
+    assert!(report[0].bytes_sent < 8 << 20);
+    second.close().await;
+    let stored = std::fs::read(fx.client_root("alice").join("scan.pdf")).unwrap();
+    assert_eq!(Hash::of(&stored), Hash::of(&edited));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_writes_nothing() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("bob", Some(1 << 20));
+    let client = fx.connect(&bundle).await;
+    let file = fx.path().join("too-big.bin");
+    std::fs::write(&file, random_bytes(2 << 20, 3)).unwrap();
+    let err = client
+        .push(&[file], None, Arc::new(NoProgress))
+        .await
+        .unwrap_err();
+    match err.wire_error() {
+        Some(WireError::QuotaExceeded { needed, available }) => {
+            assert_eq!(*needed, 4 << 20, "missing chunks + assembled file");
+            assert_eq!(*available, 1 << 20);
+        }
+        other => panic!("expected QuotaExceeded, got {other:?} ({err})"),
+    }
+    assert!(err.to_string().contains("quota exceeded"), "{err}");
+    let root = fx.client_root("bob");
+    assert!(visible_files(&root).is_empty());
+    assert_eq!(stored_chunks(&root), 0);
+    assert_eq!(client.status().await.unwrap().used, 0);
+    // Something that fits is accepted.
+    let ok = fx.path().join("ok.bin");
+    std::fs::write(&ok, random_bytes(100_000, 4)).unwrap();
+    client
+        .push(&[ok], None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    client.close().await;
+    let events = fx.events.events();
+    assert!(events.iter().any(|e| matches!(e,
+        SyncEvent::UploadFailed { path, bytes_transferred: 0, .. } if path == "too-big.bin")));
+    fx.stop().await;
+}
+
+fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
+    Bundle {
+        version: BUNDLE_VERSION,
+        client: ClientName::parse("mallory").unwrap(),
+        server: Some(fx.addr.to_string()),
+        server_name: SERVER_NAME.into(),
+        ca_pem: fx.authority.ca_pem().to_owned(),
+        cert_pem,
+        key_pem,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_self_signed_and_revoked_clients_are_refused() {
+    let mut fx = Fixture::start().await;
+
+    // Unknown: a certificate from another appliance's CA.
+    let other_dir = fx.path().join("other");
+    let other = appliance_sync::identity::Authority::open(&other_dir.join("id")).unwrap();
+    let stranger = other_dir.join("mallory.bundle");
+    other
+        .enroll(&ClientName::parse("mallory").unwrap(), None, &stranger)
+        .unwrap();
+    let stranger = Bundle::load(&stranger).unwrap();
+    let unknown = foreign_bundle(&fx, stranger.cert_pem.clone(), stranger.key_pem.clone());
+    // (Both CAs carry the same name, so WebPKI finds "our" CA as issuer and
+    // then fails the signature: refused in the handshake either way.)
+    let err = raw_connect_bundle(&unknown, fx.addr).await.unwrap_err();
+    assert!(
+        err.contains("handshake failed") && err.contains("certificate"),
+        "{err}"
+    );
+
+    // Self-signed, with our client's name.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["alice".to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    let self_signed = foreign_bundle(&fx, cert.pem(), key.serialize_pem());
+    let err = raw_connect_bundle(&self_signed, fx.addr).await.unwrap_err();
+    assert!(
+        err.contains("handshake failed") && err.contains("certificate"),
+        "{err}"
+    );
+
+    // Revoked: works before, refused after, and a live connection is closed.
+    let bundle = fx.enroll("carol", None);
+    let live = fx.connect(&bundle).await;
+    live.status().await.unwrap();
+    fx.authority
+        .revoke(&ClientName::parse("carol").unwrap())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = live.status().await.unwrap_err();
+    assert!(matches!(err, ClientError::Connection(_)), "{err}");
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let err = raw_connect(&bundle, fx.addr).await.unwrap_err();
+    assert!(err.to_lowercase().contains("revoked"), "{err}");
+    assert_eq!(
+        fx.server
+            .as_ref()
+            .unwrap()
+            .connections_of(&ClientName::parse("carol").unwrap()),
+        0
+    );
+
+    // None of the refused identities ever reached storage.
+    assert!(!fx.client_root("mallory").exists());
+    assert!(!fx.client_root("alice").exists());
+    let events = fx.events.events();
+    assert!(!events
+        .iter()
+        .any(|e| e.client().as_str() == "mallory" || e.client().as_str() == "alice"));
+    fx.stop().await;
+}
+
+fn manifest_with_path(path: &str) -> Message {
+    Message::Upload(Manifest {
+        path: path.to_owned(),
+        size: 1,
+        mtime: Mtime { secs: 0, nanos: 0 },
+        file_hash: Hash::of(b"x"),
+        chunks: vec![ChunkRef {
+            offset: 0,
+            len: 1,
+            hash: Hash::of(b"x"),
+        }],
+    })
+}
+
+fn rejection(replies: &[Message]) -> Option<PathRejection> {
+    replies.iter().find_map(|m| match m {
+        Message::Error {
+            error: WireError::PathRejected { reason },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_without_touching_the_filesystem() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("eve", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let root = fx.client_root("eve");
+    let outside = fx.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"keep out").unwrap();
+
+    let hostile = [
+        "/etc/passwd",
+        "../../etc/shadow",
+        "a/../../b",
+        "a\0b",
+        "line\nbreak",
+        "esc\u{1b}[2J",
+        "a//b",
+        "trailing/",
+        ".",
+        "..\\..\\x",
+        ".appliance-staging/x",
+        ".appliance-meta/chunks/aa/x",
+        ".zfs/snapshot/x",
+        "doc.pdf.~3~",
+        "invoice\u{202e}fdp.exe",
+    ];
+    let long_component = "c".repeat(201);
+    let long_path = vec!["d".repeat(100); 11].join("/");
+    let deep = vec!["d"; 65].join("/");
+    for path in hostile.iter().map(|s| (*s).to_owned()).chain([
+        long_component,
+        long_path,
+        deep,
+        String::new(),
+    ]) {
+        for message in [
+            manifest_with_path(&path),
+            Message::Download { path: path.clone() },
+            Message::Delete { path: path.clone() },
+            Message::List {
+                dir: path.clone(),
+                after: None,
+            },
+        ] {
+            if path.is_empty() && matches!(message, Message::List { .. }) {
+                continue; // "" is the root for a listing
+            }
+            let replies = exchange(&conn, &message, 4).await;
+            assert!(
+                rejection(&replies).is_some(),
+                "{path:?} in {:?} was not rejected: {replies:?}",
+                message.kind()
+            );
+        }
+    }
+    assert!(visible_files(&root).is_empty());
+
+    // Symlink tricks: a directory symlink and a file symlink out of the root.
+    std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("link")).unwrap();
+    let replies = exchange(
+        &conn,
+        &Message::Download {
+            path: "link".into(),
+        },
+        4,
+    )
+    .await;
+    assert!(
+        matches!(&replies[..], [Message::Error { error: WireError::Storage { detail }, .. }] if detail.contains("symlink")),
+        "{replies:?}"
+    );
+    let replies = exchange(
+        &conn,
+        &Message::Download {
+            path: "escape/secret".into(),
+        },
+        4,
+    )
+    .await;
+    assert!(
+        matches!(&replies[..], [Message::Error { .. }]),
+        "{replies:?}"
+    );
+    let replies = exchange(
+        &conn,
+        &Message::Delete {
+            path: "link".into(),
+        },
+        4,
+    )
+    .await;
+    assert!(
+        matches!(&replies[..], [Message::Error { .. }]),
+        "{replies:?}"
+    );
+    let digest = digest_bytes(b"payload").unwrap();
+    let upload = digest.to_manifest(
+        &RelPath::parse("escape/new").unwrap(),
+        Mtime { secs: 0, nanos: 0 },
+    );
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(upload))
+        .await
+        .unwrap();
+    let need = appliance_sync::wire::read_frame(&mut recv, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    let Message::NeedChunks(need) = need else {
+        panic!("{need:?}")
+    };
+    appliance_sync::wire::write_frame(
+        &mut send,
+        &Message::Chunk {
+            upload: need.upload,
+            hash: digest.chunks[0].hash,
+            data: b"payload".to_vec(),
+        },
+    )
+    .await
+    .unwrap();
+    let reply = appliance_sync::wire::read_frame(&mut recv, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert!(
+        matches!(&reply, Message::Error { error: WireError::Storage { detail }, .. } if detail.contains("symlink")),
+        "{reply:?}"
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"keep out");
+
+    // A manifest with an absurd chunk count.
+    let chunk = ChunkRef {
+        offset: 0,
+        len: 1,
+        hash: Hash::of(b"x"),
+    };
+    let absurd = Message::Upload(Manifest {
+        path: "absurd".into(),
+        size: u64::from(MAX_CHUNKS_PER_MANIFEST) + 1,
+        mtime: Mtime { secs: 0, nanos: 0 },
+        file_hash: Hash::of(b"x"),
+        chunks: (0..=u64::from(MAX_CHUNKS_PER_MANIFEST))
+            .map(|i| ChunkRef { offset: i, ..chunk })
+            .collect(),
+    });
+    let replies = exchange(&conn, &absurd, 2).await;
+    assert!(
+        matches!(
+            &replies[..],
+            [Message::Error {
+                error: WireError::ManifestTooLarge { .. },
+                ..
+            }]
+        ),
+        "{replies:?}"
+    );
+
+    // An oversized frame: refused from its header, and the connection closed.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut header = (MAX_FRAME_LEN + 1).to_be_bytes().to_vec();
+    header.push(1);
+    send.write_all(&header).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    assert!(closed.to_string().contains("exceeds"), "{closed}");
+    assert!(visible_files(&root)
+        .iter()
+        .all(|p| p.ends_with("escape") || p.ends_with("link")));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_chunk_is_rejected_and_re_requested() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("dave", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let data = random_bytes(3 << 20, 7);
+    let digest = digest_bytes(&data).unwrap();
+    let manifest = digest.to_manifest(
+        &RelPath::parse("c.bin").unwrap(),
+        Mtime { secs: 5, nanos: 0 },
+    );
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    let Message::NeedChunks(need) = read_one(&mut recv).await else {
+        panic!()
+    };
+    assert_eq!(need.hashes.len(), digest.chunks.len());
+    let first = digest.chunks[0];
+    let slice =
+        |c: &ChunkRef| data[c.offset as usize..(c.offset + u64::from(c.len)) as usize].to_vec();
+    let mut corrupt = slice(&first);
+    corrupt[100] ^= 1;
+    appliance_sync::wire::write_frame(
+        &mut send,
+        &Message::Chunk {
+            upload: need.upload,
+            hash: first.hash,
+            data: corrupt,
+        },
+    )
+    .await
+    .unwrap();
+    let rejected = read_one(&mut recv).await;
+    assert!(
+        matches!(rejected, Message::Error { error: WireError::ChunkHashMismatch { expected, .. }, .. } if expected == first.hash),
+        "{rejected:?}"
+    );
+    let again = read_one(&mut recv).await;
+    assert!(
+        matches!(&again, Message::NeedChunks(n) if n.hashes == vec![first.hash]),
+        "{again:?}"
+    );
+    // Nothing of the corrupt chunk was stored.
+    assert_eq!(stored_chunks(&fx.client_root("dave")), 0);
+    for c in &digest.chunks {
+        appliance_sync::wire::write_frame(
+            &mut send,
+            &Message::Chunk {
+                upload: need.upload,
+                hash: c.hash,
+                data: slice(c),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let done = read_one(&mut recv).await;
+    assert!(
+        matches!(&done, Message::Committed(c) if c.file_hash == digest.file_hash),
+        "{done:?}"
+    );
+    let stored = std::fs::read(fx.client_root("dave").join("c.bin")).unwrap();
+    assert_eq!(Hash::of(&stored), Hash::of(&data));
+    fx.stop().await;
+}
+
+async fn read_one(recv: &mut quinn::RecvStream) -> Message {
+    appliance_sync::wire::read_frame(recv, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+}
