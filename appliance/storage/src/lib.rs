@@ -4,9 +4,11 @@
 
 pub mod derive;
 pub mod disks;
+pub mod provision;
 pub mod quota;
 pub mod report;
 pub mod scrub;
 pub mod sink;
+pub mod statefile;
 
 pub use sink::{subject_and_payload, CollectingSink, EventSink};
