@@ -1,0 +1,290 @@
+//! The image smoke test (issue 3): the real image, booted from disk (no
+//! `-kernel`) under OVMF in QEMU/TCG with six data disks.
+//!
+//! Run: `cargo test -p appliance-hw-tests --test smoke -- --ignored --nocapture`
+//! (as root: it builds the image first if its inputs changed).
+//!
+//! One test, two boots of the same disks, so that only one VM runs at a time
+//! on a 2-core machine:
+//! 1. first boot: multi-user.target with no failed unit; applianced active
+//!    and ready; the udev bay links, tags and scheduler (also through
+//!    `udevadm test`); the boot disk left out; the first-boot key written;
+//! 2. second boot: ready again, and the first boot changed nothing (same key,
+//!    every step skipped).
+//!
+//! The pool and `documents` assertions wait for the storage manager: see
+//! tests/provisioning.rs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use appliance_hw_tests::image::{ensure_image, run_dir};
+use appliance_hw_tests::vm::{data_disk_serial, Vm, VmConfig};
+use serde_json::Value;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(900);
+const CMD: Duration = Duration::from_secs(60);
+
+/// Runs a command that must succeed; on failure panics with the console and
+/// journal tails.
+fn run(vm: &mut Vm, script: &str) -> String {
+    match vm.sh_ok(script, CMD) {
+        Ok(out) => out,
+        Err(e) => {
+            let diag = vm.diagnostics();
+            panic!("{e:#}\n{diag}");
+        }
+    }
+}
+
+fn ensure(vm: &mut Vm, ok: bool, what: &str) {
+    if !ok {
+        let diag = vm.diagnostics();
+        panic!("{what}\n{diag}");
+    }
+}
+
+fn wait_ready(vm: &mut Vm) -> Duration {
+    match vm.wait_ready(READY_TIMEOUT) {
+        Ok(t) => t,
+        Err(e) => {
+            let diag = vm.diagnostics();
+            panic!("{e:#}\n{diag}");
+        }
+    }
+}
+
+/// True if some object in `v` has `name == component` and `state == state`.
+fn has_component(v: &Value, component: &str, state: &str) -> bool {
+    match v {
+        Value::Object(m) => {
+            (m.get("name").and_then(Value::as_str) == Some(component)
+                && m.get("state").and_then(Value::as_str) == Some(state))
+                || m.values().any(|x| has_component(x, component, state))
+        }
+        Value::Array(a) => a.iter().any(|x| has_component(x, component, state)),
+        _ => false,
+    }
+}
+
+fn assert_system_healthy(vm: &mut Vm) {
+    // Waits until boot has finished; "running" means no unit failed.
+    let state = vm
+        .sh(
+            "systemctl is-system-running --wait",
+            Duration::from_secs(300),
+        )
+        .unwrap();
+    let failed = run(
+        vm,
+        "systemctl list-units --failed --plain --no-legend --no-pager",
+    );
+    ensure(
+        vm,
+        state.stdout.trim() == "running" && failed.trim().is_empty(),
+        &format!(
+            "system state {:?}, failed units:\n{failed}",
+            state.stdout.trim()
+        ),
+    );
+    let target = run(vm, "systemctl is-active multi-user.target");
+    ensure(
+        vm,
+        target.trim() == "active",
+        "multi-user.target is not active",
+    );
+}
+
+fn assert_daemon_ready(vm: &mut Vm) {
+    let active = run(vm, "systemctl is-active applianced.service");
+    ensure(vm, active.trim() == "active", "applianced is not active");
+    run(vm, "appliancectl health ready");
+    let status: Value = serde_json::from_str(&run(vm, "appliancectl status --json")).unwrap();
+    ensure(
+        vm,
+        has_component(&status, "storage", "ready"),
+        &format!("storage is not ready in appliancectl status: {status:#}"),
+    );
+}
+
+fn assert_bays(vm: &mut Vm) {
+    for i in 0..6 {
+        let serial = data_disk_serial(i);
+        let bay = format!("bay{i}");
+        // The bay link and the by-id (serial) link are the same disk.
+        let dev = run(vm, &format!("readlink -f /dev/appliance/{bay}"));
+        let by_id = run(vm, &format!("readlink -f /dev/disk/by-id/virtio-{serial}"));
+        ensure(
+            vm,
+            dev.trim() == by_id.trim(),
+            &format!("/dev/appliance/{bay} -> {dev}, serial {serial} -> {by_id}"),
+        );
+        let dev = dev.trim().to_owned();
+        let props = run(vm, &format!("udevadm info --query=property --name={dev}"));
+        for want in [
+            "APPLIANCE_DISK=1",
+            &format!("APPLIANCE_BAY={bay}"),
+            &format!("ID_SERIAL={serial}"),
+        ] {
+            ensure(
+                vm,
+                props.lines().any(|l| l == want),
+                &format!("{dev}: no {want} in\n{props}"),
+            );
+        }
+        ensure(
+            vm,
+            props
+                .lines()
+                .any(|l| l.starts_with("TAGS=") && l.contains(":appliance-disk:")),
+            &format!("{dev} is not tagged appliance-disk:\n{props}"),
+        );
+        let name = dev.trim_start_matches("/dev/");
+        let sched = run(vm, &format!("cat /sys/block/{name}/queue/scheduler"));
+        ensure(
+            vm,
+            sched.contains("[none]"),
+            &format!("{dev} scheduler: {sched}"),
+        );
+    }
+    let links = run(vm, "ls /dev/appliance | sort | tr '\\n' ' '");
+    ensure(
+        vm,
+        links.trim() == "bay0 bay1 bay2 bay3 bay4 bay5",
+        &format!("/dev/appliance holds: {links}"),
+    );
+
+    // The boot disk (the one holding /) is no data disk.
+    let boot = run(vm, "lsblk -no PKNAME \"$(findmnt -no SOURCE /)\"");
+    let props = run(
+        vm,
+        &format!("udevadm info --query=property --name=/dev/{}", boot.trim()),
+    );
+    ensure(
+        vm,
+        !props.contains("APPLIANCE_DISK=1") && props.contains("APPLIANCE_BOOT_DISK=1"),
+        &format!(
+            "the boot disk {} is treated as a data disk:\n{props}",
+            boot.trim()
+        ),
+    );
+
+    // The rules themselves, through `udevadm test` (a dry run of an add
+    // event: what the rules would set, without applying it).
+    let dev = run(
+        vm,
+        &format!("readlink -f /dev/disk/by-id/virtio-{}", data_disk_serial(3)),
+    );
+    let name = dev.trim().trim_start_matches("/dev/").to_owned();
+    let out = vm
+        .sh(
+            &format!("udevadm test --action=add /sys/class/block/{name} 2>&1"),
+            CMD,
+        )
+        .unwrap();
+    ensure(
+        vm,
+        out.success()
+            && out.stdout.contains("APPLIANCE_BAY=bay3")
+            && out.stdout.contains("appliance/bay3")
+            && out.stdout.contains("62-appliance-disks.rules"),
+        &format!("udevadm test {name}: {out}"),
+    );
+    let out = vm
+        .sh(
+            &format!(
+                "udevadm test --action=add /sys/class/block/{} 2>&1",
+                boot.trim()
+            ),
+            CMD,
+        )
+        .unwrap();
+    ensure(
+        vm,
+        out.success()
+            && out.stdout.contains("APPLIANCE_BOOT_DISK=1")
+            && !out.stdout.contains("APPLIANCE_DISK=1"),
+        &format!("udevadm test boot disk: {out}"),
+    );
+}
+
+fn key_fingerprint(vm: &mut Vm) -> String {
+    run(vm, "stat -c '%s %U %a' /var/lib/appliance/keys/documents.key && sha256sum < /var/lib/appliance/keys/documents.key")
+}
+
+#[test]
+#[ignore = "boots the image in QEMU/TCG (minutes, root): cargo test -p appliance-hw-tests --test smoke -- --ignored"]
+fn image_boots_from_disk_to_ready_with_six_disks_and_second_boot_changes_nothing() {
+    let image = ensure_image().unwrap();
+    let mut cfg = VmConfig::new(image, run_dir("smoke"));
+
+    // First boot, blank data disks.
+    let mut vm = Vm::start(&cfg).unwrap();
+    let first = wait_ready(&mut vm);
+    eprintln!(
+        "smoke: first boot: ready {:.1} s after QEMU started",
+        first.as_secs_f64()
+    );
+    assert_system_healthy(&mut vm);
+    assert_daemon_ready(&mut vm);
+    assert_bays(&mut vm);
+
+    // First boot: the state partition is mounted and holds the key.
+    let mnt = run(&mut vm, "findmnt -no SOURCE,FSTYPE /var/lib/appliance");
+    ensure(
+        &mut vm,
+        mnt.contains("ext4"),
+        &format!("/var/lib/appliance is not the state partition: {mnt}"),
+    );
+    let key = key_fingerprint(&mut vm);
+    ensure(
+        &mut vm,
+        key.starts_with("32 appliance 400"),
+        &format!("documents.key: {key}"),
+    );
+    let log = run(
+        &mut vm,
+        "journalctl -b -t appliance-firstboot --no-pager -o cat",
+    );
+    ensure(
+        &mut vm,
+        log.contains("documents-key: generated") && log.contains("pool: not run"),
+        &format!("first-boot journal:\n{log}"),
+    );
+    vm.shutdown(Duration::from_secs(180)).unwrap();
+
+    // Second boot of the same disks: nothing changes.
+    cfg.fresh = false;
+    let mut vm = Vm::start(&cfg).unwrap();
+    let second = wait_ready(&mut vm);
+    eprintln!(
+        "smoke: second boot: ready {:.1} s after QEMU started",
+        second.as_secs_f64()
+    );
+    assert_system_healthy(&mut vm);
+    assert_daemon_ready(&mut vm);
+    let key2 = key_fingerprint(&mut vm);
+    ensure(
+        &mut vm,
+        key == key2,
+        &format!("the key changed on the second boot: {key} -> {key2}"),
+    );
+    let log = run(
+        &mut vm,
+        "journalctl -b -t appliance-firstboot --no-pager -o cat",
+    );
+    ensure(
+        &mut vm,
+        log.contains("documents-key: done on")
+            && !log.contains("generated")
+            && !log.contains("running"),
+        &format!("second boot's first-boot journal:\n{log}"),
+    );
+    run(&mut vm, "test -e /dev/appliance/bay5");
+    vm.shutdown(Duration::from_secs(180)).unwrap();
+    eprintln!(
+        "smoke: boot-to-ready {:.1} s (first boot), {:.1} s (second boot)",
+        first.as_secs_f64(),
+        second.as_secs_f64()
+    );
+}

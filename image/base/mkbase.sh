@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the base root filesystem of the appliance as a tarball: Debian
+# bookworm + bookworm-backports (kernel 6.12, OpenZFS 2.3 with zfs.ko built by
+# DKMS and repackaged, see customize.sh), without our own packages.
+#
+# Usage: mkbase.sh OUTPUT.tar
+#
+# Everything this produces depends only on the files in this directory (and
+# on the Debian archive), so build.sh caches it by their hash: changing our
+# code or the image layout never rebuilds the kernel module.
+set -euo pipefail
+
+out=$1
+here=$(cd "$(dirname "$0")" && pwd)
+mirror=${APPLIANCE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+security=${APPLIANCE_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
+
+mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages")
+include=$(IFS=,; echo "${packages[*]}")
+
+# Sources are spelled out here, not taken from the host: main + contrib
+# (OpenZFS is in contrib) for bookworm, its updates, security and backports.
+mmdebstrap \
+  --mode=root \
+  --format=tar \
+  --variant=minbase \
+  --architectures=amd64 \
+  --include="$include" \
+  --dpkgopt="$here/dpkg-excludes" \
+  --aptopt='Acquire::Retries "3"' \
+  --setup-hook='mkdir -p "$1/etc/apt/preferences.d"' \
+  --setup-hook="cp '$here/backports.pref' \"\$1/etc/apt/preferences.d/appliance-backports.pref\"" \
+  --customize-hook="'$here/customize.sh' \"\$1\"" \
+  bookworm "$out" \
+  "deb $mirror bookworm main contrib" \
+  "deb $mirror bookworm-updates main contrib" \
+  "deb $security bookworm-security main contrib" \
+  "deb $mirror bookworm-backports main contrib"
