@@ -183,6 +183,9 @@ tar -C "$here/rootfs" --owner=0 --group=0 --numeric-owner -cf - . |
   tar -C "$root" --keep-directory-symlink --no-overwrite-dir -xf -
 systemctl --root="$root" enable appliance-firstboot.service systemd-networkd.service \
   appliance-vm-metrics.socket applianced.service
+# Nothing on the appliance waits for network-online.target; a box booted
+# without a cable must not end up with a failed unit after two minutes.
+systemctl --root="$root" disable systemd-networkd-wait-online.service
 # Each clone of the image gets its own machine id on first boot.
 echo uninitialized >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"
