@@ -49,7 +49,7 @@ pub enum ClientError {
     },
     #[error("{context}: {error}")]
     Wire { context: String, error: WireIoError },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Local {
         path: PathBuf,
         #[source]

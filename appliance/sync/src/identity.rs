@@ -230,7 +230,7 @@ impl fmt::Debug for Bundle {
 /// Why a bundle could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("cannot read identity bundle {path}: {source}")]
+    #[error("cannot read identity bundle {path}")]
     Io {
         path: PathBuf,
         #[source]
