@@ -21,6 +21,7 @@ use appliance_types::control::{
 use appliance_types::health::{Probe, ProbeResult, StatusReport};
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod cache;
 mod events;
 
 #[derive(Debug, Parser)]
@@ -59,6 +60,9 @@ enum Command {
     /// The event bus: publish, follow, replay, dead letters.
     #[command(subcommand)]
     Events(events::EventsCmd),
+    /// The agent response cache.
+    #[command(subcommand)]
+    Cache(cache::CacheCmd),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -262,6 +266,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Events(cmd) => events::run(&mut client, cmd, cli.json),
+        Command::Cache(cmd) => cache::run(&mut client, cmd, cli.json),
     }
 }
 

@@ -107,6 +107,8 @@ pub struct Context {
     pub started: Instant,
     /// The event bus.
     pub bus: Option<appliance_bus::Bus>,
+    /// The agent response cache.
+    pub cache: Option<std::sync::Arc<appliance_cache::Cache>>,
 }
 
 impl Context {
@@ -145,9 +147,9 @@ impl Context {
                     Err(e) => Response::Error(ControlError::new(ErrorCode::InvalidArgument, e)),
                 },
             },
-            Request::Events(_) => Response::Error(ControlError::new(
+            Request::Events(_) | Request::Cache(_) => Response::Error(ControlError::new(
                 ErrorCode::Internal,
-                "events requests are served by the streaming path",
+                "this request is served by the asynchronous path",
             )),
         }
     }
@@ -187,6 +189,7 @@ async fn serve_request(
     req: Request,
     stream: &mut UnixStream,
     max_frame: u32,
+    idle_timeout: Duration,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
     match req {
@@ -199,7 +202,91 @@ async fn serve_request(
             let mut sink = ConnSink { stream, max_frame };
             crate::bus::handle(bus, ev, &mut sink, max_payload, shutdown).await
         }
+        Request::Cache(req) => {
+            let Some(cache) = &ctx.cache else {
+                let e = ControlError::new(
+                    ErrorCode::Unavailable,
+                    "the agent response cache is not running",
+                );
+                return write_msg(stream, &Response::Error(e), max_frame).await;
+            };
+            cache_request(cache, req, stream, max_frame, idle_timeout).await
+        }
         other => write_msg(stream, &ctx.handle(other), max_frame).await,
+    }
+}
+
+fn cache_reply(r: Result<appliance_types::cache::CacheResponse, ControlError>) -> Response {
+    match r {
+        Ok(c) => Response::Cache(c),
+        Err(e) => Response::Error(e),
+    }
+}
+
+async fn cache_request(
+    cache: &std::sync::Arc<appliance_cache::Cache>,
+    req: appliance_types::cache::CacheRequest,
+    stream: &mut UnixStream,
+    max_frame: u32,
+    idle_timeout: Duration,
+) -> std::io::Result<()> {
+    use appliance_types::cache::{CacheRequest, CacheResponse};
+    match req {
+        CacheRequest::Import => {
+            let mut import = crate::cache::Import::start(cache);
+            loop {
+                let Ok(payload) = read_frame(stream, max_frame, idle_timeout).await else {
+                    // The client went away mid-import: the file is parsed
+                    // whole before any entry goes in, so nothing is imported.
+                    let _ = import.finish().await;
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "import interrupted",
+                    ));
+                };
+                match decode_payload::<Request>(&payload, "request") {
+                    Ok(Request::Cache(CacheRequest::ImportChunk(piece))) if piece.is_empty() => {
+                        break
+                    }
+                    Ok(Request::Cache(CacheRequest::ImportChunk(piece))) => import.feed(piece),
+                    _ => {
+                        let _ = import.finish().await;
+                        let e = ControlError::new(
+                            ErrorCode::BadFrame,
+                            "expected the next piece of the import (an empty piece ends it)",
+                        );
+                        return write_msg(stream, &Response::Error(e), max_frame).await;
+                    }
+                }
+            }
+            write_msg(stream, &cache_reply(import.finish().await), max_frame).await
+        }
+        CacheRequest::Export => {
+            let (mut pieces, task) = crate::cache::export(cache);
+            while let Some(piece) = pieces.recv().await {
+                write_msg(
+                    stream,
+                    &Response::Cache(CacheResponse::ExportChunk(piece)),
+                    max_frame,
+                )
+                .await?;
+            }
+            let done = task.await.unwrap_or_else(|e| {
+                Err(ControlError::new(
+                    ErrorCode::Internal,
+                    format!("export task failed: {e}"),
+                ))
+            });
+            write_msg(stream, &cache_reply(done), max_frame).await
+        }
+        other => {
+            write_msg(
+                stream,
+                &cache_reply(crate::cache::handle(cache, other).await),
+                max_frame,
+            )
+            .await
+        }
     }
 }
 
@@ -472,9 +559,16 @@ async fn connection(
                 ))
             }
             Ok(req) => {
-                if serve_request(ctx, req, &mut stream, settings.max_frame, &shutdown)
-                    .await
-                    .is_err()
+                if serve_request(
+                    ctx,
+                    req,
+                    &mut stream,
+                    settings.max_frame,
+                    settings.idle_timeout,
+                    &shutdown,
+                )
+                .await
+                .is_err()
                 {
                     return;
                 }

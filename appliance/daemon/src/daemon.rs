@@ -131,6 +131,34 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         None => None,
     };
 
+    // The agent response cache and its RESP endpoint. A cache that cannot
+    // open its log is reported as failed; the daemon serves on without it.
+    notifier.status("opening the agent response cache");
+    let cache_health = health.register("cache", false);
+    let cache = match crate::cache::open(&cfg.cache, &resolved.data_dir).await {
+        Ok(c) => {
+            metrics.with_registry(|r| {
+                r.register_collector(Box::new(crate::cache::CacheCollector::new(c.clone())));
+            });
+            Some(c)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the agent response cache is unavailable");
+            cache_health.set(ComponentState::Failed, format!("{e:#}"));
+            None
+        }
+    };
+    let resp_listener = match (resolved.cache_listen, &cache) {
+        (Some(addr), Some(_)) => {
+            notifier.status("binding the RESP endpoint");
+            let l = crate::cache::bind(addr).await?;
+            let local = l.local_addr().context("RESP listener has no address")?;
+            endpoints.set("cache_resp", local.to_string());
+            Some(l)
+        }
+        _ => None,
+    };
+
     // Start the components.
     notifier.status("starting components");
     let ctx = control::Context {
@@ -140,6 +168,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         log,
         started,
         bus: Some(bus.clone()),
+        cache: cache.clone(),
     };
     {
         let h = health.register("control", true);
@@ -190,6 +219,68 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
                     tracing::error!(error = %e, "the NATS Unix endpoint stopped");
                 }
             });
+        }
+    }
+    if let Some(cache) = &cache {
+        let (p, r) = liveness::pair("cache");
+        probes.push(p);
+        let every = Duration::from_secs(cfg.cache.stats_secs);
+        tracker.spawn(crate::cache::run(
+            cache.clone(),
+            bus.clone(),
+            every,
+            cache_health.clone(),
+            r,
+            shutdown.clone(),
+        ));
+        let server_cfg = crate::cache::server_config(&cfg.cache);
+        // The RESP server also runs the cache's maintenance (expiry, interval
+        // fsync, compaction); without an endpoint the daemon runs it itself.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        {
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                shutdown.cancelled().await;
+                let _ = stop_tx.send(true);
+            });
+        }
+        if let Some(path) = &cfg.cache.unix_socket {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path).with_context(|| {
+                format!(
+                    "cannot bind the RESP Unix socket {} (config key `cache.unix_socket`)",
+                    path.display()
+                )
+            })?;
+            endpoints.set("cache_resp_unix", path.display().to_string());
+            let (cache, cfg2, shutdown) = (cache.clone(), server_cfg.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                if let Err(e) =
+                    appliance_cache::serve_unix(l, cache, cfg2, shutdown.cancelled_owned()).await
+                {
+                    tracing::error!(error = %e, "the RESP Unix endpoint stopped");
+                }
+            });
+        }
+        match resp_listener {
+            Some(l) => {
+                let (cache, shutdown) = (cache.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    if let Err(e) =
+                        appliance_cache::serve(l, cache, server_cfg, shutdown.cancelled_owned())
+                            .await
+                    {
+                        tracing::error!(error = %e, "the RESP endpoint stopped");
+                    }
+                });
+            }
+            None => {
+                tracker.spawn(appliance_cache::maintenance_loop(
+                    cache.clone(),
+                    server_cfg.maintenance_interval,
+                    stop_rx,
+                ));
+            }
         }
     }
     {

@@ -22,6 +22,7 @@
 //! with unit tests.
 
 pub mod bus;
+pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod daemon;

@@ -28,6 +28,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::{CacheRequest, CacheResponse};
 use crate::events::{EventsRequest, EventsResponse};
 use crate::health::{Probe, ProbeResult, StatusReport};
 
@@ -93,6 +94,8 @@ pub enum Request {
     SetLogFilter(String),
     /// The event bus.
     Events(EventsRequest),
+    /// The agent response cache.
+    Cache(CacheRequest),
 }
 
 impl Request {
@@ -103,6 +106,7 @@ impl Request {
             Request::Status | Request::Health(_) => false,
             Request::SetLogFilter(_) => true,
             Request::Events(e) => e.is_mutating(),
+            Request::Cache(c) => c.is_mutating(),
         }
     }
 
@@ -117,6 +121,12 @@ impl Request {
             Request::Events(EventsRequest::Tail { .. }) => "events tail",
             Request::Events(EventsRequest::DlqList) => "events dlq list",
             Request::Events(EventsRequest::DlqRetry { .. }) => "events dlq retry",
+            Request::Cache(CacheRequest::Get { .. }) => "cache get",
+            Request::Cache(CacheRequest::Put { .. }) => "cache put",
+            Request::Cache(CacheRequest::Stats) => "cache stats",
+            Request::Cache(CacheRequest::Invalidate { .. }) => "cache invalidate",
+            Request::Cache(CacheRequest::Import | CacheRequest::ImportChunk(_)) => "cache import",
+            Request::Cache(CacheRequest::Export) => "cache export",
         }
     }
 }
@@ -134,6 +144,8 @@ pub enum Response {
     Done(String),
     /// Answer to [`Request::Events`].
     Events(EventsResponse),
+    /// Answer to [`Request::Cache`].
+    Cache(CacheResponse),
 }
 
 /// Error codes. Stable: only ever appended to.

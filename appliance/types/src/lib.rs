@@ -14,7 +14,9 @@
 //! - [`health`]: component states, probes, and the status report.
 //! - [`events`]: bus messages on the control socket, and the daemon's own
 //!   event payloads.
+//! - [`cache`]: the agent response cache on the control socket.
 
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod events;

@@ -1,0 +1,298 @@
+//! `appliancectl cache ...`
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use appliance_types::cache::{CacheRequest, CacheResponse};
+use appliance_types::control::{Request, Response};
+use clap::Subcommand;
+
+use crate::{print_json, Client};
+
+/// Size of the pieces an import is sent in (well under the frame limit).
+const IMPORT_PIECE: usize = 256 * 1024;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CacheCmd {
+    /// Look up a response; exits 1 on a miss.
+    Get {
+        /// Agent id.
+        agent: String,
+        /// Prompt.
+        prompt: String,
+        /// Model name and parameters.
+        #[arg(long, default_value = "")]
+        variant: String,
+    },
+    /// Store a response (needs admin rights).
+    Put {
+        /// Agent id.
+        agent: String,
+        /// Prompt.
+        prompt: String,
+        /// The response text.
+        #[arg(
+            long,
+            conflicts_with = "response_file",
+            required_unless_present = "response_file"
+        )]
+        response: Option<String>,
+        /// Read the response from this file.
+        #[arg(long, value_name = "FILE")]
+        response_file: Option<PathBuf>,
+        /// Time to live in seconds (default: the configured TTL).
+        #[arg(long, value_name = "SECONDS")]
+        ttl: Option<u64>,
+        /// Model name and parameters.
+        #[arg(long, default_value = "")]
+        variant: String,
+    },
+    /// Hits, misses, hit rate, collisions, evictions, expirations, size.
+    Stats,
+    /// Drop one response, or every response of an agent (needs admin rights).
+    Invalidate {
+        /// Agent id.
+        agent: String,
+        /// Prompt; without it every response of the agent goes.
+        prompt: Option<String>,
+        /// Model name and parameters.
+        #[arg(long, default_value = "")]
+        variant: String,
+    },
+    /// Load entries from a JSON file (md5-hex keys to responses, or to
+    /// objects with agent, prompt and response). Needs admin rights.
+    Import {
+        /// The JSON file.
+        file: PathBuf,
+    },
+    /// Write every entry to a JSON file (replaced atomically).
+    Export {
+        /// The JSON file.
+        file: PathBuf,
+    },
+}
+
+fn expect_cache(r: Response) -> anyhow::Result<CacheResponse> {
+    match r {
+        Response::Cache(c) => Ok(c),
+        other => bail!("unexpected answer from applianced: {other:?}"),
+    }
+}
+
+/// Writes `path` atomically: a temporary file beside it, fsync, rename,
+/// fsync of the directory.
+fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        fill(&mut f)?;
+        f.sync_all()
+            .with_context(|| format!("cannot fsync {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename into {}", path.display()))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot fsync {}", dir.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CacheCmd::Get {
+            agent,
+            prompt,
+            variant,
+        } => {
+            let req = Request::Cache(CacheRequest::Get {
+                agent: agent.clone(),
+                prompt: prompt.clone(),
+                variant: variant.clone(),
+            });
+            match expect_cache(client.request(&req)?)? {
+                CacheResponse::Hit(v) => {
+                    if json {
+                        print_json(
+                            &serde_json::json!({ "hit": true, "response": String::from_utf8_lossy(&v) }),
+                        )?;
+                    } else {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&v)?;
+                        if !v.ends_with(b"\n") {
+                            out.write_all(b"\n")?;
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                CacheResponse::Miss => {
+                    if json {
+                        print_json(&serde_json::json!({ "hit": false }))?;
+                    } else {
+                        eprintln!("miss");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+        }
+        CacheCmd::Put {
+            agent,
+            prompt,
+            response,
+            response_file,
+            ttl,
+            variant,
+        } => {
+            let response = match (response, response_file) {
+                (Some(r), _) => r.clone().into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
+                }
+                (None, None) => bail!("give --response TEXT or --response-file FILE"),
+            };
+            let req = Request::Cache(CacheRequest::Put {
+                agent: agent.clone(),
+                prompt: prompt.clone(),
+                variant: variant.clone(),
+                response,
+                ttl_secs: *ttl,
+            });
+            match expect_cache(client.request(&req)?)? {
+                CacheResponse::Stored => {
+                    if json {
+                        print_json(&serde_json::json!({ "stored": true }))?;
+                    } else {
+                        println!("stored");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+        }
+        CacheCmd::Stats => {
+            match expect_cache(client.request(&Request::Cache(CacheRequest::Stats))?)? {
+                CacheResponse::Stats(s) => {
+                    if json {
+                        print_json(&s)?;
+                    } else {
+                        println!("entries      {}", s.entries);
+                        println!("bytes        {} of {}", s.bytes, s.capacity_bytes);
+                        println!("hits         {}", s.hits);
+                        println!("misses       {}", s.misses);
+                        println!("hit rate     {:.1}%", s.hit_rate * 100.0);
+                        println!("collisions   {}", s.collisions);
+                        println!("evictions    {}", s.evictions);
+                        println!("expirations  {}", s.expirations);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+        }
+        CacheCmd::Invalidate {
+            agent,
+            prompt,
+            variant,
+        } => {
+            let req = Request::Cache(CacheRequest::Invalidate {
+                agent: agent.clone(),
+                prompt: prompt.clone(),
+                variant: variant.clone(),
+            });
+            match expect_cache(client.request(&req)?)? {
+                CacheResponse::Invalidated(n) => {
+                    if json {
+                        print_json(&serde_json::json!({ "invalidated": n }))?;
+                    } else {
+                        println!("{n} entries invalidated");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+        }
+        CacheCmd::Import { file } => {
+            let mut f = std::fs::File::open(file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            client.send(&Request::Cache(CacheRequest::Import))?;
+            let mut buf = vec![0u8; IMPORT_PIECE];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                client.send(&Request::Cache(CacheRequest::ImportChunk(
+                    buf[..n].to_vec(),
+                )))?;
+                if n == 0 {
+                    break;
+                }
+            }
+            match expect_cache(client.next_response()?)? {
+                CacheResponse::Imported(r) => {
+                    if json {
+                        print_json(&r)?;
+                    } else {
+                        println!(
+                            "imported {} agent entries and {} plain keys ({} re-keyed, {} already expired, {} refused)",
+                            r.agent_entries, r.plain_entries, r.rekeyed, r.expired, r.refused
+                        );
+                        for k in &r.refused_keys {
+                            println!("  refused: {k}");
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+        }
+        CacheCmd::Export { file } => {
+            client.send(&Request::Cache(CacheRequest::Export))?;
+            let mut summary = None;
+            write_atomically(file, |f| loop {
+                match expect_cache(client.next_response()?)? {
+                    CacheResponse::ExportChunk(piece) => f.write_all(&piece)?,
+                    CacheResponse::Exported {
+                        written,
+                        skipped_binary,
+                    } => {
+                        summary = Some((written, skipped_binary));
+                        return Ok(());
+                    }
+                    other => bail!("unexpected answer from applianced: {other:?}"),
+                }
+            })?;
+            let (written, skipped) = summary.context("the export ended without a summary")?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "file": file, "written": written, "skipped_binary": skipped }),
+                )?;
+            } else {
+                println!(
+                    "exported {written} entries to {} ({skipped} binary entries skipped)",
+                    file.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

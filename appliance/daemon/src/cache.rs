@@ -1,0 +1,449 @@
+//! The agent response cache inside the daemon: opening it (a damaged log
+//! marks the component failed instead of stopping the daemon), the RESP
+//! endpoint, `cache.stats` on the bus, metrics, and the control-socket side
+//! of `appliancectl cache ...`.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use appliance_cache::persist::{Fsync, PersistConfig};
+use appliance_cache::server::ServerConfig;
+use appliance_cache::{Cache, CacheConfig as EngineConfig};
+use appliance_types::cache::{CacheRequest, CacheResponse, CacheStatsView, ImportSummary};
+use appliance_types::config::{CacheConfig, FsyncMode};
+use appliance_types::control::{ControlError, ErrorCode};
+use appliance_types::health::ComponentState;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::health::HealthHandle;
+use crate::liveness::LivenessResponder;
+
+/// Subject of the periodic statistics.
+pub const STATS_SUBJECT: &str = "cache.stats";
+
+/// Largest JSON file `cache import` reads (1 GiB): far above any cache that
+/// fits the memory bound, and a stop for a runaway stream.
+pub const MAX_IMPORT_BYTES: u64 = 1 << 30;
+
+/// Size of the pieces an export is sent in.
+pub const EXPORT_CHUNK: usize = 256 * 1024;
+
+/// The engine's settings from the config.
+pub fn engine_config(cfg: &CacheConfig) -> EngineConfig {
+    EngineConfig {
+        capacity_bytes: usize::try_from(cfg.max_bytes).unwrap_or(usize::MAX),
+        max_value_bytes: usize::try_from(cfg.max_value_bytes).unwrap_or(usize::MAX),
+        default_agent_ttl: (cfg.default_ttl_secs > 0)
+            .then(|| Duration::from_secs(cfg.default_ttl_secs)),
+        agent_ttl: cfg
+            .agent_ttl_secs
+            .iter()
+            .map(|(a, s)| (a.clone(), Duration::from_secs(*s)))
+            .collect(),
+    }
+}
+
+/// Persistence settings; the log lives in `DATA/cache`.
+pub fn persist_config(cfg: &CacheConfig, data_dir: &Path) -> PersistConfig {
+    let mut p = PersistConfig::new(data_dir.join("cache"));
+    p.fsync = match cfg.fsync {
+        FsyncMode::Always => Fsync::Always,
+        FsyncMode::Interval => Fsync::IntervalMs(cfg.fsync_interval_ms),
+    };
+    p
+}
+
+/// Opens the cache and replays its log, off the async threads.
+pub async fn open(cfg: &CacheConfig, data_dir: &Path) -> anyhow::Result<Arc<Cache>> {
+    let engine = engine_config(cfg);
+    let persist = persist_config(cfg, data_dir);
+    let dir = persist.dir.clone();
+    let (cache, report) = tokio::task::spawn_blocking(move || Cache::open(engine, persist))
+        .await
+        .context("the cache opener panicked")?
+        .with_context(|| format!("cannot open the cache's log in {}", dir.display()))?;
+    if report.is_clean() {
+        info!(
+            entries = report.entries,
+            load_ms = report.elapsed.as_millis(),
+            "cache loaded"
+        );
+    } else {
+        warn!(
+            entries = report.entries,
+            bytes_lost = report.recovery.bytes_lost(),
+            records_lost_at_least = report.recovery.records_lost_at_least(),
+            undecodable = report.undecodable,
+            "the cache's log was damaged; everything before the damage was loaded"
+        );
+    }
+    Ok(Arc::new(cache))
+}
+
+/// Binds the RESP listener.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot bind the RESP endpoint on {addr} (config key `cache.listen`)")
+    })
+}
+
+/// RESP server settings from the config.
+pub fn server_config(cfg: &CacheConfig) -> ServerConfig {
+    ServerConfig {
+        max_connections: cfg.max_connections as usize,
+        ..ServerConfig::default()
+    }
+}
+
+/// Statistics in the shared types.
+pub fn stats_view(cache: &Cache) -> CacheStatsView {
+    let s = cache.stats();
+    CacheStatsView {
+        hits: s.hits,
+        misses: s.misses,
+        hit_rate: s.hit_rate,
+        collisions: s.collisions,
+        evictions: s.evictions,
+        expirations: s.expirations,
+        entries: s.entries,
+        bytes: s.bytes,
+        capacity_bytes: s.capacity_bytes,
+    }
+}
+
+/// The cache component's task: liveness, `cache.stats` on the bus, health.
+/// (Expiry, fsync under `interval` and compaction are the RESP server's
+/// maintenance loop, which runs whether or not clients connect.)
+pub async fn run(
+    cache: Arc<Cache>,
+    bus: appliance_bus::Bus,
+    stats_every: Duration,
+    health: HealthHandle,
+    mut liveness: LivenessResponder,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + stats_every, stats_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    health.set(ComponentState::Ready, describe(&stats_view(&cache)));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            alive = liveness.answer_next() => if !alive { break },
+            _ = tick.tick() => {
+                let stats = stats_view(&cache);
+                health.set(ComponentState::Ready, describe(&stats));
+                if let Err(e) = bus.publish_json(STATS_SUBJECT, &stats).await {
+                    warn!(error = %e, "cannot publish cache.stats");
+                }
+            }
+        }
+    }
+    health.set(ComponentState::Starting, "shutting down");
+}
+
+fn describe(s: &CacheStatsView) -> String {
+    format!(
+        "{} entries, {} of {} bytes, hit rate {:.1}%",
+        s.entries,
+        s.bytes,
+        s.capacity_bytes,
+        s.hit_rate * 100.0
+    )
+}
+
+fn cache_error(e: &appliance_cache::CacheError) -> ControlError {
+    use appliance_cache::CacheError as E;
+    let code = match e {
+        E::Refused(_) | E::ZeroTtl => ErrorCode::InvalidArgument,
+        _ => ErrorCode::Internal,
+    };
+    ControlError::new(code, e.to_string())
+}
+
+fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, ControlError> {
+    r.map_err(|e| ControlError::new(ErrorCode::Internal, format!("cache task failed: {e}")))
+}
+
+/// Carries out a single-answer cache request. Anything that may fsync runs on
+/// a blocking thread.
+pub async fn handle(cache: &Arc<Cache>, req: CacheRequest) -> Result<CacheResponse, ControlError> {
+    match req {
+        CacheRequest::Get {
+            agent,
+            prompt,
+            variant,
+        } => Ok(
+            match cache.get(agent.as_bytes(), prompt.as_bytes(), variant.as_bytes()) {
+                Some(v) => CacheResponse::Hit(v.to_vec()),
+                None => CacheResponse::Miss,
+            },
+        ),
+        CacheRequest::Put {
+            agent,
+            prompt,
+            variant,
+            response,
+            ttl_secs,
+        } => {
+            if ttl_secs == Some(0) {
+                return Err(ControlError::new(
+                    ErrorCode::InvalidArgument,
+                    "--ttl must be at least 1 second",
+                ));
+            }
+            let c = cache.clone();
+            joined(
+                tokio::task::spawn_blocking(move || {
+                    c.put(
+                        agent.as_bytes(),
+                        prompt.as_bytes(),
+                        variant.as_bytes(),
+                        response,
+                        ttl_secs.map(Duration::from_secs),
+                    )
+                })
+                .await,
+            )?
+            .map(|()| CacheResponse::Stored)
+            .map_err(|e| cache_error(&e))
+        }
+        CacheRequest::Stats => Ok(CacheResponse::Stats(stats_view(cache))),
+        CacheRequest::Invalidate {
+            agent,
+            prompt,
+            variant,
+        } => {
+            let c = cache.clone();
+            joined(
+                tokio::task::spawn_blocking(move || match prompt {
+                    Some(p) => c
+                        .invalidate(agent.as_bytes(), p.as_bytes(), variant.as_bytes())
+                        .map(u64::from),
+                    None => c.invalidate_agent(agent.as_bytes()).map(|n| n as u64),
+                })
+                .await,
+            )?
+            .map(CacheResponse::Invalidated)
+            .map_err(|e| cache_error(&e))
+        }
+        CacheRequest::Import | CacheRequest::ImportChunk(_) | CacheRequest::Export => {
+            Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                "import and export are streamed; this request is out of place here",
+            ))
+        }
+    }
+}
+
+/// A `Read` over pieces arriving from the control connection.
+#[derive(Debug)]
+struct PieceReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for PieceReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(piece) => {
+                    self.current = piece;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// An import in progress: feed pieces, then finish.
+#[derive(Debug)]
+pub struct Import {
+    tx: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    task: tokio::task::JoinHandle<
+        Result<appliance_cache::json::ImportReport, appliance_cache::json::JsonError>,
+    >,
+}
+
+impl Import {
+    /// Starts importing into `cache` on a blocking thread.
+    pub fn start(cache: &Arc<Cache>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = cache.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let reader = PieceReader {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            appliance_cache::json::import_json(&c, reader, MAX_IMPORT_BYTES)
+        });
+        Self { tx: Some(tx), task }
+    }
+
+    /// Hands over one piece. After a parse error the rest is drained and
+    /// ignored; the error comes from [`Import::finish`].
+    pub fn feed(&mut self, piece: Vec<u8>) {
+        if let Some(tx) = &self.tx {
+            if tx.send(piece).is_err() {
+                self.tx = None;
+            }
+        }
+    }
+
+    /// Ends the input and waits for the result.
+    pub async fn finish(mut self) -> Result<CacheResponse, ControlError> {
+        self.tx = None;
+        let report = joined(self.task.await)?
+            .map_err(|e| ControlError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        Ok(CacheResponse::Imported(ImportSummary {
+            agent_entries: report.agent_entries,
+            plain_entries: report.plain_entries,
+            rekeyed: report.rekeyed,
+            expired: report.expired,
+            refused: report.refused,
+            refused_keys: report.refused_keys,
+        }))
+    }
+}
+
+/// A `Write` that sends full pieces to the control connection.
+struct PieceWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for PieceWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= EXPORT_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::take(&mut self.buf);
+        self.tx.blocking_send(piece).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+/// Starts an export: pieces arrive on the receiver; the handle gives the
+/// summary once every piece was sent.
+pub fn export(
+    cache: &Arc<Cache>,
+) -> (
+    tokio::sync::mpsc::Receiver<Vec<u8>>,
+    tokio::task::JoinHandle<Result<CacheResponse, ControlError>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let c = cache.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let mut w = PieceWriter {
+            tx,
+            buf: Vec::with_capacity(EXPORT_CHUNK),
+        };
+        let report = appliance_cache::json::export_json(&c, &mut w)
+            .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?;
+        w.flush()
+            .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(CacheResponse::Exported {
+            written: report.written,
+            skipped_binary: report.skipped_binary,
+        })
+    });
+    (rx, task)
+}
+
+/// Cache statistics for Prometheus, read at scrape time.
+#[derive(Debug)]
+pub struct CacheCollector {
+    cache: Arc<Cache>,
+}
+
+impl CacheCollector {
+    /// A collector over `cache`.
+    pub fn new(cache: Arc<Cache>) -> Self {
+        Self { cache }
+    }
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = stats_view(&self.cache);
+        for (name, help, v) in [
+            (
+                "appliance_cache_hits",
+                "Cache lookups that returned a value.",
+                s.hits,
+            ),
+            (
+                "appliance_cache_misses",
+                "Cache lookups that returned nothing.",
+                s.misses,
+            ),
+            (
+                "appliance_cache_collisions",
+                "MD5 matches that failed the SHA-256 ownership check.",
+                s.collisions,
+            ),
+            (
+                "appliance_cache_evictions",
+                "Entries dropped for the byte bound.",
+                s.evictions,
+            ),
+            (
+                "appliance_cache_expirations",
+                "Entries dropped because their TTL ran out.",
+                s.expirations,
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(m)?;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        for (name, help, v) in [
+            ("appliance_cache_entries", "Entries held.", s.entries as f64),
+            (
+                "appliance_cache_bytes",
+                "Bytes charged against the bound.",
+                s.bytes as f64,
+            ),
+            (
+                "appliance_cache_capacity_bytes",
+                "The byte bound.",
+                s.capacity_bytes as f64,
+            ),
+            (
+                "appliance_cache_hit_rate",
+                "Hits / (hits + misses) since start.",
+                s.hit_rate,
+            ),
+        ] {
+            let g = ConstGauge::new(v);
+            let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! The agent response cache inside the real daemon: a stock Redis client
+//! (the `redis` crate), `appliancectl cache`, `cache.stats` on the bus, and
+//! durability across kill -9 with fsync `always`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Daemon;
+use futures_util::StreamExt;
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = dir.join("appliance.toml");
+    std::fs::write(
+        &cfg,
+        "version = 1\n[cache]\nfsync = \"always\"\nstats_secs = 1\nmax_value_bytes = 65536\n",
+    )
+    .unwrap();
+    cfg
+}
+
+fn endpoint(d: &Daemon, name: &str) -> String {
+    let out = d.ctl(&["status", "--json"]);
+    assert!(out.status.success());
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    s["endpoints"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no endpoint {name}: {s}"))
+        .to_owned()
+}
+
+fn ctl_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = d.ctl(args);
+    assert!(
+        out.status.success(),
+        "appliancectl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_client_ctl_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let resp = endpoint(&d, "cache_resp");
+    let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+
+    // Plain keys with EX, MGET.
+    let () = redis::cmd("SET")
+        .arg("k1")
+        .arg("v1")
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg("k2")
+        .arg("v2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let got: Vec<Option<String>> = redis::cmd("MGET")
+        .arg("k1")
+        .arg("k2")
+        .arg("nope")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some("v1".into()), Some("v2".into()), None]);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("k1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!((1..=60).contains(&ttl), "{ttl}");
+
+    // AGENT.* hashes on the server; appliancectl sees the same entry.
+    let () = redis::cmd("AGENT.SET")
+        .arg("summariser")
+        .arg("What is RAID-Z2?")
+        .arg("Two parity disks.")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let v: Option<String> = redis::cmd("AGENT.GET")
+        .arg("summariser")
+        .arg("What is RAID-Z2?")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("Two parity disks."));
+    let out = ctl_ok(&d, &["cache", "get", "summariser", "What is RAID-Z2?"]);
+    assert_eq!(out.trim(), "Two parity disks.");
+
+    // appliancectl put → Redis reads it by the md5 key too.
+    ctl_ok(
+        &d,
+        &[
+            "cache",
+            "put",
+            "triage",
+            "disk 3?",
+            "--response",
+            "replace it",
+            "--ttl",
+            "600",
+        ],
+    );
+    let v: Option<String> = redis::cmd("AGENT.GET")
+        .arg("triage")
+        .arg("disk 3?")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("replace it"));
+
+    // A miss exits 1.
+    let out = d.ctl(&["cache", "get", "triage", "unknown prompt"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // Export, invalidate, import brings it back.
+    let file = dir.path().join("export.json");
+    ctl_ok(&d, &["cache", "export", file.to_str().unwrap()]);
+    let exported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let obj = exported.as_object().unwrap();
+    assert!(
+        obj.values().any(|v| v["response"] == "replace it"),
+        "{exported}"
+    );
+    let out = ctl_ok(&d, &["cache", "invalidate", "triage", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["invalidated"], 1);
+    assert_eq!(
+        d.ctl(&["cache", "get", "triage", "disk 3?"]).status.code(),
+        Some(1)
+    );
+    let out = ctl_ok(&d, &["cache", "import", file.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["agent_entries"].as_u64().unwrap() >= 2, "{v}");
+    assert_eq!(
+        ctl_ok(&d, &["cache", "get", "triage", "disk 3?"]).trim(),
+        "replace it"
+    );
+
+    // A legacy file: md5 keys to plain strings and entries.
+    let legacy = dir.path().join("legacy.json");
+    std::fs::write(
+        &legacy,
+        r#"{"0123456789abcdef0123456789abcdef": "an old answer",
+            "ffffffffffffffffffffffffffffffff": {"agent": "old", "prompt": "p", "response": "r"}}"#,
+    )
+    .unwrap();
+    let out = ctl_ok(&d, &["cache", "import", legacy.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["plain_entries"], 1, "{v}");
+    assert_eq!(v["agent_entries"], 1, "{v}");
+    let got: Option<String> = redis::cmd("GET")
+        .arg("0123456789abcdef0123456789abcdef")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some("an old answer"));
+
+    // A broken file is refused with a clear error and changes nothing.
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, b"{\"abc\": ").unwrap();
+    let before = ctl_ok(&d, &["cache", "stats", "--json"]);
+    let out = d.ctl(&["cache", "import", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let after = ctl_ok(&d, &["cache", "stats", "--json"]);
+    let (b, a): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&before).unwrap(),
+        serde_json::from_str(&after).unwrap(),
+    );
+    assert_eq!(b["entries"], a["entries"]);
+
+    // An oversized value is refused by the cache (the limit is 64 KiB here).
+    let big = dir.path().join("big.txt");
+    std::fs::write(&big, vec![b'x'; 100 << 10]).unwrap();
+    let out = d.ctl(&[
+        "cache",
+        "put",
+        "a",
+        "b",
+        "--response-file",
+        big.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_argument"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Stats: on the CLI and, every second, on the bus.
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&d, &["cache", "stats", "--json"])).unwrap();
+    assert!(v["hits"].as_u64().unwrap() >= 3, "{v}");
+    assert!(v["misses"].as_u64().unwrap() >= 2, "{v}");
+    let nats = async_nats::connect(format!("nats://{}", endpoint(&d, "bus_nats")))
+        .await
+        .unwrap();
+    let mut sub = nats.subscribe("cache.stats").await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert!(v["entries"].as_u64().unwrap() >= 3, "{v}");
+
+    // Metrics carry the cache.
+    let metrics = endpoint(&d, "metrics");
+    let body = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut b = String::new();
+        s.read_to_string(&mut b).unwrap();
+        b
+    };
+    assert!(body.contains("appliance_cache_hits_total"), "{body}");
+    assert!(
+        body.contains("appliance_bus_messages_published_total"),
+        "{body}"
+    );
+
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_set_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let client = redis::Client::open(format!("redis://{}/", endpoint(&d, "cache_resp"))).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("durable")
+        .arg("yes")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let () = redis::cmd("AGENT.SET")
+        .arg("a")
+        .arg("p")
+        .arg("r")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = d.child.wait();
+    drop(con);
+
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let client = redis::Client::open(format!("redis://{}/", endpoint(&d, "cache_resp"))).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let v: Option<String> = redis::cmd("GET")
+        .arg("durable")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("yes"));
+    assert_eq!(ctl_ok(&d, &["cache", "get", "a", "p"]).trim(), "r");
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn damaged_cache_log_fails_the_component_not_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Something that is not a log directory where the cache's log belongs.
+    std::fs::create_dir_all(state.join("data")).unwrap();
+    std::fs::write(state.join("data/cache"), b"not a directory").unwrap();
+    let mut d = Daemon::start(&state, &[], &[]);
+    let out = d.ctl(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cache = s["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cache")
+        .unwrap()
+        .clone();
+    assert_eq!(cache["state"], "failed", "{s}");
+    assert!(
+        cache["reason"].as_str().unwrap().contains("cache"),
+        "{cache}"
+    );
+    assert!(s["endpoints"].get("cache_resp").is_none());
+    let out = d.ctl(&["cache", "stats"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unavailable"));
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
