@@ -896,15 +896,8 @@ impl BusInner {
         if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
-        let size = msg.payload.len();
-        let counters = self.subjects.get(msg.subject.top_token());
-        counters.publish(size);
-        if let Some(o) = origin {
-            o.counters.counters.publish(size);
-        }
-        let no_echo = origin
-            .filter(|o| !o.echo.load(Ordering::Relaxed))
-            .map(|o| o.id);
+        let counters = self.count_publish(&msg, origin);
+        let no_echo = no_echo(origin);
         let Some(d) = self
             .durable
             .as_ref()
@@ -951,6 +944,121 @@ impl BusInner {
                 })
             }
         }
+    }
+
+    fn count_publish(&self, msg: &Message, origin: Option<&ConnHandle>) -> Arc<Counters> {
+        let size = msg.payload.len();
+        let counters = self.subjects.get(msg.subject.top_token());
+        counters.publish(size);
+        if let Some(o) = origin {
+            o.counters.counters.publish(size);
+        }
+        counters
+    }
+
+    /// Publishes messages in order, appending each run of consecutive
+    /// durable messages to the log with one write. Returns the combined
+    /// ticket and the errors of the messages that failed.
+    pub(crate) fn publish_batch(
+        &self,
+        msgs: Vec<Message>,
+        origin: Option<&ConnHandle>,
+    ) -> (Ticket, Vec<BusError>) {
+        let mut ticket = Ticket {
+            seq: None,
+            wait_sync: false,
+        };
+        let mut errors = Vec::new();
+        let mut merge = |r: Result<Ticket, BusError>| match r {
+            Ok(t) => {
+                ticket.seq = ticket.seq.max(t.seq);
+                ticket.wait_sync |= t.wait_sync;
+            }
+            Err(e) => errors.push(e),
+        };
+        let durable = self.durable.as_ref();
+        let is_durable = |m: &Message| durable.is_some_and(|d| d.is_durable(m.subject.as_str()));
+        let mut run: Vec<Message> = Vec::new();
+        for m in msgs {
+            if is_durable(&m) {
+                run.push(m);
+                continue;
+            }
+            if !run.is_empty() {
+                merge(self.publish_durable_run(std::mem::take(&mut run), origin));
+            }
+            merge(self.publish_msg(m, origin));
+        }
+        if !run.is_empty() {
+            merge(self.publish_durable_run(run, origin));
+        }
+        (ticket, errors)
+    }
+
+    fn publish_durable_run(
+        &self,
+        mut run: Vec<Message>,
+        origin: Option<&ConnHandle>,
+    ) -> Result<Ticket, BusError> {
+        let (Some(d), Some(first)) = (self.durable.as_ref(), run.first()) else {
+            return Ok(Ticket {
+                seq: None,
+                wait_sync: false,
+            });
+        };
+        if run.len() == 1 {
+            return self.publish_msg(run.swap_remove(0), origin);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BusError::Closed);
+        }
+        let ts = first.ts_ms;
+        let counters: Vec<Arc<Counters>> =
+            run.iter().map(|m| self.count_publish(m, origin)).collect();
+        let no_echo = no_echo(origin);
+        let records: Vec<Vec<u8>> = run.iter().map(encode_stored).collect();
+        let mut st = d.state.lock();
+        if let Some(f) = &st.failed {
+            return Err(BusError::Durable(f.clone()));
+        }
+        let range = match st.log.append_batch_at(ts, &records) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Ok(Ticket {
+                    seq: None,
+                    wait_sync: false,
+                })
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if matches!(e, appliance_record_log::Error::Poisoned { .. }) {
+                    st.failed = Some(text.clone());
+                }
+                return Err(BusError::Durable(text));
+            }
+        };
+        for (m, seq) in run.iter_mut().zip(range.clone()) {
+            m.seq = Some(seq);
+            m.ts_ms = ts;
+        }
+        let wait_sync = match d.policy {
+            DurableFsync::Interval(_) => {
+                for (m, c) in run.iter().zip(&counters) {
+                    self.fan_out(m, no_echo, c);
+                }
+                false
+            }
+            DurableFsync::Always => {
+                st.pending.extend(run.into_iter().map(|m| (m, no_echo)));
+                drop(st);
+                d.cond.notify_one();
+                true
+            }
+        };
+        Ok(Ticket {
+            seq: Some(*range.end()),
+            wait_sync,
+        })
     }
 
     /// Offers `msg` to every matching subscription (one per queue group).
@@ -1037,6 +1145,13 @@ impl BusInner {
         }
         taken
     }
+}
+
+/// The connection whose own messages must not come back to it.
+fn no_echo(origin: Option<&ConnHandle>) -> Option<u64> {
+    origin
+        .filter(|o| !o.echo.load(Ordering::Relaxed))
+        .map(|o| o.id)
 }
 
 /// The durable log's fsync thread: group commit under `Always` (fsync, then

@@ -204,6 +204,7 @@ impl ConnOutbound {
             return Offer::Closed;
         }
         let start = st.buf.len();
+        let was_empty = start == 0;
         let reply = msg.reply.as_ref().map(|r| r.as_str());
         match (&msg.headers, with_headers) {
             (Some(h), true) => proto::encode_hmsg(
@@ -220,7 +221,9 @@ impl ConnOutbound {
         st.frames.push_back((len, true));
         let offer = self.enforce(&mut st);
         drop(st);
-        if !matches!(offer, Offer::SlowConsumer) {
+        // The writer drains everything at once: it only needs waking when
+        // the queue goes from empty to not empty.
+        if was_empty && !matches!(offer, Offer::SlowConsumer) {
             self.notify.notify_one();
         }
         offer

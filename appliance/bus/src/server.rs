@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, ConnHandle};
-use crate::message::Headers;
+use crate::message::{Headers, Message};
 use crate::proto::{self, ClientOp, Parser, ServerInfo};
 use crate::queue::{CloseReason, SlowConsumerPolicy};
 
@@ -239,6 +239,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut verbose = false;
     let mut no_responders = false;
     let mut pending_sync: Option<u64> = None;
+    // Consecutive PUBs from one read are published together, so a run of
+    // durable messages costs one write to the log.
+    let mut batch: Vec<Message> = Vec::new();
     let mut pings_out = 0u32;
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + opts.ping_interval,
@@ -270,12 +273,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         loop {
             if conn.out.is_closed() {
+                flush_batch(bus, conn, &mut batch, &mut pending_sync);
                 return End::SlowConsumer;
             }
             let op = match parser.parse(&mut buf) {
                 Ok(Some(op)) => op,
-                Ok(None) => break,
+                Ok(None) => {
+                    flush_batch(bus, conn, &mut batch, &mut pending_sync);
+                    break;
+                }
                 Err(e) => {
+                    flush_batch(bus, conn, &mut batch, &mut pending_sync);
                     tracing::debug!(peer = %conn.peer, error = %e, "NATS protocol error");
                     let mut b = BytesMut::new();
                     proto::encode_err(&mut b, &e.err_text());
@@ -286,6 +294,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     continue;
                 }
             };
+            if !matches!(op, ClientOp::Pub { .. }) {
+                flush_batch(bus, conn, &mut batch, &mut pending_sync);
+            }
             match op {
                 ClientOp::Connect(c) => {
                     verbose = c.verbose;
@@ -305,6 +316,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 } => {
                     if let Some(r) = reply.as_deref().filter(|_| no_responders) {
                         if !bus.has_interest(&subject) {
+                            flush_batch(bus, conn, &mut batch, &mut pending_sync);
                             send_no_responders(bus, r);
                             if verbose {
                                 conn.out.push_control(proto::OK);
@@ -319,18 +331,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             continue;
                         }
                     };
-                    match bus.inner.publish_msg(msg, Some(conn)) {
-                        Ok(t) if t.wait_sync => pending_sync = t.seq.max(pending_sync),
-                        Ok(_) => {}
-                        Err(e) => {
-                            err(conn, &format!("publish failed: {e}"));
-                            continue;
-                        }
+                    batch.push(msg);
+                    if verbose || batch.len() >= MAX_BATCH {
+                        flush_batch(bus, conn, &mut batch, &mut pending_sync);
                     }
-                    if verbose && !ack_after_sync(bus, conn, &mut pending_sync).await {
-                        continue;
-                    }
-                    if verbose {
+                    if verbose && ack_after_sync(bus, conn, &mut pending_sync).await {
                         conn.out.push_control(proto::OK);
                     }
                 }
@@ -359,6 +364,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 ClientOp::Pong => pings_out = 0,
             }
         }
+    }
+}
+
+/// Most PUBs published as one batch.
+const MAX_BATCH: usize = 256;
+
+fn flush_batch(bus: &Bus, conn: &ConnHandle, batch: &mut Vec<Message>, pending: &mut Option<u64>) {
+    if batch.is_empty() {
+        return;
+    }
+    let (t, errors) = bus.inner.publish_batch(std::mem::take(batch), Some(conn));
+    if t.wait_sync {
+        *pending = t.seq.max(*pending);
+    }
+    for e in errors {
+        err(conn, &format!("publish failed: {e}"));
     }
 }
 
