@@ -526,3 +526,41 @@ async fn connection_limit() {
     assert!(String::from_utf8_lossy(&b).contains("-ERR 'maximum connections exceeded'"));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn unix_socket_endpoint() {
+    use appliance_bus::server::serve_unix;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nats.sock");
+    let (bus, _) = Bus::open(BusOptions::default()).unwrap();
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve_unix(
+        bus.clone(),
+        listener,
+        ServerOptions::default(),
+        stop.clone(),
+    ));
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut seen = Vec::new();
+    s.write_all(b"CONNECT {}\r\nSUB u.* 1\r\nPUB u.x 2\r\nhi\r\nPING\r\n")
+        .await
+        .unwrap();
+    let mut b = [0u8; 4096];
+    while find(&seen, b"PONG").is_none() {
+        let n = timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&b[..n]);
+    }
+    assert!(seen.starts_with(b"INFO {"));
+    assert!(find(&seen, b"MSG u.x 1 2\r\nhi\r\n").is_some());
+    stop.cancel();
+    timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
