@@ -1,0 +1,786 @@
+//! The manager actor against the shared fake ZFS with a fake clock (tokio's
+//! paused time drives both the timers and the wall clock): provisioning,
+//! quota alerts, scrubs, disks pulled one, two and three at a time, a hung
+//! pool, replace and resilver.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use appliance_storage::disks::{EligibilityError, FakeDisks};
+use appliance_storage::{
+    CollectingSink, Health, ManagerConfig, StorageError, StorageManager, TokioClock,
+};
+use appliance_types::health::ComponentState;
+use appliance_types::storage::{
+    Admission, DiskAction, QuotaDirection, ScanEventPhase, ScrubCommand, StorageEvent,
+    StorageLayout, StorageStatus,
+};
+use appliance_zfs::fake::FakeZfs;
+use appliance_zfs::{
+    Dataset, DatasetSpec, DeviceState, ErrorCounts, EventFollower, Pool, PoolSpec, PoolStatus,
+    Properties, ScrubAction, Zfs, ZfsError,
+};
+use async_trait::async_trait;
+
+/// 2026-11-22 19:00 UTC.
+const T0: u64 = 1_795_374_000;
+const MB: u64 = 1 << 20;
+
+/// FakeZfs, plus calls that never return for chosen pools (the way
+/// `zpool`/`zfs` sleep in D state on a suspended pool).
+#[derive(Debug)]
+struct HangingZfs {
+    inner: Arc<FakeZfs>,
+    hung: Mutex<BTreeSet<String>>,
+}
+
+impl HangingZfs {
+    async fn maybe_hang(&self, pool: &str) {
+        let hung = self
+            .hung
+            .lock()
+            .unwrap()
+            .contains(pool.split('/').next().unwrap_or(pool));
+        if hung {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Zfs for HangingZfs {
+    async fn pool_status(&self, pool: &str) -> Result<PoolStatus, ZfsError> {
+        self.maybe_hang(pool).await;
+        self.inner.pool_status(pool).await
+    }
+    async fn pool_list(&self) -> Result<Vec<Pool>, ZfsError> {
+        self.inner.pool_list().await
+    }
+    async fn pool_properties(&self, pool: &str) -> Result<Properties, ZfsError> {
+        self.maybe_hang(pool).await;
+        self.inner.pool_properties(pool).await
+    }
+    async fn dataset_list(&self, root: &str) -> Result<Vec<Dataset>, ZfsError> {
+        self.maybe_hang(root).await;
+        self.inner.dataset_list(root).await
+    }
+    async fn dataset_properties(&self, dataset: &str) -> Result<Properties, ZfsError> {
+        self.maybe_hang(dataset).await;
+        self.inner.dataset_properties(dataset).await
+    }
+    async fn create_pool(&self, spec: &PoolSpec) -> Result<(), ZfsError> {
+        self.inner.create_pool(spec).await
+    }
+    async fn create_dataset(&self, spec: &DatasetSpec) -> Result<(), ZfsError> {
+        self.maybe_hang(&spec.name).await;
+        self.inner.create_dataset(spec).await
+    }
+    async fn set_quota(&self, dataset: &str, quota: Option<u64>) -> Result<(), ZfsError> {
+        self.maybe_hang(dataset).await;
+        self.inner.set_quota(dataset, quota).await
+    }
+    async fn get_quota(&self, dataset: &str) -> Result<Option<u64>, ZfsError> {
+        self.maybe_hang(dataset).await;
+        self.inner.get_quota(dataset).await
+    }
+    async fn scrub(&self, pool: &str, action: ScrubAction) -> Result<(), ZfsError> {
+        self.maybe_hang(pool).await;
+        self.inner.scrub(pool, action).await
+    }
+    async fn replace(&self, pool: &str, old: &str, new: &str) -> Result<(), ZfsError> {
+        self.maybe_hang(pool).await;
+        self.inner.replace(pool, old, new).await
+    }
+    async fn clear(&self, pool: &str, device: Option<&str>) -> Result<(), ZfsError> {
+        self.maybe_hang(pool).await;
+        self.inner.clear(pool, device).await
+    }
+    async fn follow_events(&self) -> Result<EventFollower, ZfsError> {
+        self.inner.follow_events().await
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    state_dir: std::path::PathBuf,
+    cfg: ManagerConfig,
+    fake: Arc<FakeZfs>,
+    zfs: Arc<HangingZfs>,
+    disks: Arc<FakeDisks>,
+    sink: Arc<CollectingSink>,
+    clock: Arc<TokioClock>,
+    mgr: StorageManager,
+}
+
+fn serials() -> Vec<&'static str> {
+    vec!["ZD1", "ZD2", "ZD3", "ZD4", "ZD5", "ZD6", "ZN2"]
+}
+
+fn by_id(serial: &str) -> String {
+    format!("/dev/disk/by-id/virtio-{serial}")
+}
+
+fn six() -> Vec<String> {
+    serials()[..6].iter().map(|s| by_id(s)).collect()
+}
+
+impl Rig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let paths: Vec<String> = serials().iter().map(|s| by_id(s)).collect();
+        let fake = Arc::new(FakeZfs::with_disks(&paths, 256 * MB));
+        let zfs = Arc::new(HangingZfs {
+            inner: fake.clone(),
+            hung: Mutex::new(BTreeSet::new()),
+        });
+        // ZN2 is the spare disk, hot-added later.
+        let disks = Arc::new(FakeDisks::new(FakeDisks::blank_disks(
+            &serials()[..6],
+            256 * MB,
+        )));
+        let mut cfg = ManagerConfig::new(&state_dir);
+        cfg.provision.key_dir = dir.path().join("keys");
+        let clock = Arc::new(TokioClock::new(T0));
+        fake.set_time(T0);
+        let sink = Arc::new(CollectingSink::new());
+        let (mgr, _) = StorageManager::spawn(
+            cfg.clone(),
+            zfs.clone(),
+            disks.clone(),
+            sink.clone(),
+            clock.clone(),
+        );
+        Self {
+            _dir: dir,
+            state_dir,
+            cfg,
+            fake,
+            zfs,
+            disks,
+            sink,
+            clock,
+            mgr,
+        }
+    }
+
+    /// Brings the fake's clock to the manager's.
+    fn sync(&self) {
+        use appliance_storage::Clock;
+        self.fake.set_time(self.clock.now_unix());
+    }
+
+    async fn provisioned() -> Self {
+        let rig = Self::new();
+        rig.mgr
+            .create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
+            .await
+            .unwrap();
+        rig.mgr.refresh().await.unwrap();
+        rig
+    }
+
+    /// Waits (in paused time) until `pred` holds for the events so far.
+    async fn wait_events(
+        &self,
+        what: &str,
+        pred: impl Fn(&[StorageEvent]) -> bool,
+    ) -> Vec<StorageEvent> {
+        for _ in 0..3000 {
+            let ev = self.sink.snapshot();
+            if pred(&ev) {
+                return ev;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "timed out waiting for {what}; events: {:#?}",
+            subjects(&self.sink.snapshot())
+        );
+    }
+
+    async fn wait_health(&self, what: &str, pred: impl Fn(&Health) -> bool) -> Health {
+        let mut rx = self.mgr.health();
+        for _ in 0..3000 {
+            let h = rx.borrow_and_update().clone();
+            if pred(&h) {
+                return h;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for health {what}: {:?}", rx.borrow());
+    }
+}
+
+fn subjects(ev: &[StorageEvent]) -> Vec<String> {
+    ev.iter().map(StorageEvent::subject).collect()
+}
+
+fn count(ev: &[StorageEvent], subject: &str) -> usize {
+    ev.iter().filter(|e| e.subject() == subject).count()
+}
+
+fn pool_states(ev: &[StorageEvent]) -> Vec<(String, Option<i64>)> {
+    ev.iter()
+        .filter_map(|e| match e {
+            StorageEvent::PoolState(p) => Some((p.new_state.clone(), p.new_margin)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn create_pool_report_health_and_idempotence() {
+    let rig = Rig::new();
+    // No pool yet.
+    rig.mgr.refresh().await.unwrap();
+    let h = rig
+        .wait_health("unavailable", |h| h.state == ComponentState::Unavailable)
+        .await;
+    assert!(h.reason.contains("create-pool"), "{h:?}");
+    // Three disks are too few for RAID-Z2.
+    let e = rig
+        .mgr
+        .create_pool(
+            "tank".into(),
+            StorageLayout::Raidz2,
+            six()[..3].to_vec(),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::Eligibility(EligibilityError::TooFewDisks { min: 4, .. })
+        ),
+        "{e}"
+    );
+    // The boot disk is refused.
+    let mut with_boot = six()[..4].to_vec();
+    with_boot.push("/dev/disk/by-id/virtio-BOOT".into());
+    let e = rig
+        .mgr
+        .create_pool("tank".into(), StorageLayout::Raidz2, with_boot, false)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("boot disk"), "{e}");
+
+    let out = rig
+        .mgr
+        .create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
+        .await
+        .unwrap();
+    assert_eq!(out.datasets, ["tank/documents"]);
+    rig.mgr.refresh().await.unwrap();
+    let h = rig
+        .wait_health("ready", |h| h.state == ComponentState::Ready)
+        .await;
+    assert!(
+        h.reason
+            .contains("RAID-Z2, 6 disks, 0 failed, survives 2 more"),
+        "{h:?}"
+    );
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Healthy);
+    assert_eq!(r.redundancy, "RAID-Z2, 6 disks, 0 failed, survives 2 more");
+    assert!(r.total_bytes > 0 && r.free_bytes > 0);
+    let docs = r.pools[0]
+        .datasets
+        .iter()
+        .find(|d| d.name == "tank/documents")
+        .unwrap();
+    assert!(docs.encrypted);
+    let ev = rig.sink.snapshot();
+    assert_eq!(pool_states(&ev), [("ONLINE".to_owned(), Some(2))]);
+
+    // Idempotent: the same request answers "already done", though the
+    // disks are now in a pool.
+    let again = rig
+        .mgr
+        .create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
+        .await
+        .unwrap();
+    assert!(again.already_done);
+    // The disk list shows membership.
+    let list = rig.mgr.disks().await.unwrap();
+    let zd1 = list.iter().find(|d| d.id == "virtio-ZD1").unwrap();
+    assert_eq!(zd1.pool.as_deref(), Some("tank"));
+    assert_eq!(zd1.state.as_deref(), Some("ONLINE"));
+    assert!(!zd1.problems.is_empty(), "a pool member is not eligible");
+    // Heartbeat of the healthy pool.
+    rig.wait_events("heartbeat", |e| count(e, "storage.pool.tank.healthy") >= 1)
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_alerts_and_admission() {
+    let rig = Rig::provisioned().await;
+    let q = rig
+        .mgr
+        .quota_set("tank/documents".into(), Some(100 * MB))
+        .await
+        .unwrap();
+    assert_eq!(q[0].quota_bytes, Some(100 * MB));
+    assert_eq!(
+        rig.mgr
+            .admission("tank/documents".into(), 50 * MB)
+            .await
+            .unwrap(),
+        Admission::Admitted {
+            available: 100 * MB
+        }
+    );
+    rig.fake
+        .set_dataset_used("tank/documents", 85 * MB)
+        .unwrap();
+    rig.mgr.refresh().await.unwrap();
+    rig.mgr.refresh().await.unwrap();
+    let ev = rig
+        .wait_events("80 %", |e| count(e, "storage.quota.tank/documents") == 1)
+        .await;
+    let StorageEvent::Quota(qe) = ev
+        .iter()
+        .find(|e| matches!(e, StorageEvent::Quota(_)))
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (qe.level_percent, qe.direction),
+        (80, QuotaDirection::Crossed)
+    );
+    rig.fake
+        .set_dataset_used("tank/documents", 91 * MB)
+        .unwrap();
+    rig.mgr.refresh().await.unwrap();
+    rig.mgr.refresh().await.unwrap();
+    let ev = rig
+        .wait_events("90 %", |e| count(e, "storage.quota.tank/documents") == 2)
+        .await;
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, StorageEvent::Quota(q) if q.level_percent == 90)));
+    // An upload that does not fit is refused before any byte moves.
+    assert_eq!(
+        rig.mgr
+            .admission("tank/documents".into(), 20 * MB)
+            .await
+            .unwrap(),
+        Admission::QuotaExceeded {
+            needed: 20 * MB,
+            available: 9 * MB
+        }
+    );
+    let st = rig
+        .mgr
+        .quota_get(Some("tank/documents".into()))
+        .await
+        .unwrap();
+    assert_eq!(st[0].levels_crossed, [80, 90]);
+    // Time passes, polls repeat: no further alerts.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(
+        count(&rig.sink.snapshot(), "storage.quota.tank/documents"),
+        2
+    );
+    // Errors name the dataset.
+    let e = rig
+        .mgr
+        .quota_get(Some("tank/nope".into()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("tank/nope"));
+    let e = rig
+        .mgr
+        .quota_set("tank/documents".into(), Some(MB))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("tank/documents"), "{e}");
+    let e = rig.mgr.admission("tank/nope".into(), 1).await.unwrap_err();
+    assert!(matches!(e, StorageError::NotFound { .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn scrub_progress_pause_finish_checksum_errors_and_persistence() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 100 * MB)
+        .unwrap();
+    rig.sync();
+    let st = rig
+        .mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    let scan = st.scan.unwrap();
+    let total = scan.total_bytes;
+    assert!(total > 0);
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", total / 2).unwrap();
+    rig.fake
+        .add_disk_errors(
+            "tank",
+            "virtio-ZD1",
+            ErrorCounts {
+                read: 0,
+                write: 0,
+                checksum: 12,
+            },
+        )
+        .unwrap();
+    rig.wait_events("second progress", |e| {
+        count(e, "storage.scrub.tank.progress") == 2
+    })
+    .await;
+    rig.wait_events("checksum errors", |e| {
+        count(e, "storage.disk.virtio-ZD1.errors") == 1
+    })
+    .await;
+    let st = rig
+        .mgr
+        .scrub("tank".into(), ScrubCommand::Pause)
+        .await
+        .unwrap();
+    assert_eq!(
+        st.scan.unwrap().phase,
+        appliance_types::storage::ScanPhase::Paused
+    );
+    rig.wait_events("paused", |e| count(e, "storage.scrub.tank.paused") == 1)
+        .await;
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Resume)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", total).unwrap();
+    let ev = rig
+        .wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
+        .await;
+    let fin = ev
+        .iter()
+        .find_map(|e| match e {
+            StorageEvent::Scrub(s) if s.phase == ScanEventPhase::Finished => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(fin.scan.errors, 0);
+    assert_eq!(fin.devices_with_errors[0].disk, "virtio-ZD1");
+    assert_eq!(fin.devices_with_errors[0].checksum, 12);
+    let ended = fin.scan.ended_at.unwrap();
+    // The report shows the errors, and the pool stays ONLINE.
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Degraded);
+    assert_eq!(r.pools[0].state, "ONLINE");
+    // The completion is persisted: a restarted manager neither republishes
+    // the finish nor wants to scrub.
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(book.contains(&ended.to_string()), "{book}");
+    rig.mgr.shutdown().await;
+    let sink2 = Arc::new(CollectingSink::new());
+    let (mgr2, _) = StorageManager::spawn(
+        rig.cfg.clone(),
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        sink2.clone(),
+        rig.clock.clone(),
+    );
+    mgr2.refresh().await.unwrap();
+    let st = mgr2.scrub_status("tank".into()).await.unwrap();
+    assert_eq!(st.last_completed_at, Some(ended));
+    assert_eq!(st.next_due_at, Some(ended + 35 * 86_400));
+    assert_eq!(count(&sink2.snapshot(), "storage.scrub.tank.finished"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scheduled_scrub_runs_when_due_and_not_during_resilver() {
+    let rig = Rig::new();
+    let mut cfg = rig.cfg.clone();
+    cfg.scrub.threshold_days = 1;
+    rig.mgr.shutdown().await;
+    let sink = Arc::new(CollectingSink::new());
+    let (mgr, _) = StorageManager::spawn(
+        cfg,
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        sink.clone(),
+        rig.clock.clone(),
+    );
+    mgr.create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
+        .await
+        .unwrap();
+    mgr.refresh().await.unwrap();
+    rig.fake
+        .set_dataset_used("tank/documents", 50 * MB)
+        .unwrap();
+    // A day later the scheduler starts a scrub by itself.
+    tokio::time::sleep(Duration::from_secs(86_400 + 120)).await;
+    rig.sync();
+    mgr.refresh().await.unwrap();
+    let st = mgr.scrub_status("tank".into()).await.unwrap();
+    assert_eq!(
+        st.scan.as_ref().map(|s| s.kind),
+        Some(appliance_types::storage::ScanKind::Scrub),
+        "{st:?}"
+    );
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(book.contains("requested_at"), "{book}");
+    assert!(sink
+        .snapshot()
+        .iter()
+        .any(|e| e.subject() == "storage.scrub.tank.progress"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_and_two_disks_pulled_publish_degraded_with_margin_once() {
+    let rig = Rig::provisioned().await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    let ev = rig
+        .wait_events("DEGRADED margin 1", |e| {
+            pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
+        })
+        .await;
+    assert_eq!(count(&ev, "storage.disk.virtio-ZD2.removed"), 1);
+    let h = rig
+        .wait_health("degraded", |h| h.state == ComponentState::Degraded)
+        .await;
+    assert!(h.reason.contains("survives 1 more"), "{h:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD3", DeviceState::Removed)
+        .unwrap();
+    rig.wait_events("DEGRADED margin 0", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(0)))
+    })
+    .await;
+    // Many polls later, every change was still published exactly once,
+    // though the follower and the polls both saw it.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(count(&ev, "storage.disk.virtio-ZD2.removed"), 1);
+    assert_eq!(count(&ev, "storage.disk.virtio-ZD3.removed"), 1);
+    assert_eq!(
+        pool_states(&ev),
+        [
+            ("ONLINE".to_owned(), Some(2)),
+            ("DEGRADED".to_owned(), Some(1)),
+            ("DEGRADED".to_owned(), Some(0))
+        ]
+    );
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Critical);
+    assert_eq!(r.redundancy, "RAID-Z2, 6 disks, 2 failed, survives no more");
+    // The disk was seen by the follower first.
+    let first = ev
+        .iter()
+        .find_map(|e| match e {
+            StorageEvent::Disk(d) if d.disk == "virtio-ZD2" => Some(d.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(first.action, DiskAction::Removed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_pulled_fails_cleanly_and_a_hung_pool_never_blocks_queries() {
+    let rig = Rig::provisioned().await;
+    for d in ["virtio-ZD2", "virtio-ZD3", "virtio-ZD5"] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rig.sync();
+        rig.fake
+            .set_disk_state("tank", d, DeviceState::Removed)
+            .unwrap();
+    }
+    let ev = rig
+        .wait_events("SUSPENDED", |e| {
+            pool_states(e).iter().any(|(s, _)| s == "SUSPENDED")
+        })
+        .await;
+    let last = pool_states(&ev).last().cloned().unwrap();
+    assert_eq!(last, ("SUSPENDED".to_owned(), Some(-1)));
+    let h = rig
+        .wait_health("failed", |h| h.state == ComponentState::Failed)
+        .await;
+    assert!(h.reason.contains("SUSPENDED"), "{h:?}");
+    // Uploads are refused cleanly.
+    let e = rig
+        .mgr
+        .admission("tank/documents".into(), 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Unavailable { .. }), "{e}");
+    // A change on the suspended pool times out (the fake says so at once).
+    let e = rig
+        .mgr
+        .quota_set("tank/documents".into(), Some(MB))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+
+    // Now the commands hang for real: the manager's own timeouts fire, the
+    // pool is published UNRESPONSIVE once, and every query still answers.
+    rig.zfs.hung.lock().unwrap().insert("tank".into());
+    let ev = rig
+        .wait_events("UNRESPONSIVE", |e| {
+            pool_states(e).iter().any(|(s, _)| s == "UNRESPONSIVE")
+        })
+        .await;
+    assert_eq!(
+        pool_states(&ev)
+            .iter()
+            .filter(|(s, _)| s == "UNRESPONSIVE")
+            .count(),
+        1
+    );
+    let h = rig
+        .wait_health("failed: not answering", |h| {
+            h.reason.contains("not answering")
+        })
+        .await;
+    assert_eq!(h.state, ComponentState::Failed);
+    let t = tokio::time::Instant::now();
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(
+        t.elapsed(),
+        Duration::ZERO,
+        "answered from the last known state"
+    );
+    assert_eq!(r.status, StorageStatus::Unavailable);
+    assert!(r.reasons[0].contains("last known state"), "{:?}", r.reasons);
+    let e = rig
+        .mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Unavailable { .. }), "{e}");
+    // Ten minutes of hanging: no pile-up of events.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        pool_states(&rig.sink.snapshot())
+            .iter()
+            .filter(|(s, _)| s == "UNRESPONSIVE")
+            .count(),
+        1
+    );
+
+    // The disks come back, the pool answers again: recovery is published.
+    rig.zfs.hung.lock().unwrap().clear();
+    rig.sync();
+    for d in ["virtio-ZD2", "virtio-ZD3", "virtio-ZD5"] {
+        rig.fake
+            .set_disk_state("tank", d, DeviceState::Online)
+            .unwrap();
+    }
+    rig.fake.clear("tank", None).await.unwrap();
+    rig.wait_health("ready again", |h| h.state == ComponentState::Ready)
+        .await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(
+        pool_states(&ev).last().cloned().unwrap(),
+        ("ONLINE".to_owned(), Some(2))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn replace_and_resilver() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 60 * MB)
+        .unwrap();
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    rig.wait_events("degraded", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
+    })
+    .await;
+    // The new disk is not plugged in yet.
+    let e = rig
+        .mgr
+        .replace("tank".into(), "virtio-ZD2".into(), by_id("ZN2"), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::DiskRefused(_)), "{e}");
+    // A disk of the pool cannot replace another.
+    let e = rig
+        .mgr
+        .replace("tank".into(), "virtio-ZD2".into(), by_id("ZD4"), true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("part of pool tank"), "{e}");
+    // Hot-add ZN2.
+    rig.disks.update(|s| {
+        let fresh = FakeDisks::blank_disks(&serials(), 256 * MB);
+        *s = fresh;
+    });
+    let e = rig
+        .mgr
+        .replace("tank".into(), "virtio-NOPE".into(), by_id("ZN2"), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::NotFound { .. }), "{e}");
+    rig.sync();
+    let msg = rig
+        .mgr
+        .replace(
+            "tank".into(),
+            "/dev/disk/by-id/virtio-ZD2".into(),
+            by_id("ZN2"),
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(msg.contains("resilver started"), "{msg}");
+    rig.wait_events("resilver started", |e| {
+        count(e, "storage.resilver.tank.started") == 1
+    })
+    .await;
+    rig.wait_events("ZN2 added", |e| {
+        count(e, "storage.disk.virtio-ZN2.added") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    rig.sync();
+    let total = rig.mgr.report().await.unwrap().pools[0]
+        .scan
+        .as_ref()
+        .unwrap()
+        .total_bytes;
+    rig.fake.advance_scan("tank", total / 2).unwrap();
+    rig.wait_events("resilver progress", |e| {
+        count(e, "storage.resilver.tank.progress") >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", total).unwrap();
+    let ev = rig
+        .wait_events("resilver finished", |e| {
+            count(e, "storage.resilver.tank.finished") == 1
+        })
+        .await;
+    rig.wait_events("ONLINE", |e| {
+        pool_states(e).last() == Some(&("ONLINE".to_owned(), Some(2)))
+    })
+    .await;
+    assert_eq!(count(&ev, "storage.resilver.tank.started"), 1);
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Healthy);
+    assert_eq!(r.redundancy, "RAID-Z2, 6 disks, 0 failed, survives 2 more");
+    // No scrub during the resilver was possible.
+    assert_eq!(
+        count(&rig.sink.snapshot(), "storage.scrub.tank.progress"),
+        0
+    );
+}
