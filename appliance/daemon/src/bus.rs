@@ -2,7 +2,6 @@
 //! endpoint, the `system.heartbeat`, metrics, and the control-socket side of
 //! `appliancectl events ...`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -103,13 +102,6 @@ pub async fn open(cfg: &BusConfig, data_dir: &Path) -> anyhow::Result<Bus> {
         }
     }
     Ok(bus)
-}
-
-/// Binds the NATS listener.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot bind the NATS endpoint on {addr} (config key `bus.listen`)")
-    })
 }
 
 /// The bus component's own task: answers liveness, publishes the heartbeat,

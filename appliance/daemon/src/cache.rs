@@ -4,7 +4,6 @@
 //! of `appliancectl cache ...`.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,13 +86,6 @@ pub async fn open(cfg: &CacheConfig, data_dir: &Path) -> anyhow::Result<Arc<Cach
         );
     }
     Ok(Arc::new(cache))
-}
-
-/// Binds the RESP listener.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot bind the RESP endpoint on {addr} (config key `cache.listen`)")
-    })
 }
 
 /// RESP server settings from the config.

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::control;
 use crate::health::HealthRegistry;
+use crate::listen;
 use crate::liveness;
 use crate::logging::LogControl;
 use crate::metrics::{self, Metrics};
@@ -92,10 +93,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     let metrics_listener = match resolved.metrics_listen {
         Some(addr) => {
             notifier.status("binding the metrics endpoint");
-            let l = metrics::bind(addr).await?;
-            let local = l.local_addr().context("metrics listener has no address")?;
-            endpoints.set("metrics", local.to_string());
-            Some(l)
+            Some(listen::tcp(&endpoints, "metrics", addr, "metrics.listen").await?)
         }
         None => None,
     };
@@ -109,25 +107,17 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     let nats_listener = match resolved.bus_listen {
         Some(addr) => {
             notifier.status("binding the NATS endpoint");
-            let l = crate::bus::bind(addr).await?;
-            let local = l.local_addr().context("NATS listener has no address")?;
-            endpoints.set("bus_nats", local.to_string());
-            Some(l)
+            Some(listen::tcp(&endpoints, "bus_nats", addr, "bus.listen").await?)
         }
         None => None,
     };
     let nats_unix = match &cfg.bus.unix_socket {
-        Some(path) => {
-            let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path).with_context(|| {
-                format!(
-                    "cannot bind the NATS Unix socket {} (config key `bus.unix_socket`)",
-                    path.display()
-                )
-            })?;
-            endpoints.set("bus_nats_unix", path.display().to_string());
-            Some(l)
-        }
+        Some(path) => Some(listen::unix(
+            &endpoints,
+            "bus_nats_unix",
+            path,
+            "bus.unix_socket",
+        )?),
         None => None,
     };
 
@@ -151,10 +141,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     let resp_listener = match (resolved.cache_listen, &cache) {
         (Some(addr), Some(_)) => {
             notifier.status("binding the RESP endpoint");
-            let l = crate::cache::bind(addr).await?;
-            let local = l.local_addr().context("RESP listener has no address")?;
-            endpoints.set("cache_resp", local.to_string());
-            Some(l)
+            Some(listen::tcp(&endpoints, "cache_resp", addr, "cache.listen").await?)
         }
         _ => None,
     };
@@ -245,14 +232,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
             });
         }
         if let Some(path) = &cfg.cache.unix_socket {
-            let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path).with_context(|| {
-                format!(
-                    "cannot bind the RESP Unix socket {} (config key `cache.unix_socket`)",
-                    path.display()
-                )
-            })?;
-            endpoints.set("cache_resp_unix", path.display().to_string());
+            let l = listen::unix(&endpoints, "cache_resp_unix", path, "cache.unix_socket")?;
             let (cache, cfg2, shutdown) = (cache.clone(), server_cfg.clone(), shutdown.clone());
             tracker.spawn(async move {
                 if let Err(e) =

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod health;
+pub mod listen;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;

@@ -5,7 +5,6 @@
 //! file descriptors, start time, threads) and the health of every component.
 //! Served as text over HTTP/1.1 (hyper) at `/metrics` on a loopback address.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -225,15 +224,6 @@ async fn respond(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Res
         },
         _ => text(StatusCode::NOT_FOUND, "see /metrics\n".into()),
     }
-}
-
-/// Binds the metrics listener (refusing non-loopback was done by config
-/// validation).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot bind the metrics endpoint on {addr}"))
 }
 
 /// Serves `/metrics` until `shutdown`.

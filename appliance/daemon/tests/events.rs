@@ -150,25 +150,37 @@ async fn acknowledged_publish_survives_kill_9() {
     let state = dir.path().join("state");
     let cfg = config(dir.path());
     let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
-    let client = async_nats::connect(format!("nats://{}", nats_addr(&d)))
-        .await
-        .unwrap();
-    client
-        .publish(
-            "storage.pool.tank.state",
-            r#"{"from":"ONLINE","to":"DEGRADED","margin":1}"#.into(),
+    // A raw NATS client: PUB then PING; the server sends PONG only after
+    // this connection's durable publishes are fsynced (async-nats's flush()
+    // does not wait for the PONG, so it cannot prove the acknowledgement).
+    let payload = r#"{"from":"ONLINE","to":"DEGRADED","margin":1}"#;
+    let mut s = std::net::TcpStream::connect(nats_addr(&d)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    {
+        use std::io::Write;
+        write!(
+            s,
+            "CONNECT {{\"verbose\":false}}\r\nPUB storage.pool.tank.state {}\r\n{payload}\r\nPING\r\n",
+            payload.len()
         )
-        .await
         .unwrap();
-    // The PONG to this flush's PING comes after the fsync.
-    client.flush().await.unwrap();
+    }
+    let mut seen = String::new();
+    while !seen.contains("PONG\r\n") {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before PONG: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        assert!(!seen.contains("-ERR"), "{seen}");
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.pid()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     let _ = d.child.wait();
-    drop(client);
+    drop(s);
 
     let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
     let out = d.ctl(&["events", "replay", "storage.pool.>", "--json"]);
