@@ -9,7 +9,7 @@
 //!   (each timed-out command may linger in D state).
 //! * **Half-open** after that: one probe call passes; success closes the
 //!   breaker, failure opens it again for twice as long (up to
-//!   [`BreakerConfig::max_open`]).
+//!   [`BreakerConfig::max_open_ms`]).
 //!
 //! Only failures that say "ZFS is not answering" count
 //! ([`counts_as_failure`]): timeouts, spawn failures, suspended pools, I/O

@@ -57,6 +57,7 @@ use crate::report::{disk_id, pool_state_unusable, scan_report, storage_report, P
 use crate::scrub::{decide, PoolActivity, ScrubBook, ScrubDecision, ScrubSchedule};
 use crate::sink::EventSink;
 use crate::statefile::{read_json, write_json};
+use crate::udev::{disk_event, DiskChange};
 
 /// Manager settings. The daemon maps its `[storage]` config onto this.
 #[derive(Debug, Clone)]
@@ -157,6 +158,7 @@ enum Command {
     },
     Admission(String, u64, Reply<Admission>),
     Refresh(oneshot::Sender<()>),
+    Hotplug(DiskChange),
     Shutdown,
 }
 
@@ -413,6 +415,12 @@ impl StorageManager {
                 force,
             } => StorageResponse::PoolCreated(self.create_pool(name, layout, disks, force).await?),
         })
+    }
+
+    /// A disk appeared or went away (from [`crate::udev::watch_udev`]).
+    /// Returns false once the manager has stopped.
+    pub async fn hotplug(&self, change: DiskChange) -> bool {
+        self.tx.send(Command::Hotplug(change)).await.is_ok()
     }
 
     /// Stops the actor (running ZFS commands are left to their timeouts).
@@ -1035,6 +1043,27 @@ impl Actor {
         let now = self.now();
         match cmd {
             Command::Shutdown => {}
+            Command::Hotplug(change) => {
+                let pool = self
+                    .snapshots
+                    .values()
+                    .find(|s| {
+                        s.status
+                            .root
+                            .leaves()
+                            .iter()
+                            .any(|l| disk_id(&l.name) == change.id)
+                    })
+                    .map(|s| s.status.name.clone());
+                // A pool member's removal is published by the ZFS side
+                // (REMOVED, with the new margin); everything else from here.
+                if !(change.action == appliance_types::storage::DiskAction::Removed
+                    && pool.is_some())
+                {
+                    self.publish(vec![disk_event(&change, pool.as_deref(), now)]);
+                }
+                self.start_poll();
+            }
             Command::Refresh(done) => {
                 self.waiting.push(Waiter::Refresh(done));
                 self.start_poll();

@@ -784,3 +784,77 @@ async fn replace_and_resilver() {
         0
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn hotplug_events_from_udev() {
+    use appliance_storage::udev::DiskChange;
+    let rig = Rig::provisioned().await;
+    let change = |action, id: &str| DiskChange {
+        action,
+        id: id.into(),
+        devname: Some("vdh".into()),
+        bay: Some("bay6".into()),
+        serial: Some("ZN2".into()),
+    };
+    assert!(
+        rig.mgr
+            .hotplug(change(DiskAction::Added, "virtio-ZN2"))
+            .await
+    );
+    let ev = rig
+        .wait_events("udev add", |e| {
+            count(e, "storage.disk.virtio-ZN2.added") == 1
+        })
+        .await;
+    let StorageEvent::Disk(d) = ev
+        .iter()
+        .find(|e| e.subject() == "storage.disk.virtio-ZN2.added")
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(d.bay.as_deref(), Some("bay6"));
+    assert_eq!(d.source, appliance_types::storage::EventSource::Udev);
+    assert_eq!(d.pool, None);
+    assert!(
+        rig.mgr
+            .hotplug(change(DiskAction::Removed, "virtio-ZN2"))
+            .await
+    );
+    rig.wait_events("udev remove", |e| {
+        count(e, "storage.disk.virtio-ZN2.removed") == 1
+    })
+    .await;
+    // A pool member pulled: udev sees it first, ZFS reports it (once).
+    assert!(
+        rig.mgr
+            .hotplug(change(DiskAction::Removed, "virtio-ZD4"))
+            .await
+    );
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Removed)
+        .unwrap();
+    rig.wait_events("degraded", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(count(&ev, "storage.disk.virtio-ZD4.removed"), 1);
+    let StorageEvent::Disk(d) = ev
+        .iter()
+        .find(|e| e.subject() == "storage.disk.virtio-ZD4.removed")
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(d.pool.as_deref(), Some("tank"));
+    assert_eq!(d.state, "REMOVED");
+    rig.mgr.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        !rig.mgr.hotplug(change(DiskAction::Added, "x")).await,
+        "stopped manager says so"
+    );
+}
