@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod cache;
 mod events;
+mod sync;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,6 +64,9 @@ enum Command {
     /// The agent response cache.
     #[command(subcommand)]
     Cache(cache::CacheCmd),
+    /// The QUIC sync endpoint.
+    #[command(subcommand)]
+    Sync(sync::SyncCmd),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -267,6 +271,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Events(cmd) => events::run(&mut client, cmd, cli.json),
         Command::Cache(cmd) => cache::run(&mut client, cmd, cli.json),
+        Command::Sync(cmd) => sync::run(&mut client, cmd, cli.json),
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Context {
     pub bus: Option<appliance_bus::Bus>,
     /// The agent response cache.
     pub cache: Option<std::sync::Arc<appliance_cache::Cache>>,
+    /// The sync endpoint.
+    pub sync: Option<crate::sync::Sync>,
 }
 
 impl Context {
@@ -147,10 +149,12 @@ impl Context {
                     Err(e) => Response::Error(ControlError::new(ErrorCode::InvalidArgument, e)),
                 },
             },
-            Request::Events(_) | Request::Cache(_) => Response::Error(ControlError::new(
-                ErrorCode::Internal,
-                "this request is served by the asynchronous path",
-            )),
+            Request::Events(_) | Request::Cache(_) | Request::Sync(_) => {
+                Response::Error(ControlError::new(
+                    ErrorCode::Internal,
+                    "this request is served by the asynchronous path",
+                ))
+            }
         }
     }
 }
@@ -211,6 +215,19 @@ async fn serve_request(
                 return write_msg(stream, &Response::Error(e), max_frame).await;
             };
             cache_request(cache, req, stream, max_frame, idle_timeout).await
+        }
+        Request::Sync(req) => {
+            let resp = match &ctx.sync {
+                None => Response::Error(ControlError::new(
+                    ErrorCode::Unavailable,
+                    "the sync endpoint is not running (config key `sync.enabled`)",
+                )),
+                Some(sync) => match crate::sync::handle(sync, req).await {
+                    Ok(r) => Response::Sync(r),
+                    Err(e) => Response::Error(e),
+                },
+            };
+            write_msg(stream, &resp, max_frame).await
         }
         other => write_msg(stream, &ctx.handle(other), max_frame).await,
     }

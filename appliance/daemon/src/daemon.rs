@@ -146,6 +146,24 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         _ => None,
     };
 
+    // The QUIC sync endpoint.
+    let sync = match resolved.sync_listen {
+        Some(addr) => {
+            notifier.status("starting the sync endpoint");
+            let s = crate::sync::start(
+                &cfg.sync,
+                addr,
+                &resolved.data_dir,
+                bus.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            endpoints.set("sync_quic", s.local_addr().to_string());
+            Some(s)
+        }
+        None => None,
+    };
+
     // Start the components.
     notifier.status("starting components");
     let ctx = control::Context {
@@ -156,6 +174,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         started,
         bus: Some(bus.clone()),
         cache: cache.clone(),
+        sync: sync.clone(),
     };
     {
         let h = health.register("control", true);
@@ -262,6 +281,12 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
                 ));
             }
         }
+    }
+    if let Some(sync) = &sync {
+        let h = health.register("sync", true);
+        let (p, r) = liveness::pair("sync");
+        probes.push(p);
+        tracker.spawn(crate::sync::run(sync.clone(), h, r, shutdown.clone()));
     }
     {
         let h = health.register("storage", cfg.storage.required);

@@ -34,5 +34,6 @@ pub mod metrics;
 pub mod notify;
 pub mod storage;
 pub mod supervisor;
+pub mod sync;
 
 pub use daemon::run;

@@ -68,6 +68,9 @@ pub struct Config {
     /// The agent response cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The QUIC sync endpoint.
+    #[serde(default)]
+    pub sync: SyncConfig,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             bus: BusConfig::default(),
             cache: CacheConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -333,6 +337,43 @@ impl Default for CacheConfig {
     }
 }
 
+/// `[sync]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Run the QUIC sync endpoint.
+    pub enabled: bool,
+    /// UDP address. Default `0.0.0.0:7443` (laptops reach it over the
+    /// network; every client must hold a certificate from the appliance CA);
+    /// with `--state-dir`, `127.0.0.1:0`.
+    pub listen: Option<SocketAddr>,
+    /// `HOST:PORT` written into client bundles, if the box has a stable name.
+    pub public_address: Option<String>,
+    /// Where documents live (one directory per client). Default
+    /// `DATA/documents`; on the appliance, the encrypted `documents` dataset.
+    pub documents_dir: Option<PathBuf>,
+    /// Keep a replaced document's previous version as `name.~N~`.
+    pub keep_versions: bool,
+    /// Concurrent connections per client (1 ..= 64).
+    pub max_connections_per_client: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+            public_address: None,
+            documents_dir: None,
+            keep_versions: false,
+            max_connections_per_client: 4,
+        }
+    }
+}
+
+/// Production sync (QUIC, UDP) port.
+pub const DEFAULT_SYNC_PORT: u16 = 7443;
+
 /// Production NATS endpoint port.
 pub const DEFAULT_NATS_PORT: u16 = 4222;
 
@@ -450,8 +491,25 @@ impl Config {
         }
         self.validate_bus()?;
         self.validate_cache()?;
+        check_range(
+            "sync.max_connections_per_client",
+            u64::from(self.sync.max_connections_per_client),
+            1,
+            64,
+        )?;
+        if let Some(a) = &self.sync.public_address {
+            if a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(ConfigError::new(
+                    "sync.public_address",
+                    format!("{a:?} is not HOST:PORT"),
+                ));
+            }
+        }
         for (key, p) in [
             ("bus.unix_socket", self.bus.unix_socket.as_deref()),
+            ("sync.documents_dir", self.sync.documents_dir.as_deref()),
             ("cache.unix_socket", self.cache.unix_socket.as_deref()),
             ("control.socket", self.control.socket.as_deref()),
             ("paths.data_dir", self.paths.data_dir.as_deref()),
@@ -576,6 +634,15 @@ impl Config {
         Resolved {
             bus_listen: listen(self.bus.listen, self.bus.enabled, DEFAULT_NATS_PORT),
             cache_listen: listen(self.cache.listen, self.cache.enabled, DEFAULT_RESP_PORT),
+            sync_listen: self.sync.enabled.then(|| {
+                self.sync.listen.unwrap_or_else(|| {
+                    if state_dir.is_some() {
+                        SocketAddr::from(([127, 0, 0, 1], 0))
+                    } else {
+                        SocketAddr::from(([0, 0, 0, 0], DEFAULT_SYNC_PORT))
+                    }
+                })
+            }),
             control_socket: pick(&self.control.socket, "control.sock", DEFAULT_CONTROL_SOCKET),
             data_dir: pick(&self.paths.data_dir, "data", DEFAULT_DATA_DIR),
             log_dir: pick(&self.paths.log_dir, "logs", DEFAULT_LOG_DIR),
@@ -600,6 +667,8 @@ pub struct Resolved {
     pub bus_listen: Option<SocketAddr>,
     /// Where the RESP endpoint listens, if enabled.
     pub cache_listen: Option<SocketAddr>,
+    /// Where the QUIC sync endpoint listens (UDP), if enabled.
+    pub sync_listen: Option<SocketAddr>,
     /// The validated file contents.
     pub config: Config,
 }
@@ -749,6 +818,11 @@ timeout_secs = 5
         assert_eq!(e.key, "cache.max_value_bytes");
         let e = Config::from_toml("version = 1\n[cache.agent_ttl_secs]\nx = 0\n").unwrap_err();
         assert_eq!(e.key, "cache.agent_ttl_secs.x");
+        let e = Config::from_toml("version = 1\n[sync]\npublic_address = \"nas\"\n").unwrap_err();
+        assert_eq!(e.key, "sync.public_address");
+        let c = Config::from_toml("version = 1\n[sync]\npublic_address = \"nas.local:7443\"\n")
+            .unwrap();
+        assert_eq!(c.sync.public_address.as_deref(), Some("nas.local:7443"));
         let e = Config::from_toml("version = 1\n[cache]\nmax_bytes = \"big\"\n").unwrap_err();
         assert_eq!(e.key, "cache.max_bytes");
         let r = Config::default().resolve(Some(Path::new("/s")));
@@ -757,6 +831,7 @@ timeout_secs = 5
         let r = Config::default().resolve(None);
         assert_eq!(r.bus_listen.unwrap().port(), DEFAULT_NATS_PORT);
         assert_eq!(r.cache_listen.unwrap().port(), DEFAULT_RESP_PORT);
+        assert_eq!(r.sync_listen.unwrap().port(), DEFAULT_SYNC_PORT);
     }
 
     #[test]

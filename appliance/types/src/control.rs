@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{CacheRequest, CacheResponse};
 use crate::events::{EventsRequest, EventsResponse};
 use crate::health::{Probe, ProbeResult, StatusReport};
+use crate::sync::{SyncRequest, SyncResponse};
 
 /// Magic bytes at the start of [`ClientHello`], so that a stray client of some
 /// other protocol is told apart from an old `appliancectl`.
@@ -96,6 +97,8 @@ pub enum Request {
     Events(EventsRequest),
     /// The agent response cache.
     Cache(CacheRequest),
+    /// The sync endpoint's clients.
+    Sync(SyncRequest),
 }
 
 impl Request {
@@ -107,6 +110,7 @@ impl Request {
             Request::SetLogFilter(_) => true,
             Request::Events(e) => e.is_mutating(),
             Request::Cache(c) => c.is_mutating(),
+            Request::Sync(s) => s.is_mutating(),
         }
     }
 
@@ -127,6 +131,9 @@ impl Request {
             Request::Cache(CacheRequest::Invalidate { .. }) => "cache invalidate",
             Request::Cache(CacheRequest::Import | CacheRequest::ImportChunk(_)) => "cache import",
             Request::Cache(CacheRequest::Export) => "cache export",
+            Request::Sync(SyncRequest::ClientAdd { .. }) => "sync client add",
+            Request::Sync(SyncRequest::ClientList) => "sync client list",
+            Request::Sync(SyncRequest::ClientRevoke { .. }) => "sync client revoke",
         }
     }
 }
@@ -146,6 +153,8 @@ pub enum Response {
     Events(EventsResponse),
     /// Answer to [`Request::Cache`].
     Cache(CacheResponse),
+    /// Answer to [`Request::Sync`].
+    Sync(SyncResponse),
 }
 
 /// Error codes. Stable: only ever appended to.

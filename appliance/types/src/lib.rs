@@ -15,6 +15,7 @@
 //! - [`events`]: bus messages on the control socket, and the daemon's own
 //!   event payloads.
 //! - [`cache`]: the agent response cache on the control socket.
+//! - [`sync`]: sync-client enrollment on the control socket.
 
 pub mod cache;
 pub mod config;
@@ -22,3 +23,4 @@ pub mod control;
 pub mod events;
 pub mod health;
 pub mod storage;
+pub mod sync;

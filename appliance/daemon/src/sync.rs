@@ -1,0 +1,324 @@
+//! The QUIC sync endpoint inside the daemon: the appliance CA and client
+//! registry under `DATA/sync/identity`, documents under `sync.documents_dir`,
+//! sync events onto the bus, and `appliancectl sync client ...`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use appliance_sync::admission::{LocalAdmission, UsageLedger};
+use appliance_sync::events::{EventSink, SyncEvent};
+use appliance_sync::identity::{Authority, ClientInfo, ClientName};
+use appliance_sync::server::{ServerConfig, Services, SyncServer};
+use appliance_sync::store::Documents;
+use appliance_types::config::SyncConfig;
+use appliance_types::control::{ControlError, ErrorCode};
+use appliance_types::health::ComponentState;
+use appliance_types::sync::{SyncClient, SyncRequest, SyncResponse};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::health::HealthHandle;
+use crate::liveness::LivenessResponder;
+
+/// Publishes sync events on the bus without blocking the connection tasks.
+#[derive(Debug, Clone)]
+pub struct BusSink {
+    bus: appliance_bus::Bus,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BusSink {
+    /// A sink onto `bus`, publishing from tasks on the current runtime.
+    pub fn new(bus: appliance_bus::Bus) -> Self {
+        Self {
+            bus,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+/// The JSON payload of a sync event.
+pub fn payload(e: &SyncEvent) -> serde_json::Value {
+    match e {
+        SyncEvent::UploadStarted { client, path, size } => {
+            serde_json::json!({ "client": client.as_str(), "path": path, "size": size })
+        }
+        SyncEvent::UploadCompleted {
+            client,
+            path,
+            size,
+            bytes_transferred,
+        } => serde_json::json!({
+            "client": client.as_str(), "path": path, "size": size, "bytes_transferred": bytes_transferred
+        }),
+        SyncEvent::UploadFailed {
+            client,
+            path,
+            size,
+            bytes_transferred,
+            error,
+        } => serde_json::json!({
+            "client": client.as_str(), "path": path, "size": size,
+            "bytes_transferred": bytes_transferred, "error": error
+        }),
+        SyncEvent::ClientConnected { client, remote } => {
+            serde_json::json!({ "client": client.as_str(), "remote": remote.to_string() })
+        }
+        SyncEvent::ClientDisconnected { client, reason } => {
+            serde_json::json!({ "client": client.as_str(), "reason": reason })
+        }
+    }
+}
+
+impl EventSink for BusSink {
+    fn publish(&self, event: SyncEvent) {
+        let bus = self.bus.clone();
+        self.runtime.spawn(async move {
+            let subject = event.subject();
+            if let Err(e) = bus.publish_json(&subject, &payload(&event)).await {
+                warn!(subject, error = %e, "cannot publish a sync event");
+            }
+        });
+    }
+}
+
+/// The running endpoint and what `appliancectl sync` needs.
+#[derive(Debug, Clone)]
+pub struct Sync {
+    /// The CA and client registry.
+    pub authority: Arc<Authority>,
+    /// Per-client usage.
+    pub ledger: Arc<UsageLedger>,
+    /// Where bundles are written briefly before they are handed out.
+    pub scratch: PathBuf,
+    /// The server, for live connection counts.
+    pub server: Arc<SyncServerHandle>,
+}
+
+/// Live-connection counts of the server.
+#[derive(Debug)]
+pub struct SyncServerHandle {
+    server: tokio::sync::Mutex<Option<SyncServer>>,
+    addr: SocketAddr,
+}
+
+/// Starts the endpoint: identity, documents (swept of staging leftovers),
+/// the QUIC listener.
+pub async fn start(
+    cfg: &SyncConfig,
+    listen: SocketAddr,
+    data_dir: &Path,
+    bus: appliance_bus::Bus,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Sync> {
+    let identity_dir = data_dir.join("sync").join("identity");
+    let authority = {
+        let dir = identity_dir.clone();
+        tokio::task::spawn_blocking(move || Authority::open(&dir))
+            .await
+            .context("the identity opener panicked")?
+            .with_context(|| {
+                format!(
+                    "cannot open the sync identity in {}",
+                    identity_dir.display()
+                )
+            })?
+    };
+    authority.set_public_address(cfg.public_address.clone());
+    let documents_dir = cfg
+        .documents_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("documents"));
+    let ledger = UsageLedger::new();
+    let documents = Arc::new(
+        Documents::new(&documents_dir, cfg.keep_versions, ledger.clone()).with_context(|| {
+            format!(
+                "cannot use {} for documents (config key `sync.documents_dir`)",
+                documents_dir.display()
+            )
+        })?,
+    );
+    let admission = Arc::new(LocalAdmission::new(
+        authority.clone(),
+        ledger.clone(),
+        &documents_dir,
+    ));
+    let services = Services {
+        authority: authority.clone(),
+        documents,
+        admission,
+        events: Arc::new(BusSink::new(bus)),
+    };
+    let mut server_cfg = ServerConfig::new(listen);
+    server_cfg.max_connections_per_client = cfg.max_connections_per_client as usize;
+    let server = appliance_sync::server::serve(server_cfg, services, shutdown)
+        .await
+        .with_context(|| {
+            format!("cannot start the sync endpoint on UDP {listen} (config key `sync.listen`)")
+        })?;
+    let addr = server.local_addr();
+    let scratch = data_dir.join("sync").join("scratch");
+    private_scratch(&scratch)?;
+    Ok(Sync {
+        authority,
+        ledger,
+        scratch,
+        server: Arc::new(SyncServerHandle {
+            server: tokio::sync::Mutex::new(Some(server)),
+            addr,
+        }),
+    })
+}
+
+/// Creates the scratch directory (0700) and removes anything left in it: a
+/// crash between writing and handing out a bundle must not leave a private
+/// key behind.
+fn private_scratch(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", dir.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove leftover {}", path.display()))?;
+        warn!(path = %path.display(), "removed a leftover client bundle");
+    }
+    Ok(())
+}
+
+impl Sync {
+    /// The UDP address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    async fn connections_of(&self, name: &ClientName) -> u64 {
+        self.server
+            .server
+            .lock()
+            .await
+            .as_ref()
+            .map_or(0, |s| s.connections_of(name) as u64)
+    }
+
+    async fn view(&self, info: ClientInfo) -> SyncClient {
+        let connections = self.connections_of(&info.name).await;
+        SyncClient {
+            used: self.ledger.used(&info.name),
+            name: info.name.as_str().to_owned(),
+            quota: info.quota,
+            fingerprint: info.fingerprint,
+            enrolled_at: info.enrolled_at,
+            revoked_at: info.revoked_at,
+            connections,
+        }
+    }
+
+    /// Waits for the server to finish after shutdown.
+    pub async fn wait(&self) {
+        let server = self.server.server.lock().await.take();
+        if let Some(s) = server {
+            s.wait().await;
+        }
+    }
+}
+
+fn name_of(name: &str) -> Result<ClientName, ControlError> {
+    ClientName::parse(name)
+        .map_err(|e| ControlError::new(ErrorCode::InvalidArgument, e.to_string()))
+}
+
+fn identity_error(e: &appliance_sync::identity::IdentityError) -> ControlError {
+    use appliance_sync::identity::IdentityError as E;
+    let code = match e {
+        E::AlreadyEnrolled { .. } | E::AlreadyRevoked { .. } => ErrorCode::InvalidArgument,
+        E::UnknownClient { .. } => ErrorCode::NotFound,
+        _ => ErrorCode::Internal,
+    };
+    ControlError::new(code, e.to_string())
+}
+
+/// Carries out one sync request.
+pub async fn handle(sync: &Sync, req: SyncRequest) -> Result<SyncResponse, ControlError> {
+    match req {
+        SyncRequest::ClientList => {
+            let mut out = Vec::new();
+            for info in sync.authority.list() {
+                out.push(sync.view(info).await);
+            }
+            Ok(SyncResponse::Clients(out))
+        }
+        SyncRequest::ClientRevoke { name } => {
+            let name = name_of(&name)?;
+            let authority = sync.authority.clone();
+            let info = tokio::task::spawn_blocking(move || authority.revoke(&name))
+                .await
+                .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?
+                .map_err(|e| identity_error(&e))?;
+            Ok(SyncResponse::Revoked(sync.view(info).await))
+        }
+        SyncRequest::ClientAdd { name, quota } => {
+            let name = name_of(&name)?;
+            let authority = sync.authority.clone();
+            // The bundle holds the client's private key: it is written to a
+            // private scratch file, read back, and removed; the daemon keeps
+            // no copy.
+            let path =
+                sync.scratch
+                    .join(format!("{}.bundle.{}", name.as_str(), std::process::id()));
+            let (info, bundle) = tokio::task::spawn_blocking(move || {
+                let info = authority.enroll(&name, quota, &path);
+                let bundle = info.as_ref().ok().map(|_| std::fs::read(&path));
+                let _ = std::fs::remove_file(&path);
+                (info, bundle)
+            })
+            .await
+            .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?;
+            let info = info.map_err(|e| identity_error(&e))?;
+            let bundle = bundle
+                .unwrap_or_else(|| Err(std::io::Error::other("no bundle")))
+                .map_err(|e| {
+                    ControlError::new(
+                        ErrorCode::Internal,
+                        format!("cannot read the new bundle: {e}"),
+                    )
+                })?;
+            Ok(SyncResponse::Enrolled {
+                client: sync.view(info).await,
+                bundle,
+            })
+        }
+    }
+}
+
+/// The sync component's task: liveness and health.
+pub async fn run(
+    sync: Sync,
+    health: HealthHandle,
+    mut liveness: LivenessResponder,
+    shutdown: CancellationToken,
+) {
+    health.set(
+        ComponentState::Ready,
+        format!(
+            "QUIC on UDP {}, {} clients enrolled",
+            sync.local_addr(),
+            sync.authority.list().len()
+        ),
+    );
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            alive = liveness.answer_next() => if !alive { break },
+        }
+    }
+    health.set(ComponentState::Starting, "shutting down");
+    sync.wait().await;
+}
