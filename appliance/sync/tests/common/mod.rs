@@ -133,17 +133,21 @@ pub async fn raw_connect_bundle(
         .map_err(|e| e.to_string())?;
     // TLS 1.3: the server checks the client certificate after the client
     // considers the handshake done, so "hello" is where a refusal shows.
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // A refusal can surface at any of these steps; report the server's
+    // close reason (the TLS alert) rather than the local symptom.
+    let why = |e: String| {
+        conn.close_reason()
+            .map_or_else(|| e.clone(), |r| r.to_string())
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| why(e.to_string()))?;
     write_frame(&mut send, &client_hello("raw test"))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| why(e.to_string()))?;
     let _ = send.finish();
     match read_frame(&mut recv, Duration::from_secs(10)).await {
         Ok(Some((Message::Welcome(_), _))) => Ok(conn),
         Ok(other) => Err(format!("unexpected hello answer: {other:?}")),
-        Err(e) => Err(conn
-            .close_reason()
-            .map_or_else(|| e.to_string(), |r| r.to_string())),
+        Err(e) => Err(why(e.to_string())),
     }
 }
 
