@@ -95,6 +95,13 @@ fn positive_ttl(b: &[u8], unit_ms: u64, cmd: &str) -> Result<Duration, Reply> {
     Ok(Duration::from_millis(n))
 }
 
+/// A stored value gets its own allocation: a decoded argument is a slice of
+/// the connection's read buffer, and keeping it would pin that whole buffer
+/// (up to the frame budget) in the cache, outside the byte bound.
+fn owned(v: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(v)
+}
+
 fn bulk_or_null(v: Option<Bytes>) -> Reply {
     v.map_or(Reply::Null, Reply::Bulk)
 }
@@ -286,7 +293,7 @@ fn set(cache: &Cache, a: &[Bytes]) -> Reply {
         }
         i += 1;
     }
-    match cache.set_plain(key, value.clone(), ttl, condition) {
+    match cache.set_plain(key, owned(value), ttl, condition) {
         Ok(true) => Reply::ok(),
         Ok(false) => Reply::Null,
         Err(e) => cache_error(&e),
@@ -327,7 +334,7 @@ fn mset(cache: &Cache, a: &[Bytes]) -> Reply {
         ));
     }
     for kv in a.chunks(2) {
-        if let Err(e) = cache.set_plain(&kv[0], kv[1].clone(), None, SetCondition::Always) {
+        if let Err(e) = cache.set_plain(&kv[0], owned(&kv[1]), None, SetCondition::Always) {
             return cache_error(&e);
         }
     }
@@ -357,7 +364,7 @@ fn agent_set(cache: &Cache, a: &[Bytes]) -> Reply {
         }
         rest = &rest[2..];
     }
-    match cache.put(agent, prompt, variant, response.clone(), ttl) {
+    match cache.put(agent, prompt, variant, owned(response), ttl) {
         Ok(()) => Reply::ok(),
         Err(e) => cache_error(&e),
     }
@@ -581,6 +588,22 @@ mod tests {
             Reply::Error("NOPROTO unsupported protocol version".into())
         );
         assert!(execute(&c, &mut s, cmd(&["QUIT"])).close);
+    }
+
+    #[test]
+    fn stored_values_do_not_pin_the_read_buffer() {
+        let (_, c, mut s) = setup();
+        let buffer = Bytes::from(b"SETkv".repeat(1000));
+        let frame = Frame::Array(vec![
+            Frame::Bulk(buffer.slice(0..3)),
+            Frame::Bulk(buffer.slice(3..4)),
+            Frame::Bulk(buffer.slice(4..5)),
+        ]);
+        assert_eq!(execute(&c, &mut s, frame).reply, Reply::ok());
+        let stored = c.get_plain(b"k").unwrap();
+        assert_eq!(stored, Bytes::from("v"));
+        let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        assert!(!range.contains(&(stored.as_ptr() as usize)));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ```text
 //! appliance-cache-server --listen 127.0.0.1:7379 --dir /tmp/cache-log \
 //!     [--fsync always|interval:MS] [--capacity-bytes N] [--max-value-bytes N]
+//!     [--worker-threads N]
 //! ```
 //! Prints `listening on ADDR` once bound; stops on SIGINT/SIGTERM.
 
@@ -31,6 +32,11 @@ struct Args {
     /// Memory bound in bytes.
     #[arg(long, default_value_t = appliance_cache::cache::DEFAULT_CAPACITY_BYTES)]
     capacity_bytes: usize,
+    /// Runtime worker threads; 0 runs everything on one thread (like
+    /// redis-server). Under `--fsync always` use at least 2, so a batch
+    /// waiting for `fdatasync` does not stall the other connections.
+    #[arg(long, default_value_t = 2)]
+    worker_threads: usize,
     /// Largest value in bytes.
     #[arg(long, default_value_t = appliance_cache::cache::DEFAULT_MAX_VALUE_BYTES)]
     max_value_bytes: usize,
@@ -48,13 +54,26 @@ fn parse_fsync(s: &str) -> anyhow::Result<Fsync> {
     bail!("--fsync must be `always` or `interval:MS`, not {s:?}")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let runtime = if args.worker_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.worker_threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let config = CacheConfig {
         capacity_bytes: args.capacity_bytes,
         max_value_bytes: args.max_value_bytes,
