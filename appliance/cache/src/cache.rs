@@ -97,6 +97,8 @@ pub struct CacheStats {
     pub expirations: u64,
     /// Entries held.
     pub entries: u64,
+    /// Entries that have an expiry.
+    pub entries_with_ttl: u64,
     /// Bytes charged (keys, values, overhead).
     pub bytes: u64,
     /// Configured byte bound.
@@ -590,6 +592,7 @@ impl Cache {
             evictions: c.evictions,
             expirations: c.expirations,
             entries: s.len() as u64,
+            entries_with_ttl: s.with_expiry() as u64,
             bytes: s.bytes() as u64,
             capacity_bytes: s.limits().capacity_bytes as u64,
         }

@@ -402,7 +402,7 @@ pub fn info(cache: &Cache) -> String {
          # Stats\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\nexpired_keys:{}\r\nevicted_keys:{}\r\n\r\n\
          # Cache\r\nhits:{}\r\nmisses:{}\r\nhit_rate:{:.4}\r\ncollisions:{}\r\nevictions:{}\r\n\
          expirations:{}\r\nentries:{}\r\nbytes:{}\r\n\r\n\
-         # Keyspace\r\ndb0:keys={},expires=0,avg_ttl=0\r\n",
+         # Keyspace\r\ndb0:keys={},expires={}\r\n",
         env!("CARGO_PKG_VERSION"),
         s.bytes,
         s.capacity_bytes,
@@ -419,6 +419,7 @@ pub fn info(cache: &Cache) -> String {
         s.entries,
         s.bytes,
         s.entries,
+        s.entries_with_ttl,
     )
 }
 

@@ -93,6 +93,14 @@
 //! An agent put with an explicit TTL uses it; otherwise the agent's entry in
 //! [`CacheConfig::agent_ttl`], otherwise [`CacheConfig::default_agent_ttl`].
 //! Plain `SET` keys follow Redis: no expiry unless `EX`/`PX`/`EXPIRE` says so.
+//!
+//! ## Two key spaces, one bound
+//! Agent entries live under their 16-byte MD5, plain keys under their bytes;
+//! both share the LRU and the byte bound. A RESP key is resolved plain first,
+//! then, if it is 32 hex digits, as an agent MD5: so `GET`/`DEL`/`EXISTS`/
+//! `TTL`/`EXPIRE <md5 hex>` reach agent entries, and a plain key spelled like
+//! an MD5 shadows the agent entry of that MD5 for those commands (never for
+//! `AGENT.*`, which always hash).
 
 pub mod cache;
 pub mod clock;

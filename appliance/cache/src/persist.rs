@@ -27,14 +27,20 @@
 //! ## Compaction
 //! When the log holds more dead records than live entries times
 //! `compact_garbage_ratio` (and at least `compact_min_garbage` of them), a
-//! compaction starts: under both locks (cache, then log: the only lock order)
-//! the log seals its active segment and the live entries are cloned; then,
-//! without locks, the entries are written as the new generation's records
-//! (numbered 1..=n in LRU order, below the boundary since every live entry
-//! came from a distinct earlier record), and the record log switches to the
-//! new generation with one `rename(2)` after everything is fsynced. Writes go
-//! on meanwhile and land above the boundary. A crash at any point leaves
-//! either the old or the new generation, both complete.
+//! compaction starts: the log seals its active segment (the *boundary*), then
+//! the live entries are cloned under the cache lock, then, without locks,
+//! they are written as the new generation's records (numbered 1..=n in LRU
+//! order; below the boundary, since every live entry came from a distinct
+//! earlier record), and the record log switches to the new generation with
+//! one `rename(2)` after everything is fsynced. Writes go on meanwhile and
+//! land above the boundary; replaying them over the copy gives the current
+//! state because each record assigns or removes a whole entry. A crash at any
+//! point leaves either the old or the new generation, both complete.
+//!
+//! Lock order: cache, then log (appends run under the cache lock). Nothing
+//! takes the cache lock while holding the log lock. Known cost: an append
+//! that has to wait for the log lock (a segment rotation or a compaction's
+//! sealing fsync) holds the cache lock meanwhile.
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -466,16 +472,20 @@ impl Persistence {
         store: &Mutex<Store>,
         now_ms: u64,
     ) -> Result<Option<CompactionReport>, PersistError> {
-        let (mut plan, snapshot) = {
+        // The log seals its active segment first (fsyncs, under the log lock
+        // only, so readers of the cache are not held up), then the live
+        // entries are copied under the cache lock only. The copy is a state
+        // at or after the boundary; replaying the records appended since the
+        // boundary on top of it gives the current state, because every record
+        // assigns a whole entry or removes it.
+        let (mut plan, _replaced) = self.lock().begin_compaction()?;
+        let snapshot: Vec<(Key, Entry)> = {
             let store = store.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut log = self.lock();
-            let (plan, _replaced) = log.begin_compaction()?;
-            let snapshot: Vec<(Key, Entry)> = store
+            store
                 .iter()
                 .filter(|(_, e)| e.expires_at.is_none_or(|at| at > now_ms))
                 .map(|(k, e)| (k.clone(), e.clone()))
-                .collect();
-            (plan, snapshot)
+                .collect()
         };
         if snapshot.len() as u64 >= plan.boundary_seq() {
             // Cannot happen while every entry came from its own record; refuse

@@ -198,6 +198,11 @@ impl Store {
         self.map.is_empty()
     }
 
+    /// Entries that have an expiry.
+    pub fn with_expiry(&self) -> usize {
+        self.expiry.len()
+    }
+
     /// Total cost of all entries.
     pub fn bytes(&self) -> usize {
         self.bytes
