@@ -165,9 +165,7 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         },
         ("TTL", 1) => ttl_reply(cache.ttl(&a[0]), true),
         ("PTTL", 1) => ttl_reply(cache.ttl(&a[0]), false),
-        ("MGET", n) if n >= 1 => {
-            Reply::Array(a.iter().map(|k| bulk_or_null(cache.get_plain(k))).collect())
-        }
+        ("MGET", n) if n >= 1 => mget(cache, a),
         ("MSET", n) if n >= 2 && n % 2 == 0 => mset(cache, a),
         ("DBSIZE", 0) => Reply::Integer(i64::try_from(cache.len()).unwrap_or(i64::MAX)),
         ("INFO", _) => Reply::text(info(cache)),
@@ -321,6 +319,26 @@ fn ttl_reply(t: KeyTtl, seconds: bool) -> Reply {
             Reply::Integer(i64::try_from(v).unwrap_or(i64::MAX))
         }
     }
+}
+
+/// Largest `MGET` reply (64 MiB): replies are built in memory, so their size
+/// is bounded like the requests'.
+pub const MAX_MGET_REPLY_BYTES: usize = 64 << 20;
+
+fn mget(cache: &Cache, a: &[Bytes]) -> Reply {
+    let mut total = 0usize;
+    let mut items = Vec::with_capacity(a.len());
+    for k in a {
+        let v = cache.get_plain(k);
+        total = total.saturating_add(v.as_ref().map_or(0, Bytes::len));
+        if total > MAX_MGET_REPLY_BYTES {
+            return Reply::err(format!(
+                "MGET reply would exceed {MAX_MGET_REPLY_BYTES} bytes; ask for fewer keys"
+            ));
+        }
+        items.push(bulk_or_null(v));
+    }
+    Reply::Array(items)
 }
 
 fn mset(cache: &Cache, a: &[Bytes]) -> Reply {
@@ -589,6 +607,28 @@ mod tests {
             Reply::Error("NOPROTO unsupported protocol version".into())
         );
         assert!(execute(&c, &mut s, cmd(&["QUIT"])).close);
+    }
+
+    #[test]
+    fn mget_reply_is_capped() {
+        let (_, c, mut s) = setup();
+        // Nine 8 MiB values (one shared allocation) exceed the 64 MiB cap.
+        let big = Bytes::from(vec![b'v'; 8 << 20]);
+        let keys: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();
+        for k in &keys {
+            c.set_plain(k.as_bytes(), big.clone(), None, SetCondition::Always)
+                .unwrap();
+        }
+        let mut cmd_parts = vec!["MGET"];
+        cmd_parts.extend(keys.iter().map(String::as_str));
+        let Reply::Error(e) = run(&c, &mut s, &cmd_parts) else {
+            panic!("expected an error");
+        };
+        assert!(e.contains("MGET reply would exceed"), "{e}");
+        let Reply::Array(v) = run(&c, &mut s, &cmd_parts[..9]) else {
+            panic!("expected an array");
+        };
+        assert_eq!(v.len(), 8);
     }
 
     #[test]

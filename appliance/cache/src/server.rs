@@ -5,8 +5,10 @@
 //! in it (pipelining), executes them in order, and writes all replies with one
 //! write. A protocol error gets `-ERR Protocol error: ...` and the connection
 //! is closed (its stream position is lost); other connections are unaffected.
-//! The buffer is bounded by the decoder's limits: it never holds more than one
-//! frame's budget plus one read.
+//! Memory: a connection's read buffer holds at most one frame's budget plus
+//! one read (the decoder's limits), and all read buffers together are charged
+//! to `max_buffered_bytes`; replies are flushed every 256 KiB, and a single
+//! reply is bounded by the value size and the `MGET` reply cap.
 
 use std::future::Future;
 use std::io;
@@ -38,6 +40,10 @@ pub struct ServerConfig {
     pub maintenance_interval: Duration,
     /// How long shutdown waits for connections to finish their current batch.
     pub shutdown_grace: Duration,
+    /// Read-buffer bytes all connections together may hold (256 MiB). Each
+    /// connection is also bounded by `limits.max_frame_bytes`; this bounds
+    /// the sum, so many slow or hostile clients cannot exhaust memory.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +53,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             maintenance_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(5),
+            max_buffered_bytes: 256 << 20,
         }
     }
 }
@@ -106,6 +113,8 @@ where
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let budget_kib = (config.max_buffered_bytes / 1024).min(Semaphore::MAX_PERMITS);
+    let budget = Arc::new(Semaphore::new(budget_kib));
     let mut tasks = JoinSet::new();
     tasks.spawn(maintenance_loop(
         cache.clone(),
@@ -135,8 +144,9 @@ where
                 let cache = cache.clone();
                 let limits = config.limits;
                 let stop = stop_rx.clone();
+                let budget = budget.clone();
                 tasks.spawn(async move {
-                    if let Err(e) = connection(stream, &cache, limits, stop).await {
+                    if let Err(e) = connection(stream, &cache, limits, budget, stop).await {
                         tracing::debug!(error = %e, "cache RESP: connection ended with an error");
                     }
                     drop(permit);
@@ -186,39 +196,94 @@ fn multi_thread() -> bool {
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
-/// Decode and execute every complete frame in `buf`, encoding replies into
-/// `out`. Returns whether the connection must close after writing them.
+/// A share of the server-wide buffer budget, in KiB, returned on drop.
+#[derive(Debug)]
+struct BufferShare {
+    budget: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl BufferShare {
+    /// Hold enough for `bytes`; false if the server-wide budget is exhausted.
+    fn cover(&mut self, bytes: usize) -> bool {
+        let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        if want > self.kib {
+            match self.budget.try_acquire_many(want - self.kib) {
+                Ok(permit) => permit.forget(),
+                Err(_) => return false,
+            }
+        } else if want < self.kib {
+            self.budget.add_permits((self.kib - want) as usize);
+        }
+        self.kib = want;
+        true
+    }
+}
+
+impl Drop for BufferShare {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.kib as usize);
+    }
+}
+
+/// Replies are flushed once this much is pending, so a long pipeline does
+/// not build one huge reply buffer.
+const FLUSH_AT: usize = 256 << 10;
+
+/// What the connection does after a decode-and-run pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Every complete frame was handled; read more.
+    NeedInput,
+    /// Replies reached [`FLUSH_AT`]; write them, then go on decoding.
+    Flush,
+    /// Write the replies and close (QUIT or a protocol error).
+    Close,
+}
+
+/// Decode and execute complete frames from `buf`, encoding replies into
+/// `out`, until input runs out, the replies need flushing, or the connection
+/// must close.
 fn decode_and_run(
     decoder: &mut Decoder,
     buf: &mut BytesMut,
     cache: &Cache,
     session: &mut Session,
     out: &mut BytesMut,
-) -> bool {
+) -> Step {
     loop {
+        if out.len() >= FLUSH_AT {
+            return Step::Flush;
+        }
         match decoder.decode(buf) {
             Ok(Some(frame)) => {
                 let outcome = execute(cache, session, frame);
                 encode(&outcome.reply, session.protocol, out);
                 if outcome.close {
-                    return true;
+                    return Step::Close;
                 }
             }
-            Ok(None) => return false,
+            Ok(None) => return Step::NeedInput,
             Err(e) => {
                 let reply = Reply::err(format!("Protocol error: {e}"));
                 encode(&reply, session.protocol, out);
-                return true;
+                return Step::Close;
             }
         }
     }
 }
 
 /// Serve one connection until EOF, QUIT, a protocol error or shutdown.
+///
+/// Its read buffer is charged to `budget` (KiB permits shared by all
+/// connections); a connection whose buffer would exceed what is left gets an
+/// error and is closed, so hostile clients together cannot buffer more than
+/// the server-wide bound.
 pub async fn connection<S>(
     mut stream: S,
     cache: &Cache,
     limits: Limits,
+    budget: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
@@ -231,9 +296,17 @@ where
     let mut decoder = Decoder::new(limits);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut share = BufferShare { budget, kib: 0 };
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
+        }
+        if !share.cover(buf.capacity()) {
+            let reply = Reply::err("server buffer memory exhausted, closing connection");
+            encode(&reply, session.protocol, &mut out);
+            stream.write_all(&out).await?;
+            stream.shutdown().await?;
+            return Ok(());
         }
         let n = tokio::select! {
             r = stream.read_buf(&mut buf) => r?,
@@ -243,28 +316,42 @@ where
             // EOF; a partial frame (truncated input) is simply dropped.
             return Ok(());
         }
-        let mut process = || {
-            cache
-                .deferring(|| decode_and_run(&mut decoder, &mut buf, cache, &mut session, &mut out))
-        };
-        let (close, committed) = if cache.commit_blocks() && multi_thread() {
-            // fdatasync ahead: keep this worker's other tasks moving.
-            tokio::task::block_in_place(process)
-        } else {
-            process()
-        };
-        if let Err(e) = committed {
-            // Nothing in this batch is durable: acknowledge none of it.
-            tracing::warn!(error = %e, "cache RESP: commit failed, dropping connection");
-            return Err(io::Error::other(e.to_string()));
+        loop {
+            let mut process = || {
+                cache.deferring(|| {
+                    decode_and_run(&mut decoder, &mut buf, cache, &mut session, &mut out)
+                })
+            };
+            let (step, committed) = if cache.commit_blocks() && multi_thread() {
+                // fdatasync ahead: keep this worker's other tasks moving.
+                tokio::task::block_in_place(process)
+            } else {
+                process()
+            };
+            if let Err(e) = committed {
+                // Nothing in this batch is durable: acknowledge none of it.
+                tracing::warn!(error = %e, "cache RESP: commit failed, dropping connection");
+                return Err(io::Error::other(e.to_string()));
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            match step {
+                Step::NeedInput => break,
+                Step::Flush => continue,
+                Step::Close => {
+                    stream.shutdown().await?;
+                    return Ok(());
+                }
+            }
         }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
+        // Give back what a large frame needed once it is consumed.
+        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
+            buf = BytesMut::with_capacity(READ_CHUNK);
         }
-        if close {
-            stream.shutdown().await?;
-            return Ok(());
+        if out.capacity() > 4 * FLUSH_AT {
+            out = BytesMut::with_capacity(READ_CHUNK);
         }
     }
 }

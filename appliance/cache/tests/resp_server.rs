@@ -379,3 +379,58 @@ async fn unix_socket_and_durable_pipelines() {
         Some(bytes::Bytes::from("value99"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bytes_are_bounded_across_connections() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cache = Arc::new(Cache::new(CacheConfig::default()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let config = ServerConfig {
+        max_buffered_bytes: 2 << 20,
+        ..ServerConfig::default()
+    };
+    let task = tokio::spawn(serve(listener, cache.clone(), config, async move {
+        let _ = rx.await;
+    }));
+
+    // A holds ~600 KB of a pending 1 MB value.
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    a.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1000000\r\n")
+        .await
+        .unwrap();
+    a.write_all(&vec![b'x'; 600_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // B tries to buffer 1.5 MB more: refused, closed.
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    b.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1500000\r\n")
+        .await
+        .unwrap();
+    let _ = b.write_all(&vec![b'y'; 1_500_000]).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut reply)).await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.starts_with("-ERR server buffer memory exhausted"),
+        "{text:?}"
+    );
+
+    // A completes normally, and its share comes back.
+    a.write_all(&vec![b'x'; 400_000]).await.unwrap();
+    a.write_all(b"\r\n").await.unwrap();
+    let mut ok = [0u8; 5];
+    a.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"+OK\r\n");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = redis::Client::open(format!("redis://{addr}/"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 1);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
