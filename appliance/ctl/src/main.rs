@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod cache;
 mod events;
+mod storage;
 mod sync;
 
 #[derive(Debug, Parser)]
@@ -67,6 +68,9 @@ enum Command {
     /// The QUIC sync endpoint.
     #[command(subcommand)]
     Sync(sync::SyncCmd),
+    /// The storage manager: pool report, disks, quotas, scrubs, replace, create-pool.
+    #[command(subcommand)]
+    Storage(storage::StorageCmd),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -272,10 +276,24 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Events(cmd) => events::run(&mut client, cmd, cli.json),
         Command::Cache(cmd) => cache::run(&mut client, cmd, cli.json),
         Command::Sync(cmd) => sync::run(&mut client, cmd, cli.json),
+        Command::Storage(cmd) => storage::run(&mut client, cmd, cli.json),
+    }
+}
+
+/// Restores the default SIGPIPE action, so that `appliancectl ... | head`
+/// ends quietly when the reader goes away, as Unix tools do (Rust ignores
+/// SIGPIPE by default, which turns every later print into a panic).
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: called first thing in main, before any other thread exists;
+    // setting a signal disposition to SIG_DFL has no other preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

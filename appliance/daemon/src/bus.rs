@@ -122,6 +122,7 @@ pub async fn run(
     );
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
+    assess(&bus, &health);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

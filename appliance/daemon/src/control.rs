@@ -111,6 +111,8 @@ pub struct Context {
     pub cache: Option<std::sync::Arc<appliance_cache::Cache>>,
     /// The sync endpoint.
     pub sync: Option<crate::sync::Sync>,
+    /// The storage manager.
+    pub storage: Option<crate::storage::Storage>,
 }
 
 impl Context {
@@ -149,7 +151,7 @@ impl Context {
                     Err(e) => Response::Error(ControlError::new(ErrorCode::InvalidArgument, e)),
                 },
             },
-            Request::Events(_) | Request::Cache(_) | Request::Sync(_) => {
+            Request::Events(_) | Request::Cache(_) | Request::Sync(_) | Request::Storage(_) => {
                 Response::Error(ControlError::new(
                     ErrorCode::Internal,
                     "this request is served by the asynchronous path",
@@ -224,6 +226,19 @@ async fn serve_request(
                 )),
                 Some(sync) => match crate::sync::handle(sync, req).await {
                     Ok(r) => Response::Sync(r),
+                    Err(e) => Response::Error(e),
+                },
+            };
+            write_msg(stream, &resp, max_frame).await
+        }
+        Request::Storage(req) => {
+            let resp = match &ctx.storage {
+                None => Response::Error(ControlError::new(
+                    ErrorCode::Unavailable,
+                    "the storage component is not running",
+                )),
+                Some(s) => match crate::storage::handle(s, req).await {
+                    Ok(r) => Response::Storage(r),
                     Err(e) => Response::Error(e),
                 },
             };

@@ -17,7 +17,6 @@ use crate::liveness;
 use crate::logging::LogControl;
 use crate::metrics::{self, Metrics};
 use crate::notify::Notifier;
-use crate::storage;
 use crate::supervisor::{self, Endpoints, LoopState};
 
 /// How long components may take to leave `starting` before the daemon
@@ -164,6 +163,13 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         None => None,
     };
 
+    // The storage manager (real ZFS, or the simulator).
+    notifier.status("starting the storage manager");
+    let storage = crate::storage::start(&cfg.storage, &resolved.data_dir, &bus);
+    metrics.with_registry(|r| {
+        r.register_collector(Box::new(crate::storage::StorageCollector::new(&storage)));
+    });
+
     // Start the components.
     notifier.status("starting components");
     let ctx = control::Context {
@@ -175,6 +181,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         bus: Some(bus.clone()),
         cache: cache.clone(),
         sync: sync.clone(),
+        storage: Some(storage.clone()),
     };
     {
         let h = health.register("control", true);
@@ -292,7 +299,8 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         let h = health.register("storage", cfg.storage.required);
         let (p, r) = liveness::pair("storage");
         probes.push(p);
-        tracker.spawn(storage::run(
+        tracker.spawn(crate::storage::run(
+            storage.clone(),
             cfg.storage.zfs_device.clone(),
             h,
             r,
@@ -300,8 +308,10 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         ));
     }
 
-    // Wait for every component to leave `starting`.
+    // Wait for every component to leave `starting` (a stop request during
+    // start-up is honoured at once).
     let deadline = Instant::now() + STARTUP_GRACE;
+    let mut stop_during_startup = None;
     loop {
         let late: Vec<String> = health
             .snapshot()
@@ -317,7 +327,11 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
             break;
         }
         notifier.status(&format!("waiting for {}", late.join(", ")));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            _ = sigterm.recv() => { stop_during_startup = Some("SIGTERM"); break; }
+            _ = sigint.recv() => { stop_during_startup = Some("SIGINT"); break; }
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
     // Prove liveness once before READY, so the live probe is true from the start.
     let failures = supervisor::tick(&probes, tick / 2, &notifier, &loop_state).await;
@@ -340,6 +354,9 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal_name = loop {
+        if let Some(s) = stop_during_startup {
+            break s;
+        }
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",

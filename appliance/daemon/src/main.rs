@@ -51,7 +51,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(applianced::run(resolved, log)) {
+    let result = runtime.block_on(applianced::run(resolved, log));
+    // Every task that holds state was awaited by `run`; a blocking thread
+    // still parked in a read (a QUIC socket, a channel) must not hold the
+    // exit back past systemd's stop timeout.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "applianced failed");

@@ -173,6 +173,17 @@ pub struct StorageConfig {
     pub required: bool,
     /// The ZFS control device whose presence means the module is loaded.
     pub zfs_device: PathBuf,
+    /// `zfs`: the real pool through `zpool`/`zfs`. `simulator`: an in-memory
+    /// pool on simulated disks (for demos and for testing the daemon, CLI
+    /// and bus without ZFS; nothing is stored).
+    pub backend: StorageBackend,
+    /// Disks of the simulator (`virtio-SIM0..N`, 1 GiB each).
+    pub simulator_disks: u32,
+    /// Where encryption keys go (never inside the pool). Default `DATA/keys`.
+    pub key_dir: Option<PathBuf>,
+    /// How often pool state is polled to cross-check the ZFS event stream
+    /// (seconds).
+    pub poll_interval_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -180,8 +191,22 @@ impl Default for StorageConfig {
         Self {
             required: false,
             zfs_device: PathBuf::from("/dev/zfs"),
+            backend: StorageBackend::Zfs,
+            simulator_disks: 6,
+            key_dir: None,
+            poll_interval_secs: 10,
         }
     }
+}
+
+/// See [`StorageConfig::backend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Real ZFS.
+    Zfs,
+    /// In-memory simulation.
+    Simulator,
 }
 
 /// `[paths]`
@@ -492,6 +517,18 @@ impl Config {
         self.validate_bus()?;
         self.validate_cache()?;
         check_range(
+            "storage.simulator_disks",
+            u64::from(self.storage.simulator_disks),
+            1,
+            64,
+        )?;
+        check_range(
+            "storage.poll_interval_secs",
+            self.storage.poll_interval_secs,
+            1,
+            3600,
+        )?;
+        check_range(
             "sync.max_connections_per_client",
             u64::from(self.sync.max_connections_per_client),
             1,
@@ -510,6 +547,7 @@ impl Config {
         for (key, p) in [
             ("bus.unix_socket", self.bus.unix_socket.as_deref()),
             ("sync.documents_dir", self.sync.documents_dir.as_deref()),
+            ("storage.key_dir", self.storage.key_dir.as_deref()),
             ("cache.unix_socket", self.cache.unix_socket.as_deref()),
             ("control.socket", self.control.socket.as_deref()),
             ("paths.data_dir", self.paths.data_dir.as_deref()),

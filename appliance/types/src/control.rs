@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{CacheRequest, CacheResponse};
 use crate::events::{EventsRequest, EventsResponse};
 use crate::health::{Probe, ProbeResult, StatusReport};
+use crate::storage::{StorageRequest, StorageResponse};
 use crate::sync::{SyncRequest, SyncResponse};
 
 /// Magic bytes at the start of [`ClientHello`], so that a stray client of some
@@ -99,6 +100,8 @@ pub enum Request {
     Cache(CacheRequest),
     /// The sync endpoint's clients.
     Sync(SyncRequest),
+    /// The storage manager.
+    Storage(StorageRequest),
 }
 
 impl Request {
@@ -111,6 +114,7 @@ impl Request {
             Request::Events(e) => e.is_mutating(),
             Request::Cache(c) => c.is_mutating(),
             Request::Sync(s) => s.is_mutating(),
+            Request::Storage(s) => s.is_mutating(),
         }
     }
 
@@ -134,6 +138,14 @@ impl Request {
             Request::Sync(SyncRequest::ClientAdd { .. }) => "sync client add",
             Request::Sync(SyncRequest::ClientList) => "sync client list",
             Request::Sync(SyncRequest::ClientRevoke { .. }) => "sync client revoke",
+            Request::Storage(StorageRequest::Report) => "storage report",
+            Request::Storage(StorageRequest::Disks) => "storage disks",
+            Request::Storage(StorageRequest::QuotaGet { .. }) => "storage quota get",
+            Request::Storage(StorageRequest::QuotaSet { .. }) => "storage quota set",
+            Request::Storage(StorageRequest::Scrub { .. }) => "storage scrub",
+            Request::Storage(StorageRequest::ScrubStatus { .. }) => "storage scrub status",
+            Request::Storage(StorageRequest::Replace { .. }) => "storage replace",
+            Request::Storage(StorageRequest::CreatePool { .. }) => "storage create-pool",
         }
     }
 }
@@ -155,6 +167,8 @@ pub enum Response {
     Cache(CacheResponse),
     /// Answer to [`Request::Sync`].
     Sync(SyncResponse),
+    /// Answer to [`Request::Storage`].
+    Storage(StorageResponse),
 }
 
 /// Error codes. Stable: only ever appended to.
