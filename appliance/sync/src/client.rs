@@ -6,14 +6,15 @@
 //! on every push and the server answers with the chunks it lacks, so an
 //! interrupted push simply sends less the next time.
 
+use crate::digest::DigestCache;
 use crate::identity::{Bundle, BundleError};
 use crate::tls::{client_crypto, server_name, TlsError};
 use crate::wire::{read_frame, write_frame, WireIoError};
 use appliance_sync_proto::limits::IDLE_TIMEOUT;
 use appliance_sync_proto::message::{ListEntry, Mtime, StatusReply};
 use appliance_sync_proto::{
-    check_welcome, client_hello, digest_reader, ChunkRef, ClientAction, ClientUpload,
-    DownloadCheck, DownloadStep, Message, RelPath, WireError,
+    check_welcome, client_hello, ChunkRef, ClientAction, ClientUpload, DownloadCheck, DownloadStep,
+    Message, RelPath, WireError,
 };
 use parking_lot::Mutex;
 use quinn::{Connection, Endpoint, SendStream};
@@ -115,14 +116,21 @@ pub struct ClientOptions {
     pub parallel_files: usize,
     /// Keep-alive interval, well below the server's idle timeout.
     pub keep_alive: Duration,
+    /// Where to persist file digests between runs (see [`crate::digest`]);
+    /// `None` keeps them in memory for this client only.
+    pub digest_cache: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             chunk_streams: 4,
-            parallel_files: 4,
+            // The protocol's per-connection upload limit: small files are
+            // latency-bound (a round trip and an fsync each), so as many
+            // run at once as the server accepts.
+            parallel_files: appliance_sync_proto::limits::MAX_UPLOADS_PER_CONNECTION as usize,
             keep_alive: Duration::from_secs(10),
+            digest_cache: None,
         }
     }
 }
@@ -155,6 +163,7 @@ pub struct SyncClient {
     endpoint: Endpoint,
     conn: Connection,
     options: ClientOptions,
+    digests: Arc<DigestCache>,
 }
 
 impl SyncClient {
@@ -200,10 +209,15 @@ impl SyncClient {
             .connect(addr, server_name(bundle))
             .map_err(|e| connect_err(e.to_string()))?
             .await?;
+        let digests = Arc::new(match &options.digest_cache {
+            Some(path) => DigestCache::load(path),
+            None => DigestCache::in_memory(),
+        });
         let client = Self {
             endpoint,
             conn,
             options,
+            digests,
         };
         client.hello().await?;
         Ok(client)
@@ -376,6 +390,11 @@ impl SyncClient {
                 }
             }
         }
+        let digests = self.digests.clone();
+        let saved = tokio::task::spawn_blocking(move || digests.save()).await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!(error = %e, "cannot save the digest cache");
+        }
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -396,11 +415,11 @@ impl SyncClient {
             source,
         };
         let path = local.to_path_buf();
+        let digests = self.digests.clone();
         let (file, digest, mtime) = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path)?;
             let mtime = Mtime::from_system_time(file.metadata()?.modified()?);
-            let digest = digest_reader(std::io::BufReader::with_capacity(1 << 20, &file))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let (digest, _cached) = digests.digest(&file)?;
             Ok::<_, std::io::Error>((file, digest, mtime))
         })
         .await

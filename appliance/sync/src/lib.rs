@@ -25,6 +25,8 @@
 //!   the sans-IO state machine; every protocol decision is made there, the
 //!   adapter only moves bytes and runs storage IO on blocking threads.
 //! - [`client`]: [`client::SyncClient`], used by the binary and the tests.
+//! - [`digest`]: the client's pipelined chunking/hashing and its digest
+//!   cache keyed by `(dev, inode, size, mtime, ctime)`.
 //!
 //! # Invariants
 //! - No byte of storage is touched for a client whose certificate is not
@@ -32,8 +34,10 @@
 //!   client's store is opened only after it.
 //! - A document is complete and verified on disk or absent: it is renamed
 //!   into place only after its whole-file BLAKE3 matched and it was fsynced.
-//! - A chunk is acknowledged to the protocol only once it is durable, so
-//!   resume never relies on data a crash could lose.
+//! - Resume relies only on a staging file's durable record, which lists a
+//!   chunk only after the data file was fdatasynced with it (chunks are
+//!   acknowledged to the protocol once written; the commit fsyncs the
+//!   whole file before the rename).
 //! - Revocation is persisted before it is announced; live connections of
 //!   the revoked client are closed on the announcement.
 //!
@@ -45,6 +49,16 @@
 //! add|list|revoke` map to [`identity::Authority::enroll`], `list` and
 //! `revoke` on the same `Arc<Authority>` (revoke closes live connections).
 //!
+//! # Benchmark
+//! Issue 7's benchmark — (a) one 1 GiB file, (b) 2,000 files of 32 KiB,
+//! (c) a re-push of (a) — against `rsync -e ssh` and `scp` to a throwaway
+//! sshd it starts on 127.0.0.1, and a bare quinn stream sink, printing a
+//! table and PASS/MISS per target (needs `openssh-server` and `rsync`):
+//! ```text
+//! cargo bench -p appliance-sync --bench sync_bench
+//! ```
+//! See `benches/sync_bench.rs` for the knobs (`SYNC_BENCH_REPS`, ...).
+//!
 //! Constants and their reasons are documented where they are defined
 //! ([`server`] limits, [`admission::DEFAULT_RESERVE`],
 //! [`identity::MAX_CLIENT_NAME_LEN`]); protocol limits live in
@@ -52,6 +66,7 @@
 
 pub mod admission;
 pub mod client;
+pub mod digest;
 pub mod events;
 pub mod fsutil;
 pub mod identity;

@@ -92,9 +92,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// `$XDG_CACHE_HOME/appliance-sync/digests` (or `~/.cache/...`): file
+/// digests kept between runs so an unchanged file is not re-read.
+fn default_digest_cache() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("appliance-sync").join("digests"))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let bundle = Bundle::load(&cli.identity)?;
-    let client = SyncClient::connect(&bundle, cli.server.as_deref(), ClientOptions::default())
+    let options = ClientOptions {
+        digest_cache: default_digest_cache(),
+        ..ClientOptions::default()
+    };
+    let client = SyncClient::connect(&bundle, cli.server.as_deref(), options)
         .await
         .context("cannot reach the appliance")?;
     let result = command(&client, cli.command, cli.json).await;

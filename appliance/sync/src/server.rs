@@ -32,7 +32,7 @@
 use crate::admission::Admission;
 use crate::events::{EventSink, SyncEvent};
 use crate::identity::{Authority, ClientName};
-use crate::store::{ClientStore, Documents, StoreError};
+use crate::store::{ClientStore, Documents, Staged, StoreError};
 use crate::wire::{read_header, read_payload, write_frame, WireIoError};
 use appliance_sync_proto::limits::{IDLE_TIMEOUT, MAX_LIST_ENTRIES};
 use appliance_sync_proto::message::{StatusReply, UploadId};
@@ -463,6 +463,12 @@ enum Event {
     ServeDone {
         stream: StreamKey,
     },
+    /// An `Upload` frame whose staging state was looked up off the loop.
+    UploadPrepared {
+        stream: StreamKey,
+        message: Message,
+        staged: Option<Arc<Staged>>,
+    },
 }
 
 /// The storage view handed to the state machine for one call.
@@ -470,23 +476,29 @@ struct StorageView<'a> {
     store: &'a ClientStore,
     admission: &'a dyn Admission,
     client: &'a ClientName,
+    /// The staging state of the upload being started, if any: chunks that
+    /// landed in it before (a resumed upload) count as present.
+    staged: Option<&'a Staged>,
 }
 
 impl ChunkIndex for StorageView<'_> {
     fn has_chunk(&self, hash: &Hash) -> bool {
-        self.store.has_chunk(hash)
+        self.staged.is_some_and(|s| s.has_recorded(hash)) || self.store.has_chunk(hash)
     }
 }
 
 impl ProtoAdmission for StorageView<'_> {
     fn admit(&mut self, request: &AdmissionRequest<'_>) -> Result<(), Refusal> {
-        // Bytes this upload adds at its peak: the missing chunks in the
-        // chunk store plus the assembled file, less the document it
-        // replaces (freed at the rename) unless versions are kept. An
-        // identical document already in place adds nothing.
+        // Bytes this upload adds at its peak: the staging file the chunks
+        // land in (the assembled file), less what an interrupted attempt
+        // already put there (counted in usage). The replaced document is
+        // freed only at the rename, so it is not subtracted. An identical
+        // document already in place adds nothing.
         let needed = match self.store.current_manifest(request.path) {
             Some(m) if m.size == request.file_size && request.missing_bytes == 0 => 0,
-            _ => request.missing_bytes.saturating_add(request.file_size),
+            _ => request
+                .file_size
+                .saturating_sub(self.staged.map_or(0, Staged::accounted_bytes)),
         };
         self.admission
             .admit(self.client, needed)
@@ -508,6 +520,8 @@ struct StreamState {
     writer: Option<mpsc::Sender<Message>>,
     reader_done: bool,
     serving: bool,
+    /// Upload manifests from this stream whose staging lookup is running.
+    preparing: usize,
 }
 
 struct ConnActor {
@@ -521,6 +535,8 @@ struct ConnActor {
     /// Number of running uploads each stream controls.
     upload_streams: HashMap<StreamKey, usize>,
     upload_stream_of: HashMap<UploadId, StreamKey>,
+    /// Staging state of each running upload.
+    staged: HashMap<UploadId, Arc<Staged>>,
     next_stream: StreamKey,
     /// Memory reservation of the frame being handled, for its chunk write.
     pending_permit: Option<OwnedSemaphorePermit>,
@@ -552,6 +568,7 @@ impl ConnActor {
             uploads: HashMap::new(),
             upload_streams: HashMap::new(),
             upload_stream_of: HashMap::new(),
+            staged: HashMap::new(),
             next_stream: 0,
             pending_permit: None,
             events_tx,
@@ -615,6 +632,7 @@ impl ConnActor {
                 writer,
                 reader_done: false,
                 serving: false,
+                preparing: 0,
             },
         );
         tokio::spawn(reader_task(
@@ -630,46 +648,50 @@ impl ConnActor {
         match event {
             Event::Frame {
                 stream,
+                message: Message::Upload(manifest),
+                ..
+            } => {
+                // Look up (resume) the upload's staging state off the loop;
+                // the manifest goes to the machine when that is done. No
+                // chunk of it can arrive before the machine asks for it.
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.preparing += 1;
+                }
+                let store = self.store.clone();
+                let tx = self.events_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let staged = appliance_sync_proto::validate_manifest(manifest.clone())
+                        .ok()
+                        .and_then(|valid| match store.stage(&valid) {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot open staging state");
+                                None
+                            }
+                        });
+                    let _ = tx.blocking_send(Event::UploadPrepared {
+                        stream,
+                        message: Message::Upload(manifest),
+                        staged,
+                    });
+                });
+            }
+            Event::UploadPrepared {
+                stream,
+                message,
+                staged,
+            } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.preparing = s.preparing.saturating_sub(1);
+                }
+                self.handle_frame(stream, message, None, staged, now);
+                self.maybe_drop_stream(stream);
+            }
+            Event::Frame {
+                stream,
                 message,
                 _permit: permit,
-            } => {
-                let starting = match &message {
-                    Message::Upload(m) => Some((m.path.clone(), m.size)),
-                    _ => None,
-                };
-                let mut view = StorageView {
-                    store: &self.store,
-                    admission: self.services.admission.as_ref(),
-                    client: &self.client,
-                };
-                let actions = self.proto.handle(stream, message, now, &mut view);
-                if let Some((path, size)) = starting {
-                    // The new upload's id appears in its first action.
-                    let id = actions.iter().find_map(|a| match a {
-                        ConnAction::Send {
-                            message: Message::NeedChunks(n),
-                            ..
-                        } => Some(n.upload),
-                        ConnAction::UploadFinished { upload, .. } => Some(*upload),
-                        _ => None,
-                    });
-                    if let Some(id) = id {
-                        self.uploads.insert(
-                            id,
-                            UploadInfo {
-                                path,
-                                size,
-                                bytes: 0,
-                                started: false,
-                            },
-                        );
-                    }
-                }
-                // The chunk's memory stays reserved until it is on disk.
-                self.pending_permit = permit;
-                self.perform(actions);
-                self.pending_permit = None;
-            }
+            } => self.handle_frame(stream, message, permit, None, now),
             Event::ReadFailed { stream, error } => {
                 tracing::info!(client = %self.client, stream, %error, "stream failed");
                 let actions = match error {
@@ -732,6 +754,64 @@ impl ConnActor {
         }
     }
 
+    fn handle_frame(
+        &mut self,
+        stream: StreamKey,
+        message: Message,
+        permit: Option<OwnedSemaphorePermit>,
+        staged: Option<Arc<Staged>>,
+        now: Instant,
+    ) {
+        let starting = match &message {
+            Message::Upload(m) => Some((m.path.clone(), m.size)),
+            _ => None,
+        };
+        let mut view = StorageView {
+            store: &self.store,
+            admission: self.services.admission.as_ref(),
+            client: &self.client,
+            staged: staged.as_deref(),
+        };
+        let actions = self.proto.handle(stream, message, now, &mut view);
+        if let Some((path, size)) = starting {
+            // The new upload's id appears in its first action.
+            let id = actions.iter().find_map(|a| match a {
+                ConnAction::Send {
+                    message: Message::NeedChunks(n),
+                    ..
+                } => Some(n.upload),
+                ConnAction::UploadFinished { upload, .. } => Some(*upload),
+                _ => None,
+            });
+            match (id, staged.clone()) {
+                (Some(id), Some(staged)) => {
+                    self.staged.insert(id, staged);
+                }
+                (None, Some(staged)) => {
+                    // Refused before it became an upload (too many uploads).
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.suspend_staged(&staged, true));
+                }
+                _ => {}
+            }
+            if let Some(id) = id {
+                self.uploads.insert(
+                    id,
+                    UploadInfo {
+                        path,
+                        size,
+                        bytes: 0,
+                        started: false,
+                    },
+                );
+            }
+        }
+        // The chunk's memory stays reserved until it is on disk.
+        self.pending_permit = permit;
+        self.perform(actions);
+        self.pending_permit = None;
+    }
+
     fn mark_reader_done(&mut self, stream: StreamKey) {
         if let Some(s) = self.streams.get_mut(&stream) {
             s.reader_done = true;
@@ -745,7 +825,7 @@ impl ConnActor {
             return;
         };
         let controls_upload = self.proto_controls(stream);
-        if s.reader_done && !s.serving && !controls_upload {
+        if s.reader_done && !s.serving && s.preparing == 0 && !controls_upload {
             self.streams.remove(&stream);
         }
     }
@@ -782,9 +862,12 @@ impl ConnActor {
                     let tx = self.events_tx.clone();
                     let len = data.len() as u64;
                     let permit = self.pending_permit.take();
+                    let staged = self.staged.get(&upload).cloned();
                     tokio::task::spawn_blocking(move || {
-                        let result = store.write_chunk(&hash, &data);
-                        drop(data);
+                        let result = match staged {
+                            Some(staged) => store.write_staged(&staged, &hash, data),
+                            None => store.write_chunk(&hash, &data),
+                        };
                         drop(permit);
                         let _ = tx.blocking_send(Event::ChunkWritten {
                             upload,
@@ -797,8 +880,12 @@ impl ConnActor {
                 ConnAction::Assemble(request) => {
                     let store = self.store.clone();
                     let tx = self.events_tx.clone();
+                    let staged = self.staged.get(&request.upload).cloned();
                     tokio::task::spawn_blocking(move || {
-                        let result = store.assemble(&request.manifest);
+                        let result = match staged {
+                            Some(staged) => store.commit_staged(&staged),
+                            None => store.assemble(&request.manifest),
+                        };
                         let _ = tx.blocking_send(Event::Assembled {
                             upload: request.upload,
                             result,
@@ -863,6 +950,19 @@ impl ConnActor {
 
     fn finish_upload(&mut self, upload: UploadId, outcome: UploadOutcome) {
         let info = self.uploads.remove(&upload);
+        if let Some(staged) = self.staged.remove(&upload) {
+            if let UploadOutcome::Failed { error } = &outcome {
+                // Keep what landed for a resume unless the disk is full
+                // (the staging area must be cleaned) or the file can never
+                // verify. A commit already settled its staging state.
+                let keep = !matches!(
+                    error,
+                    WireError::DiskFull | WireError::FileHashMismatch { .. }
+                );
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.suspend_staged(&staged, keep));
+            }
+        }
         if let Some(stream) = self.upload_stream_of.remove(&upload) {
             if let Some(n) = self.upload_streams.get_mut(&stream) {
                 *n = n.saturating_sub(1);

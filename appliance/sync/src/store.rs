@@ -2,28 +2,42 @@
 //!
 //! ```text
 //! <documents>/<client>/                 the client's root; its documents, as uploaded
-//!   .appliance-staging/                 files being assembled (swept at start-up)
-//!   .appliance-meta/chunks/ab/<hash>    content-addressed chunks not yet part of a file
+//!   .appliance-staging/<key>.data       an upload being assembled, chunks at their offsets
+//!   .appliance-staging/<key>.landed     durable record of the chunks in <key>.data
+//!   .appliance-meta/chunks/ab/<hash>    content-addressed chunks (legacy; still indexed)
 //!   .appliance-meta/manifests/<path>    manifest (chunk list, hash, mtime) of each document
 //! ```
 //! The `.appliance-` prefix is reserved by the protocol's path rules, so no
 //! uploaded path can reach these directories.
 //!
-//! **Commit protocol** (a document is complete and verified, or absent):
-//! 1. every chunk of the file is in the chunk store, or inside an existing
-//!    document (the chunk index points at it);
-//! 2. the file is assembled in the staging directory, every chunk re-hashed
-//!    as it is read and the whole file hashed as it is written;
-//! 3. the whole-file hash is compared with the manifest; the staging file's
-//!    mtime is set, it is fsynced, its manifest is written durably;
-//! 4. the file is renamed into place (a replaced document is first renamed to
-//!    `name.~N~` if versions are kept) and the directory is fsynced;
-//! 5. the chunks now held by the document leave the chunk store.
+//! **Upload-keyed staging** (each chunk byte written once): an upload's
+//! `<key>` is a hash of its path, size, file hash and chunk list, so the
+//! same push after an interruption finds the same files. Each verified chunk
+//! is `pwrite`n at every offset the manifest has it ([`ClientStore::write_staged`]).
+//! Every [`STAGING_SYNC_BYTES`] the data file is fdatasynced, then the
+//! chunks written before that sync are appended to `<key>.landed`
+//! (hash + length, 36 bytes each) and it is fdatasynced: the record never
+//! lists a chunk that a crash could lose. A resumed upload counts only
+//! recorded chunks as present. The whole-file hash is computed in file
+//! order as chunks land (out-of-order chunks wait in a bounded buffer, or
+//! are read back at commit).
 //!
-//! A crash before 4 leaves only staging leftovers, which [`ClientStore::open`]
-//! sweeps; chunks in the store survive, so the next push resumes. A manifest
-//! that does not match its document (crash between manifest and rename) is
-//! detected by size and mtime and recomputed from the file.
+//! **Commit protocol** (a document is complete and verified, or absent):
+//! 1. chunks the server already had (in documents or the chunk store) are
+//!    copied into the staging file from there, each re-verified as read;
+//! 2. the whole-file hash is finished and compared with the manifest; the
+//!    staging file's mtime is set, it is fsynced, its manifest (a cache,
+//!    checked against size and mtime before use) is written;
+//! 3. the file is renamed into place (a replaced document is first renamed
+//!    to `name.~N~` if versions are kept) and the directory is fsynced;
+//! 4. the record is deleted, and chunks now held by the document leave the
+//!    chunk store.
+//!
+//! A crash before 3 leaves only staging files. [`ClientStore::open`] keeps
+//! resumable pairs (`<key>.data` + `<key>.landed`, younger than
+//! [`STAGING_MAX_AGE`]) and sweeps everything else. An upload that fails
+//! for good (disk full, whole-file hash mismatch, unwritable path) deletes
+//! its staging files at once; one that is interrupted keeps them.
 //!
 //! **Chunk index**: chunk hash → where its bytes are: the chunk store or an
 //! offset in a document. A re-push of an unchanged or slightly edited
@@ -50,11 +64,11 @@ use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -128,6 +142,129 @@ struct State {
     files: u64,
 }
 
+/// Bytes written to a staging file between two fdatasyncs of it (each
+/// followed by an append to its durable record). Smaller costs more syncs;
+/// larger loses more on a crash (never correctness: unrecorded chunks are
+/// simply asked for again).
+pub const STAGING_SYNC_BYTES: u64 = 16 << 20;
+/// Out-of-order chunk bytes one upload holds for the in-order whole-file
+/// hasher; beyond it, those chunks are read back from the staging file at
+/// commit instead.
+const REORDER_BYTES: usize = 32 << 20;
+/// A resumable staging pair untouched for this long is swept at start-up.
+pub const STAGING_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+const DATA_SUFFIX: &str = "data";
+const RECORD_SUFFIX: &str = "landed";
+/// Record entry: chunk hash (32) + length (u32 LE).
+const RECORD_ENTRY: usize = 36;
+
+/// Whole-file hash computed in file order while chunks land in any order.
+#[derive(Debug, Default)]
+struct Hashing {
+    hasher: blake3::Hasher,
+    /// Index (in the manifest) of the next chunk to hash.
+    next: usize,
+    buffered: HashMap<usize, Arc<Vec<u8>>>,
+    buffered_bytes: usize,
+}
+
+/// One upload being assembled in its upload-keyed staging file (see
+/// [`ClientStore::stage`]).
+#[derive(Debug)]
+pub struct Staged {
+    key: String,
+    name: String,
+    manifest: ValidManifest,
+    /// Manifest indices of each distinct chunk.
+    positions: HashMap<Hash, Vec<usize>>,
+    /// Chunks written to the data file (durable only once recorded).
+    landed: Mutex<HashSet<Hash>>,
+    /// Chunks listed in the durable record.
+    recorded: Mutex<HashSet<Hash>>,
+    /// Writers hold it shared while they `pwrite`; the commit takes it
+    /// exclusively before the rename, so nothing writes into a document.
+    file: parking_lot::RwLock<Option<Arc<File>>>,
+    record: Mutex<Option<File>>,
+    /// Written, not yet synced and recorded.
+    batch: Mutex<Vec<(Hash, u32)>>,
+    batch_bytes: AtomicU64,
+    flush: Mutex<()>,
+    hashing: Mutex<Hashing>,
+    /// Bytes this staging file adds to the client's usage.
+    accounted: AtomicU64,
+    /// Committed, suspended or discarded: nothing more happens to it.
+    settled: std::sync::atomic::AtomicBool,
+    /// Uploads sharing this state; the last one to end suspends it.
+    users: std::sync::atomic::AtomicUsize,
+}
+
+impl Staged {
+    /// Whether chunk `hash` is durably in the staging file (listed in its
+    /// record): what a resumed upload need not be sent again. Chunks written
+    /// but not yet recorded are asked for again (and not rewritten).
+    pub fn has_recorded(&self, hash: &Hash) -> bool {
+        self.recorded.lock().contains(hash)
+    }
+
+    /// Number of chunks listed in the durable record.
+    pub fn recorded_count(&self) -> usize {
+        self.recorded.lock().len()
+    }
+
+    /// Bytes of the staging file counted in the client's usage.
+    pub fn accounted_bytes(&self) -> u64 {
+        self.accounted.load(Ordering::SeqCst)
+    }
+
+    /// The manifest being assembled.
+    pub fn manifest(&self) -> &ValidManifest {
+        &self.manifest
+    }
+
+    fn feed(&self, positions: &[usize], data: Arc<Vec<u8>>) {
+        let mut h = self.hashing.lock();
+        let h = &mut *h;
+        for &i in positions {
+            if i == h.next {
+                h.hasher.update(&data);
+                h.next += 1;
+            } else if i > h.next
+                && h.buffered_bytes + data.len() <= REORDER_BYTES
+                && !h.buffered.contains_key(&i)
+            {
+                h.buffered_bytes += data.len();
+                h.buffered.insert(i, data.clone());
+            }
+            while let Some(d) = h.buffered.remove(&h.next) {
+                h.buffered_bytes -= d.len();
+                h.hasher.update(&d);
+                h.next += 1;
+            }
+        }
+    }
+
+    /// Hashes the rest of the file (read back from the staging file where
+    /// no buffered copy is left) and returns the whole-file hash.
+    fn finish_hash(&self, file: &File) -> io::Result<Hash> {
+        let mut h = self.hashing.lock();
+        let h = &mut *h;
+        let mut buf = Vec::new();
+        while h.next < self.manifest.chunks.len() {
+            if let Some(d) = h.buffered.remove(&h.next) {
+                h.buffered_bytes -= d.len();
+                h.hasher.update(&d);
+            } else {
+                let c = &self.manifest.chunks[h.next];
+                buf.resize(c.len as usize, 0);
+                file.read_exact_at(&mut buf, c.offset)?;
+                h.hasher.update(&buf);
+            }
+            h.next += 1;
+        }
+        Ok(h.hasher.finalize().into())
+    }
+}
+
 /// One client's documents. Cheap to share (`Arc`); every method is
 /// blocking IO and belongs on a blocking thread.
 #[derive(Debug)]
@@ -139,6 +276,10 @@ pub struct ClientStore {
     used: Arc<AtomicU64>,
     state: Mutex<State>,
     staging_seq: AtomicU64,
+    /// Staging state of uploads in progress, by key: a second upload of
+    /// the same file (a client that reconnected before the server noticed
+    /// the old connection died) shares it.
+    active: Mutex<HashMap<String, std::sync::Weak<Staged>>>,
 }
 
 /// Result of a start-up scan.
@@ -193,6 +334,7 @@ impl ClientStore {
             used,
             state: Mutex::new(State::default()),
             staging_seq: AtomicU64::new(0),
+            active: Mutex::new(HashMap::new()),
         };
         for dir in [
             STAGING_DIR_NAME.to_owned(),
@@ -203,26 +345,73 @@ impl ClientStore {
             store.open_internal_dir(&dir, true)?;
         }
         let mut report = OpenReport::default();
-        // 1. Sweep staging: anything there is an assembly that never committed.
+        // 1. Sweep staging. Kept: resumable pairs `<key>.data` +
+        // `<key>.landed` (an interrupted upload the client may resume)
+        // younger than STAGING_MAX_AGE. Everything else is an assembly that
+        // can never complete and goes. Kept data files count as usage.
         let staging = root.join(STAGING_DIR_NAME);
-        for entry in std::fs::read_dir(&staging).map_err(io_at(&staging))? {
-            let entry = entry.map_err(io_at(&staging))?;
-            let path = entry.path();
-            let removed = if entry.file_type().map_err(io_at(&path))?.is_dir() {
+        let names: Vec<String> = std::fs::read_dir(&staging)
+            .map_err(io_at(&staging))?
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+            .collect();
+        let is_key = |k: &str| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());
+        let regular = |name: &str| {
+            std::fs::symlink_metadata(staging.join(name))
+                .ok()
+                .filter(std::fs::Metadata::is_file)
+        };
+        let now = SystemTime::now();
+        let mut staged_used = 0u64;
+        let mut kept = 0u64;
+        for name in &names {
+            let keep = match name.rsplit_once('.') {
+                Some((key, suffix)) if is_key(key) => {
+                    let data = regular(&format!("{key}.{DATA_SUFFIX}"));
+                    let record = regular(&format!("{key}.{RECORD_SUFFIX}"));
+                    let fresh = record
+                        .as_ref()
+                        .and_then(|m| m.modified().ok())
+                        .is_some_and(|t| {
+                            now.duration_since(t).unwrap_or_default() < STAGING_MAX_AGE
+                        });
+                    match (suffix, data, record) {
+                        (DATA_SUFFIX, Some(d), Some(_)) if fresh => {
+                            staged_used += d.blocks().saturating_mul(512);
+                            kept += 1;
+                            true
+                        }
+                        (RECORD_SUFFIX, Some(_), Some(_)) => fresh,
+                        _ => false,
+                    }
+                }
+                _ => false,
+            };
+            if keep {
+                continue;
+            }
+            let path = staging.join(name);
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            let removed = if is_dir {
                 std::fs::remove_dir_all(&path)
             } else {
                 std::fs::remove_file(&path)
             };
-            removed.map_err(io_at(&path))?;
-            report.staging_swept += 1;
+            match removed {
+                Ok(()) => report.staging_swept += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&path)(e)),
+            }
         }
         if report.staging_swept > 0 {
             crate::fsutil::fsync_dir(&staging).map_err(io_at(&staging))?;
             tracing::info!(client = %store.client, swept = report.staging_swept, "swept staging leftovers");
         }
+        if kept > 0 {
+            tracing::info!(client = %store.client, uploads = kept, bytes = staged_used, "kept resumable staged uploads");
+        }
         // 2. Chunk store: index chunks; drop temporaries and damaged names.
         let mut state = State::default();
-        let mut used = 0u64;
+        let mut used = staged_used;
         let chunks = root.join(METADATA_DIR_NAME).join(CHUNKS_DIR);
         for shard in std::fs::read_dir(&chunks).map_err(io_at(&chunks))? {
             let shard = shard.map_err(io_at(&chunks))?;
@@ -569,10 +758,356 @@ impl ClientStore {
         }
     }
 
-    /// Assembles, verifies and commits `manifest` (see the module docs). On
-    /// any error the staging file is removed and the document tree is
-    /// unchanged.
+    /// Assembles, verifies and commits `manifest` from chunks the index
+    /// already has (chunk store or documents): [`Self::stage`] then
+    /// [`Self::commit_staged`]. On any error the staging file is removed
+    /// (unless chunks went missing: then what landed is kept for a retry)
+    /// and the document tree is unchanged.
     pub fn assemble(&self, manifest: &ValidManifest) -> Result<(), StoreError> {
+        let staged = self.stage(manifest)?;
+        let result = self.commit_staged(&staged);
+        if result.is_err() {
+            self.suspend_staged(&staged, true);
+        }
+        result
+    }
+
+    fn staging_key(manifest: &ValidManifest) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"appliance-sync staging v1\0");
+        h.update(manifest.path.as_str().as_bytes());
+        h.update(b"\0");
+        h.update(&manifest.size.to_le_bytes());
+        h.update(manifest.file_hash.as_bytes());
+        for c in &manifest.chunks {
+            h.update(&c.offset.to_le_bytes());
+            h.update(&c.len.to_le_bytes());
+            h.update(c.hash.as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
+
+    /// Opens the staging state of an upload of `manifest`: the upload-keyed
+    /// staging file `<key>.data` and its durable record `<key>.landed` if an
+    /// earlier attempt left them (the key is a hash of the path, size, file
+    /// hash and chunk list, so only the very same upload resumes). Creates
+    /// nothing: files appear with the first chunk. If the same upload is
+    /// still running (its client reconnected before the old connection
+    /// timed out), both share one state: they write the same verified bytes
+    /// at the same offsets, the first commit wins and the other then fails.
+    pub fn stage(&self, manifest: &ValidManifest) -> Result<Arc<Staged>, StoreError> {
+        let key = Self::staging_key(manifest);
+        let mut active = self.active.lock();
+        if let Some(running) = active.get(&key).and_then(std::sync::Weak::upgrade) {
+            if !running.settled.load(Ordering::SeqCst) {
+                running.users.fetch_add(1, Ordering::SeqCst);
+                return Ok(running);
+            }
+        }
+        let mut positions: HashMap<Hash, Vec<usize>> = HashMap::new();
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            positions.entry(c.hash).or_default().push(i);
+        }
+        let staged = Staged {
+            name: key.clone(),
+            key: key.clone(),
+            manifest: manifest.clone(),
+            positions,
+            landed: Mutex::new(HashSet::new()),
+            recorded: Mutex::new(HashSet::new()),
+            file: parking_lot::RwLock::new(None),
+            record: Mutex::new(None),
+            batch: Mutex::new(Vec::new()),
+            batch_bytes: AtomicU64::new(0),
+            flush: Mutex::new(()),
+            hashing: Mutex::new(Hashing::default()),
+            accounted: AtomicU64::new(0),
+            settled: std::sync::atomic::AtomicBool::new(false),
+            users: std::sync::atomic::AtomicUsize::new(1),
+        };
+        self.load_staged(&staged)?;
+        let staged = Arc::new(staged);
+        active.insert(key, Arc::downgrade(&staged));
+        Ok(staged)
+    }
+
+    /// Reads a previous attempt's record: only chunks it lists (durable in
+    /// the data file before they were recorded) count as landed.
+    fn load_staged(&self, staged: &Staged) -> Result<(), StoreError> {
+        let dir = self.open_internal_dir(STAGING_DIR_NAME, true)?;
+        let record_name = format!("{}.{RECORD_SUFFIX}", staged.name);
+        let data_name = format!("{}.{DATA_SUFFIX}", staged.name);
+        let mut record =
+            match self.open_file_at(&dir, &record_name, OFlag::O_RDONLY, 0, &record_name) {
+                Ok(f) => f,
+                Err(StoreError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+        let file = match self.open_file_at(&dir, &data_name, OFlag::O_RDWR, 0, &data_name) {
+            Ok(f) => f,
+            Err(StoreError::NotFound { .. }) => {
+                let _ = unlinkat(&dir, record_name.as_str(), UnlinkatFlags::NoRemoveDir);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        record
+            .read_to_end(&mut bytes)
+            .map_err(self.err_io(record_name.clone()))?;
+        let lengths: HashMap<Hash, u32> = staged
+            .manifest
+            .chunks
+            .iter()
+            .map(|c| (c.hash, c.len))
+            .collect();
+        let mut landed = staged.landed.lock();
+        for entry in bytes.chunks_exact(RECORD_ENTRY) {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&entry[..32]);
+            let mut len = [0u8; 4];
+            len.copy_from_slice(&entry[32..]);
+            let hash = Hash(hash);
+            if lengths.get(&hash) == Some(&u32::from_le_bytes(len)) {
+                landed.insert(hash);
+            }
+        }
+        *staged.recorded.lock() = landed.clone();
+        drop(landed);
+        let on_disk = file
+            .metadata()
+            .map_err(self.err_io(data_name))?
+            .blocks()
+            .saturating_mul(512);
+        // `open` counted the data file's blocks in `used`.
+        staged.accounted.store(on_disk, Ordering::SeqCst);
+        *staged.file.write() = Some(Arc::new(file));
+        Ok(())
+    }
+
+    /// Runs `f` on the staging file (created on first use) while holding
+    /// it shared, so a commit cannot rename it away in the middle.
+    fn with_staged_file<T>(
+        &self,
+        staged: &Staged,
+        f: impl FnOnce(&File) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let ended = || self.err_io(staged.name.clone())(io::Error::other("upload already ended"));
+        {
+            let slot = staged.file.read();
+            if staged.settled.load(Ordering::SeqCst) {
+                return Err(ended());
+            }
+            if let Some(file) = slot.as_ref() {
+                return f(file);
+            }
+        }
+        let mut slot = staged.file.write();
+        if staged.settled.load(Ordering::SeqCst) {
+            return Err(ended());
+        }
+        if slot.is_none() {
+            let dir = self.open_internal_dir(STAGING_DIR_NAME, true)?;
+            let name = format!("{}.{DATA_SUFFIX}", staged.name);
+            *slot = Some(Arc::new(self.open_file_at(
+                &dir,
+                &name,
+                OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC,
+                FILE_MODE,
+                &format!("{STAGING_DIR_NAME}/{name}"),
+            )?));
+        }
+        let slot = parking_lot::RwLockWriteGuard::downgrade(slot);
+        match slot.as_ref() {
+            Some(file) => f(file),
+            None => Err(ended()),
+        }
+    }
+
+    /// Writes a verified chunk once, at every offset where the manifest has
+    /// it (`pwrite`), and feeds the in-order whole-file hasher. The caller
+    /// (the protocol machine) has verified the hash. Every
+    /// [`STAGING_SYNC_BYTES`] the data file is fdatasynced and the chunks
+    /// written since are appended to the durable record.
+    pub fn write_staged(
+        &self,
+        staged: &Staged,
+        hash: &Hash,
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let Some(positions) = staged.positions.get(hash) else {
+            return Err(StoreError::MissingChunk {
+                client: self.client.clone(),
+                hash: *hash,
+            });
+        };
+        if staged.landed.lock().contains(hash) {
+            return Ok(());
+        }
+        let shown = format!("{STAGING_DIR_NAME}/{}.{DATA_SUFFIX}", staged.name);
+        self.with_staged_file(staged, |file| {
+            for &i in positions {
+                let offset = staged.manifest.chunks[i].offset;
+                file.write_all_at(&data, offset)
+                    .map_err(self.err_io(shown.clone()))?;
+            }
+            Ok(())
+        })?;
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let added = u64::from(len) * positions.len() as u64;
+        staged.accounted.fetch_add(added, Ordering::SeqCst);
+        self.used.fetch_add(added, Ordering::SeqCst);
+        staged.landed.lock().insert(*hash);
+        staged.feed(positions, Arc::new(data));
+        staged.batch.lock().push((*hash, len));
+        let pending = staged
+            .batch_bytes
+            .fetch_add(u64::from(len), Ordering::SeqCst);
+        if pending + u64::from(len) >= STAGING_SYNC_BYTES {
+            self.flush_staged(staged)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the chunks written so far durable and records them.
+    fn flush_staged(&self, staged: &Staged) -> Result<(), StoreError> {
+        let _flushing = staged.flush.lock();
+        let entries = std::mem::take(&mut *staged.batch.lock());
+        staged.batch_bytes.store(0, Ordering::SeqCst);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let Some(file) = staged.file.read().clone() else {
+            return Ok(());
+        };
+        let name = format!("{}.{RECORD_SUFFIX}", staged.name);
+        let shown = format!("{STAGING_DIR_NAME}/{name}");
+        file.sync_data().map_err(self.err_io(shown.clone()))?;
+        let mut record = staged.record.lock();
+        let fresh = record.is_none();
+        if fresh {
+            let dir = self.open_internal_dir(STAGING_DIR_NAME, true)?;
+            let f = self.open_file_at(
+                &dir,
+                &name,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND,
+                FILE_MODE,
+                &shown,
+            )?;
+            *record = Some(f);
+        }
+        let mut bytes = Vec::with_capacity(entries.len() * RECORD_ENTRY);
+        for (hash, len) in &entries {
+            bytes.extend_from_slice(hash.as_bytes());
+            bytes.extend_from_slice(&len.to_le_bytes());
+        }
+        if let Some(f) = record.as_mut() {
+            f.write_all(&bytes).map_err(self.err_io(shown.clone()))?;
+            f.sync_data().map_err(self.err_io(shown.clone()))?;
+        }
+        staged
+            .recorded
+            .lock()
+            .extend(entries.iter().map(|(h, _)| *h));
+        if fresh {
+            // The pair must survive a crash to be found again.
+            let dir = self.open_internal_dir(STAGING_DIR_NAME, false)?;
+            nix::unistd::fsync(&dir).map_err(|e| self.err_errno(shown, e))?;
+        }
+        Ok(())
+    }
+
+    /// An upload ended without a commit. With `keep` (the client may come
+    /// back: connection lost, cancelled) what landed is made durable and
+    /// recorded so the next push of the same file resumes; otherwise (disk
+    /// full, a file that can never verify) the staging files are deleted.
+    pub fn suspend_staged(&self, staged: &Staged, keep: bool) {
+        // Another upload still uses it (unless this is a disk-full discard).
+        let before = staged
+            .users
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(1);
+        if before > 1 && keep {
+            return;
+        }
+        if staged.settled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let keep = keep && !staged.landed.lock().is_empty();
+        if keep {
+            if let Err(e) = self.flush_staged(staged) {
+                tracing::warn!(client = %self.client, error = %e, "cannot record staged chunks; dropping them");
+                self.discard_staged(staged);
+            }
+        } else {
+            self.discard_staged(staged);
+        }
+        self.release_key(staged);
+    }
+
+    fn release_key(&self, staged: &Staged) {
+        let mut active = self.active.lock();
+        let ours = active
+            .get(&staged.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), staged));
+        if ours {
+            active.remove(&staged.key);
+        }
+    }
+
+    fn discard_staged(&self, staged: &Staged) {
+        if let Ok(dir) = self.open_internal_dir(STAGING_DIR_NAME, false) {
+            for suffix in [DATA_SUFFIX, RECORD_SUFFIX] {
+                let _ = unlinkat(
+                    &dir,
+                    format!("{}.{suffix}", staged.name).as_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
+            }
+        }
+        *staged.file.write() = None;
+        *staged.record.lock() = None;
+        staged.landed.lock().clear();
+        staged.recorded.lock().clear();
+        let accounted = staged.accounted.swap(0, Ordering::SeqCst);
+        self.sub_used(accounted);
+    }
+
+    fn sub_used(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+
+    /// Completes a staged upload (see the module docs): copies the chunks
+    /// that were already present elsewhere into the staging file, finishes
+    /// the whole-file hash, compares it, sets the mtime, fsyncs, renames
+    /// into place and fsyncs the directory.
+    pub fn commit_staged(&self, staged: &Staged) -> Result<(), StoreError> {
+        let result = self.commit_staged_inner(staged);
+        match &result {
+            Ok(()) => self.release_key(staged),
+            // The index lost a chunk it promised: the state stays open and
+            // the caller suspends it (keeping what landed); the client's
+            // retry is asked for the rest.
+            Err(StoreError::MissingChunk { .. } | StoreError::ChunkChanged { .. }) => {}
+            // Anything else (a file that does not verify, a path that cannot
+            // be written, a full disk): the staging file goes.
+            Err(_) => {
+                staged.settled.store(true, Ordering::SeqCst);
+                self.discard_staged(staged);
+                self.release_key(staged);
+            }
+        }
+        result
+    }
+
+    fn commit_staged_inner(&self, staged: &Staged) -> Result<(), StoreError> {
+        let manifest = &staged.manifest;
         let path = &manifest.path;
         // An identical document already in place: only the mtime may differ.
         if let Ok(current) = self.document_manifest(path) {
@@ -584,53 +1119,35 @@ impl ClientStore {
                     file.sync_all().map_err(self.err_io(path.as_str()))?;
                     self.write_manifest(manifest)?;
                 }
+                staged.settled.store(true, Ordering::SeqCst);
+                self.discard_staged(staged);
                 self.release_store_chunks(manifest);
                 return Ok(());
             }
         }
-        let staging = self.open_internal_dir(STAGING_DIR_NAME, true)?;
-        let seq = self.staging_seq.fetch_add(1, Ordering::Relaxed);
-        let staging_name = format!("{}.{seq}", blake3::hash(path.as_str().as_bytes()).to_hex());
-        let shown = format!("{STAGING_DIR_NAME}/{staging_name}");
-        let mut grew = 0u64;
-        let result = self.assemble_into(manifest, &staging, &staging_name, &shown, &mut grew);
-        if let Err(e) = result {
-            let _ = unlinkat(&staging, staging_name.as_str(), UnlinkatFlags::NoRemoveDir);
-            self.used.fetch_sub(grew, Ordering::SeqCst);
-            return Err(e);
+        // Chunks the index had (dedup) are copied from where they are.
+        let missing: Vec<Hash> = staged
+            .positions
+            .keys()
+            .filter(|h| !staged.landed.lock().contains(h))
+            .copied()
+            .collect();
+        for hash in missing {
+            let data = self.read_chunk(&hash)?;
+            self.write_staged_no_batch(staged, &hash, data)?;
         }
-        self.release_store_chunks(manifest);
-        Ok(())
-    }
-
-    fn assemble_into(
-        &self,
-        manifest: &ValidManifest,
-        staging: &OwnedFd,
-        staging_name: &str,
-        shown: &str,
-        grew: &mut u64,
-    ) -> Result<(), StoreError> {
-        let path = &manifest.path;
-        let mut file = self.open_file_at(
-            staging,
-            staging_name,
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
-            FILE_MODE,
-            shown,
-        )?;
-        let mut hasher = blake3::Hasher::new();
-        let mut writer = io::BufWriter::with_capacity(1 << 20, &mut file);
-        for chunk in &manifest.chunks {
-            let data = self.read_chunk(&chunk.hash)?;
-            hasher.update(&data);
-            writer.write_all(&data).map_err(self.err_io(shown))?;
-            *grew += data.len() as u64;
-            self.used.fetch_add(data.len() as u64, Ordering::SeqCst);
-        }
-        writer.flush().map_err(self.err_io(shown))?;
-        drop(writer);
-        let actual: Hash = hasher.finalize().into();
+        let data_name = format!("{}.{DATA_SUFFIX}", staged.name);
+        let shown = format!("{STAGING_DIR_NAME}/{data_name}");
+        // From here on nobody else writes: take the file exclusively.
+        let file = self.with_staged_file(staged, |f| Ok(f.try_clone()))?;
+        let file = file.map_err(self.err_io(shown.clone()))?;
+        let _exclusive = staged.file.write();
+        staged.settled.store(true, Ordering::SeqCst);
+        file.set_len(manifest.size)
+            .map_err(self.err_io(shown.clone()))?;
+        let actual = staged
+            .finish_hash(&file)
+            .map_err(self.err_io(shown.clone()))?;
         if actual != manifest.file_hash {
             return Err(StoreError::FileHashMismatch {
                 client: self.client.clone(),
@@ -640,10 +1157,10 @@ impl ClientStore {
             });
         }
         file.set_modified(system_time(manifest.mtime))
-            .map_err(self.err_io(shown))?;
-        file.sync_all().map_err(self.err_io(shown))?;
-        drop(file);
+            .map_err(self.err_io(shown.clone()))?;
+        file.sync_all().map_err(self.err_io(shown.clone()))?;
         self.write_manifest(manifest)?;
+        let staging = self.open_internal_dir(STAGING_DIR_NAME, false)?;
         let (parent, name) = self.open_parent(path, true)?;
         // What is in the way: a document (replaced, or kept as a version),
         // or something we must not clobber.
@@ -672,25 +1189,64 @@ impl ClientStore {
             renameat(&parent, name, &parent, version.as_str())
                 .map_err(|e| self.err_errno(path.as_str(), e))?;
         }
-        renameat(staging, staging_name, &parent, name)
+        renameat(&staging, data_name.as_str(), &parent, name)
             .map_err(|e| self.err_errno(path.as_str(), e))?;
         nix::unistd::fsync(&parent).map_err(|e| self.err_errno(path.as_str(), e))?;
-        let mut state = self.state.lock();
-        match replaced {
-            Some(old) if !self.keep_versions => {
-                self.used.fetch_sub(old, Ordering::SeqCst);
-                // Index entries pointing into the replaced document are stale.
-                state.index.retain(
-                    |_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path),
-                );
+        // The record is useless now; a copy that survives a crash has no
+        // data file and is swept.
+        let _ = unlinkat(
+            &staging,
+            format!("{}.{RECORD_SUFFIX}", staged.name).as_str(),
+            UnlinkatFlags::NoRemoveDir,
+        );
+        drop(_exclusive);
+        *staged.file.write() = None;
+        *staged.record.lock() = None;
+        // The document counts its size; what the staging file counted goes.
+        let accounted = staged.accounted.swap(0, Ordering::SeqCst);
+        self.used.fetch_add(manifest.size, Ordering::SeqCst);
+        self.sub_used(accounted);
+        {
+            let mut state = self.state.lock();
+            match replaced {
+                Some(old) => {
+                    if !self.keep_versions {
+                        self.sub_used(old);
+                    }
+                    // Index entries pointing into the replaced document are stale.
+                    state.index.retain(
+                        |_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path),
+                    );
+                }
+                None => state.files += 1,
             }
-            Some(_) => {
-                state.index.retain(
-                    |_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path),
-                );
-            }
-            None => state.files += 1,
         }
+        self.release_store_chunks(manifest);
+        Ok(())
+    }
+
+    fn write_staged_no_batch(
+        &self,
+        staged: &Staged,
+        hash: &Hash,
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let Some(positions) = staged.positions.get(hash) else {
+            return Ok(());
+        };
+        let shown = format!("{STAGING_DIR_NAME}/{}.{DATA_SUFFIX}", staged.name);
+        self.with_staged_file(staged, |file| {
+            for &i in positions {
+                file.write_all_at(&data, staged.manifest.chunks[i].offset)
+                    .map_err(self.err_io(shown.clone()))?;
+            }
+            Ok(())
+        })?;
+        let added = data.len() as u64 * positions.len() as u64;
+        staged.accounted.fetch_add(added, Ordering::SeqCst);
+        self.used.fetch_add(added, Ordering::SeqCst);
+        staged.landed.lock().insert(*hash);
+        staged.feed(positions, Arc::new(data));
         Ok(())
     }
 
@@ -773,8 +1329,9 @@ impl ClientStore {
                 FILE_MODE,
                 &shown,
             )?;
+            // Not fsynced: a manifest is a cache, trusted only while the
+            // document's size and mtime match it, recomputed otherwise.
             file.write_all(&bytes).map_err(self.err_io(shown.clone()))?;
-            file.sync_data().map_err(self.err_io(shown.clone()))?;
             renameat(&dir, tmp.as_str(), &dir, *name).map_err(|e| self.err_errno(shown.clone(), e))
         })();
         if result.is_err() {
@@ -1319,6 +1876,129 @@ mod tests {
         std::fs::write(root.join("d/f0"), b"changed").unwrap();
         let (all, _) = store.list(None, None, 10).unwrap();
         assert_eq!(all[0].file_hash, Hash::of(b"changed"));
+    }
+
+    /// The upload-keyed staging design: an interrupted upload keeps its
+    /// staging file and durable record across a restart (junk and orphans
+    /// are swept), resumes with only the recorded chunks present, and
+    /// commits; chunks written but never recorded are not trusted.
+    #[test]
+    fn staged_upload_resumes_after_restart_from_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let bytes = data(9 << 20, 21);
+        let m = manifest_for("big/scan.tiff", &bytes);
+        assert!(m.chunks.len() >= 4, "{} chunks", m.chunks.len());
+        let chunk = |i: usize| {
+            let c = &m.chunks[i];
+            let start = usize::try_from(c.offset).unwrap();
+            (c.hash, bytes[start..start + c.len as usize].to_vec())
+        };
+        let staging = root.join(STAGING_DIR_NAME);
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(&staging)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+
+        // 1. Written but never recorded (a crash before the first sync):
+        //    the orphan data file is swept, nothing is trusted.
+        let store = open(&root, false);
+        let staged = store.stage(&m).unwrap();
+        let (h, d) = chunk(0);
+        store.write_staged(&staged, &h, d).unwrap();
+        assert_eq!(staged.recorded_count(), 0);
+        drop(staged);
+        drop(store);
+        let (store, report) =
+            ClientStore::open(name(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+        assert_eq!(report.staging_swept, 1);
+        assert!(names().is_empty());
+        assert_eq!(store.used(), 0);
+
+        // 2. Interrupted: two chunks land and are recorded (suspend keeps
+        //    them), then the server restarts with junk in staging.
+        let staged = store.stage(&m).unwrap();
+        for i in 0..2 {
+            let (h, d) = chunk(i);
+            store.write_staged(&staged, &h, d).unwrap();
+        }
+        store.suspend_staged(&staged, true);
+        let key = ClientStore::staging_key(&m);
+        assert_eq!(
+            names(),
+            vec![format!("{key}.data"), format!("{key}.landed")]
+        );
+        drop(staged);
+        drop(store);
+        std::fs::write(staging.join("leftover.7"), b"junk").unwrap();
+        std::fs::write(
+            staging.join(format!("{}.landed", "ab".repeat(32))),
+            [0u8; 36],
+        )
+        .unwrap();
+        let (store, report) =
+            ClientStore::open(name(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+        assert_eq!(report.staging_swept, 2, "junk and an orphan record");
+        assert_eq!(names().len(), 2, "the resumable pair is kept");
+        assert!(store.used() >= u64::from(m.chunks[0].len + m.chunks[1].len));
+        assert!(std::fs::read_dir(&root).unwrap().all(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".appliance-")));
+
+        // 3. Resume: exactly the recorded chunks count as present.
+        let staged = store.stage(&m).unwrap();
+        assert_eq!(staged.recorded_count(), 2);
+        for (i, c) in m.chunks.iter().enumerate() {
+            assert_eq!(staged.has_recorded(&c.hash), i < 2, "chunk {i}");
+        }
+        for i in 2..m.chunks.len() {
+            let (h, d) = chunk(i);
+            store.write_staged(&staged, &h, d).unwrap();
+        }
+        store.commit_staged(&staged).unwrap();
+        assert_eq!(std::fs::read(root.join("big/scan.tiff")).unwrap(), bytes);
+        assert!(names().is_empty(), "the commit settles staging");
+        assert_eq!(store.used(), bytes.len() as u64);
+        assert!(m.chunks.iter().all(|c| store.has_chunk(&c.hash)));
+    }
+
+    /// A staged upload whose chunks do not add up to the file hash leaves
+    /// nothing behind.
+    #[test]
+    fn staged_hash_mismatch_discards_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(3 << 20, 22);
+        let mut m = manifest_for("x.pdf", &bytes);
+        m.file_hash = Hash::of(b"a lie");
+        let staged = store.stage(&m).unwrap();
+        for c in &m.chunks {
+            let start = usize::try_from(c.offset).unwrap();
+            store
+                .write_staged(
+                    &staged,
+                    &c.hash,
+                    bytes[start..start + c.len as usize].to_vec(),
+                )
+                .unwrap();
+        }
+        let err = store.commit_staged(&staged).unwrap_err();
+        assert!(matches!(err, StoreError::FileHashMismatch { .. }), "{err}");
+        assert_eq!(
+            std::fs::read_dir(root.join(STAGING_DIR_NAME))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(!root.join("x.pdf").exists());
+        assert_eq!(store.used(), 0);
     }
 
     /// A real full filesystem (a 2 MiB tmpfs): ENOSPC mid-assembly gives a

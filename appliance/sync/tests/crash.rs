@@ -197,12 +197,18 @@ async fn server_killed_mid_upload_restarts_clean_and_resumes() {
         "no partial document after the crash"
     );
 
-    let (mut server, addr) = start_server(&identity, &documents, port);
+    // Junk in staging (an assembly that can never complete) is swept at
+    // start-up; the interrupted upload's staging file and its durable
+    // record of landed chunks are kept for the resume.
     let staging = root.join(".appliance-staging");
-    assert_eq!(
-        std::fs::read_dir(&staging).unwrap().count(),
-        0,
-        "staging swept"
+    std::fs::write(staging.join("half-written"), b"junk").unwrap();
+    let (mut server, addr) = start_server(&identity, &documents, port);
+    let names = staging_names(&root);
+    assert_eq!(names.len(), 2, "only the resumable pair is kept: {names:?}");
+    assert!(names[0].ends_with(".data") && names[1].ends_with(".landed"));
+    assert!(
+        visible_files(&root).is_empty(),
+        "still nothing partial visible"
     );
     let client = SyncClient::connect(&bundle, Some(&addr), ClientOptions::default())
         .await
@@ -215,6 +221,10 @@ async fn server_killed_mid_upload_restarts_clean_and_resumes() {
     client.close().await;
     let stored_file = std::fs::read(root.join("archive.bin")).unwrap();
     assert_eq!(Hash::of(&stored_file), Hash::of(&data));
+    assert!(
+        staging_names(&root).is_empty(),
+        "staging settled by the commit"
+    );
     server.kill().unwrap();
     server.wait().unwrap();
 }

@@ -191,20 +191,49 @@ pub fn visible_files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Chunk files in a client's chunk store (on disk).
+/// Durable chunks held for unfinished uploads: chunk files in the chunk
+/// store plus the distinct chunks listed in the durable records
+/// (`<key>.landed`, 36-byte entries) of resumable staging files.
 pub fn stored_chunks(root: &Path) -> usize {
     let dir = root.join(".appliance-meta").join("chunks");
-    let Ok(shards) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    shards
-        .flatten()
-        .filter_map(|s| std::fs::read_dir(s.path()).ok())
-        .flat_map(|d| d.flatten())
-        .filter(|f| {
-            let name = f.file_name();
-            let name = name.to_string_lossy();
-            name.len() == 64 && !name.contains(".tmp")
+    let in_store = std::fs::read_dir(dir).map_or(0, |shards| {
+        shards
+            .flatten()
+            .filter_map(|s| std::fs::read_dir(s.path()).ok())
+            .flat_map(|d| d.flatten())
+            .filter(|f| {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                name.len() == 64 && !name.contains(".tmp")
+            })
+            .count()
+    });
+    let staged = std::fs::read_dir(root.join(".appliance-staging")).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".landed"))
+            .map(|e| {
+                let bytes = std::fs::read(e.path()).unwrap_or_default();
+                bytes
+                    .chunks_exact(36)
+                    .map(|c| c[..32].to_vec())
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+            })
+            .sum::<usize>()
+    });
+    in_store + staged
+}
+
+/// Names in a client's staging directory.
+pub fn staging_names(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join(".appliance-staging"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
         })
-        .count()
+        .unwrap_or_default();
+    names.sort();
+    names
 }
