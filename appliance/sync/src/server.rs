@@ -684,7 +684,7 @@ impl ConnActor {
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.preparing = s.preparing.saturating_sub(1);
                 }
-                self.handle_frame(stream, message, None, staged, now);
+                self.handle_frame(stream, message, None, staged.as_ref(), now);
                 self.maybe_drop_stream(stream);
             }
             Event::Frame {
@@ -759,7 +759,7 @@ impl ConnActor {
         stream: StreamKey,
         message: Message,
         permit: Option<OwnedSemaphorePermit>,
-        staged: Option<Arc<Staged>>,
+        staged: Option<&Arc<Staged>>,
         now: Instant,
     ) {
         let starting = match &message {
@@ -770,7 +770,7 @@ impl ConnActor {
             store: &self.store,
             admission: self.services.admission.as_ref(),
             client: &self.client,
-            staged: staged.as_deref(),
+            staged: staged.map(AsRef::as_ref),
         };
         let actions = self.proto.handle(stream, message, now, &mut view);
         if let Some((path, size)) = starting {
@@ -783,7 +783,7 @@ impl ConnActor {
                 ConnAction::UploadFinished { upload, .. } => Some(*upload),
                 _ => None,
             });
-            match (id, staged.clone()) {
+            match (id, staged.cloned()) {
                 (Some(id), Some(staged)) => {
                     self.staged.insert(id, staged);
                 }

@@ -221,12 +221,12 @@ impl Staged {
         &self.manifest
     }
 
-    fn feed(&self, positions: &[usize], data: Arc<Vec<u8>>) {
+    fn feed(&self, positions: &[usize], data: &Arc<Vec<u8>>) {
         let mut h = self.hashing.lock();
         let h = &mut *h;
         for &i in positions {
             if i == h.next {
-                h.hasher.update(&data);
+                h.hasher.update(data);
                 h.next += 1;
             } else if i > h.next
                 && h.buffered_bytes + data.len() <= REORDER_BYTES
@@ -854,7 +854,7 @@ impl ClientStore {
         let mut bytes = Vec::new();
         record
             .read_to_end(&mut bytes)
-            .map_err(self.err_io(record_name.clone()))?;
+            .map_err(self.err_io(record_name))?;
         let lengths: HashMap<Hash, u32> = staged
             .manifest
             .chunks
@@ -958,7 +958,7 @@ impl ClientStore {
         staged.accounted.fetch_add(added, Ordering::SeqCst);
         self.used.fetch_add(added, Ordering::SeqCst);
         staged.landed.lock().insert(*hash);
-        staged.feed(positions, Arc::new(data));
+        staged.feed(positions, &Arc::new(data));
         staged.batch.lock().push((*hash, len));
         let pending = staged
             .batch_bytes
@@ -1158,7 +1158,7 @@ impl ClientStore {
         }
         file.set_modified(system_time(manifest.mtime))
             .map_err(self.err_io(shown.clone()))?;
-        file.sync_all().map_err(self.err_io(shown.clone()))?;
+        file.sync_all().map_err(self.err_io(shown))?;
         self.write_manifest(manifest)?;
         let staging = self.open_internal_dir(STAGING_DIR_NAME, false)?;
         let (parent, name) = self.open_parent(path, true)?;
@@ -1246,7 +1246,7 @@ impl ClientStore {
         staged.accounted.fetch_add(added, Ordering::SeqCst);
         self.used.fetch_add(added, Ordering::SeqCst);
         staged.landed.lock().insert(*hash);
-        staged.feed(positions, Arc::new(data));
+        staged.feed(positions, &Arc::new(data));
         Ok(())
     }
 
