@@ -150,11 +150,26 @@ pub struct Cache {
 }
 
 thread_local! {
-    /// Set while a [`Cache::deferring`] closure runs on this thread: mutations
-    /// append to the log but leave the durable commit to the closure's end.
+    /// Set while a [`Cache::defer`] closure runs on this thread: mutations
+    /// leave their records in the store's journal (in apply order, under the
+    /// cache lock) and the closure's end appends them in one write.
     static DEFER_COMMIT: Cell<bool> = const { Cell::new(false) };
-    /// The last log record appended by deferred mutations (0: none).
-    static DEFERRED_TARGET: Cell<u64> = const { Cell::new(0) };
+    /// Set when a deferred mutation left records in the journal.
+    static DEFERRED_DIRTY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A durable commit still owed for deferred mutations; see [`Cache::defer`].
+#[derive(Debug)]
+#[must_use = "the mutations are not durable until `Cache::commit` runs"]
+pub struct PendingCommit {
+    target: u64,
+}
+
+impl PendingCommit {
+    /// Nothing to commit (no writes, or no persistence).
+    pub fn is_empty(&self) -> bool {
+        self.target == 0
+    }
 }
 
 impl Cache {
@@ -232,24 +247,55 @@ impl Cache {
             .is_some_and(|p| p.fsync() == Fsync::Always)
     }
 
-    /// Run `f` with durable commits deferred to its end: the mutations inside
-    /// are appended to the log as usual, and one commit (one `fdatasync` under
-    /// `Always`) covers them all. The second result is that commit's; when it
-    /// is an error, none of the mutations inside may be acknowledged.
-    pub fn deferring<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
+    /// Run `f` with the log writes of its mutations deferred to its end: the
+    /// records stay in the store's journal (so log order is still apply
+    /// order: whoever drains the journal does so under the cache lock) and are
+    /// appended with one write when `f` returns. The returned
+    /// [`PendingCommit`] must go to [`Cache::commit`] before any of those
+    /// mutations is acknowledged; under `Always` that is one `fdatasync` for
+    /// the whole batch. The RESP server wraps each pipelined batch in this.
+    pub fn defer<T>(&self, f: impl FnOnce() -> T) -> (T, Result<PendingCommit, CacheError>) {
+        let none = PendingCommit { target: 0 };
         let was = DEFER_COMMIT.with(|d| d.replace(true));
         let out = f();
         DEFER_COMMIT.with(|d| d.set(was));
         if was {
-            return (out, Ok(()));
+            // The outer `defer` appends and commits.
+            return (out, Ok(none));
         }
-        let target = DEFERRED_TARGET.with(|d| d.replace(0));
-        let done = match self.persist.as_ref() {
+        let dirty = DEFERRED_DIRTY.with(|d| d.replace(false));
+        let Some(persist) = self.persist.as_ref().filter(|_| dirty) else {
             // A batch that wrote nothing does not wait for others' fsyncs.
+            return (out, Ok(none));
+        };
+        let now = self.clock.now_ms();
+        let appended = {
+            let mut store = self.lock();
+            let changes = store.take_journal();
+            persist.append(&changes, now)
+        };
+        (
+            out,
+            appended
+                .map(|target| PendingCommit { target })
+                .map_err(persist_error),
+        )
+    }
+
+    /// Make deferred mutations durable (blocking under `Always`).
+    #[allow(clippy::needless_pass_by_value)] // the token is used up: one commit per batch
+    pub fn commit(&self, pending: PendingCommit) -> Result<(), CacheError> {
+        let target = pending.target;
+        match self.persist.as_ref() {
             Some(p) if target > 0 => p.commit(target).map_err(persist_error),
             _ => Ok(()),
-        };
-        (out, done)
+        }
+    }
+
+    /// [`Cache::defer`] and [`Cache::commit`] in one call.
+    pub fn deferring<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
+        let (out, pending) = self.defer(f);
+        (out, pending.and_then(|p| self.commit(p)))
     }
 
     /// Periodic upkeep: purge expired entries, sync under `Interval`, and
@@ -299,6 +345,12 @@ impl Cache {
         let (out, appended) = {
             let mut store = self.lock();
             let out = f(&mut store, now);
+            if DEFER_COMMIT.with(Cell::get) {
+                if store.journal_pending() {
+                    DEFERRED_DIRTY.with(|d| d.set(true));
+                }
+                return (out, Ok(()));
+            }
             let changes = store.take_journal();
             let appended = if changes.is_empty() {
                 Ok(None)
@@ -310,16 +362,11 @@ impl Cache {
             };
             (out, appended)
         };
-        let target = match appended {
-            Ok(Some(t)) => t,
-            Ok(None) => return (out, Ok(())),
-            Err(e) => return (out, Err(e)),
-        };
-        if DEFER_COMMIT.with(Cell::get) {
-            DEFERRED_TARGET.with(|d| d.set(d.get().max(target)));
-            return (out, Ok(()));
+        match appended {
+            Ok(Some(target)) => (out, persist.commit(target).map_err(persist_error)),
+            Ok(None) => (out, Ok(())),
+            Err(e) => (out, Err(e)),
         }
-        (out, persist.commit(target).map_err(persist_error))
     }
 
     /// A mutation: fails if it could not be made durable. The memory tier
@@ -607,12 +654,6 @@ impl Cache {
             .filter(|(k, _)| s.peek(k, now).is_some())
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
-    }
-
-    /// Insert a prepared entry (import).
-    pub fn insert_entry(&self, key: Key, entry: Entry) -> Result<(), CacheError> {
-        let res = self.mutate(|s, now| s.insert(key, entry, now));
-        Ok(res??)
     }
 }
 

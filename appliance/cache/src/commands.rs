@@ -45,22 +45,6 @@ impl From<Reply> for Outcome {
     }
 }
 
-/// Whether a command name (any case) changes data; the server uses this to
-/// decide whether a batch needs a durable commit.
-pub fn is_write(name: &[u8]) -> bool {
-    const WRITES: [&[u8]; 8] = [
-        b"SET",
-        b"DEL",
-        b"EXPIRE",
-        b"PEXPIRE",
-        b"MSET",
-        b"AGENT.SET",
-        b"AGENT.DEL",
-        b"AGENT.FLUSH",
-    ];
-    WRITES.iter().any(|w| w.eq_ignore_ascii_case(name))
-}
-
 fn wrong_args(name: &str) -> Reply {
     Reply::err(format!(
         "wrong number of arguments for '{}' command",

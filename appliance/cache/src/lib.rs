@@ -113,7 +113,8 @@ pub mod server;
 pub mod store;
 
 pub use cache::{
-    Cache, CacheConfig, CacheError, CacheStats, KeyTtl, Maintenance, PutItem, SetCondition,
+    Cache, CacheConfig, CacheError, CacheStats, KeyTtl, Maintenance, PendingCommit, PutItem,
+    SetCondition,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use json::{

@@ -340,13 +340,17 @@ impl Persistence {
 
     /// Append changes in order (called with the cache lock held). Returns the
     /// sequence number of the last record, the target for [`Self::commit`].
+    /// (With no changes, nothing is written and the target is the last
+    /// record so far, which covers changes another thread drained for us.)
     pub(crate) fn append(&self, changes: &[Change], now_ms: u64) -> Result<u64, PersistError> {
         let payloads = changes
             .iter()
             .map(encode_change)
             .collect::<Result<Vec<_>, _>>()?;
         let mut log = self.lock();
-        log.append_batch_at(now_ms, payloads)?;
+        if !payloads.is_empty() {
+            log.append_batch_at(now_ms, payloads)?;
+        }
         Ok(log.next_seq().saturating_sub(1))
     }
 

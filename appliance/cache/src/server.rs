@@ -317,16 +317,16 @@ where
             return Ok(());
         }
         loop {
-            let mut process = || {
-                cache.deferring(|| {
-                    decode_and_run(&mut decoder, &mut buf, cache, &mut session, &mut out)
-                })
-            };
-            let (step, committed) = if cache.commit_blocks() && multi_thread() {
+            let (step, pending) = cache
+                .defer(|| decode_and_run(&mut decoder, &mut buf, cache, &mut session, &mut out));
+            let committed = match pending {
+                Ok(p) if p.is_empty() => Ok(()),
                 // fdatasync ahead: keep this worker's other tasks moving.
-                tokio::task::block_in_place(process)
-            } else {
-                process()
+                Ok(p) if cache.commit_blocks() && multi_thread() => {
+                    tokio::task::block_in_place(|| cache.commit(p))
+                }
+                Ok(p) => cache.commit(p),
+                Err(e) => Err(e),
             };
             if let Err(e) = committed {
                 // Nothing in this batch is durable: acknowledge none of it.

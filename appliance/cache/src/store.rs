@@ -223,6 +223,11 @@ impl Store {
         self.counters = Counters::default();
     }
 
+    /// Whether journalled mutations are waiting to be drained.
+    pub fn journal_pending(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| !j.is_empty())
+    }
+
     /// Drain the mutations recorded since the last call.
     pub fn take_journal(&mut self) -> Vec<Change> {
         self.journal

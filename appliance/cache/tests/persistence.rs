@@ -330,3 +330,37 @@ fn concurrent_writers_share_fsyncs_and_all_survive() {
     assert_eq!(cache.get(b"a7", b"p99", b""), Some(Bytes::from("r")));
     assert!(cache.exists(b"z"));
 }
+
+#[test]
+fn deferred_records_keep_apply_order_when_another_thread_drains_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    {
+        let (cache, _) = open(tmp.path(), &clock);
+        let cache = Arc::new(cache);
+        let (pending_ok, pending) = {
+            let c = cache.clone();
+            let ((), pending) = cache.defer(|| {
+                c.set_plain(b"k", "deferred", None, SetCondition::Always)
+                    .unwrap();
+                // A non-deferred writer on another thread drains the journal
+                // (our record first, then its own) before our batch ends.
+                let c2 = c.clone();
+                std::thread::spawn(move || {
+                    c2.set_plain(b"k", "later", None, SetCondition::Always)
+                        .unwrap();
+                })
+                .join()
+                .unwrap();
+            });
+            (pending.is_ok(), pending)
+        };
+        assert!(pending_ok);
+        cache.commit(pending.unwrap()).unwrap();
+        assert_eq!(cache.get_plain(b"k"), Some(Bytes::from("later")));
+        assert_eq!(cache.persistence().unwrap().stats().log_records, 2);
+    }
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.records_read, 2);
+    assert_eq!(cache.get_plain(b"k"), Some(Bytes::from("later")));
+}
