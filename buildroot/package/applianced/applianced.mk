@@ -48,9 +48,9 @@ APPLIANCED_PRE_BUILD_HOOKS += APPLIANCED_CARGO_VENDOR
 # infrastructure's "cargo install --path ./" cannot be used: build the
 # binary crates by name and install their outputs below.
 #
-# appliance-sync: not built yet. Its crate (appliance/sync) is in the
-# workspace, but its binary is still an empty stub. When the binary is
-# real, add "--package appliance-sync" here and "appliance-sync" to
+# appliance-sync is the laptops' client; the firmware does not ship it (the
+# sync server runs inside applianced). To put the client on the box too,
+# add "--package appliance-sync" here and "appliance-sync" to
 # APPLIANCED_BINS.
 APPLIANCED_CARGO_BUILD_OPTS = \
 	--package applianced \
