@@ -28,10 +28,9 @@ use serde_json::json;
 use crate::agent::{Agent, ExecOutput};
 use crate::qmp::Qmp;
 
-/// The guest's sync (QUIC) UDP port that is forwarded. The sync server is not
-/// built yet; this is the port the runner forwards until its config names
-/// one.
-pub const GUEST_SYNC_PORT: u16 = 4433;
+/// The guest's sync (QUIC) UDP port that is forwarded: `sync.listen` of the
+/// default config (`0.0.0.0:7443`, appliance-types `DEFAULT_SYNC_PORT`).
+pub const GUEST_SYNC_PORT: u16 = 7443;
 /// The guest port of the VM-only metrics forward (image unit
 /// appliance-vm-metrics.socket -> 127.0.0.1:9464 in the guest).
 pub const GUEST_METRICS_PORT: u16 = 19464;

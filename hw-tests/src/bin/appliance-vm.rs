@@ -12,9 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::PathBuf;
+
 use anyhow::{bail, Context, Result};
 use appliance_hw_tests::image::{ensure_image, run_dir};
 use appliance_hw_tests::vm::{data_disk_serial, Vm, VmConfig, GUEST_SYNC_PORT};
+use base64::Engine as _;
 
 const USAGE: &str = "usage: appliance-vm [--keep-disks] [--no-wait] [--ready-timeout SECS]
   --keep-disks          reuse the VM's overlay and data disks from the last run
@@ -63,6 +67,7 @@ fn main() -> Result<()> {
         }
     };
     let status = vm.sh("appliancectl status", Duration::from_secs(30))?;
+    let bundle = fetch_bundle(&mut vm);
 
     // Ctrl-C / SIGTERM: power the guest off cleanly (QEMU runs in its own
     // process group, so the terminal's SIGINT reaches only us).
@@ -79,9 +84,23 @@ fn main() -> Result<()> {
     println!();
     println!("How to reach it:");
     println!(
-        "  sync (QUIC, UDP):  127.0.0.1:{}  -> guest port {GUEST_SYNC_PORT} (the sync server is not built yet; no client bundle to copy out)",
+        "  sync (QUIC, UDP):  127.0.0.1:{} -> guest port {GUEST_SYNC_PORT}",
         vm.forwards.sync_udp
     );
+    match &bundle {
+        Ok(path) => {
+            println!(
+                "  client bundle:     {} (a client enrolled for this host)",
+                path.display()
+            );
+            println!(
+                "  e.g.:              cargo run --release -p appliance-sync -- --identity {} --server 127.0.0.1:{} status",
+                path.display(),
+                vm.forwards.sync_udp
+            );
+        }
+        Err(e) => println!("  client bundle:     not available: {e:#}"),
+    }
     println!(
         "  metrics (HTTP):    curl http://127.0.0.1:{}/metrics",
         vm.forwards.metrics_tcp
@@ -117,4 +136,30 @@ fn main() -> Result<()> {
     }
     eprintln!("appliance-vm: powering off");
     vm.shutdown(Duration::from_secs(120))
+}
+
+/// Enrolls a sync client for this host (`appliancectl sync client add`) and
+/// copies its bundle out of the guest to the run directory (mode 0600).
+fn fetch_bundle(vm: &mut Vm) -> Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = format!("vm-host-{secs}");
+    let guest = format!("/run/{name}.bundle");
+    let b64 = vm.sh_ok(
+        &format!("appliancectl sync client add {name} --out {guest} >&2 && base64 -w0 {guest}; rc=$?; rm -f {guest}; exit $rc"),
+        Duration::from_secs(60),
+    )?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .context("decoding the bundle")?;
+    let path = vm.run_dir.join(format!("{name}.bundle"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, &bytes)?;
+    Ok(path)
 }
