@@ -532,8 +532,16 @@ impl Cache {
     /// `GET key`: a plain key, or an agent entry by its MD5 hex.
     pub fn get_plain(&self, key: &[u8]) -> Option<Bytes> {
         self.read(|s, now| {
-            let k = Self::resolve(s, key, now).unwrap_or_else(|| Key::Plain(key.into()));
-            s.get(&k, now).map(|e| e.value.clone())
+            let mut found = s
+                .touch(&Key::Plain(key.into()), now)
+                .map(|e| e.value.clone());
+            if found.is_none() {
+                if let Some(md5) = parse_md5_hex(key) {
+                    found = s.touch(&Key::Agent(md5), now).map(|e| e.value.clone());
+                }
+            }
+            s.count_lookup(found.is_some());
+            found
         })
     }
 
@@ -548,11 +556,10 @@ impl Cache {
         let value = value.into();
         let res = self.mutate(|s, now| {
             let expires_at = Self::expiry(now, ttl)?;
-            let exists = Self::resolve(s, key, now).is_some();
             let go = match condition {
                 SetCondition::Always => true,
-                SetCondition::IfAbsent => !exists,
-                SetCondition::IfPresent => exists,
+                SetCondition::IfAbsent => Self::resolve(s, key, now).is_none(),
+                SetCondition::IfPresent => Self::resolve(s, key, now).is_some(),
             };
             if !go {
                 return Ok(false);

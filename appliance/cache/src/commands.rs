@@ -119,14 +119,34 @@ pub fn execute(cache: &Cache, session: &mut Session, frame: Frame) -> Outcome {
         Ok(_) => return Reply::err("empty command").into(),
         Err(r) => return r.into(),
     };
-    let name = upper(&args[0]);
+    // Upper-case the name on the stack: every command pays for this.
+    let mut stack = [0u8; 24];
+    let heap;
+    let raw = &args[0];
+    let name: &str = match stack.get_mut(..raw.len()) {
+        Some(slot) => {
+            slot.copy_from_slice(raw);
+            slot.make_ascii_uppercase();
+            match std::str::from_utf8(slot) {
+                Ok(n) => n,
+                Err(_) => {
+                    heap = upper(raw);
+                    &heap
+                }
+            }
+        }
+        None => {
+            heap = upper(raw);
+            &heap
+        }
+    };
     if name == "QUIT" {
         return Outcome {
             reply: Reply::ok(),
             close: true,
         };
     }
-    dispatch(cache, session, &name, &args[1..]).into()
+    dispatch(cache, session, name, &args[1..]).into()
 }
 
 fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Reply {

@@ -334,6 +334,25 @@ impl Store {
         self.map.to_back(key).map(|s| &s.entry)
     }
 
+    /// Look up a live entry and refresh its recency without counting (the
+    /// caller counts once with [`Store::count_lookup`] after trying every
+    /// spelling of a key).
+    pub fn touch(&mut self, key: &Key, now: u64) -> Option<&Entry> {
+        if !self.ensure_live(key, now) {
+            return None;
+        }
+        self.map.to_back(key).map(|s| &s.entry)
+    }
+
+    /// Count one lookup as a hit or a miss.
+    pub fn count_lookup(&mut self, hit: bool) {
+        if hit {
+            self.counters.hits += 1;
+        } else {
+            self.counters.misses += 1;
+        }
+    }
+
     /// Look at an entry without counting or refreshing it (expired entries are
     /// reported as absent but left for the purge).
     pub fn peek(&self, key: &Key, now: u64) -> Option<&Entry> {
