@@ -3,7 +3,7 @@
 //! background.
 //!
 //! ## Records
-//! Each log record's payload is the postcard encoding of [`Rec`]: variant 0
+//! Each log record's payload is the postcard encoding of `Rec`: variant 0
 //! `Put { key, value, expires_at, owner }` (the whole entry, so a put is an
 //! idempotent assignment) or variant 1 `Remove { key }` (delete, eviction or
 //! expiry). Keys are variant 0 `Agent([u8; 16])` or 1 `Plain(bytes)`.

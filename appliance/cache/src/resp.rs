@@ -121,7 +121,7 @@ pub enum ProtocolError {
         /// Limit.
         max: usize,
     },
-    /// A header line with no line end within [`MAX_HEADER_LINE`] bytes.
+    /// A header line with no line end within 32 bytes (sign, 20 digits, CRLF fit).
     #[error("header line too long")]
     HeaderTooLong,
     /// A length or integer that is not a decimal number.
