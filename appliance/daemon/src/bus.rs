@@ -188,6 +188,35 @@ pub fn heartbeat(registry: &HealthRegistry, started: Instant) -> Heartbeat {
     }
 }
 
+/// Publishes from callbacks that must not block (the sync and storage
+/// components' event sinks): each message is handed to a task on the
+/// daemon's runtime, and a failure is logged.
+#[derive(Debug, Clone)]
+pub struct DetachedPublisher {
+    bus: Bus,
+    runtime: tokio::runtime::Handle,
+}
+
+impl DetachedPublisher {
+    /// A publisher onto `bus` from the current runtime.
+    pub fn new(bus: Bus) -> Self {
+        Self {
+            bus,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Publishes `payload` as JSON on `subject` without waiting.
+    pub fn publish(&self, subject: String, payload: serde_json::Value) {
+        let bus = self.bus.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = bus.publish_json(&subject, &payload).await {
+                warn!(subject, error = %e, "cannot publish an event");
+            }
+        });
+    }
+}
+
 /// Converts a bus message for the control socket, cutting a payload that
 /// would not fit in `max_payload` bytes.
 pub fn to_event(m: &Message, max_payload: usize) -> EventMessage {

@@ -84,30 +84,12 @@ pub fn unavailable_reason(p: &Probe) -> Option<String> {
 
 /// Publishes storage events on the bus without blocking the manager.
 #[derive(Debug, Clone)]
-pub struct BusSink {
-    bus: appliance_bus::Bus,
-    runtime: tokio::runtime::Handle,
-}
-
-impl BusSink {
-    /// A sink onto `bus` from the current runtime.
-    pub fn new(bus: appliance_bus::Bus) -> Self {
-        Self {
-            bus,
-            runtime: tokio::runtime::Handle::current(),
-        }
-    }
-}
+pub struct BusSink(pub crate::bus::DetachedPublisher);
 
 impl EventSink for BusSink {
     fn publish(&self, event: &StorageEvent) {
         let (subject, payload) = subject_and_payload(event);
-        let bus = self.bus.clone();
-        self.runtime.spawn(async move {
-            if let Err(e) = bus.publish_json(&subject, &payload).await {
-                warn!(subject, error = %e, "cannot publish a storage event");
-            }
-        });
+        self.0.publish(subject, payload);
     }
 }
 
@@ -171,7 +153,7 @@ pub fn start(cfg: &StorageConfig, data_dir: &Path, bus: &appliance_bus::Bus) -> 
         mcfg,
         zfs,
         disks,
-        Arc::new(BusSink::new(bus.clone())),
+        Arc::new(BusSink(crate::bus::DetachedPublisher::new(bus.clone()))),
         Arc::new(SystemClock),
     );
     if cfg.backend == StorageBackend::Zfs {

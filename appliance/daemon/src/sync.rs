@@ -24,20 +24,7 @@ use crate::liveness::LivenessResponder;
 
 /// Publishes sync events on the bus without blocking the connection tasks.
 #[derive(Debug, Clone)]
-pub struct BusSink {
-    bus: appliance_bus::Bus,
-    runtime: tokio::runtime::Handle,
-}
-
-impl BusSink {
-    /// A sink onto `bus`, publishing from tasks on the current runtime.
-    pub fn new(bus: appliance_bus::Bus) -> Self {
-        Self {
-            bus,
-            runtime: tokio::runtime::Handle::current(),
-        }
-    }
-}
+pub struct BusSink(pub crate::bus::DetachedPublisher);
 
 /// The JSON payload of a sync event.
 pub fn payload(e: &SyncEvent) -> serde_json::Value {
@@ -74,13 +61,7 @@ pub fn payload(e: &SyncEvent) -> serde_json::Value {
 
 impl EventSink for BusSink {
     fn publish(&self, event: SyncEvent) {
-        let bus = self.bus.clone();
-        self.runtime.spawn(async move {
-            let subject = event.subject();
-            if let Err(e) = bus.publish_json(&subject, &payload(&event)).await {
-                warn!(subject, error = %e, "cannot publish a sync event");
-            }
-        });
+        self.0.publish(event.subject(), payload(&event));
     }
 }
 
@@ -149,7 +130,7 @@ pub async fn start(
         authority: authority.clone(),
         documents,
         admission,
-        events: Arc::new(BusSink::new(bus)),
+        events: Arc::new(BusSink(crate::bus::DetachedPublisher::new(bus))),
     };
     let mut server_cfg = ServerConfig::new(listen);
     server_cfg.max_connections_per_client = cfg.max_connections_per_client as usize;
