@@ -376,7 +376,19 @@ impl Vm {
                 Ok(out) => out.to_string(),
                 Err(e) => format!("{e:#}"),
             };
-            if Instant::now() >= deadline {
+            // systemd gave up restarting it (start limit): no use waiting on.
+            let gave_up = self
+                .sh(
+                    "systemctl show -p ActiveState --value applianced.service",
+                    Duration::from_secs(20),
+                )
+                .is_ok_and(|o| o.stdout.trim() == "failed");
+            if gave_up || Instant::now() >= deadline {
+                let why = if gave_up {
+                    "applianced failed (systemd stopped restarting it)".to_owned()
+                } else {
+                    format!("applianced was not ready within {timeout:?}")
+                };
                 let status = self
                     .sh(
                         "appliancectl status; systemctl status applianced --no-pager -n 30",
@@ -384,9 +396,15 @@ impl Vm {
                     )
                     .map(|o| o.to_string())
                     .unwrap_or_default();
+                let journal = self
+                    .sh(
+                        "journalctl -u applianced.service -o cat --no-pager -n 15",
+                        Duration::from_secs(20),
+                    )
+                    .map(|o| o.stdout)
+                    .unwrap_or_default();
                 bail!(
-                    "applianced was not ready within {timeout:?}; last `appliancectl health ready`: {}\n{status}\n--- console tail\n{}",
-                    last,
+                    "{why}; last `appliancectl health ready`: {last}\n{status}\n--- applianced journal\n{journal}\n--- console tail\n{}",
                     self.console_tail(40)
                 );
             }
