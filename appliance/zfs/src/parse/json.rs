@@ -528,6 +528,11 @@ struct PoolPropsDoc {
 /// Parses `zpool list -j --json-int`.
 pub fn parse_zpool_list(input: &str) -> Result<Vec<Pool>, ParseError> {
     const WHAT: &str = "zpool list -j";
+    // OpenZFS 2.3 prints nothing at all (and exits 0) when no pool is
+    // imported, rather than a document with an empty `pools` object.
+    if input.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let doc: PoolPropsDoc = from_json(WHAT, input)?;
     let mut out = Vec::with_capacity(doc.pools.0.len());
     for (key, raw) in doc.pools.0 {
@@ -604,6 +609,10 @@ pub fn parse_zfs_get(input: &str) -> Result<Vec<(String, Properties)>, ParseErro
 /// encryption,keystatus,compression,mountpoint`.
 pub fn parse_zfs_list(input: &str) -> Result<Vec<Dataset>, ParseError> {
     const WHAT: &str = "zfs list -j";
+    // Likewise for no datasets.
+    if input.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let doc: DatasetsDoc = from_json(WHAT, input)?;
     doc.datasets
         .0
@@ -617,6 +626,17 @@ pub fn parse_zfs_list(input: &str) -> Result<Vec<Dataset>, ParseError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn no_pools_prints_nothing() {
+        // `zpool list -j --json-int` on a machine without pools (seen in the
+        // appliance image on first boot): empty output, exit 0.
+        assert!(super::parse_zpool_list("").unwrap().is_empty());
+        assert!(super::parse_zpool_list("\n").unwrap().is_empty());
+        assert!(super::parse_zfs_list("").unwrap().is_empty());
+        assert!(super::parse_zpool_list("{").is_err());
+    }
+
     use super::*;
 
     #[test]
