@@ -109,8 +109,8 @@ pub struct Context {
     pub bus: Option<appliance_bus::Bus>,
     /// The agent response cache.
     pub cache: Option<std::sync::Arc<appliance_cache::Cache>>,
-    /// The sync endpoint.
-    pub sync: Option<crate::sync::Sync>,
+    /// The sync endpoint, once it has started.
+    pub sync: crate::sync::SyncSlot,
     /// The storage manager.
     pub storage: Option<crate::storage::Storage>,
 }
@@ -219,10 +219,10 @@ async fn serve_request(
             cache_request(cache, req, stream, max_frame, idle_timeout).await
         }
         Request::Sync(req) => {
-            let resp = match &ctx.sync {
+            let resp = match ctx.sync.get() {
                 None => Response::Error(ControlError::new(
                     ErrorCode::Unavailable,
-                    "the sync endpoint is not running (config key `sync.enabled`)",
+                    "the sync endpoint is not running (see `appliancectl status`; config key `sync.enabled`)",
                 )),
                 Some(sync) => match crate::sync::handle(sync, req).await {
                     Ok(r) => Response::Sync(r),

@@ -145,23 +145,9 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         _ => None,
     };
 
-    // The QUIC sync endpoint.
-    let sync = match resolved.sync_listen {
-        Some(addr) => {
-            notifier.status("starting the sync endpoint");
-            let s = crate::sync::start(
-                &cfg.sync,
-                addr,
-                &resolved.data_dir,
-                bus.clone(),
-                shutdown.clone(),
-            )
-            .await?;
-            endpoints.set("sync_quic", s.local_addr().to_string());
-            Some(s)
-        }
-        None => None,
-    };
+    // The QUIC sync endpoint starts in its component task, once its
+    // documents directory exists.
+    let sync_slot = crate::sync::SyncSlot::default();
 
     // The storage manager (real ZFS, or the simulator).
     notifier.status("starting the storage manager");
@@ -180,7 +166,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         started,
         bus: Some(bus.clone()),
         cache: cache.clone(),
-        sync: sync.clone(),
+        sync: sync_slot.clone(),
         storage: Some(storage.clone()),
     };
     {
@@ -289,11 +275,21 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
             }
         }
     }
-    if let Some(sync) = &sync {
+    if let Some(listen) = resolved.sync_listen {
         let h = health.register("sync", true);
         let (p, r) = liveness::pair("sync");
         probes.push(p);
-        tracker.spawn(crate::sync::run(sync.clone(), h, r, shutdown.clone()));
+        tracker.spawn(crate::sync::run(
+            cfg.sync.clone(),
+            listen,
+            resolved.data_dir.clone(),
+            bus.clone(),
+            sync_slot.clone(),
+            endpoints.clone(),
+            h,
+            r,
+            shutdown.clone(),
+        ));
     }
     {
         let h = health.register("storage", cfg.storage.required);

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use appliance_sync::admission::{LocalAdmission, UsageLedger};
@@ -279,13 +280,67 @@ pub async fn handle(sync: &Sync, req: SyncRequest) -> Result<SyncResponse, Contr
     }
 }
 
-/// The sync component's task: liveness and health.
+/// Where the running endpoint is published once it has started.
+pub type SyncSlot = Arc<std::sync::OnceLock<Sync>>;
+
+/// How often a missing documents directory is looked for again.
+pub const DOCUMENTS_RECHECK: Duration = Duration::from_secs(5);
+
+/// Whether the endpoint can start on `documents_dir`: a configured directory
+/// must exist (it is the encrypted dataset's mount point; the daemon never
+/// creates it on the root filesystem); the default one under the data
+/// directory is created.
+pub fn documents_ready(cfg: &SyncConfig, documents_dir: &Path) -> Result<(), String> {
+    if cfg.documents_dir.is_none() || documents_dir.is_dir() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the documents directory {} does not exist yet (on the appliance it is the pool's \
+             `documents` dataset: create the pool with `appliancectl storage create-pool`)",
+            documents_dir.display()
+        ))
+    }
+}
+
+/// The sync component's task: starts the endpoint once its documents
+/// directory is there (retrying a failed start), then answers liveness
+/// until shutdown.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
-    sync: Sync,
+    cfg: SyncConfig,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    bus: appliance_bus::Bus,
+    slot: SyncSlot,
+    endpoints: crate::supervisor::Endpoints,
     health: HealthHandle,
     mut liveness: LivenessResponder,
     shutdown: CancellationToken,
 ) {
+    let documents_dir = cfg
+        .documents_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("documents"));
+    let mut retry = tokio::time::interval(DOCUMENTS_RECHECK);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sync = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            alive = liveness.answer_next() => if !alive { return },
+            _ = retry.tick() => {
+                if let Err(reason) = documents_ready(&cfg, &documents_dir) {
+                    health.set(ComponentState::Unavailable, reason);
+                    continue;
+                }
+                match start(&cfg, listen, &data_dir, bus.clone(), shutdown.clone()).await {
+                    Ok(s) => break s,
+                    Err(e) => health.set(ComponentState::Failed, format!("{e:#}")),
+                }
+            }
+        }
+    };
+    endpoints.set("sync_quic", sync.local_addr().to_string());
+    let _ = slot.set(sync.clone());
     health.set(
         ComponentState::Ready,
         format!(

@@ -196,3 +196,53 @@ fn enroll_push_events_quota_revoke() {
 
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn sync_waits_for_its_documents_directory() {
+    // On the appliance the documents directory is the pool's dataset, which
+    // first boot creates after the daemon has started: until then sync is
+    // unavailable (the daemon runs on), and it never creates the directory.
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("tank/documents");
+    let cfg = dir.path().join("appliance.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 1\n[sync]\ndocuments_dir = \"{}\"\n",
+            docs.display()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let component = |d: &Daemon| -> serde_json::Value {
+        let s: serde_json::Value =
+            serde_json::from_str(&ok(&d.ctl(&["status", "--json"]), "status")).unwrap();
+        s["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "sync")
+            .unwrap()
+            .clone()
+    };
+    let c = component(&d);
+    assert_eq!(c["state"], "unavailable", "{c}");
+    assert!(c["reason"].as_str().unwrap().contains("create-pool"), "{c}");
+    assert!(!docs.exists(), "the daemon created the documents directory");
+    let out = d.ctl(&["sync", "client", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    std::fs::create_dir_all(&docs).unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        if component(&d)["state"] == "ready" {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready, "{}", component(&d));
+    ok(&d.ctl(&["sync", "client", "list"]), "list");
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
