@@ -86,28 +86,31 @@ pub struct SyncServerHandle {
     addr: SocketAddr,
 }
 
-/// Starts the endpoint: identity, documents (swept of staging leftovers),
-/// the QUIC listener.
+/// Opens (on first start: creates) the appliance CA, server certificate and
+/// client registry under `DATA/sync/identity`.
+pub async fn open_authority(data_dir: &Path) -> anyhow::Result<Arc<Authority>> {
+    let identity_dir = data_dir.join("sync").join("identity");
+    let dir = identity_dir.clone();
+    tokio::task::spawn_blocking(move || Authority::open(&dir))
+        .await
+        .context("the identity opener panicked")?
+        .with_context(|| {
+            format!(
+                "cannot open the sync identity in {}",
+                identity_dir.display()
+            )
+        })
+}
+
+/// Starts the endpoint on an opened authority.
 pub async fn start(
     cfg: &SyncConfig,
     listen: SocketAddr,
     data_dir: &Path,
+    authority: Arc<Authority>,
     bus: appliance_bus::Bus,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Sync> {
-    let identity_dir = data_dir.join("sync").join("identity");
-    let authority = {
-        let dir = identity_dir.clone();
-        tokio::task::spawn_blocking(move || Authority::open(&dir))
-            .await
-            .context("the identity opener panicked")?
-            .with_context(|| {
-                format!(
-                    "cannot open the sync identity in {}",
-                    identity_dir.display()
-                )
-            })?
-    };
     authority.set_public_address(cfg.public_address.clone());
     let documents_dir = cfg
         .documents_dir
@@ -323,16 +326,32 @@ pub async fn run(
         .unwrap_or_else(|| data_dir.join("documents"));
     let mut retry = tokio::time::interval(DOCUMENTS_RECHECK);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The CA comes first, whether or not documents can be stored yet: first
+    // boot checks for it, and clients can be enrolled before the pool exists.
+    let mut authority: Option<Arc<Authority>> = None;
     let sync = loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             alive = liveness.answer_next() => if !alive { return },
             _ = retry.tick() => {
+                let auth = match &authority {
+                    Some(a) => a.clone(),
+                    None => match open_authority(&data_dir).await {
+                        Ok(a) => {
+                            authority = Some(a.clone());
+                            a
+                        }
+                        Err(e) => {
+                            health.set(ComponentState::Failed, format!("{e:#}"));
+                            continue;
+                        }
+                    },
+                };
                 if let Err(reason) = documents_ready(&cfg, &documents_dir) {
                     health.set(ComponentState::Unavailable, reason);
                     continue;
                 }
-                match start(&cfg, listen, &data_dir, bus.clone(), shutdown.clone()).await {
+                match start(&cfg, listen, &data_dir, auth, bus.clone(), shutdown.clone()).await {
                     Ok(s) => break s,
                     Err(e) => health.set(ComponentState::Failed, format!("{e:#}")),
                 }

@@ -230,6 +230,14 @@ fn sync_waits_for_its_documents_directory() {
     assert_eq!(c["state"], "unavailable", "{c}");
     assert!(c["reason"].as_str().unwrap().contains("create-pool"), "{c}");
     assert!(!docs.exists(), "the daemon created the documents directory");
+    // The CA exists already: first boot checks for it before the pool.
+    let ca = state.join("data/sync/identity/ca.cert.pem");
+    let mut tries = 0;
+    while !ca.exists() && tries < 50 {
+        std::thread::sleep(Duration::from_millis(100));
+        tries += 1;
+    }
+    assert!(ca.exists(), "no CA at {}", ca.display());
     let out = d.ctl(&["sync", "client", "list"]);
     assert_eq!(out.status.code(), Some(1));
 

@@ -945,7 +945,9 @@ pub struct SystemDisks {
     pub wipefs: PathBuf,
     /// `/dev/disk/by-id`.
     pub by_id_dir: PathBuf,
-    /// `/proc/mounts`.
+    /// `/proc/self/mounts` (the same table as `/proc/mounts`, which is a
+    /// symlink to it; under systemd's `ProcSubset=pid` only the per-process
+    /// entries exist, so the symlink is gone).
     pub mounts: PathBuf,
     /// `/run/udev/data`.
     pub udev_data: PathBuf,
@@ -960,7 +962,7 @@ impl Default for SystemDisks {
             lsblk: PathBuf::from("/usr/bin/lsblk"),
             wipefs: PathBuf::from("/usr/sbin/wipefs"),
             by_id_dir: PathBuf::from(BY_ID_DIR),
-            mounts: PathBuf::from("/proc/mounts"),
+            mounts: PathBuf::from("/proc/self/mounts"),
             udev_data: PathBuf::from("/run/udev/data"),
             timeout: Duration::from_secs(10),
         }
