@@ -181,7 +181,7 @@ rm -f "$root/tmp/applianced.deb"
 # The image's own files (first boot, fstab, network, VM-only forwards).
 tar -C "$here/rootfs" --owner=0 --group=0 --numeric-owner -cf - . |
   tar -C "$root" --keep-directory-symlink --no-overwrite-dir -xf -
-systemctl --root="$root" enable appliance-firstboot.service appliance-provision.service systemd-networkd.service \
+systemctl --root="$root" enable appliance-firstboot.service appliance-provision.service appliance-zfs-mount.service appliance-zfs-mount.path systemd-networkd.service \
   appliance-vm-metrics.socket applianced.service
 # Nothing on the appliance waits for network-online.target; a box booted
 # without a cable must not end up with a failed unit after two minutes.

@@ -410,6 +410,10 @@ impl Provisioner {
                     ("compression".to_owned(), "zstd".to_owned()),
                     ("atime".to_owned(), "off".to_owned()),
                     ("xattr".to_owned(), "sa".to_owned()),
+                    // The root dataset holds no documents and is never
+                    // mounted; its children inherit the mount point and are
+                    // mounted by root in the host namespace.
+                    ("canmount".to_owned(), "off".to_owned()),
                 ],
                 mountpoint: self.cfg.mountpoint.clone(),
                 force: i.force,

@@ -225,7 +225,7 @@ async fn changes_build_exact_argv() {
         f.argv_log(),
         [
             format!("zpool create -o ashift=12 -O compression=zstd -m /tank tank raidz2{disks}"),
-            "zfs create -o compression=zstd -o encryption=aes-256-gcm -o keyformat=raw -o keylocation=file:///var/lib/appliance/keys/documents.key tank/documents".to_owned(),
+            "zfs create -u -o compression=zstd -o encryption=aes-256-gcm -o keyformat=raw -o keylocation=file:///var/lib/appliance/keys/documents.key tank/documents".to_owned(),
             "zfs set quota=52428800 tank/q".to_owned(),
             "zfs set quota=none tank/q".to_owned(),
             "zpool scrub tank".to_owned(),
