@@ -1,11 +1,9 @@
 //! First-boot provisioning of the pool (issue 3's pool and encryption
 //! assertions; scenario 1 of issue 8).
 //!
-//! WAITS ON the storage manager (issue 6): first boot creates the pool
-//! through `appliancectl storage create-pool` (raidz2 of the blank non-boot
-//! disks) and the datasets. Until that exists and image/rootfs's first-boot
-//! script calls it, no pool is created and this test FAILS (it checks the
-//! pool with zpool/zfs themselves, so it cannot pass vacuously).
+//! First boot creates the pool through `appliancectl storage create-pool`
+//! (raidz2 of the blank non-boot disks) and the datasets; this test checks
+//! the result with zpool/zfs themselves, so it cannot pass vacuously.
 //!
 //! Run: `cargo test -p appliance-hw-tests --test provisioning -- --ignored --nocapture`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -17,7 +15,7 @@ use appliance_hw_tests::vm::{data_disk_serial, Vm, VmConfig};
 use serde_json::Value;
 
 #[test]
-#[ignore = "waits on the storage manager (appliancectl storage create-pool); boots the image in QEMU/TCG"]
+#[ignore = "boots the image in QEMU/TCG (root, several minutes)"]
 fn first_boot_creates_raidz2_of_six_disks_with_encrypted_documents() {
     let image = ensure_image().unwrap();
     let cfg = VmConfig::new(image, run_dir("provisioning"));
