@@ -395,7 +395,7 @@ impl Zfs for ZfsRunner {
         // `-u`: never mount here. libzfs mounts only as uid 0, and the
         // daemon runs unprivileged in its own mount namespace; the appliance
         // mounts datasets as root in the host namespace (`zfs mount -l -a`,
-        // see image/). Found on the image's first boot.
+        // see systemd/appliance-zfs-mount.service). Found on the image's first boot.
         let mut args = vec!["create".to_owned(), "-u".to_owned()];
         for (k, v) in spec.all_properties() {
             args.push("-o".to_owned());

@@ -78,7 +78,8 @@ endef
 
 define APPLIANCED_INSTALL_INIT_SYSTEMD
 	for f in $(@D)/systemd/*.service $(@D)/systemd/*.socket \
-		$(@D)/systemd/*.timer $(@D)/systemd/*.target; do \
+		$(@D)/systemd/*.timer $(@D)/systemd/*.target \
+		$(@D)/systemd/*.path; do \
 		[ -e "$$f" ] || continue; \
 		$(INSTALL) -D -m 0644 "$$f" \
 			$(TARGET_DIR)/usr/lib/systemd/system/$${f##*/} || exit 1; \
