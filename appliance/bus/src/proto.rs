@@ -489,7 +489,16 @@ pub fn encode_msg(
     payload: &[u8],
 ) {
     out.reserve(subject.len() + sid.len() + reply.map_or(0, str::len) + payload.len() + 32);
-    out.put_slice(b"MSG ");
+    put_envelope(out, b"MSG ", subject, sid, reply);
+    put_num(out, payload.len());
+    out.put_slice(b"\r\n");
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+}
+
+/// The common start of `MSG` and `HMSG`: `VERB subject sid [reply] `.
+fn put_envelope(out: &mut BytesMut, verb: &[u8], subject: &str, sid: &str, reply: Option<&str>) {
+    out.put_slice(verb);
     out.put_slice(subject.as_bytes());
     out.put_u8(b' ');
     out.put_slice(sid.as_bytes());
@@ -498,10 +507,6 @@ pub fn encode_msg(
         out.put_slice(r.as_bytes());
         out.put_u8(b' ');
     }
-    put_num(out, payload.len());
-    out.put_slice(b"\r\n");
-    out.put_slice(payload);
-    out.put_slice(b"\r\n");
 }
 
 /// `HMSG subject sid [reply] hdr_len total_len\r\nheaders payload\r\n`.
@@ -516,15 +521,7 @@ pub fn encode_hmsg(
     out.reserve(
         subject.len() + sid.len() + reply.map_or(0, str::len) + headers.len() + payload.len() + 48,
     );
-    out.put_slice(b"HMSG ");
-    out.put_slice(subject.as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(sid.as_bytes());
-    out.put_u8(b' ');
-    if let Some(r) = reply {
-        out.put_slice(r.as_bytes());
-        out.put_u8(b' ');
-    }
+    put_envelope(out, b"HMSG ", subject, sid, reply);
     put_num(out, headers.len());
     out.put_u8(b' ');
     put_num(out, headers.len() + payload.len());
