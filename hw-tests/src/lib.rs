@@ -22,4 +22,5 @@ pub mod agent;
 pub mod image;
 mod jsonline;
 pub mod qmp;
+pub mod scenario;
 pub mod vm;

@@ -146,6 +146,19 @@ impl Vm {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = fs::canonicalize(dir)?;
 
+        // The overlay's backing file is this run's own link to the image, so
+        // an image rebuilt meanwhile (build.sh replaces it by rename) never
+        // ends up under an overlay made for the old one when this VM boots
+        // again. A copy where a hard link is not possible.
+        let image = {
+            let pinned = dir.join("image.raw");
+            if !pinned.exists() && fs::hard_link(&image, &pinned).is_err() {
+                fs::copy(&image, &pinned).with_context(|| {
+                    format!("copying {} into the run directory", image.display())
+                })?;
+            }
+            pinned
+        };
         let overlay = dir.join("boot.qcow2");
         if !overlay.exists() {
             qemu_img(&[
