@@ -71,10 +71,49 @@ impl UsageLedger {
 
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    fs_space(path).map(|(free, _)| free)
+}
+
+/// Free bytes (for an unprivileged writer) and size of the filesystem
+/// holding `path`. On ZFS the size of a dataset with a quota is its quota
+/// (used + available), not the pool's.
+pub fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     #[allow(clippy::useless_conversion)] // the field widths differ between libcs
-    let avail = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
-    Ok(avail)
+    let fragment = u64::from(st.fragment_size());
+    #[allow(clippy::useless_conversion)]
+    let avail = u64::from(st.blocks_available()).saturating_mul(fragment);
+    #[allow(clippy::useless_conversion)]
+    let total = u64::from(st.blocks()).saturating_mul(fragment);
+    Ok((avail, total))
+}
+
+/// The reserve is at most this fraction (1/N) of the filesystem.
+const RESERVE_MAX_FRACTION: u64 = 16;
+
+/// Bytes kept free on a filesystem of `total` bytes: the `configured`
+/// reserve, but never more than 1/16 of the filesystem. Without the cap a
+/// documents dataset with a small quota (50 MiB on the appliance, below the
+/// 64 MiB default) would refuse every upload; such a dataset filling up
+/// breaks nothing else, as its quota already keeps the pool's space.
+pub fn effective_reserve(configured: u64, total: u64) -> u64 {
+    configured.min(total / RESERVE_MAX_FRACTION)
+}
+
+/// What `client` may still add: its quota less what it uses, and the
+/// filesystem's free space less the reserve (see [`effective_reserve`]).
+pub fn available_bytes(
+    quota: Option<u64>,
+    used: u64,
+    fs_free: u64,
+    fs_total: u64,
+    reserve: u64,
+) -> u64 {
+    let free = fs_free.saturating_sub(effective_reserve(reserve, fs_total));
+    match quota {
+        Some(q) => q.saturating_sub(used).min(free),
+        None => free,
+    }
 }
 
 /// Admission without ZFS: per-client quota from the enrollment registry
@@ -86,7 +125,8 @@ pub struct LocalAdmission {
     documents: PathBuf,
     /// Bytes always left free on the filesystem: a full filesystem breaks
     /// everything else on the box (logs, the record log), so uploads stop
-    /// short of it. 64 MiB covers metadata and a few log segments.
+    /// short of it. 64 MiB covers metadata and a few log segments; it is
+    /// capped at 1/16 of the filesystem ([`effective_reserve`]).
     reserve: u64,
 }
 
@@ -128,13 +168,8 @@ impl Admission for LocalAdmission {
         let used = self.ledger.used(client);
         let quota = self.authority.quota(client);
         // If statvfs fails we cannot promise anything: report no space.
-        let free = free_bytes(&self.documents)
-            .unwrap_or(0)
-            .saturating_sub(self.reserve);
-        let available = match quota {
-            Some(q) => q.saturating_sub(used).min(free),
-            None => free,
-        };
+        let (free, total) = fs_space(&self.documents).unwrap_or((0, 0));
+        let available = available_bytes(quota, used, free, total, self.reserve);
         Space {
             used,
             available,
@@ -176,5 +211,23 @@ mod tests {
         let free = free_bytes(dir.path()).unwrap();
         assert!(free > 0);
         assert!(admission.admit(&bob, free + (1 << 40)).is_err());
+    }
+    #[test]
+    fn small_quota_dataset_is_usable_despite_the_reserve() {
+        const MIB: u64 = 1 << 20;
+        // A 50 MiB documents dataset (ZFS quota): statvfs shows 50 MiB.
+        assert_eq!(effective_reserve(DEFAULT_RESERVE, 50 * MIB), 50 * MIB / 16);
+        // Empty: a 41 MiB upload of a client with a 50 MiB quota fits.
+        let avail = available_bytes(Some(50 * MIB), 0, 50 * MIB, 50 * MIB, DEFAULT_RESERVE);
+        assert!(avail >= 41 * MIB, "{avail}");
+        // At 41 MiB used, 4.5 MiB more still fits; 10 MiB does not.
+        let avail = available_bytes(Some(50 * MIB), 41 * MIB, 9 * MIB, 50 * MIB, DEFAULT_RESERVE);
+        assert!((9 * MIB / 2..10 * MIB).contains(&avail), "{avail}");
+        // A large filesystem keeps the whole reserve.
+        assert_eq!(effective_reserve(DEFAULT_RESERVE, 2 << 30), DEFAULT_RESERVE);
+        assert_eq!(
+            available_bytes(None, 0, 100 * MIB, 2 << 30, DEFAULT_RESERVE),
+            100 * MIB - DEFAULT_RESERVE
+        );
     }
 }
