@@ -86,6 +86,18 @@ impl Appliance {
         Self::boot_with(cfg)
     }
 
+    /// Powers off cleanly and returns the configuration to boot the same
+    /// disks again with [`Appliance::boot_with`] (for changes to the disk
+    /// files while the machine is off).
+    pub fn power_off(self) -> VmConfig {
+        let mut cfg = self.cfg.clone();
+        self.vm
+            .shutdown(Duration::from_secs(240))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        cfg.fresh = false;
+        cfg
+    }
+
     /// Pulls the plug (SIGKILL to QEMU) and boots the same disks again.
     pub fn power_cycle(self) -> Self {
         let mut cfg = self.cfg.clone();
@@ -194,6 +206,33 @@ impl Appliance {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The guest's clock in Unix milliseconds (bus `ts_ms` is on this clock).
+    pub fn guest_ms(&mut self) -> u64 {
+        let out = self.run("date +%s%3N");
+        match out.trim().parse() {
+            Ok(ms) => ms,
+            Err(e) => self.fail(&format!("`date +%s%3N` printed {out:?}: {e}")),
+        }
+    }
+
+    /// Writes `mib` MiB of random bytes to `path` in the guest, syncs, and
+    /// returns their SHA-256 (computed while writing, not read back).
+    pub fn write_known_data(&mut self, path: &str, mib: u64) -> String {
+        let out = self.run_for(
+            &format!("head -c {mib}M /dev/urandom | tee '{path}' | sha256sum && sync -f '{path}'"),
+            Duration::from_secs(300),
+        );
+        out.split_whitespace().next().unwrap_or_default().to_owned()
+    }
+
+    /// `appliancectl --json status`, which must answer within `timeout`
+    /// (run under `timeout(1)` in the guest, so a hang is a failure, not a
+    /// stuck test).
+    pub fn status_within(&mut self, timeout: Duration) -> Value {
+        let secs = timeout.as_secs().max(1);
+        self.json(&format!("timeout {secs} appliancectl --json status"))
     }
 
     /// `appliancectl --json storage report`.
