@@ -143,9 +143,24 @@ impl Client {
 
     fn recv_payload(&mut self) -> anyhow::Result<Vec<u8>> {
         let mut prefix = [0u8; LEN_PREFIX];
-        self.stream
-            .read_exact(&mut prefix)
-            .context("applianced closed the connection")?;
+        if let Err(e) = self.stream.read_exact(&mut prefix) {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                let waited = self
+                    .stream
+                    .read_timeout()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                bail!(
+                    "applianced did not answer within {} s; the operation may still complete (check `appliancectl status`)",
+                    waited.as_secs()
+                );
+            }
+            return Err(anyhow::Error::new(e).context("applianced closed the connection"));
+        }
         let len = check_frame_len(prefix, self.max_frame.max(DEFAULT_MAX_FRAME))?;
         let mut payload = vec![0u8; len];
         self.stream
@@ -167,6 +182,12 @@ impl Client {
             Response::Error(e) => Err(e.into()),
             r => Ok(r),
         }
+    }
+
+    /// Waits up to `timeout` for each answer from now on.
+    pub(crate) fn answer_within(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        Ok(())
     }
 
     /// Waits without a time limit (for `events tail`).

@@ -215,6 +215,7 @@ pub(crate) fn run(client: &mut Client, cmd: &StorageCmd, json: bool) -> anyhow::
             force: *force,
         },
     };
+    client.answer_within(req.answer_within())?;
     let r = expect(client.request(&Request::Storage(req))?)?;
     finish(&r, json)
 }

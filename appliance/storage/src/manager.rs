@@ -1389,3 +1389,49 @@ fn activity(status: &PoolStatus) -> PoolActivity {
         _ => PoolActivity::Idle,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `appliancectl` waits `answer_within` for an answer; a change the
+    /// manager is still allowed to finish must not be reported as failed by
+    /// the client first (first boot's create-pool took over 30 s under TCG
+    /// and the client gave up while the pool was being made).
+    #[test]
+    fn clients_wait_longer_than_the_manager_bounds_each_request() {
+        let cfg = ManagerConfig::new("/nonexistent");
+        let create = StorageRequest::CreatePool {
+            name: "tank".to_owned(),
+            layout: appliance_types::storage::StorageLayout::Raidz2,
+            disks: Vec::new(),
+            force: false,
+        };
+        assert!(create.answer_within() > cfg.provision_timeout);
+        let changes = [
+            StorageRequest::Replace {
+                pool: "tank".to_owned(),
+                old: "a".to_owned(),
+                new: "b".to_owned(),
+                force: false,
+            },
+            StorageRequest::Scrub {
+                pool: "tank".to_owned(),
+                command: ScrubCommand::Start,
+            },
+            StorageRequest::QuotaSet {
+                dataset: "tank/documents".to_owned(),
+                bytes: None,
+            },
+        ];
+        for r in changes {
+            assert!(r.is_mutating());
+            // Replace reads the disks (a query) before the change.
+            assert!(
+                r.answer_within() > cfg.call_timeout + cfg.change_timeout,
+                "{r:?}"
+            );
+        }
+        assert!(StorageRequest::Report.answer_within() >= Duration::from_secs(30));
+    }
+}

@@ -445,7 +445,33 @@ pub enum StorageRequest {
     },
 }
 
+/// How long a client waits for the answer to a storage change (240 s): the
+/// storage manager bounds each change by 150 s (its `change_timeout`, above
+/// the ZFS runner's own 120 s), after up to 45 s reading the disks (its
+/// `call_timeout`, for replace), so its own timeout answers first.
+pub const CHANGE_ANSWER_SECS: u64 = 240;
+
+/// How long a client waits for `create-pool` (660 s): the manager bounds a
+/// whole pool creation by 600 s (`provision_timeout`); under QEMU/TCG it
+/// took over 30 s.
+pub const CREATE_POOL_ANSWER_SECS: u64 = 660;
+
+/// How long a client waits for a query (30 s): queries are answered from
+/// the last poll and never wait for ZFS.
+pub const QUERY_ANSWER_SECS: u64 = 30;
+
 impl StorageRequest {
+    /// How long a client should wait for the answer: longer than the
+    /// daemon's own bound for the operation, so that a slow but successful
+    /// change is not reported as a failure by the client.
+    pub fn answer_within(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            Self::CreatePool { .. } => CREATE_POOL_ANSWER_SECS,
+            r if r.is_mutating() => CHANGE_ANSWER_SECS,
+            _ => QUERY_ANSWER_SECS,
+        })
+    }
+
     /// Whether the request changes the appliance (needs an admin peer).
     pub fn is_mutating(&self) -> bool {
         matches!(
