@@ -20,7 +20,13 @@
 //! * ZFS events carry vdev state changes (fast disk events) but no pool
 //!   health, margin or scan statistics. Every event of interest asks the
 //!   caller to re-poll (the returned `repoll` flag), and the pool state,
-//!   scans and error counters are derived from that snapshot.
+//!   scans and error counters are derived from that snapshot. One
+//!   exception: a disk failure that lowers the margin without losing data
+//!   publishes DEGRADED with the new margin at once, from the last snapshot
+//!   with that disk failed (the poll takes seconds on a busy machine; the
+//!   issue asks for DEGRADED within 5 s of a pull). The manager drops a poll
+//!   that was already running when such an event came, so an older view
+//!   never undoes it.
 //! * Snapshots carry everything; they alone would miss nothing but the
 //!   precise moment.
 //!
@@ -617,7 +623,17 @@ impl EventDeriver {
                             EventSource::ZfsEvent,
                             at,
                         ));
-                        d.state = new_state;
+                        d.state = new_state.clone();
+                        if new_state.is_failed() {
+                            out.events.extend(lost_redundancy(
+                                seen,
+                                &pool,
+                                &id,
+                                ev.vdev_guid,
+                                &new_state,
+                                at,
+                            ));
+                        }
                     }
                     None => {
                         let action = if new_state.is_failed() {
@@ -763,6 +779,65 @@ impl PoolSeen {
             heartbeat_at: None,
         }
     }
+}
+
+/// A disk of `pool` failed (ZFS event): when that lowers the margin and the
+/// pool still has all its data, publish DEGRADED with the new margin now,
+/// computed from the last poll with that disk failed, instead of waiting
+/// for the poll the event triggers (three commands, seconds on a busy
+/// machine). The poll then finds the same state and margin and publishes
+/// nothing more. A loss beyond the parity is left to the poll: only ZFS
+/// knows whether the pool is then UNAVAIL or SUSPENDED.
+fn lost_redundancy(
+    seen: &mut PoolSeen,
+    pool: &str,
+    id: &str,
+    guid: Option<u64>,
+    state: &DeviceState,
+    at: u64,
+) -> Option<StorageEvent> {
+    let mut status = seen.last_status.clone()?;
+    let leaf = leaf_mut(&mut status.root, &|v: &Vdev| {
+        guid.is_some_and(|g| v.guid == Some(g)) || disk_id(&v.name) == id
+    })?;
+    leaf.state = state.clone();
+    let red = redundancy(&status);
+    if red.margin < 0 || seen.margin.is_none_or(|m| red.margin >= m) {
+        return None;
+    }
+    status.state = DeviceState::Degraded;
+    let (st, reasons) = classify(&status, &red);
+    let ev = StorageEvent::PoolState(PoolStateEvent {
+        pool: pool.to_owned(),
+        old_state: Some(seen.state.clone()),
+        new_state: status.state.as_str().to_owned(),
+        old_margin: seen.margin,
+        new_margin: Some(red.margin),
+        status: st,
+        redundancy: red.summary.clone(),
+        failed_devices: red
+            .vdevs
+            .iter()
+            .flat_map(|v| v.failed_devices.iter().map(|d| disk_id(d)))
+            .collect(),
+        reason: reasons.join("; "),
+        source: EventSource::ZfsEvent,
+        at,
+    });
+    seen.state = status.state.as_str().to_owned();
+    seen.margin = Some(red.margin);
+    seen.healthy = false;
+    seen.redundancy = red.summary;
+    seen.last_status = Some(status);
+    Some(ev)
+}
+
+/// The first leaf (a vdev without children) that `pred` accepts.
+fn leaf_mut<'a>(v: &'a mut Vdev, pred: &dyn Fn(&Vdev) -> bool) -> Option<&'a mut Vdev> {
+    if v.children.is_empty() {
+        return pred(v).then_some(v);
+    }
+    v.children.iter_mut().find_map(|c| leaf_mut(c, pred))
 }
 
 #[allow(clippy::too_many_arguments)] // one flat constructor for a flat payload

@@ -254,6 +254,7 @@ impl StorageManager {
             book,
             poll_running: false,
             poll_again: false,
+            poll_stale: false,
             polled_once: false,
             zfs_problem: None,
             follower_problem: None,
@@ -443,6 +444,10 @@ struct Actor {
     breaker: CircuitBreaker,
     poll_running: bool,
     poll_again: bool,
+    /// The running poll started before a ZFS event that was published: its
+    /// snapshot may predate the change and must not undo it (the poll
+    /// queued behind it gives the fresh view).
+    poll_stale: bool,
     polled_once: bool,
     zfs_problem: Option<String>,
     follower_problem: Option<String>,
@@ -657,6 +662,7 @@ impl Actor {
 
     fn apply_poll(&mut self, res: Result<Vec<PolledPool>, ZfsError>) {
         self.poll_running = false;
+        let stale = std::mem::take(&mut self.poll_stale);
         let now = self.now();
         let now_ms = self.now_ms();
         match res {
@@ -698,8 +704,10 @@ impl Actor {
                                 datasets,
                                 as_of: now,
                             };
-                            let ev = self.deriver.observe_snapshot(&snap, now);
-                            self.publish(ev);
+                            if !stale {
+                                let ev = self.deriver.observe_snapshot(&snap, now);
+                                self.publish(ev);
+                            }
                             for d in &snap.datasets {
                                 let ev =
                                     self.quotas
@@ -835,6 +843,9 @@ impl Actor {
             Internal::Polled(r) => self.apply_poll(r),
             Internal::Zfs(Ok(EventItem::Event(ev))) => {
                 let out = self.deriver.observe_zfs_event(&ev, now);
+                if self.poll_running && !out.events.is_empty() {
+                    self.poll_stale = true;
+                }
                 self.publish(out.events);
                 if out.repoll {
                     self.start_poll();

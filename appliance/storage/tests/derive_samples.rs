@@ -203,16 +203,22 @@ fn zfs_events_and_polls_publish_each_change_once() {
         repolls += usize::from(out.repoll);
         published.extend(out.events);
     }
+    // Each removal lowers the margin at once, from the event (no waiting
+    // for the poll).
     assert_eq!(
         briefs(&published),
         [
             "storage.disk.virtio-ZD2.removed REMOVED",
-            "storage.disk.virtio-ZD3.removed REMOVED"
+            "storage.pool.tank.state ONLINE->DEGRADED margin Some(2)->Some(1) degraded",
+            "storage.disk.virtio-ZD3.removed REMOVED",
+            "storage.pool.tank.state DEGRADED->DEGRADED margin Some(1)->Some(0) critical",
         ]
     );
-    assert!(published
-        .iter()
-        .all(|e| matches!(e, StorageEvent::Disk(d) if d.source == EventSource::ZfsEvent)));
+    assert!(published.iter().all(|e| match e {
+        StorageEvent::Disk(d) => d.source == EventSource::ZfsEvent,
+        StorageEvent::PoolState(p) => p.source == EventSource::ZfsEvent,
+        _ => false,
+    }));
     assert_eq!(
         repolls, 4,
         "statechange and removed ask for a re-poll; config_sync does not"
@@ -222,8 +228,8 @@ fn zfs_events_and_polls_publish_each_change_once() {
     assert_eq!(
         briefs(&after),
         [
-            "storage.pool.tank.state ONLINE->DEGRADED margin Some(2)->Some(0) critical",
-            // The scrub run between the `healthy` and `removed*` captures.
+            // The pool state is already published: only the scrub run
+            // between the `healthy` and `removed*` captures.
             "storage.scrub.tank.finished"
         ]
     );
@@ -243,12 +249,27 @@ fn zfs_events_and_polls_publish_each_change_once() {
         late.extend(d.observe_zfs_event(e, t_first + 1).events);
     }
     assert!(late.is_empty(), "{:?}", briefs(&late));
-    // ZD3's events are newer than the poll: published once.
+    // ZD3's events are newer than the poll: published once, with the
+    // margin it leaves.
     let mut rest = Vec::new();
     for e in &events[3..] {
         rest.extend(d.observe_zfs_event(e, t_first + 20).events);
     }
-    assert_eq!(briefs(&rest), ["storage.disk.virtio-ZD3.removed REMOVED"]);
+    assert_eq!(
+        briefs(&rest),
+        [
+            "storage.disk.virtio-ZD3.removed REMOVED",
+            "storage.pool.tank.state DEGRADED->DEGRADED margin Some(1)->Some(0) critical"
+        ]
+    );
+    // The poll after it agrees: nothing more.
+    let t = t_first + 30;
+    let after = d.observe_snapshot(&snap(text_status("removed2"), t), t);
+    assert!(
+        !briefs(&after).iter().any(|b| b.contains("pool.tank.state")),
+        "{:?}",
+        briefs(&after)
+    );
     // The same eids replayed: nothing.
     for e in &events {
         assert!(d.observe_zfs_event(e, t_first + 40).events.is_empty());
@@ -298,11 +319,15 @@ fn three_disks_pulled_events_then_suspended_poll() {
         repolls > 800,
         "each asks for a re-poll; the manager coalesces them"
     );
+    // Two removals degrade the pool at once; the third exceeds the parity,
+    // which only the poll can tell apart (UNAVAIL or SUSPENDED).
     assert_eq!(
         briefs(&published),
         [
             "storage.disk.virtio-ZD5.removed REMOVED",
+            "storage.pool.tank.state ONLINE->DEGRADED margin Some(2)->Some(1) degraded",
             "storage.disk.virtio-ZD6.removed REMOVED",
+            "storage.pool.tank.state DEGRADED->DEGRADED margin Some(1)->Some(0) critical",
             "storage.disk.virtio-ZN3.removed REMOVED",
         ]
     );
@@ -310,7 +335,7 @@ fn three_disks_pulled_events_then_suspended_poll() {
     let polled = d.observe_snapshot(&snap(text_status("removed3"), t), t);
     assert_eq!(
         briefs(&polled),
-        ["storage.pool.tank.state ONLINE->SUSPENDED margin Some(2)->Some(-1) unavailable"]
+        ["storage.pool.tank.state DEGRADED->SUSPENDED margin Some(0)->Some(-1) unavailable"]
     );
 }
 

@@ -34,6 +34,9 @@ const MB: u64 = 1 << 20;
 struct HangingZfs {
     inner: Arc<FakeZfs>,
     hung: Mutex<BTreeSet<String>>,
+    /// While set, `pool_status` reads the pool and then waits for this
+    /// before answering (a poll that read the pool before a change).
+    held: Mutex<Option<Arc<tokio::sync::Notify>>>,
 }
 
 impl HangingZfs {
@@ -53,7 +56,12 @@ impl HangingZfs {
 impl Zfs for HangingZfs {
     async fn pool_status(&self, pool: &str) -> Result<PoolStatus, ZfsError> {
         self.maybe_hang(pool).await;
-        self.inner.pool_status(pool).await
+        let status = self.inner.pool_status(pool).await;
+        let held = self.held.lock().unwrap().clone();
+        if let Some(gate) = held {
+            gate.notified().await;
+        }
+        status
     }
     async fn pool_list(&self) -> Result<Vec<Pool>, ZfsError> {
         self.inner.pool_list().await
@@ -135,6 +143,7 @@ impl Rig {
         let zfs = Arc::new(HangingZfs {
             inner: fake.clone(),
             hung: Mutex::new(BTreeSet::new()),
+            held: Mutex::new(None),
         });
         // ZN2 is the spare disk, hot-added later.
         let disks = Arc::new(FakeDisks::new(FakeDisks::blank_disks(
@@ -856,5 +865,41 @@ async fn hotplug_events_from_udev() {
     assert!(
         !rig.mgr.hotplug(change(DiskAction::Added, "x")).await,
         "stopped manager says so"
+    );
+}
+
+/// A poll that read the pool before a disk was pulled finishes after the
+/// ZFS event was published: it must not undo the DEGRADED state (no
+/// DEGRADED -> ONLINE -> DEGRADED flapping).
+#[tokio::test(start_paused = true)]
+async fn a_poll_older_than_a_zfs_event_does_not_undo_it() {
+    let rig = Rig::provisioned().await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    *rig.zfs.held.lock().unwrap() = Some(gate.clone());
+    // A poll starts and reads the healthy pool, then is held.
+    let mgr = rig.mgr.clone();
+    let polled = tokio::spawn(async move { mgr.refresh().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rig.sink.snapshot().len();
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    rig.wait_events("DEGRADED from the ZFS event", |ev| {
+        pool_states(&ev[before..]).contains(&("DEGRADED".to_owned(), Some(1)))
+    })
+    .await;
+    // The old poll finishes; the next ones read the pool as it is.
+    *rig.zfs.held.lock().unwrap() = None;
+    gate.notify_waiters();
+    polled.await.unwrap().unwrap();
+    rig.mgr.refresh().await.unwrap();
+    rig.mgr.refresh().await.unwrap();
+    let ev = rig.sink.snapshot();
+    assert_eq!(
+        pool_states(&ev[before..]),
+        [("DEGRADED".to_owned(), Some(1))],
+        "{:#?}",
+        subjects(&ev[before..])
     );
 }
