@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
-use crate::message::{decode_stored, encode_stored, Message};
+use crate::message::{decode_stored, encode_stored, stored_subject, Message};
 use crate::queue::{CloseReason, ConnOutbound, LocalQueue, Offer, SlowConsumerPolicy};
 use crate::stats::{
     sum, ConnCounters, ConnectionStats, Counters, DurableStats, StatsSnapshot, SubjectCounters,
@@ -330,13 +330,16 @@ impl Bus {
     /// block (start-up, or `spawn_blocking`).
     pub fn open(opts: BusOptions) -> Result<(Self, Option<RecoveryReport>), BusError> {
         let mut report = None;
+        let dlq = crate::dlq::DlqState::new(opts.dlq.max_entries);
         let durable = match &opts.durable {
             None => None,
             Some(d) => {
                 let patterns = d
                     .subjects
                     .iter()
-                    .map(|p| Pattern::new(p))
+                    .map(String::as_str)
+                    .chain(crate::dlq::DLQ_DURABLE_PATTERNS)
+                    .map(Pattern::new)
                     .collect::<Result<Vec<_>, _>>()?;
                 let log_opts = LogOptions {
                     segment_max_bytes: d.segment_max_bytes,
@@ -347,6 +350,22 @@ impl Bus {
                 };
                 let (log, rep) = Log::open(&d.dir, log_opts)?;
                 let synced = rep.last_seq.unwrap_or(0);
+                // Dead letters and retry outcomes, oldest first, to rebuild
+                // the list (dlq.rs, "Across restarts").
+                for rec in log.iter().map_err(|e| BusError::Durable(e.to_string()))? {
+                    let rec = rec.map_err(|e| BusError::Durable(e.to_string()))?;
+                    let Some(subject) = stored_subject(&rec.payload) else {
+                        continue;
+                    };
+                    if !(subject.starts_with(crate::dlq::DLQ_PREFIX)
+                        || subject.starts_with(crate::dlq::DLQ_STATE_PREFIX))
+                    {
+                        continue;
+                    }
+                    if let Some(m) = decode_stored(rec.seq, rec.ts_ms, &rec.payload) {
+                        dlq.restore(&m);
+                    }
+                }
                 let durable = Durable {
                     patterns,
                     policy: d.fsync,
@@ -377,7 +396,7 @@ impl Bus {
             }
         };
         let inner = Arc::new(BusInner {
-            dlq: crate::dlq::DlqState::new(opts.dlq.max_entries),
+            dlq,
             opts,
             index: RwLock::new(Index::default()),
             next_id: AtomicU64::new(1),

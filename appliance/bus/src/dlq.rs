@@ -9,8 +9,16 @@
 //! in a bounded list ([`Bus::dlq_list`]). [`Bus::dlq_retry`] runs the
 //! entry's handler once more: on success the entry is removed.
 //!
-//! The list lives in memory; the `_dlq.*` messages are durable when a
-//! durable pattern covers them.
+//! # Across restarts
+//! When the bus has a durable log, dead letters are always stored in it
+//! (`_dlq.>` is durable whatever the configured patterns), and so is the
+//! outcome of every retry: a `_dlq-state.<id>` record with headers
+//! `Dlq-Status` (`delivered` or `failed`), `Dlq-Error` and `Dlq-Attempts`.
+//! [`Bus::open`] rebuilds the list from those records, so a dead letter
+//! outlives a restart until it is delivered (or the log's retention drops
+//! it). A rebuilt entry carries the original subject and payload; the
+//! original message's own headers are not kept. Without a durable log the
+//! list lives in memory only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -27,6 +35,10 @@ use crate::message::{Headers, Message};
 
 /// The subject prefix of dead letters.
 pub const DLQ_PREFIX: &str = "_dlq.";
+/// The subject prefix of retry outcomes (`_dlq-state.<id>`).
+pub const DLQ_STATE_PREFIX: &str = "_dlq-state.";
+/// The durable patterns the bus adds for dead letters and retry outcomes.
+pub(crate) const DLQ_DURABLE_PATTERNS: [&str; 2] = ["_dlq.>", "_dlq-state.>"];
 
 /// A dead-lettered message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,22 +126,88 @@ impl DlqState {
 
     fn add(&self, handler: &str, error: &str, attempts: u32, message: Message) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.insert(DlqEntry {
+            id,
+            handler: handler.to_owned(),
+            error: error.to_owned(),
+            attempts,
+            failed_at_ms: appliance_record_log::now_ms(),
+            message,
+        });
+        id
+    }
+
+    fn insert(&self, entry: DlqEntry) {
         let mut e = self.entries.lock();
         while e.len() >= self.max_entries {
             e.pop_first();
         }
-        e.insert(
-            id,
-            DlqEntry {
+        e.insert(entry.id, entry);
+    }
+
+    /// Applies one stored message (oldest first) while the list is rebuilt
+    /// at start-up: a dead letter adds an entry, a retry outcome removes
+    /// (delivered) or updates (failed) it. Anything else, or a record
+    /// without the headers it needs, is skipped. Returns whether it applied.
+    pub(crate) fn restore(&self, m: &Message) -> bool {
+        let h = m.headers();
+        let Some(id) = h.get("Dlq-Id").and_then(|v| v.parse::<u64>().ok()) else {
+            return false;
+        };
+        let subject = m.subject.as_str();
+        let applied = if subject.starts_with(DLQ_PREFIX) {
+            let (Some(handler), Some(original)) = (
+                h.get("Dlq-Handler"),
+                h.get("Dlq-Subject")
+                    .and_then(|s| crate::subject::Subject::new(s).ok()),
+            ) else {
+                return false;
+            };
+            self.insert(DlqEntry {
                 id,
                 handler: handler.to_owned(),
-                error: error.to_owned(),
-                attempts,
-                failed_at_ms: appliance_record_log::now_ms(),
-                message,
-            },
-        );
-        id
+                error: h.get("Dlq-Error").unwrap_or_default().to_owned(),
+                attempts: h
+                    .get("Dlq-Attempts")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                failed_at_ms: m.ts_ms,
+                message: Message {
+                    subject: original,
+                    reply: None,
+                    headers: None,
+                    payload: m.payload.clone(),
+                    seq: None,
+                    ts_ms: m.ts_ms,
+                },
+            });
+            true
+        } else if subject.starts_with(DLQ_STATE_PREFIX) {
+            let mut entries = self.entries.lock();
+            match h.get("Dlq-Status") {
+                Some("delivered") => entries.remove(&id).is_some(),
+                Some("failed") => match entries.get_mut(&id) {
+                    Some(x) => {
+                        if let Some(a) = h.get("Dlq-Attempts").and_then(|v| v.parse().ok()) {
+                            x.attempts = a;
+                        }
+                        if let Some(e) = h.get("Dlq-Error") {
+                            e.clone_into(&mut x.error);
+                        }
+                        x.failed_at_ms = m.ts_ms;
+                        true
+                    }
+                    None => false,
+                },
+                _ => false,
+            }
+        } else {
+            false
+        };
+        // Ids stay unique across restarts, also past entries since removed.
+        self.next_id
+            .fetch_max(id.saturating_add(1), Ordering::Relaxed);
+        applied
     }
 }
 
@@ -322,20 +400,44 @@ impl Bus {
         let result = rrx
             .await
             .map_err(|_| BusError::HandlerGone(entry.handler.clone()))?;
-        let mut entries = self.inner.dlq.entries.lock();
-        match result {
-            Ok(()) => {
-                entries.remove(&id);
-                Ok(RetryOutcome::Delivered)
-            }
-            Err(e) => {
-                if let Some(x) = entries.get_mut(&id) {
-                    x.attempts += 1;
-                    x.error.clone_from(&e);
-                    x.failed_at_ms = appliance_record_log::now_ms();
+        let (outcome, state) = {
+            let mut entries = self.inner.dlq.entries.lock();
+            match result {
+                Ok(()) => {
+                    entries.remove(&id);
+                    (
+                        RetryOutcome::Delivered,
+                        Headers::new().with("Dlq-Status", "delivered"),
+                    )
                 }
-                Ok(RetryOutcome::Failed(e))
+                Err(e) => {
+                    let attempts = entries.get_mut(&id).map_or(entry.attempts + 1, |x| {
+                        x.attempts += 1;
+                        x.error.clone_from(&e);
+                        x.failed_at_ms = appliance_record_log::now_ms();
+                        x.attempts
+                    });
+                    let h = Headers::new()
+                        .with("Dlq-Status", "failed")
+                        .with("Dlq-Error", &e)
+                        .with("Dlq-Attempts", &attempts.to_string());
+                    (RetryOutcome::Failed(e), h)
+                }
             }
+        };
+        // The outcome is stored, so that the list rebuilt at the next start
+        // matches this one.
+        let headers = state.with("Dlq-Id", &id.to_string()).encode();
+        if let Err(e) = self
+            .publish(
+                &format!("{DLQ_STATE_PREFIX}{id}"),
+                Some(headers),
+                bytes::Bytes::new(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, id, "could not store the outcome of a dead-letter retry");
         }
+        Ok(outcome)
     }
 }

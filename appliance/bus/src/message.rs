@@ -154,6 +154,15 @@ pub(crate) fn encode_stored(m: &Message) -> Vec<u8> {
 }
 
 /// Decodes a log record back into a message.
+/// The subject of a stored message, without decoding the rest.
+pub(crate) fn stored_subject(bytes: &[u8]) -> Option<&str> {
+    // `StoredOwned` starts with the subject; postcard encodes a string the
+    // same whether it is owned or borrowed.
+    postcard::take_from_bytes::<&str>(bytes)
+        .ok()
+        .map(|(s, _)| s)
+}
+
 pub(crate) fn decode_stored(seq: u64, ts_ms: u64, bytes: &[u8]) -> Option<Message> {
     let s: StoredOwned = postcard::from_bytes(bytes).ok()?;
     Some(Message {

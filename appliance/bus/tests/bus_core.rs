@@ -551,3 +551,120 @@ async fn close_ends_subscriptions() {
         Err(BusError::Closed)
     ));
 }
+
+/// A bus whose durable log covers only `storage.>`: dead letters and retry
+/// outcomes are stored anyway.
+/// The log stays locked until the last clone of the previous bus is gone
+/// (an aborted handler task lets go of its clone a moment later).
+async fn dlq_durable_bus(dir: &std::path::Path) -> Bus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut d = DurableOptions::new(dir);
+        d.fsync = DurableFsync::Always;
+        d.subjects = vec!["storage.>".into()];
+        match Bus::open(BusOptions {
+            durable: Some(d),
+            dlq: DlqOptions {
+                max_attempts: 2,
+                backoff: Duration::from_millis(5),
+                ..DlqOptions::default()
+            },
+            ..BusOptions::default()
+        }) {
+            Ok((b, _)) => return b,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(format!("{e:?}").contains("Locked"), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+fn failing_until(b: &Bus, healthy: &Arc<AtomicU32>) -> HandlerHandle {
+    let healthy = healthy.clone();
+    b.handle(
+        "mailer",
+        "sync.>",
+        HandlerOptions::default(),
+        move |_m: Message| {
+            let healthy = healthy.clone();
+            async move {
+                if healthy.load(Ordering::SeqCst) == 1 {
+                    Ok(())
+                } else {
+                    Err("relay down".to_string())
+                }
+            }
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn dead_letters_and_retry_outcomes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let healthy = Arc::new(AtomicU32::new(0));
+    let (first, second) = {
+        let b = dlq_durable_bus(dir.path()).await;
+        assert!(b.is_durable("_dlq.sync.upload.x") && !b.is_durable("sync.upload.x"));
+        let mut dlq = b.subscribe("_dlq.>", SubscribeOptions::default()).unwrap();
+        let _h = failing_until(&b, &healthy);
+        b.publish("sync.upload.laptop.completed", None, "one")
+            .await
+            .unwrap();
+        recv(&mut dlq).await;
+        b.publish("sync.upload.laptop.completed", None, "two")
+            .await
+            .unwrap();
+        recv(&mut dlq).await;
+        let list = b.dlq_list();
+        assert_eq!(list.len(), 2);
+        // One more failed attempt on the first: stored as its new state.
+        assert!(matches!(
+            b.dlq_retry(list[0].id).await.unwrap(),
+            RetryOutcome::Failed(_)
+        ));
+        assert_eq!(b.dlq_get(list[0].id).unwrap().attempts, 3);
+        b.close();
+        drop(_h);
+        (list[0].id, list[1].id)
+    };
+
+    // Restart: both are back, the first with its retry counted.
+    let b = dlq_durable_bus(dir.path()).await;
+    let list = b.dlq_list();
+    assert_eq!(
+        list.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![first, second]
+    );
+    let e = b.dlq_get(first).unwrap();
+    assert_eq!(e.attempts, 3);
+    assert_eq!(e.error, "relay down");
+    assert_eq!(e.handler, "mailer");
+    assert_eq!(e.message.subject.as_str(), "sync.upload.laptop.completed");
+    assert_eq!(text(&e.message), "one");
+    assert_eq!(b.dlq_get(second).unwrap().attempts, 2);
+
+    // The handler is back and healthy: a retry delivers, and that too is
+    // remembered. New dead letters get fresh ids.
+    healthy.store(1, Ordering::SeqCst);
+    let _h = failing_until(&b, &healthy);
+    assert_eq!(b.dlq_retry(first).await.unwrap(), RetryOutcome::Delivered);
+    healthy.store(0, Ordering::SeqCst);
+    let mut dlq = b.subscribe("_dlq.>", SubscribeOptions::default()).unwrap();
+    b.publish("sync.upload.laptop.completed", None, "three")
+        .await
+        .unwrap();
+    let d = recv(&mut dlq).await;
+    let third: u64 = d.headers().get("Dlq-Id").unwrap().parse().unwrap();
+    assert!(third > second, "id {third} reused (second was {second})");
+    b.close();
+    drop((_h, dlq, b));
+
+    let b = dlq_durable_bus(dir.path()).await;
+    assert_eq!(
+        b.dlq_list().iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![second, third]
+    );
+}
