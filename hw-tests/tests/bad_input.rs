@@ -150,6 +150,8 @@ fn assert_sync_ready(app: &mut Appliance) {
 #[ignore = "boots the image in QEMU/TCG (root, several minutes)"]
 fn refused_identities_and_hostile_paths_leave_the_box_healthy() {
     let t0 = Instant::now();
+    // The host client first, so its build is not timed as the push.
+    appliance_hw_tests::scenario::sync_client().unwrap();
     let mut app = Appliance::boot("bad_input");
     let rt = runtime();
     let addr: SocketAddr = app.sync_addr().parse().unwrap();
