@@ -22,6 +22,18 @@ pub struct QuotaExceeded {
     pub available: u64,
 }
 
+/// Why an upload is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Not enough room: the client's quota, the dataset's, or free space.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    /// Storage cannot take uploads at all right now (the pool is suspended,
+    /// ZFS does not answer); `detail` says why, for the client.
+    #[error("storage unavailable: {detail}")]
+    Unavailable { detail: String },
+}
+
 /// Space figures for one client (the `status` request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Space {
@@ -34,7 +46,7 @@ pub struct Space {
 /// connection's task for every manifest.
 pub trait Admission: Send + Sync + std::fmt::Debug {
     /// `Ok` if `client` may add `bytes` more bytes.
-    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), QuotaExceeded>;
+    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused>;
     /// Used and available bytes for `client`.
     fn space(&self, client: &ClientName) -> Space;
 }
@@ -152,13 +164,13 @@ impl LocalAdmission {
 }
 
 impl Admission for LocalAdmission {
-    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), QuotaExceeded> {
+    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused> {
         let space = self.space(client);
         if bytes > space.available {
-            Err(QuotaExceeded {
+            Err(Refused::Quota(QuotaExceeded {
                 needed: bytes,
                 available: space.available,
-            })
+            }))
         } else {
             Ok(())
         }
@@ -196,10 +208,10 @@ mod tests {
         ledger.counter(&alice).store(400, Ordering::SeqCst);
         assert_eq!(
             admission.admit(&alice, 601),
-            Err(QuotaExceeded {
+            Err(Refused::Quota(QuotaExceeded {
                 needed: 601,
                 available: 600
-            })
+            }))
         );
         let space = admission.space(&alice);
         assert_eq!(

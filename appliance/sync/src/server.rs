@@ -29,7 +29,7 @@
 //!   difference. Raising them may be refused (`net.core.rmem_max`); that
 //!   is logged and the server runs with what it got.
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Refused};
 use crate::events::{EventSink, SyncEvent};
 use crate::identity::{Authority, ClientName};
 use crate::store::{ClientStore, Documents, Staged, StoreError};
@@ -502,9 +502,12 @@ impl ProtoAdmission for StorageView<'_> {
         };
         self.admission
             .admit(self.client, needed)
-            .map_err(|q| Refusal::QuotaExceeded {
-                needed: q.needed,
-                available: q.available,
+            .map_err(|r| match r {
+                Refused::Quota(q) => Refusal::QuotaExceeded {
+                    needed: q.needed,
+                    available: q.available,
+                },
+                Refused::Unavailable { detail } => Refusal::Unavailable { detail },
             })
     }
 }

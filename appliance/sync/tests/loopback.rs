@@ -558,3 +558,70 @@ async fn read_one(recv: &mut quinn::RecvStream) -> Message {
         .unwrap()
         .0
 }
+
+/// Admission that refuses everything while `closed` holds a reason (as the
+/// daemon's storage gate does while the pool is suspended).
+#[derive(Debug)]
+struct Gate {
+    closed: parking_lot::Mutex<Option<String>>,
+    inner: Arc<dyn appliance_sync::admission::Admission>,
+}
+
+impl appliance_sync::admission::Admission for Gate {
+    fn admit(
+        &self,
+        client: &ClientName,
+        bytes: u64,
+    ) -> Result<(), appliance_sync::admission::Refused> {
+        if let Some(detail) = self.closed.lock().clone() {
+            return Err(appliance_sync::admission::Refused::Unavailable { detail });
+        }
+        self.inner.admit(client, bytes)
+    }
+
+    fn space(&self, client: &ClientName) -> appliance_sync::admission::Space {
+        self.inner.space(client)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_unavailable_refuses_uploads_with_the_reason_and_writes_nothing() {
+    let gate = Arc::new(std::sync::OnceLock::<Arc<Gate>>::new());
+    let g = gate.clone();
+    let mut fx = Fixture::start_with(move |inner| {
+        let gate = Arc::new(Gate {
+            closed: parking_lot::Mutex::new(Some("pool tank is SUSPENDED".into())),
+            inner,
+        });
+        let _ = g.set(gate.clone());
+        gate
+    })
+    .await;
+    let bundle = fx.enroll("carol", None);
+    let client = fx.connect(&bundle).await;
+    let file = fx.path().join("report.pdf");
+    std::fs::write(&file, random_bytes(300_000, 9)).unwrap();
+    let err = client
+        .push(std::slice::from_ref(&file), None, Arc::new(NoProgress))
+        .await
+        .unwrap_err();
+    match err.wire_error() {
+        Some(WireError::Storage { detail }) => {
+            assert!(detail.contains("pool tank is SUSPENDED"), "{detail}");
+        }
+        other => panic!("expected a storage refusal, got {other:?} ({err})"),
+    }
+    let root = fx.client_root("carol");
+    assert!(visible_files(&root).is_empty());
+    assert_eq!(stored_chunks(&root), 0);
+
+    // The pool is back: the same push goes through.
+    *gate.get().unwrap().closed.lock() = None;
+    client
+        .push(&[file], None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(visible_files(&root).len(), 1);
+    client.close().await;
+    fx.stop().await;
+}

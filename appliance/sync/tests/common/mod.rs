@@ -2,7 +2,7 @@
 //! real identity, real files, and clients enrolled against it.
 #![allow(dead_code)]
 
-use appliance_sync::admission::{LocalAdmission, UsageLedger};
+use appliance_sync::admission::{Admission, LocalAdmission, UsageLedger};
 use appliance_sync::client::{ClientOptions, SyncClient};
 use appliance_sync::events::MemorySink;
 use appliance_sync::identity::{Authority, Bundle, ClientName};
@@ -28,13 +28,19 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn start() -> Self {
+        Self::start_with(|local| local).await
+    }
+
+    /// A server whose admission is `wrap` around the local one.
+    pub async fn start_with(wrap: impl FnOnce(Arc<dyn Admission>) -> Arc<dyn Admission>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let authority = Authority::open(&dir.path().join("identity")).unwrap();
         let ledger = UsageLedger::new();
         let docs_dir = dir.path().join("documents");
         let documents = Arc::new(Documents::new(&docs_dir, false, ledger.clone()).unwrap());
-        let admission =
-            Arc::new(LocalAdmission::new(authority.clone(), ledger, &docs_dir).with_reserve(0));
+        let admission = wrap(Arc::new(
+            LocalAdmission::new(authority.clone(), ledger, &docs_dir).with_reserve(0),
+        ));
         let events = Arc::new(MemorySink::default());
         let services = Services {
             authority: authority.clone(),
