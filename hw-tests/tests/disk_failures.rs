@@ -40,7 +40,7 @@ fn component<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
 /// returns the latency from just before `device_del` to the event's
 /// `ts_ms` (guest clock) and the event.
 fn pull_and_wait(app: &mut Appliance, bay: usize, margin: i64) -> (u64, Value) {
-    let after = app.last_seq(STATE);
+    let after = app.last_seq("storage.>");
     let t0 = app.guest_ms();
     let host_t0 = Instant::now();
     app.unplug_disk(bay);
@@ -59,6 +59,19 @@ fn pull_and_wait(app: &mut Appliance, bay: usize, margin: i64) -> (u64, Value) {
         unplugged.as_secs_f64(),
         (unplugged + seen).as_secs_f64(),
     );
+    // Where the time went: the disk's own event (from `zpool events`) comes
+    // before the pool state (from the poll it triggers).
+    let disk = format!("storage.disk.virtio-APPLIANCE-DISK-{bay}.>");
+    for m in app.events(&disk) {
+        if m["seq"].as_u64().is_some_and(|s| s > after) {
+            eprintln!(
+                "  {} {} ms after device_del (source {})",
+                m["subject"],
+                m["ts_ms"].as_u64().unwrap_or(0).saturating_sub(t0),
+                m["data"]["source"]
+            );
+        }
+    }
     (latency, ev)
 }
 
