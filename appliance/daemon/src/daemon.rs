@@ -152,6 +152,12 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
     // The storage manager (real ZFS, or the simulator).
     notifier.status("starting the storage manager");
     let storage = crate::storage::start(&cfg.storage, &resolved.data_dir, &bus);
+    // Uploads ask the storage manager whether the documents' pool takes
+    // writes (admission.rs); the storage task keeps the gate current.
+    let gate = crate::admission::StorageGate::new(crate::sync::documents_dir(
+        &cfg.sync,
+        &resolved.data_dir,
+    ));
     metrics.with_registry(|r| {
         r.register_collector(Box::new(crate::storage::StorageCollector::new(&storage)));
     });
@@ -284,6 +290,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
             listen,
             resolved.data_dir.clone(),
             bus.clone(),
+            gate.clone(),
             sync_slot.clone(),
             endpoints.clone(),
             h,
@@ -297,6 +304,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
         probes.push(p);
         tracker.spawn(crate::storage::run(
             storage.clone(),
+            gate.clone(),
             cfg.storage.zfs_device.clone(),
             h,
             r,

@@ -21,6 +21,7 @@
 //! the peer's groups parser in [`control::parse_proc_groups`], all plain code
 //! with unit tests.
 
+pub mod admission;
 pub mod bus;
 pub mod cache;
 pub mod cli;

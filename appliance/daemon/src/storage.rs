@@ -27,6 +27,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::admission::StorageGate;
 use crate::health::HealthHandle;
 use crate::liveness::LivenessResponder;
 
@@ -93,6 +94,9 @@ impl EventSink for BusSink {
     }
 }
 
+/// The manager's last report (metrics, the upload gate).
+pub type ReportSlot = Arc<Mutex<Option<StorageReport>>>;
+
 /// The running storage component, as the control socket sees it.
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -101,7 +105,7 @@ pub struct Storage {
     /// Why there is no manager.
     pub unavailable: Option<String>,
     /// The latest report, for metrics.
-    pub last_report: Arc<Mutex<Option<StorageReport>>>,
+    pub last_report: ReportSlot,
 }
 
 /// Starts the manager for the configured backend, or reports why not.
@@ -195,6 +199,7 @@ pub async fn handle(
 /// metrics, answers liveness.
 pub async fn run(
     storage: Storage,
+    gate: StorageGate,
     device: PathBuf,
     health: HealthHandle,
     mut liveness: LivenessResponder,
@@ -224,6 +229,11 @@ pub async fn run(
         let h = health_rx.borrow().clone();
         health.set(h.state, h.reason);
     }
+    // The upload gate follows every health change and every report.
+    let update_gate = |gate: &StorageGate, h: &appliance_storage::Health, slot: &ReportSlot| {
+        let report = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        gate.update(h, report.as_ref());
+    };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -234,15 +244,20 @@ pub async fn run(
                     break;
                 }
                 let h = health_rx.borrow().clone();
+                update_gate(&gate, &h, &storage.last_report);
                 health.set(h.state, h.reason);
             }
             _ = refresh.tick() => {
                 // The report answers from the manager's last poll: quick.
                 let m = manager.clone();
                 let slot = storage.last_report.clone();
+                let gate = gate.clone();
+                let health_now = health_rx.clone();
                 tokio::spawn(async move {
                     if let Ok(r) = m.report().await {
                         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+                        let h = health_now.borrow().clone();
+                        update_gate(&gate, &h, &slot);
                     }
                 });
             }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use appliance_sync::admission::{LocalAdmission, UsageLedger};
+
+use crate::admission::{GatedAdmission, StorageGate};
 use appliance_sync::events::{EventSink, SyncEvent};
 use appliance_sync::identity::{Authority, ClientInfo, ClientName};
 use appliance_sync::server::{ServerConfig, Services, SyncServer};
@@ -109,13 +111,11 @@ pub async fn start(
     data_dir: &Path,
     authority: Arc<Authority>,
     bus: appliance_bus::Bus,
+    gate: StorageGate,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Sync> {
     authority.set_public_address(cfg.public_address.clone());
-    let documents_dir = cfg
-        .documents_dir
-        .clone()
-        .unwrap_or_else(|| data_dir.join("documents"));
+    let documents_dir = documents_dir(cfg, data_dir);
     let ledger = UsageLedger::new();
     let documents = Arc::new(
         Documents::new(&documents_dir, cfg.keep_versions, ledger.clone()).with_context(|| {
@@ -125,10 +125,9 @@ pub async fn start(
             )
         })?,
     );
-    let admission = Arc::new(LocalAdmission::new(
-        authority.clone(),
-        ledger.clone(),
-        &documents_dir,
+    let admission = Arc::new(GatedAdmission::new(
+        gate,
+        LocalAdmission::new(authority.clone(), ledger.clone(), &documents_dir),
     ));
     let services = Services {
         authority: authority.clone(),
@@ -289,6 +288,13 @@ pub type SyncSlot = Arc<std::sync::OnceLock<Sync>>;
 /// How often a missing documents directory is looked for again.
 pub const DOCUMENTS_RECHECK: Duration = Duration::from_secs(5);
 
+/// Where documents live: `sync.documents_dir`, or `DATA/documents`.
+pub fn documents_dir(cfg: &SyncConfig, data_dir: &Path) -> PathBuf {
+    cfg.documents_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("documents"))
+}
+
 /// Whether the endpoint can start on `documents_dir`: a configured directory
 /// must exist (it is the encrypted dataset's mount point; the daemon never
 /// creates it on the root filesystem); the default one under the data
@@ -314,16 +320,14 @@ pub async fn run(
     listen: SocketAddr,
     data_dir: PathBuf,
     bus: appliance_bus::Bus,
+    gate: StorageGate,
     slot: SyncSlot,
     endpoints: crate::supervisor::Endpoints,
     health: HealthHandle,
     mut liveness: LivenessResponder,
     shutdown: CancellationToken,
 ) {
-    let documents_dir = cfg
-        .documents_dir
-        .clone()
-        .unwrap_or_else(|| data_dir.join("documents"));
+    let documents_dir = documents_dir(&cfg, &data_dir);
     let mut retry = tokio::time::interval(DOCUMENTS_RECHECK);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The CA comes first, whether or not documents can be stored yet: first
@@ -351,7 +355,7 @@ pub async fn run(
                     health.set(ComponentState::Unavailable, reason);
                     continue;
                 }
-                match start(&cfg, listen, &data_dir, auth, bus.clone(), shutdown.clone()).await {
+                match start(&cfg, listen, &data_dir, auth, bus.clone(), gate.clone(), shutdown.clone()).await {
                     Ok(s) => break s,
                     Err(e) => health.set(ComponentState::Failed, format!("{e:#}")),
                 }

@@ -1,0 +1,333 @@
+//! Upload admission on the appliance: the storage manager says whether the
+//! pool under the documents can take writes at all, before the sync
+//! endpoint's own accounting (the client's quota and `statvfs` of the
+//! documents dataset, which on ZFS is the dataset's quota and the pool's free
+//! space) is asked about room.
+//!
+//! Why the gate: on a suspended pool (three disks of a RAID-Z2 gone,
+//! `failmode=wait`) every write blocks in the kernel for as long as the pool
+//! stays suspended. An upload admitted then would hang its connection and pin
+//! a thread; refused, the client hears "storage unavailable: pool tank is
+//! SUSPENDED" at once and nothing is written.
+//!
+//! The gate's state is computed by [`evaluate`] (plain code) from the storage
+//! component's health and the manager's last report; the storage task
+//! (`storage::run`) recomputes it whenever either changes.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use appliance_storage::Health;
+use appliance_sync::admission::{Admission, LocalAdmission, Refused, Space};
+use appliance_sync::identity::ClientName;
+use appliance_types::health::ComponentState;
+use appliance_types::storage::StorageReport;
+
+/// Whether uploads may go to the documents dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GateState {
+    /// Uploads are admitted (subject to room).
+    #[default]
+    Open,
+    /// Uploads are refused with this reason.
+    Closed { reason: String },
+}
+
+/// The shared gate of one documents directory: written by the storage
+/// task, read on every manifest. Open until the storage task says otherwise.
+#[derive(Debug, Clone)]
+pub struct StorageGate {
+    state: Arc<RwLock<GateState>>,
+    documents: Arc<PathBuf>,
+}
+
+impl StorageGate {
+    /// An open gate for the documents directory `documents`.
+    pub fn new(documents: PathBuf) -> Self {
+        Self {
+            state: Arc::default(),
+            documents: Arc::new(documents),
+        }
+    }
+
+    /// The documents directory it guards.
+    pub fn documents(&self) -> &Path {
+        &self.documents
+    }
+
+    /// Recomputes the state ([`evaluate`]).
+    pub fn update(&self, health: &Health, report: Option<&StorageReport>) {
+        self.set(evaluate(health, report, &self.documents));
+    }
+
+    /// The current state.
+    pub fn get(&self) -> GateState {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the state; logs when it changes.
+    pub fn set(&self, state: GateState) {
+        let mut cur = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if *cur != state {
+            match &state {
+                GateState::Open => tracing::info!("uploads admitted again"),
+                GateState::Closed { reason } => {
+                    tracing::warn!(%reason, "uploads refused until storage recovers");
+                }
+            }
+            *cur = state;
+        }
+    }
+}
+
+/// The dataset a documents directory is, by ZFS's default mountpoints
+/// (`/tank/documents` is `tank/documents`), which is how provisioning lays
+/// them out. `None` for a path that cannot be a dataset's.
+pub fn dataset_for_dir(dir: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in dir.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(p) => parts.push(p.to_str()?),
+            _ => return None,
+        }
+    }
+    if parts.is_empty() || !dir.is_absolute() {
+        return None;
+    }
+    Some(parts.join("/"))
+}
+
+/// Pool states that take writes (a DEGRADED pool still stores data safely
+/// within its margin).
+fn writable(pool_state: &str) -> bool {
+    matches!(pool_state, "ONLINE" | "DEGRADED")
+}
+
+/// The gate for the documents directory `dir`, from the storage component's
+/// health and the manager's last report. The dataset is the one mounted at
+/// `dir` (or, when the report has no such mountpoint, the one named after
+/// it: [`dataset_for_dir`]). Only a dataset the storage manager manages is
+/// gated: documents elsewhere (a development machine) are always open.
+pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> GateState {
+    let Some(report) = report else {
+        return GateState::Open;
+    };
+    let by_name = dataset_for_dir(dir);
+    let found = report.pools.iter().find_map(|p| {
+        p.datasets
+            .iter()
+            .find(|d| Path::new(&d.mountpoint) == dir)
+            .or_else(|| {
+                p.datasets
+                    .iter()
+                    .find(|d| by_name.as_deref() == Some(d.name.as_str()))
+            })
+            .map(|d| (p, d))
+    });
+    let Some((pool, ds)) = found else {
+        return GateState::Open;
+    };
+    if health.state == ComponentState::Failed {
+        return GateState::Closed {
+            reason: format!("storage has failed: {}", health.reason),
+        };
+    }
+    if !writable(&pool.state) {
+        return GateState::Closed {
+            reason: format!("pool {} is {}", pool.name, pool.state),
+        };
+    }
+    if ds.encrypted && ds.key_loaded == Some(false) {
+        return GateState::Closed {
+            reason: format!("the encryption key of {} is not loaded", ds.name),
+        };
+    }
+    GateState::Open
+}
+
+/// The sync endpoint's admission on the appliance: the gate, then the local
+/// accounting.
+#[derive(Debug)]
+pub struct GatedAdmission {
+    gate: StorageGate,
+    local: LocalAdmission,
+}
+
+impl GatedAdmission {
+    /// `local` behind `gate`.
+    pub fn new(gate: StorageGate, local: LocalAdmission) -> Self {
+        Self { gate, local }
+    }
+}
+
+impl Admission for GatedAdmission {
+    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused> {
+        match self.gate.get() {
+            GateState::Closed { reason } => Err(Refused::Unavailable { detail: reason }),
+            GateState::Open => self.local.admit(client, bytes),
+        }
+    }
+
+    fn space(&self, client: &ClientName) -> Space {
+        let mut space = self.local.space(client);
+        if matches!(self.gate.get(), GateState::Closed { .. }) {
+            space.available = 0;
+        }
+        space
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use appliance_types::storage::{DatasetReport, PoolReport, StorageStatus};
+
+    fn health(state: ComponentState, reason: &str) -> Health {
+        Health {
+            state,
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn report(pool_state: &str, key_loaded: Option<bool>) -> StorageReport {
+        let json = serde_json::json!({
+            "status": "healthy", "reasons": [], "total_bytes": 0, "used_bytes": 0,
+            "free_bytes": 0, "total_tb": 0.0, "used_tb": 0.0, "free_tb": 0.0,
+            "redundancy": "", "pools": [], "as_of": 0
+        });
+        let mut r: StorageReport = serde_json::from_value(json).unwrap();
+        let pool = serde_json::json!({
+            "name": "tank", "state": pool_state, "status": "healthy", "reasons": [],
+            "total_bytes": 0, "used_bytes": 0, "free_bytes": 0, "total_tb": 0.0,
+            "used_tb": 0.0, "free_tb": 0.0, "raw_size_bytes": 0, "raw_allocated_bytes": 0,
+            "fragmentation_percent": null, "redundancy": "RAID-Z2, 6 disks",
+            "disks": 6, "failed": 0, "margin": 2, "failed_devices": [],
+            "devices_with_errors": [], "scan": null, "datasets": []
+        });
+        let mut pool: PoolReport = serde_json::from_value(pool).unwrap();
+        pool.status = StorageStatus::Healthy;
+        let ds = serde_json::json!({
+            "name": "tank/documents", "used_bytes": 0, "available_bytes": 1000,
+            "quota_bytes": null, "used_percent": 0.0, "encrypted": true,
+            "key_loaded": key_loaded, "compression": "zstd",
+            "mountpoint": "/tank/documents"
+        });
+        let ds: DatasetReport = serde_json::from_value(ds).unwrap();
+        pool.datasets.push(ds);
+        r.pools.push(pool);
+        r
+    }
+
+    const DOCS: &str = "/tank/documents";
+
+    fn docs() -> &'static Path {
+        Path::new(DOCS)
+    }
+
+    #[test]
+    fn documents_dir_names_its_dataset() {
+        assert_eq!(
+            dataset_for_dir(Path::new("/tank/documents")).as_deref(),
+            Some("tank/documents")
+        );
+        assert_eq!(
+            dataset_for_dir(Path::new("/tank/documents/")).as_deref(),
+            Some("tank/documents")
+        );
+        assert_eq!(dataset_for_dir(Path::new("/")), None);
+        assert_eq!(dataset_for_dir(Path::new("tank/documents")), None);
+        assert_eq!(dataset_for_dir(Path::new("/tank/../etc")), None);
+    }
+
+    #[test]
+    fn open_while_the_pool_takes_writes() {
+        let ready = health(ComponentState::Ready, "ok");
+        for state in ["ONLINE", "DEGRADED"] {
+            assert_eq!(
+                evaluate(&ready, Some(&report(state, Some(true))), docs()),
+                GateState::Open,
+                "{state}"
+            );
+        }
+        let degraded = health(ComponentState::Degraded, "1 disk failed");
+        assert_eq!(
+            evaluate(&degraded, Some(&report("DEGRADED", Some(true))), docs()),
+            GateState::Open
+        );
+    }
+
+    #[test]
+    fn closed_when_the_pool_cannot_take_writes_with_the_reason() {
+        let ready = health(ComponentState::Ready, "ok");
+        for state in ["SUSPENDED", "UNAVAIL", "FAULTED"] {
+            assert_eq!(
+                evaluate(&ready, Some(&report(state, Some(true))), docs()),
+                GateState::Closed {
+                    reason: format!("pool tank is {state}")
+                }
+            );
+        }
+        let failed = health(
+            ComponentState::Failed,
+            "pool tank is suspended (3 disks lost)",
+        );
+        assert_eq!(
+            evaluate(&failed, Some(&report("ONLINE", Some(true))), docs()),
+            GateState::Closed {
+                reason: "storage has failed: pool tank is suspended (3 disks lost)".into()
+            }
+        );
+        assert_eq!(
+            evaluate(&ready, Some(&report("ONLINE", Some(false))), docs()),
+            GateState::Closed {
+                reason: "the encryption key of tank/documents is not loaded".into()
+            }
+        );
+    }
+
+    #[test]
+    fn documents_outside_the_managed_pool_are_not_gated() {
+        let failed = health(ComponentState::Failed, "zpool not answering");
+        assert_eq!(evaluate(&failed, None, docs()), GateState::Open);
+        let r = report("SUSPENDED", Some(true));
+        assert_eq!(
+            evaluate(&failed, Some(&r), Path::new("/other/documents")),
+            GateState::Open
+        );
+        assert_eq!(
+            evaluate(&failed, Some(&r), Path::new("/srv/documents")),
+            GateState::Open
+        );
+    }
+
+    #[test]
+    fn gated_admission_refuses_with_the_reason_then_admits() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = appliance_sync::identity::Authority::open(&dir.path().join("id")).unwrap();
+        let client = ClientName::parse("laptop").unwrap();
+        authority
+            .enroll(&client, None, &dir.path().join("laptop.bundle"))
+            .unwrap();
+        let ledger = appliance_sync::admission::UsageLedger::new();
+        let local = LocalAdmission::new(authority, ledger, dir.path()).with_reserve(0);
+        let gate = StorageGate::new(dir.path().to_path_buf());
+        let adm = GatedAdmission::new(gate.clone(), local);
+        assert_eq!(adm.admit(&client, 10), Ok(()));
+        gate.set(GateState::Closed {
+            reason: "pool tank is SUSPENDED".into(),
+        });
+        assert_eq!(
+            adm.admit(&client, 10),
+            Err(Refused::Unavailable {
+                detail: "pool tank is SUSPENDED".into()
+            })
+        );
+        assert_eq!(adm.space(&client).available, 0);
+        gate.set(GateState::Open);
+        assert_eq!(adm.admit(&client, 10), Ok(()));
+    }
+}
