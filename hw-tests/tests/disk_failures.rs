@@ -10,8 +10,9 @@
 //!    (`failmode=wait`). The daemon publishes it, marks the `storage`
 //!    component failed with the reason, and `appliancectl status` and
 //!    `storage report` keep answering (each under `timeout 10` in the guest).
-//!    Uploads are left to the sync scenarios; the report's status
-//!    (unavailable/critical) is what admission refuses on.
+//!    An upload from the host is refused at once with "storage
+//!    unavailable" and the reason (the daemon's upload gate), and nothing of
+//!    it is stored.
 //! 4. Power cycle with all six disks back: the pool imports, the data
 //!    verifies, and the pool returns to ONLINE with margin 2 (after the
 //!    resilver of the stale disks).
@@ -21,7 +22,7 @@
 
 use std::time::{Duration, Instant};
 
-use appliance_hw_tests::scenario::{Appliance, POOL};
+use appliance_hw_tests::scenario::{sync_client, write_random_file, Appliance, POOL};
 use serde_json::Value;
 
 const STATE: &str = "storage.pool.tank.state";
@@ -98,6 +99,11 @@ fn pulled_disks_degrade_then_suspend_and_the_pool_recovers_after_power_cycle() {
     verify(&mut app, &want, "right after writing");
     let fm = app.run(&format!("zpool get -H -o value failmode {POOL}"));
     assert_eq!(fm.trim(), "wait", "failmode");
+    // A laptop, to try an upload while the pool is suspended.
+    let client = sync_client().unwrap();
+    let bundle = app.enroll("laptop", None);
+    let upload = app.vm.run_dir.join("during-suspension.bin");
+    write_random_file(&upload, 1 << 20, 44).unwrap();
 
     // --- first and second pull: DEGRADED, margin 1 then 0, within 5 s.
     let (lat1, ev1) = pull_and_wait(&mut app, 1, 1);
@@ -189,6 +195,32 @@ fn pulled_disks_degrade_then_suspend_and_the_pool_recovers_after_power_cycle() {
         );
         std::thread::sleep(Duration::from_secs(5));
     }
+    // An upload now is refused at once, with the reason, not left hanging
+    // on the suspended pool.
+    let asked = Instant::now();
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(&client)
+        .arg("--identity")
+        .arg(&bundle)
+        .arg("--server")
+        .arg(app.sync_addr())
+        .arg("push")
+        .arg(&upload)
+        .output()
+        .unwrap();
+    let took = asked.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!(
+        "push during the suspension: {} after {:.1} s: {}",
+        out.status,
+        took.as_secs_f64(),
+        stderr.trim()
+    );
+    app.ensure(
+        out.status.code() == Some(1) && stderr.contains("storage unavailable"),
+        || format!("the push should be refused as storage unavailable: {out:?}"),
+    );
     let before_cycle = app.last_seq(STATE);
 
     // --- power cycle with the disks back.
@@ -198,6 +230,14 @@ fn pulled_disks_degrade_then_suspend_and_the_pool_recovers_after_power_cycle() {
     let zs = app.run(&format!("zpool status {POOL}"));
     eprintln!("after the power cycle:\n{zs}");
     verify(&mut app, &want, "after the power cycle");
+    let listed = app
+        .sync_cmd(&bundle, &["--json", "ls"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap();
+    app.ensure(
+        listed.contains("\"entries\"") && !listed.contains("during-suspension.bin"),
+        || format!("the refused upload is stored, or ls failed: {listed}"),
+    );
     // Back to ONLINE with margin 2 (a resilver of the stale disks first).
     let (ev, _) = app.wait_event(
         STATE,
