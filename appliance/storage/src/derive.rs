@@ -231,6 +231,12 @@ impl EventDeriver {
         self.pools.get(pool).map(|p| (p.state.clone(), p.margin))
     }
 
+    /// The pool's status as last seen: the last poll, with any disk failure
+    /// published from a ZFS event since applied to it.
+    pub fn last_status(&self, pool: &str) -> Option<&PoolStatus> {
+        self.pools.get(pool).and_then(|p| p.last_status.as_ref())
+    }
+
     /// Applies one poll of one pool.
     pub fn observe_snapshot(&mut self, snap: &PoolSnapshot, now: u64) -> Vec<StorageEvent> {
         let status = &snap.status;

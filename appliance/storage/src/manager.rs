@@ -698,13 +698,19 @@ impl Actor {
                                 }
                             };
                             self.book.saw_pool(&p.name, now);
-                            let snap = PoolSnapshot {
+                            let mut snap = PoolSnapshot {
                                 status,
                                 list: Some(p.list),
                                 datasets,
                                 as_of: now,
                             };
-                            if !stale {
+                            if stale {
+                                // Keep the state the event published; the
+                                // poll queued behind this one brings it all.
+                                if let Some(st) = self.deriver.last_status(&p.name) {
+                                    snap.status = st.clone();
+                                }
+                            } else {
                                 let ev = self.deriver.observe_snapshot(&snap, now);
                                 self.publish(ev);
                             }
@@ -846,7 +852,24 @@ impl Actor {
                 if self.poll_running && !out.events.is_empty() {
                     self.poll_stale = true;
                 }
+                // A pool state published from the event: the report and the
+                // health say the same until the next poll confirms it.
+                let mut changed = false;
+                for e in &out.events {
+                    if let StorageEvent::PoolState(p) = e {
+                        let status = self.deriver.last_status(&p.pool).cloned();
+                        if let (Some(status), Some(snap)) =
+                            (status, self.snapshots.get_mut(&p.pool))
+                        {
+                            snap.status = status;
+                            changed = true;
+                        }
+                    }
+                }
                 self.publish(out.events);
+                if changed {
+                    self.update_health();
+                }
                 if out.repoll {
                     self.start_poll();
                 }

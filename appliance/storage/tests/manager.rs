@@ -889,6 +889,15 @@ async fn a_poll_older_than_a_zfs_event_does_not_undo_it() {
         pool_states(&ev[before..]).contains(&("DEGRADED".to_owned(), Some(1)))
     })
     .await;
+    // The report and the health agree with the event before any poll does.
+    let report = rig.mgr.report().await.unwrap();
+    assert_eq!(
+        (report.pools[0].state.as_str(), report.pools[0].margin),
+        ("DEGRADED", 1),
+        "{report:#?}"
+    );
+    rig.wait_health("degraded", |h| h.state == ComponentState::Degraded)
+        .await;
     // The old poll finishes; the next ones read the pool as it is.
     *rig.zfs.held.lock().unwrap() = None;
     gate.notify_waiters();
