@@ -117,7 +117,7 @@ pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> 
         return GateState::Open;
     };
     let by_name = dataset_for_dir(dir);
-    let found = report.pools.iter().find_map(|p| {
+    let dataset = report.pools.iter().find_map(|p| {
         p.datasets
             .iter()
             .find(|d| Path::new(&d.mountpoint) == dir)
@@ -128,8 +128,20 @@ pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> 
             })
             .map(|d| (p, d))
     });
-    let Some((pool, ds)) = found else {
-        return GateState::Open;
+    // While a pool is suspended its datasets may be missing from the report
+    // (`zfs list` fails): the pool named by the path still counts.
+    let (pool, ds) = match dataset {
+        Some((p, d)) => (p, Some(d)),
+        None => {
+            let pool_name = by_name
+                .as_deref()
+                .and_then(|n| n.split('/').next())
+                .unwrap_or_default();
+            match report.pools.iter().find(|p| p.name == pool_name) {
+                Some(p) => (p, None),
+                None => return GateState::Open,
+            }
+        }
     };
     if health.state == ComponentState::Failed {
         return GateState::Closed {
@@ -141,6 +153,9 @@ pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> 
             reason: format!("pool {} is {}", pool.name, pool.state),
         };
     }
+    let Some(ds) = ds else {
+        return GateState::Open;
+    };
     if ds.encrypted && ds.key_loaded == Some(false) {
         return GateState::Closed {
             reason: format!("the encryption key of {} is not loaded", ds.name),
@@ -166,9 +181,14 @@ impl GatedAdmission {
 
 impl Admission for GatedAdmission {
     fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused> {
+        self.writable()?;
+        self.local.admit(client, bytes)
+    }
+
+    fn writable(&self) -> Result<(), Refused> {
         match self.gate.get() {
             GateState::Closed { reason } => Err(Refused::Unavailable { detail: reason }),
-            GateState::Open => self.local.admit(client, bytes),
+            GateState::Open => Ok(()),
         }
     }
 
@@ -290,6 +310,28 @@ mod tests {
     }
 
     #[test]
+    fn a_suspended_pool_closes_the_gate_even_when_its_datasets_are_not_listed() {
+        let ready = health(ComponentState::Ready, "ok");
+        let mut r = report("SUSPENDED", Some(true));
+        r.pools[0].datasets.clear();
+        assert_eq!(
+            evaluate(&ready, Some(&r), docs()),
+            GateState::Closed {
+                reason: "pool tank is SUSPENDED".into()
+            }
+        );
+        let failed = health(ComponentState::Failed, "ZFS not answering");
+        let mut r = report("ONLINE", Some(true));
+        r.pools[0].datasets.clear();
+        assert_eq!(
+            evaluate(&failed, Some(&r), docs()),
+            GateState::Closed {
+                reason: "storage has failed: ZFS not answering".into()
+            }
+        );
+    }
+
+    #[test]
     fn documents_outside_the_managed_pool_are_not_gated() {
         let failed = health(ComponentState::Failed, "zpool not answering");
         assert_eq!(evaluate(&failed, None, docs()), GateState::Open);
@@ -326,8 +368,15 @@ mod tests {
                 detail: "pool tank is SUSPENDED".into()
             })
         );
+        assert_eq!(
+            adm.writable(),
+            Err(Refused::Unavailable {
+                detail: "pool tank is SUSPENDED".into()
+            })
+        );
         assert_eq!(adm.space(&client).available, 0);
         gate.set(GateState::Open);
+        assert_eq!(adm.writable(), Ok(()));
         assert_eq!(adm.admit(&client, 10), Ok(()));
     }
 }

@@ -47,6 +47,14 @@ pub struct Space {
 pub trait Admission: Send + Sync + std::fmt::Debug {
     /// `Ok` if `client` may add `bytes` more bytes.
     fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused>;
+    /// Whether storage can take writes at all. Must not touch the
+    /// documents' file system: the server asks this *before* it opens a
+    /// client's store, looks up staging state or reads a manifest, because
+    /// on a suspended pool each of those blocks in the kernel for as long
+    /// as the pool stays suspended. The default says yes.
+    fn writable(&self) -> Result<(), Refused> {
+        Ok(())
+    }
     /// Used and available bytes for `client`.
     fn space(&self, client: &ClientName) -> Space;
 }

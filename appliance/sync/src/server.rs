@@ -69,6 +69,23 @@ pub mod close_code {
     pub const TOO_MANY_CONNECTIONS: u32 = 3;
     pub const SHUTDOWN: u32 = 4;
     pub const NOT_ENROLLED: u32 = 5;
+    /// Storage cannot take writes (the pool is suspended, ...); the close
+    /// reason says why.
+    pub const STORAGE_UNAVAILABLE: u32 = 6;
+}
+
+/// A close reason short enough for any path MTU (at most 200 bytes, cut
+/// at a character boundary).
+fn truncate_reason(text: &str) -> &str {
+    const MAX: usize = 200;
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Server settings.
@@ -402,6 +419,21 @@ async fn handle_connection(
         client: client.clone(),
         remote,
     });
+    // Opening the store touches the documents' file system: not while
+    // storage cannot take writes (it would hang on a suspended pool).
+    if let Err(refused) = services.admission.writable() {
+        let text = refused.to_string();
+        tracing::warn!(%client, reason = %text, "connection refused: storage unavailable");
+        conn.close(
+            VarInt::from_u32(close_code::STORAGE_UNAVAILABLE),
+            truncate_reason(&text).as_bytes(),
+        );
+        services.events.publish(SyncEvent::ClientDisconnected {
+            client: client.clone(),
+            reason: text,
+        });
+        return;
+    }
     let documents = services.documents.clone();
     let name = client.clone();
     let store = match tokio::task::spawn_blocking(move || documents.client(&name)).await {
@@ -475,6 +507,9 @@ enum Event {
 struct StorageView<'a> {
     store: &'a ClientStore,
     admission: &'a dyn Admission,
+    /// [`Admission::writable`], asked once per call: while it is an error
+    /// nothing below touches the file system.
+    writable: Result<(), Refused>,
     client: &'a ClientName,
     /// The staging state of the upload being started, if any: chunks that
     /// landed in it before (a resumed upload) count as present.
@@ -483,12 +518,18 @@ struct StorageView<'a> {
 
 impl ChunkIndex for StorageView<'_> {
     fn has_chunk(&self, hash: &Hash) -> bool {
-        self.staged.is_some_and(|s| s.has_recorded(hash)) || self.store.has_chunk(hash)
+        self.writable.is_ok()
+            && (self.staged.is_some_and(|s| s.has_recorded(hash)) || self.store.has_chunk(hash))
     }
 }
 
 impl ProtoAdmission for StorageView<'_> {
     fn admit(&mut self, request: &AdmissionRequest<'_>) -> Result<(), Refusal> {
+        if let Err(Refused::Unavailable { detail }) = &self.writable {
+            return Err(Refusal::Unavailable {
+                detail: format!("storage unavailable: {detail}"),
+            });
+        }
         // Bytes this upload adds at its peak: the staging file the chunks
         // land in (the assembled file), less what an interrupted attempt
         // already put there (counted in usage). The replaced document is
@@ -507,7 +548,9 @@ impl ProtoAdmission for StorageView<'_> {
                     needed: q.needed,
                     available: q.available,
                 },
-                Refused::Unavailable { detail } => Refusal::Unavailable { detail },
+                Refused::Unavailable { detail } => Refusal::Unavailable {
+                    detail: format!("storage unavailable: {detail}"),
+                },
             })
     }
 }
@@ -657,6 +700,13 @@ impl ConnActor {
                 // Look up (resume) the upload's staging state off the loop;
                 // the manifest goes to the machine when that is done. No
                 // chunk of it can arrive before the machine asks for it.
+                if self.services.admission.writable().is_err() {
+                    // Refused by admission (StorageView), without touching
+                    // the staging area.
+                    self.handle_frame(stream, Message::Upload(manifest), None, None, now);
+                    self.maybe_drop_stream(stream);
+                    return;
+                }
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.preparing += 1;
                 }
@@ -772,6 +822,7 @@ impl ConnActor {
         let mut view = StorageView {
             store: &self.store,
             admission: self.services.admission.as_ref(),
+            writable: self.services.admission.writable(),
             client: &self.client,
             staged: staged.map(AsRef::as_ref),
         };

@@ -573,10 +573,15 @@ impl appliance_sync::admission::Admission for Gate {
         client: &ClientName,
         bytes: u64,
     ) -> Result<(), appliance_sync::admission::Refused> {
-        if let Some(detail) = self.closed.lock().clone() {
-            return Err(appliance_sync::admission::Refused::Unavailable { detail });
-        }
+        self.writable()?;
         self.inner.admit(client, bytes)
+    }
+
+    fn writable(&self) -> Result<(), appliance_sync::admission::Refused> {
+        match self.closed.lock().clone() {
+            Some(detail) => Err(appliance_sync::admission::Refused::Unavailable { detail }),
+            None => Ok(()),
+        }
     }
 
     fn space(&self, client: &ClientName) -> appliance_sync::admission::Space {
@@ -597,31 +602,49 @@ async fn storage_unavailable_refuses_uploads_with_the_reason_and_writes_nothing(
         gate
     })
     .await;
+    let set = |reason: Option<&str>| *gate.get().unwrap().closed.lock() = reason.map(Into::into);
     let bundle = fx.enroll("carol", None);
-    let client = fx.connect(&bundle).await;
     let file = fx.path().join("report.pdf");
     std::fs::write(&file, random_bytes(300_000, 9)).unwrap();
-    let err = client
+    let root = fx.client_root("carol");
+
+    // Closed when the client connects: the connection is closed with the
+    // reason before the client's store is even opened.
+    let err = fx.try_connect(&bundle).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("storage unavailable: pool tank is SUSPENDED"),
+        "{text}"
+    );
+    assert!(!root.exists(), "the client's store was opened");
+
+    // Open: the same push goes through.
+    set(None);
+    let client = fx.connect(&bundle).await;
+    client
         .push(std::slice::from_ref(&file), None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(visible_files(&root).len(), 1);
+
+    // Closed while connected: the next upload is refused with the reason,
+    // and nothing of it is written.
+    set(Some("pool tank is SUSPENDED"));
+    let other = fx.path().join("other.pdf");
+    std::fs::write(&other, random_bytes(200_000, 10)).unwrap();
+    let chunks_before = stored_chunks(&root);
+    let err = client
+        .push(&[other], None, Arc::new(NoProgress))
         .await
         .unwrap_err();
     match err.wire_error() {
         Some(WireError::Storage { detail }) => {
-            assert!(detail.contains("pool tank is SUSPENDED"), "{detail}");
+            assert_eq!(detail, "storage unavailable: pool tank is SUSPENDED");
         }
         other => panic!("expected a storage refusal, got {other:?} ({err})"),
     }
-    let root = fx.client_root("carol");
-    assert!(visible_files(&root).is_empty());
-    assert_eq!(stored_chunks(&root), 0);
-
-    // The pool is back: the same push goes through.
-    *gate.get().unwrap().closed.lock() = None;
-    client
-        .push(&[file], None, Arc::new(NoProgress))
-        .await
-        .unwrap();
     assert_eq!(visible_files(&root).len(), 1);
+    assert_eq!(stored_chunks(&root), chunks_before);
     client.close().await;
     fx.stop().await;
 }

@@ -86,6 +86,13 @@ impl Fixture {
     }
 
     pub async fn connect(&self, bundle: &Path) -> SyncClient {
+        self.try_connect(bundle).await.unwrap()
+    }
+
+    pub async fn try_connect(
+        &self,
+        bundle: &Path,
+    ) -> Result<SyncClient, appliance_sync::client::ClientError> {
         let bundle = Bundle::load(bundle).unwrap();
         SyncClient::connect(
             &bundle,
@@ -93,7 +100,6 @@ impl Fixture {
             ClientOptions::default(),
         )
         .await
-        .unwrap()
     }
 
     pub async fn stop(&mut self) {
