@@ -89,6 +89,8 @@ fn verify(app: &mut Appliance, want: &str, when: &str) {
 #[ignore = "boots the image in QEMU/TCG (root, several minutes)"]
 fn pulled_disks_degrade_then_suspend_and_the_pool_recovers_after_power_cycle() {
     let test_t0 = Instant::now();
+    // The host's sync client, built before the VM boots.
+    let client = sync_client().unwrap();
     let mut app = Appliance::boot("disk_failures");
     let first_ready = app.boot_to_ready;
 
@@ -100,7 +102,6 @@ fn pulled_disks_degrade_then_suspend_and_the_pool_recovers_after_power_cycle() {
     let fm = app.run(&format!("zpool get -H -o value failmode {POOL}"));
     assert_eq!(fm.trim(), "wait", "failmode");
     // A laptop, to try an upload while the pool is suspended.
-    let client = sync_client().unwrap();
     let bundle = app.enroll("laptop", None);
     let upload = app.vm.run_dir.join("during-suspension.bin");
     write_random_file(&upload, 1 << 20, 44).unwrap();
