@@ -262,11 +262,7 @@ impl EventDeriver {
                 new_margin: Some(red.margin),
                 status: st,
                 redundancy: red.summary.clone(),
-                failed_devices: red
-                    .vdevs
-                    .iter()
-                    .flat_map(|v| v.failed_devices.iter().map(|d| disk_id(d)))
-                    .collect(),
+                failed_devices: failed_disk_ids(&red),
                 reason: if reasons.is_empty() {
                     format!("pool {name} is {new_state}")
                 } else {
@@ -821,11 +817,7 @@ fn lost_redundancy(
         new_margin: Some(red.margin),
         status: st,
         redundancy: red.summary.clone(),
-        failed_devices: red
-            .vdevs
-            .iter()
-            .flat_map(|v| v.failed_devices.iter().map(|d| disk_id(d)))
-            .collect(),
+        failed_devices: failed_disk_ids(&red),
         reason: reasons.join("; "),
         source: EventSource::ZfsEvent,
         at,
@@ -836,6 +828,14 @@ fn lost_redundancy(
     seen.redundancy = red.summary;
     seen.last_status = Some(status);
     Some(ev)
+}
+
+/// The failed disks of a layout, by disk id.
+fn failed_disk_ids(red: &appliance_zfs::Redundancy) -> Vec<String> {
+    red.vdevs
+        .iter()
+        .flat_map(|v| v.failed_devices.iter().map(|d| disk_id(d)))
+        .collect()
 }
 
 /// The first leaf (a vdev without children) that `pred` accepts.
