@@ -20,7 +20,8 @@
 //!   client) while this much is queued.
 //! - [`ServerConfig::idle_timeout`] (60 s): QUIC idle timeout; the client
 //!   sends keep-alives every 10 s, so only a vanished peer hits it. A stream
-//!   that stalls in the middle of a frame for [`STREAM_IDLE`] is reset, and
+//!   that stalls in the middle of a frame for [`ServerConfig::stream_idle`]
+//!   ([`STREAM_IDLE`]) is dropped, and
 //!   an upload that stops getting chunks fails after the protocol's
 //!   `IDLE_TIMEOUT`.
 //! - UDP socket buffers of 4 MiB ([`UDP_BUFFER_BYTES`]): with the kernel
@@ -96,6 +97,9 @@ pub struct ServerConfig {
     pub max_connections_per_client: usize,
     pub max_streams: u32,
     pub idle_timeout: Duration,
+    /// A stream that stalls this long waiting for the rest of a frame (or
+    /// for its next frame) is dropped; default [`STREAM_IDLE`].
+    pub stream_idle: Duration,
     /// Time a graceful shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
 }
@@ -108,6 +112,7 @@ impl ServerConfig {
             max_connections_per_client: 4,
             max_streams: 32,
             idle_timeout: Duration::from_secs(60),
+            stream_idle: STREAM_IDLE,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -449,7 +454,13 @@ async fn handle_connection(
     };
     let reason = match store {
         Some(store) => {
-            let actor = ConnActor::new(conn.clone(), client.clone(), store, services.clone());
+            let actor = ConnActor::new(
+                conn.clone(),
+                client.clone(),
+                store,
+                services.clone(),
+                config.stream_idle,
+            );
             actor.run(shutdown).await
         }
         None => {
@@ -575,6 +586,7 @@ struct ConnActor {
     client: ClientName,
     store: Arc<ClientStore>,
     services: Services,
+    stream_idle: Duration,
     proto: ServerConnection<StreamKey>,
     streams: HashMap<StreamKey, StreamState>,
     uploads: HashMap<UploadId, UploadInfo>,
@@ -602,6 +614,7 @@ impl ConnActor {
         client: ClientName,
         store: Arc<ClientStore>,
         services: Services,
+        stream_idle: Duration,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
         Self {
@@ -609,6 +622,7 @@ impl ConnActor {
             client,
             store,
             services,
+            stream_idle,
             proto: ServerConnection::new(),
             streams: HashMap::new(),
             uploads: HashMap::new(),
@@ -686,6 +700,7 @@ impl ConnActor {
             recv,
             self.events_tx.clone(),
             self.memory.clone(),
+            self.stream_idle,
         ));
     }
 
@@ -1072,9 +1087,10 @@ async fn reader_task(
     mut recv: RecvStream,
     events: mpsc::Sender<Event>,
     memory: Arc<Semaphore>,
+    idle: Duration,
 ) {
     loop {
-        let len = match read_header(&mut recv, STREAM_IDLE).await {
+        let len = match read_header(&mut recv, idle).await {
             Ok(Some(len)) => len,
             Ok(None) => {
                 let _ = events.send(Event::ReaderDone { stream }).await;
@@ -1092,7 +1108,7 @@ async fn reader_task(
             .acquire_many_owned(permits_for(len))
             .await
             .ok();
-        let message = match read_payload(&mut recv, len, STREAM_IDLE).await {
+        let message = match read_payload(&mut recv, len, idle).await {
             Ok(payload) => decode_payload(&payload).map_err(WireIoError::from),
             Err(e) => Err(e),
         };

@@ -648,3 +648,57 @@ async fn storage_unavailable_refuses_uploads_with_the_reason_and_writes_nothing(
     client.close().await;
     fx.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_finishes_its_frame_is_dropped_and_the_connection_goes_on() {
+    let mut fx = Fixture::start_configured(|c| c.stream_idle = Duration::from_millis(300)).await;
+    let bundle = fx.enroll("dave", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    // Two bytes of a four-byte frame header, then nothing: the server stops
+    // reading the stream after `stream_idle` (default 120 s).
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0]).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), send.stopped())
+        .await
+        .expect("the server kept waiting on a stalled stream");
+    assert!(stopped.is_ok(), "{stopped:?}");
+    // The connection itself is fine: a request on a new stream is answered.
+    let replies = exchange(&conn, &Message::Status, 1).await;
+    assert!(
+        matches!(replies.first(), Some(Message::StatusReply(_))),
+        "{replies:?}"
+    );
+    conn.close(0u32.into(), b"done");
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_client_limit_are_refused() {
+    let mut fx = Fixture::start_configured(|c| c.max_connections_per_client = 2).await;
+    let bundle = fx.enroll("erin", None);
+    let first = raw_connect(&bundle, fx.addr).await.unwrap();
+    let second = raw_connect(&bundle, fx.addr).await.unwrap();
+    let third = raw_connect(&bundle, fx.addr).await;
+    let err = third.expect_err("a third connection was accepted");
+    assert!(err.contains("too many connections"), "{err}");
+    // Another client has its own allowance.
+    let other = fx.enroll("frank", None);
+    let theirs = raw_connect(&other, fx.addr).await.unwrap();
+    // One closes: a new one fits again.
+    first.close(0u32.into(), b"bye");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match raw_connect(&bundle, fx.addr).await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.contains("too many connections"), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no room after a connection closed: {e}"),
+        }
+    };
+    for c in [second, theirs, again] {
+        c.close(0u32.into(), b"done");
+    }
+    fx.stop().await;
+}

@@ -33,6 +33,18 @@ impl Fixture {
 
     /// A server whose admission is `wrap` around the local one.
     pub async fn start_with(wrap: impl FnOnce(Arc<dyn Admission>) -> Arc<dyn Admission>) -> Self {
+        Self::start_full(wrap, |_| {}).await
+    }
+
+    /// A server with settings changed by `configure`.
+    pub async fn start_configured(configure: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::start_full(|local| local, configure).await
+    }
+
+    async fn start_full(
+        wrap: impl FnOnce(Arc<dyn Admission>) -> Arc<dyn Admission>,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let authority = Authority::open(&dir.path().join("identity")).unwrap();
         let ledger = UsageLedger::new();
@@ -49,13 +61,9 @@ impl Fixture {
             events: events.clone(),
         };
         let shutdown = CancellationToken::new();
-        let server = serve(
-            ServerConfig::new("127.0.0.1:0".parse().unwrap()),
-            services,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        configure(&mut config);
+        let server = serve(config, services, shutdown.clone()).await.unwrap();
         let addr = server.local_addr();
         Self {
             dir,
