@@ -50,8 +50,26 @@ impl FileDigest {
     }
 }
 
-/// FastCDC masks for our parameters, computed as `fastcdc` does internally
-/// for normalisation level 1.
+/// The FastCDC gear masks (small, large) for our parameters: normalisation
+/// level 1 around [`AVG_CHUNK_SIZE`], as `fastcdc` computes them. The
+/// server's streaming digest uses the same masks, so both sides cut the
+/// same chunks.
+pub fn fastcdc_masks() -> (u64, u64) {
+    let bits = v2020::logarithm2(AVG_CHUNK_SIZE);
+    let level = v2020::Normalization::Level1.bits();
+    // bits = 20 for 1 MiB; MASKS has 26 entries, so both indices are in range.
+    let small = v2020::MASKS
+        .get((bits + level) as usize)
+        .copied()
+        .unwrap_or(u64::MAX);
+    let large = v2020::MASKS
+        .get((bits - level) as usize)
+        .copied()
+        .unwrap_or(0);
+    (small, large)
+}
+
+/// [`fastcdc_masks`], as the chunker keeps them.
 #[derive(Debug, Clone, Copy)]
 struct Masks {
     small: u64,
@@ -60,17 +78,7 @@ struct Masks {
 
 impl Masks {
     fn new() -> Self {
-        let bits = v2020::logarithm2(AVG_CHUNK_SIZE);
-        let level = v2020::Normalization::Level1.bits();
-        // bits = 20 for 1 MiB; MASKS has 26 entries, so both indices are in range.
-        let small = v2020::MASKS
-            .get((bits + level) as usize)
-            .copied()
-            .unwrap_or(u64::MAX);
-        let large = v2020::MASKS
-            .get((bits - level) as usize)
-            .copied()
-            .unwrap_or(0);
+        let (small, large) = fastcdc_masks();
         Self { small, large }
     }
 

@@ -183,22 +183,6 @@ impl DigestCache {
     }
 }
 
-/// FastCDC masks for our parameters (as `fastcdc` computes them for
-/// normalisation level 1; identical to the protocol crate's chunker).
-fn masks() -> (u64, u64) {
-    let bits = v2020::logarithm2(AVG_CHUNK_SIZE);
-    let level = v2020::Normalization::Level1.bits();
-    let small = v2020::MASKS
-        .get((bits + level) as usize)
-        .copied()
-        .unwrap_or(u64::MAX);
-    let large = v2020::MASKS
-        .get((bits - level) as usize)
-        .copied()
-        .unwrap_or(0);
-    (small, large)
-}
-
 fn cut(data: &[u8], (small, large): (u64, u64)) -> usize {
     let (_, len) = v2020::cut(
         data,
@@ -216,7 +200,7 @@ fn cut(data: &[u8], (small, large): (u64, u64)) -> usize {
 /// Chunks and hashes a whole file with three threads: this one reads and
 /// finds cut points, one hashes each chunk, one hashes the whole file.
 pub fn digest_file(file: &File) -> io::Result<FileDigest> {
-    let masks = masks();
+    let masks = appliance_sync_proto::chunk::fastcdc_masks();
     std::thread::scope(|scope| {
         let (whole_tx, whole_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(4);
         let (chunk_tx, chunk_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(16);
