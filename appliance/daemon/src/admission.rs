@@ -181,11 +181,11 @@ impl GatedAdmission {
 
 impl Admission for GatedAdmission {
     fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused> {
-        self.writable()?;
+        self.writable(client)?;
         self.local.admit(client, bytes)
     }
 
-    fn writable(&self) -> Result<(), Refused> {
+    fn writable(&self, _client: &ClientName) -> Result<(), Refused> {
         match self.gate.get() {
             GateState::Closed { reason } => Err(Refused::Unavailable { detail: reason }),
             GateState::Open => Ok(()),
@@ -369,14 +369,14 @@ mod tests {
             })
         );
         assert_eq!(
-            adm.writable(),
+            adm.writable(&client),
             Err(Refused::Unavailable {
                 detail: "pool tank is SUSPENDED".into()
             })
         );
         assert_eq!(adm.space(&client).available, 0);
         gate.set(GateState::Open);
-        assert_eq!(adm.writable(), Ok(()));
+        assert_eq!(adm.writable(&client), Ok(()));
         assert_eq!(adm.admit(&client, 10), Ok(()));
     }
 }

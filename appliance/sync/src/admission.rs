@@ -47,12 +47,15 @@ pub struct Space {
 pub trait Admission: Send + Sync + std::fmt::Debug {
     /// `Ok` if `client` may add `bytes` more bytes.
     fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused>;
-    /// Whether storage can take writes at all. Must not touch the
-    /// documents' file system: the server asks this *before* it opens a
+    /// Whether `client`'s storage can take writes at all. Must not touch
+    /// the documents' file system: the server asks this *before* it opens a
     /// client's store, looks up staging state or reads a manifest, because
     /// on a suspended pool each of those blocks in the kernel for as long
-    /// as the pool stays suspended. The default says yes.
-    fn writable(&self) -> Result<(), Refused> {
+    /// as the pool stays suspended, and on the appliance a client's own
+    /// dataset must be mounted before anything is written under its
+    /// directory. The default says yes.
+    fn writable(&self, client: &ClientName) -> Result<(), Refused> {
+        let _ = client;
         Ok(())
     }
     /// Used and available bytes for `client`.
@@ -187,8 +190,14 @@ impl Admission for LocalAdmission {
     fn space(&self, client: &ClientName) -> Space {
         let used = self.ledger.used(client);
         let quota = self.authority.quota(client);
-        // If statvfs fails we cannot promise anything: report no space.
-        let (free, total) = fs_space(&self.documents).unwrap_or((0, 0));
+        // The client's own directory when it exists: on the appliance it is
+        // the client's dataset, whose `statvfs` is its quota and the pool's
+        // free space. If statvfs fails we cannot promise anything: report
+        // no space.
+        let own = self.documents.join(client.as_str());
+        let (free, total) = fs_space(&own)
+            .or_else(|_| fs_space(&self.documents))
+            .unwrap_or((0, 0));
         let available = available_bytes(quota, used, free, total, self.reserve);
         Space {
             used,

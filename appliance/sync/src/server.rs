@@ -426,7 +426,7 @@ async fn handle_connection(
     });
     // Opening the store touches the documents' file system: not while
     // storage cannot take writes (it would hang on a suspended pool).
-    if let Err(refused) = services.admission.writable() {
+    if let Err(refused) = services.admission.writable(&client) {
         let text = refused.to_string();
         tracing::warn!(%client, reason = %text, "connection refused: storage unavailable");
         conn.close(
@@ -715,7 +715,7 @@ impl ConnActor {
                 // Look up (resume) the upload's staging state off the loop;
                 // the manifest goes to the machine when that is done. No
                 // chunk of it can arrive before the machine asks for it.
-                if self.services.admission.writable().is_err() {
+                if self.services.admission.writable(&self.client).is_err() {
                     // Refused by admission (StorageView), without touching
                     // the staging area.
                     self.handle_frame(stream, Message::Upload(manifest), None, None, now);
@@ -837,7 +837,7 @@ impl ConnActor {
         let mut view = StorageView {
             store: &self.store,
             admission: self.services.admission.as_ref(),
-            writable: self.services.admission.writable(),
+            writable: self.services.admission.writable(&self.client),
             client: &self.client,
             staged: staged.map(AsRef::as_ref),
         };

@@ -573,11 +573,11 @@ impl appliance_sync::admission::Admission for Gate {
         client: &ClientName,
         bytes: u64,
     ) -> Result<(), appliance_sync::admission::Refused> {
-        self.writable()?;
+        self.writable(client)?;
         self.inner.admit(client, bytes)
     }
 
-    fn writable(&self) -> Result<(), appliance_sync::admission::Refused> {
+    fn writable(&self, _client: &ClientName) -> Result<(), appliance_sync::admission::Refused> {
         match self.closed.lock().clone() {
             Some(detail) => Err(appliance_sync::admission::Refused::Unavailable { detail }),
             None => Ok(()),
