@@ -76,6 +76,7 @@
 
 pub mod breaker;
 pub mod clock;
+pub mod datasets;
 pub mod derive;
 pub mod disks;
 pub mod error;

@@ -39,7 +39,8 @@ use appliance_types::storage::{
     StorageEvent, StorageLayout, StorageReport, StorageRequest, StorageResponse, StorageStatus,
 };
 use appliance_zfs::{
-    Dataset, EventItem, Pool, PoolStatus, ScanFunction, ScanState, ScrubAction, Zfs, ZfsError,
+    Dataset, DatasetSpec, EventItem, FailureKind, Pool, PoolStatus, ScanFunction, ScanState,
+    ScrubAction, Zfs, ZfsError,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -48,6 +49,7 @@ use crate::breaker::{
     backoff_ms, counts_as_failure, retryable, BreakerConfig, CircuitBreaker, RetryConfig,
 };
 use crate::clock::Clock;
+use crate::datasets::{record_dataset, DATASETS_RECORD};
 use crate::derive::{DeriveConfig, EventDeriver};
 use crate::disks::{check_create, check_disk, list_disks, pool_members, DiskInventory, DiskPolicy};
 use crate::error::StorageError;
@@ -56,7 +58,7 @@ use crate::quota::{usage_percent, QuotaThresholds, QuotaTracker};
 use crate::report::{disk_id, pool_state_unusable, scan_report, storage_report, PoolSnapshot};
 use crate::scrub::{decide, PoolActivity, ScrubBook, ScrubDecision, ScrubSchedule};
 use crate::sink::EventSink;
-use crate::statefile::{read_json, write_json};
+use crate::statefile::{read_json, write_json, StateFileError};
 use crate::udev::{disk_event, DiskChange};
 
 /// Manager settings. The daemon maps its `[storage]` config onto this.
@@ -157,6 +159,11 @@ enum Command {
         reply: Reply<ProvisionOutcome>,
     },
     Admission(String, u64, Reply<Admission>),
+    CreateDataset {
+        name: String,
+        quota: Option<u64>,
+        reply: Reply<bool>,
+    },
     Refresh(oneshot::Sender<()>),
     Hotplug(DiskChange),
     Shutdown,
@@ -370,6 +377,22 @@ impl StorageManager {
     /// anyway, so a race between two uploads ends in a clean `EDQUOT`.
     pub async fn admission(&self, dataset: String, bytes: u64) -> Result<Admission, StorageError> {
         self.ask(|r| Command::Admission(dataset, bytes, r)).await
+    }
+
+    /// Creates the child dataset `name` (inheriting encryption, compression
+    /// and mount point from its parent), with `quota`, unmounted, and
+    /// records it in [`DATASETS_RECORD`] under the state directory: the
+    /// appliance's root mount unit watches that file and mounts what was
+    /// created. Answers `true` when it created the dataset and `false` when
+    /// it already existed (the quota is then left as it is). The parent
+    /// must exist.
+    pub async fn create_dataset(
+        &self,
+        name: String,
+        quota: Option<u64>,
+    ) -> Result<bool, StorageError> {
+        self.ask(|reply| Command::CreateDataset { name, quota, reply })
+            .await
     }
 
     /// Polls now and waits until that poll was applied.
@@ -958,6 +981,39 @@ impl Actor {
             .find(|d| d.name == name)
     }
 
+    /// Checks a `create_dataset` request against the last poll: a valid
+    /// name, a child of an existing dataset of a known pool. `Ok(true)` when
+    /// the dataset exists already.
+    fn check_new_dataset(&self, name: &str) -> Result<bool, StorageError> {
+        appliance_zfs::api::validate_dataset_name(name)
+            .map_err(|e| StorageError::zfs("create dataset", name, e))?;
+        let Some((parent, _)) = name.rsplit_once('/') else {
+            return Err(StorageError::InvalidArgument {
+                what: "dataset",
+                value: name.to_owned(),
+                reason: "a pool's root dataset is made by create-pool".to_owned(),
+            });
+        };
+        let pool = name.split('/').next().unwrap_or_default();
+        let snap = self
+            .snapshots
+            .get(pool)
+            .ok_or_else(|| StorageError::NotFound {
+                what: "pool",
+                name: pool.to_owned(),
+            })?;
+        if snap.datasets.iter().any(|d| d.name == name) {
+            return Ok(true);
+        }
+        if !snap.datasets.iter().any(|d| d.name == parent) {
+            return Err(StorageError::NotFound {
+                what: "dataset",
+                name: parent.to_owned(),
+            });
+        }
+        Ok(false)
+    }
+
     fn quota_status(&self, dataset: Option<&str>) -> Result<Vec<QuotaStatus>, StorageError> {
         let all: Vec<&Dataset> = self
             .snapshots
@@ -1170,6 +1226,56 @@ impl Actor {
                                 reply.send(Err(StorageError::zfs("read back quota", &dataset, e)));
                         }
                     }
+                });
+            }
+            Command::CreateDataset { name, quota, reply } => {
+                let checked = self.gate().and_then(|()| self.check_new_dataset(&name));
+                match checked {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                    Ok(true) => {
+                        let _ = reply.send(Ok(false));
+                        return;
+                    }
+                    Ok(false) => {}
+                }
+                let zfs = self.zfs.clone();
+                let itx = self.itx.clone();
+                let ops = self.ops.clone();
+                let record = self.cfg.state_dir.join(DATASETS_RECORD);
+                let (ct, retry) = (self.cfg.change_timeout, self.cfg.retry);
+                tokio::spawn(async move {
+                    let _g = ops.lock().await;
+                    let mut spec = DatasetSpec::new(name.clone());
+                    spec.quota = quota;
+                    let r = call(ct, retry, &format!("zfs create {name}"), || {
+                        zfs.create_dataset(&spec)
+                    })
+                    .await;
+                    let created = match r {
+                        Ok(()) => true,
+                        // A retried create whose first attempt went through.
+                        Err(e) if e.kind() == Some(FailureKind::AlreadyExists) => false,
+                        Err(e) => {
+                            let _ = itx.send(Internal::OpDone(Some(e.clone()))).await;
+                            let _ = reply.send(Err(StorageError::zfs("create dataset", &name, e)));
+                            return;
+                        }
+                    };
+                    let n = name.clone();
+                    let recorded =
+                        tokio::task::spawn_blocking(move || record_dataset(&record, &n, quota))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(StateFileError::Io {
+                                    path: PathBuf::from(DATASETS_RECORD),
+                                    source: std::io::Error::other(e.to_string()),
+                                })
+                            });
+                    let _ = itx.send(Internal::OpDone(None)).await;
+                    let _ = reply.send(recorded.map(|()| created).map_err(StorageError::from));
                 });
             }
             Command::Scrub(pool, command, reply) => {

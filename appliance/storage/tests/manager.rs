@@ -413,6 +413,85 @@ async fn quota_alerts_and_admission() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_client_dataset_is_created_with_its_quota_recorded_and_alerted_on() {
+    let rig = Rig::provisioned().await;
+    let name = "tank/documents/laptop";
+    assert!(rig
+        .mgr
+        .create_dataset(name.into(), Some(50 * MB))
+        .await
+        .unwrap());
+    // Recorded for the mount unit.
+    let record: appliance_storage::datasets::DatasetsRecord = serde_json::from_slice(
+        &std::fs::read(
+            rig.state_dir
+                .join(appliance_storage::datasets::DATASETS_RECORD),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record.datasets.len(), 1);
+    assert_eq!(record.datasets[0].name, name);
+    assert_eq!(record.datasets[0].quota, Some(50 * MB));
+    // It inherits the encryption of documents and carries the quota.
+    assert!(rig.fake.dataset_encryption(name).is_some());
+    rig.mgr.refresh().await.unwrap();
+    let st = rig.mgr.quota_get(Some(name.into())).await.unwrap();
+    assert_eq!(st[0].quota_bytes, Some(50 * MB));
+    // Asking again changes nothing.
+    assert!(!rig
+        .mgr
+        .create_dataset(name.into(), Some(10 * MB))
+        .await
+        .unwrap());
+    let st = rig.mgr.quota_get(Some(name.into())).await.unwrap();
+    assert_eq!(st[0].quota_bytes, Some(50 * MB));
+    // Its quota alerts like any dataset's.
+    rig.fake.set_dataset_used(name, 46 * MB).unwrap();
+    rig.mgr.refresh().await.unwrap();
+    rig.mgr.refresh().await.unwrap();
+    rig.wait_events("90 % of the client dataset", |e| {
+        count(e, &format!("storage.quota.{name}")) == 2
+    })
+    .await;
+    // Refusals name what is wrong.
+    let e = rig
+        .mgr
+        .create_dataset("tank/nope/laptop".into(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StorageError::NotFound { what: "dataset", name } if name == "tank/nope"),
+        "{e}"
+    );
+    let e = rig
+        .mgr
+        .create_dataset("pool2/documents".into(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StorageError::NotFound { what: "pool", .. }),
+        "{e}"
+    );
+    let e = rig
+        .mgr
+        .create_dataset("tank".into(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidArgument { .. }), "{e}");
+    let e = rig
+        .mgr
+        .create_dataset("tank/documents/../x".into(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        appliance_types::control::ErrorCode::InvalidArgument,
+        "{e}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn scrub_progress_pause_finish_checksum_errors_and_persistence() {
     let rig = Rig::provisioned().await;
     rig.fake

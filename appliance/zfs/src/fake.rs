@@ -990,6 +990,9 @@ impl Zfs for FakeZfs {
             .compression
             .clone()
             .unwrap_or_else(|| parent_ds.compression.clone());
+        // Like ZFS: a child of an encrypted dataset is encrypted under the
+        // parent's encryption root unless it brings its own.
+        let inherited = parent_ds.encryption.clone();
         let mountpoint = spec.mountpoint.clone().unwrap_or_else(|| {
             format!(
                 "{}/{}",
@@ -1002,13 +1005,17 @@ impl Zfs for FakeZfs {
             FakeDataset {
                 own_used: 0,
                 quota: spec.quota,
-                encryption: spec.encryption.as_ref().map(|e| {
-                    (
-                        e.cipher.clone(),
-                        e.keyformat.as_str().to_owned(),
-                        e.keylocation.clone(),
-                    )
-                }),
+                encryption: spec
+                    .encryption
+                    .as_ref()
+                    .map(|e| {
+                        (
+                            e.cipher.clone(),
+                            e.keyformat.as_str().to_owned(),
+                            e.keylocation.clone(),
+                        )
+                    })
+                    .or(inherited),
                 compression,
                 mountpoint,
             },
