@@ -13,15 +13,23 @@
 //! The gate's state is computed by [`evaluate`] (plain code) from the storage
 //! component's health and the manager's last report; the storage task
 //! (`storage::run`) recomputes it whenever either changes.
+//!
+//! The gate also knows where each client's documents live (its own dataset,
+//! see [`crate::client_datasets`]) and refuses a client whose dataset is not
+//! mounted yet.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::Notify;
 
 use appliance_storage::Health;
 use appliance_sync::admission::{Admission, LocalAdmission, Refused, Space};
 use appliance_sync::identity::ClientName;
 use appliance_types::health::ComponentState;
-use appliance_types::storage::StorageReport;
+use appliance_types::storage::{DatasetReport, PoolReport, StorageReport};
+
+use crate::client_datasets::{check_client, ClientPlaces, ManagedDocuments, NotYet, Placement};
 
 /// Whether uploads may go to the documents dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -33,12 +41,27 @@ pub enum GateState {
     Closed { reason: String },
 }
 
+/// Whether a path is a mount point in this process (injectable for tests).
+pub type MountCheck = Arc<dyn Fn(&Path) -> bool + Send + Sync>;
+
 /// The shared gate of one documents directory: written by the storage
 /// task, read on every manifest. Open until the storage task says otherwise.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StorageGate {
     state: Arc<RwLock<GateState>>,
     documents: Arc<PathBuf>,
+    places: Arc<RwLock<ClientPlaces>>,
+    wake: Arc<Notify>,
+    mounted: MountCheck,
+}
+
+impl std::fmt::Debug for StorageGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageGate")
+            .field("state", &self.get())
+            .field("documents", &self.documents)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StorageGate {
@@ -47,7 +70,16 @@ impl StorageGate {
         Self {
             state: Arc::default(),
             documents: Arc::new(documents),
+            places: Arc::default(),
+            wake: Arc::new(Notify::new()),
+            mounted: Arc::new(crate::client_datasets::is_mounted),
         }
+    }
+
+    /// The same gate with another mount check (tests).
+    pub fn with_mount_check(mut self, mounted: MountCheck) -> Self {
+        self.mounted = mounted;
+        self
     }
 
     /// The documents directory it guards.
@@ -55,9 +87,25 @@ impl StorageGate {
         &self.documents
     }
 
-    /// Recomputes the state ([`evaluate`]).
+    /// Recomputes the state ([`evaluate`]) and learns the documents dataset
+    /// and the client datasets under it from the report.
     pub fn update(&self, health: &Health, report: Option<&StorageReport>) {
         self.set(evaluate(health, report, &self.documents));
+        if let Some((_, Some(ds))) = report.and_then(|r| find_documents(r, &self.documents)) {
+            let docs = ManagedDocuments {
+                dataset: ds.name.clone(),
+                mountpoint: PathBuf::from(&ds.mountpoint),
+            };
+            let pools = report.map(|r| r.pools.as_slice()).unwrap_or_default();
+            let listed = pools
+                .iter()
+                .flat_map(|p| p.datasets.iter())
+                .map(|d| (d.name.as_str(), d.mountpoint.as_str()));
+            self.places
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .learn(Some(docs), listed);
+        }
     }
 
     /// The current state.
@@ -80,6 +128,62 @@ impl StorageGate {
             }
             *cur = state;
         }
+    }
+
+    /// Where clients' documents live.
+    pub fn places(&self) -> ClientPlaces {
+        self.places
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records where `client`'s documents live.
+    pub fn set_placement(&self, client: &ClientName, placement: Placement) {
+        let mut places = self.places.write().unwrap_or_else(PoisonError::into_inner);
+        places.problems.remove(client);
+        places.places.insert(client.clone(), placement);
+    }
+
+    /// Records why `client` has no placement yet.
+    pub fn set_problem(&self, client: &ClientName, problem: String) {
+        self.places
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .problems
+            .insert(client.clone(), problem);
+    }
+
+    /// Whether `dir` is a mount point (this process's mount table).
+    pub fn is_mounted(&self, dir: &Path) -> bool {
+        (self.mounted)(dir)
+    }
+
+    /// Asks the reconciler to look now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Resolves when someone called [`Self::wake`].
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Whether `client` may write now: the pool gate, then its own
+    /// dataset's mount. A client with no placement yet wakes the reconciler.
+    pub fn check(&self, client: &ClientName) -> Result<(), Refused> {
+        if let GateState::Closed { reason } = self.get() {
+            return Err(Refused::Unavailable { detail: reason });
+        }
+        let places = self.places.read().unwrap_or_else(PoisonError::into_inner);
+        check_client(&places, client, |p| (self.mounted)(p)).map_err(|not_yet| {
+            if matches!(not_yet, NotYet::Unplaced { .. }) {
+                self.wake();
+            }
+            Refused::Unavailable {
+                detail: not_yet.reason(client),
+            }
+        })
     }
 }
 
@@ -107,15 +211,16 @@ fn writable(pool_state: &str) -> bool {
     matches!(pool_state, "ONLINE" | "DEGRADED")
 }
 
-/// The gate for the documents directory `dir`, from the storage component's
-/// health and the manager's last report. The dataset is the one mounted at
-/// `dir` (or, when the report has no such mountpoint, the one named after
-/// it: [`dataset_for_dir`]). Only a dataset the storage manager manages is
-/// gated: documents elsewhere (a development machine) are always open.
-pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> GateState {
-    let Some(report) = report else {
-        return GateState::Open;
-    };
+/// The pool and dataset of the documents directory `dir` in a report: the
+/// dataset mounted at `dir` or, when the report has no such mount point, the
+/// one named after it ([`dataset_for_dir`]). While a pool is suspended its
+/// datasets may be missing from the report (`zfs list` fails): the pool
+/// named by the path still counts, without a dataset. `None` when the
+/// documents are not on a managed pool.
+fn find_documents<'r>(
+    report: &'r StorageReport,
+    dir: &Path,
+) -> Option<(&'r PoolReport, Option<&'r DatasetReport>)> {
     let by_name = dataset_for_dir(dir);
     let dataset = report.pools.iter().find_map(|p| {
         p.datasets
@@ -128,20 +233,30 @@ pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> 
             })
             .map(|d| (p, d))
     });
-    // While a pool is suspended its datasets may be missing from the report
-    // (`zfs list` fails): the pool named by the path still counts.
-    let (pool, ds) = match dataset {
-        Some((p, d)) => (p, Some(d)),
+    match dataset {
+        Some((p, d)) => Some((p, Some(d))),
         None => {
             let pool_name = by_name
                 .as_deref()
                 .and_then(|n| n.split('/').next())
                 .unwrap_or_default();
-            match report.pools.iter().find(|p| p.name == pool_name) {
-                Some(p) => (p, None),
-                None => return GateState::Open,
-            }
+            report
+                .pools
+                .iter()
+                .find(|p| p.name == pool_name)
+                .map(|p| (p, None))
         }
+    }
+}
+
+/// The gate for the documents directory `dir`, from the storage component's
+/// health and the manager's last report. The dataset is the one mounted at
+/// `dir` (or, when the report has no such mountpoint, the one named after
+/// it: [`dataset_for_dir`]). Only a dataset the storage manager manages is
+/// gated: documents elsewhere (a development machine) are always open.
+pub fn evaluate(health: &Health, report: Option<&StorageReport>, dir: &Path) -> GateState {
+    let Some((pool, ds)) = report.and_then(|r| find_documents(r, dir)) else {
+        return GateState::Open;
     };
     if health.state == ComponentState::Failed {
         return GateState::Closed {
@@ -185,11 +300,8 @@ impl Admission for GatedAdmission {
         self.local.admit(client, bytes)
     }
 
-    fn writable(&self, _client: &ClientName) -> Result<(), Refused> {
-        match self.gate.get() {
-            GateState::Closed { reason } => Err(Refused::Unavailable { detail: reason }),
-            GateState::Open => Ok(()),
-        }
+    fn writable(&self, client: &ClientName) -> Result<(), Refused> {
+        self.gate.check(client)
     }
 
     fn space(&self, client: &ClientName) -> Space {

@@ -291,6 +291,7 @@ pub async fn run(resolved: Resolved, log: Option<LogControl>) -> anyhow::Result<
             resolved.data_dir.clone(),
             bus.clone(),
             gate.clone(),
+            storage.manager.clone(),
             sync_slot.clone(),
             endpoints.clone(),
             h,

@@ -25,6 +25,7 @@ pub mod admission;
 pub mod bus;
 pub mod cache;
 pub mod cli;
+pub mod client_datasets;
 pub mod control;
 pub mod daemon;
 pub mod health;

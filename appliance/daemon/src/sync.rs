@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use appliance_sync::admission::{LocalAdmission, UsageLedger};
 
 use crate::admission::{GatedAdmission, StorageGate};
+use appliance_storage::StorageManager;
 use appliance_sync::events::{EventSink, SyncEvent};
 use appliance_sync::identity::{Authority, ClientInfo, ClientName};
 use appliance_sync::server::{ServerConfig, Services, SyncServer};
@@ -79,6 +80,8 @@ pub struct Sync {
     pub scratch: PathBuf,
     /// The server, for live connection counts.
     pub server: Arc<SyncServerHandle>,
+    /// The upload gate (where each client's documents live).
+    pub gate: StorageGate,
 }
 
 /// Live-connection counts of the server.
@@ -105,6 +108,7 @@ pub async fn open_authority(data_dir: &Path) -> anyhow::Result<Arc<Authority>> {
 }
 
 /// Starts the endpoint on an opened authority.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     cfg: &SyncConfig,
     listen: SocketAddr,
@@ -112,6 +116,7 @@ pub async fn start(
     authority: Arc<Authority>,
     bus: appliance_bus::Bus,
     gate: StorageGate,
+    manager: Option<StorageManager>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Sync> {
     authority.set_public_address(cfg.public_address.clone());
@@ -126,7 +131,7 @@ pub async fn start(
         })?,
     );
     let admission = Arc::new(GatedAdmission::new(
-        gate,
+        gate.clone(),
         LocalAdmission::new(authority.clone(), ledger.clone(), &documents_dir),
     ));
     let services = Services {
@@ -137,7 +142,7 @@ pub async fn start(
     };
     let mut server_cfg = ServerConfig::new(listen);
     server_cfg.max_connections_per_client = cfg.max_connections_per_client as usize;
-    let server = appliance_sync::server::serve(server_cfg, services, shutdown)
+    let server = appliance_sync::server::serve(server_cfg, services, shutdown.clone())
         .await
         .with_context(|| {
             format!("cannot start the sync endpoint on UDP {listen} (config key `sync.listen`)")
@@ -145,6 +150,15 @@ pub async fn start(
     let addr = server.local_addr();
     let scratch = data_dir.join("sync").join("scratch");
     private_scratch(&scratch)?;
+    // Each client's documents in its own dataset (on the appliance).
+    if let Some(manager) = manager {
+        tokio::spawn(crate::client_datasets::run(
+            gate.clone(),
+            manager,
+            authority.clone(),
+            shutdown.clone(),
+        ));
+    }
     Ok(Sync {
         authority,
         ledger,
@@ -153,6 +167,7 @@ pub async fn start(
             server: tokio::sync::Mutex::new(Some(server)),
             addr,
         }),
+        gate,
     })
 }
 
@@ -266,6 +281,7 @@ pub async fn handle(sync: &Sync, req: SyncRequest) -> Result<SyncResponse, Contr
             .await
             .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?;
             let info = info.map_err(|e| identity_error(&e))?;
+            ready_for_uploads(&sync.gate, &info.name, ENROLL_PLACE_WAIT).await;
             let bundle = bundle
                 .unwrap_or_else(|| Err(std::io::Error::other("no bundle")))
                 .map_err(|e| {
@@ -279,6 +295,29 @@ pub async fn handle(sync: &Sync, req: SyncRequest) -> Result<SyncResponse, Contr
                 bundle,
             })
         }
+    }
+}
+
+/// How long enrollment waits for the new client's dataset to be created
+/// and mounted, so that its first upload is admitted: below `appliancectl`'s
+/// 30 s answer timeout. Under QEMU/TCG both steps took a few seconds.
+pub const ENROLL_PLACE_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits (at most `limit`) until `client` may upload; logs when it may not
+/// yet. Enrollment has succeeded either way: the client's identity exists,
+/// and an early upload is refused with the reason, not lost.
+async fn ready_for_uploads(gate: &StorageGate, client: &ClientName, limit: Duration) {
+    gate.wake();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let Err(refused) = gate.check(client) else {
+            return;
+        };
+        if tokio::time::Instant::now() >= deadline {
+            warn!(%client, reason = %refused, "enrolled, but uploads are not admitted yet");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -321,6 +360,7 @@ pub async fn run(
     data_dir: PathBuf,
     bus: appliance_bus::Bus,
     gate: StorageGate,
+    manager: Option<StorageManager>,
     slot: SyncSlot,
     endpoints: crate::supervisor::Endpoints,
     health: HealthHandle,
@@ -355,7 +395,7 @@ pub async fn run(
                     health.set(ComponentState::Unavailable, reason);
                     continue;
                 }
-                match start(&cfg, listen, &data_dir, auth, bus.clone(), gate.clone(), shutdown.clone()).await {
+                match start(&cfg, listen, &data_dir, auth, bus.clone(), gate.clone(), manager.clone(), shutdown.clone()).await {
                     Ok(s) => break s,
                     Err(e) => health.set(ComponentState::Failed, format!("{e:#}")),
                 }

@@ -27,6 +27,9 @@ pub struct CreatedDataset {
     pub quota: Option<u64>,
     /// Creation time, Unix seconds.
     pub created_at: u64,
+    /// Last time it was recorded (created, or asked for again because it
+    /// was not mounted yet), Unix seconds.
+    pub touched_at: u64,
 }
 
 /// The record file's content.
@@ -36,19 +39,23 @@ pub struct DatasetsRecord {
     pub datasets: Vec<CreatedDataset>,
 }
 
-/// Adds `name` to the record at `path` (crash-safe; an existing entry is
-/// refreshed, which still changes the file so the mount unit runs again).
+/// Adds `name` to the record at `path` (crash-safe). An existing entry
+/// keeps its quota and creation time and gets a new `touched_at`: the file
+/// still changes, so the mount unit runs again.
 pub fn record_dataset(path: &Path, name: &str, quota: Option<u64>) -> Result<(), StateFileError> {
     let mut record = read_json::<DatasetsRecord>(path)?.unwrap_or_default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    record.datasets.retain(|d| d.name != name);
-    record.datasets.push(CreatedDataset {
-        name: name.to_owned(),
-        quota,
-        created_at: now,
-    });
+    match record.datasets.iter_mut().find(|d| d.name == name) {
+        Some(d) => d.touched_at = now,
+        None => record.datasets.push(CreatedDataset {
+            name: name.to_owned(),
+            quota,
+            created_at: now,
+            touched_at: now,
+        }),
+    }
     write_json(path, &record)
 }
 
@@ -65,8 +72,9 @@ mod tests {
         record_dataset(&path, "tank/documents/laptop", Some(60 << 20)).unwrap();
         let record: DatasetsRecord = read_json(&path).unwrap().unwrap();
         let names: Vec<_> = record.datasets.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["tank/documents/phone", "tank/documents/laptop"]);
-        assert_eq!(record.datasets[1].quota, Some(60 << 20));
+        assert_eq!(names, ["tank/documents/laptop", "tank/documents/phone"]);
+        assert_eq!(record.datasets[0].quota, Some(50 << 20));
+        assert!(record.datasets[0].touched_at >= record.datasets[0].created_at);
     }
 
     #[test]

@@ -384,8 +384,9 @@ impl StorageManager {
     /// records it in [`DATASETS_RECORD`] under the state directory: the
     /// appliance's root mount unit watches that file and mounts what was
     /// created. Answers `true` when it created the dataset and `false` when
-    /// it already existed (the quota is then left as it is). The parent
-    /// must exist.
+    /// it already existed (the quota is then left as it is, and the record
+    /// is touched again so that the mount unit runs again). The parent must
+    /// exist.
     pub async fn create_dataset(
         &self,
         name: String,
@@ -1229,18 +1230,13 @@ impl Actor {
                 });
             }
             Command::CreateDataset { name, quota, reply } => {
-                let checked = self.gate().and_then(|()| self.check_new_dataset(&name));
-                match checked {
+                let exists = match self.gate().and_then(|()| self.check_new_dataset(&name)) {
                     Err(e) => {
                         let _ = reply.send(Err(e));
                         return;
                     }
-                    Ok(true) => {
-                        let _ = reply.send(Ok(false));
-                        return;
-                    }
-                    Ok(false) => {}
-                }
+                    Ok(exists) => exists,
+                };
                 let zfs = self.zfs.clone();
                 let itx = self.itx.clone();
                 let ops = self.ops.clone();
@@ -1250,18 +1246,26 @@ impl Actor {
                     let _g = ops.lock().await;
                     let mut spec = DatasetSpec::new(name.clone());
                     spec.quota = quota;
-                    let r = call(ct, retry, &format!("zfs create {name}"), || {
-                        zfs.create_dataset(&spec)
-                    })
-                    .await;
-                    let created = match r {
-                        Ok(()) => true,
-                        // A retried create whose first attempt went through.
-                        Err(e) if e.kind() == Some(FailureKind::AlreadyExists) => false,
-                        Err(e) => {
-                            let _ = itx.send(Internal::OpDone(Some(e.clone()))).await;
-                            let _ = reply.send(Err(StorageError::zfs("create dataset", &name, e)));
-                            return;
+                    // An existing dataset is recorded again all the same:
+                    // the record's change is what runs the mount unit, and a
+                    // dataset that is still not mounted gets another go.
+                    let created = if exists {
+                        false
+                    } else {
+                        match call(ct, retry, &format!("zfs create {name}"), || {
+                            zfs.create_dataset(&spec)
+                        })
+                        .await
+                        {
+                            Ok(()) => true,
+                            // A retried create whose first attempt went through.
+                            Err(e) if e.kind() == Some(FailureKind::AlreadyExists) => false,
+                            Err(e) => {
+                                let _ = itx.send(Internal::OpDone(Some(e.clone()))).await;
+                                let _ =
+                                    reply.send(Err(StorageError::zfs("create dataset", &name, e)));
+                                return;
+                            }
                         }
                     };
                     let n = name.clone();
