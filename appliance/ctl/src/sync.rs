@@ -99,11 +99,12 @@ fn line(c: &SyncClient) -> String {
         None => format!("{} connections", c.connections),
     };
     format!(
-        "{:<20} used {} / {}  {}",
+        "{:<20} used {} / {}  {}  {}",
         c.name,
         human(c.used),
         quota,
-        state
+        state,
+        c.storage
     )
 }
 

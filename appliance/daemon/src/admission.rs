@@ -159,6 +159,36 @@ impl StorageGate {
         (self.mounted)(dir)
     }
 
+    /// Where `client`'s documents live, in words (`sync client list`).
+    pub fn describe_place(&self, client: &ClientName) -> String {
+        let places = self.places();
+        let Some(docs) = &places.documents else {
+            return format!(
+                "directory {}",
+                self.documents.join(client.as_str()).display()
+            );
+        };
+        match places.places.get(client) {
+            Some(Placement::Dataset { name, mountpoint }) => {
+                let state = if self.is_mounted(mountpoint) {
+                    "mounted"
+                } else {
+                    "not mounted yet"
+                };
+                format!("dataset {name} ({state})")
+            }
+            Some(Placement::Directory) => format!(
+                "directory {} of {} (no dataset of its own)",
+                docs.client_dir(client).display(),
+                docs.dataset
+            ),
+            None => match places.problems.get(client) {
+                Some(p) => format!("no dataset yet: {p}"),
+                None => "no dataset yet".to_owned(),
+            },
+        }
+    }
+
     /// Asks the reconciler to look now.
     pub fn wake(&self) {
         self.wake.notify_one();

@@ -561,8 +561,19 @@ mod tests {
         assert_eq!(gate.check(&name("old")), Ok(()));
         let reason = gate.check(&name("laptop")).unwrap_err().to_string();
         assert!(reason.contains("not mounted yet"), "{reason}");
+        assert_eq!(
+            gate.describe_place(&name("laptop")),
+            "dataset tank/documents/laptop (not mounted yet)"
+        );
         mounted.store(true, Ordering::SeqCst);
         assert_eq!(gate.check(&name("laptop")), Ok(()));
+        assert_eq!(
+            gate.describe_place(&name("laptop")),
+            "dataset tank/documents/laptop (mounted)"
+        );
+        assert!(gate
+            .describe_place(&name("old"))
+            .contains("no dataset of its own"));
 
         // After a restart the placement comes from the report alone.
         manager.refresh().await.unwrap();

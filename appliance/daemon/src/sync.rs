@@ -217,6 +217,7 @@ impl Sync {
             enrolled_at: info.enrolled_at,
             revoked_at: info.revoked_at,
             connections,
+            storage: self.gate.describe_place(&info.name),
         }
     }
 

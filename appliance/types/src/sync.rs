@@ -47,6 +47,9 @@ pub struct SyncClient {
     pub revoked_at: Option<u64>,
     /// Live connections.
     pub connections: u64,
+    /// Where its documents live (`dataset tank/documents/NAME (mounted)`,
+    /// `directory …`, or why it has no place yet).
+    pub storage: String,
 }
 
 /// Answers about sync clients.
