@@ -1,14 +1,14 @@
 //! Scenario 3 of issue 8: quota.
 //!
-//! The issue asks for a 50 MB quota on a client's own dataset. Per-client
-//! ZFS datasets are not built yet (every client's documents live in
-//! `tank/documents`), so this test uses what exists, both layers at once:
-//! - a ZFS quota of 50 MiB on `tank/documents` (`appliancectl storage quota
-//!   set`), whose 80/90/95 % levels the storage manager's poll (every 10 s)
-//!   publishes as `storage.quota.<dataset>`;
-//! - the client's own quota of 50 MiB (`appliancectl sync client add
-//!   --quota`), which the sync server's admission checks before asking for
-//!   any chunk.
+//! A client enrolled with `appliancectl sync client add alice --quota 50M`
+//! gets its own dataset, `tank/documents/alice`, with a 50 MiB ZFS quota,
+//! encrypted under the `documents` key and mounted at
+//! `/tank/documents/alice` by the root mount unit before enrollment answers.
+//! Two layers hold the quota: the dataset's (enforced by ZFS, its 80/90/95 %
+//! levels published by the storage manager's poll as
+//! `storage.quota.tank/documents/alice`), and the client's own (the sync
+//! server's admission asks before any chunk is sent; `statvfs` of the
+//! client's directory is its dataset's room).
 //!
 //! Pushes cross 80 %, then 90 %, each raising its event. Then a push that
 //! would exceed the quota is refused with the quota error before any byte
@@ -24,7 +24,7 @@ use appliance_hw_tests::scenario::{write_random_file, Appliance};
 use serde_json::Value;
 
 const CLIENT: &str = "alice";
-const DATASET: &str = "tank/documents";
+const DATASET: &str = "tank/documents/alice";
 const MIB: u64 = 1 << 20;
 const QUOTA: u64 = 50 * MIB;
 
@@ -69,14 +69,32 @@ fn crossing_levels_raises_events_and_an_upload_over_quota_writes_nothing() {
     // The host client first, so its build is not timed as the push.
     appliance_hw_tests::scenario::sync_client().unwrap();
     let mut app = Appliance::boot("quota");
-    app.run(&format!("appliancectl storage quota set {DATASET} 50M"));
-    let q: u64 = app
-        .run(&format!("zfs get -Hp -o value quota {DATASET}"))
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(q, QUOTA, "ZFS quota of {DATASET}");
+    let t_enroll = Instant::now();
     let bundle = app.enroll(CLIENT, Some(QUOTA));
+    eprintln!(
+        "enrolled {CLIENT} with its dataset in {:.1} s",
+        t_enroll.elapsed().as_secs_f64()
+    );
+    // The client's own dataset: its quota, encrypted under documents' key,
+    // mounted where the sync server writes, owned by the daemon's user.
+    let props = app.run(&format!(
+        "zfs get -Hp -o property,value quota,encryptionroot,keystatus,mounted,mountpoint {DATASET}"
+    ));
+    eprintln!("{DATASET}:\n{props}");
+    let prop = |name: &str| {
+        props
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('\t'))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(prop("quota"), QUOTA.to_string(), "{props}");
+    assert_eq!(prop("encryptionroot"), "tank/documents", "{props}");
+    assert_eq!(prop("keystatus"), "available", "{props}");
+    assert_eq!(prop("mounted"), "yes", "{props}");
+    assert_eq!(prop("mountpoint"), format!("/{DATASET}"), "{props}");
+    let owner = app.run(&format!("stat -c %U /{DATASET}"));
+    assert_eq!(owner.trim(), "appliance", "owner of /{DATASET}");
     let seq = app.last_seq("storage.quota.>");
     let sync_seq = app.last_seq("sync.>");
 
@@ -119,7 +137,7 @@ fn crossing_levels_raises_events_and_an_upload_over_quota_writes_nothing() {
     // What is there before the refused upload.
     let listing = |app: &mut Appliance| {
         app.run(&format!(
-            "cd /{DATASET} && find . -path ./{CLIENT}/.appliance-meta -prune -o -print | sort"
+            "cd /{DATASET} && find . -path ./.appliance-meta -prune -o -print | sort"
         ))
     };
     let before = listing(&mut app);
@@ -151,7 +169,7 @@ fn crossing_levels_raises_events_and_an_upload_over_quota_writes_nothing() {
     // Nothing written: same tree (staging included), usage barely moved.
     let after = listing(&mut app);
     assert_eq!(after, before, "tree of /{DATASET} changed");
-    app.run(&format!("test ! -e /{DATASET}/{CLIENT}/c.bin"));
+    app.run(&format!("test ! -e /{DATASET}/c.bin"));
     let used_after = zfs_used(&mut app);
     eprintln!("zfs used before {used_before}, after {used_after}");
     assert!(
@@ -176,7 +194,7 @@ fn crossing_levels_raises_events_and_an_upload_over_quota_writes_nothing() {
 
     app.run("appliancectl health ready");
     eprintln!(
-        "quota: boot-to-ready {:.1} s, test {:.1} s (per-client datasets not built: quota on {DATASET} and the client's own quota)",
+        "quota: boot-to-ready {:.1} s, test {:.1} s (quota on the client's dataset {DATASET} and the client's own)",
         app.boot_to_ready.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
