@@ -123,6 +123,9 @@ impl ClientPlaces {
 pub enum NotYet {
     /// Its dataset exists but is not mounted here.
     NotMounted { dataset: String },
+    /// The documents dataset itself is not mounted: its directory is a
+    /// plain directory of the root file system, never a place for them.
+    DocumentsNotMounted { dataset: String },
     /// No placement yet: the reconciler must look (wake it).
     Unplaced { problem: Option<String> },
 }
@@ -134,6 +137,9 @@ impl NotYet {
             Self::NotMounted { dataset } => format!(
                 "the dataset {dataset} of client {client} is not mounted yet; try again in a moment"
             ),
+            Self::DocumentsNotMounted { dataset } => {
+                format!("the documents dataset {dataset} is not mounted; try again in a moment")
+            }
             Self::Unplaced { problem: None } => {
                 format!("the dataset of client {client} is being created; try again in a moment")
             }
@@ -152,8 +158,13 @@ pub fn check_client(
     client: &ClientName,
     mounted: impl Fn(&Path) -> bool,
 ) -> Result<(), NotYet> {
-    if places.documents.is_none() {
+    let Some(docs) = &places.documents else {
         return Ok(());
+    };
+    if !mounted(&docs.mountpoint) {
+        return Err(NotYet::DocumentsNotMounted {
+            dataset: docs.dataset.clone(),
+        });
     }
     match places.places.get(client) {
         Some(Placement::Directory) => Ok(()),
@@ -263,12 +274,57 @@ pub fn is_mounted(dir: &Path) -> bool {
         .is_ok_and(|text| mount_points(&text).contains(dir))
 }
 
-/// One pass: every enrolled, unrevoked client without a placement gets one.
-pub async fn reconcile(gate: &StorageGate, manager: &StorageManager, authority: &Authority) {
+/// How often the mount of one dataset is asked for again while it does not
+/// show in the mount table.
+pub const MOUNT_RETRY: Duration = Duration::from_secs(15);
+
+/// When each dataset's mount was last asked for (rate limit of
+/// [`request_mount`]).
+#[derive(Debug, Default)]
+pub struct MountRequests {
+    last: HashMap<String, tokio::time::Instant>,
+}
+
+/// Asks the root mount unit to run again for `dataset` (the manager records
+/// it again), at most once per [`MOUNT_RETRY`]. For a dataset that exists
+/// and should be mounted but is not: a mount unit run that missed it.
+pub async fn request_mount(
+    requests: &mut MountRequests,
+    manager: &StorageManager,
+    dataset: &str,
+    quota: Option<u64>,
+) {
+    let now = tokio::time::Instant::now();
+    if requests
+        .last
+        .get(dataset)
+        .is_some_and(|t| now.duration_since(*t) < MOUNT_RETRY)
+    {
+        return;
+    }
+    requests.last.insert(dataset.to_owned(), now);
+    tracing::warn!(%dataset, "dataset not mounted; asking the mount unit again");
+    if let Err(e) = manager.create_dataset(dataset.to_owned(), quota).await {
+        tracing::warn!(%dataset, error = %e, "cannot ask for the mount again");
+    }
+}
+
+/// One pass: every enrolled, unrevoked client without a placement gets one;
+/// a dataset (documents, or a client's) not mounted is asked for again.
+pub async fn reconcile(
+    gate: &StorageGate,
+    manager: &StorageManager,
+    authority: &Authority,
+    requests: &mut MountRequests,
+) {
     let Some(docs) = gate.places().documents else {
         return;
     };
     if matches!(gate.get(), GateState::Closed { .. }) {
+        return;
+    }
+    if !gate.is_mounted(&docs.mountpoint) {
+        request_mount(requests, manager, &docs.dataset, None).await;
         return;
     }
     for info in authority.list() {
@@ -278,13 +334,10 @@ pub async fn reconcile(gate: &StorageGate, manager: &StorageManager, authority: 
         match gate.places().places.get(&info.name) {
             None => {}
             Some(Placement::Dataset { name, mountpoint }) => {
-                // Created but still not mounted a round later (a mount unit
-                // run that missed it): record it again, which runs the unit.
+                // Created but not mounted (a mount unit run that missed
+                // it): record it again, which runs the unit.
                 if !gate.is_mounted(mountpoint) {
-                    tracing::warn!(client = %info.name, dataset = %name, "client dataset still not mounted; asking for the mount again");
-                    if let Err(e) = manager.create_dataset(name.clone(), info.quota).await {
-                        tracing::warn!(client = %info.name, dataset = %name, error = %e, "cannot record the dataset again");
-                    }
+                    request_mount(requests, manager, name, info.quota).await;
                 }
                 continue;
             }
@@ -360,8 +413,9 @@ pub async fn run(
     authority: Arc<Authority>,
     shutdown: CancellationToken,
 ) {
+    let mut requests = MountRequests::default();
     loop {
-        reconcile(&gate, &manager, &authority).await;
+        reconcile(&gate, &manager, &authority, &mut requests).await;
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = gate.woken() => {}
@@ -450,8 +504,24 @@ mod tests {
         );
         assert_eq!(places.places.len(), 1);
         let mountpoint = Path::new("/tank/documents/laptop");
-        assert_eq!(check_client(&places, &laptop, |p| p == mountpoint), Ok(()));
-        let err = check_client(&places, &laptop, |_| false).unwrap_err();
+        let documents = Path::new("/tank/documents");
+        assert_eq!(
+            check_client(&places, &laptop, |p| p == mountpoint || p == documents),
+            Ok(())
+        );
+        // Never into an unmounted documents dataset's directory (it is the
+        // root file system, unencrypted).
+        let err = check_client(&places, &laptop, |p| p == mountpoint).unwrap_err();
+        assert_eq!(
+            err,
+            NotYet::DocumentsNotMounted {
+                dataset: "tank/documents".into()
+            }
+        );
+        assert!(err
+            .reason(&laptop)
+            .contains("documents dataset tank/documents is not mounted"));
+        let err = check_client(&places, &laptop, |p| p == documents).unwrap_err();
         assert_eq!(
             err,
             NotYet::NotMounted {
@@ -473,7 +543,7 @@ mod tests {
             err.reason(&phone)
         );
         places.places.insert(phone.clone(), Placement::Directory);
-        assert_eq!(check_client(&places, &phone, |_| false), Ok(()));
+        assert_eq!(check_client(&places, &phone, |p| p == documents), Ok(()));
     }
 
     /// The reconciler against the storage manager over the fake ZFS: a new
@@ -528,8 +598,12 @@ mod tests {
 
         let mounted = Arc::new(AtomicBool::new(false));
         let flag = mounted.clone();
-        let gate = StorageGate::new(documents.clone())
-            .with_mount_check(Arc::new(move |_: &Path| flag.load(Ordering::SeqCst)));
+        // The documents dataset is mounted; the client's follows the flag.
+        let docs_dir = documents.clone();
+        let gate =
+            StorageGate::new(documents.clone()).with_mount_check(Arc::new(move |p: &Path| {
+                p == docs_dir || flag.load(Ordering::SeqCst)
+            }));
         let health = appliance_storage::Health {
             state: ComponentState::Ready,
             reason: "ok".into(),
@@ -539,7 +613,8 @@ mod tests {
         let reason = gate.check(&name("laptop")).unwrap_err().to_string();
         assert!(reason.contains("being created"), "{reason}");
 
-        reconcile(&gate, &manager, &authority).await;
+        let mut requests = MountRequests::default();
+        reconcile(&gate, &manager, &authority, &mut requests).await;
         let names = fake.dataset_names();
         assert!(
             names.contains(&"tank/documents/laptop".to_owned()),
@@ -586,5 +661,30 @@ mod tests {
         });
         let reason = fresh.check(&name("laptop")).unwrap_err().to_string();
         assert!(reason.contains("SUSPENDED"), "{reason}");
+
+        // The documents dataset not mounted (a mount unit run missed it):
+        // nothing is created, and its mount is asked for again through the
+        // record the mount unit watches.
+        let unmounted = StorageGate::new(pool_mount.join("documents"))
+            .with_mount_check(Arc::new(|_: &Path| false));
+        unmounted.update(&health, Some(&manager.report().await.unwrap()));
+        authority
+            .enroll(&name("tablet"), None, &dir.path().join("tablet.bundle"))
+            .unwrap();
+        let record = dir.path().join("state").join("datasets.json");
+        let before = std::fs::read_to_string(&record).unwrap();
+        assert!(!before.contains("\"tank/documents\""), "{before}");
+        reconcile(
+            &unmounted,
+            &manager,
+            &authority,
+            &mut MountRequests::default(),
+        )
+        .await;
+        let after = std::fs::read_to_string(&record).unwrap();
+        assert!(after.contains("\"tank/documents\""), "{after}");
+        assert!(!fake
+            .dataset_names()
+            .contains(&"tank/documents/tablet".to_owned()));
     }
 }

@@ -374,6 +374,7 @@ pub async fn run(
     // The CA comes first, whether or not documents can be stored yet: first
     // boot checks for it, and clients can be enrolled before the pool exists.
     let mut authority: Option<Arc<Authority>> = None;
+    let mut mount_requests = crate::client_datasets::MountRequests::default();
     let sync = loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -394,6 +395,11 @@ pub async fn run(
                 };
                 if let Err(reason) = documents_ready(&cfg, &documents_dir) {
                     health.set(ComponentState::Unavailable, reason);
+                    // The documents dataset exists but is not mounted (a
+                    // mount unit run that missed it): ask again.
+                    if let (Some(m), Some(docs)) = (&manager, gate.places().documents) {
+                        crate::client_datasets::request_mount(&mut mount_requests, m, &docs.dataset, None).await;
+                    }
                     continue;
                 }
                 match start(&cfg, listen, &data_dir, auth, bus.clone(), gate.clone(), manager.clone(), shutdown.clone()).await {
