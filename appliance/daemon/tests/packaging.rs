@@ -1,5 +1,6 @@
 //! The shipped files: the default config parses, and the systemd unit passes
-//! `systemd-analyze verify` with an exposure score of at most 2.2.
+//! `systemd-analyze verify` with an exposure score of at most 2.2, and the
+//! mount script runs again while the storage records change under it.
 //!
 //! The issue's target is 2.0. The unit scored 2.0 with syscall deny lists
 //! (`~@privileged`, `~@resources`) on top of the allow list, but booting the
@@ -101,4 +102,76 @@ fn unit_exposure_is_at_most_2_2() {
         .unwrap_or_else(|| panic!("cannot read the score from {line:?}"));
     eprintln!("systemd-analyze security: {line}");
     assert!(score <= 2.2, "exposure {score} > 2.2:\n{text}");
+}
+
+/// Runs `systemd/appliance-zfs-mount` against a stub `zfs` that logs its
+/// calls and, on the mount of round `change_until` and every earlier one,
+/// replaces `provision.json` the way the storage manager does (a new file
+/// renamed over the old one). Returns (exit code, stub log, stdout).
+fn run_mount_script(change_until: u32, mount_fails: bool) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    std::fs::create_dir_all(&storage).unwrap();
+    std::fs::write(storage.join("provision.json"), b"{}").unwrap();
+    let log = dir.path().join("zfs.log");
+    let stub = dir.path().join("zfs");
+    let fail = if mount_fails { "exit 1" } else { "exit 0" };
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\n\
+             echo \"$*\" >> '{log}'\n\
+             [ \"$1\" = load-key ] && {{ echo 'Key already loaded for tank/documents.' >&2; exit 255; }}\n\
+             n=$(grep -c '^mount' '{log}')\n\
+             if [ \"$n\" -le {change_until} ]; then\n\
+               echo \"{{\\\"round\\\": $n}}\" > '{storage}/.p.tmp' && mv '{storage}/.p.tmp' '{storage}/provision.json'\n\
+             fi\n\
+             {fail}\n",
+            log = log.display(),
+            storage = storage.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new("sh")
+        .arg(repo().join("systemd/appliance-zfs-mount"))
+        .env("APPLIANCE_STORAGE_STATE", &storage)
+        .env("APPLIANCE_ZFS", &stub)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn mount_script_mounts_again_when_a_record_changed_during_its_run() {
+    // Nothing changes while it runs: one round.
+    let (code, log, out) = run_mount_script(0, false);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(log.lines().filter(|l| *l == "mount -a").count(), 1, "{log}");
+    assert!(!out.contains("Key already loaded"), "{out}");
+    // The record changes during the first two rounds: three rounds.
+    let (code, log, out) = run_mount_script(2, false);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(log.lines().filter(|l| *l == "mount -a").count(), 3, "{log}");
+    assert_eq!(
+        log.lines().filter(|l| *l == "load-key -a").count(),
+        3,
+        "{log}"
+    );
+    // It never settles: bounded, and says so.
+    let (code, log, out) = run_mount_script(1000, false);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        log.lines().filter(|l| *l == "mount -a").count(),
+        10,
+        "{log}"
+    );
+    assert!(out.contains("still changing"), "{out}");
+    // A failing mount fails the unit.
+    let (code, _, out) = run_mount_script(0, true);
+    assert_eq!(code, 1, "{out}");
 }
