@@ -12,7 +12,7 @@ use std::cell::Cell;
 use crate::clock::{duration_ms, Clock, SystemClock};
 use crate::key::{parse_md5_hex, Request};
 use crate::persist::{Fsync, LoadReport, PersistConfig, PersistError, Persistence};
-use crate::store::{AgentLookup, AgentOwner, Entry, Key, Store, StoreError, StoreLimits};
+use crate::store::{AgentLookup, AgentOwner, Entry, Key, KeyRef, Store, StoreError, StoreLimits};
 
 /// Default total byte bound of the memory tier: 256 MiB.
 pub const DEFAULT_CAPACITY_BYTES: usize = 256 << 20;
@@ -520,24 +520,22 @@ impl Cache {
 
     /// Resolve a RESP key: a plain key as given, else a 32-hex-digit MD5
     /// naming an agent entry.
-    fn resolve(s: &mut Store, key: &[u8], now: u64) -> Option<Key> {
-        let plain = Key::Plain(key.into());
-        if s.contains(&plain, now) {
+    fn resolve<'k>(s: &mut Store, key: &'k [u8], now: u64) -> Option<KeyRef<'k>> {
+        let plain = KeyRef::Plain(key);
+        if s.contains(plain, now) {
             return Some(plain);
         }
-        let agent = Key::Agent(parse_md5_hex(key)?);
-        s.contains(&agent, now).then_some(agent)
+        let agent = KeyRef::Agent(parse_md5_hex(key)?);
+        s.contains(agent, now).then_some(agent)
     }
 
     /// `GET key`: a plain key, or an agent entry by its MD5 hex.
     pub fn get_plain(&self, key: &[u8]) -> Option<Bytes> {
         self.read(|s, now| {
-            let mut found = s
-                .touch(&Key::Plain(key.into()), now)
-                .map(|e| e.value.clone());
+            let mut found = s.touch(KeyRef::Plain(key), now).map(|e| e.value.clone());
             if found.is_none() {
                 if let Some(md5) = parse_md5_hex(key) {
-                    found = s.touch(&Key::Agent(md5), now).map(|e| e.value.clone());
+                    found = s.touch(KeyRef::Agent(md5), now).map(|e| e.value.clone());
                 }
             }
             s.count_lookup(found.is_some());
@@ -569,7 +567,7 @@ impl Cache {
                 expires_at,
                 owner: None,
             };
-            s.insert(Key::Plain(key.into()), entry, now)?;
+            s.insert_ref(KeyRef::Plain(key), entry, now)?;
             Ok(true)
         });
         res?
@@ -577,7 +575,7 @@ impl Cache {
 
     /// `DEL key`; returns whether a key was deleted.
     pub fn del_plain(&self, key: &[u8]) -> Result<bool, CacheError> {
-        self.mutate(|s, now| Self::resolve(s, key, now).is_some_and(|k| s.remove(&k, now)))
+        self.mutate(|s, now| Self::resolve(s, key, now).is_some_and(|k| s.remove(k, now)))
     }
 
     /// `EXISTS key`.
@@ -593,7 +591,7 @@ impl Cache {
                 return false;
             };
             let at = ttl.map(|d| now.saturating_add(duration_ms(d)));
-            s.set_expiry(&k, at, now)
+            s.set_expiry(k, at, now)
         })
     }
 
@@ -601,7 +599,7 @@ impl Cache {
     pub fn ttl(&self, key: &[u8]) -> KeyTtl {
         self.read(|s, now| match Self::resolve(s, key, now) {
             None => KeyTtl::Missing,
-            Some(k) => match s.ttl_ms(&k, now) {
+            Some(k) => match s.ttl_ms(k, now) {
                 None => KeyTtl::Missing,
                 Some(None) => KeyTtl::Persistent,
                 Some(Some(ms)) => KeyTtl::Remaining(ms),
@@ -658,7 +656,7 @@ impl Cache {
         let s = self.lock();
         let now = self.clock.now_ms();
         s.iter()
-            .filter(|(k, _)| s.peek(k, now).is_some())
+            .filter(|(k, _)| s.peek(*k, now).is_some())
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
     }

@@ -12,9 +12,11 @@
 //! - `by_agent` holds exactly the MD5 keys of agent entries, under their agent.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hashlink::linked_hash_map::RawEntryMut;
 use hashlink::LinkedHashMap;
 
 /// Bookkeeping charged per entry on top of its key and value bytes: the hash
@@ -24,7 +26,10 @@ use hashlink::LinkedHashMap;
 pub const ENTRY_OVERHEAD: usize = 128;
 
 /// Where an entry lives.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// `Hash` is written by hand so that a [`KeyRef`] hashes exactly like the
+/// `Key` it borrows: lookups hash the borrowed form and need no allocation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
     /// An agent response, addressed by the MD5 of the request encoding.
     Agent([u8; 16]),
@@ -38,6 +43,46 @@ impl Key {
             Key::Agent(k) => k.len(),
             Key::Plain(k) => k.len(),
         }
+    }
+
+    /// The borrowed form.
+    pub fn as_ref(&self) -> KeyRef<'_> {
+        match self {
+            Key::Agent(k) => KeyRef::Agent(*k),
+            Key::Plain(k) => KeyRef::Plain(k),
+        }
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
+    }
+}
+
+/// A key without ownership: what lookups take, so that looking up a plain
+/// key given as a slice of the request does not copy it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyRef<'a> {
+    /// An agent entry's MD5.
+    Agent([u8; 16]),
+    /// A plain key.
+    Plain(&'a [u8]),
+}
+
+impl KeyRef<'_> {
+    /// The owned form.
+    pub fn to_owned(self) -> Key {
+        match self {
+            KeyRef::Agent(k) => Key::Agent(k),
+            KeyRef::Plain(k) => Key::Plain(k.into()),
+        }
+    }
+}
+
+impl<'a> From<&'a Key> for KeyRef<'a> {
+    fn from(key: &'a Key) -> Self {
+        key.as_ref()
     }
 }
 
@@ -156,13 +201,62 @@ struct Slot {
     cost: usize,
 }
 
-/// The memory tier. See the module docs.
-#[derive(Debug)]
-pub struct Store {
-    map: LinkedHashMap<Key, Slot>,
+/// The side indexes and the byte count, kept beside the map so that they can
+/// be updated while an entry of the map is borrowed.
+#[derive(Debug, Default)]
+struct Side {
     expiry: BTreeSet<(u64, Key)>,
     by_agent: HashMap<Box<[u8]>, HashSet<[u8; 16]>>,
     bytes: usize,
+}
+
+impl Side {
+    /// Undo the side indexes and byte count of an entry taken out of the map.
+    fn detach(&mut self, key: KeyRef<'_>, slot: &Slot) {
+        self.bytes -= slot.cost;
+        if let Some(at) = slot.entry.expires_at {
+            self.expiry.remove(&(at, key.to_owned()));
+        }
+        if let (KeyRef::Agent(md5), Some(owner)) = (key, slot.entry.owner.as_ref()) {
+            if let Some(set) = self.by_agent.get_mut(&owner.agent) {
+                set.remove(&md5);
+                if set.is_empty() {
+                    self.by_agent.remove(&owner.agent);
+                }
+            }
+        }
+    }
+
+    fn attach(&mut self, key: KeyRef<'_>, entry: &Entry, cost: usize) {
+        self.bytes += cost;
+        if let Some(at) = entry.expires_at {
+            self.expiry.insert((at, key.to_owned()));
+        }
+        if let (KeyRef::Agent(md5), Some(owner)) = (key, entry.owner.as_ref()) {
+            self.by_agent
+                .entry(owner.agent.clone())
+                .or_default()
+                .insert(md5);
+        }
+    }
+}
+
+fn record(journal: &mut Option<Vec<Change>>, change: impl FnOnce() -> Change) {
+    if let Some(j) = journal.as_mut() {
+        j.push(change());
+    }
+}
+
+/// The memory tier. See the module docs.
+///
+/// The LRU order is the order of `map` (hashlink's linked hash map: one
+/// allocation-free hash probe finds an entry and relinks it at the back).
+/// Every lookup hashes a [`KeyRef`] and probes once: an expired entry is
+/// dropped, a live one is refreshed, in the same probe.
+#[derive(Debug)]
+pub struct Store {
+    map: LinkedHashMap<Key, Slot>,
+    side: Side,
     limits: StoreLimits,
     counters: Counters,
     journal: Option<Vec<Change>>,
@@ -174,9 +268,7 @@ impl Store {
     pub fn new(limits: StoreLimits, journal: bool) -> Self {
         Self {
             map: LinkedHashMap::new(),
-            expiry: BTreeSet::new(),
-            by_agent: HashMap::new(),
-            bytes: 0,
+            side: Side::default(),
             limits,
             counters: Counters::default(),
             journal: journal.then(Vec::new),
@@ -200,12 +292,12 @@ impl Store {
 
     /// Entries that have an expiry.
     pub fn with_expiry(&self) -> usize {
-        self.expiry.len()
+        self.side.expiry.len()
     }
 
     /// Total cost of all entries.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.side.bytes
     }
 
     /// Event counters so far.
@@ -241,107 +333,93 @@ impl Store {
         key.len() + entry.value.len() + entry.owner.as_ref().map_or(0, |o| o.len()) + ENTRY_OVERHEAD
     }
 
-    fn record(&mut self, change: Change) {
-        if let Some(j) = self.journal.as_mut() {
-            j.push(change);
-        }
+    fn hash_of(&self, key: KeyRef<'_>) -> u64 {
+        self.map.hasher().hash_one(key)
     }
 
-    /// Undo the side indexes and byte count of an entry already taken out of `map`.
-    fn detach(&mut self, key: &Key, slot: &Slot) {
-        self.bytes -= slot.cost;
-        if let Some(at) = slot.entry.expires_at {
-            self.expiry.remove(&(at, key.clone()));
-        }
-        if let (Key::Agent(md5), Some(owner)) = (key, slot.entry.owner.as_ref()) {
-            if let Some(set) = self.by_agent.get_mut(&owner.agent) {
-                set.remove(md5);
-                if set.is_empty() {
-                    self.by_agent.remove(&owner.agent);
-                }
-            }
-        }
-    }
-
-    fn attach(&mut self, key: &Key, slot: &Slot) {
-        self.bytes += slot.cost;
-        if let Some(at) = slot.entry.expires_at {
-            self.expiry.insert((at, key.clone()));
-        }
-        if let (Key::Agent(md5), Some(owner)) = (key, slot.entry.owner.as_ref()) {
-            self.by_agent
-                .entry(owner.agent.clone())
-                .or_default()
-                .insert(*md5);
-        }
-    }
-
-    /// Remove `key` if present, journalling the removal.
-    fn take(&mut self, key: &Key) -> Option<Entry> {
-        let slot = self.map.remove(key)?;
-        self.detach(key, &slot);
-        self.record(Change::Remove { key: key.clone() });
+    /// Remove `key` if present (live or not), journalling the removal.
+    fn take(&mut self, key: KeyRef<'_>) -> Option<Entry> {
+        let hash = self.hash_of(key);
+        let RawEntryMut::Occupied(o) = self
+            .map
+            .raw_entry_mut()
+            .from_hash(hash, |k| k.as_ref() == key)
+        else {
+            return None;
+        };
+        let (key, slot) = o.remove_entry();
+        self.side.detach(key.as_ref(), &slot);
+        record(&mut self.journal, || Change::Remove { key });
         Some(slot.entry)
     }
 
-    /// Drop `key` if it has expired; returns whether a live entry remains.
-    fn ensure_live(&mut self, key: &Key, now: u64) -> bool {
-        match self.map.get(key) {
-            None => false,
-            Some(slot) if slot.entry.is_expired(now) => {
-                self.take(key);
+    /// Find a live entry in one probe. An entry whose expiry has passed is
+    /// dropped (and counted as an expiration); with `refresh`, a live one
+    /// becomes the most recently used.
+    fn live(&mut self, key: KeyRef<'_>, now: u64, refresh: bool) -> Option<&mut Slot> {
+        let hash = self.hash_of(key);
+        match self
+            .map
+            .raw_entry_mut()
+            .from_hash(hash, |k| k.as_ref() == key)
+        {
+            RawEntryMut::Vacant(_) => None,
+            RawEntryMut::Occupied(o) if o.get().entry.is_expired(now) => {
+                let (key, slot) = o.remove_entry();
+                self.side.detach(key.as_ref(), &slot);
                 self.counters.expirations += 1;
-                false
+                record(&mut self.journal, || Change::Remove { key });
+                None
             }
-            Some(_) => true,
+            RawEntryMut::Occupied(mut o) => {
+                if refresh {
+                    o.to_back();
+                }
+                Some(o.into_mut())
+            }
         }
     }
 
     /// Look up an agent entry and prove it belongs to the request.
     pub fn get_agent(&mut self, md5: &[u8; 16], sha256: &[u8; 32], now: u64) -> AgentLookup {
-        let key = Key::Agent(*md5);
-        if !self.ensure_live(&key, now) {
-            self.counters.misses += 1;
-            return AgentLookup::Miss;
-        }
-        let Some(slot) = self.map.to_back(&key) else {
-            self.counters.misses += 1;
-            return AgentLookup::Miss;
-        };
-        let owned = slot
-            .entry
-            .owner
-            .as_ref()
-            .is_some_and(|o| &o.sha256 == sha256);
-        if owned {
-            let value = slot.entry.value.clone();
-            self.counters.hits += 1;
-            AgentLookup::Hit(value)
-        } else {
-            self.counters.misses += 1;
-            self.counters.collisions += 1;
-            AgentLookup::Collision
+        let found = self.live(KeyRef::Agent(*md5), now, true).map(|slot| {
+            let owned = slot
+                .entry
+                .owner
+                .as_ref()
+                .is_some_and(|o| &o.sha256 == sha256);
+            owned.then(|| slot.entry.value.clone())
+        });
+        match found {
+            None => {
+                self.counters.misses += 1;
+                AgentLookup::Miss
+            }
+            Some(Some(value)) => {
+                self.counters.hits += 1;
+                AgentLookup::Hit(value)
+            }
+            Some(None) => {
+                self.counters.misses += 1;
+                self.counters.collisions += 1;
+                AgentLookup::Collision
+            }
         }
     }
 
     /// Look up any entry, counting a hit or miss and refreshing its recency.
-    pub fn get(&mut self, key: &Key, now: u64) -> Option<&Entry> {
-        if !self.ensure_live(key, now) {
-            self.counters.misses += 1;
-            return None;
-        }
-        self.counters.hits += 1;
-        self.map.to_back(key).map(|s| &s.entry)
+    pub fn get<'k>(&mut self, key: impl Into<KeyRef<'k>>, now: u64) -> Option<&Entry> {
+        let hit = self.live(key.into(), now, true).is_some();
+        self.count_lookup(hit);
+        // A refreshed entry is the most recently used one.
+        self.map.back().filter(|_| hit).map(|(_, s)| &s.entry)
     }
 
     /// Look up a live entry and refresh its recency without counting (the
     /// caller counts once with [`Store::count_lookup`] after trying every
     /// spelling of a key).
-    pub fn touch(&mut self, key: &Key, now: u64) -> Option<&Entry> {
-        if !self.ensure_live(key, now) {
-            return None;
-        }
-        self.map.to_back(key).map(|s| &s.entry)
+    pub fn touch<'k>(&mut self, key: impl Into<KeyRef<'k>>, now: u64) -> Option<&Entry> {
+        self.live(key.into(), now, true).map(|s| &s.entry)
     }
 
     /// Count one lookup as a hit or a miss.
@@ -355,66 +433,119 @@ impl Store {
 
     /// Look at an entry without counting or refreshing it (expired entries are
     /// reported as absent but left for the purge).
-    pub fn peek(&self, key: &Key, now: u64) -> Option<&Entry> {
+    pub fn peek<'k>(&self, key: impl Into<KeyRef<'k>>, now: u64) -> Option<&Entry> {
+        let key = key.into();
         self.map
-            .get(key)
-            .map(|s| &s.entry)
+            .raw_entry()
+            .from_hash(self.hash_of(key), |k| k.as_ref() == key)
+            .map(|(_, s)| &s.entry)
             .filter(|e| !e.is_expired(now))
     }
 
     /// Whether a live entry exists (expired ones are dropped on the way).
-    pub fn contains(&mut self, key: &Key, now: u64) -> bool {
-        self.ensure_live(key, now)
+    pub fn contains<'k>(&mut self, key: impl Into<KeyRef<'k>>, now: u64) -> bool {
+        self.live(key.into(), now, false).is_some()
     }
 
     /// Insert or replace `key`, evicting least recently used entries to stay
     /// within the byte bound.
     pub fn insert(&mut self, key: Key, entry: Entry, now: u64) -> Result<(), StoreError> {
+        self.insert_inner(KeyRef::Plain(&[]), Some(key), entry, now)
+    }
+
+    /// [`Store::insert`] with a borrowed key: the key is copied only if it is
+    /// new (or journalled or indexed), not when an entry is replaced.
+    pub fn insert_ref(
+        &mut self,
+        key: KeyRef<'_>,
+        entry: Entry,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.insert_inner(key, None, entry, now)
+    }
+
+    /// Insert under `owned` if given, else under `key`.
+    fn insert_inner(
+        &mut self,
+        key: KeyRef<'_>,
+        owned: Option<Key>,
+        entry: Entry,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let key = owned.as_ref().map_or(key, Key::as_ref);
         if entry.value.len() > self.limits.max_value_bytes {
             return Err(StoreError::ValueTooLarge {
                 size: entry.value.len(),
                 max: self.limits.max_value_bytes,
             });
         }
-        let cost = Self::cost_of(&key, &entry);
+        let key_len = match key {
+            KeyRef::Agent(k) => k.len(),
+            KeyRef::Plain(k) => k.len(),
+        };
+        let cost = key_len
+            + entry.value.len()
+            + entry.owner.as_ref().map_or(0, |o| o.len())
+            + ENTRY_OVERHEAD;
         if cost > self.limits.capacity_bytes {
             return Err(StoreError::EntryTooLarge {
                 cost,
                 capacity: self.limits.capacity_bytes,
             });
         }
-        if let Some(old) = self.map.remove(&key) {
-            self.detach(&key, &old);
+        let hash = self.hash_of(key);
+        match self
+            .map
+            .raw_entry_mut()
+            .from_hash(hash, |k| k.as_ref() == key)
+        {
+            RawEntryMut::Occupied(mut o) => {
+                // Replaced in place: the key stays, the node moves to the back.
+                o.to_back();
+                record(&mut self.journal, || Change::Put {
+                    key: o.key().clone(),
+                    entry: entry.clone(),
+                });
+                let old = o.replace_value(Slot { entry, cost });
+                self.side.detach(key, &old);
+                self.side.attach(key, &o.get().entry, cost);
+            }
+            RawEntryMut::Vacant(v) => {
+                let owned = match owned {
+                    Some(k) => k,
+                    None => key.to_owned(),
+                };
+                record(&mut self.journal, || Change::Put {
+                    key: owned.clone(),
+                    entry: entry.clone(),
+                });
+                self.side.attach(owned.as_ref(), &entry, cost);
+                v.insert_hashed_nocheck(hash, owned, Slot { entry, cost });
+            }
         }
-        self.record(Change::Put {
-            key: key.clone(),
-            entry: entry.clone(),
-        });
-        let slot = Slot { entry, cost };
-        self.attach(&key, &slot);
-        self.map.insert(key, slot);
         self.evict_to_bound(now);
         Ok(())
     }
 
     fn evict_to_bound(&mut self, now: u64) {
-        while self.bytes > self.limits.capacity_bytes {
+        while self.side.bytes > self.limits.capacity_bytes {
             let Some((key, slot)) = self.map.pop_front() else {
                 break;
             };
-            self.detach(&key, &slot);
+            self.side.detach(key.as_ref(), &slot);
             if slot.entry.is_expired(now) {
                 self.counters.expirations += 1;
             } else {
                 self.counters.evictions += 1;
             }
-            self.record(Change::Remove { key });
+            record(&mut self.journal, || Change::Remove { key });
         }
     }
 
     /// Delete `key`; returns whether a live entry was there.
-    pub fn remove(&mut self, key: &Key, now: u64) -> bool {
-        if !self.ensure_live(key, now) {
+    pub fn remove<'k>(&mut self, key: impl Into<KeyRef<'k>>, now: u64) -> bool {
+        let key = key.into();
+        if self.live(key, now, false).is_none() {
             return false;
         }
         self.take(key).is_some()
@@ -422,31 +553,31 @@ impl Store {
 
     /// Delete `key` whether or not it has expired, counting nothing (log
     /// replay); returns whether it was there.
-    pub fn discard(&mut self, key: &Key) -> bool {
-        self.take(key).is_some()
+    pub fn discard<'k>(&mut self, key: impl Into<KeyRef<'k>>) -> bool {
+        self.take(key.into()).is_some()
     }
 
     /// Delete every entry of `agent`; returns how many live ones went.
     pub fn remove_agent(&mut self, agent: &[u8], now: u64) -> usize {
-        let Some(keys) = self.by_agent.get(agent) else {
+        let Some(keys) = self.side.by_agent.get(agent) else {
             return 0;
         };
         let keys: Vec<[u8; 16]> = keys.iter().copied().collect();
         keys.iter()
-            .filter(|md5| self.remove(&Key::Agent(**md5), now))
+            .filter(|md5| self.remove(KeyRef::Agent(**md5), now))
             .count()
     }
 
     /// Drop every entry whose expiry is at or before `now`; returns how many.
     pub fn purge_expired(&mut self, now: u64) -> usize {
         let mut n = 0;
-        while let Some((at, key)) = self.expiry.first().cloned() {
+        while let Some((at, key)) = self.side.expiry.first().cloned() {
             if at > now {
                 break;
             }
-            if self.take(&key).is_none() {
+            if self.take(key.as_ref()).is_none() {
                 // Unreachable while the invariants hold; never loop on it.
-                self.expiry.remove(&(at, key));
+                self.side.expiry.remove(&(at, key));
                 continue;
             }
             self.counters.expirations += 1;
@@ -457,29 +588,32 @@ impl Store {
 
     /// Set or clear the expiry of a live entry; returns whether it exists.
     /// An expiry at or before `now` deletes the entry (as Redis does).
-    pub fn set_expiry(&mut self, key: &Key, expires_at: Option<u64>, now: u64) -> bool {
-        if !self.ensure_live(key, now) {
+    pub fn set_expiry<'k>(
+        &mut self,
+        key: impl Into<KeyRef<'k>>,
+        expires_at: Option<u64>,
+        now: u64,
+    ) -> bool {
+        let key = key.into();
+        let Some(slot) = self.live(key, now, false) else {
             return false;
-        }
+        };
         if expires_at.is_some_and(|at| at <= now) {
             self.take(key);
             self.counters.expirations += 1;
             return true;
         }
-        let Some(slot) = self.map.get_mut(key) else {
-            return false;
-        };
         let old = slot.entry.expires_at;
         slot.entry.expires_at = expires_at;
         let entry = slot.entry.clone();
         if let Some(at) = old {
-            self.expiry.remove(&(at, key.clone()));
+            self.side.expiry.remove(&(at, key.to_owned()));
         }
         if let Some(at) = expires_at {
-            self.expiry.insert((at, key.clone()));
+            self.side.expiry.insert((at, key.to_owned()));
         }
-        self.record(Change::Put {
-            key: key.clone(),
+        record(&mut self.journal, || Change::Put {
+            key: key.to_owned(),
             entry,
         });
         true
@@ -487,11 +621,8 @@ impl Store {
 
     /// Remaining lifetime of a live entry: `None` if absent, `Some(None)` if
     /// it never expires, `Some(Some(ms))` otherwise.
-    pub fn ttl_ms(&mut self, key: &Key, now: u64) -> Option<Option<u64>> {
-        if !self.ensure_live(key, now) {
-            return None;
-        }
-        let slot = self.map.get(key)?;
+    pub fn ttl_ms<'k>(&mut self, key: impl Into<KeyRef<'k>>, now: u64) -> Option<Option<u64>> {
+        let slot = self.live(key.into(), now, false)?;
         Some(slot.entry.expires_at.map(|at| at.saturating_sub(now)))
     }
 
@@ -502,24 +633,24 @@ impl Store {
 
     /// Drop everything (journalled as removals).
     pub fn clear(&mut self) {
-        let keys: Vec<Key> = self.map.keys().cloned().collect();
-        for key in keys {
-            self.take(&key);
+        while let Some((key, slot)) = self.map.pop_front() {
+            self.side.detach(key.as_ref(), &slot);
+            record(&mut self.journal, || Change::Remove { key });
         }
     }
 
     #[cfg(test)]
     pub(crate) fn check_invariants(&self) {
         let sum: usize = self.map.values().map(|s| s.cost).sum();
-        assert_eq!(sum, self.bytes, "byte count");
-        assert!(self.bytes <= self.limits.capacity_bytes, "byte bound");
+        assert_eq!(sum, self.side.bytes, "byte count");
+        assert!(self.side.bytes <= self.limits.capacity_bytes, "byte bound");
         let with_expiry = self
             .map
             .values()
             .filter(|s| s.entry.expires_at.is_some())
             .count();
-        assert_eq!(with_expiry, self.expiry.len(), "expiry index size");
-        for (at, key) in &self.expiry {
+        assert_eq!(with_expiry, self.side.expiry.len(), "expiry index size");
+        for (at, key) in &self.side.expiry {
             let slot = self.map.get(key).expect("indexed key present");
             assert_eq!(slot.entry.expires_at, Some(*at));
         }
@@ -528,7 +659,7 @@ impl Store {
             .iter()
             .filter(|(k, _)| matches!(k, Key::Agent(_)))
             .count();
-        let indexed: usize = self.by_agent.values().map(HashSet::len).sum();
+        let indexed: usize = self.side.by_agent.values().map(HashSet::len).sum();
         assert_eq!(agent_entries, indexed, "agent index size");
     }
 }
@@ -706,6 +837,186 @@ mod tests {
         assert_eq!(s.remove_agent(b"a1", 0), 0);
         assert_eq!(s.len(), 1);
         s.check_invariants();
+    }
+
+    #[test]
+    fn replacing_in_place_keeps_indexes_journal_and_order() {
+        let mut s = Store::new(limits_for(3, 10), true);
+        for k in ["a", "b", "c"] {
+            s.insert(plain(k), val(10), 0).unwrap();
+        }
+        s.take_journal();
+        // Replace "a" with a TTL through a borrowed key: it becomes the most
+        // recent entry, the expiry index follows, and the journal has the put.
+        let mut e = val(10);
+        e.expires_at = Some(50);
+        s.insert_ref(KeyRef::Plain(b"a"), e.clone(), 0).unwrap();
+        let order: Vec<_> = s.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(order, vec![plain("b"), plain("c"), plain("a")]);
+        assert_eq!(s.with_expiry(), 1);
+        s.check_invariants();
+        assert_eq!(
+            s.take_journal(),
+            vec![Change::Put {
+                key: plain("a"),
+                entry: e.clone()
+            }]
+        );
+        // Same expiry instant again, then none: the index never holds a stale pair.
+        s.insert_ref(KeyRef::Plain(b"a"), e, 0).unwrap();
+        s.check_invariants();
+        s.insert_ref(KeyRef::Plain(b"a"), val(10), 0).unwrap();
+        assert_eq!(s.with_expiry(), 0);
+        s.check_invariants();
+        // A new key through a borrowed key evicts the least recent ("b").
+        s.insert_ref(KeyRef::Plain(b"d"), val(10), 0).unwrap();
+        assert!(s.peek(KeyRef::Plain(b"b"), 0).is_none());
+        assert_eq!(s.counters().evictions, 1);
+        s.check_invariants();
+    }
+
+    /// A straightforward model of the store: a list in LRU order.
+    #[derive(Default)]
+    struct Model {
+        items: Vec<(u8, usize, Option<u64>)>,
+        evictions: u64,
+        expirations: u64,
+    }
+
+    impl Model {
+        const CAP: usize = 6 * (1 + 16 + ENTRY_OVERHEAD);
+
+        fn cost(v: usize) -> usize {
+            1 + v + ENTRY_OVERHEAD
+        }
+
+        fn pos(&self, k: u8) -> Option<usize> {
+            self.items.iter().position(|i| i.0 == k)
+        }
+
+        /// Drop `k` if it has expired; its position if it is live.
+        fn live(&mut self, k: u8, now: u64) -> Option<usize> {
+            let i = self.pos(k)?;
+            if self.items[i].2.is_some_and(|at| at <= now) {
+                self.items.remove(i);
+                self.expirations += 1;
+                return None;
+            }
+            Some(i)
+        }
+
+        fn insert(&mut self, k: u8, v: usize, at: Option<u64>, now: u64) {
+            if let Some(i) = self.pos(k) {
+                self.items.remove(i);
+            }
+            self.items.push((k, v, at));
+            while self.items.iter().map(|i| Self::cost(i.1)).sum::<usize>() > Self::CAP {
+                let (_, _, at) = self.items.remove(0);
+                if at.is_some_and(|at| at <= now) {
+                    self.expirations += 1;
+                } else {
+                    self.evictions += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_a_simple_lru_model() {
+        let limits = StoreLimits {
+            capacity_bytes: Model::CAP,
+            max_value_bytes: 40,
+        };
+        let mut s = Store::new(limits, true);
+        let mut m = Model::default();
+        let mut now = 0u64;
+        // A fixed pseudo-random sequence (64-bit LCG), so failures repeat.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (x >> 33) % n
+        };
+        for step in 0..20_000 {
+            let k = u8::try_from(next(10)).unwrap();
+            let key = Key::Plain(vec![k].into());
+            match next(8) {
+                0..=2 => {
+                    let v = usize::try_from(next(30)).unwrap();
+                    let at = (next(3) == 0).then(|| now + 1 + next(20));
+                    let entry = Entry {
+                        value: Bytes::from(vec![k; v]),
+                        expires_at: at,
+                        owner: None,
+                    };
+                    if next(2) == 0 {
+                        s.insert(key, entry, now).unwrap();
+                    } else {
+                        s.insert_ref(KeyRef::Plain(&[k]), entry, now).unwrap();
+                    }
+                    m.insert(k, v, at, now);
+                }
+                3 | 4 => {
+                    let got = s.get(&key, now).map(|e| e.value.len());
+                    let want = m.live(k, now).map(|i| {
+                        let item = m.items.remove(i);
+                        m.items.push(item);
+                        item.1
+                    });
+                    assert_eq!(got, want, "get at step {step}");
+                }
+                5 => {
+                    let want = m.live(k, now).map(|i| m.items.remove(i)).is_some();
+                    assert_eq!(s.remove(&key, now), want, "remove at step {step}");
+                }
+                6 => {
+                    let at = (next(2) == 0).then(|| now + next(10));
+                    let found = s.set_expiry(&key, at, now);
+                    let want = match m.live(k, now) {
+                        None => false,
+                        Some(i) if at.is_some_and(|at| at <= now) => {
+                            m.items.remove(i);
+                            m.expirations += 1;
+                            true
+                        }
+                        Some(i) => {
+                            m.items[i].2 = at;
+                            true
+                        }
+                    };
+                    assert_eq!(found, want, "set_expiry at step {step}");
+                }
+                _ => {
+                    if next(4) == 0 {
+                        let before = m.items.len();
+                        m.items.retain(|i| i.2.is_none_or(|at| at > now));
+                        let purged = before - m.items.len();
+                        m.expirations += purged as u64;
+                        assert_eq!(s.purge_expired(now), purged, "purge at step {step}");
+                    }
+                    now += next(4);
+                }
+            }
+            let order: Vec<u8> = s
+                .iter()
+                .map(|(k, _)| match k {
+                    Key::Plain(b) => b[0],
+                    Key::Agent(_) => unreachable!(),
+                })
+                .collect();
+            let want: Vec<u8> = m.items.iter().map(|i| i.0).collect();
+            assert_eq!(order, want, "LRU order at step {step}");
+            let c = s.counters();
+            assert_eq!((c.evictions, c.expirations), (m.evictions, m.expirations));
+            if step % 100 == 0 {
+                s.check_invariants();
+                s.take_journal();
+            }
+        }
+        s.check_invariants();
+        assert!(
+            m.evictions > 100 && m.expirations > 100,
+            "the sequence exercises both"
+        );
     }
 
     #[test]
