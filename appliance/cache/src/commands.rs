@@ -114,15 +114,21 @@ fn arguments(frame: Frame) -> Result<Vec<Bytes>, Reply> {
 
 /// Execute one decoded frame.
 pub fn execute(cache: &Cache, session: &mut Session, frame: Frame) -> Outcome {
-    let args = match arguments(frame) {
-        Ok(a) if !a.is_empty() => a,
-        Ok(_) => return Reply::err("empty command").into(),
-        Err(r) => return r.into(),
+    match arguments(frame) {
+        Ok(args) => execute_args(cache, session, &args),
+        Err(r) => r.into(),
+    }
+}
+
+/// Execute one command given as its arguments (what
+/// [`crate::resp::Decoder::decode_command`] produces).
+pub fn execute_args(cache: &Cache, session: &mut Session, args: &[Bytes]) -> Outcome {
+    let Some(raw) = args.first() else {
+        return Reply::err("empty command").into();
     };
     // Upper-case the name on the stack: every command pays for this.
     let mut stack = [0u8; 24];
     let heap;
-    let raw = &args[0];
     let name: &str = match stack.get_mut(..raw.len()) {
         Some(slot) => {
             slot.copy_from_slice(raw);

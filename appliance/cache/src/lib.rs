@@ -129,6 +129,6 @@ pub use json::{
 };
 pub use key::{md5_hex, parse_md5_hex, Digests, Request};
 pub use persist::{Fsync, LoadReport, PersistConfig, PersistError, PersistStats};
-pub use resp::{Limits, Protocol, ProtocolError};
+pub use resp::{Command, Limits, Protocol, ProtocolError};
 pub use server::{maintenance_loop, serve, serve_unix, ServerConfig};
 pub use store::{AgentOwner, Change, Entry, Key, KeyRef, StoreError};

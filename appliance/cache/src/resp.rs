@@ -20,6 +20,8 @@
 //! `HELLO`): `Null` is `$-1` in RESP2 and `_` in RESP3, a `Map` is a flat
 //! array in RESP2 and `%` in RESP3.
 
+use std::borrow::Cow;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Array slots reserved up front at most, whatever the header claims.
@@ -149,6 +151,36 @@ pub struct Decoder {
     pending_bulk: Option<usize>,
     frame_bytes: usize,
     frame_elements: usize,
+    /// Argument positions found by the command fast path (reused).
+    spans: Vec<(usize, usize)>,
+}
+
+/// What [`Decoder::decode_command`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A command (a non-empty array of bulk strings): its arguments are in
+    /// the caller's vector.
+    Args,
+    /// Any other frame; the command layer answers it with an error.
+    Other(Frame),
+}
+
+/// A `*N` or `$N` header with plain decimal digits at `at`: returns `N` and
+/// the position after its CRLF. `None` for anything else (a sign, a null,
+/// an overlong or incomplete line), which the general decoder then handles.
+fn fast_header(buf: &[u8], at: usize, kind: u8) -> Option<(usize, usize)> {
+    let line = buf.get(at..)?;
+    let line = &line[..line.len().min(MAX_HEADER_LINE)];
+    if line.first() != Some(&kind) {
+        return None;
+    }
+    let mut n = 0usize;
+    let mut i = 1;
+    while let Some(d) = line.get(i).filter(|b| b.is_ascii_digit()) {
+        n = n.checked_mul(10)?.checked_add(usize::from(d - b'0'))?;
+        i += 1;
+    }
+    (i > 1 && line.get(i..i + 2) == Some(b"\r\n")).then_some((n, at + i + 2))
 }
 
 fn find_crlf(buf: &[u8], limit: usize) -> Option<usize> {
@@ -172,7 +204,75 @@ impl Decoder {
             pending_bulk: None,
             frame_bytes: 0,
             frame_elements: 0,
+            spans: Vec::new(),
         }
+    }
+
+    /// Decode the next command. Like [`Decoder::decode`], but a non-empty
+    /// array of bulk strings (every well-formed command) lands in `args`
+    /// (cleared first) instead of a [`Frame`].
+    ///
+    /// Fast path: when no frame is partly decoded and a whole command of
+    /// plain `*N`/`$N` headers is already in `buf`, it is checked against the
+    /// same limits in one pass, split off the buffer once, and its arguments
+    /// are slices of that split. Anything else (partial input, inline
+    /// commands, other types, anything the limits refuse) goes through
+    /// [`Decoder::decode`], which alone reports errors; the fast path
+    /// consumes nothing unless it succeeds, so both give the same result.
+    pub fn decode_command(
+        &mut self,
+        buf: &mut BytesMut,
+        args: &mut Vec<Bytes>,
+    ) -> Result<Option<Command>, ProtocolError> {
+        if !self.in_frame() {
+            if let Some(total) = self.scan_command(buf) {
+                let frame = buf.split_to(total).freeze();
+                args.clear();
+                args.extend(self.spans.iter().map(|&(a, b)| frame.slice(a..b)));
+                return Ok(Some(Command::Args));
+            }
+        }
+        match self.decode(buf)? {
+            None => Ok(None),
+            Some(Frame::Array(items))
+                if !items.is_empty() && items.iter().all(|f| matches!(f, Frame::Bulk(_))) =>
+            {
+                args.clear();
+                args.extend(items.into_iter().filter_map(|f| match f {
+                    Frame::Bulk(b) => Some(b),
+                    _ => None,
+                }));
+                Ok(Some(Command::Args))
+            }
+            Some(other) => Ok(Some(Command::Other(other))),
+        }
+    }
+
+    /// The length of a complete command at the front of `buf` that the
+    /// general decoder would accept as a flat array of bulk strings, with
+    /// its argument spans in `self.spans`; `None` if that is not certain.
+    fn scan_command(&mut self, buf: &[u8]) -> Option<usize> {
+        self.spans.clear();
+        let (n, mut pos) = fast_header(buf, 0, b'*')?;
+        if n == 0 || n > self.limits.max_elements || self.limits.max_depth == 0 {
+            return None;
+        }
+        for _ in 0..n {
+            let (len, start) = fast_header(buf, pos, b'$')?;
+            if len > self.limits.max_bulk_len {
+                return None;
+            }
+            let end = start.checked_add(len)?;
+            if buf.get(end..end.checked_add(2)?)? != b"\r\n" {
+                return None;
+            }
+            pos = end + 2;
+            if pos > self.limits.max_frame_bytes {
+                return None;
+            }
+            self.spans.push((start, end));
+        }
+        Some(pos)
     }
 
     /// Whether a frame is partly decoded (a truncated frame at EOF).
@@ -368,8 +468,9 @@ pub enum Protocol {
 /// A reply to encode.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
-    /// `+OK`-style status.
-    Simple(String),
+    /// `+OK`-style status (static text for the common replies, so they
+    /// cost no allocation).
+    Simple(Cow<'static, str>),
     /// `-ERR ...`; the text must include the error code (`ERR`, `WRONGTYPE`, ...).
     Error(String),
     /// Integer.
@@ -387,7 +488,7 @@ pub enum Reply {
 impl Reply {
     /// `+OK`
     pub fn ok() -> Self {
-        Reply::Simple("OK".into())
+        Reply::Simple(Cow::Borrowed("OK"))
     }
 
     /// `-ERR <msg>`
@@ -407,23 +508,56 @@ fn put_line(out: &mut BytesMut, prefix: u8, body: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn put_len(out: &mut BytesMut, prefix: u8, n: usize) {
-    put_line(out, prefix, n.to_string().as_bytes());
+/// Decimal digits of `n` at the end of `buf`; returns where they start.
+fn digits(mut n: u64, buf: &mut [u8; 20]) -> usize {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return i;
+        }
+    }
 }
 
-/// Strip CR and LF from status and error text so it cannot break framing.
-fn one_line(s: &str) -> Vec<u8> {
-    s.bytes()
-        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b })
-        .collect()
+fn put_len(out: &mut BytesMut, prefix: u8, n: usize) {
+    let mut buf = [0u8; 20];
+    let at = digits(n as u64, &mut buf);
+    put_line(out, prefix, &buf[at..]);
+}
+
+fn put_integer(out: &mut BytesMut, n: i64) {
+    let mut buf = [0u8; 20];
+    let at = digits(n.unsigned_abs(), &mut buf);
+    out.extend_from_slice(b":");
+    if n < 0 {
+        out.extend_from_slice(b"-");
+    }
+    out.extend_from_slice(&buf[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A status or error line, with CR and LF replaced by spaces so the text
+/// cannot break framing.
+fn put_text_line(out: &mut BytesMut, prefix: u8, s: &str) {
+    out.extend_from_slice(&[prefix]);
+    let start = out.len();
+    out.extend_from_slice(s.as_bytes());
+    for b in &mut out[start..] {
+        if *b == b'\r' || *b == b'\n' {
+            *b = b' ';
+        }
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Append the encoding of `reply` to `out`.
 pub fn encode(reply: &Reply, proto: Protocol, out: &mut BytesMut) {
     match reply {
-        Reply::Simple(s) => put_line(out, b'+', &one_line(s)),
-        Reply::Error(s) => put_line(out, b'-', &one_line(s)),
-        Reply::Integer(n) => put_line(out, b':', n.to_string().as_bytes()),
+        Reply::Simple(s) => put_text_line(out, b'+', s),
+        Reply::Error(s) => put_text_line(out, b'-', s),
+        Reply::Integer(n) => put_integer(out, *n),
         Reply::Bulk(b) => {
             put_len(out, b'$', b.len());
             out.extend_from_slice(b);
@@ -655,6 +789,101 @@ mod tests {
         assert_eq!(decode_all(b":abc\r\n"), Err(ProtocolError::BadNumber));
         let long = [b"*".as_slice(), &[b'1'; 40]].concat();
         assert_eq!(decode_all(&long), Err(ProtocolError::HeaderTooLong));
+    }
+
+    /// Everything `decode` yields, as `decode_command` reports it.
+    fn as_commands(frames: Vec<Frame>) -> Vec<Result<Vec<Bytes>, Frame>> {
+        frames
+            .into_iter()
+            .map(|f| match f {
+                Frame::Array(items)
+                    if !items.is_empty() && items.iter().all(|i| matches!(i, Frame::Bulk(_))) =>
+                {
+                    Ok(items
+                        .into_iter()
+                        .map(|i| match i {
+                            Frame::Bulk(b) => b,
+                            _ => unreachable!(),
+                        })
+                        .collect())
+                }
+                other => Err(other),
+            })
+            .collect()
+    }
+
+    /// Feed `input` in chunks of `chunk` bytes through `decode_command`.
+    fn commands_in_chunks(
+        input: &[u8],
+        chunk: usize,
+        limits: Limits,
+    ) -> Result<Vec<Result<Vec<Bytes>, Frame>>, ProtocolError> {
+        let mut d = Decoder::new(limits);
+        let mut buf = BytesMut::new();
+        let mut args = Vec::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(c) = d.decode_command(&mut buf, &mut args)? {
+                out.push(match c {
+                    Command::Args => Ok(std::mem::take(&mut args)),
+                    Command::Other(f) => Err(f),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn command_fast_path_agrees_with_the_general_decoder() {
+        let small = Limits {
+            max_bulk_len: 8,
+            max_elements: 3,
+            max_frame_bytes: 40,
+            ..Limits::default()
+        };
+        let inputs: &[&[u8]] = &[
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n*1\r\n$4\r\nPING\r\n",
+            b"*2\r\n$3\r\nGET\r\n$5\r\na\r\nbc\r\n",
+            b"*0\r\n*-1\r\n:5\r\n+OK\r\n",
+            b"*2\r\n$3\r\nGET\r\n:1\r\n",
+            b"*1\r\n*1\r\n$1\r\nx\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*+1\r\n$+3\r\nGET\r\n*01\r\n$003\r\nGET\r\n",
+            b"PING\r\n*1\r\n$4\r\nPING\r\n",
+            b"*1\r\n$3\r\nabcX\r\n",
+            b"*1\r\n$-5\r\n",
+            b"*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n",
+            b"*1\r\n$9\r\n123456789\r\n",
+            b"*3\r\n$8\r\n12345678\r\n$8\r\n12345678\r\n$1\r\nx\r\n",
+            b"*1\r\n$99999999999999999999999\r\n",
+            b"*11111111111111111111111111111111111\r\n",
+        ];
+        for limits in [Limits::default(), small] {
+            for input in inputs {
+                let expected = {
+                    let mut d = Decoder::new(limits);
+                    let mut buf = BytesMut::from(*input);
+                    let mut frames = Vec::new();
+                    loop {
+                        match d.decode(&mut buf) {
+                            Ok(Some(f)) => frames.push(f),
+                            Ok(None) => break Ok(as_commands(frames)),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                };
+                for chunk in [1, 2, 3, 7, input.len()] {
+                    let got = commands_in_chunks(input, chunk, limits);
+                    // On an error, the commands before it are not compared
+                    // (they were returned before the error surfaced).
+                    match (&expected, &got) {
+                        (Err(e), Err(g)) => assert_eq!(e, g, "{input:?} in chunks of {chunk}"),
+                        _ => assert_eq!(expected, got, "{input:?} in chunks of {chunk}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

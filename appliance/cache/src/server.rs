@@ -16,15 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cache::Cache;
-use crate::commands::{execute, Session};
-use crate::resp::{encode, Decoder, Limits, Reply};
+use crate::commands::{execute, execute_args, Session};
+use crate::resp::{encode, Command, Decoder, Limits, Reply};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -244,9 +244,13 @@ enum Step {
 /// Decode and execute complete frames from `buf`, encoding replies into
 /// `out`, until input runs out, the replies need flushing, or the connection
 /// must close.
+///
+/// `args` is scratch space for one command's arguments, emptied after each
+/// command so that no slice of the read buffer outlives its command.
 fn decode_and_run(
     decoder: &mut Decoder,
     buf: &mut BytesMut,
+    args: &mut Vec<Bytes>,
     cache: &Cache,
     session: &mut Session,
     out: &mut BytesMut,
@@ -255,9 +259,13 @@ fn decode_and_run(
         if out.len() >= FLUSH_AT {
             return Step::Flush;
         }
-        match decoder.decode(buf) {
-            Ok(Some(frame)) => {
-                let outcome = execute(cache, session, frame);
+        match decoder.decode_command(buf, args) {
+            Ok(Some(command)) => {
+                let outcome = match command {
+                    Command::Args => execute_args(cache, session, args),
+                    Command::Other(frame) => execute(cache, session, frame),
+                };
+                args.clear();
                 encode(&outcome.reply, session.protocol, out);
                 if outcome.close {
                     return Step::Close;
@@ -296,6 +304,7 @@ where
     let mut decoder = Decoder::new(limits);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut args = Vec::new();
     let mut share = BufferShare { budget, kib: 0 };
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -317,8 +326,16 @@ where
             return Ok(());
         }
         loop {
-            let (step, pending) = cache
-                .defer(|| decode_and_run(&mut decoder, &mut buf, cache, &mut session, &mut out));
+            let (step, pending) = cache.defer(|| {
+                decode_and_run(
+                    &mut decoder,
+                    &mut buf,
+                    &mut args,
+                    cache,
+                    &mut session,
+                    &mut out,
+                )
+            });
             let committed = match pending {
                 Ok(p) if p.is_empty() => Ok(()),
                 // fdatasync ahead: keep this worker's other tasks moving.
@@ -349,6 +366,9 @@ where
         // Give back what a large frame needed once it is consumed.
         if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
             buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        if args.capacity() > 1024 {
+            args = Vec::new();
         }
         if out.capacity() > 4 * FLUSH_AT {
             out = BytesMut::with_capacity(READ_CHUNK);
