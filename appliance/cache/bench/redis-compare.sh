@@ -11,12 +11,23 @@
 # mode (redis: appendonly yes + appendfsync always; ours: --fsync always).
 #
 # Environment: REQUESTS (default 100000; pipelined rows use 4x),
-# DURABLE_REQUESTS (default 20000), KEYSPACE (default 10000).
+# DURABLE_REQUESTS (default 20000), KEYSPACE (default 10000), ROUNDS
+# (default 3). Each row is measured ROUNDS times, alternating redis and ours
+# so that load from elsewhere on the machine hits both alike; the table shows
+# the median throughput and the median p99 of the rounds. MODES, SIZES,
+# PIPELINES and TESTS (defaults "memory durable", "256 16384", "1 16",
+# "set get") pick rows; OURS_ARGS adds arguments to our server.
 set -euo pipefail
 
 REQUESTS=${REQUESTS:-100000}
 DURABLE_REQUESTS=${DURABLE_REQUESTS:-20000}
 KEYSPACE=${KEYSPACE:-10000}
+ROUNDS=${ROUNDS:-3}
+MODES=${MODES:-memory durable}
+SIZES=${SIZES:-256 16384}
+PIPELINES=${PIPELINES:-1 16}
+TESTS=${TESTS:-set get}
+read -r -a ours_args <<<"${OURS_ARGS:-}"
 REDIS_PORT=${REDIS_PORT:-16379}
 OURS_PORT=${OURS_PORT:-16380}
 
@@ -54,14 +65,14 @@ start_servers() { # mode
         redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
             --appendonly yes --appendfsync always --daemonize no --logfile "$work/redis.log" &
         pids+=($!)
-        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" --dir "$work/$mode/ours" --fsync always \
+        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" --dir "$work/$mode/ours" --fsync always "${ours_args[@]}" \
             >"$work/ours.log" 2>&1 &
         pids+=($!)
     else
         redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
             --appendonly no --daemonize no --logfile "$work/redis.log" &
         pids+=($!)
-        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" >"$work/ours.log" 2>&1 &
+        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" "${ours_args[@]}" >"$work/ours.log" 2>&1 &
         pids+=($!)
     fi
     wait_port "$REDIS_PORT"
@@ -84,18 +95,31 @@ r = rows[-1]
 print(r[1], r[6])'
 }
 
+# Median throughput and median p99 of "rps p99" lines.
+median() {
+    printf '%s\n' "$@" | python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(r[1] for r in rows):.3f}")'
+}
+
 printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %s\n' \
     mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict
-for mode in memory durable; do
+for mode in $MODES; do
     start_servers "$mode"
-    for size in 256 16384; do
-        for p in 1 16; do
-            for t in set get; do
+    for size in $SIZES; do
+        for p in $PIPELINES; do
+            for t in $TESTS; do
                 n=$REQUESTS
                 [[ $p == 16 ]] && n=$((REQUESTS * 4))
                 [[ $mode == durable ]] && n=$DURABLE_REQUESTS
-                read -r r_rps r_p99 < <(run "$REDIS_PORT" "$t" "$p" "$size" "$n")
-                read -r o_rps o_p99 < <(run "$OURS_PORT" "$t" "$p" "$size" "$n")
+                r_runs=() o_runs=()
+                for _ in $(seq "$ROUNDS"); do
+                    r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
+                    o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
+                done
+                read -r r_rps r_p99 < <(median "${r_runs[@]}")
+                read -r o_rps o_p99 < <(median "${o_runs[@]}")
                 verdict=$(python3 -c "
 r, o, rp, op = $r_rps, $o_rps, $r_p99, $o_p99
 ok = o >= r and op <= rp
