@@ -292,6 +292,19 @@ impl Cache {
         }
     }
 
+    /// [`Cache::commit`] without blocking a thread: under `Always` the
+    /// log's syncer thread runs the `fdatasync` (one for every batch that
+    /// arrived meanwhile, from any connection) and this waits for it; under
+    /// `Interval` it returns after asking for a due sync. The RESP server
+    /// acknowledges a batch only after this returns `Ok`.
+    pub async fn commit_async(&self, pending: PendingCommit) -> Result<(), CacheError> {
+        let target = pending.target;
+        match self.persist.as_ref() {
+            Some(p) if target > 0 => p.commit_async(target).await.map_err(persist_error),
+            _ => Ok(()),
+        }
+    }
+
     /// [`Cache::defer`] and [`Cache::commit`] in one call.
     pub fn deferring<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
         let (out, pending) = self.defer(f);

@@ -18,11 +18,20 @@
 //!   commit: one thread takes the pending `fdatasync` out of the log
 //!   (`Log::take_pending_sync`) and runs it holding neither lock, so appends
 //!   go on meanwhile; writers whose records it covers wait for it instead of
-//!   issuing their own. The RESP server also defers the commit to the end of
-//!   each pipelined batch, so one batch costs at most one `fdatasync`.
+//!   issuing their own. In-process callers wait on a condition variable. The
+//!   RESP server defers the commit to the end of each pipelined batch and
+//!   waits asynchronously (`Cache::commit_async`): a dedicated syncer thread
+//!   runs one `fdatasync` for everything appended so far whenever a batch is
+//!   waiting, so every batch that arrives, from any connection, while one
+//!   `fdatasync` runs is covered by the next one, and no runtime thread
+//!   blocks on the disk (redis's `appendfsync always` groups per event-loop
+//!   iteration and blocks its loop meanwhile). A failed `fdatasync` poisons
+//!   the log and fails every waiter after it: nothing is acknowledged that
+//!   was not synced.
 //! - `Interval(d)`: the caller is acknowledged after the `write(2)` (the record
 //!   survives a crash of the process); `fdatasync` runs at most `d` later,
-//!   from the commit path or the maintenance timer.
+//!   from the commit path (the syncer thread, for the RESP server) or the
+//!   maintenance timer.
 //!
 //! ## Compaction
 //! When the log holds more dead records than live entries times
@@ -51,6 +60,7 @@ use std::time::{Duration, Instant};
 use appliance_record_log::{CompactionReport, FsyncPolicy, Log, LogOptions, RecoveryReport};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::store::{AgentOwner, Change, Entry, Key, Store};
 
@@ -106,6 +116,12 @@ pub enum PersistError {
     /// A record could not be encoded.
     #[error("cache log: cannot encode a record: {0}")]
     Encode(#[from] postcard::Error),
+    /// An earlier `fdatasync` failed; the log accepts nothing durable any more.
+    #[error("cache log: {0}")]
+    Failed(String),
+    /// The syncer thread could not be started.
+    #[error("cache log: cannot start the sync thread: {0}")]
+    Thread(String),
 }
 
 /// What start-up found.
@@ -243,23 +259,152 @@ fn decode(payload: &[u8]) -> Result<Change, postcard::Error> {
     })
 }
 
-/// Group-commit state: how far the log is known durable, and whether a
-/// thread is running an `fdatasync` for everyone.
+/// Group-commit state: how far the log is known durable, whether a thread
+/// is running an `fdatasync` for everyone, and what the syncer thread is
+/// asked to cover.
 #[derive(Debug, Default)]
 struct SyncState {
     durable_seq: u64,
     syncing: bool,
+    /// Highest record an asynchronous waiter needs durable.
+    requested: u64,
+    /// Set when an `fdatasync` (or taking one) failed: the log is poisoned
+    /// and nothing after `durable_seq` will ever be durable.
+    failed: Option<String>,
+    /// The syncer thread should exit.
+    stop: bool,
+}
+
+/// What asynchronous waiters watch: `durable_seq` and the failure, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Durable {
+    seq: u64,
+    failed: Option<String>,
+}
+
+/// The state shared with the syncer thread.
+#[derive(Debug)]
+struct Shared {
+    log: Mutex<Log>,
+    sync_state: Mutex<SyncState>,
+    /// Blocking waiters: an `fdatasync` finished.
+    sync_done: Condvar,
+    /// The syncer thread: a waiter asked for more.
+    work: Condvar,
+    /// Asynchronous waiters: every change of `durable_seq` or `failed`.
+    durable: watch::Sender<Durable>,
 }
 
 /// The log behind a cache.
 #[derive(Debug)]
 pub struct Persistence {
-    log: Mutex<Log>,
-    sync_state: Mutex<SyncState>,
-    sync_done: Condvar,
+    shared: Arc<Shared>,
+    syncer: Option<std::thread::JoinHandle<()>>,
     config: PersistConfig,
     compacting: AtomicBool,
     compactions: AtomicU64,
+}
+
+impl Drop for Persistence {
+    fn drop(&mut self) {
+        self.shared.state().stop = true;
+        self.shared.work.notify_all();
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The syncer thread: whenever an asynchronous waiter needs records durable
+/// that are not yet, run one group `fdatasync` covering everything appended
+/// so far. Appends go on while it runs; the next round covers them. So under
+/// load each `fdatasync` acknowledges every batch that arrived during the
+/// previous one, and no runtime thread ever blocks on the disk.
+fn syncer(shared: &Shared) {
+    loop {
+        let target = {
+            let mut st = shared.state();
+            loop {
+                if st.stop {
+                    return;
+                }
+                if st.requested > st.durable_seq && st.failed.is_none() {
+                    break st.requested;
+                }
+                st = shared.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        // Errors reach the waiters through `failed`.
+        let _ = shared.sync_to(target);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        // The log poisons itself on failed writes; a panicked holder leaves
+        // it consistent (every method restores its invariants before IO).
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state(&self) -> MutexGuard<'_, SyncState> {
+        self.sync_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Group commit: one thread at a time takes the pending `fdatasync` out of
+    /// the log (so appends, which run under the cache lock, never wait for
+    /// the disk) and runs it; threads whose records it covers just wait.
+    fn sync_to(&self, target: u64) -> Result<(), PersistError> {
+        let mut st = self.state();
+        loop {
+            if st.durable_seq >= target {
+                return Ok(());
+            }
+            if let Some(f) = &st.failed {
+                return Err(PersistError::Failed(f.clone()));
+            }
+            if !st.syncing {
+                break;
+            }
+            st = self
+                .sync_done
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.syncing = true;
+        drop(st);
+        let taken = {
+            let mut log = self.lock();
+            let upto = log.next_seq().saturating_sub(1);
+            log.take_pending_sync().map(|p| (p, upto))
+        };
+        let result = match taken {
+            Ok((pending, upto)) => {
+                let ran = pending.map_or(Ok(()), appliance_record_log::PendingSync::run);
+                if let Err(e) = &ran {
+                    // The kernel may have dropped the pages: never retry.
+                    self.lock().poison(format!("fdatasync failed: {e}"));
+                }
+                ran.map(|()| upto).map_err(PersistError::from)
+            }
+            Err(e) => Err(PersistError::from(e)),
+        };
+        let mut st = self.state();
+        st.syncing = false;
+        match &result {
+            Ok(upto) => st.durable_seq = st.durable_seq.max(*upto),
+            Err(e) => st.failed = Some(e.to_string()),
+        }
+        let durable = Durable {
+            seq: st.durable_seq,
+            failed: st.failed.clone(),
+        };
+        drop(st);
+        self.sync_done.notify_all();
+        self.durable.send_replace(durable);
+        result.map(|_| ())
+    }
 }
 
 impl Persistence {
@@ -314,11 +459,24 @@ impl Persistence {
         report.entries = store.len() as u64;
         report.elapsed = started.elapsed();
         store.reset_counters();
+        let shared = Arc::new(Shared {
+            log: Mutex::new(log),
+            sync_state: Mutex::new(SyncState::default()),
+            sync_done: Condvar::new(),
+            work: Condvar::new(),
+            durable: watch::Sender::new(Durable::default()),
+        });
+        let syncer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("cache-log-sync".into())
+                .spawn(move || syncer(&shared))
+                .map_err(|e| PersistError::Thread(e.to_string()))?
+        };
         Ok((
             Self {
-                log: Mutex::new(log),
-                sync_state: Mutex::new(SyncState::default()),
-                sync_done: Condvar::new(),
+                shared,
+                syncer: Some(syncer),
                 config,
                 compacting: AtomicBool::new(false),
                 compactions: AtomicU64::new(0),
@@ -328,9 +486,7 @@ impl Persistence {
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {
-        // The log poisons itself on failed writes; a panicked holder leaves
-        // it consistent (every method restores its invariants before IO).
-        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.lock()
     }
 
     /// The durability policy.
@@ -370,55 +526,54 @@ impl Persistence {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, SyncState> {
-        self.sync_state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn sync_to(&self, target: u64) -> Result<(), PersistError> {
+        self.shared.sync_to(target)
     }
 
-    /// Group commit: one thread at a time takes the pending `fdatasync` out of
-    /// the log (so appends, which run under the cache lock, never wait for
-    /// the disk) and runs it; threads whose records it covers just wait.
-    fn sync_to(&self, target: u64) -> Result<(), PersistError> {
-        let mut st = self.state();
-        loop {
+    /// The asynchronous [`Self::commit`]: under `Always`, hand `target` to
+    /// the syncer thread and wait (without blocking a thread) until an
+    /// `fdatasync` covers it; under `Interval`, ask the syncer for one if
+    /// the interval has passed and return at once.
+    pub(crate) async fn commit_async(&self, target: u64) -> Result<(), PersistError> {
+        let mut durable = self.shared.durable.subscribe();
+        {
+            let mut st = self.shared.state();
             if st.durable_seq >= target {
                 return Ok(());
             }
-            if !st.syncing {
-                break;
+            if let Some(f) = &st.failed {
+                return Err(PersistError::Failed(f.clone()));
             }
-            st = self
-                .sync_done
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        st.syncing = true;
-        drop(st);
-        let taken = {
-            let mut log = self.lock();
-            let upto = log.next_seq().saturating_sub(1);
-            log.take_pending_sync().map(|p| (p, upto))
-        };
-        let result = match taken {
-            Ok((pending, upto)) => {
-                let ran = pending.map_or(Ok(()), appliance_record_log::PendingSync::run);
-                if let Err(e) = &ran {
-                    // The kernel may have dropped the pages: never retry.
-                    self.lock().poison(format!("fdatasync failed: {e}"));
+            let wanted = match self.config.fsync {
+                Fsync::Always => true,
+                Fsync::IntervalMs(_) => {
+                    drop(st);
+                    let due = self.lock().sync_due_in().is_some_and(|d| d.is_zero());
+                    st = self.shared.state();
+                    due
                 }
-                ran.map(|()| upto).map_err(PersistError::from)
+            };
+            if !wanted {
+                return Ok(());
             }
-            Err(e) => Err(PersistError::from(e)),
-        };
-        let mut st = self.state();
-        st.syncing = false;
-        if let Ok(upto) = result {
-            st.durable_seq = st.durable_seq.max(upto);
+            st.requested = st.requested.max(target);
         }
-        drop(st);
-        self.sync_done.notify_all();
-        result.map(|_| ())
+        self.shared.work.notify_one();
+        if self.config.fsync != Fsync::Always {
+            return Ok(());
+        }
+        // `wait_for` looks at the current value first: a round that finished
+        // between the request and here is not missed.
+        let seen = durable
+            .wait_for(|d| d.seq >= target || d.failed.is_some())
+            .await
+            .map(|d| d.clone());
+        match seen {
+            Ok(d) if d.seq >= target => Ok(()),
+            Ok(d) => Err(PersistError::Failed(d.failed.unwrap_or_default())),
+            // The sender lives as long as `self`.
+            Err(_) => Err(PersistError::Failed("the log was closed".into())),
+        }
     }
 
     /// Under `Interval`: `fdatasync` if the interval has passed since the

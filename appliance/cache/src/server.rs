@@ -191,11 +191,6 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
     }
 }
 
-fn multi_thread() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-}
-
 /// A share of the server-wide buffer budget, in KiB, returned on drop.
 #[derive(Debug)]
 struct BufferShare {
@@ -338,11 +333,9 @@ where
             });
             let committed = match pending {
                 Ok(p) if p.is_empty() => Ok(()),
-                // fdatasync ahead: keep this worker's other tasks moving.
-                Ok(p) if cache.commit_blocks() && multi_thread() => {
-                    tokio::task::block_in_place(|| cache.commit(p))
-                }
-                Ok(p) => cache.commit(p),
+                // The log's syncer thread runs the fdatasync; this task waits
+                // without holding up the others, and the replies go out after.
+                Ok(p) => cache.commit_async(p).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = committed {

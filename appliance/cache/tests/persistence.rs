@@ -364,3 +364,45 @@ fn deferred_records_keep_apply_order_when_another_thread_drains_them() {
     assert_eq!(report.records_read, 2);
     assert_eq!(cache.get_plain(b"k"), Some(Bytes::from("later")));
 }
+
+#[test]
+fn async_commits_from_many_tasks_share_fsyncs_and_all_survive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    {
+        let (cache, _) = open(tmp.path(), &clock);
+        let cache = Arc::new(cache);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..20)
+                .map(|t| {
+                    let cache = cache.clone();
+                    tokio::spawn(async move {
+                        for i in 0..50 {
+                            let ((), pending) = cache.defer(|| {
+                                cache
+                                    .set_plain(
+                                        format!("k{t}-{i}").as_bytes(),
+                                        "v",
+                                        None,
+                                        SetCondition::Always,
+                                    )
+                                    .unwrap();
+                            });
+                            // Acknowledged only once this returns.
+                            cache.commit_async(pending.unwrap()).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+    }
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.entries, 1000);
+    assert!(cache.exists(b"k19-49"));
+}

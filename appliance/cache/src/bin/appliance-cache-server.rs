@@ -32,10 +32,11 @@ struct Args {
     /// Memory bound in bytes.
     #[arg(long, default_value_t = appliance_cache::cache::DEFAULT_CAPACITY_BYTES)]
     capacity_bytes: usize,
-    /// Runtime worker threads; 0 runs everything on one thread (like
-    /// redis-server). Under `--fsync always` use at least 2, so a batch
-    /// waiting for `fdatasync` does not stall the other connections.
-    #[arg(long, default_value_t = 2)]
+    /// Runtime worker threads; 0 runs everything on the main thread. One by
+    /// default, like redis-server: the box has two cores and a client or
+    /// the rest of the appliance needs the other. `fdatasync` runs on the
+    /// log's own thread, so a batch waiting for it never stalls the others.
+    #[arg(long, default_value_t = 1)]
     worker_threads: usize,
     /// Largest value in bytes.
     #[arg(long, default_value_t = appliance_cache::cache::DEFAULT_MAX_VALUE_BYTES)]
