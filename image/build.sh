@@ -102,6 +102,7 @@ hash_inputs() {
 mkdir -p "$cache/base" "$cache/deb" "$cache/image" "$out"
 exec 9>"$cache/.lock"
 flock 9
+t_build=$SECONDS
 
 # --- stage 1: base root fs ------------------------------------------------------
 base_key=$(hash_inputs image/base)
@@ -125,6 +126,7 @@ if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb"
   log "installing cargo-deb from crates.io"
   cargo install --locked cargo-deb
 fi
+t0=$SECONDS
 log "deb: cargo build --release (applianced, appliancectl)"
 (cd "$repo" && cargo build --release -p applianced -p appliancectl)
 target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
@@ -144,6 +146,7 @@ else
   rm -rf "$tmpdeb"
   ls -1t "$cache"/deb/applianced-*.deb | tail -n +6 | xargs -r rm -f
 fi
+log "deb: done in $((SECONDS - t0)) s"
 
 # --- stage 3: the disk image ------------------------------------------------------
 image_key=$( {
@@ -163,9 +166,11 @@ publish() {
 if [ -f "$final/appliance.img.zst" ]; then
   log "image: cached ($final)"
   if [ "$(cat "$out/appliance.img.key" 2>/dev/null)" != "$image_key" ]; then publish; else log "image: $out is current"; fi
+  log "total: $((SECONDS - t_build)) s"
   exit 0
 fi
 
+t0=$SECONDS
 log "image: assembling $image_key"
 work=$(mktemp -d "$cache/work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -200,6 +205,7 @@ sdboot=$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi
 [ -f "$kernel" ] && [ -f "$initrd" ] && [ -f "$sdboot" ] || die "kernel, initrd or systemd-boot missing in the root fs"
 
 # Partition images: no loop devices, no mounts.
+log "image: file systems"
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)}
 mkfs.ext4 -q -F -L root-a -U "$ROOT_A_FS_UUID" -E root_owner=0:0 -d "$root" \
   "$work/root-a.img" "${ROOT_MIB}M"
@@ -249,6 +255,7 @@ dd if="$work/esp.img" of="$img" bs=1M seek=$esp_start conv=notrunc,sparse status
 dd if="$work/root-a.img" of="$img" bs=1M seek=$root_a_start conv=notrunc,sparse status=none
 dd if="$work/state.img" of="$img" bs=1M seek=$state_start conv=notrunc,sparse status=none
 
+log "image: bmap and zstd"
 bmaptool -q create -o "$work/appliance.img.bmap" "$img"
 zstd -q -3 -T0 "$img" -o "$work/appliance.img.zst"
 
@@ -258,3 +265,5 @@ rm -rf "$final"
 mv "$final.partial" "$final"
 ls -1dt "$cache"/image/*/ | tail -n +4 | xargs -r rm -rf
 publish
+log "image: done in $((SECONDS - t0)) s"
+log "total: $((SECONDS - t_build)) s"

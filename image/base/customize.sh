@@ -12,6 +12,7 @@ set -euo pipefail
 
 root=$1
 in_root() { chroot "$root" "$@"; }
+step() { printf 'customize: %s\n' "$*" >&2; }
 
 mapfile -t kernels < <(ls "$root/lib/modules")
 if [ "${#kernels[@]}" -ne 1 ]; then
@@ -20,6 +21,7 @@ if [ "${#kernels[@]}" -ne 1 ]; then
 fi
 kver=${kernels[0]}
 
+step "kernel $kver; repackaging the DKMS build of zfs.ko"
 built="$root/lib/modules/$kver/updates/dkms"
 if ! ls "$built"/zfs.ko* >/dev/null 2>&1; then
   echo "customize: DKMS did not build zfs.ko for $kver; building it now" >&2
@@ -69,6 +71,7 @@ rm -f "$root/tmp/$pkg.deb"
 # Purge DKMS and everything it pulled in. zfsutils-linux must survive (its
 # zfs-modules alternative is now the package above). The toolchain is named
 # explicitly: apt does not always consider it unused once DKMS is gone.
+step "purging DKMS, the kernel headers and the toolchain"
 in_root apt-get purge -y -q zfs-dkms dkms 'linux-headers-*' 'linux-kbuild-*'
 toolchain=()
 for p in gcc gcc-12 cpp cpp-12 make binutils binutils-common binutils-x86-64-linux-gnu \
@@ -99,6 +102,16 @@ in_root depmod -a "$kver"
 test -e "$root/lib/modules/$kver/extra/zfs/zfs.ko" || ls "$root/lib/modules/$kver/extra/zfs/"zfs.ko* >/dev/null
 grep -q 'extra/zfs/zfs.ko' "$root/lib/modules/$kver/modules.dep"
 
+# The one initramfs build (essential.sh deferred every earlier one), now that
+# the module set is final.
+step "building the initramfs"
+rm -f "$root/usr/sbin/update-initramfs"
+in_root dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs
+in_root update-initramfs -c -k "$kver"
+test -s "$root/boot/initrd.img-$kver"
+
+step "cleaning up"
 in_root apt-get clean
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/tmp/* "$root"/var/tmp/*
 rm -rf "$root"/var/lib/dkms
+step "done"

@@ -18,6 +18,14 @@ security=${APPLIANCE_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages")
 include=$(IFS=,; echo "${packages[*]}")
 
+# Each line of mmdebstrap's and the hooks' output gets the time of day, so the
+# build log shows where the time goes (mmdebstrap's "I:" lines mark its
+# phases, customize.sh logs its steps).
+stamp() {
+  local line
+  while IFS= read -r line; do printf '[%s] %s\n' "$(date +%H:%M:%S)" "$line"; done
+}
+
 # Sources are spelled out here, not taken from the host: main + contrib
 # (OpenZFS is in contrib) for bookworm, its updates, security and backports.
 mmdebstrap \
@@ -30,9 +38,11 @@ mmdebstrap \
   --aptopt='Acquire::Retries "3"' \
   --setup-hook='mkdir -p "$1/etc/apt/preferences.d"' \
   --setup-hook="cp '$here/backports.pref' \"\$1/etc/apt/preferences.d/appliance-backports.pref\"" \
+  --essential-hook="'$here/essential.sh' \"\$1\"" \
   --customize-hook="'$here/customize.sh' \"\$1\"" \
   bookworm "$out" \
   "deb $mirror bookworm main contrib" \
   "deb $mirror bookworm-updates main contrib" \
   "deb $security bookworm-security main contrib" \
-  "deb $mirror bookworm-backports main contrib"
+  "deb $mirror bookworm-backports main contrib" \
+  2>&1 | stamp >&2
