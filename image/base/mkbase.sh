@@ -26,6 +26,16 @@ stamp() {
   while IFS= read -r line; do printf '[%s] %s\n' "$(date +%H:%M:%S)" "$line"; done
 }
 
+# mmdebstrap hands apt a pipe as `cat >&N`, which /bin/sh (dash) parses only
+# for a single-digit N: with enough descriptors inherited from the caller
+# (flock's, the cache lock in build.sh, a CI runner's) N reaches 10 and the
+# download fails with "Syntax error: Bad fd number". mmdebstrap needs none of
+# them (build.sh keeps its lock: it is its own process).
+for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  if [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
+
 # Sources are spelled out here, not taken from the host: main + contrib
 # (OpenZFS is in contrib) for bookworm, its updates, security and backports.
 mmdebstrap \
