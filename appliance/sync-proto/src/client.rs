@@ -7,7 +7,11 @@
 //! [`ClientAction::SendChunk`]s; the adapter reads those byte ranges from the
 //! file (on as many streams as it likes) and turns each into a frame with
 //! [`ClientUpload::chunk_message`], which re-hashes the bytes so a file
-//! modified during the push is caught instead of uploaded half-old.
+//! modified during the push is caught instead of uploaded half-old, or with
+//! [`ClientUpload::chunk_frame_prefix`], which does not (the server verifies
+//! every chunk and the whole file anyway, so the stored document is always
+//! the one the manifest describes; the adapter then notices a changed file
+//! from its metadata, and a change it cannot see costs a failed push).
 //! `Committed` ends it. Resumption needs no client state: the server's chunk
 //! store remembers what arrived, so a new push simply gets a shorter
 //! `NeedChunks`.
@@ -211,6 +215,26 @@ impl ClientUpload {
             hash: chunk.hash,
             data,
         })
+    }
+
+    /// The start of the `Chunk` frame for a requested chunk (see
+    /// [`crate::frame::encode_chunk_prefix`]): the adapter sends it followed
+    /// by exactly `chunk.len` bytes read from the file at `chunk.offset`, so
+    /// the chunk goes from its read buffer to the transport without another
+    /// copy or a second BLAKE3 pass. The bytes are not checked here (see the
+    /// module docs); the server rejects a chunk that does not match.
+    pub fn chunk_frame_prefix(&mut self, chunk: &ChunkRef) -> Result<Vec<u8>, ClientError> {
+        let upload = self
+            .upload
+            .ok_or(ClientError::UnexpectedMessage(MessageKind::Chunk))?;
+        if self.by_hash.get(&chunk.hash) != Some(chunk) {
+            return Err(ClientError::UnknownChunk(chunk.hash));
+        }
+        let prefix = crate::frame::encode_chunk_prefix(upload, &chunk.hash, chunk.len as usize)
+            .map_err(|e| ClientError::Manifest(e.into()))?;
+        self.stats.chunks_sent += 1;
+        self.stats.bytes_sent += u64::from(chunk.len);
+        Ok(prefix)
     }
 
     /// When [`Self::handle_timeout`] should be called.

@@ -204,6 +204,38 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
         }
     }
 
+    /// A `Chunk` frame that arrived on `stream`, decoded by the adapter
+    /// itself, with `actual` the BLAKE3 of `data` as the adapter computed it
+    /// (so the hashing of parallel streams runs in parallel, off the task
+    /// that owns this machine). Same outcome as [`Self::handle`] with the
+    /// `Message::Chunk`: the chunk is accepted only if `actual` is its hash.
+    pub fn handle_hashed_chunk(
+        &mut self,
+        stream: S,
+        upload: UploadId,
+        hash: Hash,
+        data: Vec<u8>,
+        actual: Hash,
+        now: Instant,
+    ) -> Vec<ConnAction<S>> {
+        match self.phase {
+            Phase::Closed => return Vec::new(),
+            Phase::AwaitingHello => {
+                return self.handle_hello(stream, Message::Chunk { upload, hash, data })
+            }
+            Phase::Ready => {}
+        }
+        match self.uploads.get_mut(&upload) {
+            Some((_, session)) => {
+                let actions = session.handle_hashed_chunk(hash, data, actual, now);
+                self.map_actions(upload, actions)
+            }
+            // A straggler for an upload that already ended: drop it.
+            None if upload.0 < self.next_upload => Vec::new(),
+            None => self.close(stream, WireError::UnknownUpload { upload }),
+        }
+    }
+
     /// The adapter stored a chunk of `upload`.
     pub fn chunk_written(
         &mut self,

@@ -122,6 +122,88 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
     }
 }
 
+/// Postcard variant index of [`Message::Chunk`] (checked by a test).
+const CHUNK_VARIANT: u32 = 4;
+
+/// Longest encoded [`ChunkHead`]: variant (1) + upload id varint (10) +
+/// hash (32) + data length varint (10).
+pub const MAX_CHUNK_HEAD_LEN: usize = 53;
+
+/// The fields of a `Chunk` payload in front of its data bytes, in postcard's
+/// layout (a struct is its fields in order; `serde_bytes` is a varint length
+/// then the bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ChunkHead {
+    variant: u32,
+    upload: crate::message::UploadId,
+    hash: crate::hash::Hash,
+    data_len: u64,
+}
+
+/// The start of a `Chunk` frame whose data is `data_len` bytes: the frame
+/// header and the payload up to the data, so that the result followed by the
+/// data is exactly [`encode`] of the same `Message::Chunk`. Lets an adapter
+/// read a chunk from disk straight behind its header and hand both to the
+/// transport without building (and copying) a `Message`.
+pub fn encode_chunk_prefix(
+    upload: crate::message::UploadId,
+    hash: &crate::hash::Hash,
+    data_len: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let head = ChunkHead {
+        variant: CHUNK_VARIANT,
+        upload,
+        hash: *hash,
+        data_len: data_len as u64,
+    };
+    let mut out = vec![0; HEADER_LEN];
+    postcard::to_io(&head, &mut out).map_err(FrameError::Malformed)?;
+    let payload_len = out.len() - HEADER_LEN + data_len;
+    let len = match u32::try_from(payload_len) {
+        Ok(len) if len <= MAX_FRAME_LEN => len,
+        _ => {
+            return Err(FrameError::TooLarge {
+                len: payload_len as u64,
+                max: MAX_FRAME_LEN,
+            })
+        }
+    };
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out[4] = FRAME_FORMAT;
+    Ok(out)
+}
+
+/// What [`chunk_head`] found at the start of a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkFrameHead {
+    pub upload: crate::message::UploadId,
+    pub hash: crate::hash::Hash,
+    /// Bytes of chunk data that follow.
+    pub data_len: usize,
+    /// Bytes of the payload before the data.
+    pub head_len: usize,
+}
+
+/// If the payload of `payload_len` bytes starting with `start` (at least
+/// `min(payload_len, MAX_CHUNK_HEAD_LEN)` bytes of it) is a well-formed
+/// `Chunk` whose data runs exactly to the end of the payload, its head.
+/// `None` means "decode it the ordinary way" (another message, or a
+/// malformed one, which [`decode_payload`] then reports). Lets an adapter
+/// read a chunk's data straight into its own buffer.
+pub fn chunk_head(start: &[u8], payload_len: usize) -> Option<ChunkFrameHead> {
+    let (head, rest) = postcard::take_from_bytes::<ChunkHead>(start).ok()?;
+    let head_len = start.len() - rest.len();
+    let data_len = usize::try_from(head.data_len).ok()?;
+    (head.variant == CHUNK_VARIANT && head_len.checked_add(data_len)? == payload_len).then_some(
+        ChunkFrameHead {
+            upload: head.upload,
+            hash: head.hash,
+            data_len,
+            head_len,
+        },
+    )
+}
+
 /// Incremental decoder over arbitrary byte slices. Buffers at most one frame
 /// (header + at most `MAX_FRAME_LEN` payload bytes), growing only as bytes
 /// actually arrive. After any error it stays failed ([`FrameError::Poisoned`]):
@@ -335,6 +417,72 @@ mod tests {
             assert!(decoder.is_idle());
             decoder.finish().unwrap();
             assert_eq!(out, messages, "step {step}");
+        }
+    }
+
+    #[test]
+    fn chunk_prefix_plus_data_is_the_chunk_frame() {
+        for (upload, len) in [
+            (1u64, 0usize),
+            (7, 5),
+            (300, 127),
+            (u64::MAX, 128),
+            (2, 1 << 20),
+            (3, MAX_CHUNK_SIZE as usize),
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251).to_le_bytes()[0]).collect();
+            let hash = Hash::of(&data);
+            let message = Message::Chunk {
+                upload: UploadId(upload),
+                hash,
+                data: data.clone(),
+            };
+            let frame = encode(&message).unwrap();
+            let mut ours = encode_chunk_prefix(UploadId(upload), &hash, len).unwrap();
+            let prefix_len = ours.len();
+            ours.extend_from_slice(&data);
+            assert_eq!(ours, frame, "upload {upload} len {len}");
+            // And the head is found again from the payload's start.
+            let payload = &frame[HEADER_LEN..];
+            let start = &payload[..payload.len().min(MAX_CHUNK_HEAD_LEN)];
+            let head = chunk_head(start, payload.len()).unwrap();
+            assert_eq!(head.upload, UploadId(upload));
+            assert_eq!(head.hash, hash);
+            assert_eq!(head.data_len, len);
+            assert_eq!(head.head_len, prefix_len - HEADER_LEN);
+            assert!(head.head_len <= MAX_CHUNK_HEAD_LEN);
+        }
+        assert!(matches!(
+            encode_chunk_prefix(UploadId(1), &Hash::of(b""), MAX_FRAME_LEN as usize),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn chunk_head_only_matches_whole_chunk_payloads() {
+        let data = vec![9u8; 1000];
+        let frame = encode(&Message::Chunk {
+            upload: UploadId(4),
+            hash: Hash::of(&data),
+            data,
+        })
+        .unwrap();
+        let payload = &frame[HEADER_LEN..];
+        let start = &payload[..MAX_CHUNK_HEAD_LEN];
+        // A length that does not end at the payload's end: not a match.
+        assert_eq!(chunk_head(start, payload.len() + 1), None);
+        assert_eq!(chunk_head(start, payload.len() - 1), None);
+        // Cut short before the data length: not a match.
+        assert_eq!(chunk_head(&start[..20], payload.len()), None);
+        // Every other message: not a match.
+        for message in sample_messages() {
+            if matches!(message, Message::Chunk { .. }) {
+                continue;
+            }
+            let frame = encode(&message).unwrap();
+            let payload = &frame[HEADER_LEN..];
+            let start = &payload[..payload.len().min(MAX_CHUNK_HEAD_LEN)];
+            assert_eq!(chunk_head(start, payload.len()), None, "{message:?}");
         }
     }
 

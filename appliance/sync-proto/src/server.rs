@@ -253,6 +253,31 @@ impl ServerUpload {
 
     /// Handles a `Chunk` frame for this upload.
     pub fn handle_chunk(&mut self, hash: Hash, data: Vec<u8>, now: Instant) -> Vec<ServerAction> {
+        self.chunk(hash, data, Hash::of, now)
+    }
+
+    /// Like [`Self::handle_chunk`], with `actual` the BLAKE3 of `data` as the
+    /// adapter computed it (off the connection's task, in parallel across
+    /// streams). The decision (accept, ask again, give up) is still made
+    /// here from that hash.
+    pub fn handle_hashed_chunk(
+        &mut self,
+        hash: Hash,
+        data: Vec<u8>,
+        actual: Hash,
+        now: Instant,
+    ) -> Vec<ServerAction> {
+        self.chunk(hash, data, |_| actual, now)
+    }
+
+    /// A chunk whose BLAKE3 `actual` gives, computed only when needed.
+    fn chunk(
+        &mut self,
+        hash: Hash,
+        data: Vec<u8>,
+        actual: impl FnOnce(&[u8]) -> Hash,
+        now: Instant,
+    ) -> Vec<ServerAction> {
         if self.phase != Phase::Receiving {
             // Stragglers from parallel streams after the upload moved on.
             return Vec::new();
@@ -266,7 +291,7 @@ impl ServerUpload {
             // Already durable or being written: a duplicate, harmless.
             Some(ChunkState::Writing) | None => return Vec::new(),
         };
-        let actual = Hash::of(&data);
+        let actual = actual(&data);
         if actual != hash || data.len() != expected_len as usize {
             let retries = retries + 1;
             if retries > MAX_CHUNK_RETRIES {

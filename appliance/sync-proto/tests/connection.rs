@@ -423,3 +423,87 @@ fn client_can_cancel_its_upload() {
     ));
     assert_eq!(conn.open_uploads(), 0);
 }
+
+/// The adapter may hash a chunk itself (off the connection's task) and pass
+/// the result: the machine accepts the chunk only if that hash is the one
+/// requested, asks again otherwise, and treats stragglers and unknown
+/// uploads as `handle` does.
+#[test]
+fn adapter_hashed_chunks_are_decided_by_the_machine() {
+    let mut store = Store::default();
+    let mut conn = Conn::new();
+    let now = Instant::now();
+    let file = data(600_000, 3);
+    let m = manifest("h.bin", &file);
+    assert_eq!(m.chunks.len(), 1);
+    let c = m.chunks[0];
+    // Before hello: a protocol violation, as for a `Chunk` message.
+    assert!(matches!(
+        conn.handle_hashed_chunk(5, UploadId(1), c.hash, file.clone(), c.hash, now)[..],
+        [ConnAction::Close { stream: 5, .. }]
+    ));
+    let mut conn = ready(&mut store);
+    let actions = conn.handle(10, Message::Upload(m), now, &mut store);
+    let [ConnAction::Send {
+        message: Message::NeedChunks(need),
+        ..
+    }] = &actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    let upload = need.upload;
+    // The adapter's hash says the bytes are not the chunk: asked again on
+    // the control stream, nothing written.
+    let wrong = Hash::of(b"not it");
+    let actions = conn.handle_hashed_chunk(11, upload, c.hash, file.clone(), wrong, now);
+    assert!(
+        matches!(
+            &actions[..],
+            [
+                ConnAction::Send {
+                    stream: 10,
+                    message: Message::Error {
+                        error: WireError::ChunkHashMismatch { actual, .. },
+                        ..
+                    }
+                },
+                ConnAction::Send {
+                    stream: 10,
+                    message: Message::NeedChunks(_)
+                }
+            ] if *actual == wrong
+        ),
+        "{actions:?}"
+    );
+    // The right hash: written.
+    let actions = conn.handle_hashed_chunk(11, upload, c.hash, file.clone(), c.hash, now);
+    assert!(
+        matches!(&actions[..], [ConnAction::WriteChunk { hash, .. }] if *hash == c.hash),
+        "{actions:?}"
+    );
+    for a in conn.chunk_written(upload, c.hash, now) {
+        assert!(matches!(a, ConnAction::Assemble(_)), "{a:?}");
+    }
+    let actions = conn.assembled(upload, Ok(()));
+    assert!(matches!(
+        &actions[..],
+        [
+            ConnAction::Send {
+                message: Message::Committed(_),
+                ..
+            },
+            ConnAction::UploadFinished { .. }
+        ]
+    ));
+    // A straggler is dropped; an upload that never existed closes.
+    assert!(conn
+        .handle_hashed_chunk(12, upload, c.hash, file, c.hash, now)
+        .is_empty());
+    assert!(matches!(
+        conn.handle_hashed_chunk(12, UploadId(77), c.hash, vec![], c.hash, now)[..],
+        [ConnAction::Close {
+            stream: 12,
+            error: WireError::UnknownUpload { .. }
+        }]
+    ));
+}

@@ -87,6 +87,24 @@ struct Options {
     tamper_manifest: Option<fn(&mut Manifest)>,
     /// Send requested chunks in reverse order (as parallel streams may).
     reverse: bool,
+    /// Build chunk frames as the QUIC client does: `chunk_frame_prefix`
+    /// followed by the bytes read from the file, not re-hashed.
+    prefix_frames: bool,
+}
+
+/// Decodes one frame given as bytes (split into odd pieces).
+fn unwire(frame: &[u8]) -> Message {
+    let mut decoder = FrameDecoder::new();
+    let mut out = None;
+    for piece in frame.chunks(4093) {
+        let mut input = piece;
+        if let Some(m) = decoder.decode(&mut input).unwrap() {
+            assert!(out.is_none());
+            out = Some(m);
+        }
+    }
+    decoder.finish().unwrap();
+    out.unwrap()
 }
 
 #[derive(Debug, Default)]
@@ -194,14 +212,26 @@ fn push(store: &mut Store, path: &str, data: &[u8], options: &Options) -> Run {
             match action {
                 ClientAction::SendChunk { chunk, .. } => {
                     let start = usize::try_from(chunk.offset).unwrap();
-                    let bytes = data[start..start + chunk.len as usize].to_vec();
+                    let mut bytes = data[start..start + chunk.len as usize].to_vec();
+                    let corrupt = options.corrupt_frames.contains(&chunk_frames_sent);
+                    chunk_frames_sent += 1;
+                    if options.prefix_frames {
+                        // The file "changed" after its manifest: the client
+                        // sends what it read, the server must refuse it.
+                        if corrupt {
+                            bytes[0] ^= 0x55;
+                        }
+                        let mut frame = client.chunk_frame_prefix(&chunk).unwrap();
+                        frame.extend_from_slice(&bytes);
+                        to_server.push_back(unwire(&frame));
+                        continue;
+                    }
                     let mut frame = client.chunk_message(&chunk, bytes).unwrap();
-                    if options.corrupt_frames.contains(&chunk_frames_sent) {
+                    if corrupt {
                         if let Message::Chunk { data, .. } = &mut frame {
                             data[0] ^= 0x55;
                         }
                     }
-                    chunk_frames_sent += 1;
                     to_server.push_back(wire(frame));
                 }
                 ClientAction::ChunkRejected { .. } => {}
@@ -342,6 +372,47 @@ fn corrupted_chunk_is_rejected_and_re_requested() {
     assert_eq!(store.files["c.pdf"], data);
     // No corrupted chunk reached the store.
     assert!(store.chunks.iter().all(|(h, d)| Hash::of(d) == *h));
+}
+
+/// Frames built from `chunk_frame_prefix` + file bytes (no client re-hash)
+/// carry the same upload; bytes that no longer match the manifest (a file
+/// changed during the push) are refused by the server, re-requested, and the
+/// upload fails after the retry limit with nothing stored.
+#[test]
+fn prefix_frames_upload_and_changed_bytes_are_refused() {
+    let data = sample(6 << 20, 11);
+    let mut store = Store::default();
+    let options = Options {
+        prefix_frames: true,
+        reverse: true,
+        ..Options::default()
+    };
+    let run = push(&mut store, "p/scan.tiff", &data, &options);
+    assert!(run.committed.is_some(), "{run:?}");
+    assert_eq!(store.files["p/scan.tiff"], data);
+    assert_eq!(run.stats.bytes_sent, data.len() as u64);
+
+    let data = sample(100_000, 12);
+    let mut store = Store::default();
+    let attempts = MAX_CHUNK_RETRIES as usize + 1;
+    let run = push(
+        &mut store,
+        "changed.pdf",
+        &data,
+        &Options {
+            prefix_frames: true,
+            corrupt_frames: (0..attempts).collect(),
+            ..Options::default()
+        },
+    );
+    assert_eq!(
+        run.client_error,
+        Some(ClientError::Server(WireError::TooManyChunkRetries {
+            hash: Hash::of(&data)
+        }))
+    );
+    assert_eq!(run.stats.chunks_rejected as usize, attempts - 1);
+    assert!(store.files.is_empty() && store.chunks.is_empty());
 }
 
 #[test]
