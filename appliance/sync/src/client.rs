@@ -6,7 +6,7 @@
 //! on every push and the server answers with the chunks it lacks, so an
 //! interrupted push simply sends less the next time.
 
-use crate::digest::DigestCache;
+use crate::digest::{DigestCache, FileKey};
 use crate::identity::{Bundle, BundleError};
 use crate::tls::{client_crypto, server_name, TlsError};
 use crate::wire::{read_frame, write_frame, WireIoError};
@@ -416,11 +416,15 @@ impl SyncClient {
         };
         let path = local.to_path_buf();
         let digests = self.digests.clone();
-        let (file, digest, mtime) = tokio::task::spawn_blocking(move || {
+        let (file, digest, mtime, key) = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path)?;
-            let mtime = Mtime::from_system_time(file.metadata()?.modified()?);
+            let meta = file.metadata()?;
+            let mtime = Mtime::from_system_time(meta.modified()?);
+            // Taken before the digest: any write after it changes the key,
+            // which the chunk senders check (see `chunk_worker`).
+            let key = FileKey::of(&meta);
             let (digest, _cached) = digests.digest(&file)?;
-            Ok::<_, std::io::Error>((file, digest, mtime))
+            Ok::<_, std::io::Error>((file, digest, mtime, key))
         })
         .await
         .map_err(|e| local_err(std::io::Error::other(e.to_string())))?
@@ -525,6 +529,7 @@ impl SyncClient {
                         chunk_rx.clone(),
                         machine.clone(),
                         file.clone(),
+                        key,
                         fail_tx.clone(),
                         progress.clone(),
                         path_str.clone(),
@@ -789,12 +794,20 @@ enum ChunkTarget {
     Own(SendStream),
 }
 
+/// Sends requested chunks from `queue` on `target` until the queue closes.
+/// Each chunk is read from the file straight behind its frame prefix and
+/// handed to quinn as one buffer (no copy, no second BLAKE3 pass: the server
+/// verifies every chunk and the whole file). A file whose key (size, mtime,
+/// ctime, inode) differs from `key`, taken before its manifest was computed,
+/// has changed since: the push fails with "file changed" instead of sending
+/// bytes the server would refuse.
 #[allow(clippy::too_many_arguments)]
 async fn chunk_worker(
     mut target: ChunkTarget,
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ChunkRef>>>,
     machine: Arc<Mutex<ClientUpload>>,
     file: Arc<std::fs::File>,
+    key: FileKey,
     fail: mpsc::Sender<ClientError>,
     progress: Arc<dyn Progress>,
     path: String,
@@ -803,14 +816,42 @@ async fn chunk_worker(
     loop {
         let next = queue.lock().await.recv().await;
         let Some(chunk) = next else { break };
+        let prefix = machine.lock().chunk_frame_prefix(&chunk);
+        let prefix = match prefix {
+            Ok(p) => p,
+            Err(error) => {
+                let _ = fail
+                    .send(ClientError::Protocol {
+                        context: context.clone(),
+                        error,
+                    })
+                    .await;
+                return;
+            }
+        };
         let f = file.clone();
         let read = tokio::task::spawn_blocking(move || {
-            let mut data = vec![0u8; chunk.len as usize];
-            f.read_exact_at(&mut data, chunk.offset).map(|()| data)
+            let start = prefix.len();
+            let mut frame = prefix;
+            frame.resize(start + chunk.len as usize, 0);
+            f.read_exact_at(&mut frame[start..], chunk.offset)?;
+            let unchanged = FileKey::of(&f.metadata()?) == key;
+            Ok::<_, std::io::Error>((frame, unchanged))
         })
         .await;
-        let data = match read {
-            Ok(Ok(data)) => data,
+        let frame = match read {
+            Ok(Ok((frame, true))) => frame,
+            Ok(Ok((_, false))) => {
+                let _ = fail
+                    .send(ClientError::Protocol {
+                        context: context.clone(),
+                        error: appliance_sync_proto::ClientError::FileChanged {
+                            offset: chunk.offset,
+                        },
+                    })
+                    .await;
+                return;
+            }
             Ok(Err(e)) => {
                 let _ = fail
                     .send(ClientError::LocalPath {
@@ -822,25 +863,12 @@ async fn chunk_worker(
             }
             Err(_) => return,
         };
-        let message = machine.lock().chunk_message(&chunk, data);
-        let message = match message {
-            Ok(m) => m,
-            Err(error) => {
-                let _ = fail
-                    .send(ClientError::Protocol {
-                        context: context.clone(),
-                        error,
-                    })
-                    .await;
-                return;
-            }
-        };
         let written = match &mut target {
-            ChunkTarget::Control(send) => write_frame(&mut *send.lock().await, &message).await,
-            ChunkTarget::Own(send) => write_frame(send, &message).await,
+            ChunkTarget::Control(send) => send.lock().await.write_chunk(frame.into()).await,
+            ChunkTarget::Own(send) => send.write_chunk(frame.into()).await,
         };
         if let Err(e) = written {
-            let _ = fail.send(wire(&context)(e)).await;
+            let _ = fail.send(wire(&context)(WireIoError::Write(e))).await;
             return;
         }
         machine.lock().touch(Instant::now());

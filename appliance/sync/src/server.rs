@@ -2,7 +2,9 @@
 //! [`ServerConnection`] state machine.
 //!
 //! One task owns each connection's protocol state. Stream reader tasks
-//! decode frames and send them to it; it applies them to the state machine
+//! decode frames and send them to it (a `Chunk` frame's data is read into a
+//! buffer of its own and hashed on a blocking thread first, so the streams
+//! of an upload are verified in parallel and that task only decides); it applies them to the state machine
 //! and performs the resulting actions: replies go to per-stream writer
 //! tasks, chunk writes and assembly go to blocking threads whose results
 //! come back as events, and list/download/delete/status run as their own
@@ -34,7 +36,8 @@ use crate::admission::{Admission, Refused};
 use crate::events::{EventSink, SyncEvent};
 use crate::identity::{Authority, ClientName};
 use crate::store::{ClientStore, Documents, Staged, StoreError};
-use crate::wire::{read_header, read_payload, write_frame, WireIoError};
+use crate::wire::{read_header, write_frame, WireIoError};
+use appliance_sync_proto::frame::{chunk_head, MAX_CHUNK_HEAD_LEN};
 use appliance_sync_proto::limits::{IDLE_TIMEOUT, MAX_LIST_ENTRIES};
 use appliance_sync_proto::message::{StatusReply, UploadId};
 use appliance_sync_proto::server::{
@@ -506,6 +509,15 @@ enum Event {
     ServeDone {
         stream: StreamKey,
     },
+    /// A `Chunk` frame, hashed by its reader (see [`read_message`]).
+    Chunk {
+        stream: StreamKey,
+        upload: UploadId,
+        hash: Hash,
+        data: Vec<u8>,
+        actual: Hash,
+        permit: Option<OwnedSemaphorePermit>,
+    },
     /// An `Upload` frame whose staging state was looked up off the loop.
     UploadPrepared {
         stream: StreamKey,
@@ -779,6 +791,22 @@ impl ConnActor {
                 self.mark_reader_done(stream);
             }
             Event::ReaderDone { stream } => self.mark_reader_done(stream),
+            Event::Chunk {
+                stream,
+                upload,
+                hash,
+                data,
+                actual,
+                permit,
+            } => {
+                let actions = self
+                    .proto
+                    .handle_hashed_chunk(stream, upload, hash, data, actual, now);
+                // The chunk's memory stays reserved until it is on disk.
+                self.pending_permit = permit;
+                self.perform(actions);
+                self.pending_permit = None;
+            }
             Event::ChunkWritten {
                 upload,
                 hash,
@@ -1108,21 +1136,30 @@ async fn reader_task(
             .acquire_many_owned(permits_for(len))
             .await
             .ok();
-        let message = match read_payload(&mut recv, len, idle).await {
-            Ok(payload) => decode_payload(&payload).map_err(WireIoError::from),
+        let event = match read_message(&mut recv, len, idle).await {
+            Ok(Incoming::Message(message)) => Ok(Event::Frame {
+                stream,
+                message,
+                _permit: permit,
+            }),
+            Ok(Incoming::Chunk {
+                upload,
+                hash,
+                data,
+                actual,
+            }) => Ok(Event::Chunk {
+                stream,
+                upload,
+                hash,
+                data,
+                actual,
+                permit,
+            }),
             Err(e) => Err(e),
         };
-        match message {
-            Ok(message) => {
-                if events
-                    .send(Event::Frame {
-                        stream,
-                        message,
-                        _permit: permit,
-                    })
-                    .await
-                    .is_err()
-                {
+        match event {
+            Ok(event) => {
+                if events.send(event).await.is_err() {
                     return;
                 }
             }
@@ -1133,6 +1170,74 @@ async fn reader_task(
             }
         }
     }
+}
+
+/// A frame as a reader task hands it on.
+enum Incoming {
+    Message(Message),
+    /// A `Chunk` frame, read straight into its own buffer and hashed on a
+    /// blocking thread: `actual` is the BLAKE3 of `data`, which the protocol
+    /// machine compares with `hash`.
+    Chunk {
+        upload: UploadId,
+        hash: Hash,
+        data: Vec<u8>,
+        actual: Hash,
+    },
+}
+
+/// Reads a payload of `len` bytes. A `Chunk` (recognised from its first
+/// bytes by [`chunk_head`]) has its data read from quinn's buffers into a
+/// buffer of its own, without the copy a decode would make, and is hashed
+/// off the async workers, so the connection's task only decides. Anything
+/// else is decoded as usual (which also reports a malformed chunk).
+async fn read_message(
+    recv: &mut RecvStream,
+    len: usize,
+    idle: Duration,
+) -> Result<Incoming, WireIoError> {
+    let mut start = Vec::with_capacity(len.min(MAX_CHUNK_HEAD_LEN));
+    read_into(recv, &mut start, len.min(MAX_CHUNK_HEAD_LEN), idle).await?;
+    let Some(head) = chunk_head(&start, len) else {
+        let mut payload = start;
+        payload.reserve_exact(len - payload.len());
+        read_into(recv, &mut payload, len, idle).await?;
+        return Ok(Incoming::Message(decode_payload(&payload)?));
+    };
+    let mut data = Vec::with_capacity(head.data_len);
+    data.extend_from_slice(&start[head.head_len..]);
+    read_into(recv, &mut data, head.data_len, idle).await?;
+    let (data, actual) = tokio::task::spawn_blocking(move || {
+        let actual = Hash::of(&data);
+        (data, actual)
+    })
+    .await
+    .map_err(|_| WireIoError::Truncated)?;
+    Ok(Incoming::Chunk {
+        upload: head.upload,
+        hash: head.hash,
+        data,
+        actual,
+    })
+}
+
+/// Appends stream bytes to `buf` until it holds `until` bytes; `idle`
+/// bounds each wait.
+async fn read_into(
+    recv: &mut RecvStream,
+    buf: &mut Vec<u8>,
+    until: usize,
+    idle: Duration,
+) -> Result<(), WireIoError> {
+    while buf.len() < until {
+        match tokio::time::timeout(idle, recv.read_chunk(until - buf.len(), true)).await {
+            Err(_) => return Err(WireIoError::Idle(idle)),
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk.bytes),
+            Ok(Ok(None)) => return Err(WireIoError::Truncated),
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn store_wire_error(e: StoreError) -> WireError {
