@@ -1,6 +1,7 @@
 //! Client-side file digests: FastCDC chunking with per-chunk BLAKE3 and the
-//! whole-file BLAKE3, computed as a three-stage pipeline (read + cut,
-//! per-chunk hashes, whole-file hash on their own threads), and a digest
+//! whole-file BLAKE3, computed in memory for small files and as a
+//! three-stage pipeline for large ones (read + cut, per-chunk hashes,
+//! whole-file hash on their own threads, see [`digest_file`]), and a digest
 //! cache keyed by `(dev, inode, size, mtime, ctime)` so re-pushing an
 //! unchanged file does not read it at all.
 //!
@@ -34,7 +35,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 /// Entries kept in the cache file (about 45 KB per GiB of file each).
 pub const MAX_CACHE_ENTRIES: usize = 65_536;
-/// Read size of the chunking stage.
+/// Read size of the chunking stage, and the largest file digested in
+/// memory on the calling thread.
 const READ_BLOCK: usize = 8 << 20;
 
 /// Identity of a file's content as far as the filesystem can tell.
@@ -197,84 +199,189 @@ fn cut(data: &[u8], (small, large): (u64, u64)) -> usize {
     len.clamp(1, data.len())
 }
 
-/// Chunks and hashes a whole file with three threads: this one reads and
-/// finds cut points, one hashes each chunk, one hashes the whole file.
+/// Reads into `buf` (appending, without zeroing its spare capacity) from
+/// `file` at `offset` until it holds `until` bytes or the file ends.
+/// Returns whether the file ended.
+fn fill(file: &File, buf: &mut Vec<u8>, offset: u64, until: usize) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt as _;
+    /// `pread`s from a moving offset (the file's own cursor is not used).
+    struct At<'a> {
+        file: &'a File,
+        offset: u64,
+    }
+    impl Read for At<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.file.read_at(out, self.offset)?;
+            self.offset += n as u64;
+            Ok(n)
+        }
+    }
+    let want = until.saturating_sub(buf.len());
+    let got = At { file, offset }.take(want as u64).read_to_end(buf)?;
+    Ok(got < want)
+}
+
+/// Chunks and hashes a whole file. Files of at most one read block are read
+/// into memory and digested on this thread (a file of one chunk is hashed
+/// once: its chunk hash is its file hash). Larger files go through a
+/// three-stage pipeline: this thread reads blocks straight into one of a
+/// few reusable windows (the unchunked tail of the previous window first)
+/// and finds cut points; one thread hashes the chunks, one the whole file,
+/// both reading the shared window, so each byte is copied once from the
+/// page cache and hashed twice.
 pub fn digest_file(file: &File) -> io::Result<FileDigest> {
     let masks = appliance_sync_proto::chunk::fastcdc_masks();
+    let mut data = Vec::new();
+    if !fill(file, &mut data, 0, READ_BLOCK + 1)? {
+        return digest_large(file, masks, data);
+    }
+    let mut chunks = Vec::new();
+    let mut start = 0usize;
+    while start < data.len() {
+        let len = cut(&data[start..], masks);
+        chunks.push(ChunkRef {
+            offset: start as u64,
+            len: u32::try_from(len).unwrap_or(MAX_CHUNK_SIZE),
+            hash: Hash::of(&data[start..start + len]),
+        });
+        start += len;
+    }
+    let file_hash = match chunks.as_slice() {
+        [only] => only.hash,
+        _ => Hash::of(&data),
+    };
+    Ok(FileDigest {
+        size: data.len() as u64,
+        file_hash,
+        chunks,
+    })
+}
+
+/// Windows in rotation in [`digest_large`]: one being filled, up to two
+/// being hashed.
+const WINDOWS: usize = 3;
+
+/// What the hashing threads get: a filled window, and which part of it
+/// they hash.
+struct Work {
+    window: Arc<Vec<u8>>,
+    /// Whole-file hasher: the bytes read into this window (after the tail
+    /// carried over, which it already hashed).
+    fresh: std::ops::Range<usize>,
+    /// Chunk hasher: `(file offset, window start, length)` of each chunk cut.
+    cuts: Vec<(u64, usize, usize)>,
+}
+
+fn digest_large(file: &File, masks: (u64, u64), first: Vec<u8>) -> io::Result<FileDigest> {
+    let capacity = READ_BLOCK + MAX_CHUNK_SIZE as usize;
     std::thread::scope(|scope| {
-        let (whole_tx, whole_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(4);
-        let (chunk_tx, chunk_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(16);
+        let (whole_tx, whole_rx) = mpsc::sync_channel::<Work>(WINDOWS);
+        let (chunk_tx, chunk_rx) = mpsc::sync_channel::<Work>(WINDOWS);
+        let (done_tx, done_rx) = mpsc::channel::<Arc<Vec<u8>>>();
+        let done = done_tx.clone();
         let whole = scope.spawn(move || {
             let mut hasher = blake3::Hasher::new();
-            for block in whole_rx {
-                hasher.update(&block);
+            for work in whole_rx {
+                hasher.update(&work.window[work.fresh.clone()]);
+                let _ = done.send(work.window);
             }
             Hash::from(hasher.finalize())
         });
+        let done = done_tx;
         let chunks = scope.spawn(move || {
             let mut out = Vec::new();
-            for (offset, data) in chunk_rx {
-                out.push(ChunkRef {
-                    offset,
-                    len: u32::try_from(data.len()).unwrap_or(MAX_CHUNK_SIZE),
-                    hash: Hash::of(&data),
-                });
+            for work in chunk_rx {
+                for &(offset, start, len) in &work.cuts {
+                    out.push(ChunkRef {
+                        offset,
+                        len: u32::try_from(len).unwrap_or(MAX_CHUNK_SIZE),
+                        hash: Hash::of(&work.window[start..start + len]),
+                    });
+                }
+                let _ = done.send(work.window);
             }
             out
         });
-        let mut reader = file;
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_BLOCK + MAX_CHUNK_SIZE as usize);
-        let mut start = 0usize;
-        let mut offset = 0u64;
-        let mut total = 0u64;
-        let mut result = Ok(());
-        let mut eof = false;
-        while !eof {
-            let mut block = vec![0u8; READ_BLOCK];
-            let mut filled = 0;
-            while filled < block.len() {
-                match reader.read(&mut block[filled..]) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
+        let result = (|| {
+            let mut allocated = 1usize;
+            let mut next = Some(first);
+            let mut prev: Option<(Arc<Vec<u8>>, usize)> = None;
+            // File offset of the next byte to read, and of window[0].
+            let mut next_read = 0u64;
+            let mut offset = 0u64;
+            loop {
+                let mut window = match next.take() {
+                    Some(w) => w,
+                    None if allocated < WINDOWS => {
+                        allocated += 1;
+                        Vec::with_capacity(capacity)
                     }
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        result = Err(e);
-                        eof = true;
-                        break;
+                    // Each window comes back twice (once per hasher); the
+                    // second return is the last reference.
+                    None => loop {
+                        let back = done_rx
+                            .recv()
+                            .map_err(|_| io::Error::other("digest hasher stopped"))?;
+                        if let Ok(w) = Arc::try_unwrap(back) {
+                            break w;
+                        }
+                    },
+                };
+                let tail = match prev.take() {
+                    // The first window arrives already filled.
+                    None => 0,
+                    Some((p, start)) => {
+                        window.clear();
+                        window.extend_from_slice(&p[start..]);
+                        window.len()
                     }
+                };
+                let eof = if tail == 0 && next_read == 0 {
+                    // `first`: the first bytes of the file, already read.
+                    window.len() <= READ_BLOCK
+                } else {
+                    fill(file, &mut window, next_read, tail + READ_BLOCK)?
+                };
+                let fresh = tail..window.len();
+                next_read += fresh.len() as u64;
+                if next_read > MAX_FILE_SIZE {
+                    return Err(io::Error::other(format!(
+                        "file is larger than the {MAX_FILE_SIZE}-byte limit"
+                    )));
                 }
-            }
-            block.truncate(filled);
-            total += filled as u64;
-            if total > MAX_FILE_SIZE {
-                result = Err(io::Error::other(format!(
-                    "file is larger than the {MAX_FILE_SIZE}-byte limit"
-                )));
-                break;
-            }
-            if start > 0 {
-                buf.drain(..start);
-                start = 0;
-            }
-            buf.extend_from_slice(&block);
-            if whole_tx.send(Arc::new(block)).is_err() {
-                break;
-            }
-            while buf.len() - start >= MAX_CHUNK_SIZE as usize || (eof && buf.len() > start) {
-                let len = cut(&buf[start..], masks);
-                if chunk_tx
-                    .send((offset, buf[start..start + len].to_vec()))
-                    .is_err()
+                let mut start = 0usize;
+                let mut cuts = Vec::new();
+                while window.len() - start >= MAX_CHUNK_SIZE as usize
+                    || (eof && window.len() > start)
                 {
-                    break;
+                    let len = cut(&window[start..], masks);
+                    cuts.push((offset, start, len));
+                    offset += len as u64;
+                    start += len;
                 }
-                offset += len as u64;
-                start += len;
+                let window = Arc::new(window);
+                let sent = whole_tx
+                    .send(Work {
+                        window: window.clone(),
+                        fresh,
+                        cuts: Vec::new(),
+                    })
+                    .and_then(|()| {
+                        chunk_tx.send(Work {
+                            window: window.clone(),
+                            fresh: 0..0,
+                            cuts,
+                        })
+                    });
+                if sent.is_err() {
+                    return Err(io::Error::other("digest hasher stopped"));
+                }
+                if eof {
+                    return Ok(offset);
+                }
+                prev = Some((window, start));
             }
-        }
+        })();
         drop(whole_tx);
         drop(chunk_tx);
         let file_hash = whole
@@ -283,9 +390,9 @@ pub fn digest_file(file: &File) -> io::Result<FileDigest> {
         let chunks = chunks
             .join()
             .map_err(|_| io::Error::other("chunk hasher panicked"))?;
-        result?;
+        let size = result?;
         Ok(FileDigest {
-            size: offset,
+            size,
             file_hash,
             chunks,
         })
@@ -313,9 +420,20 @@ mod tests {
     #[test]
     fn same_digest_as_the_protocol_chunker() {
         let dir = tempfile::tempdir().unwrap();
-        for (i, len) in [0usize, 1, 300_000, 4 << 20, (8 << 20) + 5, 21 << 20]
-            .into_iter()
-            .enumerate()
+        for (i, len) in [
+            0usize,
+            1,
+            300_000,
+            4 << 20,
+            8 << 20,
+            (8 << 20) + 1,
+            (8 << 20) + 5,
+            (12 << 20) + 3,
+            21 << 20,
+            40 << 20,
+        ]
+        .into_iter()
+        .enumerate()
         {
             let data = bytes(len, i as u64 + 7);
             let path = dir.path().join(format!("f{i}"));
