@@ -668,6 +668,13 @@ impl EventDeriver {
                     }
                 }
             }
+            // A resilver the polls never saw end (a scrub that ZFS started
+            // right after it replaced the pool's scan stats): without this
+            // the next resilver's start would be taken for the same one and
+            // not published (found in scenario 5).
+            "resilver_finish" => {
+                seen.resilver_started = false;
+            }
             "resilver_start" if !seen.resilver_started => {
                 seen.resilver_started = true;
                 let errs = seen

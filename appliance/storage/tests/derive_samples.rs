@@ -556,6 +556,43 @@ fn resilver_start_event_is_not_repeated_by_the_poll() {
     );
 }
 
+fn resilver_zfs_event(class: &str, eid: u64, at: u64) -> ZpoolEvent {
+    ZpoolEvent {
+        class: format!("sysevent.fs.zfs.{class}"),
+        time_text: String::new(),
+        time_secs: Some(at),
+        time_nanos: None,
+        eid: Some(eid),
+        pool: Some("tank".into()),
+        pool_guid: None,
+        vdev_guid: None,
+        vdev_path: None,
+        vdev_state: None,
+        vdev_laststate: None,
+        fields: Default::default(),
+        fields_dropped: 0,
+    }
+}
+
+/// Two resilvers in a row, the first never seen by a poll (its scan stats
+/// were replaced by a scrub before the next poll): the second one's start is
+/// still published.
+#[test]
+fn a_resilver_after_one_no_poll_saw_end_is_published_as_started() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 20, t + 1), t + 1);
+    assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 21, t + 2), t + 2);
+    assert!(out.repoll);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 25, t + 8), t + 8);
+    assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
+    // The same event delivered twice is still one start.
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 25, t + 8), t + 8);
+    assert!(out.events.is_empty());
+}
+
 #[test]
 fn heartbeat_only_for_healthy_pools_at_the_interval() {
     let mut d = EventDeriver::default();
