@@ -20,7 +20,8 @@
 //! lists a chunk that a crash could lose. A resumed upload counts only
 //! recorded chunks as present. The whole-file hash is computed in file
 //! order as chunks land (out-of-order chunks wait in a bounded buffer, or
-//! are read back at commit).
+//! are read back at commit); a file of one chunk is not hashed again, its
+//! verified chunk hash being its file hash.
 //!
 //! **Commit protocol** (a document is complete and verified, or absent):
 //! 1. chunks the server already had (in documents or the chunk store) are
@@ -221,7 +222,21 @@ impl Staged {
         &self.manifest
     }
 
+    /// A file of one chunk: its whole-file hash is that chunk's hash, which
+    /// was verified before the chunk was written (or read for dedup).
+    fn single_chunk(&self) -> Option<Hash> {
+        match self.manifest.chunks.as_slice() {
+            [only] if only.offset == 0 && u64::from(only.len) == self.manifest.size => {
+                Some(only.hash)
+            }
+            _ => None,
+        }
+    }
+
     fn feed(&self, positions: &[usize], data: &Arc<Vec<u8>>) {
+        if self.single_chunk().is_some() {
+            return;
+        }
         let mut h = self.hashing.lock();
         let h = &mut *h;
         for &i in positions {
@@ -246,6 +261,9 @@ impl Staged {
     /// Hashes the rest of the file (read back from the staging file where
     /// no buffered copy is left) and returns the whole-file hash.
     fn finish_hash(&self, file: &File) -> io::Result<Hash> {
+        if let Some(hash) = self.single_chunk() {
+            return Ok(hash);
+        }
         let mut h = self.hashing.lock();
         let h = &mut *h;
         let mut buf = Vec::new();
