@@ -982,6 +982,17 @@ impl Actor {
             .find(|d| d.name == name)
     }
 
+    /// The last snapshot of the pool `dataset` (or a pool name) is in.
+    fn pool_of(&self, dataset: &str) -> Result<&PoolSnapshot, StorageError> {
+        let pool = dataset.split('/').next().unwrap_or_default();
+        self.snapshots
+            .get(pool)
+            .ok_or_else(|| StorageError::NotFound {
+                what: "pool",
+                name: pool.to_owned(),
+            })
+    }
+
     /// Checks a `create_dataset` request against the last poll: a valid
     /// name, a child of an existing dataset of a known pool. `Ok(true)` when
     /// the dataset exists already.
@@ -995,14 +1006,7 @@ impl Actor {
                 reason: "a pool's root dataset is made by create-pool".to_owned(),
             });
         };
-        let pool = name.split('/').next().unwrap_or_default();
-        let snap = self
-            .snapshots
-            .get(pool)
-            .ok_or_else(|| StorageError::NotFound {
-                what: "pool",
-                name: pool.to_owned(),
-            })?;
+        let snap = self.pool_of(name)?;
         if snap.datasets.iter().any(|d| d.name == name) {
             return Ok(true);
         }
@@ -1045,13 +1049,7 @@ impl Actor {
     }
 
     fn scrub_status(&self, pool: &str) -> Result<ScrubStatus, StorageError> {
-        let snap = self
-            .snapshots
-            .get(pool)
-            .ok_or_else(|| StorageError::NotFound {
-                what: "pool",
-                name: pool.to_owned(),
-            })?;
+        let snap = self.pool_of(pool)?;
         let now = self.now();
         let record = self.book.get(pool);
         let schedule = self.cfg.schedule(pool);
@@ -1485,17 +1483,10 @@ impl Actor {
                 reason: format!("ZFS is not answering ({p})"),
             });
         }
-        let pool = dataset.split('/').next().unwrap_or_default();
-        let snap = self
-            .snapshots
-            .get(pool)
-            .ok_or_else(|| StorageError::NotFound {
-                what: "pool",
-                name: pool.to_owned(),
-            })?;
+        let snap = self.pool_of(dataset)?;
         if pool_state_unusable(&snap.status.state) {
             return Err(StorageError::Unavailable {
-                reason: format!("pool {pool} is {}", snap.status.state),
+                reason: format!("pool {} is {}", snap.status.name, snap.status.state),
             });
         }
         let d = self

@@ -528,21 +528,7 @@ fn resilver_start_event_is_not_repeated_by_the_poll() {
     let t = 1_795_376_700;
     let mut d = EventDeriver::default();
     d.observe_snapshot(&json_snapshot("removed2", t), t);
-    let start = ZpoolEvent {
-        class: "sysevent.fs.zfs.resilver_start".into(),
-        time_text: String::new(),
-        time_secs: Some(t + 47),
-        time_nanos: None,
-        eid: Some(9),
-        pool: Some("tank".into()),
-        pool_guid: None,
-        vdev_guid: None,
-        vdev_path: None,
-        vdev_state: None,
-        vdev_laststate: None,
-        fields: Default::default(),
-        fields_dropped: 0,
-    };
+    let start = resilver_zfs_event("resilver_start", 9, t + 47);
     let out = d.observe_zfs_event(&start, t + 47);
     assert!(out.repoll);
     assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
