@@ -61,17 +61,7 @@ impl Store {
 /// Sends a message over the "wire": encode, split into odd pieces, decode.
 fn wire(message: Message) -> Message {
     let frame = encode(&message).unwrap();
-    let mut decoder = FrameDecoder::new();
-    let mut out = None;
-    for piece in frame.chunks(4093) {
-        let mut input = piece;
-        if let Some(m) = decoder.decode(&mut input).unwrap() {
-            assert!(out.is_none());
-            out = Some(m);
-        }
-    }
-    decoder.finish().unwrap();
-    let out = out.unwrap();
+    let out = unwire(&frame);
     assert_eq!(out, message);
     drop(message);
     out
