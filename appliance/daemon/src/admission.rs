@@ -91,6 +91,18 @@ impl StorageGate {
     /// and the client datasets under it from the report.
     pub fn update(&self, health: &Health, report: Option<&StorageReport>) {
         self.set(evaluate(health, report, &self.documents));
+        if let Some(report) = report {
+            self.learn(report);
+        }
+    }
+
+    /// Learns the documents dataset and the client datasets under it from a
+    /// report (without changing the open/closed state). The sync side calls
+    /// this with the manager's current report before it relies on the
+    /// places, so that a client enrolled within the storage task's refresh
+    /// interval after the pool appeared still gets its own dataset.
+    pub fn learn(&self, report: &StorageReport) {
+        let report = Some(report);
         if let Some((_, Some(ds))) = report.and_then(|r| find_documents(r, &self.documents)) {
             let docs = ManagedDocuments {
                 dataset: ds.name.clone(),

@@ -317,6 +317,11 @@ pub async fn reconcile(
     authority: &Authority,
     requests: &mut MountRequests,
 ) {
+    // The manager's current view, not the storage task's last refresh (up
+    // to 10 s old).
+    if let Ok(report) = manager.report().await {
+        gate.learn(&report);
+    }
     let Some(docs) = gate.places().documents else {
         return;
     };
@@ -661,6 +666,21 @@ mod tests {
         });
         let reason = fresh.check(&name("laptop")).unwrap_err().to_string();
         assert!(reason.contains("SUSPENDED"), "{reason}");
+
+        // A gate the storage task has not told about the pool yet (its
+        // refresh lags the pool's creation): the reconciler asks the manager
+        // itself, and the new client still gets its own dataset.
+        authority
+            .enroll(&name("desk"), None, &dir.path().join("desk.bundle"))
+            .unwrap();
+        let untold = StorageGate::new(pool_mount.join("documents"))
+            .with_mount_check(Arc::new(|_: &Path| true));
+        assert!(untold.places().documents.is_none());
+        reconcile(&untold, &manager, &authority, &mut MountRequests::default()).await;
+        assert!(fake
+            .dataset_names()
+            .contains(&"tank/documents/desk".to_owned()));
+        assert_eq!(untold.check(&name("desk")), Ok(()));
 
         // The documents dataset not mounted (a mount unit run missed it):
         // nothing is created, and its mount is asked for again through the

@@ -82,6 +82,8 @@ pub struct Sync {
     pub server: Arc<SyncServerHandle>,
     /// The upload gate (where each client's documents live).
     pub gate: StorageGate,
+    /// The storage manager, when there is one (client datasets).
+    pub manager: Option<StorageManager>,
 }
 
 /// Live-connection counts of the server.
@@ -130,6 +132,13 @@ pub async fn start(
             )
         })?,
     );
+    // Before the first connection: are documents on a managed dataset? (The
+    // storage task's refresh may not have told the gate yet.)
+    if let Some(m) = &manager {
+        if let Ok(report) = m.report().await {
+            gate.learn(&report);
+        }
+    }
     let admission = Arc::new(GatedAdmission::new(
         gate.clone(),
         LocalAdmission::new(authority.clone(), ledger.clone(), &documents_dir),
@@ -151,7 +160,7 @@ pub async fn start(
     let scratch = data_dir.join("sync").join("scratch");
     private_scratch(&scratch)?;
     // Each client's documents in its own dataset (on the appliance).
-    if let Some(manager) = manager {
+    if let Some(manager) = manager.clone() {
         tokio::spawn(crate::client_datasets::run(
             gate.clone(),
             manager,
@@ -168,6 +177,7 @@ pub async fn start(
             addr,
         }),
         gate,
+        manager,
     })
 }
 
@@ -282,7 +292,13 @@ pub async fn handle(sync: &Sync, req: SyncRequest) -> Result<SyncResponse, Contr
             .await
             .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?;
             let info = info.map_err(|e| identity_error(&e))?;
-            ready_for_uploads(&sync.gate, &info.name, ENROLL_PLACE_WAIT).await;
+            ready_for_uploads(
+                &sync.gate,
+                sync.manager.as_ref(),
+                &info.name,
+                ENROLL_PLACE_WAIT,
+            )
+            .await;
             let bundle = bundle
                 .unwrap_or_else(|| Err(std::io::Error::other("no bundle")))
                 .map_err(|e| {
@@ -307,7 +323,21 @@ pub const ENROLL_PLACE_WAIT: Duration = Duration::from_secs(20);
 /// Waits (at most `limit`) until `client` may upload; logs when it may not
 /// yet. Enrollment has succeeded either way: the client's identity exists,
 /// and an early upload is refused with the reason, not lost.
-async fn ready_for_uploads(gate: &StorageGate, client: &ClientName, limit: Duration) {
+async fn ready_for_uploads(
+    gate: &StorageGate,
+    manager: Option<&StorageManager>,
+    client: &ClientName,
+    limit: Duration,
+) {
+    // Whether documents are on a managed dataset, from the manager's current
+    // view: the gate's own may predate the pool by up to one refresh, and
+    // would then wave the client through to the parent dataset.
+    if let Some(report) = match manager {
+        Some(m) => m.report().await.ok(),
+        None => None,
+    } {
+        gate.learn(&report);
+    }
     gate.wake();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
