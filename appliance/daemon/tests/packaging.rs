@@ -115,9 +115,10 @@ fn run_mount_script(change_until: u32, mount_fails: bool) -> (i32, String, Strin
     std::fs::write(storage.join("provision.json"), b"{}").unwrap();
     let log = dir.path().join("zfs.log");
     let stub = dir.path().join("zfs");
+    let stub_source = dir.path().join("zfs.source");
     let fail = if mount_fails { "exit 1" } else { "exit 0" };
     std::fs::write(
-        &stub,
+        &stub_source,
         format!(
             "#!/bin/sh\n\
              echo \"$*\" >> '{log}'\n\
@@ -132,6 +133,14 @@ fn run_mount_script(change_until: u32, mount_fails: bool) -> (i32, String, Strin
         ),
     )
     .unwrap();
+    // Copied into place by `cp`: this process never holds the stub open for
+    // writing, which a parallel test's fork could turn into ETXTBSY.
+    assert!(Command::new("cp")
+        .arg(&stub_source)
+        .arg(&stub)
+        .status()
+        .unwrap()
+        .success());
     std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = Command::new("sh")
         .arg(repo().join("systemd/appliance-zfs-mount"))

@@ -439,7 +439,17 @@ fn pool_members_come_from_zpool_status_and_show_in_the_list() {
 fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    // Copied into place by `cp`, so this process never holds the script
+    // open for writing: a fork by a parallel test in that window would make
+    // its exec fail with ETXTBSY.
+    let source = dir.join(format!("{name}.source"));
+    std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
+    assert!(std::process::Command::new("cp")
+        .arg(&source)
+        .arg(&p)
+        .status()
+        .unwrap()
+        .success());
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
 }

@@ -33,7 +33,19 @@ impl Fake {
                 fx = fixtures().display(),
             );
             let path = dir.path().join(name);
-            std::fs::write(&path, script).unwrap();
+            // Written by a child process, never through a descriptor of this
+            // one: tests run in parallel threads, and a fork by another test
+            // while this process held the script open for writing would
+            // make its exec fail with ETXTBSY ("Text file busy"; seen once
+            // in CI). The `cp` child has exited before anyone runs it.
+            let source = dir.path().join(format!("{name}.source"));
+            std::fs::write(&source, script).unwrap();
+            let copied = std::process::Command::new("cp")
+                .arg(&source)
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(copied.success(), "cp {name}");
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         Self { dir }
