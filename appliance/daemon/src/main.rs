@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use applianced::cli::{load_config, Args};
 use clap::Parser;
 
+/// mimalloc: the embedded cache allocates and frees a block per SET (see appliance-cache's docs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for configuration errors (`EX_CONFIG` from sysexits.h). The
 /// unit lists it in `RestartPreventExitStatus=` so a bad config does not
 /// restart-loop.
