@@ -2,8 +2,12 @@
 //! (async-nats) on the same machine in one run.
 //!
 //! ```text
-//! cargo run --release -p appliance-bus --example nats_bench -- [MESSAGES] [RATE]
+//! cargo run --release -p appliance-bus --example nats_bench -- [MESSAGES] [RATE] [ROUNDS]
 //! ```
+//! Each round runs every target once, in turn (so slow drift of the
+//! machine hits all of them alike); the table shows the median of each
+//! figure over ROUNDS (default 3) rounds, and each round is printed to
+//! stderr.
 //! One publisher and three subscribers, 128-byte messages. Two phases per
 //! target:
 //! * throughput: MESSAGES (default 200000) published as fast as the client
@@ -179,6 +183,7 @@ fn start_ours(
     let h = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name("bus-server")
             .enable_all()
             .build()
             .unwrap();
@@ -205,13 +210,14 @@ fn start_ours(
     (rx.recv().unwrap(), stop, h)
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let rate: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let mut rows = Vec::new();
+/// Median of the figures of one target over the rounds.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
 
+/// One round: `nats-server` (if installed), ours, ours durable.
+async fn round(n: usize, rate: u64, rows: &mut Vec<Row>) {
     let port = free_port();
     match Command::new("nats-server")
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
@@ -254,9 +260,45 @@ async fn main() {
     );
     stop.cancel();
     h.join().unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let rate: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let rounds: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(3).max(1);
+    let mut all = Vec::new();
+    for r in 0..rounds {
+        let mut rows = Vec::new();
+        round(n, rate, &mut rows).await;
+        eprintln!("round {}/{rounds}:", r + 1);
+        for row in &rows {
+            eprintln!(
+                "  {}: {:.0} deliveries/s, p50 {:.1} µs, p99 {:.1} µs",
+                row.name, row.msgs_per_sec, row.p50_us, row.p99_us
+            );
+        }
+        all.extend(rows);
+    }
+    // Medians per target, in the order the targets ran.
+    let mut rows: Vec<Row> = Vec::new();
+    for name in all.iter().map(|r| r.name) {
+        if rows.iter().any(|r| r.name == name) {
+            continue;
+        }
+        let of =
+            |f: fn(&Row) -> f64| median(all.iter().filter(|r| r.name == name).map(f).collect());
+        rows.push(Row {
+            name,
+            msgs_per_sec: of(|r| r.msgs_per_sec),
+            p50_us: of(|r| r.p50_us),
+            p99_us: of(|r| r.p99_us),
+        });
+    }
 
     println!();
-    println!("1 publisher, {SUBSCRIBERS} subscribers, {SIZE}-byte messages, async-nats client; throughput over {n} messages, latency at {rate} msg/s");
+    println!("1 publisher, {SUBSCRIBERS} subscribers, {SIZE}-byte messages, async-nats client; throughput over {n} messages, latency at {rate} msg/s; medians of {rounds} rounds (targets alternate within each round)");
     println!("| target | deliveries/s | p50 µs | p99 µs | vs nats-server (throughput) |");
     println!("|---|---:|---:|---:|---:|");
     let base = rows

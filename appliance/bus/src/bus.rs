@@ -196,6 +196,21 @@ pub(crate) enum Sink {
     Conn(Arc<ConnHandle>),
 }
 
+/// Connection writers to wake when one publish call ends (when this is
+/// dropped): a run of publishes then reaches each subscriber's writer in one
+/// wake and one socket write, not a write per message. A connection is
+/// added when a message lands in its empty queue, so once per drain.
+#[derive(Default)]
+pub(crate) struct Wakes(Vec<Arc<ConnHandle>>);
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        for c in self.0.drain(..) {
+            c.out.notify.notify_one();
+        }
+    }
+}
+
 /// One subscription.
 #[derive(Debug)]
 pub(crate) struct SubEntry {
@@ -235,7 +250,9 @@ struct Matched {
 #[derive(Debug, Default)]
 struct Index {
     subs: HashMap<u64, Arc<SubEntry>>,
-    cache: HashMap<Box<str>, Arc<Matched>>,
+    /// Looked up for every published message: a fast hash (seeded per
+    /// process, so subjects chosen to collide are no cheaper to find).
+    cache: HashMap<Box<str>, Arc<Matched>, foldhash::fast::RandomState>,
 }
 
 const MATCH_CACHE_MAX: usize = 4096;
@@ -441,7 +458,7 @@ impl Bus {
         payload: impl Into<Bytes>,
     ) -> Result<PublishAck, BusError> {
         let msg = self.make_message(subject, None, headers, payload.into())?;
-        let ticket = self.inner.publish_msg(msg, None)?;
+        let ticket = self.inner.publish_msg(msg, None, &mut Wakes::default())?;
         self.settle(ticket).await
     }
 
@@ -454,7 +471,7 @@ impl Bus {
         payload: impl Into<Bytes>,
     ) -> Result<PublishAck, BusError> {
         let msg = self.make_message(subject, Some(reply), headers, payload.into())?;
-        let ticket = self.inner.publish_msg(msg, None)?;
+        let ticket = self.inner.publish_msg(msg, None, &mut Wakes::default())?;
         self.settle(ticket).await
     }
 
@@ -475,6 +492,22 @@ impl Bus {
         headers: Option<Bytes>,
         payload: Bytes,
     ) -> Result<Message, BusError> {
+        self.message(
+            Subject::new(subject)?,
+            reply.map(Subject::new).transpose()?,
+            headers,
+            payload,
+        )
+    }
+
+    /// A message to publish, from subjects already validated.
+    pub(crate) fn message(
+        &self,
+        subject: Subject,
+        reply: Option<Subject>,
+        headers: Option<Bytes>,
+        payload: Bytes,
+    ) -> Result<Message, BusError> {
         let size = payload.len() + headers.as_ref().map_or(0, Bytes::len);
         if size > self.inner.opts.max_payload {
             return Err(BusError::PayloadTooLarge {
@@ -483,8 +516,8 @@ impl Bus {
             });
         }
         Ok(Message {
-            subject: Subject::new(subject)?,
-            reply: reply.map(Subject::new).transpose()?,
+            subject,
+            reply,
             headers,
             payload,
             seq: None,
@@ -911,6 +944,7 @@ impl BusInner {
         &self,
         mut msg: Message,
         origin: Option<&ConnHandle>,
+        wakes: &mut Wakes,
     ) -> Result<Ticket, BusError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
@@ -922,7 +956,7 @@ impl BusInner {
             .as_ref()
             .filter(|d| d.is_durable(msg.subject.as_str()))
         else {
-            self.fan_out(&msg, no_echo, &counters);
+            self.fan_out(&msg, no_echo, &counters, wakes);
             return Ok(Ticket {
                 seq: None,
                 wait_sync: false,
@@ -947,7 +981,7 @@ impl BusInner {
         match d.policy {
             DurableFsync::Interval(_) => {
                 // Fan-out under the log lock keeps delivery in sequence order.
-                self.fan_out(&msg, no_echo, &counters);
+                self.fan_out(&msg, no_echo, &counters, wakes);
                 Ok(Ticket {
                     seq: msg.seq,
                     wait_sync: false,
@@ -977,10 +1011,11 @@ impl BusInner {
 
     /// Publishes messages in order, appending each run of consecutive
     /// durable messages to the log with one write. Returns the combined
-    /// ticket and the errors of the messages that failed.
+    /// ticket and the errors of the messages that failed. `msgs` is left
+    /// empty, with its capacity kept for the next batch.
     pub(crate) fn publish_batch(
         &self,
-        msgs: Vec<Message>,
+        msgs: &mut Vec<Message>,
         origin: Option<&ConnHandle>,
     ) -> (Ticket, Vec<BusError>) {
         let mut ticket = Ticket {
@@ -988,6 +1023,7 @@ impl BusInner {
             wait_sync: false,
         };
         let mut errors = Vec::new();
+        let mut wakes = Wakes::default();
         let mut merge = |r: Result<Ticket, BusError>| match r {
             Ok(t) => {
                 ticket.seq = ticket.seq.max(t.seq);
@@ -998,18 +1034,18 @@ impl BusInner {
         let durable = self.durable.as_ref();
         let is_durable = |m: &Message| durable.is_some_and(|d| d.is_durable(m.subject.as_str()));
         let mut run: Vec<Message> = Vec::new();
-        for m in msgs {
+        for m in msgs.drain(..) {
             if is_durable(&m) {
                 run.push(m);
                 continue;
             }
             if !run.is_empty() {
-                merge(self.publish_durable_run(std::mem::take(&mut run), origin));
+                merge(self.publish_durable_run(std::mem::take(&mut run), origin, &mut wakes));
             }
-            merge(self.publish_msg(m, origin));
+            merge(self.publish_msg(m, origin, &mut wakes));
         }
         if !run.is_empty() {
-            merge(self.publish_durable_run(run, origin));
+            merge(self.publish_durable_run(run, origin, &mut wakes));
         }
         (ticket, errors)
     }
@@ -1018,6 +1054,7 @@ impl BusInner {
         &self,
         mut run: Vec<Message>,
         origin: Option<&ConnHandle>,
+        wakes: &mut Wakes,
     ) -> Result<Ticket, BusError> {
         let (Some(d), Some(first)) = (self.durable.as_ref(), run.first()) else {
             return Ok(Ticket {
@@ -1026,7 +1063,7 @@ impl BusInner {
             });
         };
         if run.len() == 1 {
-            return self.publish_msg(run.swap_remove(0), origin);
+            return self.publish_msg(run.swap_remove(0), origin, wakes);
         }
         if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
@@ -1063,7 +1100,7 @@ impl BusInner {
         let wait_sync = match d.policy {
             DurableFsync::Interval(_) => {
                 for (m, c) in run.iter().zip(&counters) {
-                    self.fan_out(m, no_echo, c);
+                    self.fan_out(m, no_echo, c, wakes);
                 }
                 false
             }
@@ -1082,20 +1119,26 @@ impl BusInner {
 
     /// Offers `msg` to every matching subscription (one per queue group).
     /// Returns how many took it. Never blocks.
-    fn fan_out(&self, msg: &Message, no_echo: Option<u64>, counters: &Counters) -> usize {
+    fn fan_out(
+        &self,
+        msg: &Message,
+        no_echo: Option<u64>,
+        counters: &Counters,
+        wakes: &mut Wakes,
+    ) -> usize {
         let m = self.lookup(msg.subject.as_str());
         let mut n = 0;
         for s in &m.plain {
             if no_echo.is_some() && matches!(&s.sink, Sink::Conn(c) if Some(c.id) == no_echo) {
                 continue;
             }
-            n += usize::from(self.deliver(s, msg, counters));
+            n += usize::from(self.deliver(s, msg, counters, wakes));
         }
         if !m.groups.is_empty() {
             let start = m.rr.fetch_add(1, Ordering::Relaxed);
             for g in &m.groups {
                 for k in 0..g.len() {
-                    if self.deliver(&g[(start + k) % g.len()], msg, counters) {
+                    if self.deliver(&g[(start + k) % g.len()], msg, counters, wakes) {
                         n += 1;
                         break;
                     }
@@ -1105,7 +1148,13 @@ impl BusInner {
         n
     }
 
-    fn deliver(&self, s: &Arc<SubEntry>, msg: &Message, counters: &Counters) -> bool {
+    fn deliver(
+        &self,
+        s: &Arc<SubEntry>,
+        msg: &Message,
+        counters: &Counters,
+        wakes: &mut Wakes,
+    ) -> bool {
         let max = s.max.load(Ordering::Acquire);
         let mut last = false;
         if max != u64::MAX {
@@ -1120,11 +1169,15 @@ impl BusInner {
         let size = msg.payload.len();
         let (offer, conn) = match &s.sink {
             Sink::Local(q) => (q.offer(msg), None),
-            Sink::Conn(c) => (
-                c.out
-                    .offer_msg(msg, &s.sid, c.headers.load(Ordering::Relaxed)),
-                Some(c),
-            ),
+            Sink::Conn(c) => {
+                let (offer, first) =
+                    c.out
+                        .offer_msg(msg, &s.sid, c.headers.load(Ordering::Relaxed));
+                if first && matches!(offer, Offer::Queued | Offer::QueuedDroppedOldest) {
+                    wakes.0.push(c.clone());
+                }
+                (offer, Some(c))
+            }
         };
         let taken = match offer {
             Offer::Queued | Offer::Deferred => true,
@@ -1218,9 +1271,10 @@ fn syncer_loop(d: &Durable, bus: &Weak<BusInner>) {
             Ok(()) => {
                 if let Some(last) = batch.last().and_then(|(m, _)| m.seq) {
                     if let Some(inner) = bus.upgrade() {
+                        let mut wakes = Wakes::default();
                         for (m, no_echo) in &batch {
                             let counters = inner.subjects.get(m.subject.top_token());
-                            inner.fan_out(m, *no_echo, &counters);
+                            inner.fan_out(m, *no_echo, &counters, &mut wakes);
                         }
                     }
                     d.synced.send_modify(|s| s.synced = s.synced.max(last));

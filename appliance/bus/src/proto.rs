@@ -18,7 +18,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::subject::{validate_pattern, validate_subject, SubjectError};
+use crate::subject::{validate_pattern, validate_subject, Subject, SubjectError};
 
 /// The `CONNECT` options this server reads. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -68,9 +68,9 @@ pub enum ClientOp {
     /// `PUB` or `HPUB`.
     Pub {
         /// Subject (validated, no wildcards).
-        subject: String,
+        subject: Subject,
         /// Reply subject (validated).
-        reply: Option<String>,
+        reply: Option<Subject>,
         /// Raw NATS header block (`NATS/1.0\r\n...\r\n\r\n`) for `HPUB`.
         headers: Option<Bytes>,
         /// The payload.
@@ -169,12 +169,15 @@ pub struct Parser {
     max_payload: usize,
     /// A `PUB`/`HPUB` whose control line is consumed, waiting for its payload.
     pending: Option<PendingPub>,
+    /// The subject of the last `PUB`: a publisher usually repeats it, and
+    /// then it is neither validated nor allocated again.
+    last_subject: Option<Subject>,
 }
 
 #[derive(Debug, Clone)]
 struct PendingPub {
-    subject: Result<String, SubjectError>,
-    reply: Option<String>,
+    subject: Result<Subject, SubjectError>,
+    reply: Option<Subject>,
     header_len: Option<usize>,
     total: usize,
 }
@@ -184,10 +187,45 @@ fn find_newline(buf: &[u8], limit: usize) -> Option<usize> {
     memchr::memchr(b'\n', &buf[..buf.len().min(limit + 1)])
 }
 
-fn args(line: &[u8]) -> Vec<&[u8]> {
-    line.split(|b| *b == b' ' || *b == b'\t')
+/// The arguments of a control line, without allocating: every verb takes
+/// at most four, so more are only counted (for the error).
+struct Args<'a> {
+    items: [&'a [u8]; 4],
+    len: usize,
+}
+
+impl<'a> Args<'a> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn as_slice(&self) -> &[&'a [u8]] {
+        &self.items[..self.len.min(self.items.len())]
+    }
+}
+
+impl<'a> std::ops::Index<usize> for Args<'a> {
+    type Output = &'a [u8];
+    fn index(&self, i: usize) -> &&'a [u8] {
+        &self.as_slice()[i]
+    }
+}
+
+fn args(line: &[u8]) -> Args<'_> {
+    let mut a = Args {
+        items: [&[]; 4],
+        len: 0,
+    };
+    for arg in line
+        .split(|b| *b == b' ' || *b == b'\t')
         .filter(|a| !a.is_empty())
-        .collect()
+    {
+        if let Some(slot) = a.items.get_mut(a.len) {
+            *slot = arg;
+        }
+        a.len += 1;
+    }
+    a
 }
 
 fn utf8<'a>(op: &'static str, b: &'a [u8]) -> Result<&'a str, ProtocolError> {
@@ -219,12 +257,23 @@ fn bad_args(op: &'static str, n: usize) -> ProtocolError {
 }
 
 impl Parser {
+    /// `text` as a validated subject, reusing the previous one if equal.
+    fn subject(&mut self, text: &str) -> Result<Subject, SubjectError> {
+        if let Some(s) = self.last_subject.as_ref().filter(|s| s.as_str() == text) {
+            return Ok(s.clone());
+        }
+        let s = Subject::new(text)?;
+        self.last_subject = Some(s.clone());
+        Ok(s)
+    }
+
     /// A parser with the given limits (bytes).
     pub fn new(max_control_line: usize, max_payload: usize) -> Self {
         Self {
             max_control_line,
             max_payload,
             pending: None,
+            last_subject: None,
         }
     }
 
@@ -322,7 +371,7 @@ impl Parser {
         } else {
             None
         };
-        let sizes = &a[a.len() - nums..];
+        let sizes = &a.as_slice()[a.len() - nums..];
         let total = number(op, sizes[nums - 1])?;
         if total > self.max_payload as u64 {
             return Err(ProtocolError::MaxPayload {
@@ -344,12 +393,15 @@ impl Parser {
         };
         // A fatal problem with the reply subject would desynchronise nothing,
         // but the client clearly misbehaves; treat it like the subject.
-        let subject = validate_subject(subject)
-            .and_then(|()| reply.map_or(Ok(()), validate_subject))
-            .map(|()| subject.to_owned());
+        let reply = reply.map(Subject::new).transpose();
+        let subject = self.subject(subject).and_then(|s| Ok((s, reply?)));
+        let (subject, reply) = match subject {
+            Ok((s, r)) => (Ok(s), r),
+            Err(e) => (Err(e), None),
+        };
         self.pending = Some(PendingPub {
             subject,
-            reply: reply.map(str::to_owned),
+            reply,
             header_len,
             total,
         });
@@ -587,8 +639,8 @@ mod tests {
         payload: &[u8],
     ) -> ClientOp {
         ClientOp::Pub {
-            subject: subject.into(),
-            reply: reply.map(Into::into),
+            subject: Subject::new(subject).unwrap(),
+            reply: reply.map(|r| Subject::new(r).unwrap()),
             headers: headers.map(Bytes::copy_from_slice),
             payload: Bytes::copy_from_slice(payload),
         }

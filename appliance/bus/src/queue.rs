@@ -161,6 +161,9 @@ impl LocalQueue {
     }
 }
 
+/// Largest drained outbound buffer kept for reuse.
+const KEEP_BUFFER: usize = 1 << 20;
+
 #[derive(Debug)]
 struct OutState {
     buf: BytesMut,
@@ -197,11 +200,14 @@ impl ConnOutbound {
         }
     }
 
-    /// Queues a message frame for `sid`.
-    pub fn offer_msg(&self, msg: &Message, sid: &str, with_headers: bool) -> Offer {
+    /// Queues a message frame for `sid`. Also says whether the queue was
+    /// empty before: then the caller must wake the writer (`notify`), which
+    /// it may do once after a whole run of messages. (The writer drains
+    /// everything it finds, so later messages ride on that wake.)
+    pub fn offer_msg(&self, msg: &Message, sid: &str, with_headers: bool) -> (Offer, bool) {
         let mut st = self.state.lock();
         if st.closed.is_some() {
-            return Offer::Closed;
+            return (Offer::Closed, false);
         }
         let start = st.buf.len();
         let was_empty = start == 0;
@@ -219,14 +225,7 @@ impl ConnOutbound {
         }
         let len = st.buf.len() - start;
         st.frames.push_back((len, true));
-        let offer = self.enforce(&mut st);
-        drop(st);
-        // The writer drains everything at once: it only needs waking when
-        // the queue goes from empty to not empty.
-        if was_empty && !matches!(offer, Offer::SlowConsumer) {
-            self.notify.notify_one();
-        }
-        offer
+        (self.enforce(&mut st), was_empty)
     }
 
     /// Queues a control frame (PONG, +OK, -ERR, INFO): never dropped, but
@@ -273,19 +272,28 @@ impl ConnOutbound {
         offer
     }
 
-    /// Takes everything queued. Once closed, what was queued before the close
-    /// is still handed out (a slow consumer's queue is discarded at the
-    /// close), then `Err(reason)`.
-    pub fn take(&self) -> Result<Option<BytesMut>, CloseReason> {
+    /// Moves everything queued into `out` (emptied first), by swapping
+    /// buffers: the writer's drained buffer becomes the queue's, so a busy
+    /// connection reuses two allocations. Returns whether anything was
+    /// taken. Once closed, what was queued before the close is still handed
+    /// out (a slow consumer's queue is discarded at the close), then
+    /// `Err(reason)`.
+    pub fn take_into(&self, out: &mut BytesMut) -> Result<bool, CloseReason> {
+        out.clear();
+        if out.capacity() > KEEP_BUFFER {
+            // Don't hold on to a burst's worth of memory.
+            *out = BytesMut::new();
+        }
         let mut st = self.state.lock();
         if st.buf.is_empty() {
             return match st.closed {
                 Some(r) => Err(r),
-                None => Ok(None),
+                None => Ok(false),
             };
         }
         st.frames.clear();
-        Ok(Some(st.buf.split()))
+        std::mem::swap(&mut st.buf, out);
+        Ok(true)
     }
 
     pub fn close(&self, reason: CloseReason) {
@@ -373,9 +381,10 @@ mod tests {
         let o = ConnOutbound::new(60, 100, SlowConsumerPolicy::DropOldest);
         o.push_control(b"PONG\r\n");
         for i in 0..5 {
-            o.offer_msg(&msg(i, None), "1", true);
+            let _ = o.offer_msg(&msg(i, None), "1", true);
         }
-        let out = o.take().unwrap().unwrap();
+        let mut out = BytesMut::new();
+        assert_eq!(o.take_into(&mut out), Ok(true));
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(
             text.starts_with("PONG\r\n"),
@@ -384,11 +393,20 @@ mod tests {
         assert!(text.len() <= 60);
         assert!(text.ends_with("MSG a.b 1 1\r\n4\r\n"), "{text}");
         assert!(o.dropped.load(Ordering::Relaxed) > 0);
+        // Drained: nothing more, and the buffers swap without losing frames.
+        assert_eq!(o.take_into(&mut out), Ok(false));
+        assert!(out.is_empty());
+        o.push_control(b"PING\r\n");
+        assert_eq!(o.take_into(&mut out), Ok(true));
+        assert_eq!(&out[..], b"PING\r\n");
 
         let o = ConnOutbound::new(40, 100, SlowConsumerPolicy::Disconnect);
-        assert_eq!(o.offer_msg(&msg(1, None), "1", true), Offer::Queued);
-        assert_eq!(o.offer_msg(&msg(2, None), "1", true), Offer::Queued);
-        assert_eq!(o.offer_msg(&msg(3, None), "1", true), Offer::SlowConsumer);
-        assert_eq!(o.take(), Err(CloseReason::SlowConsumer));
+        assert_eq!(o.offer_msg(&msg(1, None), "1", true), (Offer::Queued, true));
+        assert_eq!(
+            o.offer_msg(&msg(2, None), "1", true),
+            (Offer::Queued, false)
+        );
+        assert_eq!(o.offer_msg(&msg(3, None), "1", true).0, Offer::SlowConsumer);
+        assert_eq!(o.take_into(&mut out), Err(CloseReason::SlowConsumer));
     }
 }

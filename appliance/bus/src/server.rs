@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, ConnHandle};
+use crate::bus::{Bus, ConnHandle, Wakes};
 use crate::message::{Headers, Message};
 use crate::proto::{self, ClientOp, Parser, ServerInfo};
 use crate::queue::{CloseReason, SlowConsumerPolicy};
@@ -194,15 +194,16 @@ async fn run_conn<S>(
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<ConnHandle>, mut wr: W) {
+    let mut buf = BytesMut::new();
     loop {
-        match conn.out.take() {
-            Ok(Some(buf)) => {
+        match conn.out.take_into(&mut buf) {
+            Ok(true) => {
                 if wr.write_all(&buf).await.is_err() {
                     conn.out.close(CloseReason::ConnectionClosed);
                     return;
                 }
             }
-            Ok(None) => conn.out.notify.notified().await,
+            Ok(false) => conn.out.notify.notified().await,
             Err(reason) => {
                 if reason == CloseReason::SlowConsumer {
                     let mut b = BytesMut::new();
@@ -314,17 +315,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     headers,
                     payload,
                 } => {
-                    if let Some(r) = reply.as_deref().filter(|_| no_responders) {
-                        if !bus.has_interest(&subject) {
+                    if let Some(r) = reply.as_ref().filter(|_| no_responders) {
+                        if !bus.has_interest(subject.as_str()) {
                             flush_batch(bus, conn, &mut batch, &mut pending_sync);
-                            send_no_responders(bus, r);
+                            send_no_responders(bus, r.as_str());
                             if verbose {
                                 conn.out.push_control(proto::OK);
                             }
                             continue;
                         }
                     }
-                    let msg = match bus.make_message(&subject, reply.as_deref(), headers, payload) {
+                    let msg = match bus.message(subject, reply, headers, payload) {
                         Ok(m) => m,
                         Err(e) => {
                             err(conn, &e.to_string());
@@ -374,7 +375,7 @@ fn flush_batch(bus: &Bus, conn: &ConnHandle, batch: &mut Vec<Message>, pending: 
     if batch.is_empty() {
         return;
     }
-    let (t, errors) = bus.inner.publish_batch(std::mem::take(batch), Some(conn));
+    let (t, errors) = bus.inner.publish_batch(batch, Some(conn));
     if t.wait_sync {
         *pending = t.seq.max(*pending);
     }
@@ -412,6 +413,6 @@ fn send_no_responders(bus: &Bus, reply: &str) {
         entries: Vec::new(),
     };
     if let Ok(m) = bus.make_message(reply, None, Some(h.encode()), Bytes::new()) {
-        let _ = bus.inner.publish_msg(m, None);
+        let _ = bus.inner.publish_msg(m, None, &mut Wakes::default());
     }
 }

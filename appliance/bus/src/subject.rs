@@ -77,28 +77,54 @@ fn check_tokens(
     if s.len() > MAX_SUBJECT_LEN {
         return Err(SubjectError::TooLong { len: s.len() });
     }
-    if let Some(at) = s
-        .bytes()
-        .position(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        return Err(SubjectError::Whitespace { at });
-    }
-    let mut at = 0;
-    let mut tokens = s.split('.').peekable();
-    while let Some(tok) = tokens.next() {
-        if tok.is_empty() {
-            return Err(SubjectError::EmptyToken { at });
+    // One pass over the bytes (this runs for every published message).
+    // Whitespace anywhere is reported before any token error.
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    let mut wildcard = false;
+    let mut first_err = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'.' => {
+                if first_err.is_none() {
+                    first_err = token(s, start, i, wildcard, &mut on_token, false).err();
+                }
+                start = i + 1;
+                wildcard = false;
+            }
+            b'*' | b'>' => wildcard = true,
+            _ if b.is_ascii_whitespace() || b.is_ascii_control() => {
+                return Err(SubjectError::Whitespace { at: i });
+            }
+            _ => {}
         }
-        if tok.len() > 1 && tok.contains(['*', '>']) {
-            return Err(SubjectError::WildcardInToken {
-                token: tok.to_owned(),
-                at,
-            });
-        }
-        on_token(tok, at, tokens.peek().is_none())?;
-        at += tok.len() + 1;
     }
-    Ok(())
+    match first_err {
+        Some(e) => Err(e),
+        None => token(s, start, bytes.len(), wildcard, &mut on_token, true),
+    }
+}
+
+/// Checks the token `s[start..end]` (`wildcard`: it holds `*` or `>`).
+fn token(
+    s: &str,
+    start: usize,
+    end: usize,
+    wildcard: bool,
+    on_token: &mut impl FnMut(&str, usize, bool) -> Result<(), SubjectError>,
+    last: bool,
+) -> Result<(), SubjectError> {
+    let tok = &s[start..end];
+    if tok.is_empty() {
+        return Err(SubjectError::EmptyToken { at: start });
+    }
+    if wildcard && tok.len() > 1 {
+        return Err(SubjectError::WildcardInToken {
+            token: tok.to_owned(),
+            at: start,
+        });
+    }
+    on_token(tok, start, last)
 }
 
 /// Checks a subject to publish to: no wildcards.
@@ -392,7 +418,52 @@ mod tests {
             })
     }
 
+    /// Validation written the obvious way (split on dots), to check the
+    /// one-pass validator against.
+    fn reference_validate(s: &str, pattern: bool) -> Result<(), SubjectError> {
+        if s.is_empty() {
+            return Err(SubjectError::Empty);
+        }
+        if s.len() > MAX_SUBJECT_LEN {
+            return Err(SubjectError::TooLong { len: s.len() });
+        }
+        if let Some(at) = s
+            .bytes()
+            .position(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(SubjectError::Whitespace { at });
+        }
+        let toks: Vec<&str> = s.split('.').collect();
+        let mut at = 0;
+        for (i, tok) in toks.iter().enumerate() {
+            if tok.is_empty() {
+                return Err(SubjectError::EmptyToken { at });
+            }
+            if tok.len() > 1 && tok.contains(['*', '>']) {
+                return Err(SubjectError::WildcardInToken {
+                    token: (*tok).to_owned(),
+                    at,
+                });
+            }
+            let last = i + 1 == toks.len();
+            if pattern && *tok == ">" && !last {
+                return Err(SubjectError::FullWildcardNotLast { at });
+            }
+            if !pattern && (*tok == "*" || *tok == ">") {
+                return Err(SubjectError::WildcardInSubject { at });
+            }
+            at += tok.len() + 1;
+        }
+        Ok(())
+    }
+
     proptest! {
+        #[test]
+        fn validation_agrees_with_reference(s in "[ab.*> \t\\x00é]{0,12}") {
+            prop_assert_eq!(validate_subject(&s), reference_validate(&s, false), "subject {:?}", s);
+            prop_assert_eq!(validate_pattern(&s), reference_validate(&s, true), "pattern {:?}", s);
+        }
+
         #[test]
         fn matching_agrees_with_reference(p in pattern(), s in subject()) {
             let ps = p.join(".");
