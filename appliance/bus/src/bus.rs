@@ -238,11 +238,14 @@ pub(crate) struct ConnHandle {
     pub subs: Mutex<HashMap<Arc<str>, Arc<SubEntry>>>,
 }
 
+/// Who receives messages on one subject, and the subject's counters: one
+/// cached lookup per published message.
 #[derive(Debug, Default)]
 struct Matched {
     plain: Vec<Arc<SubEntry>>,
     groups: Vec<Vec<Arc<SubEntry>>>,
     rr: AtomicUsize,
+    counters: Arc<Counters>,
 }
 
 /// Subscriptions, plus a cache of match results per subject (cleared on
@@ -930,7 +933,9 @@ impl BusInner {
         if let Some(m) = idx.cache.get(subject) {
             return m.clone();
         }
-        let m = Arc::new(idx.compute(subject));
+        let mut m = idx.compute(subject);
+        m.counters = self.subjects.get(top_token(subject));
+        let m = Arc::new(m);
         if idx.cache.len() >= MATCH_CACHE_MAX {
             idx.cache.clear();
         }
@@ -949,14 +954,15 @@ impl BusInner {
         if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
-        let counters = self.count_publish(&msg, origin);
+        let m = self.lookup(msg.subject.as_str());
+        count_publish(&m, &msg, origin);
         let no_echo = no_echo(origin);
         let Some(d) = self
             .durable
             .as_ref()
             .filter(|d| d.is_durable(msg.subject.as_str()))
         else {
-            self.fan_out(&msg, no_echo, &counters, wakes);
+            self.fan_out(&m, &msg, no_echo, wakes);
             return Ok(Ticket {
                 seq: None,
                 wait_sync: false,
@@ -981,7 +987,7 @@ impl BusInner {
         match d.policy {
             DurableFsync::Interval(_) => {
                 // Fan-out under the log lock keeps delivery in sequence order.
-                self.fan_out(&msg, no_echo, &counters, wakes);
+                self.fan_out(&m, &msg, no_echo, wakes);
                 Ok(Ticket {
                     seq: msg.seq,
                     wait_sync: false,
@@ -997,16 +1003,6 @@ impl BusInner {
                 })
             }
         }
-    }
-
-    fn count_publish(&self, msg: &Message, origin: Option<&ConnHandle>) -> Arc<Counters> {
-        let size = msg.payload.len();
-        let counters = self.subjects.get(msg.subject.top_token());
-        counters.publish(size);
-        if let Some(o) = origin {
-            o.counters.counters.publish(size);
-        }
-        counters
     }
 
     /// Publishes messages in order, appending each run of consecutive
@@ -1069,8 +1065,14 @@ impl BusInner {
             return Err(BusError::Closed);
         }
         let ts = first.ts_ms;
-        let counters: Vec<Arc<Counters>> =
-            run.iter().map(|m| self.count_publish(m, origin)).collect();
+        let matched: Vec<Arc<Matched>> = run
+            .iter()
+            .map(|msg| {
+                let m = self.lookup(msg.subject.as_str());
+                count_publish(&m, msg, origin);
+                m
+            })
+            .collect();
         let no_echo = no_echo(origin);
         let records: Vec<Vec<u8>> = run.iter().map(encode_stored).collect();
         let mut st = d.state.lock();
@@ -1099,8 +1101,8 @@ impl BusInner {
         }
         let wait_sync = match d.policy {
             DurableFsync::Interval(_) => {
-                for (m, c) in run.iter().zip(&counters) {
-                    self.fan_out(m, no_echo, c, wakes);
+                for (msg, m) in run.iter().zip(&matched) {
+                    self.fan_out(m, msg, no_echo, wakes);
                 }
                 false
             }
@@ -1121,12 +1123,12 @@ impl BusInner {
     /// Returns how many took it. Never blocks.
     fn fan_out(
         &self,
+        m: &Matched,
         msg: &Message,
         no_echo: Option<u64>,
-        counters: &Counters,
         wakes: &mut Wakes,
     ) -> usize {
-        let m = self.lookup(msg.subject.as_str());
+        let counters = &*m.counters;
         let mut n = 0;
         for s in &m.plain {
             if no_echo.is_some() && matches!(&s.sink, Sink::Conn(c) if Some(c.id) == no_echo) {
@@ -1145,6 +1147,7 @@ impl BusInner {
                 }
             }
         }
+        counters.deliver_many(n, msg.payload.len());
         n
     }
 
@@ -1206,8 +1209,8 @@ impl BusInner {
             }
             Offer::Closed => false,
         };
+        // The subject's delivery count is added once per message, by fan_out.
         if taken {
-            counters.deliver(size);
             if let Some(c) = conn {
                 c.counters.counters.deliver(size);
             }
@@ -1217,6 +1220,20 @@ impl BusInner {
         }
         taken
     }
+}
+
+/// Counts a published message on its subject and its connection.
+fn count_publish(m: &Matched, msg: &Message, origin: Option<&ConnHandle>) {
+    let size = msg.payload.len();
+    m.counters.publish(size);
+    if let Some(o) = origin {
+        o.counters.counters.publish(size);
+    }
+}
+
+/// The first token of a subject (`storage` in `storage.pool.tank`).
+fn top_token(subject: &str) -> &str {
+    subject.split_once('.').map_or(subject, |(top, _)| top)
 }
 
 /// The connection whose own messages must not come back to it.
@@ -1272,9 +1289,9 @@ fn syncer_loop(d: &Durable, bus: &Weak<BusInner>) {
                 if let Some(last) = batch.last().and_then(|(m, _)| m.seq) {
                     if let Some(inner) = bus.upgrade() {
                         let mut wakes = Wakes::default();
-                        for (m, no_echo) in &batch {
-                            let counters = inner.subjects.get(m.subject.top_token());
-                            inner.fan_out(m, *no_echo, &counters, &mut wakes);
+                        for (msg, no_echo) in &batch {
+                            let m = inner.lookup(msg.subject.as_str());
+                            inner.fan_out(&m, msg, *no_echo, &mut wakes);
                         }
                     }
                     d.synced.send_modify(|s| s.synced = s.synced.max(last));

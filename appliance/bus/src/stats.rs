@@ -32,8 +32,15 @@ impl Counters {
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
     }
     pub fn deliver(&self, bytes: usize) {
-        self.messages_out.fetch_add(1, Ordering::Relaxed);
-        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.deliver_many(1, bytes);
+    }
+    /// `n` deliveries of a message of `bytes` bytes.
+    pub fn deliver_many(&self, n: usize, bytes: usize) {
+        if n > 0 {
+            self.messages_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.bytes_out
+                .fetch_add((n * bytes) as u64, Ordering::Relaxed);
+        }
     }
     pub fn drop_one(&self) {
         self.drops.fetch_add(1, Ordering::Relaxed);
@@ -129,7 +136,8 @@ pub struct StatsSnapshot {
 /// Registry of per-subject counters.
 #[derive(Debug, Default)]
 pub(crate) struct SubjectCounters {
-    map: RwLock<HashMap<Box<str>, Arc<Counters>>>,
+    /// Looked up for every published message (see the match cache).
+    map: RwLock<HashMap<Box<str>, Arc<Counters>, foldhash::fast::RandomState>>,
 }
 
 impl SubjectCounters {
