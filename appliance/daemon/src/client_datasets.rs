@@ -268,10 +268,78 @@ fn unescape_mount_field(field: &str) -> String {
 }
 
 /// Whether `dir` is a mount point in this process's mount namespace. Reads
-/// procfs only: never the documents' file system (which may hang).
+/// procfs only: never the documents' file system (which may hang). The
+/// table is re-read only after the kernel reports a change ([`MountTable`]),
+/// so an upload's admission checks cost a `poll`, not a parse.
 pub fn is_mounted(dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .is_ok_and(|text| mount_points(&text).contains(dir))
+    static TABLE: MountTable = MountTable::new("/proc/self/mountinfo");
+    TABLE.is_mounted(dir)
+}
+
+/// A mount table read from a `mountinfo` file and kept until it changes.
+/// The kernel marks an open `mountinfo` with `POLLPRI` after any mount or
+/// unmount in the namespace; the file is then opened and read again. The
+/// new descriptor's baseline is taken at open, before the read, so a change
+/// during the read is reported by the next poll: the cached table is never
+/// older than the last poll that saw no change.
+#[derive(Debug)]
+pub struct MountTable {
+    path: &'static str,
+    cached: std::sync::Mutex<Option<(std::fs::File, HashSet<PathBuf>)>>,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl MountTable {
+    /// A table read from `path` (`/proc/self/mountinfo` or another
+    /// process's) at first use.
+    pub const fn new(path: &'static str) -> Self {
+        Self {
+            path,
+            cached: std::sync::Mutex::new(None),
+            reads: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How many times the file was read.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `dir` is a mount point now. When the table cannot be read,
+    /// nothing counts as mounted (so nothing is written).
+    pub fn is_mounted(&self, dir: &Path) -> bool {
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = cached.as_ref().is_some_and(|(f, _)| !changed(f));
+        if !fresh {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *cached = read_table(self.path).ok();
+        }
+        cached
+            .as_ref()
+            .is_some_and(|(_, points)| points.contains(dir))
+    }
+}
+
+/// Whether the kernel reported a mount table change on `file` since it
+/// was opened or last polled (any doubt counts as a change).
+fn changed(file: &std::fs::File) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+    // Any event (POLLPRI | POLLERR on a change) or an error means re-read.
+    !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+}
+
+fn read_table(path: &str) -> std::io::Result<(std::fs::File, HashSet<PathBuf>)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok((file, mount_points(&text)))
 }
 
 /// How often the mount of one dataset is asked for again while it does not
@@ -441,6 +509,63 @@ mod tests {
 
     fn name(s: &str) -> ClientName {
         ClientName::parse(s).unwrap()
+    }
+
+    const MOUNT_CHILD: &str = "client_datasets::tests::mount_table_in_private_namespace";
+
+    /// Runs [`mount_table_in_private_namespace`] in a private mount
+    /// namespace (`unshare -m`), where it may mount without touching the
+    /// host. Needs root, as CI has.
+    #[test]
+    fn mount_table_follows_mounts_and_reads_only_after_a_change() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private"])
+            .arg(exe)
+            .args(["--exact", MOUNT_CHILD, "--ignored", "--nocapture"])
+            .output()
+            .expect("unshare (util-linux) runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child test ran: {text}");
+    }
+
+    #[test]
+    #[ignore = "run in a private mount namespace by mount_table_follows_mounts_and_reads_only_after_a_change"]
+    fn mount_table_in_private_namespace() {
+        let table = MountTable::new("/proc/self/mountinfo");
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        assert!(table.is_mounted(Path::new("/proc")));
+        assert!(!table.is_mounted(&dir));
+        let reads = table.reads();
+        for _ in 0..100 {
+            assert!(!table.is_mounted(&dir));
+        }
+        assert_eq!(table.reads(), reads, "no change, no re-read");
+        let mount = |args: &[&str]| {
+            let st = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap();
+            assert!(st.success(), "{args:?}");
+        };
+        let d = dir.to_str().unwrap();
+        mount(&["mount", "-t", "tmpfs", "none", d]);
+        assert!(table.is_mounted(&dir), "a new mount is seen at once");
+        assert_eq!(table.reads(), reads + 1);
+        assert!(table.is_mounted(&dir));
+        assert_eq!(table.reads(), reads + 1);
+        mount(&["umount", d]);
+        assert!(!table.is_mounted(&dir), "an unmount is seen at once");
     }
 
     fn docs() -> ManagedDocuments {
