@@ -362,7 +362,7 @@ async fn quinn_sink(parent: &Path, len: usize) -> anyhow::Result<Cell> {
     set_udp_buffers(&socket);
     let runtime = quinn::default_runtime().context("runtime")?;
     let server = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        appliance_sync::server::endpoint_config(),
         Some(server_config),
         socket,
         runtime.clone(),
@@ -386,7 +386,12 @@ async fn quinn_sink(parent: &Path, len: usize) -> anyhow::Result<Cell> {
 
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     set_udp_buffers(&socket);
-    let mut client = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?;
+    let mut client = quinn::Endpoint::new(
+        appliance_sync::server::endpoint_config(),
+        None,
+        socket,
+        runtime,
+    )?;
     let mut config = quinn::ClientConfig::new(appliance_sync::tls::client_crypto(&bundle)?);
     config.transport_config(transport);
     client.set_default_client_config(config);
@@ -416,6 +421,11 @@ async fn quinn_sink(parent: &Path, len: usize) -> anyhow::Result<Cell> {
     ack.read_exact(&mut total).await?;
     let time = start.elapsed();
     let wire = conn.stats().udp_tx.bytes - before;
+    let path = conn.stats().path;
+    println!(
+        "  quinn sink path: MTU {} bytes, {} packets lost",
+        path.current_mtu, path.lost_packets
+    );
     conn.close(0u32.into(), b"done");
     client.wait_idle().await;
     let received = sink.await??;
@@ -486,6 +496,11 @@ fn main() -> anyhow::Result<()> {
             let ours = Ours::start(work.path()).await?;
             let client = ours.client().await?;
             let a = ours.push(&client, std::slice::from_ref(&big)).await?;
+            let path = client.path_stats();
+            println!(
+                "  ours path: MTU {} bytes, {} packets lost",
+                path.current_mtu, path.lost_packets
+            );
             let stored = std::fs::metadata(ours.root.join("big.bin"))?.len();
             if stored != big_len as u64 {
                 bail!("stored {stored} bytes of {big_len}");

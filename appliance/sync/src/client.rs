@@ -202,7 +202,7 @@ impl SyncClient {
         crate::server::set_udp_buffers(&socket);
         let runtime =
             quinn::default_runtime().ok_or_else(|| connect_err("no async runtime".into()))?;
-        let mut endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        let mut endpoint = Endpoint::new(crate::server::endpoint_config(), None, socket, runtime)
             .map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(config);
         let conn = endpoint
@@ -271,6 +271,11 @@ impl SyncClient {
     /// UDP payload bytes this client has sent so far (QUIC's own counter).
     pub fn wire_bytes_sent(&self) -> u64 {
         self.conn.stats().udp_tx.bytes
+    }
+
+    /// The connection's path statistics (MTU found, packets lost, RTT).
+    pub fn path_stats(&self) -> quinn::PathStats {
+        self.conn.stats().path
     }
 
     /// Closes the connection and waits for the close to be sent.

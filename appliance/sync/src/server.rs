@@ -267,7 +267,37 @@ pub fn transport_config(
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
+    // Path MTU discovery may look beyond Ethernet's 1500 bytes (jumbo
+    // frames on a LAN, 64 KiB on loopback): at 1452-byte packets quinn's
+    // per-packet costs (frame building, header protection, ACKs) dominate
+    // its CPU use. Discovery starts from the safe initial MTU and keeps
+    // only sizes the path acknowledged. See [`MTU_UPPER_BOUND`].
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
+}
+
+/// Largest UDP payload path MTU discovery searches for: 6,550 bytes.
+/// quinn hands the kernel up to 10 packets per `sendmsg` with UDP GSO, and
+/// the kernel refuses (`EMSGSIZE`) a batch over 65,507 bytes; quinn-udp
+/// drops such a batch silently (it expects that only of MTU probes). With
+/// a larger bound, the packets discovery finds are lost ten at a time,
+/// congestion control backs off, and after a few such bursts quinn's black
+/// hole detection falls back to 1,200 bytes for a minute (measured on
+/// loopback: the bare sink went from 0.3 GB/s at 1,452 bytes, and the
+/// same at a 16 or 64 KiB bound, to 1.2 GB/s at this one). Paths of
+/// Ethernet's MTU are unaffected.
+pub const MTU_UPPER_BOUND: u16 = 6_550;
+
+/// Endpoint settings shared by server and client: datagrams up to
+/// [`MTU_UPPER_BOUND`] are accepted (quinn's default is 1,472), so the
+/// peer's path MTU discovery can use what the path allows.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut e = quinn::EndpointConfig::default();
+    // Cannot fail: the value is within QUIC's range (1200..=65527).
+    let _ = e.max_udp_payload_size(MTU_UPPER_BOUND);
+    e
 }
 
 /// Starts the server: start-up recovery (staging sweep of every client),
@@ -296,16 +326,12 @@ pub async fn serve(
     })?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| ServeError::Transport("no async runtime".into()))?;
-    let endpoint = Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        socket,
-        runtime,
-    )
-    .map_err(|source| ServeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let endpoint = Endpoint::new(endpoint_config(), Some(server_config), socket, runtime).map_err(
+        |source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        },
+    )?;
     let addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: config.listen,
         source,
