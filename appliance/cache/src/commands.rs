@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::cache::{Cache, CacheError, KeyTtl, SetCondition};
-use crate::resp::{Frame, Protocol, Reply};
+use crate::resp::{Frame, Protocol, Reply, DIRECT_BULK_MIN};
 
 /// Server name reported by `HELLO` and `INFO`.
 pub const SERVER_NAME: &str = "appliance-cache";
@@ -79,11 +79,20 @@ fn positive_ttl(b: &[u8], unit_ms: u64, cmd: &str) -> Result<Duration, Reply> {
     Ok(Duration::from_millis(n))
 }
 
-/// A stored value gets its own allocation: a decoded argument is a slice of
-/// the connection's read buffer, and keeping it would pin that whole buffer
-/// (up to the frame budget) in the cache, outside the byte bound.
+/// A stored value gets its own allocation: a decoded argument is usually a
+/// slice of the connection's read buffer, and keeping it would pin that whole
+/// buffer (up to the frame budget) in the cache, outside the byte bound.
+/// A large argument the decoder received into its own exactly-sized buffer
+/// (see [`crate::resp::DIRECT_BULK_MIN`]) is kept as it is: nothing else
+/// refers to that buffer. A slice of the read buffer is never the only
+/// reference to it while the command runs (the connection's buffer and the
+/// other arguments share it), so `is_unique` tells the two apart.
 fn owned(v: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(v)
+    if v.len() >= DIRECT_BULK_MIN && v.is_unique() {
+        v.clone()
+    } else {
+        Bytes::copy_from_slice(v)
+    }
 }
 
 fn bulk_or_null(v: Option<Bytes>) -> Reply {

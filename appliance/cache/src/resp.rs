@@ -16,6 +16,15 @@
 //! line end. After any [`ProtocolError`] the stream position is unknown; the
 //! server replies with the error and closes the connection, as Redis does.
 //!
+//! Large bulk strings (at least [`DIRECT_BULK_MIN`] bytes) whose body is
+//! not yet buffered are received into a buffer of their own, allocated at
+//! exactly the body's size once its header is checked: the adapter reads the
+//! missing bytes straight into it ([`Decoder::direct_body`]), so a 16 KiB
+//! value is neither moved around the read buffer while it arrives nor copied
+//! out of it afterwards (the decoded argument *is* that buffer; redis does
+//! the same for its large arguments). The header's length has passed the
+//! same limits before that allocation as before any buffering.
+//!
 //! The [`Reply`] encoder writes RESP2 or RESP3 (chosen per connection by
 //! `HELLO`): `Null` is `$-1` in RESP2 and `_` in RESP3, a `Map` is a flat
 //! array in RESP2 and `%` in RESP3.
@@ -26,6 +35,12 @@ use bytes::{Buf, Bytes, BytesMut};
 
 /// Array slots reserved up front at most, whatever the header claims.
 pub const PREALLOC_ELEMENTS: usize = 64;
+
+/// Bulk strings at least this long are received into a buffer of their own
+/// when their body is not yet in the read buffer (see the module docs).
+/// 8 KiB: below that, copying the body out of the read buffer costs less
+/// than the extra `read(2)` that stops exactly at the body's end.
+pub const DIRECT_BULK_MIN: usize = 8 << 10;
 
 /// Longest type/length header line: `$` + sign + 20 digits + CRLF fits in 32.
 const MAX_HEADER_LINE: usize = 32;
@@ -149,6 +164,9 @@ pub struct Decoder {
     limits: Limits,
     stack: Vec<Partial>,
     pending_bulk: Option<usize>,
+    /// The buffer of a large pending bulk body, with capacity for exactly
+    /// the body and its CRLF.
+    direct: Option<BytesMut>,
     frame_bytes: usize,
     frame_elements: usize,
     /// Argument positions found by the command fast path (reused).
@@ -202,6 +220,7 @@ impl Decoder {
             limits,
             stack: Vec::new(),
             pending_bulk: None,
+            direct: None,
             frame_bytes: 0,
             frame_elements: 0,
             spans: Vec::new(),
@@ -275,6 +294,23 @@ impl Decoder {
         Some(pos)
     }
 
+    /// While a large bulk body is arriving: its own buffer, whose spare
+    /// capacity is exactly the bytes still missing (body and CRLF). An
+    /// adapter reads into this rather than its read buffer, so the body is
+    /// never copied and no read takes bytes of the next frame. Bytes that
+    /// land in the read buffer instead are moved over by the next `decode`,
+    /// and bytes written past the body go back to the read buffer, so any
+    /// way of filling it is correct.
+    pub fn direct_body(&mut self) -> Option<&mut BytesMut> {
+        self.direct.as_mut()
+    }
+
+    /// Bytes allocated for a large bulk body in progress (the adapter
+    /// charges them to its memory budget with its read buffer).
+    pub fn direct_capacity(&self) -> usize {
+        self.direct.as_ref().map_or(0, BytesMut::capacity)
+    }
+
     /// Whether a frame is partly decoded (a truncated frame at EOF).
     pub fn in_frame(&self) -> bool {
         !self.stack.is_empty() || self.pending_bulk.is_some()
@@ -295,16 +331,23 @@ impl Decoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
         loop {
             let value = if let Some(len) = self.pending_bulk {
-                if buf.len() < len + 2 {
-                    return Ok(None);
+                if self.direct.is_some() {
+                    match self.fill_direct(len, buf)? {
+                        Some(data) => Frame::Bulk(data),
+                        None => return Ok(None),
+                    }
+                } else {
+                    if buf.len() < len + 2 {
+                        return Ok(None);
+                    }
+                    if &buf[len..len + 2] != b"\r\n" {
+                        return Err(ProtocolError::MissingCrlf);
+                    }
+                    let data = buf.split_to(len).freeze();
+                    buf.advance(2);
+                    self.pending_bulk = None;
+                    Frame::Bulk(data)
                 }
-                if &buf[len..len + 2] != b"\r\n" {
-                    return Err(ProtocolError::MissingCrlf);
-                }
-                let data = buf.split_to(len).freeze();
-                buf.advance(2);
-                self.pending_bulk = None;
-                Frame::Bulk(data)
             } else {
                 let Some(&first) = buf.first() else {
                     return Ok(None);
@@ -339,6 +382,10 @@ impl Decoder {
                     b'$' => match self.bulk_header(parse_i64(body)?)? {
                         Some(len) => {
                             self.pending_bulk = Some(len);
+                            if len >= DIRECT_BULK_MIN && buf.len() < len + 2 {
+                                // The loop moves what is buffered already.
+                                self.direct = Some(BytesMut::with_capacity(len + 2));
+                            }
                             continue;
                         }
                         None => Frame::Null,
@@ -363,6 +410,38 @@ impl Decoder {
                 return Ok(Some(frame));
             }
         }
+    }
+
+    /// Move what `buf` holds of the direct body in; the body once it and
+    /// its CRLF are complete.
+    fn fill_direct(
+        &mut self,
+        len: usize,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Bytes>, ProtocolError> {
+        let Some(body) = self.direct.as_mut() else {
+            return Ok(None);
+        };
+        if body.len() > len + 2 {
+            // Written past its spare capacity: the excess is the next
+            // frame's, so it goes back in front of the read buffer.
+            let mut excess = body.split_off(len + 2);
+            excess.extend_from_slice(buf);
+            *buf = excess;
+        }
+        let missing = len + 2 - body.len();
+        let take = missing.min(buf.len());
+        body.extend_from_slice(&buf[..take]);
+        buf.advance(take);
+        if take < missing {
+            return Ok(None);
+        }
+        if &body[len..] != b"\r\n" {
+            return Err(ProtocolError::MissingCrlf);
+        }
+        body.truncate(len);
+        self.pending_bulk = None;
+        Ok(self.direct.take().map(BytesMut::freeze))
     }
 
     /// Validate a bulk length; `None` for the null bulk.
@@ -883,6 +962,190 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// What the server does: each read of at most `chunk` bytes goes into
+    /// the decoder's direct body while one is in progress (never past its
+    /// spare capacity, like `read_buf`), otherwise into the read buffer;
+    /// every command is decoded after each read. With `overfill`, reads
+    /// into the body ignore its spare capacity (an adapter that gets it
+    /// wrong must still decode correctly).
+    fn commands_via_reads(
+        input: &[u8],
+        chunk: usize,
+        limits: Limits,
+        overfill: bool,
+    ) -> Result<Vec<Vec<Bytes>>, ProtocolError> {
+        let mut d = Decoder::new(limits);
+        let mut buf = BytesMut::new();
+        let mut args = Vec::new();
+        let mut out = Vec::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let n = match d.direct_body() {
+                Some(body) => {
+                    let spare = body.capacity() - body.len();
+                    assert!(spare > 0, "a direct body in progress has room");
+                    let n = if overfill { chunk } else { chunk.min(spare) };
+                    let n = n.min(rest.len());
+                    body.extend_from_slice(&rest[..n]);
+                    n
+                }
+                None => {
+                    let n = chunk.min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    n
+                }
+            };
+            rest = &rest[n..];
+            while let Some(c) = d.decode_command(&mut buf, &mut args)? {
+                assert_eq!(c, Command::Args);
+                out.push(std::mem::take(&mut args));
+            }
+        }
+        assert!(!d.in_frame(), "input ended inside a frame");
+        Ok(out)
+    }
+
+    fn set_command(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut v = format!("*3\r\n$3\r\nSET\r\n${}\r\n", key.len()).into_bytes();
+        v.extend_from_slice(key);
+        v.extend_from_slice(format!("\r\n${}\r\n", value.len()).as_bytes());
+        v.extend_from_slice(value);
+        v.extend_from_slice(b"\r\n");
+        v
+    }
+
+    #[test]
+    fn large_bulk_bodies_arrive_in_their_own_buffer_in_any_split() {
+        let big: Vec<u8> = (0..16_384u32).map(|i| (i % 251) as u8).collect();
+        let edge = vec![b'e'; DIRECT_BULK_MIN];
+        let small = vec![b's'; DIRECT_BULK_MIN - 1];
+        let mut input = Vec::new();
+        for (k, v) in [
+            (&b"a"[..], &big[..]),
+            (b"b", &small),
+            (b"c", &edge),
+            (b"d", &big),
+            (b"e", b"x"),
+        ] {
+            input.extend_from_slice(&set_command(k, v));
+        }
+        let expected: Vec<Vec<Bytes>> = [(&b"a"[..], &big[..]), (b"b", &small), (b"c", &edge)]
+            .into_iter()
+            .chain([(&b"d"[..], &big[..]), (b"e", b"x")])
+            .map(|(k, v)| {
+                vec![
+                    Bytes::from_static(b"SET"),
+                    Bytes::copy_from_slice(k),
+                    Bytes::copy_from_slice(v),
+                ]
+            })
+            .collect();
+        for chunk in [1, 2, 7, 100, 4096, 8191, 16_384, 16_400, input.len()] {
+            let got = commands_via_reads(&input, chunk, Limits::default(), false).unwrap();
+            assert_eq!(got, expected, "reads of {chunk}");
+            let got = commands_via_reads(&input, chunk, Limits::default(), true).unwrap();
+            assert_eq!(got, expected, "overfilling reads of {chunk}");
+            // Straight into `buf` only (an adapter that ignores
+            // `direct_body`): the same commands.
+            let plain = commands_in_chunks(&input, chunk, Limits::default()).unwrap();
+            let plain: Vec<_> = plain.into_iter().map(Result::unwrap).collect();
+            assert_eq!(plain, expected, "buffer-only reads of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_direct_body_is_exactly_sized_and_the_only_reference() {
+        let value = vec![7u8; 20_000];
+        let input = set_command(b"k", &value);
+        let header_end = input.len() - value.len() - 2;
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::from(&input[..header_end + 10]);
+        let mut args = Vec::new();
+        assert_eq!(d.decode_command(&mut buf, &mut args), Ok(None));
+        assert!(buf.is_empty(), "the buffered part moved to the body");
+        assert_eq!(d.direct_capacity(), value.len() + 2);
+        let body = d.direct_body().unwrap();
+        assert_eq!(body.len(), 10);
+        body.extend_from_slice(&input[header_end + 10..]);
+        assert_eq!(
+            d.decode_command(&mut buf, &mut args),
+            Ok(Some(Command::Args))
+        );
+        assert_eq!(d.direct_capacity(), 0);
+        assert!(d.direct_body().is_none());
+        assert_eq!(args[2], value);
+        assert!(args[2].is_unique(), "the value owns its buffer");
+        assert!(
+            !args[1].is_unique(),
+            "small arguments share the read buffer"
+        );
+    }
+
+    #[test]
+    fn malformed_large_bulks_are_refused_before_or_after_their_body() {
+        // A body not followed by CRLF, direct or not.
+        for chunk in [1, 3000, 9000] {
+            let mut input = b"*2\r\n$3\r\nGET\r\n$9000\r\n".to_vec();
+            input.extend_from_slice(&[b'x'; 9000]);
+            input.extend_from_slice(b"XY*1\r\n$4\r\nPING\r\n");
+            assert_eq!(
+                commands_via_reads(&input, chunk, Limits::default(), false),
+                Err(ProtocolError::MissingCrlf),
+                "reads of {chunk}"
+            );
+        }
+        // Over the bulk or frame limit, or negative: refused at the header,
+        // with nothing allocated for the body.
+        let limits = Limits {
+            max_bulk_len: 12_000,
+            max_frame_bytes: 20_000,
+            ..Limits::default()
+        };
+        for (header, err) in [
+            (
+                &b"*2\r\n$3\r\nGET\r\n$12001\r\n"[..],
+                ProtocolError::BulkTooLong {
+                    len: 12_001,
+                    max: 12_000,
+                },
+            ),
+            (
+                b"*3\r\n$10000\r\n",
+                ProtocolError::FrameTooLarge { max: 20_000 },
+            ),
+            (
+                b"*2\r\n$3\r\nGET\r\n$-9000\r\n",
+                ProtocolError::NegativeLength {
+                    kind: "bulk",
+                    len: -9000,
+                },
+            ),
+        ] {
+            let mut d = Decoder::new(limits);
+            let mut buf = BytesMut::new();
+            let mut args = Vec::new();
+            let mut input = header.to_vec();
+            if header.starts_with(b"*3") {
+                // The first 10,000-byte body fits; the second's header does not.
+                input.extend_from_slice(&[b'v'; 10_000]);
+                input.extend_from_slice(b"\r\n$10000\r\n");
+            }
+            let mut result = Ok(None);
+            for piece in input.chunks(5) {
+                match d.direct_body() {
+                    Some(body) => body.extend_from_slice(piece),
+                    None => buf.extend_from_slice(piece),
+                }
+                result = d.decode_command(&mut buf, &mut args);
+                if result.is_err() {
+                    break;
+                }
+            }
+            assert_eq!(result, Err(err));
+            assert_eq!(d.direct_capacity(), 0, "no body buffer after {header:?}");
         }
     }
 
