@@ -170,6 +170,15 @@ impl PendingCommit {
     pub fn is_empty(&self) -> bool {
         self.target == 0
     }
+
+    /// One commit covering both (log positions only grow, so the later
+    /// target covers the earlier).
+    #[allow(clippy::needless_pass_by_value)] // both tokens are used up: one commit for both
+    pub fn join(self, other: PendingCommit) -> PendingCommit {
+        PendingCommit {
+            target: self.target.max(other.target),
+        }
+    }
 }
 
 impl Cache {

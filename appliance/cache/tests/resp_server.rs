@@ -325,6 +325,68 @@ async fn pipelined_batches_and_many_clients() {
     server.stop().await;
 }
 
+/// A RESP `SET` command.
+fn set_frame(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut v = format!("*3\r\n$3\r\nSET\r\n${}\r\n", key.len()).into_bytes();
+    v.extend_from_slice(key);
+    v.extend_from_slice(format!("\r\n${}\r\n", value.len()).as_bytes());
+    v.extend_from_slice(value);
+    v.extend_from_slice(b"\r\n");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_written_in_small_pieces_and_a_half_close() {
+    let server = Server::start().await;
+    // Values around the decoder's direct-read threshold and far above it,
+    // pipelined, written in pieces that split headers and bodies anywhere.
+    let values: Vec<Vec<u8>> = [100usize, 8 << 10, 16 << 10, 70_000, 300_000]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            (0..n)
+                .map(|j| u8::try_from((i * 31 + j) % 253).unwrap())
+                .collect()
+        })
+        .collect();
+    let mut input = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        input.extend_from_slice(&set_frame(format!("big{i}").as_bytes(), v));
+    }
+    input.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    for piece in input.chunks(1_357) {
+        s.write_all(piece).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let expected = "+OK\r\n".repeat(values.len()) + "+PONG\r\n";
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .expect("replies arrive")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    let mut c = client(&server.url()).await;
+    for (i, v) in values.iter().enumerate() {
+        let stored: Vec<u8> = redis::cmd("GET")
+            .arg(format!("big{i}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(stored == *v, "value {i} of {} bytes round-trips", v.len());
+    }
+
+    // Commands followed by a half-close are answered before the server
+    // closes its side.
+    let mut input = set_frame(b"last", &values[2]);
+    input.extend_from_slice(b"PING\r\n");
+    let reply = raw_exchange(server.addr, &input, true).await;
+    assert_eq!(reply, b"+OK\r\n+PONG\r\n");
+    assert_eq!(server.cache.get_plain(b"last").unwrap(), values[2]);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_and_durable_pipelines() {
     use appliance_cache::{serve_unix, PersistConfig};
