@@ -10,8 +10,8 @@
 //! they come out as [`ConnAction::Serve`] with their paths already validated.
 
 use crate::hash::Hash;
+use crate::limits::{max_uploads, MAX_OPEN_MANIFEST_CHUNKS, MAX_TEXT_LEN};
 use crate::limits::{MAX_CHUNKS_PER_MANIFEST, MAX_FILE_SIZE, MAX_FRAME_LEN};
-use crate::limits::{MAX_TEXT_LEN, MAX_UPLOADS_PER_CONNECTION};
 use crate::message::{negotiate_version, Message, UploadId, Welcome, WireError};
 use crate::path::RelPath;
 use crate::server::{
@@ -79,7 +79,13 @@ pub struct ServerConnection<S> {
     version: Option<u16>,
     next_upload: u64,
     uploads: HashMap<UploadId, (S, ServerUpload)>,
-    max_uploads: u32,
+    /// Chunks each open upload's manifest lists (as sent), and their sum,
+    /// bounded by [`MAX_OPEN_MANIFEST_CHUNKS`].
+    listed: HashMap<UploadId, u64>,
+    listed_total: u64,
+    /// An explicit concurrent-upload limit; `None`: the negotiated
+    /// version's ([`max_uploads`]).
+    max_uploads: Option<u32>,
 }
 
 impl<S: Copy + Eq + Debug> Default for ServerConnection<S> {
@@ -89,19 +95,38 @@ impl<S: Copy + Eq + Debug> Default for ServerConnection<S> {
 }
 
 impl<S: Copy + Eq + Debug> ServerConnection<S> {
-    /// A connection that has not said `Hello` yet, with the default upload limit.
+    /// A connection that has not said `Hello` yet, with the upload limit of
+    /// the version it negotiates ([`max_uploads`]).
     pub fn new() -> Self {
-        Self::with_max_uploads(MAX_UPLOADS_PER_CONNECTION)
-    }
-
-    /// Like [`Self::new`] with another concurrent-upload limit.
-    pub fn with_max_uploads(max_uploads: u32) -> Self {
         Self {
             phase: Phase::AwaitingHello,
             version: None,
             next_upload: 1,
             uploads: HashMap::new(),
-            max_uploads,
+            listed: HashMap::new(),
+            listed_total: 0,
+            max_uploads: None,
+        }
+    }
+
+    /// Like [`Self::new`] with another concurrent-upload limit.
+    pub fn with_max_uploads(max_uploads: u32) -> Self {
+        Self {
+            max_uploads: Some(max_uploads),
+            ..Self::new()
+        }
+    }
+
+    /// The concurrent-upload limit in force.
+    pub fn upload_limit(&self) -> u32 {
+        self.max_uploads
+            .unwrap_or_else(|| max_uploads(self.version.unwrap_or(1)))
+    }
+
+    fn forget_upload(&mut self, id: UploadId) {
+        self.uploads.remove(&id);
+        if let Some(n) = self.listed.remove(&id) {
+            self.listed_total -= n;
         }
     }
 
@@ -138,19 +163,23 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
         }
         match message {
             Message::Upload(manifest) => {
-                if self.uploads.len() >= self.max_uploads as usize {
+                let limit = self.upload_limit();
+                let listed = manifest.chunks.len() as u64;
+                if self.uploads.len() >= limit as usize
+                    || self.listed_total + listed > MAX_OPEN_MANIFEST_CHUNKS
+                {
                     return vec![send_error(
                         stream,
                         None,
-                        WireError::TooManyUploads {
-                            max: self.max_uploads,
-                        },
+                        WireError::TooManyUploads { max: limit },
                     )];
                 }
                 let id = UploadId(self.next_upload);
                 self.next_upload += 1;
                 let (session, actions) = ServerUpload::start(id, manifest, now, storage);
                 self.uploads.insert(id, (stream, session));
+                self.listed.insert(id, listed);
+                self.listed_total += listed;
                 self.map_actions(id, actions)
             }
             Message::Chunk { upload, hash, data } => match self.uploads.get_mut(&upload) {
@@ -381,6 +410,9 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
         let mut out = Vec::new();
         for id in ids {
             if let Some((_, mut session)) = self.uploads.remove(&id) {
+                if let Some(n) = self.listed.remove(&id) {
+                    self.listed_total -= n;
+                }
                 for action in session.abort(error.clone()) {
                     if let ServerAction::Finished(outcome) = action {
                         out.push(ConnAction::UploadFinished {
@@ -409,7 +441,7 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
                 },
                 ServerAction::Assemble(request) => ConnAction::Assemble(request),
                 ServerAction::Finished(outcome) => {
-                    self.uploads.remove(&id);
+                    self.forget_upload(id);
                     ConnAction::UploadFinished {
                         upload: id,
                         outcome,

@@ -44,8 +44,9 @@
 //! # Invariants
 //! - Nothing the peer sends can make either side allocate more than one frame
 //!   ([`limits::MAX_FRAME_LEN`]) per stream, or keep more than
-//!   [`limits::MAX_UPLOADS_PER_CONNECTION`] upload sessions of at most
-//!   [`limits::MAX_CHUNKS_PER_MANIFEST`] chunks per connection.
+//!   [`limits::max_uploads`] upload sessions (8 in version 1, 32 in
+//!   version 2) of at most [`limits::MAX_CHUNKS_PER_MANIFEST`] chunks each
+//!   and [`limits::MAX_OPEN_MANIFEST_CHUNKS`] together per connection.
 //! - The server only hands chunks to storage after their BLAKE3 matches, only
 //!   asks for assembly when every chunk is durable, and only acknowledges
 //!   after the adapter reports the file verified, fsynced and renamed.

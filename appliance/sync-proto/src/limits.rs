@@ -87,3 +87,29 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120
 /// connection, while 8 files in flight already keep a fast link busy (each
 /// upload itself sends its chunks over parallel streams).
 pub const MAX_UPLOADS_PER_CONNECTION: u32 = 8;
+
+/// Concurrent uploads on a connection that negotiated protocol version 2.
+/// Small files are latency-bound (a round trip, a staging file and two
+/// fsyncs each), and ext4 commits the fsyncs that wait together in one
+/// journal transaction, so more of them in flight is faster: 2,000 files
+/// of 32 KiB on loopback went from about 1,000 to 1,400 files per second
+/// on a loaded 2-core machine from 8 to 32. The memory bound of
+/// [`MAX_UPLOADS_PER_CONNECTION`] is kept by [`MAX_OPEN_MANIFEST_CHUNKS`].
+pub const MAX_UPLOADS_PER_CONNECTION_V2: u32 = 32;
+
+/// Chunks the manifests of one connection's open uploads may list in
+/// total: what [`MAX_UPLOADS_PER_CONNECTION`] full manifests list, so the
+/// server's per-connection upload state stays within the ~80 MiB that
+/// limit was chosen for, however many uploads are open. An upload that
+/// would exceed it is refused with `TooManyUploads`, like one over the count.
+pub const MAX_OPEN_MANIFEST_CHUNKS: u64 =
+    MAX_UPLOADS_PER_CONNECTION as u64 * MAX_CHUNKS_PER_MANIFEST as u64;
+
+/// The concurrent-upload limit of a connection speaking `version`.
+pub const fn max_uploads(version: u16) -> u32 {
+    if version >= 2 {
+        MAX_UPLOADS_PER_CONNECTION_V2
+    } else {
+        MAX_UPLOADS_PER_CONNECTION
+    }
+}

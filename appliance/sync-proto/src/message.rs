@@ -10,7 +10,12 @@ use crate::path::PathRejection;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. Negotiated in [`Hello`]/[`Welcome`].
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// - 1: the first version.
+/// - 2: same messages; a connection may have
+///   [`MAX_UPLOADS_PER_CONNECTION_V2`](crate::limits::MAX_UPLOADS_PER_CONNECTION_V2)
+///   uploads open instead of 8 (see [`crate::limits::max_uploads`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The QUIC ALPN identifier of this protocol family.
@@ -348,15 +353,17 @@ mod tests {
     #[test]
     fn version_negotiation() {
         assert_eq!(negotiate_version(&hello(1, 1)), Ok(1));
-        assert_eq!(negotiate_version(&hello(1, 9)), Ok(1));
+        assert_eq!(negotiate_version(&hello(1, 2)), Ok(2));
+        assert_eq!(negotiate_version(&hello(1, 9)), Ok(2));
         assert_eq!(negotiate_version(&hello(0, 1)), Ok(1));
+        assert_eq!(negotiate_version(&hello(2, 5)), Ok(2));
         assert!(matches!(
-            negotiate_version(&hello(2, 5)),
+            negotiate_version(&hello(3, 5)),
             Err(WireError::VersionMismatch {
-                client_min: 2,
+                client_min: 3,
                 client_max: 5,
                 server_min: 1,
-                server_max: 1
+                server_max: 2
             })
         ));
         assert!(negotiate_version(&hello(0, 0)).is_err());

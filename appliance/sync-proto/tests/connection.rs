@@ -2,7 +2,10 @@
 //! request validation, clean-up of uploads when streams or the connection end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use appliance_sync_proto::limits::{IDLE_TIMEOUT, MAX_TEXT_LEN, MAX_UPLOADS_PER_CONNECTION};
+use appliance_sync_proto::limits::{
+    max_uploads, IDLE_TIMEOUT, MAX_CHUNKS_PER_MANIFEST, MAX_OPEN_MANIFEST_CHUNKS, MAX_TEXT_LEN,
+    MAX_UPLOADS_PER_CONNECTION, MAX_UPLOADS_PER_CONNECTION_V2, MIN_CHUNK_SIZE,
+};
 use appliance_sync_proto::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -209,7 +212,8 @@ fn concurrent_upload_limit_is_enforced_without_closing() {
     let mut store = Store::default();
     let mut conn = ready(&mut store);
     let now = Instant::now();
-    for i in 0..MAX_UPLOADS_PER_CONNECTION {
+    assert_eq!(conn.upload_limit(), MAX_UPLOADS_PER_CONNECTION_V2);
+    for i in 0..MAX_UPLOADS_PER_CONNECTION_V2 {
         let m = manifest(&format!("f{i}"), &data(100, u8::try_from(i).unwrap()));
         let actions = conn.handle(i, Message::Upload(m), now, &mut store);
         assert!(matches!(
@@ -228,7 +232,7 @@ fn concurrent_upload_limit_is_enforced_without_closing() {
             message: Message::Error {
                 upload: None,
                 error: WireError::TooManyUploads {
-                    max: MAX_UPLOADS_PER_CONNECTION
+                    max: MAX_UPLOADS_PER_CONNECTION_V2
                 }
             }
         }]
@@ -246,7 +250,10 @@ fn concurrent_upload_limit_is_enforced_without_closing() {
             ..
         }]
     ));
-    assert_eq!(conn.open_uploads(), MAX_UPLOADS_PER_CONNECTION as usize - 1);
+    assert_eq!(
+        conn.open_uploads(),
+        MAX_UPLOADS_PER_CONNECTION_V2 as usize - 1
+    );
 
     // Idle uploads time out together at the earliest deadline.
     assert_eq!(conn.poll_timeout(), Some(now + IDLE_TIMEOUT));
@@ -266,7 +273,7 @@ fn concurrent_upload_limit_is_enforced_without_closing() {
             )
         })
         .count();
-    assert_eq!(finished, MAX_UPLOADS_PER_CONNECTION as usize - 1);
+    assert_eq!(finished, MAX_UPLOADS_PER_CONNECTION_V2 as usize - 1);
     assert_eq!(conn.open_uploads(), 0);
     assert_eq!(conn.poll_timeout(), None);
 }
@@ -506,4 +513,140 @@ fn adapter_hashed_chunks_are_decided_by_the_machine() {
             error: WireError::UnknownUpload { .. }
         }]
     ));
+}
+
+/// A client that speaks only version 1 keeps version 1's limit of 8.
+#[test]
+fn version_1_connection_keeps_eight_uploads() {
+    let mut store = Store::default();
+    let mut conn = Conn::new();
+    let hello = Message::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        agent: "old".into(),
+    });
+    let actions = conn.handle(0, hello, Instant::now(), &mut store);
+    assert!(matches!(
+        &actions[..],
+        [ConnAction::Send { message: Message::Welcome(w), .. }] if w.version == 1
+    ));
+    assert_eq!(conn.upload_limit(), MAX_UPLOADS_PER_CONNECTION);
+    assert_eq!(max_uploads(1), MAX_UPLOADS_PER_CONNECTION);
+    let now = Instant::now();
+    for i in 0..MAX_UPLOADS_PER_CONNECTION {
+        let m = manifest(&format!("f{i}"), &data(100, u8::try_from(i).unwrap()));
+        let actions = conn.handle(i + 1, Message::Upload(m), now, &mut store);
+        assert!(matches!(
+            actions[..],
+            [ConnAction::Send {
+                message: Message::NeedChunks(_),
+                ..
+            }]
+        ));
+    }
+    let actions = conn.handle(100, Message::Upload(manifest("x", b"x")), now, &mut store);
+    assert!(matches!(
+        &actions[..],
+        [ConnAction::Send {
+            message: Message::Error {
+                error: WireError::TooManyUploads { max: 8 },
+                ..
+            },
+            ..
+        }]
+    ));
+}
+
+/// A manifest of `chunks` minimum-size chunks (never sent: only listed).
+fn listing_manifest(path: &str, chunks: u32) -> Manifest {
+    let chunks: Vec<ChunkRef> = (0..chunks)
+        .map(|i| ChunkRef {
+            offset: u64::from(i) * u64::from(MIN_CHUNK_SIZE),
+            len: MIN_CHUNK_SIZE,
+            hash: Hash::of(format!("{path} {i}").as_bytes()),
+        })
+        .collect();
+    Manifest {
+        path: path.into(),
+        size: chunks.len() as u64 * u64::from(MIN_CHUNK_SIZE),
+        mtime: Mtime { secs: 0, nanos: 0 },
+        file_hash: Hash::of(path.as_bytes()),
+        chunks,
+    }
+}
+
+/// However many uploads may be open, their manifests together list at
+/// most MAX_OPEN_MANIFEST_CHUNKS chunks (the memory bound of 8 full
+/// manifests); a finished upload gives its share back.
+#[test]
+fn open_manifests_are_bounded_by_their_chunk_total() {
+    let mut store = Store::default();
+    let mut conn = ready(&mut store);
+    let now = Instant::now();
+    let full = u64::from(MAX_CHUNKS_PER_MANIFEST);
+    let fit = u32::try_from(MAX_OPEN_MANIFEST_CHUNKS / full).unwrap();
+    assert!(fit < MAX_UPLOADS_PER_CONNECTION_V2);
+    for i in 0..fit {
+        let actions = conn.handle(
+            i + 1,
+            Message::Upload(listing_manifest(
+                &format!("big{i}"),
+                MAX_CHUNKS_PER_MANIFEST,
+            )),
+            now,
+            &mut store,
+        );
+        assert!(
+            matches!(
+                &actions[..],
+                [ConnAction::Send {
+                    message: Message::NeedChunks(_),
+                    ..
+                }]
+            ),
+            "upload {i}"
+        );
+    }
+    let refused = |actions: &[ConnAction<u32>]| {
+        matches!(
+            actions,
+            [ConnAction::Send {
+                message: Message::Error {
+                    error: WireError::TooManyUploads { .. },
+                    ..
+                },
+                ..
+            }]
+        )
+    };
+    // One more chunk does not fit, even in a small upload.
+    let actions = conn.handle(
+        50,
+        Message::Upload(listing_manifest("one", 1)),
+        now,
+        &mut store,
+    );
+    assert!(refused(&actions), "{actions:?}");
+    assert_eq!(conn.open_uploads(), fit as usize);
+    // The first upload's stream ends: its chunks are free again.
+    let actions = conn.stream_closed(1);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, ConnAction::UploadFinished { .. })));
+    let actions = conn.handle(
+        51,
+        Message::Upload(listing_manifest("one", 1)),
+        now,
+        &mut store,
+    );
+    assert!(
+        matches!(
+            &actions[..],
+            [ConnAction::Send {
+                message: Message::NeedChunks(_),
+                ..
+            }]
+        ),
+        "{actions:?}"
+    );
 }
