@@ -127,8 +127,9 @@ impl Default for ClientOptions {
             chunk_streams: 4,
             // The protocol's per-connection upload limit: small files are
             // latency-bound (a round trip and an fsync each), so as many
-            // run at once as the server accepts.
-            parallel_files: appliance_sync_proto::limits::MAX_UPLOADS_PER_CONNECTION as usize,
+            // run at once as the server accepts (fewer if it negotiated
+            // protocol version 1, see `push`).
+            parallel_files: appliance_sync_proto::limits::MAX_UPLOADS_PER_CONNECTION_V2 as usize,
             keep_alive: Duration::from_secs(10),
             digest_cache: None,
         }
@@ -164,6 +165,9 @@ pub struct SyncClient {
     conn: Connection,
     options: ClientOptions,
     digests: Arc<DigestCache>,
+    /// The protocol version the server agreed to (its upload limit
+    /// depends on it).
+    version: u16,
 }
 
 impl SyncClient {
@@ -213,17 +217,19 @@ impl SyncClient {
             Some(path) => DigestCache::load(path),
             None => DigestCache::in_memory(),
         });
-        let client = Self {
+        let mut client = Self {
             endpoint,
             conn,
             options,
             digests,
+            version: 1,
         };
-        client.hello().await?;
+        client.version = client.hello().await?;
         Ok(client)
     }
 
-    async fn hello(&self) -> Result<(), ClientError> {
+    /// Says hello; returns the negotiated protocol version.
+    async fn hello(&self) -> Result<u16, ClientError> {
         let context = "hello";
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_frame(
@@ -234,11 +240,11 @@ impl SyncClient {
         .map_err(wire(context))?;
         let _ = send.finish();
         let reply = self.read_reply(&mut recv, context).await?;
-        check_welcome(reply).map_err(|error| ClientError::Protocol {
+        let welcome = check_welcome(reply).map_err(|error| ClientError::Protocol {
             context: context.into(),
             error,
         })?;
-        Ok(())
+        Ok(welcome.version)
     }
 
     async fn read_reply(
@@ -266,6 +272,11 @@ impl SyncClient {
                 error: WireIoError::Truncated,
             },
         }
+    }
+
+    /// The protocol version the server agreed to.
+    pub fn protocol_version(&self) -> u16 {
+        self.version
     }
 
     /// UDP payload bytes this client has sent so far (QUIC's own counter).
@@ -366,17 +377,27 @@ impl SyncClient {
         for path in paths {
             collect_files(path, to, &mut jobs)?;
         }
+        let server_limit = appliance_sync_proto::limits::max_uploads(self.version) as usize;
         let limit = Arc::new(tokio::sync::Semaphore::new(
-            self.options.parallel_files.max(1),
+            self.options.parallel_files.clamp(1, server_limit),
+        ));
+        // The server also bounds the chunks its open uploads list together.
+        let listed = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(appliance_sync_proto::limits::MAX_OPEN_MANIFEST_CHUNKS)
+                .unwrap_or(usize::MAX >> 4),
         ));
         let mut set = tokio::task::JoinSet::new();
         for (index, (local, remote)) in jobs.into_iter().enumerate() {
             let client = self.clone();
             let progress = progress.clone();
             let limit = limit.clone();
+            let listed = listed.clone();
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                (index, client.push_file(&local, &remote, progress).await)
+                let pushed = client
+                    .push_file_within(&local, &remote, progress, Some(&listed))
+                    .await;
+                (index, pushed)
             });
         }
         let mut results = Vec::new();
@@ -414,6 +435,22 @@ impl SyncClient {
         remote: &RelPath,
         progress: Arc<dyn Progress>,
     ) -> Result<PushReport, ClientError> {
+        self.push_file_within(local, remote, progress, None).await
+    }
+
+    /// [`Self::push_file`]; with `listed`, the upload first takes one permit
+    /// per chunk its manifest lists and holds them until it ends (the
+    /// server's [`MAX_OPEN_MANIFEST_CHUNKS`] bound on a connection's open
+    /// uploads).
+    ///
+    /// [`MAX_OPEN_MANIFEST_CHUNKS`]: appliance_sync_proto::limits::MAX_OPEN_MANIFEST_CHUNKS
+    async fn push_file_within(
+        &self,
+        local: &Path,
+        remote: &RelPath,
+        progress: Arc<dyn Progress>,
+        listed: Option<&tokio::sync::Semaphore>,
+    ) -> Result<PushReport, ClientError> {
         let context = format!("push {}", remote);
         let local_err = |source: std::io::Error| ClientError::Local {
             path: local.to_path_buf(),
@@ -434,8 +471,20 @@ impl SyncClient {
         .await
         .map_err(|e| local_err(std::io::Error::other(e.to_string())))?
         .map_err(local_err)?;
-        let file = Arc::new(file);
+        // One descriptor shared by the chunk workers; each read is a seek
+        // and a read under the lock (see `append_chunk`).
+        let file = Arc::new(Mutex::new(file));
         let manifest = digest.to_manifest(remote, mtime);
+        let _listed = match listed {
+            Some(budget) => {
+                // Clamped: an oversized manifest must reach the server to
+                // be refused, not wait here forever.
+                let max = appliance_sync_proto::limits::MAX_OPEN_MANIFEST_CHUNKS;
+                let n = u32::try_from((manifest.chunks.len() as u64).min(max)).unwrap_or(u32::MAX);
+                budget.acquire_many(n).await.ok()
+            }
+            None => None,
+        };
         let (machine, upload_msg) =
             ClientUpload::new(manifest, Instant::now()).map_err(|error| ClientError::Protocol {
                 context: context.clone(),
@@ -811,7 +860,7 @@ async fn chunk_worker(
     mut target: ChunkTarget,
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ChunkRef>>>,
     machine: Arc<Mutex<ClientUpload>>,
-    file: Arc<std::fs::File>,
+    file: Arc<Mutex<std::fs::File>>,
     key: FileKey,
     fail: mpsc::Sender<ClientError>,
     progress: Arc<dyn Progress>,
@@ -836,11 +885,10 @@ async fn chunk_worker(
         };
         let f = file.clone();
         let read = tokio::task::spawn_blocking(move || {
-            let start = prefix.len();
             let mut frame = prefix;
-            frame.resize(start + chunk.len as usize, 0);
-            f.read_exact_at(&mut frame[start..], chunk.offset)?;
-            let unchanged = FileKey::of(&f.metadata()?) == key;
+            let file = f.lock();
+            append_chunk(&file, chunk.offset, chunk.len, &mut frame)?;
+            let unchanged = FileKey::of(&file.metadata()?) == key;
             Ok::<_, std::io::Error>((frame, unchanged))
         })
         .await;
@@ -882,6 +930,31 @@ async fn chunk_worker(
     if let ChunkTarget::Own(mut send) = target {
         let _ = send.finish();
     }
+}
+
+/// Appends the `len` bytes of `file` at `offset` to `buf`. They are read
+/// into `buf`'s spare capacity (`read_to_end` on a `Take`), so a chunk's
+/// buffer is written once, by the kernel, and never zero-filled first (a
+/// positional read needs an initialised slice; zeroing 1 GiB of frames
+/// cost about 0.2 CPU-seconds). The caller holds the file's lock: the seek
+/// and the read share its offset.
+fn append_chunk(
+    mut file: &std::fs::File,
+    offset: u64,
+    len: u32,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    buf.reserve_exact(len as usize);
+    file.seek(SeekFrom::Start(offset))?;
+    let got = file.take(u64::from(len)).read_to_end(buf)?;
+    if got != len as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("file ended {got} bytes into a {len}-byte chunk"),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to stdout, ignoring a closed pipe.

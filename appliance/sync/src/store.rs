@@ -266,16 +266,26 @@ impl Staged {
         }
         let mut h = self.hashing.lock();
         let h = &mut *h;
-        let mut buf = Vec::new();
+        // The caller holds the file exclusively, so its offset is ours.
+        let mut reader = file;
         while h.next < self.manifest.chunks.len() {
             if let Some(d) = h.buffered.remove(&h.next) {
                 h.buffered_bytes -= d.len();
                 h.hasher.update(&d);
             } else {
+                // Streamed through BLAKE3's own buffer: no chunk-sized
+                // buffer to allocate and zero.
                 let c = &self.manifest.chunks[h.next];
-                buf.resize(c.len as usize, 0);
-                file.read_exact_at(&mut buf, c.offset)?;
-                h.hasher.update(&buf);
+                reader.seek(SeekFrom::Start(c.offset))?;
+                let before = h.hasher.count();
+                h.hasher
+                    .update_reader((&mut reader).take(u64::from(c.len)))?;
+                if h.hasher.count() - before != u64::from(c.len) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "staging file shorter than its manifest",
+                    ));
+                }
             }
             h.next += 1;
         }

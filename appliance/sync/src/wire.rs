@@ -41,18 +41,18 @@ pub async fn read_frame(
     Ok(Some((decode_payload(&payload)?, len)))
 }
 
-/// Reads the payload of a frame whose header said `len` bytes.
+/// Reads the payload of a frame whose header said `len` bytes, appending
+/// quinn's buffers to it (no zero-filled buffer first).
 pub async fn read_payload(
     recv: &mut RecvStream,
     len: usize,
     idle: Duration,
 ) -> Result<Vec<u8>, WireIoError> {
-    let mut payload = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match tokio::time::timeout(idle, recv.read(&mut payload[filled..])).await {
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        match tokio::time::timeout(idle, recv.read_chunk(len - payload.len(), true)).await {
             Err(_) => return Err(WireIoError::Idle(idle)),
-            Ok(Ok(Some(n))) => filled += n,
+            Ok(Ok(Some(chunk))) => payload.extend_from_slice(&chunk.bytes),
             Ok(Ok(None)) => return Err(WireIoError::Truncated),
             Ok(Err(e)) => return Err(e.into()),
         }

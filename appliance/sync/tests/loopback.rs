@@ -702,3 +702,77 @@ async fn connections_over_the_per_client_limit_are_refused() {
     }
     fx.stop().await;
 }
+
+/// Protocol version 2: a connection may hold 32 uploads open at once (8 in
+/// version 1); the 33rd is refused with `TooManyUploads`, nothing is
+/// closed. Then the client library, which negotiates version 2, pushes more
+/// small files than version 1's limit in one push, and every one lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_2_holds_32_uploads_open_and_pushes_many_small_files() {
+    use appliance_sync::wire::{read_frame, write_frame};
+    use appliance_sync_proto::limits::MAX_UPLOADS_PER_CONNECTION_V2;
+
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("carol", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let mut open = Vec::new();
+    for i in 0..=MAX_UPLOADS_PER_CONNECTION_V2 {
+        let bytes = random_bytes(1000, 900 + u64::from(i));
+        let manifest = digest_bytes(&bytes).unwrap().to_manifest(
+            &RelPath::parse(&format!("open/{i}")).unwrap(),
+            Mtime { secs: 0, nanos: 0 },
+        );
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        write_frame(&mut send, &Message::Upload(manifest))
+            .await
+            .unwrap();
+        let reply = read_frame(&mut recv, Duration::from_secs(20))
+            .await
+            .unwrap()
+            .map(|(m, _)| m);
+        if i < MAX_UPLOADS_PER_CONNECTION_V2 {
+            assert!(
+                matches!(reply, Some(Message::NeedChunks(_))),
+                "upload {i}: {reply:?}"
+            );
+        } else {
+            assert!(
+                matches!(
+                    reply,
+                    Some(Message::Error {
+                        error: WireError::TooManyUploads { max: 32 },
+                        ..
+                    })
+                ),
+                "upload {i}: {reply:?}"
+            );
+        }
+        // The control streams stay open: the uploads stay open.
+        open.push((send, recv));
+    }
+    assert!(conn.close_reason().is_none());
+    drop(open);
+    conn.close(0u32.into(), b"done");
+
+    let client = fx.connect(&bundle).await;
+    assert_eq!(client.protocol_version(), 2);
+    let src = fx.path().join("many");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..100).map(|i| random_bytes(32 << 10, 1000 + i)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i:03}")), bytes).unwrap();
+    }
+    let reports = client
+        .push(std::slice::from_ref(&src), None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(reports.len(), files.len());
+    let root = fx.client_root("carol");
+    for (i, bytes) in files.iter().enumerate() {
+        let stored = std::fs::read(root.join(format!("many/f{i:03}"))).unwrap();
+        assert_eq!(Hash::of(&stored), Hash::of(bytes), "f{i:03}");
+    }
+    assert!(staging_names(&root).is_empty());
+    client.close().await;
+    fx.stop().await;
+}
