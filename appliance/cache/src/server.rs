@@ -244,8 +244,9 @@ impl Drop for BufferShare {
 }
 
 /// Replies are flushed once this much is pending, so a long pipeline does
-/// not build one huge reply buffer.
-const FLUSH_AT: usize = 256 << 10;
+/// not build one huge reply buffer, and the other connections get a turn
+/// between such parts (64 KiB, as redis's per-client write limit per turn).
+const FLUSH_AT: usize = 64 << 10;
 
 /// What the connection does after a decode-and-run pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -482,6 +483,11 @@ where
                     return Ok(());
                 }
                 Step::Flush => {
+                    // Other connections get their turn between the parts of
+                    // a long reply (redis writes at most 64 KiB per client
+                    // per event-loop turn), so a client fetching large
+                    // values does not hold up everyone's first reply.
+                    tokio::task::yield_now().await;
                     step = run_batch(
                         cache,
                         &mut decoder,
