@@ -17,7 +17,7 @@
 //! closed (its stream position is lost); other connections are unaffected.
 //! Memory: a connection's read buffer holds at most one frame's budget plus
 //! one read (the decoder's limits), and all read buffers together are charged
-//! to `max_buffered_bytes`; replies are flushed every 256 KiB, and a single
+//! to `max_buffered_bytes`; replies are flushed every 64 KiB, and a single
 //! reply is bounded by the value size and the `MGET` reply cap.
 //!
 //! Durability: a reply is written only after the commit of every record
