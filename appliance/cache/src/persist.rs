@@ -25,9 +25,7 @@
 //!   waiting, so every batch that arrives, from any connection, while one
 //!   `fdatasync` runs is covered by the next one, and no runtime thread
 //!   blocks on the disk (redis's `appendfsync always` groups per event-loop
-//!   iteration and blocks its loop meanwhile). Before each `fdatasync` the
-//!   syncer waits while appends keep arriving (50 µs steps, at most 300 µs;
-//!   see `gather`), so one sync covers a whole wave of clients. A failed `fdatasync` poisons
+//!   iteration and blocks its loop meanwhile). A failed `fdatasync` poisons
 //!   the log and fails every waiter after it: nothing is acknowledged that
 //!   was not synced.
 //! - `Interval(d)`: the caller is acknowledged after the `write(2)` (the record
@@ -367,39 +365,8 @@ fn syncer(shared: &Shared) {
                 st = shared.work.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
         };
-        gather(shared);
         // Errors reach the waiters through `failed`.
         let _ = shared.sync_to(target);
-    }
-}
-
-/// The syncer's gathering step: it checks every 50 µs whether records are
-/// still being appended (about the time the RESP server takes to read and
-/// append one more client's batch)...
-const GATHER_STEP: Duration = Duration::from_micros(50);
-/// ... for at most 300 µs, less than one `fdatasync` on the appliance's
-/// disk (0.2 to 1.5 ms measured), so gathering never costs a waiter more
-/// than about a third of the sync it would otherwise have waited for.
-const GATHER_MAX: Duration = Duration::from_micros(300);
-
-/// Group commit's gathering step (like PostgreSQL's `commit_delay`): before
-/// an `fdatasync`, wait while records keep being appended. The clients that
-/// the previous `fdatasync` answered send their next writes over the
-/// following few hundred microseconds; syncing at the first of them would
-/// cover only that one and leave the rest a whole extra `fdatasync` to wait
-/// for (redis gets the same grouping by reading every ready client before
-/// its fsync). Measured on the 50-client durable benchmark, 256 B values,
-/// 16-deep pipelines: 0.93x redis's throughput without, 1.28x with.
-fn gather(shared: &Shared) {
-    let started = Instant::now();
-    let mut seen = shared.lock().next_seq();
-    while started.elapsed() < GATHER_MAX {
-        std::thread::sleep(GATHER_STEP);
-        let now = shared.lock().next_seq();
-        if now == seen {
-            break;
-        }
-        seen = now;
     }
 }
 
