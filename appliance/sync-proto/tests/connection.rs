@@ -77,11 +77,7 @@ fn hello_must_come_first_and_match_versions() {
         .is_empty());
 
     let mut conn = Conn::new();
-    let hello = Message::Hello(Hello {
-        min_version: 7,
-        max_version: 9,
-        agent: "future".into(),
-    });
+    let hello = hello_offering(7, 9, "future");
     let actions = conn.handle(0, hello, Instant::now(), &mut store);
     assert!(matches!(
         actions[..],
@@ -92,11 +88,7 @@ fn hello_must_come_first_and_match_versions() {
     ));
 
     let mut conn = Conn::new();
-    let hello = Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        agent: "a".repeat(MAX_TEXT_LEN + 1),
-    });
+    let hello = hello_offering(1, 1, "a".repeat(MAX_TEXT_LEN + 1));
     assert!(matches!(
         conn.handle(0, hello, Instant::now(), &mut store)[..],
         [ConnAction::Close {
@@ -515,16 +507,21 @@ fn adapter_hashed_chunks_are_decided_by_the_machine() {
     ));
 }
 
+/// A `Hello` offering versions `min..=max`.
+fn hello_offering(min_version: u16, max_version: u16, agent: impl Into<String>) -> Message {
+    Message::Hello(Hello {
+        min_version,
+        max_version,
+        agent: agent.into(),
+    })
+}
+
 /// A client that speaks only version 1 keeps version 1's limit of 8.
 #[test]
 fn version_1_connection_keeps_eight_uploads() {
     let mut store = Store::default();
     let mut conn = Conn::new();
-    let hello = Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        agent: "old".into(),
-    });
+    let hello = hello_offering(1, 1, "old");
     let actions = conn.handle(0, hello, Instant::now(), &mut store);
     assert!(matches!(
         &actions[..],
