@@ -954,14 +954,14 @@ impl BusInner {
         if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
-        let m = self.lookup(msg.subject.as_str());
-        count_publish(&m, &msg, origin);
         let no_echo = no_echo(origin);
         let Some(d) = self
             .durable
             .as_ref()
             .filter(|d| d.is_durable(msg.subject.as_str()))
         else {
+            let m = self.lookup(msg.subject.as_str());
+            count_publish(&m, &msg, origin);
             self.fan_out(&m, &msg, no_echo, wakes);
             return Ok(Ticket {
                 seq: None,
@@ -970,6 +970,11 @@ impl BusInner {
         };
         let record = encode_stored(&msg);
         let mut st = d.state.lock();
+        // Subscribers are looked up under the log lock: one that registers
+        // (also under it) with "next sequence N" is then either in this
+        // list or reads this message from the log, never neither.
+        let m = self.lookup(msg.subject.as_str());
+        count_publish(&m, &msg, origin);
         if let Some(f) = &st.failed {
             return Err(BusError::Durable(f.clone()));
         }
@@ -1065,6 +1070,10 @@ impl BusInner {
             return Err(BusError::Closed);
         }
         let ts = first.ts_ms;
+        let no_echo = no_echo(origin);
+        let records: Vec<Vec<u8>> = run.iter().map(encode_stored).collect();
+        let mut st = d.state.lock();
+        // Under the log lock, as in `publish_msg`.
         let matched: Vec<Arc<Matched>> = run
             .iter()
             .map(|msg| {
@@ -1073,9 +1082,6 @@ impl BusInner {
                 m
             })
             .collect();
-        let no_echo = no_echo(origin);
-        let records: Vec<Vec<u8>> = run.iter().map(encode_stored).collect();
-        let mut st = d.state.lock();
         if let Some(f) = &st.failed {
             return Err(BusError::Durable(f.clone()));
         }
