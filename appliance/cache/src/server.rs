@@ -406,6 +406,9 @@ where
         let size = read_size;
         let want = buf.capacity().max(buf.len() + size) + decoder.direct_capacity();
         if !share.cover(want) {
+            // Replies read ahead still wait for their commit: acknowledge
+            // nothing before it (flush commits, then writes them).
+            flush(cache, &mut stream, &mut out, owed.take()).await?;
             let reply = Reply::err("server buffer memory exhausted, closing connection");
             encode(&reply, session.protocol, &mut out);
             stream.write_all(&out).await?;
