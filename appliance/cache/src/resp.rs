@@ -41,6 +41,10 @@ pub const PREALLOC_ELEMENTS: usize = 64;
 /// 8 KiB: below that, copying the body out of the read buffer costs less
 /// than the extra `read(2)` that stops exactly at the body's end.
 pub const DIRECT_BULK_MIN: usize = 8 << 10;
+/// Most allocated for a direct body before its bytes arrive. A larger
+/// body's buffer doubles as it fills (up to its exact size), so a header
+/// alone cannot claim more than this of the server's buffer budget.
+pub const DIRECT_PREALLOC_MAX: usize = 1 << 20;
 
 /// Longest type/length header line: `$` + sign + 20 digits + CRLF fits in 32.
 const MAX_HEADER_LINE: usize = 32;
@@ -302,7 +306,15 @@ impl Decoder {
     /// and bytes written past the body go back to the read buffer, so any
     /// way of filling it is correct.
     pub fn direct_body(&mut self) -> Option<&mut BytesMut> {
-        self.direct.as_mut()
+        let want = self.pending_bulk? + 2;
+        let body = self.direct.as_mut()?;
+        if body.len() >= body.capacity() && body.len() < want {
+            // Full but not complete (a body over DIRECT_PREALLOC_MAX):
+            // double, to at most what is still missing.
+            let more = (want - body.len()).min(body.capacity().max(1));
+            body.reserve(more);
+        }
+        Some(body)
     }
 
     /// Bytes allocated for a large bulk body in progress (the adapter
@@ -384,7 +396,9 @@ impl Decoder {
                             self.pending_bulk = Some(len);
                             if len >= DIRECT_BULK_MIN && buf.len() < len + 2 {
                                 // The loop moves what is buffered already.
-                                self.direct = Some(BytesMut::with_capacity(len + 2));
+                                self.direct = Some(BytesMut::with_capacity(
+                                    (len + 2).min(DIRECT_PREALLOC_MAX),
+                                ));
                             }
                             continue;
                         }
@@ -1053,6 +1067,26 @@ mod tests {
             let plain = commands_in_chunks(&input, chunk, Limits::default()).unwrap();
             let plain: Vec<_> = plain.into_iter().map(Result::unwrap).collect();
             assert_eq!(plain, expected, "buffer-only reads of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_header_alone_allocates_at_most_the_preallocation() {
+        let value: Vec<u8> = (0..3 * DIRECT_PREALLOC_MAX + 17)
+            .map(|i| u8::try_from(i % 253).unwrap())
+            .collect();
+        let input = set_command(b"big", &value);
+        let header_end = input.len() - value.len() - 2;
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::from(&input[..header_end]);
+        let mut args = Vec::new();
+        assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
+        assert_eq!(d.direct_capacity(), DIRECT_PREALLOC_MAX);
+        // The body still arrives whole, in reads of any size.
+        for chunk in [1000, 65_536, DIRECT_PREALLOC_MAX + 1, input.len()] {
+            let got = commands_via_reads(&input, chunk, Limits::default(), false).unwrap();
+            assert_eq!(got.len(), 1, "reads of {chunk}");
+            assert_eq!(&got[0][2][..], &value[..], "reads of {chunk}");
         }
     }
 
