@@ -77,7 +77,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -158,6 +158,10 @@ pub const STAGING_SYNC_BYTES: u64 = 16 << 20;
 /// hasher; beyond it, those chunks are read back from the staging file at
 /// commit instead.
 const REORDER_BYTES: usize = 32 << 20;
+/// Out-of-order chunk bytes all uploads of one client hold together
+/// (version 1's bound: 8 uploads of [`REORDER_BYTES`]), however many
+/// uploads and connections it has open.
+const REORDER_CLIENT_BYTES: usize = 8 * REORDER_BYTES;
 /// A resumable staging pair untouched for this long is swept at start-up.
 pub const STAGING_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 const DATA_SUFFIX: &str = "data";
@@ -205,6 +209,10 @@ pub struct Staged {
     batch_bytes: AtomicU64,
     flush: Mutex<()>,
     hashing: Mutex<Hashing>,
+    /// The client's out-of-order bytes held by all its uploads
+    /// ([`REORDER_CLIENT_BYTES`]); this one's share is given back as its
+    /// buffered chunks are hashed, and when it is dropped.
+    reorder: Arc<AtomicUsize>,
     /// Bytes this staging file adds to the client's usage.
     accounted: AtomicU64,
     /// Committed, suspended or discarded: nothing more happens to it.
@@ -247,6 +255,16 @@ impl Staged {
         }
     }
 
+    /// Claims `n` bytes of the client's reorder budget.
+    fn take_reorder(&self, n: usize) -> bool {
+        let before = self.reorder.fetch_add(n, Ordering::Relaxed);
+        if before + n <= REORDER_CLIENT_BYTES {
+            return true;
+        }
+        self.reorder.fetch_sub(n, Ordering::Relaxed);
+        false
+    }
+
     fn feed(&self, positions: &[usize], data: &Arc<Vec<u8>>) {
         if self.single_chunk().is_some() {
             return;
@@ -260,12 +278,14 @@ impl Staged {
             } else if i > h.next
                 && h.buffered_bytes + data.len() <= REORDER_BYTES
                 && !h.buffered.contains_key(&i)
+                && self.take_reorder(data.len())
             {
                 h.buffered_bytes += data.len();
                 h.buffered.insert(i, data.clone());
             }
             while let Some(d) = h.buffered.remove(&h.next) {
                 h.buffered_bytes -= d.len();
+                self.reorder.fetch_sub(d.len(), Ordering::Relaxed);
                 h.hasher.update(&d);
                 h.next += 1;
             }
@@ -285,6 +305,7 @@ impl Staged {
         while h.next < self.manifest.chunks.len() {
             if let Some(d) = h.buffered.remove(&h.next) {
                 h.buffered_bytes -= d.len();
+                self.reorder.fetch_sub(d.len(), Ordering::Relaxed);
                 h.hasher.update(&d);
             } else {
                 // Streamed through BLAKE3's own buffer: no chunk-sized
@@ -322,6 +343,15 @@ pub struct ClientStore {
     /// the same file (a client that reconnected before the server noticed
     /// the old connection died) shares it.
     active: Mutex<HashMap<String, std::sync::Weak<Staged>>>,
+    /// Out-of-order chunk bytes held by all uploads ([`REORDER_CLIENT_BYTES`]).
+    reorder: Arc<AtomicUsize>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let held = self.hashing.get_mut().buffered_bytes;
+        self.reorder.fetch_sub(held, Ordering::Relaxed);
+    }
 }
 
 /// Result of a start-up scan.
@@ -377,6 +407,7 @@ impl ClientStore {
             state: Mutex::new(State::default()),
             staging_seq: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
+            reorder: Arc::default(),
         };
         for dir in [
             STAGING_DIR_NAME.to_owned(),
@@ -866,6 +897,7 @@ impl ClientStore {
             batch_bytes: AtomicU64::new(0),
             flush: Mutex::new(()),
             hashing: Mutex::new(Hashing::default()),
+            reorder: self.reorder.clone(),
             accounted: AtomicU64::new(0),
             settled: std::sync::atomic::AtomicBool::new(false),
             users: std::sync::atomic::AtomicUsize::new(1),
@@ -2050,6 +2082,59 @@ mod tests {
         std::fs::write(root.join("d/f0"), b"changed").unwrap();
         let (all, _) = store.list(None, None, 10).unwrap();
         assert_eq!(all[0].file_hash, Hash::of(b"changed"));
+    }
+
+    /// Out-of-order chunks held for the whole-file hash count against the
+    /// client's shared reorder budget, and every byte is given back: when
+    /// the chunks before them arrive, and when an upload ends with some
+    /// still held.
+    #[test]
+    fn out_of_order_chunks_are_held_within_the_clients_budget_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(6 << 20, 23);
+        let m = manifest_for("d/a.bin", &bytes);
+        let n = m.chunks.len();
+        assert!(n >= 3, "{n} chunks");
+        let chunk = |i: usize| {
+            let c = &m.chunks[i];
+            let start = usize::try_from(c.offset).unwrap();
+            (c.hash, bytes[start..start + c.len as usize].to_vec())
+        };
+        let held = || store.reorder.load(Ordering::Relaxed);
+        let staged = store.stage(&m).unwrap();
+        let mut expect = 0;
+        for i in (1..n).rev() {
+            let (h, d) = chunk(i);
+            expect += d.len();
+            store.write_staged(&staged, &h, d).unwrap();
+            assert_eq!(held(), expect, "after chunk {i}");
+        }
+        let (h, d) = chunk(0);
+        store.write_staged(&staged, &h, d).unwrap();
+        assert_eq!(held(), 0, "all hashed in order once chunk 0 came");
+        store.commit_staged(&staged).unwrap();
+        drop(staged);
+        assert_eq!(std::fs::read(root.join("d/a.bin")).unwrap(), bytes);
+
+        // An upload that ends with chunks still held gives them back.
+        let other = data(6 << 20, 24);
+        let m2 = manifest_for("d/b.bin", &other);
+        let staged = store.stage(&m2).unwrap();
+        let c = &m2.chunks[1];
+        let start = usize::try_from(c.offset).unwrap();
+        store
+            .write_staged(
+                &staged,
+                &c.hash,
+                other[start..start + c.len as usize].to_vec(),
+            )
+            .unwrap();
+        assert_eq!(held(), c.len as usize);
+        store.suspend_staged(&staged, false);
+        drop(staged);
+        assert_eq!(held(), 0);
     }
 
     /// The upload-keyed staging design: an interrupted upload keeps its
