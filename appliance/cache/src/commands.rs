@@ -85,8 +85,9 @@ fn positive_ttl(b: &[u8], unit_ms: u64, cmd: &str) -> Result<Duration, Reply> {
 /// A large argument the decoder received into its own exactly-sized buffer
 /// (see [`crate::resp::DIRECT_BULK_MIN`]) is kept as it is: nothing else
 /// refers to that buffer. A slice of the read buffer is never the only
-/// reference to it while the command runs (the connection's buffer and the
-/// other arguments share it), so `is_unique` tells the two apart.
+/// reference to it while the command runs (the connection's buffer or the
+/// other arguments share it, and the decoder copies a large argument left
+/// alone in a replaced read buffer), so `is_unique` tells the two apart.
 fn owned(v: &Bytes) -> Bytes {
     if v.len() >= DIRECT_BULK_MIN && v.is_unique() {
         v.clone()

@@ -171,6 +171,8 @@ pub struct Decoder {
     /// The buffer of a large pending bulk body, with capacity for exactly
     /// the body and its CRLF.
     direct: Option<BytesMut>,
+    /// Addresses of the direct bodies in the frame being decoded.
+    direct_done: Vec<usize>,
     frame_bytes: usize,
     frame_elements: usize,
     /// Argument positions found by the command fast path (reused).
@@ -217,6 +219,21 @@ fn parse_i64(digits: &[u8]) -> Result<i64, ProtocolError> {
         .ok_or(ProtocolError::BadNumber)
 }
 
+/// An argument of a frame that spanned reads, made safe to keep: a large
+/// one that is the only reference to a read buffer the connection has
+/// since replaced (reallocated to make room) would pin that whole buffer if
+/// stored, so it is copied. Direct bodies (`direct`: their addresses) are
+/// exactly sized and kept as they are. Everything else shares a buffer with
+/// its neighbours and is copied when stored anyway (see the commands'
+/// `owned`, which relies on this: a unique large argument is one of ours).
+fn detach(b: Bytes, direct: &[usize]) -> Bytes {
+    if b.len() >= DIRECT_BULK_MIN && b.is_unique() && !direct.contains(&(b.as_ptr() as usize)) {
+        Bytes::copy_from_slice(&b)
+    } else {
+        b
+    }
+}
+
 impl Decoder {
     /// A decoder with the given limits.
     pub fn new(limits: Limits) -> Self {
@@ -225,6 +242,7 @@ impl Decoder {
             stack: Vec::new(),
             pending_bulk: None,
             direct: None,
+            direct_done: Vec::new(),
             frame_bytes: 0,
             frame_elements: 0,
             spans: Vec::new(),
@@ -255,14 +273,20 @@ impl Decoder {
                 return Ok(Some(Command::Args));
             }
         }
-        match self.decode(buf)? {
+        let frame = self.decode(buf)?;
+        let direct = if frame.is_some() {
+            std::mem::take(&mut self.direct_done)
+        } else {
+            Vec::new()
+        };
+        match frame {
             None => Ok(None),
             Some(Frame::Array(items))
                 if !items.is_empty() && items.iter().all(|f| matches!(f, Frame::Bulk(_))) =>
             {
                 args.clear();
                 args.extend(items.into_iter().filter_map(|f| match f {
-                    Frame::Bulk(b) => Some(b),
+                    Frame::Bulk(b) => Some(detach(b, &direct)),
                     _ => None,
                 }));
                 Ok(Some(Command::Args))
@@ -455,7 +479,11 @@ impl Decoder {
         }
         body.truncate(len);
         self.pending_bulk = None;
-        Ok(self.direct.take().map(BytesMut::freeze))
+        let body = self.direct.take().map(BytesMut::freeze);
+        if let Some(b) = &body {
+            self.direct_done.push(b.as_ptr() as usize);
+        }
+        Ok(body)
     }
 
     /// Validate a bulk length; `None` for the null bulk.
@@ -1068,6 +1096,41 @@ mod tests {
             let plain: Vec<_> = plain.into_iter().map(Result::unwrap).collect();
             assert_eq!(plain, expected, "buffer-only reads of {chunk}");
         }
+    }
+
+    /// A large argument left as the only reference to a read buffer the
+    /// connection replaced (as `BytesMut::reserve` does when the buffer is
+    /// shared) is copied, so storing it cannot pin that buffer.
+    #[test]
+    fn a_large_argument_alone_in_an_abandoned_read_buffer_is_copied() {
+        let value = vec![b'v'; DIRECT_BULK_MIN + 100];
+        let mut d = Decoder::new(Limits::default());
+        let mut args = Vec::new();
+        let mut buf = BytesMut::from(&b"*4\r\n$4\r\nMSET\r\n$1\r\nk\r\n"[..]);
+        assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
+        // The value arrives whole in a second buffer, then that buffer is
+        // replaced before the last argument comes.
+        buf = BytesMut::new();
+        buf.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+        buf.extend_from_slice(&value);
+        buf.extend_from_slice(b"\r\n$1\r\n");
+        let second = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+        assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
+        assert_eq!(d.direct_capacity(), 0, "the value was not a direct body");
+        buf = BytesMut::from(&b"w\r\n"[..]);
+        assert_eq!(
+            d.decode_command(&mut buf, &mut args).unwrap(),
+            Some(Command::Args)
+        );
+        assert_eq!(&args[2][..], &value[..]);
+        assert!(
+            !second.contains(&(args[2].as_ptr() as usize)),
+            "the value still lives in the replaced buffer"
+        );
+        // A direct body is kept where it was received.
+        let input = set_command(b"k", &value);
+        let got = commands_via_reads(&input, 100, Limits::default(), false).unwrap();
+        assert_eq!(&got[0][2][..], &value[..]);
     }
 
     #[test]
