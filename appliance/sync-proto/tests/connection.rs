@@ -208,13 +208,7 @@ fn concurrent_upload_limit_is_enforced_without_closing() {
     for i in 0..MAX_UPLOADS_PER_CONNECTION_V2 {
         let m = manifest(&format!("f{i}"), &data(100, u8::try_from(i).unwrap()));
         let actions = conn.handle(i, Message::Upload(m), now, &mut store);
-        assert!(matches!(
-            actions[..],
-            [ConnAction::Send {
-                message: Message::NeedChunks(_),
-                ..
-            }]
-        ));
+        assert!(asks_for_chunks(&actions));
     }
     let actions = conn.handle(100, Message::Upload(manifest("x", b"x")), now, &mut store);
     assert_eq!(
@@ -507,6 +501,17 @@ fn adapter_hashed_chunks_are_decided_by_the_machine() {
     ));
 }
 
+/// Whether the answer is exactly one `NeedChunks` (an upload accepted).
+fn asks_for_chunks(actions: &[ConnAction<u32>]) -> bool {
+    matches!(
+        actions,
+        [ConnAction::Send {
+            message: Message::NeedChunks(_),
+            ..
+        }]
+    )
+}
+
 /// A `Hello` offering versions `min..=max`.
 fn hello_offering(min_version: u16, max_version: u16, agent: impl Into<String>) -> Message {
     Message::Hello(Hello {
@@ -533,13 +538,7 @@ fn version_1_connection_keeps_eight_uploads() {
     for i in 0..MAX_UPLOADS_PER_CONNECTION {
         let m = manifest(&format!("f{i}"), &data(100, u8::try_from(i).unwrap()));
         let actions = conn.handle(i + 1, Message::Upload(m), now, &mut store);
-        assert!(matches!(
-            actions[..],
-            [ConnAction::Send {
-                message: Message::NeedChunks(_),
-                ..
-            }]
-        ));
+        assert!(asks_for_chunks(&actions));
     }
     let actions = conn.handle(100, Message::Upload(manifest("x", b"x")), now, &mut store);
     assert!(matches!(
@@ -593,16 +592,7 @@ fn open_manifests_are_bounded_by_their_chunk_total() {
             now,
             &mut store,
         );
-        assert!(
-            matches!(
-                &actions[..],
-                [ConnAction::Send {
-                    message: Message::NeedChunks(_),
-                    ..
-                }]
-            ),
-            "upload {i}"
-        );
+        assert!(asks_for_chunks(&actions), "upload {i}");
     }
     let refused = |actions: &[ConnAction<u32>]| {
         matches!(
@@ -636,14 +626,5 @@ fn open_manifests_are_bounded_by_their_chunk_total() {
         now,
         &mut store,
     );
-    assert!(
-        matches!(
-            &actions[..],
-            [ConnAction::Send {
-                message: Message::NeedChunks(_),
-                ..
-            }]
-        ),
-        "{actions:?}"
-    );
+    assert!(asks_for_chunks(&actions), "{actions:?}");
 }
