@@ -204,6 +204,9 @@ pub struct Staged {
     /// exclusively before the rename, so nothing writes into a document.
     file: parking_lot::RwLock<Option<Arc<File>>>,
     record: Mutex<Option<File>>,
+    /// Whether `<key>.landed` may exist (an earlier attempt's, or written
+    /// by this one): only then does a commit unlink it.
+    record_exists: std::sync::atomic::AtomicBool,
     /// Written, not yet synced and recorded.
     batch: Mutex<Vec<(Hash, u32)>>,
     batch_bytes: AtomicU64,
@@ -345,6 +348,96 @@ pub struct ClientStore {
     active: Mutex<HashMap<String, std::sync::Weak<Staged>>>,
     /// Out-of-order chunk bytes held by all uploads ([`REORDER_CLIENT_BYTES`]).
     reorder: Arc<AtomicUsize>,
+    /// `.appliance-staging`, opened once (every upload creates, renames and
+    /// unlinks there; walking to it each time cost two `openat`s, a `dup`
+    /// and a `mkdirat` per use).
+    staging_fd: OwnedFd,
+    /// `.appliance-meta/manifests`, opened once (see [`Self::remove_manifest_file`]).
+    manifests_fd: OwnedFd,
+    /// Directory fsyncs shared by the commits that wait for them together
+    /// (see [`DirSyncs`]).
+    dir_syncs: DirSyncs,
+}
+
+/// Group commit of directory fsyncs. A commit renames its document into
+/// place, then needs an fsync of the directory that *starts after* its
+/// rename; with many uploads committing into one directory at once, one
+/// fsync covers every rename finished before it started. So each caller
+/// takes a ticket after its rename; a caller finds its ticket covered by a
+/// finished sync, or starts one (covering every ticket taken so far) if
+/// none is running, or waits for the running one and checks again. No
+/// caller returns before an fsync that began after its rename succeeded;
+/// a failed fsync covers nobody (each waiter then tries its own).
+#[derive(Debug, Default)]
+struct DirSyncs {
+    /// By directory `(st_dev, st_ino)`; an entry lives while callers use it.
+    dirs: Mutex<HashMap<(u64, u64), Arc<DirSync>>>,
+    /// fsyncs actually issued (for tests).
+    issued: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct DirSync {
+    state: Mutex<DirSyncState>,
+    done: parking_lot::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct DirSyncState {
+    /// Tickets handed out (renames finished and waiting for a sync).
+    taken: u64,
+    /// Every ticket up to this one is covered by a successful fsync.
+    synced: u64,
+    syncing: bool,
+}
+
+impl DirSyncs {
+    /// Returns once an fsync of `dir` that started after this call did
+    /// succeed (or with the error of the one this caller ran itself).
+    fn sync(&self, dir: &OwnedFd) -> Result<(), Errno> {
+        let st = nix::sys::stat::fstat(dir)?;
+        #[allow(clippy::useless_conversion)] // the field types differ by target
+        let key = (u64::from(st.st_dev), u64::from(st.st_ino));
+        let entry = self.dirs.lock().entry(key).or_default().clone();
+        let result = self.sync_entry(&entry, || nix::unistd::fsync(dir));
+        let mut dirs = self.dirs.lock();
+        // Only the map and this caller hold it: nobody else can be waiting
+        // on it (new callers take it from the map, under this lock).
+        if Arc::strong_count(&entry) == 2 {
+            dirs.remove(&key);
+        }
+        result
+    }
+
+    fn sync_entry(
+        &self,
+        entry: &DirSync,
+        fsync: impl Fn() -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
+        let mut state = entry.state.lock();
+        state.taken += 1;
+        let ticket = state.taken;
+        loop {
+            if state.synced >= ticket {
+                return Ok(());
+            }
+            if !state.syncing {
+                state.syncing = true;
+                let covers = state.taken;
+                drop(state);
+                self.issued.fetch_add(1, Ordering::Relaxed);
+                let result = fsync();
+                let mut state = entry.state.lock();
+                state.syncing = false;
+                if result.is_ok() {
+                    state.synced = state.synced.max(covers);
+                }
+                entry.done.notify_all();
+                return result;
+            }
+            entry.done.wait(&mut state);
+        }
+    }
 }
 
 impl Drop for Staged {
@@ -398,6 +491,30 @@ impl ClientStore {
         crate::fsutil::ensure_dir(root, DIR_MODE).map_err(io_at(root))?;
         let root_fd = nix::fcntl::open(root, dir_flags(), Mode::empty())
             .map_err(|e| io_at(root)(errno_io(e)))?;
+        // The internal directories, created (safely, below the root) by a
+        // first store on the same descriptor.
+        let (staging_fd, manifests_fd) = {
+            let bootstrap = Self {
+                client: client.clone(),
+                root: root.to_path_buf(),
+                root_fd: root_fd.try_clone().map_err(io_at(root))?,
+                keep_versions,
+                used: Arc::default(),
+                state: Mutex::new(State::default()),
+                staging_seq: AtomicU64::new(0),
+                active: Mutex::new(HashMap::new()),
+                reorder: Arc::default(),
+                staging_fd: root_fd.try_clone().map_err(io_at(root))?,
+                manifests_fd: root_fd.try_clone().map_err(io_at(root))?,
+                dir_syncs: DirSyncs::default(),
+            };
+            let staging_fd = bootstrap.open_internal_dir(STAGING_DIR_NAME, true)?;
+            bootstrap.open_internal_dir(METADATA_DIR_NAME, true)?;
+            bootstrap.open_internal_dir(&format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}"), true)?;
+            let manifests_fd = bootstrap
+                .open_internal_dir(&format!("{METADATA_DIR_NAME}/{MANIFESTS_DIR}"), true)?;
+            (staging_fd, manifests_fd)
+        };
         let store = Self {
             client,
             root: root.to_path_buf(),
@@ -408,15 +525,10 @@ impl ClientStore {
             staging_seq: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
             reorder: Arc::default(),
+            staging_fd,
+            manifests_fd,
+            dir_syncs: DirSyncs::default(),
         };
-        for dir in [
-            STAGING_DIR_NAME.to_owned(),
-            METADATA_DIR_NAME.to_owned(),
-            format!("{METADATA_DIR_NAME}/{CHUNKS_DIR}"),
-            format!("{METADATA_DIR_NAME}/{MANIFESTS_DIR}"),
-        ] {
-            store.open_internal_dir(&dir, true)?;
-        }
         let mut report = OpenReport::default();
         // 1. Sweep staging. Kept: resumable pairs `<key>.data` +
         // `<key>.landed` (an interrupted upload the client may resume)
@@ -893,6 +1005,7 @@ impl ClientStore {
             recorded: Mutex::new(HashSet::new()),
             file: parking_lot::RwLock::new(None),
             record: Mutex::new(None),
+            record_exists: std::sync::atomic::AtomicBool::new(false),
             batch: Mutex::new(Vec::new()),
             batch_bytes: AtomicU64::new(0),
             flush: Mutex::new(()),
@@ -911,23 +1024,24 @@ impl ClientStore {
     /// Reads a previous attempt's record: only chunks it lists (durable in
     /// the data file before they were recorded) count as landed.
     fn load_staged(&self, staged: &Staged) -> Result<(), StoreError> {
-        let dir = self.open_internal_dir(STAGING_DIR_NAME, true)?;
+        let dir = &self.staging_fd;
         let record_name = format!("{}.{RECORD_SUFFIX}", staged.name);
         let data_name = format!("{}.{DATA_SUFFIX}", staged.name);
         let mut record =
-            match self.open_file_at(&dir, &record_name, OFlag::O_RDONLY, 0, &record_name) {
+            match self.open_file_at(dir, &record_name, OFlag::O_RDONLY, 0, &record_name) {
                 Ok(f) => f,
                 Err(StoreError::NotFound { .. }) => return Ok(()),
                 Err(e) => return Err(e),
             };
-        let file = match self.open_file_at(&dir, &data_name, OFlag::O_RDWR, 0, &data_name) {
+        let file = match self.open_file_at(dir, &data_name, OFlag::O_RDWR, 0, &data_name) {
             Ok(f) => f,
             Err(StoreError::NotFound { .. }) => {
-                let _ = unlinkat(&dir, record_name.as_str(), UnlinkatFlags::NoRemoveDir);
+                let _ = unlinkat(dir, record_name.as_str(), UnlinkatFlags::NoRemoveDir);
                 return Ok(());
             }
             Err(e) => return Err(e),
         };
+        staged.record_exists.store(true, Ordering::SeqCst);
         let mut bytes = Vec::new();
         record
             .read_to_end(&mut bytes)
@@ -984,10 +1098,9 @@ impl ClientStore {
             return Err(ended());
         }
         if slot.is_none() {
-            let dir = self.open_internal_dir(STAGING_DIR_NAME, true)?;
             let name = format!("{}.{DATA_SUFFIX}", staged.name);
             *slot = Some(Arc::new(self.open_file_at(
-                &dir,
+                &self.staging_fd,
                 &name,
                 OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC,
                 FILE_MODE,
@@ -1063,15 +1176,15 @@ impl ClientStore {
         let mut record = staged.record.lock();
         let fresh = record.is_none();
         if fresh {
-            let dir = self.open_internal_dir(STAGING_DIR_NAME, true)?;
             let f = self.open_file_at(
-                &dir,
+                &self.staging_fd,
                 &name,
                 OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND,
                 FILE_MODE,
                 &shown,
             )?;
             *record = Some(f);
+            staged.record_exists.store(true, Ordering::SeqCst);
         }
         let mut bytes = Vec::with_capacity(entries.len() * RECORD_ENTRY);
         for (hash, len) in &entries {
@@ -1088,8 +1201,7 @@ impl ClientStore {
             .extend(entries.iter().map(|(h, _)| *h));
         if fresh {
             // The pair must survive a crash to be found again.
-            let dir = self.open_internal_dir(STAGING_DIR_NAME, false)?;
-            nix::unistd::fsync(&dir).map_err(|e| self.err_errno(shown, e))?;
+            nix::unistd::fsync(&self.staging_fd).map_err(|e| self.err_errno(shown, e))?;
         }
         Ok(())
     }
@@ -1135,14 +1247,12 @@ impl ClientStore {
     }
 
     fn discard_staged(&self, staged: &Staged) {
-        if let Ok(dir) = self.open_internal_dir(STAGING_DIR_NAME, false) {
-            for suffix in [DATA_SUFFIX, RECORD_SUFFIX] {
-                let _ = unlinkat(
-                    &dir,
-                    format!("{}.{suffix}", staged.name).as_str(),
-                    UnlinkatFlags::NoRemoveDir,
-                );
-            }
+        for suffix in [DATA_SUFFIX, RECORD_SUFFIX] {
+            let _ = unlinkat(
+                &self.staging_fd,
+                format!("{}.{suffix}", staged.name).as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
         }
         *staged.file.write() = None;
         *staged.record.lock() = None;
@@ -1238,7 +1348,7 @@ impl ClientStore {
         // Before the fsync: an attribute manifest is durable with the data.
         self.store_manifest(&file, manifest)?;
         file.sync_all().map_err(self.err_io(shown))?;
-        let staging = self.open_internal_dir(STAGING_DIR_NAME, false)?;
+        let staging = &self.staging_fd;
         let (parent, name) = self.open_parent(path, true)?;
         // What is in the way: a document (replaced, or kept as a version),
         // or something we must not clobber.
@@ -1267,16 +1377,21 @@ impl ClientStore {
             renameat(&parent, name, &parent, version.as_str())
                 .map_err(|e| self.err_errno(path.as_str(), e))?;
         }
-        renameat(&staging, data_name.as_str(), &parent, name)
+        renameat(staging, data_name.as_str(), &parent, name)
             .map_err(|e| self.err_errno(path.as_str(), e))?;
-        nix::unistd::fsync(&parent).map_err(|e| self.err_errno(path.as_str(), e))?;
+        // Shared with the commits renaming into the same directory now.
+        self.dir_syncs
+            .sync(&parent)
+            .map_err(|e| self.err_errno(path.as_str(), e))?;
         // The record is useless now; a copy that survives a crash has no
-        // data file and is swept.
-        let _ = unlinkat(
-            &staging,
-            format!("{}.{RECORD_SUFFIX}", staged.name).as_str(),
-            UnlinkatFlags::NoRemoveDir,
-        );
+        // data file and is swept. Most uploads never wrote one.
+        if staged.record_exists.load(Ordering::SeqCst) {
+            let _ = unlinkat(
+                staging,
+                format!("{}.{RECORD_SUFFIX}", staged.name).as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
         drop(_exclusive);
         *staged.file.write() = None;
         *staged.record.lock() = None;
@@ -1419,7 +1534,23 @@ impl ClientStore {
         self.write_manifest_file(manifest)
     }
 
+    /// Removes the manifest file of `path`, if there is one. Most documents
+    /// have none (their manifest is an attribute): a lookup of the path's
+    /// first component in the manifests directory settles that without
+    /// the walk, or the `unlinkat`, which locks that directory exclusively
+    /// and so serialised concurrent commits.
     fn remove_manifest_file(&self, path: &RelPath) {
+        let Some(first) = path.components().next() else {
+            return;
+        };
+        if fstatat(
+            &self.manifests_fd,
+            first,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) == Err(Errno::ENOENT)
+        {
+            return;
+        }
         let components = Self::manifest_components(path);
         if let Some((name, parents)) = components.split_last() {
             if let Ok(dir) = self.open_dir_walk(parents.iter().copied(), false, path.as_str()) {
@@ -1643,7 +1774,9 @@ impl ClientStore {
         }
         unlinkat(&parent, name, UnlinkatFlags::NoRemoveDir)
             .map_err(|e| self.err_errno(path.as_str(), e))?;
-        nix::unistd::fsync(&parent).map_err(|e| self.err_errno(path.as_str(), e))?;
+        self.dir_syncs
+            .sync(&parent)
+            .map_err(|e| self.err_errno(path.as_str(), e))?;
         // An attribute manifest went with the file.
         self.remove_manifest_file(path);
         let mut state = self.state.lock();
@@ -1807,6 +1940,117 @@ mod tests {
             }
         }
         store.assemble(m)
+    }
+
+    /// Runs `threads` callers of one [`DirSync`], each "renaming" (taking
+    /// the next rename number) and then syncing, with a fake fsync that
+    /// notes how many renames had finished when it started and fails when
+    /// `fails` says so. Returns, per caller, its rename number, its result,
+    /// and the starts of the successful fsyncs finished before it returned.
+    #[allow(clippy::type_complexity)]
+    fn grouped_syncs(
+        threads: usize,
+        fails: impl Fn(u64) -> bool + Send + Sync,
+    ) -> (Vec<(u64, Result<(), Errno>, Vec<u64>)>, u64) {
+        let syncs = DirSyncs::default();
+        let entry = DirSync::default();
+        let renamed = AtomicU64::new(0);
+        let calls = AtomicU64::new(0);
+        let done: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        let barrier = std::sync::Barrier::new(threads);
+        let out = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let mine = renamed.fetch_add(1, Ordering::SeqCst) + 1;
+                        let result = syncs.sync_entry(&entry, || {
+                            let started = renamed.load(Ordering::SeqCst);
+                            let call = calls.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(5));
+                            if fails(call) {
+                                return Err(Errno::EIO);
+                            }
+                            done.lock().push(started);
+                            Ok(())
+                        });
+                        let seen = done.lock().clone();
+                        (mine, result, seen)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        (out, syncs.issued.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn grouped_directory_syncs_cover_every_caller_before_it_returns() {
+        let threads = 16;
+        let (out, issued) = grouped_syncs(threads, |_| false);
+        for (mine, result, seen) in &out {
+            assert_eq!(*result, Ok(()));
+            // A successful fsync that started after this caller's rename
+            // had finished before the caller returned.
+            assert!(
+                seen.iter().any(|started| started >= mine),
+                "rename {mine} returned with only {seen:?} synced"
+            );
+        }
+        // Callers waiting together shared fsyncs.
+        assert!(issued >= 1 && issued < threads as u64, "{issued} fsyncs");
+    }
+
+    #[test]
+    fn a_failed_directory_sync_covers_nobody() {
+        // The first fsync fails: its caller gets the error; every other
+        // caller still returns only after a successful fsync that started
+        // after its rename (or with an error of its own).
+        let (out, _) = grouped_syncs(8, |call| call == 0);
+        let failed = out.iter().filter(|(_, r, _)| r.is_err()).count();
+        assert_eq!(failed, 1);
+        for (mine, result, seen) in &out {
+            if result.is_ok() {
+                assert!(seen.iter().any(|started| started >= mine));
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_commits_into_one_directory_share_its_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path(), false));
+        let files: Vec<(ValidManifest, Vec<u8>)> = (0..24)
+            .map(|i| {
+                let bytes = data(5000 + i, i as u64 + 1);
+                (manifest_for(&format!("d/f{i}"), &bytes), bytes)
+            })
+            .collect();
+        let barrier = std::sync::Barrier::new(files.len());
+        std::thread::scope(|scope| {
+            for (m, bytes) in &files {
+                let (store, barrier) = (&store, &barrier);
+                scope.spawn(move || {
+                    let staged = store.stage(m).unwrap();
+                    let c = &m.chunks[0];
+                    store.write_staged(&staged, &c.hash, bytes.clone()).unwrap();
+                    barrier.wait();
+                    store.commit_staged(&staged).unwrap();
+                });
+            }
+        });
+        for (m, bytes) in &files {
+            let got = std::fs::read(dir.path().join(m.path.as_str())).unwrap();
+            assert_eq!(&got, bytes);
+        }
+        assert_eq!(store.files(), files.len() as u64);
+        let issued = store.dir_syncs.issued.load(Ordering::SeqCst);
+        assert!((1..=files.len() as u64).contains(&issued), "{issued}");
+        // Nothing is left behind for finished directories.
+        assert!(store.dir_syncs.dirs.lock().is_empty());
     }
 
     #[test]
