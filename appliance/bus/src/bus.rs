@@ -367,6 +367,9 @@ impl Bus {
                     fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
                     retention: d.retention,
                     max_payload_bytes: u32::try_from(opts.max_payload + 4096).unwrap_or(u32::MAX),
+                    // Replays read the log while publishes go on, so every
+                    // record is written as it is appended.
+                    defer_writes: false,
                 };
                 let (log, rep) = Log::open(&d.dir, log_opts)?;
                 let synced = rep.last_seq.unwrap_or(0);

@@ -150,6 +150,9 @@ impl Log {
     /// key-value store.
     pub fn begin_compaction(&mut self) -> Result<(Compaction, LogIter)> {
         self.rotate()?;
+        // With deferred writes the sealed records must be in their files
+        // for the source iterator to read them.
+        self.write_now()?;
         // The active segment is now empty (or was never written), and every
         // record is in an older segment, below its name.
         let boundary = self.segments[self.segments.len() - 1].name_seq;
@@ -206,6 +209,9 @@ impl Log {
             new_segments.push(moved);
         }
         sync_dir(&plan.tmp_dir)?;
+        // Every segment created since the old directory's last fsync now
+        // has a durable entry in the new one.
+        self.dir_unsynced = None;
         let final_dir = self.root.join(gen_dir_name(plan.new_gen));
         fs::rename(&plan.tmp_dir, &final_dir)
             .map_err(io_err("rename compacted generation", &final_dir))?;

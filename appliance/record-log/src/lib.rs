@@ -55,6 +55,11 @@
 //!   [`Log::sync`] when it wants a barrier.
 //! * Sealing a segment (rotation) always fsyncs it, and creating a segment
 //!   fsyncs the directory, so only the active segment is ever unsynced.
+//!   With [`LogOptions::defer_writes`] (for a group-commit writer that
+//!   acknowledges only after a [`PendingSync`] covering the record ran),
+//!   appends stay in memory until the next `PendingSync` (or [`Log::sync`])
+//!   writes them, in append order whichever thread runs it, and rotation
+//!   leaves the old segment's sealing to it as well.
 //! * A failed write is cut back off the file, so a later append never lands
 //!   behind a partial frame. A failed `fdatasync` *poisons* the log: the
 //!   kernel may have dropped the dirty pages, so a retry could report success
@@ -123,6 +128,7 @@
 //! [`Log::compact_retain`] does all of it in one call with a predicate.
 
 mod compact;
+mod deferred;
 mod error;
 mod frame;
 mod log;
@@ -133,7 +139,7 @@ pub use error::{Error, Result};
 pub use frame::{DamageReason, FORMAT_MAX_PAYLOAD};
 pub use log::{
     now_ms, Appended, Damage, DamageKind, FsyncPolicy, Log, LogOptions, LogStats, LostRecords,
-    PendingSync, RecoveryReport, Retention, RetentionReport,
+    PendingSync, RecoveryReport, Retention, RetentionReport, MAX_UNWRITTEN,
 };
 pub use read::{LogIter, Record};
 

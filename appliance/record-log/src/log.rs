@@ -4,10 +4,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::deferred::{Ticket, WriteFailed, WriteQueue};
 use crate::error::{io_err, Error, Result};
 use crate::frame::{
     encode_frame, frame_size, scan_segment, DamageReason, FORMAT_MAX_PAYLOAD, INDEX_STRIDE,
@@ -54,7 +56,33 @@ pub struct LogOptions {
     /// Largest payload accepted by `append`. Default 16 MiB; at most
     /// [`FORMAT_MAX_PAYLOAD`].
     pub max_payload_bytes: u32,
+    /// Deferred writes (default off): `append` only encodes its frames into
+    /// memory, and they are written by the [`PendingSync`] that
+    /// [`Log::take_pending_sync`] hands out, just before its `fdatasync`
+    /// (or by [`Log::sync`], a rotation's successor, compaction, or once
+    /// [`MAX_UNWRITTEN`] bytes are owed). Rotation then does no IO beyond
+    /// creating the next segment: sealing it (its last bytes, its fsync, the
+    /// directory's fsync) is part of the next `PendingSync`.
+    ///
+    /// For a writer that acknowledges only after a `PendingSync` covering
+    /// the record has run, as a group commit does: the appending thread never
+    /// blocks in the kernel (a `write(2)` can wait for a journal commit),
+    /// and each `fdatasync` flushes exactly the bytes it acknowledges rather
+    /// than also the appends that raced with it. The costs: a record is not
+    /// in the kernel when `append` returns (a crash of the process loses it,
+    /// so `FsyncPolicy::Interval` callers should leave this off); readers see
+    /// only written records; and a failed write poisons the log (the frames
+    /// after it are already numbered), where an immediate write is cut back.
+    /// A crash can leave a torn tail in the segment before the active one,
+    /// which recovery reports like any other damage; no record whose
+    /// `PendingSync` completed is in it.
+    pub defer_writes: bool,
 }
+
+/// With [`LogOptions::defer_writes`], at most this many bytes (8 MiB) wait
+/// in memory: an append that leaves more owed writes them at once (without
+/// `fdatasync`), so a writer that never syncs stays bounded.
+pub const MAX_UNWRITTEN: usize = 8 << 20;
 
 impl Default for LogOptions {
     fn default() -> Self {
@@ -63,6 +91,7 @@ impl Default for LogOptions {
             fsync: FsyncPolicy::Interval(Duration::from_millis(100)),
             retention: Retention::default(),
             max_payload_bytes: 16 << 20,
+            defer_writes: false,
         }
     }
 }
@@ -296,20 +325,81 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// An fsync taken out of a [`Log`] by [`Log::take_pending_sync`].
+/// An fsync taken out of a [`Log`] by [`Log::take_pending_sync`]: the
+/// active segment's `fdatasync` and, with [`LogOptions::defer_writes`], the
+/// writes it covers plus the sealing of segments rotated out since the last
+/// one.
 #[derive(Debug)]
 pub struct PendingSync {
+    root: PathBuf,
+    /// Oldest first; the active segment last.
+    parts: Vec<Part>,
+    /// A directory that gained a segment since its last fsync.
+    dir: Option<(File, PathBuf)>,
+    /// With deferred writes: when `parts`' bytes may be written.
+    ticket: Option<Ticket>,
+}
+
+/// One segment's share of a [`PendingSync`].
+#[derive(Debug)]
+struct Part {
     file: File,
     path: PathBuf,
+    /// Frames to write first (deferred writes only).
+    bytes: Vec<u8>,
 }
 
 impl PendingSync {
-    /// `fdatasync`s the segment.
-    pub fn run(self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(io_err("fdatasync segment", &self.path))
+    /// Writes the deferred bytes (after those of every `PendingSync` taken
+    /// earlier), then `fdatasync`s each segment and fsyncs the directory.
+    /// With deferred writes, run each taken `PendingSync` (dropping one
+    /// unrun poisons the log), and do not read from the log on the thread
+    /// that holds an unrun one: readers wait until handed-out bytes are
+    /// written.
+    pub fn run(mut self) -> Result<()> {
+        if let Some(ticket) = self.ticket.take() {
+            let parts = &self.parts;
+            ticket
+                .write_in_turn(|| write_parts(parts))
+                .map_err(|e| match e {
+                    WriteFailed::This(e) => e,
+                    WriteFailed::Earlier(reason) => Error::Poisoned {
+                        path: self.root.clone(),
+                        reason,
+                    },
+                })?;
+        }
+        for p in &self.parts {
+            p.file
+                .sync_data()
+                .map_err(io_err("fdatasync segment", &p.path))?;
+        }
+        if let Some((d, path)) = &self.dir {
+            d.sync_all().map_err(io_err("fsync directory", path))?;
+        }
+        Ok(())
     }
+}
+
+fn write_parts(parts: &[Part]) -> Result<()> {
+    for p in parts {
+        if !p.bytes.is_empty() {
+            (&p.file)
+                .write_all(&p.bytes)
+                .map_err(io_err("append to segment", &p.path))?;
+        }
+    }
+    Ok(())
+}
+
+/// With deferred writes: a segment rotated out whose last bytes or fsync
+/// are still owed.
+#[derive(Debug)]
+struct Sealed {
+    name_seq: u64,
+    file: File,
+    path: PathBuf,
+    bytes: Vec<u8>,
 }
 
 /// An append-only, segmented record log in one directory. See the crate docs.
@@ -327,6 +417,15 @@ pub struct Log {
     last_sync: Instant,
     poisoned: Option<String>,
     buf: Vec<u8>,
+    /// Deferred writes: frames of the active segment not written yet.
+    unwritten: Vec<u8>,
+    /// Deferred writes: segments rotated out, not yet sealed, oldest first.
+    sealed: Vec<Sealed>,
+    /// Deferred writes: the generation directory, when a segment was created
+    /// in it since its last fsync.
+    pub(crate) dir_unsynced: Option<File>,
+    /// Deferred writes: the order in which handed-out bytes are written.
+    queue: Arc<WriteQueue>,
     _lock: Flock<File>,
 }
 
@@ -438,6 +537,10 @@ impl Log {
             last_sync: Instant::now(),
             poisoned: None,
             buf: Vec::new(),
+            unwritten: Vec::new(),
+            sealed: Vec::new(),
+            dir_unsynced: None,
+            queue: Arc::default(),
             _lock: lock,
         };
         report.retention = log.enforce_retention()?;
@@ -646,12 +749,66 @@ impl Log {
     }
 
     fn check_writable(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(reason) => Err(Error::Poisoned {
-                path: self.root.clone(),
-                reason: reason.clone(),
-            }),
-            None => Ok(()),
+        let reason = match &self.poisoned {
+            Some(reason) => reason.clone(),
+            None => match self.queue.failure() {
+                Some(f) => format!("deferred write failed: {f}"),
+                None => return Ok(()),
+            },
+        };
+        Err(Error::Poisoned {
+            path: self.root.clone(),
+            reason,
+        })
+    }
+
+    /// Bytes appended but not written yet (deferred writes).
+    fn owed_bytes(&self) -> usize {
+        self.unwritten.len() + self.sealed.iter().map(|s| s.bytes.len()).sum::<usize>()
+    }
+
+    /// Deferred writes: writes every owed byte now, after the bytes of every
+    /// `PendingSync` handed out before (no `fdatasync`). A failure poisons
+    /// the log.
+    pub(crate) fn write_now(&mut self) -> Result<()> {
+        if self.owed_bytes() == 0 {
+            return Ok(());
+        }
+        let ticket = self.queue.issue();
+        let (sealed, active, unwritten) = (&self.sealed, &self.active, &self.unwritten);
+        let path = &self.segments[self.segments.len() - 1].path;
+        let written = ticket.write_in_turn(|| {
+            for s in sealed {
+                if !s.bytes.is_empty() {
+                    (&s.file)
+                        .write_all(&s.bytes)
+                        .map_err(io_err("append to segment", &s.path))?;
+                }
+            }
+            (&*active)
+                .write_all(unwritten)
+                .map_err(io_err("append to segment", path))
+        });
+        match written {
+            Ok(()) => {
+                for s in &mut self.sealed {
+                    s.bytes = Vec::new();
+                }
+                self.unwritten.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let e = match e {
+                    WriteFailed::This(e) => e,
+                    WriteFailed::Earlier(reason) => Error::Poisoned {
+                        path: self.root.clone(),
+                        reason,
+                    },
+                };
+                self.poisoned
+                    .get_or_insert_with(|| format!("deferred write failed: {e}"));
+                Err(e)
+            }
         }
     }
 
@@ -734,6 +891,8 @@ impl Log {
         result?;
         if self.opts.fsync == FsyncPolicy::Always {
             self.sync()?;
+        } else if self.owed_bytes() > MAX_UNWRITTEN {
+            self.write_now()?;
         }
         Ok(Some(first..=self.next_seq - 1))
     }
@@ -752,7 +911,9 @@ impl Log {
         }
         let idx = self.segments.len() - 1;
         let base = self.segments[idx].len;
-        if let Err(e) = self.active.write_all(buf) {
+        if self.opts.defer_writes {
+            self.unwritten.extend_from_slice(buf);
+        } else if let Err(e) = self.active.write_all(buf) {
             let path = self.segments[idx].path.clone();
             if let Err(e2) = self.active.set_len(base) {
                 self.poisoned = Some(format!(
@@ -782,6 +943,9 @@ impl Log {
         if self.active_segment().records == 0 {
             return Ok(());
         }
+        if self.opts.defer_writes {
+            return self.rotate_deferred();
+        }
         self.sync()?;
         let (f, seg) = create_segment(&self.gen_dir, self.next_seq)?;
         self.active = f;
@@ -790,13 +954,70 @@ impl Log {
         Ok(())
     }
 
+    /// Rotation with deferred writes: create the next segment (its header
+    /// is its first owed bytes) and leave the old one's last bytes, its
+    /// fsync and the directory's to the next `PendingSync` or `sync`.
+    fn rotate_deferred(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let path = self.gen_dir.join(segment_file_name(self.next_seq));
+        let dir = File::open(&self.gen_dir).map_err(io_err("open generation", &self.gen_dir))?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err("create segment", &path))?;
+        let old_file = std::mem::replace(&mut self.active, file);
+        let old = self.active_segment();
+        let sealed = Sealed {
+            name_seq: old.name_seq,
+            file: old_file,
+            path: old.path.clone(),
+            bytes: std::mem::take(&mut self.unwritten),
+        };
+        self.sealed.push(sealed);
+        self.unwritten.extend_from_slice(&SEGMENT_MAGIC);
+        self.segments.push(Segment::empty(self.next_seq, path));
+        self.dir_unsynced = Some(dir);
+        self.dirty = true;
+        self.enforce_retention()?;
+        Ok(())
+    }
+
     /// `fdatasync`s the active segment if anything was appended since the last
     /// sync. A failure poisons the log (the kernel may have dropped the dirty
     /// pages, so retrying could falsely report success).
+    ///
+    /// With deferred writes, it first writes what is owed (after any
+    /// handed-out `PendingSync`'s bytes) and seals rotated-out segments. As
+    /// without, what a `PendingSync` taken earlier covers is that handle's
+    /// to make durable.
     pub fn sync(&mut self) -> Result<()> {
         self.check_writable()?;
         if !self.dirty {
             return Ok(());
+        }
+        if self.opts.defer_writes {
+            self.write_now()?;
+            for s in std::mem::take(&mut self.sealed) {
+                if let Err(e) = s.file.sync_data() {
+                    self.poisoned = Some(format!("fdatasync failed: {e}"));
+                    return Err(Error::Io {
+                        op: "fdatasync segment",
+                        path: s.path,
+                        source: e,
+                    });
+                }
+            }
+            if let Some(d) = self.dir_unsynced.take() {
+                if let Err(e) = d.sync_all() {
+                    self.poisoned = Some(format!("fsync of the directory failed: {e}"));
+                    return Err(Error::Io {
+                        op: "fsync directory",
+                        path: self.gen_dir.clone(),
+                        source: e,
+                    });
+                }
+            }
         }
         if let Err(e) = self.active.sync_data() {
             self.poisoned = Some(format!("fdatasync failed: {e}"));
@@ -826,9 +1047,32 @@ impl Log {
             .active
             .try_clone()
             .map_err(io_err("dup segment for fsync", &path))?;
+        let mut parts: Vec<Part> = std::mem::take(&mut self.sealed)
+            .into_iter()
+            .map(|s| Part {
+                file: s.file,
+                path: s.path,
+                bytes: s.bytes,
+            })
+            .collect();
+        parts.push(Part {
+            file,
+            path,
+            bytes: std::mem::take(&mut self.unwritten),
+        });
+        // Always a ticket with deferred writes, even with nothing to write:
+        // the fdatasync must not run before the bytes handed out earlier
+        // are written.
+        let ticket = self.opts.defer_writes.then(|| self.queue.issue());
+        let dir = self.dir_unsynced.take().map(|d| (d, self.gen_dir.clone()));
         self.dirty = false;
         self.last_sync = Instant::now();
-        Ok(Some(PendingSync { file, path }))
+        Ok(Some(PendingSync {
+            root: self.root.clone(),
+            parts,
+            dir,
+            ticket,
+        }))
     }
 
     /// Refuses all further writes (see [`Error::Poisoned`]). For callers whose
@@ -920,8 +1164,26 @@ impl Log {
     }
 
     pub(crate) fn snapshot(&self, from_seq: u64, since_ts: u64, max_seq: u64) -> Result<LogIter> {
+        if self.opts.defer_writes {
+            // Bytes handed out are being written by their `PendingSync`s
+            // (which need no lock); wait for them, and read only up to what
+            // is written.
+            self.queue.wait_idle().map_err(|reason| Error::Poisoned {
+                path: self.root.clone(),
+                reason,
+            })?;
+        }
         let mut cursors = Vec::new();
+        let active_seq = self.active_segment().name_seq;
         for seg in &self.segments {
+            let owed = if seg.name_seq == active_seq {
+                self.unwritten.len()
+            } else {
+                self.sealed
+                    .iter()
+                    .find(|s| s.name_seq == seg.name_seq)
+                    .map_or(0, |s| s.bytes.len())
+            } as u64;
             let (Some(last), Some(max_ts)) = (seg.last_seq, seg.max_ts) else {
                 continue;
             };
@@ -939,9 +1201,22 @@ impl Log {
                 path: seg.path.clone(),
                 file,
                 start,
-                end: seg.len,
+                end: seg.len - owed,
             });
         }
         Ok(LogIter::new(cursors, from_seq, max_seq, since_ts))
+    }
+}
+
+impl Drop for Log {
+    /// With deferred writes, owed bytes are written (not fsynced) on the way
+    /// out, unless a handed-out `PendingSync` has not run yet: waiting for
+    /// it could hang, and writing before it would misplace the frames.
+    fn drop(&mut self) {
+        if self.opts.defer_writes && self.poisoned.is_none() && self.queue.is_idle() {
+            if let Err(e) = self.write_now() {
+                tracing::warn!(dir = %self.root.display(), error = %e, "record log: owed writes lost on close");
+            }
+        }
     }
 }

@@ -731,3 +731,181 @@ fn pending_sync_outside_the_log_and_poison() {
     assert!(rep.is_clean());
     assert_eq!(seqs(&log), vec![1, 2]);
 }
+
+fn deferred_opts(segment_max_bytes: u64) -> LogOptions {
+    LogOptions {
+        segment_max_bytes,
+        defer_writes: true,
+        ..opts()
+    }
+}
+
+fn total_file_bytes(dir: &Path) -> u64 {
+    segment_files(dir)
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn deferred_appends_are_written_by_their_pending_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
+    for i in 1..=3 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    // Nothing reached the file (only the header `open` wrote), and readers
+    // see only written records.
+    assert_eq!(total_file_bytes(dir.path()), SEGMENT_HEADER_LEN);
+    assert!(seqs(&log).is_empty());
+    let ps = log.take_pending_sync().unwrap().unwrap();
+    log.append_at(4, &payload(4)).unwrap(); // after the take: not covered
+    ps.run().unwrap();
+    let written: u64 = (1..=3).map(|i| frame_size(payload(i).len())).sum();
+    assert_eq!(total_file_bytes(dir.path()), SEGMENT_HEADER_LEN + written);
+    assert_eq!(seqs(&log), vec![1, 2, 3]);
+    assert!(log.stats().dirty);
+    // Closing writes what is still owed.
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), vec![1, 2, 3, 4]);
+    assert_eq!(all(&log)[3].payload, payload(4));
+}
+
+#[test]
+fn deferred_rotation_is_sealed_by_the_next_pending_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(200);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=50 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let segments = log.stats().segments;
+    assert!(segments > 5, "{segments}");
+    // Rotation created the files but wrote nothing, not even the headers.
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), segments);
+    assert_eq!(total_file_bytes(dir.path()), SEGMENT_HEADER_LEN);
+    let ps = log.take_pending_sync().unwrap().unwrap();
+    ps.run().unwrap();
+    assert!(!log.stats().dirty);
+    assert!(log.take_pending_sync().unwrap().is_none());
+    assert_eq!(total_file_bytes(dir.path()), log.stats().bytes);
+    assert_eq!(seqs(&log), (1..=50).collect::<Vec<_>>());
+    // The same layout as immediate writes give.
+    let plain = tempfile::tempdir().unwrap();
+    let (mut plain_log, _) = Log::open(
+        plain.path(),
+        LogOptions {
+            defer_writes: false,
+            ..o
+        },
+    )
+    .unwrap();
+    for i in 1..=50 {
+        plain_log.append_at(i, &payload(i)).unwrap();
+    }
+    let sizes = |d: &Path| -> Vec<(String, u64)> {
+        segment_files(d)
+            .iter()
+            .map(|f| {
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                (name, fs::metadata(f).unwrap().len())
+            })
+            .collect()
+    };
+    assert_eq!(sizes(dir.path()), sizes(plain.path()));
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), (1..=50).collect::<Vec<_>>());
+}
+
+#[test]
+fn deferred_writes_land_in_append_order_whoever_writes_them() {
+    // A PendingSync taken first but run late, on another thread, still
+    // writes before a later `sync()` on this one; the frames are in order.
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(300);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=10 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let early = log.take_pending_sync().unwrap().unwrap();
+    for i in 11..=30 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let runner = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        early.run().unwrap();
+    });
+    log.sync().unwrap(); // waits for `early`'s bytes, then writes its own
+    runner.join().unwrap();
+    assert_eq!(seqs(&log), (1..=30).collect::<Vec<_>>());
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), (1..=30).collect::<Vec<_>>());
+}
+
+#[test]
+fn deferred_pending_sync_dropped_unrun_poisons_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(64 << 20);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    log.append(b"a").unwrap();
+    log.take_pending_sync().unwrap().unwrap().run().unwrap();
+    log.append(b"b").unwrap();
+    drop(log.take_pending_sync().unwrap().unwrap());
+    assert!(matches!(log.append(b"c"), Err(Error::Poisoned { .. })));
+    assert!(matches!(log.sync(), Err(Error::Poisoned { .. })));
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), vec![1], "only the written record is there");
+}
+
+#[test]
+fn deferred_writes_are_bounded_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
+    let big = vec![5u8; 1 << 20];
+    for _ in 0..9 {
+        log.append(&big).unwrap();
+    }
+    // The eighth append took the owed bytes past MAX_UNWRITTEN, so the
+    // first eight were written without a sync; the ninth is still owed.
+    let frame = frame_size(big.len());
+    assert_eq!(total_file_bytes(dir.path()), SEGMENT_HEADER_LEN + 8 * frame);
+    assert!(log.stats().dirty);
+    assert_eq!(seqs(&log).len(), 8);
+}
+
+#[test]
+fn deferred_compaction_reads_every_record_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(400);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=60 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    // Nothing synced or written yet: compaction must still see all 60.
+    let mut seen = 0;
+    log.compact_retain(|r| {
+        seen += 1;
+        r.seq % 3 == 0
+    })
+    .unwrap();
+    assert_eq!(seen, 60);
+    for i in 61..=70 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    log.take_pending_sync().unwrap().unwrap().run().unwrap();
+    let want: Vec<u64> = (1..=60).filter(|s| s % 3 == 0).chain(61..=70).collect();
+    assert_eq!(seqs(&log), want);
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), want);
+}
