@@ -298,6 +298,21 @@ fn presync_compaction(dir: &std::path::Path) {
     }
 }
 
+/// Background priority for the thread writing a compaction (nice +10; on
+/// Linux the nice value is per thread). Rewriting the live entries is a few
+/// hundred milliseconds of copying and checksumming for a large cache; at
+/// the same priority it takes a core from the server's runtime thread and
+/// the log's syncer, and the clients' tail latency shows it (A/B on the
+/// 50-client 16 KiB durable SET benchmark: p99 15.7-17.9 ms without,
+/// 12.3-13.5 ms with; redis 13.5-20.7 ms in the same rounds). It holds no
+/// lock meanwhile, and it still runs whenever the serving threads wait, so
+/// it only finishes later under load. A failure to lower it is harmless.
+fn lower_priority() {
+    if let Err(e) = rustix::process::nice(10) {
+        tracing::debug!(error = %e, "cache log: could not lower the compaction thread's priority");
+    }
+}
+
 /// Group-commit state: how far the log is known durable, whether a thread
 /// is running an `fdatasync` for everyone, and what the syncer thread is
 /// asked to cover.
@@ -681,6 +696,9 @@ impl Persistence {
         // at or after the boundary; replaying the records appended since the
         // boundary on top of it gives the current state, because every record
         // assigns a whole entry or removes it.
+        // `_replaced` keeps the old segments open until the end, so the
+        // blocks of the generation `finish_compaction` deletes are freed
+        // when it is dropped here, outside the log lock.
         let (mut plan, _replaced) = self.lock().begin_compaction()?;
         let snapshot: Vec<(Key, Entry)> = {
             let store = store.lock().unwrap_or_else(PoisonError::into_inner);
@@ -696,10 +714,24 @@ impl Persistence {
             tracing::warn!("cache log: compaction skipped, more entries than records");
             return Ok(None);
         }
-        for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
-            plan.push_parts(seq, now_ms, &encode_put(key, entry)?)?;
-        }
-        presync_compaction(&self.config.dir);
+        let dir = &self.config.dir;
+        let plan = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("cache-compact".into())
+                .spawn_scoped(scope, || {
+                    lower_priority();
+                    for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
+                        plan.push_parts(seq, now_ms, &encode_put(key, entry)?)?;
+                    }
+                    presync_compaction(dir);
+                    Ok::<_, PersistError>(plan)
+                })
+                .map_err(|e| PersistError::Thread(e.to_string()))?
+                .join()
+                .map_err(|_| PersistError::Thread("the compaction thread panicked".into()))?
+        })?;
+        // The switch takes the log lock: back on this thread, at normal
+        // priority, so appends never wait for a deprioritised lock holder.
         let report = self.lock().finish_compaction(plan)?;
         self.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(Some(report))
@@ -709,6 +741,19 @@ impl Persistence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compaction_thread_alone_runs_at_lower_priority() {
+        let before = rustix::process::getpriority_process(None).unwrap();
+        let inside = std::thread::spawn(|| {
+            lower_priority();
+            rustix::process::getpriority_process(None).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inside, (before + 10).min(19));
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), before);
+    }
 
     #[test]
     fn records_round_trip() {
