@@ -95,18 +95,29 @@ pub struct PersistConfig {
     /// ... and there are at least this many dead records (default 10,000, so a
     /// small cache does not compact on every maintenance tick).
     pub compact_min_garbage: u64,
+    /// ... and the log holds at least this many bytes (default 64 MiB, as
+    /// redis's `auto-aof-rewrite-min-size`). A compaction rewrites every
+    /// live entry and fsyncs the files and directories of a new generation;
+    /// for small values, 10,000 dead records are a few megabytes, and at
+    /// 60,000 writes a second the record minimum alone compacted ten times a
+    /// second, each one stalling the clients' `fdatasync`s behind its own
+    /// (p99 of 50-client durable SETs of 256 B: 3.4-4.6 ms, against
+    /// redis's 1 ms). A log this small replays in well under a second.
+    pub compact_min_log_bytes: u64,
     /// Segment size of the record log (default 64 MiB).
     pub segment_max_bytes: u64,
 }
 
 impl PersistConfig {
-    /// Defaults for a directory: `Always`, ratio 1.0, 10,000 records, 64 MiB.
+    /// Defaults for a directory: `Always`, ratio 1.0, 10,000 records, a
+    /// 64 MiB log before compacting, 64 MiB segments.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             fsync: Fsync::Always,
             compact_garbage_ratio: 1.0,
             compact_min_garbage: 10_000,
+            compact_min_log_bytes: 64 << 20,
             segment_max_bytes: 64 << 20,
         }
     }
@@ -664,9 +675,10 @@ impl Persistence {
 
     /// Whether the garbage threshold is passed for `live` entries.
     pub(crate) fn needs_compaction(&self, live: u64) -> bool {
-        let records = self.lock().stats().records;
-        let garbage = records.saturating_sub(live);
-        garbage >= self.config.compact_min_garbage
+        let stats = self.lock().stats();
+        let garbage = stats.records.saturating_sub(live);
+        stats.bytes >= self.config.compact_min_log_bytes
+            && garbage >= self.config.compact_min_garbage
             && garbage as f64 >= self.config.compact_garbage_ratio * live as f64
     }
 

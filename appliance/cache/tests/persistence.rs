@@ -193,6 +193,7 @@ fn compaction_keeps_the_state_and_shrinks_the_log() {
     let clock = Arc::new(ManualClock::new(0));
     let mut persist = PersistConfig::new(tmp.path());
     persist.compact_min_garbage = 100;
+    persist.compact_min_log_bytes = 0;
     persist.fsync = Fsync::IntervalMs(10);
     let config = CacheConfig::default();
     {
@@ -405,4 +406,39 @@ fn async_commits_from_many_tasks_share_fsyncs_and_all_survive() {
     let (cache, report) = open(tmp.path(), &clock);
     assert_eq!(report.entries, 1000);
     assert!(cache.exists(b"k19-49"));
+}
+
+#[test]
+fn a_log_below_the_minimum_size_is_not_compacted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut persist = PersistConfig::new(tmp.path());
+    persist.compact_min_garbage = 100;
+    persist.compact_min_log_bytes = 1 << 20;
+    let config = CacheConfig::default();
+    let write_rounds = |cache: &Cache, rounds: usize| {
+        for round in 0..rounds {
+            for i in 0..50 {
+                cache
+                    .set_plain(
+                        format!("k{i}").as_bytes(),
+                        format!("{round:0>200}"),
+                        None,
+                        SetCondition::Always,
+                    )
+                    .unwrap();
+            }
+        }
+    };
+    let (cache, _) = Cache::open(config, persist).unwrap();
+    // 1,000 records, 950 of them dead: past the record thresholds, but the
+    // log is about 250 KB.
+    write_rounds(&cache, 20);
+    let stats = cache.persistence().unwrap().stats();
+    assert!(stats.log_bytes < 1 << 20, "{stats:?}");
+    assert!(cache.maintenance().unwrap().compaction.is_none());
+    // Past 1 MiB it compacts.
+    write_rounds(&cache, 80);
+    assert!(cache.persistence().unwrap().stats().log_bytes >= 1 << 20);
+    let report = cache.maintenance().unwrap().compaction.expect("compacts");
+    assert_eq!(report.records_after, 50);
 }
