@@ -15,6 +15,12 @@
 //! The `.appliance-` prefix is reserved by the protocol's path rules, so no
 //! uploaded path can reach these directories.
 //!
+//! **Anonymous staging**: where the file system allows (probed at open),
+//! `<key>.data` starts as an `O_TMPFILE` file with no name; it is named
+//! `<key>.data` before its first record (so a resumable upload looks as
+//! below) or before a rename over an existing document. A new document
+//! that never needed a record is linked straight into its directory.
+//!
 //! **Upload-keyed staging** (each chunk byte written once): an upload's
 //! `<key>` is a hash of its path, size, file hash and chunk list, so the
 //! same push after an interruption finds the same files. Each verified chunk
@@ -36,7 +42,10 @@
 //!    mtime before use; an attribute, or a file if too large) are set, and
 //!    it is fsynced;
 //! 3. the file is renamed into place (a replaced document is first renamed
-//!    to `name.~N~` if versions are kept) and the directory is fsynced;
+//!    to `name.~N~` if versions are kept), or, still anonymous and new,
+//!    linked into place, and the directory is fsynced (one fsync shared by
+//!    the commits into that directory that wait together, each started
+//!    after the renames it covers);
 //! 4. the record is deleted, and chunks now held by the document leave the
 //!    chunk store.
 //!
@@ -207,6 +216,10 @@ pub struct Staged {
     /// Whether `<key>.landed` may exist (an earlier attempt's, or written
     /// by this one): only then does a commit unlink it.
     record_exists: std::sync::atomic::AtomicBool,
+    /// The data file has no name yet (`O_TMPFILE`): it gets `<key>.data`
+    /// before its first record, or its document's name at the commit.
+    /// Changed only under `file`'s lock.
+    anonymous: std::sync::atomic::AtomicBool,
     /// Written, not yet synced and recorded.
     batch: Mutex<Vec<(Hash, u32)>>,
     batch_bytes: AtomicU64,
@@ -357,6 +370,10 @@ pub struct ClientStore {
     /// Directory fsyncs shared by the commits that wait for them together
     /// (see [`DirSyncs`]).
     dir_syncs: DirSyncs,
+    /// Whether staging files start anonymous (`O_TMPFILE`, see
+    /// [`Self::with_staged_file`]): probed at open, cleared if the file
+    /// system refuses them later.
+    tmpfile: std::sync::atomic::AtomicBool,
 }
 
 /// Group commit of directory fsyncs. A commit renames its document into
@@ -507,6 +524,7 @@ impl ClientStore {
                 staging_fd: root_fd.try_clone().map_err(io_at(root))?,
                 manifests_fd: root_fd.try_clone().map_err(io_at(root))?,
                 dir_syncs: DirSyncs::default(),
+                tmpfile: std::sync::atomic::AtomicBool::new(false),
             };
             let staging_fd = bootstrap.open_internal_dir(STAGING_DIR_NAME, true)?;
             bootstrap.open_internal_dir(METADATA_DIR_NAME, true)?;
@@ -528,6 +546,7 @@ impl ClientStore {
             staging_fd,
             manifests_fd,
             dir_syncs: DirSyncs::default(),
+            tmpfile: std::sync::atomic::AtomicBool::new(false),
         };
         let mut report = OpenReport::default();
         // 1. Sweep staging. Kept: resumable pairs `<key>.data` +
@@ -594,6 +613,7 @@ impl ClientStore {
         if kept > 0 {
             tracing::info!(client = %store.client, uploads = kept, bytes = staged_used, "kept resumable staged uploads");
         }
+        store.tmpfile.store(store.probe_tmpfile(), Ordering::SeqCst);
         // 2. Chunk store: index chunks; drop temporaries and damaged names.
         let mut state = State::default();
         let mut used = staged_used;
@@ -1006,6 +1026,7 @@ impl ClientStore {
             file: parking_lot::RwLock::new(None),
             record: Mutex::new(None),
             record_exists: std::sync::atomic::AtomicBool::new(false),
+            anonymous: std::sync::atomic::AtomicBool::new(false),
             batch: Mutex::new(Vec::new()),
             batch_bytes: AtomicU64::new(0),
             flush: Mutex::new(()),
@@ -1076,6 +1097,98 @@ impl ClientStore {
         Ok(())
     }
 
+    /// An anonymous staging file (`O_TMPFILE` in the staging directory), or
+    /// `None` if the file system does not make them (then staging files
+    /// are created with their names). An anonymous file costs no entry in
+    /// the staging directory: creating one does not lock that directory
+    /// (the named creates of concurrent uploads serialised on it, spinning,
+    /// for the whole inode allocation), fsyncing it does not write that
+    /// directory, and a new document is linked straight into its own
+    /// directory instead of renamed across from staging. A failed upload
+    /// leaves nothing to delete.
+    fn create_anonymous(&self, shown: &str) -> Result<Option<File>, StoreError> {
+        if !self.tmpfile.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        match openat(
+            &self.staging_fd,
+            ".",
+            OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            mode(FILE_MODE),
+        ) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            // No O_TMPFILE here (EISDIR: a kernel that predates it).
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => {
+                self.tmpfile.store(false, Ordering::SeqCst);
+                Ok(None)
+            }
+            Err(e) => Err(self.err_errno(shown, e)),
+        }
+    }
+
+    /// Gives the open, anonymous `file` the name `name` in `dir`: by its
+    /// descriptor (`AT_EMPTY_PATH`, which needs `CAP_DAC_READ_SEARCH`), or
+    /// else through `/proc/self/fd`.
+    fn link_anonymous(file: &File, dir: &OwnedFd, name: &str) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        match nix::unistd::linkat(file, "", dir, name, nix::fcntl::AtFlags::AT_EMPTY_PATH) {
+            Err(Errno::ENOENT | Errno::EPERM | Errno::EACCES | Errno::EINVAL) => {
+                let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+                nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    proc.as_str(),
+                    dir,
+                    name,
+                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                )
+            }
+            other => other,
+        }
+    }
+
+    /// Whether anonymous staging files can be made and named here (see
+    /// [`Self::create_anonymous`]); a name that cannot be given would fail
+    /// every commit, so this is tried once with a probe file.
+    fn probe_tmpfile(&self) -> bool {
+        const PROBE: &str = "probe.tmpfile";
+        let Ok(fd) = openat(
+            &self.staging_fd,
+            ".",
+            OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            mode(FILE_MODE),
+        ) else {
+            return false;
+        };
+        let file = File::from(fd);
+        let _ = unlinkat(&self.staging_fd, PROBE, UnlinkatFlags::NoRemoveDir);
+        let linked = Self::link_anonymous(&file, &self.staging_fd, PROBE).is_ok();
+        let _ = unlinkat(&self.staging_fd, PROBE, UnlinkatFlags::NoRemoveDir);
+        if !linked {
+            tracing::info!(client = %self.client, "anonymous staging files cannot be linked; using named ones");
+        }
+        linked
+    }
+
+    /// Names an anonymous staging file `<key>.data` (before its first
+    /// record, or before a commit that renames it over a document). A
+    /// leftover of that name belongs to no running upload (one state per
+    /// key) and is replaced. The caller holds `staged.file`'s lock.
+    fn name_staged(&self, staged: &Staged, file: &File) -> Result<(), StoreError> {
+        if !staged.anonymous.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let name = format!("{}.{DATA_SUFFIX}", staged.name);
+        let shown = format!("{STAGING_DIR_NAME}/{name}");
+        let mut linked = Self::link_anonymous(file, &self.staging_fd, &name);
+        if linked == Err(Errno::EEXIST) {
+            let _ = unlinkat(&self.staging_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
+            linked = Self::link_anonymous(file, &self.staging_fd, &name);
+        }
+        linked.map_err(|e| self.err_errno(shown, e))?;
+        staged.anonymous.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Runs `f` on the staging file (created on first use) while holding
     /// it shared, so a commit cannot rename it away in the middle.
     fn with_staged_file<T>(
@@ -1099,13 +1212,21 @@ impl ClientStore {
         }
         if slot.is_none() {
             let name = format!("{}.{DATA_SUFFIX}", staged.name);
-            *slot = Some(Arc::new(self.open_file_at(
-                &self.staging_fd,
-                &name,
-                OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC,
-                FILE_MODE,
-                &format!("{STAGING_DIR_NAME}/{name}"),
-            )?));
+            let shown = format!("{STAGING_DIR_NAME}/{name}");
+            let file = match self.create_anonymous(&shown)? {
+                Some(file) => {
+                    staged.anonymous.store(true, Ordering::SeqCst);
+                    file
+                }
+                None => self.open_file_at(
+                    &self.staging_fd,
+                    &name,
+                    OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC,
+                    FILE_MODE,
+                    &shown,
+                )?,
+            };
+            *slot = Some(Arc::new(file));
         }
         let slot = parking_lot::RwLockWriteGuard::downgrade(slot);
         match slot.as_ref() {
@@ -1176,6 +1297,16 @@ impl ClientStore {
         let mut record = staged.record.lock();
         let fresh = record.is_none();
         if fresh {
+            // The record will list chunks of `<key>.data`: the data file
+            // needs that name first. Under the file's lock, so a commit
+            // cannot be linking it elsewhere meanwhile; a file a commit or
+            // a discard has already taken away needs no record.
+            let slot = staged.file.read();
+            let Some(current) = slot.as_ref() else {
+                return Ok(());
+            };
+            self.name_staged(staged, current)?;
+            drop(slot);
             let f = self.open_file_at(
                 &self.staging_fd,
                 &name,
@@ -1352,33 +1483,33 @@ impl ClientStore {
         let (parent, name) = self.open_parent(path, true)?;
         // What is in the way: a document (replaced, or kept as a version),
         // or something we must not clobber.
-        let replaced = match fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => {
-                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-                if kind == SFlag::S_IFLNK {
-                    return Err(StoreError::Symlink {
-                        client: self.client.clone(),
-                        path: path.to_string(),
-                    });
+        let mut replaced = self.in_the_way(&parent, name, path)?;
+        let mut linked = false;
+        if replaced.is_none() && staged.anonymous.load(Ordering::SeqCst) {
+            // A new document: the anonymous file is linked straight into
+            // place (atomically: a name appears, complete).
+            match Self::link_anonymous(&file, &parent, name) {
+                Ok(()) => {
+                    staged.anonymous.store(false, Ordering::SeqCst);
+                    linked = true;
                 }
-                if kind != SFlag::S_IFREG {
-                    return Err(StoreError::WrongType {
-                        client: self.client.clone(),
-                        path: path.to_string(),
-                    });
-                }
-                Some(u64::try_from(st.st_size).unwrap_or(0))
+                // A document appeared meanwhile (a concurrent upload of
+                // the same path): replaced like any other.
+                Err(Errno::EEXIST) => replaced = self.in_the_way(&parent, name, path)?,
+                Err(e) => return Err(self.err_errno(path.as_str(), e)),
             }
-            Err(Errno::ENOENT) => None,
-            Err(e) => return Err(self.err_errno(path.as_str(), e)),
-        };
-        if let (Some(_), true) = (replaced, self.keep_versions) {
-            let version = self.next_version_name(&parent, name)?;
-            renameat(&parent, name, &parent, version.as_str())
+        }
+        if !linked {
+            // Replacing a document: only a rename does that atomically.
+            self.name_staged(staged, &file)?;
+            if let (Some(_), true) = (replaced, self.keep_versions) {
+                let version = self.next_version_name(&parent, name)?;
+                renameat(&parent, name, &parent, version.as_str())
+                    .map_err(|e| self.err_errno(path.as_str(), e))?;
+            }
+            renameat(staging, data_name.as_str(), &parent, name)
                 .map_err(|e| self.err_errno(path.as_str(), e))?;
         }
-        renameat(staging, data_name.as_str(), &parent, name)
-            .map_err(|e| self.err_errno(path.as_str(), e))?;
         // Shared with the commits renaming into the same directory now.
         self.dir_syncs
             .sync(&parent)
@@ -1416,6 +1547,37 @@ impl ClientStore {
         }
         self.release_store_chunks(manifest);
         Ok(())
+    }
+
+    /// The size of the document at `name` in `parent` that a commit of
+    /// `path` would replace, if any; a symlink or a non-file there is
+    /// refused.
+    fn in_the_way(
+        &self,
+        parent: &OwnedFd,
+        name: &str,
+        path: &RelPath,
+    ) -> Result<Option<u64>, StoreError> {
+        match fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+                if kind == SFlag::S_IFLNK {
+                    return Err(StoreError::Symlink {
+                        client: self.client.clone(),
+                        path: path.to_string(),
+                    });
+                }
+                if kind != SFlag::S_IFREG {
+                    return Err(StoreError::WrongType {
+                        client: self.client.clone(),
+                        path: path.to_string(),
+                    });
+                }
+                Ok(Some(u64::try_from(st.st_size).unwrap_or(0)))
+            }
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(self.err_errno(path.as_str(), e)),
+        }
     }
 
     fn write_staged_no_batch(
@@ -2409,16 +2571,19 @@ mod tests {
 
         // 1. Written but never recorded (a crash before the first sync):
         //    the orphan data file is swept, nothing is trusted.
+        //    An anonymous data file (O_TMPFILE) leaves nothing at all.
         let store = open(&root, false);
+        let anonymous = store.tmpfile.load(Ordering::SeqCst);
         let staged = store.stage(&m).unwrap();
         let (h, d) = chunk(0);
         store.write_staged(&staged, &h, d).unwrap();
         assert_eq!(staged.recorded_count(), 0);
+        assert_eq!(names().is_empty(), anonymous);
         drop(staged);
         drop(store);
         let (store, report) =
             ClientStore::open(name(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
-        assert_eq!(report.staging_swept, 1);
+        assert_eq!(report.staging_swept, u64::from(!anonymous));
         assert!(names().is_empty());
         assert_eq!(store.used(), 0);
 
@@ -2469,6 +2634,50 @@ mod tests {
         assert!(names().is_empty(), "the commit settles staging");
         assert_eq!(store.used(), bytes.len() as u64);
         assert!(m.chunks.iter().all(|c| store.has_chunk(&c.hash)));
+    }
+
+    /// Staging files start anonymous where the file system allows it: a
+    /// new document is linked into place, a replaced one renamed over from
+    /// its staging name, and named files remain the fallback.
+    #[test]
+    fn anonymous_staging_files_are_named_only_when_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        // Linux file systems a test directory lives on (ext4, xfs, btrfs,
+        // tmpfs) all make O_TMPFILE files.
+        assert!(store.tmpfile.load(Ordering::SeqCst));
+        let staging = root.join(STAGING_DIR_NAME);
+        let names = || std::fs::read_dir(&staging).unwrap().count();
+        let put = |store: &ClientStore, path: &str, bytes: &[u8], named_before_commit: bool| {
+            let m = manifest_for(path, bytes);
+            let staged = store.stage(&m).unwrap();
+            for c in &m.chunks {
+                let start = usize::try_from(c.offset).unwrap();
+                store
+                    .write_staged(
+                        &staged,
+                        &c.hash,
+                        bytes[start..start + c.len as usize].to_vec(),
+                    )
+                    .unwrap();
+            }
+            assert_eq!(names(), usize::from(named_before_commit), "{path}");
+            store.commit_staged(&staged).unwrap();
+            assert_eq!(names(), 0, "{path}");
+            assert_eq!(std::fs::read(root.join(path)).unwrap(), bytes);
+        };
+        // New, then replaced (same path, other bytes).
+        put(&store, "docs/a.pdf", &data(70_000, 1), false);
+        put(&store, "docs/a.pdf", &data(90_000, 2), false);
+        assert_eq!(store.files(), 1);
+        assert_eq!(store.used(), 90_000);
+        // Without O_TMPFILE: named from the first chunk, as before.
+        store.tmpfile.store(false, Ordering::SeqCst);
+        put(&store, "docs/b.pdf", &data(50_000, 3), true);
+        put(&store, "docs/a.pdf", &data(10_000, 4), true);
+        assert_eq!(store.files(), 2);
+        assert_eq!(store.used(), 60_000);
     }
 
     /// A staged upload whose chunks do not add up to the file hash leaves
