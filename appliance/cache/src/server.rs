@@ -384,49 +384,40 @@ pub async fn connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut session = Session {
-        id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
-        ..Session::default()
-    };
-    let mut decoder = Decoder::new(limits);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
-    let mut args = Vec::new();
+    let mut conn = Conn::new(limits);
     let mut share = BufferShare { budget, kib: 0 };
     let mut read_size = READ_CHUNK;
     // Input read since the replies were last written (bounds read-ahead).
     let mut unanswered = 0usize;
-    // The commit the replies in `out` wait for.
-    let mut owed: Option<PendingCommit> = None;
     // Wait for input (idle), or take only what is already waiting.
     let mut wait = true;
     let durable = cache.commit_blocks();
     loop {
         // Reads grow while they keep filling up, to at most MAX_READ.
         let size = read_size;
-        let want = buf.capacity().max(buf.len() + size) + decoder.direct_capacity();
+        let want = conn.buf.capacity().max(conn.buf.len() + size) + conn.decoder.direct_capacity();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
-            // nothing before it (flush commits, then writes them).
-            flush(cache, &mut stream, &mut out, owed.take()).await?;
+            // nothing before it (`answer` commits, then writes them).
+            conn.answer(cache, &mut stream).await?;
             let reply = Reply::err("server buffer memory exhausted, closing connection");
-            encode(&reply, session.protocol, &mut out);
-            stream.write_all(&out).await?;
+            encode(&reply, conn.session.protocol, &mut conn.out);
+            stream.write_all(&conn.out).await?;
             stream.shutdown().await?;
             return Ok(());
         }
         let got = if wait {
             tokio::select! {
-                r = read_some(&mut stream, &mut decoder, &mut buf, size, true) => r,
+                r = read_some(&mut stream, &mut conn.decoder, &mut conn.buf, size, true) => r,
                 _ = stop.changed() => return Ok(()),
             }
         } else {
-            read_some(&mut stream, &mut decoder, &mut buf, size, false).await
+            read_some(&mut stream, &mut conn.decoder, &mut conn.buf, size, false).await
         };
         let mut step = match got {
             None => {
                 // Nothing more waiting: answer what was read ahead.
-                flush(cache, &mut stream, &mut out, owed.take()).await?;
+                conn.answer(cache, &mut stream).await?;
                 unanswered = 0;
                 wait = true;
                 continue;
@@ -436,10 +427,10 @@ where
                 if n == 0 {
                     // EOF (or the client shut down its side): answer what
                     // was read; a partial frame (truncated input) is dropped.
-                    flush(cache, &mut stream, &mut out, owed.take()).await?;
+                    conn.answer(cache, &mut stream).await?;
                     return Ok(());
                 }
-                if asked > 0 && decoder.direct_capacity() == 0 {
+                if asked > 0 && conn.decoder.direct_capacity() == 0 {
                     read_size = next_read_size(read_size, asked, n);
                 }
                 unanswered += n;
@@ -449,17 +440,9 @@ where
                     // so their first replies do not wait for this batch.
                     tokio::task::yield_now().await;
                 }
-                let step = run_batch(
-                    cache,
-                    &mut decoder,
-                    &mut buf,
-                    &mut args,
-                    &mut session,
-                    &mut out,
-                    &mut owed,
-                )?;
+                let step = conn.run_batch(cache)?;
                 if step == Step::NeedInput {
-                    if out.is_empty() {
+                    if conn.out.is_empty() {
                         // Only part of a frame so far: wait for the rest.
                         wait = true;
                         continue;
@@ -478,7 +461,7 @@ where
         };
         // Answer: commit what the replies acknowledge, then write them.
         loop {
-            flush(cache, &mut stream, &mut out, owed.take()).await?;
+            conn.answer(cache, &mut stream).await?;
             match step {
                 Step::NeedInput => break,
                 Step::Close => {
@@ -491,15 +474,7 @@ where
                     // per event-loop turn), so a client fetching large
                     // values does not hold up everyone's first reply.
                     tokio::task::yield_now().await;
-                    step = run_batch(
-                        cache,
-                        &mut decoder,
-                        &mut buf,
-                        &mut args,
-                        &mut session,
-                        &mut out,
-                        &mut owed,
-                    )?;
+                    step = conn.run_batch(cache)?;
                 }
             }
         }
@@ -508,43 +483,86 @@ where
         // (After a short read tokio knows the socket is drained, so this
         // costs no syscall when nothing is there.)
         wait = false;
-        // Give back what a large frame needed once it is consumed.
-        if buf.is_empty() && buf.capacity() > 2 * MAX_READ {
-            buf = BytesMut::with_capacity(READ_CHUNK);
-        }
-        if args.capacity() > 1024 {
-            args = Vec::new();
-        }
-        if out.capacity() > 4 * FLUSH_AT {
-            out = BytesMut::with_capacity(READ_CHUNK);
-        }
+        conn.shrink();
     }
 }
 
-/// Decode and run the complete commands in `buf` with their log writes
-/// deferred; the commit they need joins `owed`. A failed append fails the
-/// connection: nothing in the batch may be acknowledged.
-fn run_batch(
-    cache: &Cache,
-    decoder: &mut Decoder,
-    buf: &mut BytesMut,
-    args: &mut Vec<Bytes>,
-    session: &mut Session,
-    out: &mut BytesMut,
-    owed: &mut Option<PendingCommit>,
-) -> io::Result<Step> {
-    let (step, pending) = cache.defer(|| decode_and_run(decoder, buf, args, cache, session, out));
-    match pending {
-        Ok(p) => {
-            *owed = Some(match owed.take() {
-                Some(earlier) => earlier.join(p),
-                None => p,
-            });
-            Ok(step)
+/// One connection's protocol state: its decoder and input, the command
+/// being run, the replies not yet written and the commit they wait for.
+struct Conn {
+    session: Session,
+    decoder: Decoder,
+    buf: BytesMut,
+    /// Scratch space for one command's arguments (see [`decode_and_run`]).
+    args: Vec<Bytes>,
+    out: BytesMut,
+    /// The commit the replies in `out` wait for.
+    owed: Option<PendingCommit>,
+}
+
+impl Conn {
+    fn new(limits: Limits) -> Self {
+        Self {
+            session: Session {
+                id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
+                ..Session::default()
+            },
+            decoder: Decoder::new(limits),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            args: Vec::new(),
+            out: BytesMut::with_capacity(READ_CHUNK),
+            owed: None,
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cache RESP: log append failed, dropping connection");
-            Err(io::Error::other(e.to_string()))
+    }
+
+    /// Decode and run the complete commands in `buf` with their log writes
+    /// deferred; the commit they need joins `owed`. A failed append fails
+    /// the connection: nothing in the batch may be acknowledged.
+    fn run_batch(&mut self, cache: &Cache) -> io::Result<Step> {
+        let Self {
+            session,
+            decoder,
+            buf,
+            args,
+            out,
+            owed,
+        } = self;
+        let (step, pending) =
+            cache.defer(|| decode_and_run(decoder, buf, args, cache, session, out));
+        match pending {
+            Ok(p) => {
+                *owed = Some(match owed.take() {
+                    Some(earlier) => earlier.join(p),
+                    None => p,
+                });
+                Ok(step)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cache RESP: log append failed, dropping connection");
+                Err(io::Error::other(e.to_string()))
+            }
+        }
+    }
+
+    /// Commit what the replies acknowledge, then write them.
+    async fn answer<S: AsyncWrite + Unpin>(
+        &mut self,
+        cache: &Cache,
+        stream: &mut S,
+    ) -> io::Result<()> {
+        flush(cache, stream, &mut self.out, self.owed.take()).await
+    }
+
+    /// Give back what a large frame or reply needed once it is consumed.
+    fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 2 * MAX_READ {
+            self.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        if self.args.capacity() > 1024 {
+            self.args = Vec::new();
+        }
+        if self.out.capacity() > 4 * FLUSH_AT {
+            self.out = BytesMut::with_capacity(READ_CHUNK);
         }
     }
 }
