@@ -442,3 +442,52 @@ fn a_log_below_the_minimum_size_is_not_compacted() {
     let report = cache.maintenance().unwrap().compaction.expect("compacts");
     assert_eq!(report.records_after, 50);
 }
+
+#[test]
+fn compacted_values_are_compressed_and_read_back_after_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut persist = PersistConfig::new(tmp.path());
+    persist.compact_min_garbage = 100;
+    persist.compact_min_log_bytes = 0;
+    let config = CacheConfig::default();
+    // Text-like values of 4 KiB: an agent's answers.
+    let value = |i: usize, round: usize| -> String {
+        let mut s = format!("answer {i} round {round}: ");
+        while s.len() < 4096 {
+            s.push_str("the model says the invoice total is 42 EUR; ");
+        }
+        s.truncate(4096);
+        s
+    };
+    {
+        let (cache, _) = Cache::open(config.clone(), persist.clone()).unwrap();
+        for round in 0..3 {
+            for i in 0..100 {
+                cache
+                    .set_plain(
+                        format!("k{i}").as_bytes(),
+                        value(i, round),
+                        None,
+                        SetCondition::Always,
+                    )
+                    .unwrap();
+            }
+        }
+        let before = cache.persistence().unwrap().stats();
+        assert!(before.log_bytes > 300 * 4096, "{before:?}");
+        let report = cache.maintenance().unwrap().compaction.expect("compacts");
+        assert_eq!(report.records_after, 100);
+        // 100 live values of 4 KiB, compressed: well under half their size.
+        assert!(report.bytes_after < 100 * 4096 / 2, "{report:?}");
+    }
+    let (cache, report) = Cache::open(config, persist).unwrap();
+    assert!(report.is_clean());
+    assert_eq!(report.entries, 100);
+    assert_eq!(report.undecodable, 0);
+    for i in 0..100 {
+        assert_eq!(
+            cache.get_plain(format!("k{i}").as_bytes()),
+            Some(Bytes::from(value(i, 2)))
+        );
+    }
+}
