@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::cache::{Cache, CacheError, KeyTtl, SetCondition};
+use crate::persist::Fsync;
 use crate::resp::{Frame, Protocol, Reply, DIRECT_BULK_MIN};
 
 /// Server name reported by `HELLO` and `INFO`.
@@ -433,7 +434,7 @@ fn client(session: &mut Session, a: &[Bytes]) -> Reply {
 /// The `INFO` text: Redis-style sections plus our statistics.
 pub fn info(cache: &Cache) -> String {
     let s = cache.stats();
-    format!(
+    let mut text = format!(
         "# Server\r\nredis_version:{COMPAT_VERSION}\r\nserver_name:{SERVER_NAME}\r\n\
          appliance_cache_version:{}\r\n\r\n\
          # Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:allkeys-lru\r\n\r\n\
@@ -458,7 +459,25 @@ pub fn info(cache: &Cache) -> String {
         s.bytes,
         s.entries,
         s.entries_with_ttl,
-    )
+    );
+    // Named as in redis where the meaning matches (a compaction is our AOF
+    // rewrite), so tools that wait for `aof_rewrite_in_progress:0` work.
+    if let Some(p) = cache.persistence() {
+        let ps = p.stats();
+        text.push_str(&format!(
+            "\r\n# Persistence\r\naof_enabled:1\r\naof_rewrite_in_progress:{}\r\n\
+             aof_rewrites:{}\r\nlog_records:{}\r\nlog_bytes:{}\r\nfsync:{}\r\n",
+            u8::from(ps.compacting),
+            ps.compactions,
+            ps.log_records,
+            ps.log_bytes,
+            match p.fsync() {
+                Fsync::Always => "always".to_string(),
+                Fsync::IntervalMs(ms) => format!("interval:{ms}"),
+            },
+        ));
+    }
+    text
 }
 
 #[cfg(test)]

@@ -134,7 +134,7 @@ mod frame;
 mod log;
 mod read;
 
-pub use compact::{Compaction, CompactionReport};
+pub use compact::{Compaction, CompactionReport, Superseded};
 pub use error::{Error, Result};
 pub use frame::{DamageReason, FORMAT_MAX_PAYLOAD};
 pub use log::{

@@ -909,3 +909,47 @@ fn deferred_compaction_reads_every_record_and_reopens() {
     assert!(rep.is_clean(), "{rep:?}");
     assert_eq!(seqs(&log), want);
 }
+
+#[test]
+fn superseded_segments_are_freed_in_steps_after_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = compaction_opts();
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=100 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let old_gen = dir.path().join("gen-000001");
+    let (mut plan, source) = log.begin_compaction().unwrap();
+    let boundary = plan.boundary_seq();
+    for rec in source {
+        let rec = rec.unwrap();
+        if rec.seq % 10 == 0 {
+            plan.push(&rec).unwrap();
+        }
+    }
+    let replaced: u64 = fs::read_dir(&old_gen)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let seq: u64 = p.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+            seq < boundary
+        })
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    for i in 101..=105 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let (report, old) = log.finish_compaction_keeping(plan).unwrap();
+    assert_eq!(report.generation, 2);
+    // The names are gone at once; the blocks wait for `release`.
+    assert!(!old_gen.exists());
+    assert_eq!(old.bytes(), replaced);
+    assert_eq!(old.release(100, Duration::ZERO), replaced);
+    let want: Vec<u64> = (10..=100).step_by(10).chain(101..=105).collect();
+    assert_eq!(seqs(&log), want);
+    log.sync().unwrap();
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), want);
+}
