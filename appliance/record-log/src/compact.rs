@@ -290,15 +290,16 @@ impl Log {
             new_segments.push(moved);
         }
         sync_dir(&plan.tmp_dir)?;
-        // Every segment created since the old directory's last fsync now
-        // has a durable entry in the new one.
-        self.dir_unsynced = None;
         let final_dir = self.root.join(gen_dir_name(plan.new_gen));
+        // A failed rename changes nothing: the old generation stays the
+        // log, with whatever it still owes (a directory fsync included).
         fs::rename(&plan.tmp_dir, &final_dir)
             .map_err(io_err("rename compacted generation", &final_dir))?;
         plan.finished = true;
-        sync_dir(&self.root)?;
-        // From here the new generation is the log, whatever happens next.
+        // From here the new generation is the log on disk (`open` takes the
+        // highest), so the writer switches to it before anything else can
+        // fail: writing on into the old one would put records where the
+        // next `open` deletes them.
         for seg in &mut new_segments {
             if let Some(name) = seg.path.file_name() {
                 seg.path = final_dir.join(name);
@@ -320,10 +321,22 @@ impl Log {
         let old_dir = std::mem::replace(&mut self.gen_dir, final_dir);
         self.gen = plan.new_gen;
         self.segments = new_segments;
-        match fs::remove_dir_all(&old_dir) {
-            Ok(()) => sync_dir(&self.root)?,
-            Err(e) => tracing::warn!(dir = %old_dir.display(), error = %e,
-                "could not remove the old generation; the next open removes it"),
+        if let Err(e) = sync_dir(&self.root) {
+            // Whether the switch is durable is unknown: acknowledge nothing
+            // more until a reopen has looked.
+            self.poison(format!(
+                "fsync of the log directory after a compaction failed: {e}"
+            ));
+            return Err(e);
+        }
+        // Every segment created in the old directory since its last fsync
+        // has a durable entry in the new one (fsynced before the rename).
+        self.dir_unsynced = None;
+        let removed = fs::remove_dir_all(&old_dir)
+            .and_then(|()| File::open(&self.root).and_then(|d| d.sync_all()));
+        if let Err(e) = removed {
+            tracing::warn!(dir = %old_dir.display(), error = %e,
+                "could not remove the old generation; the next open removes it");
         }
         let report = CompactionReport {
             generation: self.gen,

@@ -59,23 +59,29 @@ pub struct LogOptions {
     /// Deferred writes (default off): `append` only encodes its frames into
     /// memory, and they are written by the [`PendingSync`] that
     /// [`Log::take_pending_sync`] hands out, just before its `fdatasync`
-    /// (or by [`Log::sync`], a rotation's successor, compaction, or once
-    /// [`MAX_UNWRITTEN`] bytes are owed). Rotation then does no IO beyond
-    /// creating the next segment: sealing it (its last bytes, its fsync, the
-    /// directory's fsync) is part of the next `PendingSync`.
+    /// (or by [`Log::sync`], compaction, closing, or once [`MAX_UNWRITTEN`]
+    /// bytes are owed). Rotation then does no IO beyond creating the next
+    /// segment: sealing the old one (its last bytes and `fdatasync`) and the
+    /// directory's fsync are the next `PendingSync`'s first steps, done
+    /// before any byte of the newer segment is written, so a crash leaves a
+    /// prefix of the log.
+    ///
+    /// Whichever thread runs them, the handed-out batches are written in
+    /// append order, and a `PendingSync` (or `sync`) returns only once every
+    /// one taken before it has finished its fsyncs too.
     ///
     /// For a writer that acknowledges only after a `PendingSync` covering
-    /// the record has run, as a group commit does: the appending thread never
-    /// blocks in the kernel (a `write(2)` can wait for a journal commit),
-    /// and each `fdatasync` flushes exactly the bytes it acknowledges rather
-    /// than also the appends that raced with it. The costs: a record is not
-    /// in the kernel when `append` returns (a crash of the process loses it,
-    /// so `FsyncPolicy::Interval` callers should leave this off); readers see
-    /// only written records; and a failed write poisons the log (the frames
-    /// after it are already numbered), where an immediate write is cut back.
-    /// A crash can leave a torn tail in the segment before the active one,
-    /// which recovery reports like any other damage; no record whose
-    /// `PendingSync` completed is in it.
+    /// the record has run, as a group commit does: the appending thread does
+    /// not enter the kernel for the log (a `write(2)` can wait for a journal
+    /// commit), except to create a segment or to write once `MAX_UNWRITTEN`
+    /// is owed, and each `fdatasync` flushes exactly the bytes it
+    /// acknowledges rather than also the appends racing with it. The costs:
+    /// a record is not in the kernel when `append` returns (a crash of the
+    /// process loses it, so `FsyncPolicy::Interval` callers should leave
+    /// this off); readers see only written records; and a failed write
+    /// poisons the log until it is reopened (the frames after it are already
+    /// numbered), where an immediate write is cut back and only that append
+    /// fails.
     pub defer_writes: bool,
 }
 
@@ -357,37 +363,70 @@ impl PendingSync {
     /// that holds an unrun one: readers wait until handed-out bytes are
     /// written.
     pub fn run(mut self) -> Result<()> {
-        if let Some(ticket) = self.ticket.take() {
-            let parts = &self.parts;
-            ticket
-                .write_in_turn(|| write_parts(parts))
-                .map_err(|e| match e {
-                    WriteFailed::This(e) => e,
-                    WriteFailed::Earlier(reason) => Error::Poisoned {
-                        path: self.root.clone(),
-                        reason,
-                    },
-                })?;
+        let Some(mut ticket) = self.ticket.take() else {
+            // Immediate writes: the bytes are in the file already.
+            for p in &self.parts {
+                p.file
+                    .sync_data()
+                    .map_err(io_err("fdatasync segment", &p.path))?;
+            }
+            return Ok(());
+        };
+        let root = &self.root;
+        let poisoned = |reason| Error::Poisoned {
+            path: root.clone(),
+            reason,
+        };
+        let Some((active, sealed)) = self.parts.split_last() else {
+            return Err(poisoned("a pending sync without its segment".into()));
+        };
+        let dir = self.dir.as_ref().map(|(d, p)| (d, p.as_path()));
+        ticket
+            .write_in_turn(|| write_phase(sealed, dir, (&active.file, &active.path, &active.bytes)))
+            .map_err(|e| match e {
+                WriteFailed::This(e) => e,
+                WriteFailed::Earlier(reason) => poisoned(reason),
+            })?;
+        if let Err(e) = active.file.sync_data() {
+            ticket.fail(format!("fdatasync failed: {e}"));
+            return Err(Error::Io {
+                op: "fdatasync segment",
+                path: active.path.clone(),
+                source: e,
+            });
         }
-        for p in &self.parts {
-            p.file
-                .sync_data()
-                .map_err(io_err("fdatasync segment", &p.path))?;
-        }
-        if let Some((d, path)) = &self.dir {
-            d.sync_all().map_err(io_err("fsync directory", path))?;
-        }
-        Ok(())
+        // Durable only once every `PendingSync` taken before this one is.
+        ticket.settle().map_err(poisoned)
     }
 }
 
-fn write_parts(parts: &[Part]) -> Result<()> {
-    for p in parts {
+/// The write phase of a deferred batch, run in its turn: each segment
+/// rotated out gets its last bytes and its `fdatasync`, the directory that
+/// gained a segment its fsync, and only then are the active segment's bytes
+/// written. So a newer segment's records never reach the disk while an
+/// older one's tail may not have: after a crash the log is a prefix.
+fn write_phase(
+    sealed: &[Part],
+    dir: Option<(&File, &Path)>,
+    (file, path, bytes): (&File, &Path, &[u8]),
+) -> Result<()> {
+    for p in sealed {
         if !p.bytes.is_empty() {
             (&p.file)
                 .write_all(&p.bytes)
                 .map_err(io_err("append to segment", &p.path))?;
         }
+        p.file
+            .sync_data()
+            .map_err(io_err("fdatasync segment", &p.path))?;
+    }
+    if let Some((d, dir_path)) = dir {
+        d.sync_all().map_err(io_err("fsync directory", dir_path))?;
+    }
+    if !bytes.is_empty() {
+        let mut f = file;
+        f.write_all(bytes)
+            .map_err(io_err("append to segment", path))?;
     }
     Ok(())
 }
@@ -397,9 +436,7 @@ fn write_parts(parts: &[Part]) -> Result<()> {
 #[derive(Debug)]
 struct Sealed {
     name_seq: u64,
-    file: File,
-    path: PathBuf,
-    bytes: Vec<u8>,
+    part: Part,
 }
 
 /// An append-only, segmented record log in one directory. See the crate docs.
@@ -764,7 +801,12 @@ impl Log {
 
     /// Bytes appended but not written yet (deferred writes).
     fn owed_bytes(&self) -> usize {
-        self.unwritten.len() + self.sealed.iter().map(|s| s.bytes.len()).sum::<usize>()
+        self.unwritten.len()
+            + self
+                .sealed
+                .iter()
+                .map(|s| s.part.bytes.len())
+                .sum::<usize>()
     }
 
     /// Deferred writes: writes every owed byte now, after the bytes of every
@@ -774,27 +816,27 @@ impl Log {
         if self.owed_bytes() == 0 {
             return Ok(());
         }
-        let ticket = self.queue.issue();
-        let (sealed, active, unwritten) = (&self.sealed, &self.active, &self.unwritten);
-        let path = &self.segments[self.segments.len() - 1].path;
+        let mut ticket = self.queue.issue();
+        let sealed: Vec<Part> = std::mem::take(&mut self.sealed)
+            .into_iter()
+            .map(|s| s.part)
+            .collect();
+        let dir = self.dir_unsynced.take();
+        let path = self.segments[self.segments.len() - 1].path.clone();
+        let (active, unwritten) = (&self.active, &self.unwritten);
         let written = ticket.write_in_turn(|| {
-            for s in sealed {
-                if !s.bytes.is_empty() {
-                    (&s.file)
-                        .write_all(&s.bytes)
-                        .map_err(io_err("append to segment", &s.path))?;
-                }
-            }
-            (&*active)
-                .write_all(unwritten)
-                .map_err(io_err("append to segment", path))
+            write_phase(
+                &sealed,
+                dir.as_ref().map(|d| (d, self.gen_dir.as_path())),
+                (active, &path, unwritten),
+            )
         });
         match written {
             Ok(()) => {
-                for s in &mut self.sealed {
-                    s.bytes = Vec::new();
-                }
+                // Sealed and the directory synced; the active segment's
+                // bytes wait for the next sync like any others.
                 self.unwritten.clear();
+                ticket.release();
                 Ok(())
             }
             Err(e) => {
@@ -970,9 +1012,11 @@ impl Log {
         let old = self.active_segment();
         let sealed = Sealed {
             name_seq: old.name_seq,
-            file: old_file,
-            path: old.path.clone(),
-            bytes: std::mem::take(&mut self.unwritten),
+            part: Part {
+                file: old_file,
+                path: old.path.clone(),
+                bytes: std::mem::take(&mut self.unwritten),
+            },
         };
         self.sealed.push(sealed);
         self.unwritten.extend_from_slice(&SEGMENT_MAGIC);
@@ -997,27 +1041,17 @@ impl Log {
             return Ok(());
         }
         if self.opts.defer_writes {
-            self.write_now()?;
-            for s in std::mem::take(&mut self.sealed) {
-                if let Err(e) = s.file.sync_data() {
-                    self.poisoned = Some(format!("fdatasync failed: {e}"));
-                    return Err(Error::Io {
-                        op: "fdatasync segment",
-                        path: s.path,
-                        source: e,
-                    });
-                }
+            // The same path as a syncer's: write in turn, fsync, and return
+            // once everything taken before is durable too.
+            let Some(pending) = self.take_pending_sync()? else {
+                return Ok(());
+            };
+            if let Err(e) = pending.run() {
+                self.poisoned
+                    .get_or_insert_with(|| format!("sync failed: {e}"));
+                return Err(e);
             }
-            if let Some(d) = self.dir_unsynced.take() {
-                if let Err(e) = d.sync_all() {
-                    self.poisoned = Some(format!("fsync of the directory failed: {e}"));
-                    return Err(Error::Io {
-                        op: "fsync directory",
-                        path: self.gen_dir.clone(),
-                        source: e,
-                    });
-                }
-            }
+            return Ok(());
         }
         if let Err(e) = self.active.sync_data() {
             self.poisoned = Some(format!("fdatasync failed: {e}"));
@@ -1049,11 +1083,7 @@ impl Log {
             .map_err(io_err("dup segment for fsync", &path))?;
         let mut parts: Vec<Part> = std::mem::take(&mut self.sealed)
             .into_iter()
-            .map(|s| Part {
-                file: s.file,
-                path: s.path,
-                bytes: s.bytes,
-            })
+            .map(|s| s.part)
             .collect();
         parts.push(Part {
             file,
@@ -1182,7 +1212,7 @@ impl Log {
                 self.sealed
                     .iter()
                     .find(|s| s.name_seq == seg.name_seq)
-                    .map_or(0, |s| s.bytes.len())
+                    .map_or(0, |s| s.part.bytes.len())
             } as u64;
             let (Some(last), Some(max_ts)) = (seg.last_seq, seg.max_ts) else {
                 continue;

@@ -953,3 +953,68 @@ fn superseded_segments_are_freed_in_steps_after_the_switch() {
     assert!(rep.is_clean(), "{rep:?}");
     assert_eq!(seqs(&log), want);
 }
+
+#[test]
+fn a_failed_compaction_switch_keeps_the_directory_fsync_owed() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(400);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=20 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    let (plan, _) = log.begin_compaction().unwrap();
+    // Appends during the compaction fill segments: the next ones are
+    // created in gen-000001, whose fsync is now owed.
+    for i in 21..=40 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    assert!(log.dir_unsynced.is_some());
+    // Something in the way of the rename: the switch fails.
+    let blocker = dir.path().join("gen-000002");
+    fs::create_dir(&blocker).unwrap();
+    fs::write(blocker.join("x"), b"x").unwrap();
+    assert!(log.finish_compaction(plan).is_err());
+    assert!(
+        log.dir_unsynced.is_some(),
+        "the old generation is still the log and still owes its fsync"
+    );
+    log.append_at(41, &payload(41)).unwrap();
+    log.sync().unwrap();
+    assert!(log.dir_unsynced.is_none());
+    drop(log);
+    fs::remove_dir_all(&blocker).unwrap();
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), (1..=41).collect::<Vec<_>>());
+}
+
+#[test]
+fn deferred_sync_returns_only_after_an_earlier_pending_sync_finished() {
+    // The earlier handle owes a sealed segment's fsync and the directory's;
+    // a later sync() must not report durability before those are done.
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(200);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    for i in 1..=10 {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    let early = log.take_pending_sync().unwrap().unwrap();
+    log.append_at(11, &payload(11)).unwrap();
+    let started = std::time::Instant::now();
+    let runner = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        early.run().unwrap();
+    });
+    log.sync().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(140),
+        "sync returned after {:?}, before the earlier handle ran",
+        started.elapsed()
+    );
+    runner.join().unwrap();
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), (1..=11).collect::<Vec<_>>());
+}
