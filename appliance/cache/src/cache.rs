@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use appliance_record_log::CompactionReport;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -77,7 +78,7 @@ pub struct Maintenance {
     /// Expired entries dropped.
     pub purged: usize,
     /// The compaction run, if one was due.
-    pub compaction: Option<appliance_record_log::CompactionReport>,
+    pub compaction: Option<CompactionReport>,
 }
 
 /// A snapshot of the statistics.
@@ -324,20 +325,34 @@ impl Cache {
     /// compact the log when its garbage passes the threshold. Blocking (it
     /// may `fdatasync` and rewrite the log): run it on a blocking thread.
     pub fn maintenance(&self) -> Result<Maintenance, CacheError> {
+        let purged = self.tidy()?;
+        let compaction = self.compact_if_due()?;
+        Ok(Maintenance { purged, compaction })
+    }
+
+    /// The quick part of [`maintenance`](Self::maintenance): purge expired
+    /// entries and, under `Interval`, `fdatasync` if the interval passed.
+    /// Returns the entries purged.
+    pub fn tidy(&self) -> Result<usize, CacheError> {
         let purged = self.purge_expired()?;
-        let mut out = Maintenance {
-            purged,
-            compaction: None,
-        };
         if let Some(p) = self.persist.as_ref() {
             p.sync_if_due().map_err(persist_error)?;
-            if p.needs_compaction(self.len() as u64) {
-                out.compaction = p
-                    .compact(&self.store, self.clock.now_ms())
-                    .map_err(persist_error)?;
-            }
         }
-        Ok(out)
+        Ok(purged)
+    }
+
+    /// The slow part: compact the log if its garbage passed the thresholds
+    /// (`None` if not, or if a compaction is already running). Takes as long
+    /// as rewriting the live entries; [`crate::maintenance_loop`] runs it
+    /// apart from [`tidy`](Self::tidy), so the `Interval` fsync window
+    /// and expiry do not wait for it.
+    pub fn compact_if_due(&self) -> Result<Option<CompactionReport>, CacheError> {
+        match self.persist.as_ref() {
+            Some(p) if p.needs_compaction(self.len() as u64) => p
+                .compact(&self.store, self.clock.now_ms())
+                .map_err(persist_error),
+            _ => Ok(None),
+        }
     }
 
     /// The configuration in force.

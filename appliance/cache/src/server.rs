@@ -188,27 +188,43 @@ where
     Ok(())
 }
 
-/// Run [`Cache::maintenance`] every `every` on a blocking thread until
-/// `stop` changes. `serve` runs one; a daemon using the cache without the
-/// RESP endpoint runs its own.
+/// Run [`Cache::maintenance`] every `every` on blocking threads until
+/// `stop` changes: each tick the quick part ([`Cache::tidy`]), and a
+/// compaction when one is due and none is running, on its own thread so
+/// that the ticks go on meanwhile (the `Interval` fsync window and expiry
+/// must not wait for a rewrite of the whole cache). `serve` runs one; a
+/// daemon using the cache without the RESP endpoint runs its own. On stop,
+/// a running compaction is waited for.
 pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut compaction: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let c = cache.clone();
-                match tokio::task::spawn_blocking(move || c.maintenance()).await {
-                    Ok(Ok(m)) => {
-                        if let Some(r) = m.compaction {
-                            tracing::info!(?r, "cache log compacted");
-                        }
-                    }
+                match tokio::task::spawn_blocking(move || c.tidy()).await {
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "cache maintenance failed"),
                     Err(e) => tracing::warn!(error = %e, "cache maintenance task failed"),
                 }
+                if compaction.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    let c = cache.clone();
+                    compaction = Some(tokio::task::spawn_blocking(move || {
+                        match c.compact_if_due() {
+                            Ok(Some(r)) => tracing::info!(?r, "cache log compacted"),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(error = %e, "cache log compaction failed"),
+                        }
+                    }));
+                }
             }
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                if let Some(running) = compaction.take() {
+                    let _ = running.await;
+                }
+                return;
+            }
         }
     }
 }

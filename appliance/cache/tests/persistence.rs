@@ -500,3 +500,62 @@ fn compacted_values_are_compressed_and_read_back_after_reopen() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_maintenance_loop_compacts_in_the_background_and_expires_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut persist = PersistConfig::new(tmp.path());
+    persist.compact_min_garbage = 100;
+    persist.compact_min_log_bytes = 0;
+    let (cache, _) = Cache::open(CacheConfig::default(), persist).unwrap();
+    let cache = Arc::new(cache);
+    for round in 0..20 {
+        for i in 0..50 {
+            cache
+                .set_plain(
+                    format!("k{i}").as_bytes(),
+                    format!("{round}"),
+                    None,
+                    SetCondition::Always,
+                )
+                .unwrap();
+        }
+    }
+    cache
+        .set_plain(
+            b"short",
+            "lived",
+            Some(Duration::from_millis(1)),
+            SetCondition::Always,
+        )
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let looping = tokio::spawn(appliance_cache::maintenance_loop(
+        cache.clone(),
+        Duration::from_millis(10),
+        stop_rx,
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let compacted = cache.persistence().unwrap().stats().compactions == 1;
+        let purged = cache.stats().expirations == 1;
+        if compacted && purged {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "compacted {compacted}, purged {purged}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cache.len(), 50);
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), looping)
+        .await
+        .expect("the loop stops")
+        .unwrap();
+    // 50 live entries, plus the expiry's removal if the purge came after
+    // the compaction's boundary (the two run apart).
+    let records = cache.persistence().unwrap().stats().log_records;
+    assert!((50..=51).contains(&records), "{records}");
+}
