@@ -1151,6 +1151,15 @@ impl ClientStore {
     /// every commit, so this is tried once with a probe file.
     fn probe_tmpfile(&self) -> bool {
         const PROBE: &str = "probe.tmpfile";
+        if is_zfs(&self.staging_fd) {
+            // ZFS does not log the link of an O_TMPFILE file in its intent
+            // log: `zfs_link` waits for the whole transaction group to sync
+            // (OpenZFS zfs_vnops_os.c), tens of milliseconds to seconds
+            // under write load, where renaming a named file is one ZIL
+            // commit. The appliance's documents live on ZFS.
+            tracing::info!(client = %self.client, "staging on ZFS: using named staging files");
+            return false;
+        }
         let Ok(fd) = openat(
             &self.staging_fd,
             ".",
@@ -1459,7 +1468,7 @@ impl ClientStore {
         // From here on nobody else writes: take the file exclusively.
         let file = self.with_staged_file(staged, |f| Ok(f.try_clone()))?;
         let file = file.map_err(self.err_io(shown.clone()))?;
-        let _exclusive = staged.file.write();
+        let mut exclusive = staged.file.write();
         staged.settled.store(true, Ordering::SeqCst);
         file.set_len(manifest.size)
             .map_err(self.err_io(shown.clone()))?;
@@ -1523,8 +1532,10 @@ impl ClientStore {
                 UnlinkatFlags::NoRemoveDir,
             );
         }
-        drop(_exclusive);
-        *staged.file.write() = None;
+        // Cleared under the same hold: a flush of the record that got in
+        // between would otherwise find the file and name it again.
+        *exclusive = None;
+        drop(exclusive);
         *staged.record.lock() = None;
         // The document counts its size; what the staging file counted goes.
         let accounted = staged.accounted.swap(0, Ordering::SeqCst);
@@ -2054,6 +2065,14 @@ impl Documents {
     }
 }
 
+/// `f_type` of ZFS in `statfs(2)` (`ZFS_SUPER_MAGIC`).
+const ZFS_SUPER_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x2fc1_2fc1);
+
+/// Whether `fd` is on ZFS (false if `fstatfs` fails).
+fn is_zfs(fd: &OwnedFd) -> bool {
+    nix::sys::statfs::fstatfs(fd).is_ok_and(|s| s.filesystem_type() == ZFS_SUPER_MAGIC)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2068,6 +2087,17 @@ mod tests {
         ClientStore::open(name(), root, keep_versions, Arc::new(AtomicU64::new(0)))
             .unwrap()
             .0
+    }
+
+    #[test]
+    fn anonymous_staging_is_used_off_zfs_only() {
+        // The test machine's file systems are not ZFS; the QEMU tier runs
+        // the daemon on a real pool, where named staging files are used.
+        let dir = tempfile::tempdir().unwrap();
+        let fd: OwnedFd = File::open(dir.path()).unwrap().into();
+        let f_type = nix::sys::statfs::fstatfs(&fd).unwrap().filesystem_type();
+        assert_eq!(is_zfs(&fd), f_type == ZFS_SUPER_MAGIC);
+        assert!(!is_zfs(&fd), "this test expects a non-ZFS temp dir");
     }
 
     fn data(len: usize, seed: u64) -> Vec<u8> {
