@@ -333,6 +333,16 @@ fn next_read_size(current: usize, asked: usize, got: usize) -> usize {
 /// greedily grown query buffer holds).
 const MAX_READ: usize = 64 << 10;
 
+/// Read-ahead when the replies wait for an `fdatasync` (64 KiB): every
+/// command read ahead holds back the replies before it until the sync that
+/// covers it, so beyond one batch of small commands (or four 16 KiB
+/// values) it only adds latency; the syncer groups the connections'
+/// appends anyway (redis reads at most 16 KiB of a client per event-loop
+/// turn). Measured, 50 clients pipelining 16 SETs of 16 KiB under
+/// `fsync always`: mean latency 20-28 ms with the 1 MiB read-ahead, 7-15 ms
+/// with this, at the same throughput.
+const DURABLE_READ_AHEAD: usize = 64 << 10;
+
 /// Input read ahead, without waiting, before the replies so far are sent:
 /// at most this much (1 MiB), so a client streaming commands still gets
 /// its replies in bounded time.
@@ -463,11 +473,20 @@ where
                         wait = true;
                         continue;
                     }
-                    // Coalesce: take what else is waiting first. Under
-                    // `fsync always` also before the first reply: each
-                    // flush waits for an `fdatasync`, and a batch split
-                    // over two of them would take twice as long.
-                    if (!wait || durable) && unanswered < READ_AHEAD_MAX {
+                    // Coalesce: take what else is waiting first. When the
+                    // replies wait for an `fdatasync` (`fsync always` and
+                    // a write among them), also before the first reply, as
+                    // a batch split over two of them would take twice as
+                    // long; but then only up to DURABLE_READ_AHEAD, since
+                    // the replies wait for the sync covering the last
+                    // command read.
+                    let syncing = durable && conn.owes_commit();
+                    let limit = if syncing {
+                        DURABLE_READ_AHEAD
+                    } else {
+                        READ_AHEAD_MAX
+                    };
+                    if (!wait || syncing) && unanswered < limit {
                         wait = false;
                         continue;
                     }
@@ -560,6 +579,11 @@ impl Conn {
         }
     }
 
+    /// Whether the replies so far wait for log records to be committed.
+    fn owes_commit(&self) -> bool {
+        self.owed.as_ref().is_some_and(|p| !p.is_empty())
+    }
+
     /// Commit what the replies acknowledge, then write them.
     async fn answer<S: AsyncWrite + Unpin>(
         &mut self,
@@ -595,11 +619,19 @@ async fn flush<S>(
 where
     S: AsyncWrite + Unpin,
 {
+    if out.is_empty() && owed.as_ref().is_none_or(PendingCommit::is_empty) {
+        return Ok(());
+    }
+    // The other connections with input ready run first: so one `fdatasync`
+    // covers all their appends, and the replies leave in one burst rather
+    // than one by one as they are made (redis's event loop likewise reads
+    // every ready client, then fsyncs, then writes all the replies). A
+    // client juggling many connections then finds several replies per
+    // `epoll_wait`: redis-benchmark, 50 connections, GET of 256 B, one
+    // request at a time, went from 161.8-163.3k to 165.6-168.9k requests/s
+    // (redis-server: 163.5-166.1k in the same rounds).
+    tokio::task::yield_now().await;
     if let Some(p) = owed.filter(|p| !p.is_empty()) {
-        // The other connections with input ready append theirs first, so
-        // one `fdatasync` covers them all (redis's event loop likewise
-        // reads every ready client before its fsync).
-        tokio::task::yield_now().await;
         if let Err(e) = cache.commit_async(p).await {
             // Nothing in this batch is durable: acknowledge none of it.
             tracing::warn!(error = %e, "cache RESP: commit failed, dropping connection");
