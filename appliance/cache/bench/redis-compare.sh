@@ -85,8 +85,30 @@ stop_servers() {
     pids=()
 }
 
+# Durable mode: before each run, wait until neither server is rewriting
+# its log (redis: an AOF rewrite; ours: a compaction, reported under the
+# same INFO field), so that one server's background work from its previous
+# run does not land in the other's measurement. Both check for a due
+# rewrite every 100 ms, hence the short wait first. At most 30 s.
+settle() {
+    [[ $mode == durable ]] || return 0
+    sleep 0.3
+    for _ in $(seq 300); do
+        local busy=0
+        for port in "$REDIS_PORT" "$OURS_PORT"; do
+            if redis-cli -p "$port" INFO persistence | tr -d '\r' |
+                grep -Eq '^aof_rewrite_(in_progress|scheduled):1$'; then
+                busy=1
+            fi
+        done
+        [[ $busy == 0 ]] && return 0
+        sleep 0.1
+    done
+}
+
 # One redis-benchmark run; prints "rps p99_ms".
 run() { # port test pipeline size requests
+    settle
     redis-benchmark -h 127.0.0.1 -p "$1" -c 50 -n "$5" -P "$3" -d "$4" -r "$KEYSPACE" -t "$2" --csv -q 2>/dev/null |
         python3 -c '
 import csv, sys
