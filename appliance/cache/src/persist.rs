@@ -57,7 +57,8 @@
 //!
 //! ## Compaction
 //! When the log holds more dead records than live entries times
-//! `compact_garbage_ratio` (and at least `compact_min_garbage` of them), a
+//! `compact_garbage_ratio` (and at least `compact_min_garbage` of them, and
+//! the log is at least `compact_min_log_bytes`), a
 //! compaction starts: the log seals its active segment (the *boundary*), then
 //! the live entries are cloned under the cache lock, then, without locks,
 //! they are written as the new generation's records (numbered 1..=n in LRU
@@ -67,6 +68,15 @@
 //! land above the boundary; replaying them over the copy gives the current
 //! state because each record assigns or removes a whole entry. A crash at any
 //! point leaves either the old or the new generation, both complete.
+//!
+//! A compaction is background work and is kept out of the clients' way:
+//! the new generation is written by a thread at nice +10, paced to
+//! `COMPACTION_BYTES_PER_SEC`, with an `fdatasync` every 4 MiB (the record
+//! log's); the maintenance loop runs it apart from its other ticks; only
+//! the switch takes the log lock, at normal priority; and the replaced
+//! generation's blocks are freed a step at a time afterwards, with no lock
+//! held (`RELEASE_STEP`, `RELEASE_PAUSE`). Values that compress by an
+//! eighth are written as LZ4 blocks (see Records).
 //!
 //! Lock order: cache, then log (appends run under the cache lock). Nothing
 //! takes the cache lock while holding the log lock. Known cost: an append
