@@ -122,7 +122,13 @@ impl Ticket {
         if let Some(f) = &st.failure {
             return Err(WriteFailed::Earlier(f.clone()));
         }
-        let result = match catch_unwind(AssertUnwindSafe(write)) {
+        // The turn is this ticket's until `written` moves on: nobody else
+        // writes meanwhile, so the lock is not held across the IO (settling,
+        // issuing and readers' waits go on).
+        drop(st);
+        let outcome = catch_unwind(AssertUnwindSafe(write));
+        let mut st = q.state();
+        let result = match outcome {
             Ok(r) => r,
             Err(panic) => {
                 q.fail(&mut st, "a deferred write panicked".into());

@@ -1031,26 +1031,40 @@ impl Log {
     /// sync. A failure poisons the log (the kernel may have dropped the dirty
     /// pages, so retrying could falsely report success).
     ///
-    /// With deferred writes, it first writes what is owed (after any
-    /// handed-out `PendingSync`'s bytes) and seals rotated-out segments. As
-    /// without, what a `PendingSync` taken earlier covers is that handle's
-    /// to make durable.
+    /// With deferred writes, it writes what is owed (after any handed-out
+    /// `PendingSync`'s bytes), seals rotated-out segments, and returns only
+    /// once every `PendingSync` taken before it has finished its fsyncs too:
+    /// a barrier even when nothing was appended since.
     pub fn sync(&mut self) -> Result<()> {
         self.check_writable()?;
-        if !self.dirty {
-            return Ok(());
-        }
         if self.opts.defer_writes {
             // The same path as a syncer's: write in turn, fsync, and return
-            // once everything taken before is durable too.
+            // once everything taken before is durable too. With nothing new
+            // to write, still a barrier: a `PendingSync` taken earlier may
+            // not have finished.
             let Some(pending) = self.take_pending_sync()? else {
-                return Ok(());
+                let mut barrier = self.queue.issue();
+                let reason = match barrier.write_in_turn(|| Ok::<(), Error>(())) {
+                    Ok(()) => barrier.settle().err(),
+                    Err(WriteFailed::Earlier(reason)) => Some(reason),
+                    Err(WriteFailed::This(e)) => Some(e.to_string()),
+                };
+                return match reason {
+                    None => Ok(()),
+                    Some(reason) => Err(Error::Poisoned {
+                        path: self.root.clone(),
+                        reason,
+                    }),
+                };
             };
             if let Err(e) = pending.run() {
                 self.poisoned
                     .get_or_insert_with(|| format!("sync failed: {e}"));
                 return Err(e);
             }
+            return Ok(());
+        }
+        if !self.dirty {
             return Ok(());
         }
         if let Err(e) = self.active.sync_data() {

@@ -35,7 +35,10 @@ pub(crate) struct SegmentCursor {
 ///
 /// The snapshot is taken when the iterator is created: records appended later
 /// are not seen, and segments removed later (retention, compaction) stay
-/// readable because their files are already open.
+/// readable because their files are already open, except for the segments
+/// a compaction replaced once the caller frees them with
+/// [`Superseded::release`](crate::Superseded::release), which truncates
+/// them: an iterator still reading those fails.
 #[derive(Debug)]
 pub struct LogIter {
     segments: VecDeque<SegmentCursor>,

@@ -1018,3 +1018,24 @@ fn deferred_sync_returns_only_after_an_earlier_pending_sync_finished() {
     assert!(rep.is_clean(), "{rep:?}");
     assert_eq!(seqs(&log), (1..=11).collect::<Vec<_>>());
 }
+
+#[test]
+fn deferred_sync_with_nothing_new_still_waits_for_an_earlier_pending_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
+    log.append(b"a").unwrap();
+    let early = log.take_pending_sync().unwrap().unwrap();
+    assert!(!log.stats().dirty);
+    let started = std::time::Instant::now();
+    let runner = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        early.run().unwrap();
+    });
+    log.sync().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(140),
+        "sync returned after {:?}, before the earlier handle ran",
+        started.elapsed()
+    );
+    runner.join().unwrap();
+}
