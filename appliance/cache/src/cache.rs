@@ -274,22 +274,33 @@ impl Cache {
             return (out, Ok(none));
         }
         let dirty = DEFERRED_DIRTY.with(|d| d.replace(false));
-        let Some(persist) = self.persist.as_ref().filter(|_| dirty) else {
-            // A batch that wrote nothing does not wait for others' fsyncs.
+        let Some(persist) = self.persist.as_ref() else {
             return (out, Ok(none));
         };
+        // A batch that only read waits under `Always` too, for the writes
+        // it may have seen: their records are appended (drained from the
+        // journal here if their own batch has not yet) and its replies wait
+        // for their fdatasync, so no client is shown a value that a power
+        // cut could still take back (redis likewise writes every reply of
+        // an event-loop turn after its fsync). When everything appended is
+        // durable already, as in a read-only load, nothing waits.
+        if !dirty && persist.fsync() != Fsync::Always {
+            return (out, Ok(none));
+        }
         let now = self.clock.now_ms();
         let appended = {
             let mut store = self.lock();
             let changes = store.take_journal();
             persist.append(&changes, now)
         };
-        (
-            out,
-            appended
-                .map(|target| PendingCommit { target })
-                .map_err(persist_error),
-        )
+        let pending = appended.map_err(persist_error).map(|target| {
+            if dirty || !persist.is_durable(target) {
+                PendingCommit { target }
+            } else {
+                none
+            }
+        });
+        (out, pending)
     }
 
     /// Make deferred mutations durable (blocking under `Always`).

@@ -809,6 +809,11 @@ impl Persistence {
         }
     }
 
+    /// Whether the records up to `target` are known durable.
+    pub(crate) fn is_durable(&self, target: u64) -> bool {
+        self.shared.state().durable_seq >= target
+    }
+
     /// Under `Interval`: `fdatasync` if the interval has passed since the
     /// last one and records are waiting (the maintenance timer calls this so
     /// the window is bounded even when no writes arrive).
@@ -856,9 +861,15 @@ impl Persistence {
         if self.compacting.swap(true, Ordering::AcqRel) {
             return Ok(None);
         }
-        let result = self.compact_inner(store, now_ms);
-        self.compacting.store(false, Ordering::Release);
-        result
+        /// Clears the flag however the compaction ends, a panic included.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.compacting);
+        self.compact_inner(store, now_ms)
     }
 
     fn compact_inner(

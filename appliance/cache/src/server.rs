@@ -194,11 +194,18 @@ where
 /// that the ticks go on meanwhile (the `Interval` fsync window and expiry
 /// must not wait for a rewrite of the whole cache). `serve` runs one; a
 /// daemon using the cache without the RESP endpoint runs its own. On stop,
-/// a running compaction is waited for.
+/// a running compaction is waited for (by `serve`, for at most its
+/// `shutdown_grace`; a compaction still running then finishes on its
+/// blocking thread, and the runtime's shutdown waits for it). A failed
+/// compaction is retried after `COMPACTION_RETRY`.
 pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut compaction: Option<tokio::task::JoinHandle<()>> = None;
+    let mut compaction: Option<tokio::task::JoinHandle<bool>> = None;
+    // After a failed compaction, the next waits (each one rewrites the
+    // whole cache: retried every tick, one failing for lack of space would
+    // keep the disk full).
+    let mut not_before = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -209,14 +216,31 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
                     Err(e) => tracing::warn!(error = %e, "cache maintenance task failed"),
                 }
                 if compaction.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
-                    let c = cache.clone();
-                    compaction = Some(tokio::task::spawn_blocking(move || {
-                        match c.compact_if_due() {
-                            Ok(Some(r)) => tracing::info!(?r, "cache log compacted"),
-                            Ok(None) => {}
-                            Err(e) => tracing::warn!(error = %e, "cache log compaction failed"),
+                    if let Some(done) = compaction.take() {
+                        let ok = done.await.unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "cache log compaction task failed");
+                            false
+                        });
+                        if !ok {
+                            not_before = tokio::time::Instant::now() + COMPACTION_RETRY;
                         }
-                    }));
+                    }
+                    if tokio::time::Instant::now() >= not_before {
+                        let c = cache.clone();
+                        compaction = Some(tokio::task::spawn_blocking(move || {
+                            match c.compact_if_due() {
+                                Ok(Some(r)) => {
+                                    tracing::info!(?r, "cache log compacted");
+                                    true
+                                }
+                                Ok(None) => true,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cache log compaction failed; retrying in 60 s");
+                                    false
+                                }
+                            }
+                        }));
+                    }
                 }
             }
             _ = stop.changed() => {
@@ -228,6 +252,9 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
         }
     }
 }
+
+/// How long the maintenance loop waits after a failed compaction.
+const COMPACTION_RETRY: Duration = Duration::from_secs(60);
 
 /// A share of the server-wide buffer budget, in KiB, returned on drop.
 #[derive(Debug)]

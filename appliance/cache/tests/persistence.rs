@@ -559,3 +559,39 @@ async fn the_maintenance_loop_compacts_in_the_background_and_expires_entries() {
     let records = cache.persistence().unwrap().stats().log_records;
     assert!((50..=51).contains(&records), "{records}");
 }
+
+#[test]
+fn under_fsync_always_a_read_waits_for_the_writes_it_may_have_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, _) = Cache::open(CacheConfig::default(), PersistConfig::new(tmp.path())).unwrap();
+    // A batch writes; its commit has not run yet.
+    let (_, write) = cache.defer(|| {
+        cache
+            .set_plain(b"k", "v", None, SetCondition::Always)
+            .unwrap()
+    });
+    let write = write.unwrap();
+    assert!(!write.is_empty());
+    // Another batch reads the value: its replies must wait for that write.
+    let (seen, read) = cache.defer(|| cache.get_plain(b"k"));
+    assert_eq!(seen, Some(Bytes::from("v")));
+    let read = read.unwrap();
+    assert!(
+        !read.is_empty(),
+        "the read does not wait for the write it saw"
+    );
+    cache.commit(write).unwrap();
+    cache.commit(read).unwrap();
+    // Everything durable: a read waits for nothing.
+    let (_, read) = cache.defer(|| cache.get_plain(b"k"));
+    assert!(read.unwrap().is_empty());
+    // Under `Interval` reads never wait (acknowledgements do not either).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut persist = PersistConfig::new(tmp.path());
+    persist.fsync = Fsync::IntervalMs(3_600_000);
+    let (cache, _) = Cache::open(CacheConfig::default(), persist).unwrap();
+    let (_, write) = cache.defer(|| cache.set_plain(b"k", "v", None, SetCondition::Always));
+    assert!(!write.unwrap().is_empty());
+    let (_, read) = cache.defer(|| cache.get_plain(b"k"));
+    assert!(read.unwrap().is_empty());
+}
