@@ -2097,7 +2097,12 @@ mod tests {
         let fd: OwnedFd = File::open(dir.path()).unwrap().into();
         let f_type = nix::sys::statfs::fstatfs(&fd).unwrap().filesystem_type();
         assert_eq!(is_zfs(&fd), f_type == ZFS_SUPER_MAGIC);
-        assert!(!is_zfs(&fd), "this test expects a non-ZFS temp dir");
+        let store = open(dir.path(), false);
+        assert_eq!(
+            store.tmpfile.load(Ordering::SeqCst),
+            !is_zfs(&fd) && store.probe_tmpfile(),
+            "anonymous staging files exactly when off ZFS and linkable"
+        );
     }
 
     fn data(len: usize, seed: u64) -> Vec<u8> {
