@@ -456,8 +456,9 @@ impl Cache {
     /// The cached response to a request, if any. A stored entry under the same
     /// MD5 that belongs to another request is a miss (and a collision).
     pub fn get(&self, agent: &[u8], prompt: &[u8], variant: &[u8]) -> Option<Bytes> {
-        let d = Request::new(agent, prompt, variant).digests();
-        self.read(|s, now| match s.get_agent(&d.md5, &d.sha256, now) {
+        let request = Request::new(agent, prompt, variant);
+        let md5 = request.md5();
+        self.read(|s, now| match s.get_agent(&md5, &request, now) {
             AgentLookup::Hit(v) => Some(v),
             AgentLookup::Miss | AgentLookup::Collision => None,
         })
@@ -528,11 +529,11 @@ impl Cache {
 
     /// Batch get under one lock acquisition.
     pub fn get_many(&self, requests: &[Request<'_>]) -> Vec<Option<Bytes>> {
-        let digests: Vec<_> = requests.iter().map(Request::digests).collect();
+        let keys: Vec<_> = requests.iter().map(Request::md5).collect();
         self.read(|s, now| {
-            digests
-                .iter()
-                .map(|d| match s.get_agent(&d.md5, &d.sha256, now) {
+            keys.iter()
+                .zip(requests)
+                .map(|(md5, request)| match s.get_agent(md5, request, now) {
                     AgentLookup::Hit(v) => Some(v),
                     AgentLookup::Miss | AgentLookup::Collision => None,
                 })
@@ -548,13 +549,14 @@ impl Cache {
         prompt: &[u8],
         variant: &[u8],
     ) -> Result<bool, CacheError> {
-        let d = Request::new(agent, prompt, variant).digests();
+        let request = Request::new(agent, prompt, variant);
+        let md5 = request.md5();
         self.mutate(|s, now| {
-            let key = Key::Agent(d.md5);
+            let key = Key::Agent(md5);
             let owned = s
                 .peek(&key, now)
                 .and_then(|e| e.owner.as_ref())
-                .is_some_and(|o| o.sha256 == d.sha256);
+                .is_some_and(|o| o.belongs_to(&request));
             owned && s.remove(&key, now)
         })
     }

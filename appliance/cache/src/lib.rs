@@ -47,8 +47,11 @@
 //! where `LE64` is an unsigned 64-bit little-endian length and `0x01` is the
 //! format version. The cache key is `MD5(encoding)` (shown as 32 lower-case hex
 //! digits by `GET <md5 hex>` and in the JSON files); the entry also stores
-//! `SHA-256(encoding)`, and a hit is only a hit if that matches too. A mismatch
-//! is reported as a miss and counted as a `collision`.
+//! the request itself (agent, prompt, variant) and `SHA-256(encoding)`, and a
+//! hit is only a hit if the stored request equals the asked one byte for
+//! byte (the encoding is injective, so this is the same test as comparing
+//! the SHA-256, without hashing on every lookup). A mismatch is reported as
+//! a miss and counted as a `collision`.
 //!
 //! Example: `("agent-1", "What is RAID-Z2?", "")` encodes as the 23 bytes of
 //! the two strings, then `07 00.. 10 00.. 00 00.. 01`, and has MD5

@@ -19,6 +19,8 @@ use bytes::Bytes;
 use hashlink::linked_hash_map::RawEntryMut;
 use hashlink::LinkedHashMap;
 
+use crate::key::Request;
+
 /// Bookkeeping charged per entry on top of its key and value bytes: the hash
 /// table slot and LRU links (~48 B), the expiry-index node (~40 B) and the
 /// entry header. A round, slightly generous figure, so the configured byte
@@ -95,11 +97,20 @@ pub struct AgentOwner {
     pub prompt: Box<[u8]>,
     /// Variant (possibly empty).
     pub variant: Box<[u8]>,
-    /// SHA-256 of the request encoding; compared on every hit.
+    /// SHA-256 of the request encoding (kept in the log; see `belongs_to`).
     pub sha256: [u8; 32],
 }
 
 impl AgentOwner {
+    /// Whether this entry was stored for `request`: the stored request
+    /// equals it byte for byte (the same test as equal SHA-256s of the
+    /// injective encoding, without hashing on every lookup).
+    pub fn belongs_to(&self, request: &Request<'_>) -> bool {
+        *self.agent == *request.agent
+            && *self.prompt == *request.prompt
+            && *self.variant == *request.variant
+    }
+
     fn len(&self) -> usize {
         self.agent.len() + self.prompt.len() + self.variant.len() + self.sha256.len()
     }
@@ -381,13 +392,13 @@ impl Store {
     }
 
     /// Look up an agent entry and prove it belongs to the request.
-    pub fn get_agent(&mut self, md5: &[u8; 16], sha256: &[u8; 32], now: u64) -> AgentLookup {
+    pub fn get_agent(&mut self, md5: &[u8; 16], request: &Request<'_>, now: u64) -> AgentLookup {
         let found = self.live(KeyRef::Agent(*md5), now, true).map(|slot| {
             let owned = slot
                 .entry
                 .owner
                 .as_ref()
-                .is_some_and(|o| &o.sha256 == sha256);
+                .is_some_and(|o| o.belongs_to(request));
             owned.then(|| slot.entry.value.clone())
         });
         match found {
@@ -690,6 +701,24 @@ mod tests {
         })
     }
 
+    #[test]
+    fn an_owner_belongs_only_to_its_exact_request() {
+        let o = owner("ab", "c");
+        assert!(o.belongs_to(&Request::new(b"ab", b"c", b"")));
+        // Same concatenation, other split; another variant; a prefix.
+        assert!(!o.belongs_to(&Request::new(b"a", b"bc", b"")));
+        assert!(!o.belongs_to(&Request::new(b"ab", b"c", b"v")));
+        assert!(!o.belongs_to(&Request::new(b"ab", b"", b"")));
+        // Exactly when the SHA-256 of the encodings match.
+        for r in [
+            Request::new(b"ab", b"c", b""),
+            Request::new(b"a", b"bc", b""),
+            Request::new(b"ab", b"c", b"v"),
+        ] {
+            assert_eq!(o.belongs_to(&r), o.sha256 == r.sha256());
+        }
+    }
+
     /// Capacity for exactly `n` plain entries of a 1-byte key and `v`-byte value.
     fn limits_for(n: usize, v: usize) -> StoreLimits {
         StoreLimits {
@@ -825,12 +854,14 @@ mod tests {
             };
             s.insert(Key::Agent([i; 16]), entry, 0).unwrap();
         }
+        let r1 = Request::new(&o1.agent, &o1.prompt, &o1.variant);
+        let r2 = Request::new(&o2.agent, &o2.prompt, &o2.variant);
         assert_eq!(
-            s.get_agent(&[0; 16], &o1.sha256, 0),
+            s.get_agent(&[0; 16], &r1, 0),
             AgentLookup::Hit(Bytes::from("r0"))
         );
-        assert_eq!(s.get_agent(&[0; 16], &o2.sha256, 0), AgentLookup::Collision);
-        assert_eq!(s.get_agent(&[9; 16], &o2.sha256, 0), AgentLookup::Miss);
+        assert_eq!(s.get_agent(&[0; 16], &r2, 0), AgentLookup::Collision);
+        assert_eq!(s.get_agent(&[9; 16], &r2, 0), AgentLookup::Miss);
         let c = s.counters();
         assert_eq!((c.hits, c.misses, c.collisions), (1, 2, 1));
         assert_eq!(s.remove_agent(b"a1", 0), 2);
