@@ -20,7 +20,14 @@ use clap::Parser;
 /// mimalloc rather than glibc malloc: every SET allocates its value and
 /// frees the one it replaces, and for 16 KiB values glibc's `_int_malloc` /
 /// `_int_free` were about 10% of the server's CPU time (redis-server links
-/// jemalloc for the same reason).
+/// jemalloc for the same reason). Built with `no_thp`: by default mimalloc
+/// asks for transparent huge pages on its memory, and with the kernel's
+/// THP defrag policy `madvise` a fault in such memory may compact memory
+/// synchronously to find 2 MiB; in the slow runs of 16 KiB SETs on a fresh
+/// server, 17% of the server's time was zeroing huge pages in those faults
+/// (perf: `do_huge_pmd_anonymous_page` -> `clear_page_rep`), against 2%
+/// in the fast ones. redis-server turns THP off for itself for the same
+/// latency reason (`disable-thp yes`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
