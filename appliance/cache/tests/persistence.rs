@@ -23,6 +23,28 @@ fn open(dir: &Path, clock: &Arc<ManualClock>) -> (Cache, appliance_cache::LoadRe
     .unwrap()
 }
 
+/// Sets keys `k0..k{keys}` `rounds` times over; round `r` of key `i` gets
+/// `value(i, r)`. All but the last round's records are garbage.
+fn overwrite_rounds(
+    cache: &Cache,
+    rounds: usize,
+    keys: usize,
+    value: impl Fn(usize, usize) -> String,
+) {
+    for round in 0..rounds {
+        for i in 0..keys {
+            cache
+                .set_plain(
+                    format!("k{i}").as_bytes(),
+                    value(i, round),
+                    None,
+                    SetCondition::Always,
+                )
+                .unwrap();
+        }
+    }
+}
+
 /// The single segment file of a fresh (uncompacted) log.
 fn segment(dir: &Path) -> PathBuf {
     let gen = std::fs::read_dir(dir)
@@ -199,18 +221,7 @@ fn compaction_keeps_the_state_and_shrinks_the_log() {
     {
         let (cache, _) =
             Cache::open_with_clock(config.clone(), persist.clone(), clock.clone()).unwrap();
-        for round in 0..20 {
-            for i in 0..50 {
-                cache
-                    .set_plain(
-                        format!("k{i}").as_bytes(),
-                        format!("{round}"),
-                        None,
-                        SetCondition::Always,
-                    )
-                    .unwrap();
-            }
-        }
+        overwrite_rounds(&cache, 20, 50, |_, round| format!("{round}"));
         cache.put(b"agent", b"prompt", b"", "resp", None).unwrap();
         let before = cache.persistence().unwrap().stats();
         assert_eq!(before.log_records, 1001);
@@ -425,18 +436,7 @@ fn a_log_below_the_minimum_size_is_not_compacted() {
     persist.compact_min_log_bytes = 1 << 20;
     let config = CacheConfig::default();
     let write_rounds = |cache: &Cache, rounds: usize| {
-        for round in 0..rounds {
-            for i in 0..50 {
-                cache
-                    .set_plain(
-                        format!("k{i}").as_bytes(),
-                        format!("{round:0>200}"),
-                        None,
-                        SetCondition::Always,
-                    )
-                    .unwrap();
-            }
-        }
+        overwrite_rounds(cache, rounds, 50, |_, round| format!("{round:0>200}"));
     };
     let (cache, _) = Cache::open(config, persist).unwrap();
     // 1,000 records, 950 of them dead: past the record thresholds, but the
@@ -470,18 +470,7 @@ fn compacted_values_are_compressed_and_read_back_after_reopen() {
     };
     {
         let (cache, _) = Cache::open(config.clone(), persist.clone()).unwrap();
-        for round in 0..3 {
-            for i in 0..100 {
-                cache
-                    .set_plain(
-                        format!("k{i}").as_bytes(),
-                        value(i, round),
-                        None,
-                        SetCondition::Always,
-                    )
-                    .unwrap();
-            }
-        }
+        overwrite_rounds(&cache, 3, 100, value);
         let before = cache.persistence().unwrap().stats();
         assert!(before.log_bytes > 300 * 4096, "{before:?}");
         let report = cache.maintenance().unwrap().compaction.expect("compacts");
@@ -509,18 +498,7 @@ async fn the_maintenance_loop_compacts_in_the_background_and_expires_entries() {
     persist.compact_min_log_bytes = 0;
     let (cache, _) = Cache::open(CacheConfig::default(), persist).unwrap();
     let cache = Arc::new(cache);
-    for round in 0..20 {
-        for i in 0..50 {
-            cache
-                .set_plain(
-                    format!("k{i}").as_bytes(),
-                    format!("{round}"),
-                    None,
-                    SetCondition::Always,
-                )
-                .unwrap();
-        }
-    }
+    overwrite_rounds(&cache, 20, 50, |_, round| format!("{round}"));
     cache
         .set_plain(
             b"short",

@@ -732,6 +732,39 @@ fn pending_sync_outside_the_log_and_poison() {
     assert_eq!(seqs(&log), vec![1, 2]);
 }
 
+/// Reopens the log in `dir`: clean, holding exactly the records `want`.
+fn assert_reopens_clean(dir: &Path, o: LogOptions, want: &[u64]) {
+    let (log, rep) = Log::open(dir, o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), want);
+}
+
+/// `log.sync()` while `early`, taken before, runs 150 ms later on another
+/// thread: the sync must not return before it.
+fn assert_sync_waits_for(log: &mut Log, early: PendingSync) {
+    let started = std::time::Instant::now();
+    let runner = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        early.run().unwrap();
+    });
+    log.sync().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(140),
+        "sync returned after {:?}, before the earlier handle ran",
+        started.elapsed()
+    );
+    runner.join().unwrap();
+}
+
+/// Opens the log in `dir` and appends records 1..=n (`payload(i)` at time i).
+fn open_with_records(dir: &Path, o: LogOptions, n: u64) -> Log {
+    let (mut log, _) = Log::open(dir, o).unwrap();
+    for i in 1..=n {
+        log.append_at(i, &payload(i)).unwrap();
+    }
+    log
+}
+
 fn deferred_opts(segment_max_bytes: u64) -> LogOptions {
     LogOptions {
         segment_max_bytes,
@@ -750,10 +783,7 @@ fn total_file_bytes(dir: &Path) -> u64 {
 #[test]
 fn deferred_appends_are_written_by_their_pending_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
-    for i in 1..=3 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), deferred_opts(64 << 20), 3);
     // Nothing reached the file (only the header `open` wrote), and readers
     // see only written records.
     assert_eq!(total_file_bytes(dir.path()), SEGMENT_HEADER_LEN);
@@ -767,9 +797,8 @@ fn deferred_appends_are_written_by_their_pending_sync() {
     assert!(log.stats().dirty);
     // Closing writes what is still owed.
     drop(log);
-    let (log, rep) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), vec![1, 2, 3, 4]);
+    assert_reopens_clean(dir.path(), deferred_opts(64 << 20), &[1, 2, 3, 4]);
+    let (log, _) = Log::open(dir.path(), deferred_opts(64 << 20)).unwrap();
     assert_eq!(all(&log)[3].payload, payload(4));
 }
 
@@ -777,10 +806,7 @@ fn deferred_appends_are_written_by_their_pending_sync() {
 fn deferred_rotation_is_sealed_by_the_next_pending_sync() {
     let dir = tempfile::tempdir().unwrap();
     let o = deferred_opts(200);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    for i in 1..=50 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), o, 50);
     let segments = log.stats().segments;
     assert!(segments > 5, "{segments}");
     // Rotation created the files but wrote nothing, not even the headers.
@@ -817,9 +843,7 @@ fn deferred_rotation_is_sealed_by_the_next_pending_sync() {
     };
     assert_eq!(sizes(dir.path()), sizes(plain.path()));
     drop(log);
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), (1..=50).collect::<Vec<_>>());
+    assert_reopens_clean(dir.path(), o, &(1..=50).collect::<Vec<_>>());
 }
 
 #[test]
@@ -828,10 +852,7 @@ fn deferred_writes_land_in_append_order_whoever_writes_them() {
     // writes before a later `sync()` on this one; the frames are in order.
     let dir = tempfile::tempdir().unwrap();
     let o = deferred_opts(300);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    for i in 1..=10 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), o, 10);
     let early = log.take_pending_sync().unwrap().unwrap();
     for i in 11..=30 {
         log.append_at(i, &payload(i)).unwrap();
@@ -844,9 +865,7 @@ fn deferred_writes_land_in_append_order_whoever_writes_them() {
     runner.join().unwrap();
     assert_eq!(seqs(&log), (1..=30).collect::<Vec<_>>());
     drop(log);
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), (1..=30).collect::<Vec<_>>());
+    assert_reopens_clean(dir.path(), o, &(1..=30).collect::<Vec<_>>());
 }
 
 #[test]
@@ -861,9 +880,8 @@ fn deferred_pending_sync_dropped_unrun_poisons_the_log() {
     assert!(matches!(log.append(b"c"), Err(Error::Poisoned { .. })));
     assert!(matches!(log.sync(), Err(Error::Poisoned { .. })));
     drop(log);
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), vec![1], "only the written record is there");
+    // Only the written record is there.
+    assert_reopens_clean(dir.path(), o, &[1]);
 }
 
 #[test]
@@ -886,10 +904,7 @@ fn deferred_writes_are_bounded_in_memory() {
 fn deferred_compaction_reads_every_record_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let o = deferred_opts(400);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    for i in 1..=60 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), o, 60);
     // Nothing synced or written yet: compaction must still see all 60.
     let mut seen = 0;
     log.compact_retain(|r| {
@@ -905,19 +920,14 @@ fn deferred_compaction_reads_every_record_and_reopens() {
     let want: Vec<u64> = (1..=60).filter(|s| s % 3 == 0).chain(61..=70).collect();
     assert_eq!(seqs(&log), want);
     drop(log);
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), want);
+    assert_reopens_clean(dir.path(), o, &want);
 }
 
 #[test]
 fn superseded_segments_are_freed_in_steps_after_the_switch() {
     let dir = tempfile::tempdir().unwrap();
     let o = compaction_opts();
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    for i in 1..=100 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), o, 100);
     let old_gen = dir.path().join("gen-000001");
     let (mut plan, source) = log.begin_compaction().unwrap();
     let boundary = plan.boundary_seq();
@@ -949,19 +959,14 @@ fn superseded_segments_are_freed_in_steps_after_the_switch() {
     assert_eq!(seqs(&log), want);
     log.sync().unwrap();
     drop(log);
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), want);
+    assert_reopens_clean(dir.path(), o, &want);
 }
 
 #[test]
 fn a_failed_compaction_switch_keeps_the_directory_fsync_owed() {
     let dir = tempfile::tempdir().unwrap();
     let o = deferred_opts(400);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    for i in 1..=20 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), o, 20);
     log.sync().unwrap();
     let (plan, _) = log.begin_compaction().unwrap();
     // Appends during the compaction fill segments: the next ones are
@@ -984,9 +989,7 @@ fn a_failed_compaction_switch_keeps_the_directory_fsync_owed() {
     assert!(log.dir_unsynced.is_none());
     drop(log);
     fs::remove_dir_all(&blocker).unwrap();
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), (1..=41).collect::<Vec<_>>());
+    assert_reopens_clean(dir.path(), o, &(1..=41).collect::<Vec<_>>());
 }
 
 #[test]
@@ -995,28 +998,12 @@ fn deferred_sync_returns_only_after_an_earlier_pending_sync_finished() {
     // a later sync() must not report durability before those are done.
     let dir = tempfile::tempdir().unwrap();
     let o = deferred_opts(200);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    for i in 1..=10 {
-        log.append_at(i, &payload(i)).unwrap();
-    }
+    let mut log = open_with_records(dir.path(), o, 10);
     let early = log.take_pending_sync().unwrap().unwrap();
     log.append_at(11, &payload(11)).unwrap();
-    let started = std::time::Instant::now();
-    let runner = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        early.run().unwrap();
-    });
-    log.sync().unwrap();
-    assert!(
-        started.elapsed() >= Duration::from_millis(140),
-        "sync returned after {:?}, before the earlier handle ran",
-        started.elapsed()
-    );
-    runner.join().unwrap();
+    assert_sync_waits_for(&mut log, early);
     drop(log);
-    let (log, rep) = Log::open(dir.path(), o).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), (1..=11).collect::<Vec<_>>());
+    assert_reopens_clean(dir.path(), o, &(1..=11).collect::<Vec<_>>());
 }
 
 #[test]
@@ -1026,16 +1013,5 @@ fn deferred_sync_with_nothing_new_still_waits_for_an_earlier_pending_sync() {
     log.append(b"a").unwrap();
     let early = log.take_pending_sync().unwrap().unwrap();
     assert!(!log.stats().dirty);
-    let started = std::time::Instant::now();
-    let runner = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        early.run().unwrap();
-    });
-    log.sync().unwrap();
-    assert!(
-        started.elapsed() >= Duration::from_millis(140),
-        "sync returned after {:?}, before the earlier handle ran",
-        started.elapsed()
-    );
-    runner.join().unwrap();
+    assert_sync_waits_for(&mut log, early);
 }

@@ -1560,6 +1560,29 @@ impl ClientStore {
         Ok(())
     }
 
+    /// A symlink at `path` is refused as such, anything else that is not a
+    /// regular file as the wrong type.
+    fn require_regular(
+        &self,
+        st: &nix::sys::stat::FileStat,
+        path: &RelPath,
+    ) -> Result<(), StoreError> {
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFLNK {
+            return Err(StoreError::Symlink {
+                client: self.client.clone(),
+                path: path.to_string(),
+            });
+        }
+        if kind != SFlag::S_IFREG {
+            return Err(StoreError::WrongType {
+                client: self.client.clone(),
+                path: path.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The size of the document at `name` in `parent` that a commit of
     /// `path` would replace, if any; a symlink or a non-file there is
     /// refused.
@@ -1571,19 +1594,7 @@ impl ClientStore {
     ) -> Result<Option<u64>, StoreError> {
         match fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => {
-                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-                if kind == SFlag::S_IFLNK {
-                    return Err(StoreError::Symlink {
-                        client: self.client.clone(),
-                        path: path.to_string(),
-                    });
-                }
-                if kind != SFlag::S_IFREG {
-                    return Err(StoreError::WrongType {
-                        client: self.client.clone(),
-                        path: path.to_string(),
-                    });
-                }
+                self.require_regular(&st, path)?;
                 Ok(Some(u64::try_from(st.st_size).unwrap_or(0)))
             }
             Err(Errno::ENOENT) => Ok(None),
@@ -1932,19 +1943,7 @@ impl ClientStore {
         let (parent, name) = self.open_parent(path, false)?;
         let st = fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| self.err_errno(path.as_str(), e))?;
-        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-        if kind == SFlag::S_IFLNK {
-            return Err(StoreError::Symlink {
-                client: self.client.clone(),
-                path: path.to_string(),
-            });
-        }
-        if kind != SFlag::S_IFREG {
-            return Err(StoreError::WrongType {
-                client: self.client.clone(),
-                path: path.to_string(),
-            });
-        }
+        self.require_regular(&st, path)?;
         unlinkat(&parent, name, UnlinkatFlags::NoRemoveDir)
             .map_err(|e| self.err_errno(path.as_str(), e))?;
         self.dir_syncs
