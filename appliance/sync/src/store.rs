@@ -2128,6 +2128,21 @@ mod tests {
         validate_manifest(m).unwrap()
     }
 
+    /// Chunk `i` of `m` as (hash, bytes) from the file's `bytes`.
+    fn chunk_of(m: &ValidManifest, bytes: &[u8], i: usize) -> (Hash, Vec<u8>) {
+        let c = &m.chunks[i];
+        let start = usize::try_from(c.offset).unwrap();
+        (c.hash, bytes[start..start + c.len as usize].to_vec())
+    }
+
+    /// Writes every chunk of `m` into its staged upload, in order.
+    fn write_all_staged(store: &ClientStore, staged: &Staged, m: &ValidManifest, bytes: &[u8]) {
+        for i in 0..m.chunks.len() {
+            let (hash, data) = chunk_of(m, bytes, i);
+            store.write_staged(staged, &hash, data).unwrap();
+        }
+    }
+
     fn upload(store: &ClientStore, m: &ValidManifest, bytes: &[u8]) -> Result<(), StoreError> {
         for c in &m.chunks {
             if !store.has_chunk(&c.hash) {
@@ -2537,11 +2552,7 @@ mod tests {
         let m = manifest_for("d/a.bin", &bytes);
         let n = m.chunks.len();
         assert!(n >= 3, "{n} chunks");
-        let chunk = |i: usize| {
-            let c = &m.chunks[i];
-            let start = usize::try_from(c.offset).unwrap();
-            (c.hash, bytes[start..start + c.len as usize].to_vec())
-        };
+        let chunk = |i: usize| chunk_of(&m, &bytes, i);
         let held = || store.reorder.load(Ordering::Relaxed);
         let staged = store.stage(&m).unwrap();
         let mut expect = 0;
@@ -2588,11 +2599,7 @@ mod tests {
         let bytes = data(9 << 20, 21);
         let m = manifest_for("big/scan.tiff", &bytes);
         assert!(m.chunks.len() >= 4, "{} chunks", m.chunks.len());
-        let chunk = |i: usize| {
-            let c = &m.chunks[i];
-            let start = usize::try_from(c.offset).unwrap();
-            (c.hash, bytes[start..start + c.len as usize].to_vec())
-        };
+        let chunk = |i: usize| chunk_of(&m, &bytes, i);
         let staging = root.join(STAGING_DIR_NAME);
         let names = || {
             let mut v: Vec<String> = std::fs::read_dir(&staging)
@@ -2686,16 +2693,7 @@ mod tests {
         let put = |store: &ClientStore, path: &str, bytes: &[u8], named_before_commit: bool| {
             let m = manifest_for(path, bytes);
             let staged = store.stage(&m).unwrap();
-            for c in &m.chunks {
-                let start = usize::try_from(c.offset).unwrap();
-                store
-                    .write_staged(
-                        &staged,
-                        &c.hash,
-                        bytes[start..start + c.len as usize].to_vec(),
-                    )
-                    .unwrap();
-            }
+            write_all_staged(store, &staged, &m, bytes);
             assert_eq!(names(), usize::from(named_before_commit), "{path}");
             store.commit_staged(&staged).unwrap();
             assert_eq!(names(), 0, "{path}");
@@ -2725,16 +2723,7 @@ mod tests {
         let mut m = manifest_for("x.pdf", &bytes);
         m.file_hash = Hash::of(b"a lie");
         let staged = store.stage(&m).unwrap();
-        for c in &m.chunks {
-            let start = usize::try_from(c.offset).unwrap();
-            store
-                .write_staged(
-                    &staged,
-                    &c.hash,
-                    bytes[start..start + c.len as usize].to_vec(),
-                )
-                .unwrap();
-        }
+        write_all_staged(&store, &staged, &m, &bytes);
         let err = store.commit_staged(&staged).unwrap_err();
         assert!(matches!(err, StoreError::FileHashMismatch { .. }), "{err}");
         assert_eq!(
