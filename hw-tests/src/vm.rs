@@ -434,15 +434,27 @@ impl Vm {
     }
 
     /// What to show when a check fails: console tail and journal tail.
+    ///
+    /// The journal leaves out the guest agent's own lines (one per command
+    /// the test runs, which would fill the tail); ZFS's view (pool status,
+    /// the newest pool events) comes last, each under a time limit since a
+    /// suspended pool can block them.
     pub fn diagnostics(&mut self) -> String {
         let journal = self
             .sh(
-                "journalctl -b --no-pager -n 80 -o short-monotonic",
+                "journalctl -b --no-pager -o short-monotonic | grep -v ' qemu-ga\\[' | tail -n 80",
                 Duration::from_secs(30),
             )
             .map_or_else(|e| format!("(no journal: {e:#})"), |o| o.stdout);
+        let zfs = self
+            .sh(
+                "timeout -s KILL 10 zpool status -P; echo '--- zpool events (newest 40)'; \
+                 timeout -s KILL 10 zpool events -H | tail -n 40",
+                Duration::from_secs(30),
+            )
+            .map_or_else(|e| format!("(no zpool status: {e:#})"), |o| o.to_string());
         format!(
-            "--- console tail\n{}\n--- journal tail\n{journal}",
+            "--- console tail\n{}\n--- journal tail (without qemu-ga)\n{journal}\n--- zpool status -P\n{zfs}",
             self.console_tail(40)
         )
     }
