@@ -27,6 +27,13 @@
 //!   issue asks for DEGRADED within 5 s of a pull). The manager drops a poll
 //!   that was already running when such an event came, so an older view
 //!   never undoes it.
+//! * udev carries a disk's removal, which ZFS may not notice for a long
+//!   time: it marks a vdev REMOVED when ZED asks it to, or when I/O to it
+//!   fails, so a disk pulled from an idle pool can stay ONLINE in
+//!   `zpool status` (seen in CI: nothing for two minutes). A pool member
+//!   udev reports gone is published REMOVED, with DEGRADED and the new
+//!   margin, at once ([`EventDeriver::observe_disk_gone`]), and every poll
+//!   until udev sees it again marks it so ([`mark_gone`]).
 //! * Snapshots carry everything; they alone would miss nothing but the
 //!   precise moment.
 //!
@@ -607,66 +614,15 @@ impl EventDeriver {
                     ("vdev_attach" | "vdev_online", None) => DeviceState::Online,
                     _ => return out,
                 };
-                match seen.disks.get_mut(&id) {
-                    Some(d) if d.state == new_state => {}
-                    Some(d) => {
-                        out.events.push(disk_event(
-                            &id,
-                            action_for(&new_state),
-                            &pool,
-                            &new_state,
-                            Some(&d.state),
-                            DeviceErrors {
-                                disk: id.clone(),
-                                read: d.errors.read,
-                                write: d.errors.write,
-                                checksum: d.errors.checksum,
-                            },
-                            EventSource::ZfsEvent,
-                            at,
-                        ));
-                        d.state = new_state.clone();
-                        if new_state.is_failed() {
-                            out.events.extend(lost_redundancy(
-                                seen,
-                                &pool,
-                                &id,
-                                ev.vdev_guid,
-                                &new_state,
-                                at,
-                            ));
-                        }
-                    }
-                    None => {
-                        let action = if new_state.is_failed() {
-                            action_for(&new_state)
-                        } else {
-                            DiskAction::Added
-                        };
-                        out.events.push(disk_event(
-                            &id,
-                            action,
-                            &pool,
-                            &new_state,
-                            None,
-                            DeviceErrors {
-                                disk: id.clone(),
-                                ..DeviceErrors::default()
-                            },
-                            EventSource::ZfsEvent,
-                            at,
-                        ));
-                        seen.disks.insert(
-                            id,
-                            DiskSeen {
-                                state: new_state,
-                                errors: ErrorCounts::default(),
-                                errors_published_at: None,
-                                guid: ev.vdev_guid,
-                            },
-                        );
-                    }
-                }
+                out.events = device_state(
+                    seen,
+                    &pool,
+                    &id,
+                    ev.vdev_guid,
+                    &new_state,
+                    EventSource::ZfsEvent,
+                    at,
+                );
             }
             // A resilver the polls never saw end (a scrub that ZFS started
             // right after it replaced the pool's scan stats): without this
@@ -695,6 +651,34 @@ impl EventDeriver {
             _ => {}
         }
         out
+    }
+
+    /// udev reported disk `id` of `pool` gone (hot-unplugged) while the
+    /// published view still has it working: ZFS marks a vdev REMOVED only
+    /// when ZED asks it to or when I/O to it fails, which on an idle pool can
+    /// be never. Publishes the disk REMOVED (source udev) and, if that lowers
+    /// the margin, DEGRADED at once. The polls that follow keep it so through
+    /// [`mark_gone`].
+    pub fn observe_disk_gone(&mut self, pool: &str, id: &str, now: u64) -> Vec<StorageEvent> {
+        let Some(seen) = self.pools.get_mut(pool) else {
+            return Vec::new();
+        };
+        let Some(d) = seen.disks.get(id) else {
+            return Vec::new();
+        };
+        if d.state.is_failed() {
+            return Vec::new();
+        }
+        let guid = d.guid;
+        device_state(
+            seen,
+            pool,
+            id,
+            guid,
+            &DeviceState::Removed,
+            EventSource::Udev,
+            now,
+        )
     }
 
     /// ZFS did not answer for `pool` (a timeout or an open circuit breaker).
@@ -790,6 +774,109 @@ impl PoolSeen {
     }
 }
 
+/// Marks the pool's disks that udev reported gone as REMOVED where ZFS still
+/// reports them working (it has not noticed yet: see
+/// [`EventDeriver::observe_disk_gone`]), and their vdevs and the pool with
+/// them: DEGRADED while the data survives, UNAVAIL once more disks are gone
+/// than the layout's parity. A state ZFS already reports as failed is left
+/// as it is (ZFS knows better, and SUSPENDED says more than UNAVAIL).
+/// Returns whether anything changed.
+pub fn mark_gone(status: &mut PoolStatus, gone: &BTreeSet<String>) -> bool {
+    fn walk(v: &mut Vdev, gone: &BTreeSet<String>) -> bool {
+        if v.children.is_empty() {
+            if !v.state.is_failed() && gone.contains(&disk_id(&v.name)) {
+                v.state = DeviceState::Removed;
+                return true;
+            }
+            return false;
+        }
+        let mut changed = false;
+        for c in &mut v.children {
+            changed |= walk(c, gone);
+        }
+        if changed && v.state == DeviceState::Online {
+            v.state = DeviceState::Degraded;
+        }
+        changed
+    }
+    if gone.is_empty() || !walk(&mut status.root, gone) {
+        return false;
+    }
+    if !status.state.is_failed() {
+        status.state = if redundancy(status).margin < 0 {
+            DeviceState::Unavail
+        } else {
+            DeviceState::Degraded
+        };
+    }
+    true
+}
+
+/// One disk of `pool` is now in `new_state` (from a ZFS event, or from udev
+/// when the disk is gone): the disk event if its published state changes,
+/// and DEGRADED with the new margin if that lowers the margin (see
+/// [`lost_redundancy`]).
+fn device_state(
+    seen: &mut PoolSeen,
+    pool: &str,
+    id: &str,
+    guid: Option<u64>,
+    new_state: &DeviceState,
+    source: EventSource,
+    at: u64,
+) -> Vec<StorageEvent> {
+    let mut events = Vec::new();
+    match seen.disks.get_mut(id) {
+        Some(d) if d.state == *new_state => {}
+        Some(d) => {
+            let errors = DeviceErrors {
+                disk: id.to_owned(),
+                read: d.errors.read,
+                write: d.errors.write,
+                checksum: d.errors.checksum,
+            };
+            events.push(disk_event(
+                id,
+                action_for(new_state),
+                pool,
+                new_state,
+                Some(&d.state),
+                errors,
+                source,
+                at,
+            ));
+            d.state = new_state.clone();
+            if new_state.is_failed() {
+                events.extend(lost_redundancy(seen, pool, id, guid, new_state, source, at));
+            }
+        }
+        None => {
+            let action = if new_state.is_failed() {
+                action_for(new_state)
+            } else {
+                DiskAction::Added
+            };
+            let errors = DeviceErrors {
+                disk: id.to_owned(),
+                ..DeviceErrors::default()
+            };
+            events.push(disk_event(
+                id, action, pool, new_state, None, errors, source, at,
+            ));
+            seen.disks.insert(
+                id.to_owned(),
+                DiskSeen {
+                    state: new_state.clone(),
+                    errors: ErrorCounts::default(),
+                    errors_published_at: None,
+                    guid,
+                },
+            );
+        }
+    }
+    events
+}
+
 /// A disk of `pool` failed (ZFS event): when that lowers the margin and the
 /// pool still has all its data, publish DEGRADED with the new margin now,
 /// computed from the last poll with that disk failed, instead of waiting
@@ -803,6 +890,7 @@ fn lost_redundancy(
     id: &str,
     guid: Option<u64>,
     state: &DeviceState,
+    source: EventSource,
     at: u64,
 ) -> Option<StorageEvent> {
     let mut status = seen.last_status.clone()?;
@@ -826,7 +914,7 @@ fn lost_redundancy(
         redundancy: red.summary.clone(),
         failed_devices: failed_disk_ids(&red),
         reason: reasons.join("; "),
-        source: EventSource::ZfsEvent,
+        source,
         at,
     });
     seen.state = status.state.as_str().to_owned();

@@ -27,7 +27,7 @@
 //! * Mutating operations are serialised (one at a time) and each ends with
 //!   a re-poll.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,8 +35,9 @@ use std::time::Duration;
 
 use appliance_types::health::ComponentState;
 use appliance_types::storage::{
-    Admission, DiskInfo, ProvisionOutcome, QuotaStatus, ScanEventPhase, ScrubCommand, ScrubStatus,
-    StorageEvent, StorageLayout, StorageReport, StorageRequest, StorageResponse, StorageStatus,
+    Admission, DiskAction, DiskInfo, ProvisionOutcome, QuotaStatus, ScanEventPhase, ScrubCommand,
+    ScrubStatus, StorageEvent, StorageLayout, StorageReport, StorageRequest, StorageResponse,
+    StorageStatus,
 };
 use appliance_zfs::{
     Dataset, DatasetSpec, EventItem, FailureKind, Pool, PoolStatus, ScanFunction, ScanState,
@@ -271,6 +272,7 @@ impl StorageManager {
             waiting_inflight: Vec::new(),
             provision_problems: Vec::new(),
             started: tokio::time::Instant::now(),
+            gone: BTreeSet::new(),
         };
         let handle = tokio::spawn(actor.run(rx, irx));
         (Self { tx, health: hrx }, handle)
@@ -483,6 +485,10 @@ struct Actor {
     waiting_inflight: Vec<Waiter>,
     provision_problems: Vec<String>,
     started: tokio::time::Instant,
+    /// Pool members udev reported removed and not added since (by disk id):
+    /// REMOVED in every snapshot, whatever ZFS says (see
+    /// [`crate::derive::mark_gone`]).
+    gone: BTreeSet<String>,
 }
 
 /// Runs `f` with a timeout, retrying transient refusals with backoff.
@@ -536,6 +542,30 @@ impl Actor {
                 }
             }
             self.sink.publish(&e);
+        }
+    }
+
+    /// Publishes what a ZFS event or udev changed between two polls. A pool
+    /// state among them goes into the snapshot too, so the report and the
+    /// health say the same until the next poll confirms it; a poll already
+    /// running read the pool before the change and must not undo it.
+    fn publish_between_polls(&mut self, events: Vec<StorageEvent>) {
+        if self.poll_running && !events.is_empty() {
+            self.poll_stale = true;
+        }
+        let mut changed = false;
+        for e in &events {
+            if let StorageEvent::PoolState(p) = e {
+                let status = self.deriver.last_status(&p.pool).cloned();
+                if let (Some(status), Some(snap)) = (status, self.snapshots.get_mut(&p.pool)) {
+                    snap.status = status;
+                    changed = true;
+                }
+            }
+        }
+        self.publish(events);
+        if changed {
+            self.update_health();
         }
     }
 
@@ -722,6 +752,8 @@ impl Actor {
                                 }
                             };
                             self.book.saw_pool(&p.name, now);
+                            let mut status = status;
+                            crate::derive::mark_gone(&mut status, &self.gone);
                             let mut snap = PoolSnapshot {
                                 status,
                                 list: Some(p.list),
@@ -768,6 +800,14 @@ impl Actor {
                     let ev = self.deriver.observe_absent(&g, now);
                     self.publish(ev);
                 }
+                // Disks no longer in any pool (replaced) are not watched.
+                let members: BTreeSet<String> = self
+                    .snapshots
+                    .values()
+                    .flat_map(|s| s.status.root.leaves())
+                    .map(|l| disk_id(&l.name))
+                    .collect();
+                self.gone.retain(|id| members.contains(id));
                 let present: Vec<String> = self
                     .snapshots
                     .values()
@@ -873,27 +913,7 @@ impl Actor {
             Internal::Polled(r) => self.apply_poll(r),
             Internal::Zfs(Ok(EventItem::Event(ev))) => {
                 let out = self.deriver.observe_zfs_event(&ev, now);
-                if self.poll_running && !out.events.is_empty() {
-                    self.poll_stale = true;
-                }
-                // A pool state published from the event: the report and the
-                // health say the same until the next poll confirms it.
-                let mut changed = false;
-                for e in &out.events {
-                    if let StorageEvent::PoolState(p) = e {
-                        let status = self.deriver.last_status(&p.pool).cloned();
-                        if let (Some(status), Some(snap)) =
-                            (status, self.snapshots.get_mut(&p.pool))
-                        {
-                            snap.status = status;
-                            changed = true;
-                        }
-                    }
-                }
-                self.publish(out.events);
-                if changed {
-                    self.update_health();
-                }
+                self.publish_between_polls(out.events);
                 if out.repoll {
                     self.start_poll();
                 }
@@ -1144,12 +1164,21 @@ impl Actor {
                             .any(|l| disk_id(&l.name) == change.id)
                     })
                     .map(|s| s.status.name.clone());
-                // A pool member's removal is published by the ZFS side
-                // (REMOVED, with the new margin); everything else from here.
-                if !(change.action == appliance_types::storage::DiskAction::Removed
-                    && pool.is_some())
-                {
-                    self.publish(vec![disk_event(&change, pool.as_deref(), now)]);
+                match (&change.action, pool) {
+                    // A pool member pulled: REMOVED now (and DEGRADED if that
+                    // lowers the margin), whether or not ZFS has noticed; the
+                    // polls keep it so until udev sees the disk again.
+                    (DiskAction::Removed, Some(pool)) => {
+                        self.gone.insert(change.id.clone());
+                        let ev = self.deriver.observe_disk_gone(&pool, &change.id, now);
+                        self.publish_between_polls(ev);
+                    }
+                    (action, pool) => {
+                        if *action != DiskAction::Removed {
+                            self.gone.remove(&change.id);
+                        }
+                        self.publish(vec![disk_event(&change, pool.as_deref(), now)]);
+                    }
                 }
                 self.start_poll();
             }

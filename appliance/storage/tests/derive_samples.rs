@@ -664,3 +664,80 @@ fn disk_pulled_actions() {
         ]
     );
 }
+
+/// A disk pulled from an idle pool: udev says it is gone, ZFS still reports
+/// it ONLINE (ZED has not asked ZFS to mark it and no I/O has failed yet).
+#[test]
+fn a_disk_udev_saw_go_degrades_the_pool_before_zfs_notices() {
+    use appliance_storage::derive::mark_gone;
+    use std::collections::BTreeSet;
+    let healthy = text_status("healthy");
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(healthy.clone(), T0), T0);
+
+    let first = d.observe_disk_gone("tank", "virtio-ZD2", T0 + 1);
+    assert_eq!(
+        briefs(&first),
+        [
+            "storage.disk.virtio-ZD2.removed REMOVED",
+            "storage.pool.tank.state ONLINE->DEGRADED margin Some(2)->Some(1) degraded",
+        ]
+    );
+    assert!(first.iter().all(|e| match e {
+        StorageEvent::Disk(d) => d.source == EventSource::Udev,
+        StorageEvent::PoolState(p) => p.source == EventSource::Udev,
+        _ => false,
+    }));
+    assert!(
+        d.observe_disk_gone("tank", "virtio-ZD2", T0 + 2).is_empty(),
+        "once"
+    );
+    assert!(d
+        .observe_disk_gone("tank", "virtio-NOTMINE", T0 + 2)
+        .is_empty());
+    assert!(d
+        .observe_disk_gone("other", "virtio-ZD2", T0 + 2)
+        .is_empty());
+
+    // The polls after it, where ZFS still says ONLINE, agree once the gone
+    // disk is marked: nothing flips back.
+    let mut gone = BTreeSet::from(["virtio-ZD2".to_owned()]);
+    let mut polled = healthy.clone();
+    assert!(mark_gone(&mut polled, &gone));
+    assert_eq!(polled.state.as_str(), "DEGRADED");
+    assert_eq!(polled.root.children[0].state.as_str(), "DEGRADED");
+    let again = d.observe_snapshot(&snap(polled, T0 + 10), T0 + 10);
+    assert!(briefs(&again).is_empty(), "{:?}", briefs(&again));
+
+    // ZFS noticing later (REMOVED in its own status) changes nothing either.
+    let zfs = text_status("removed1");
+    let mut marked = zfs.clone();
+    assert!(!mark_gone(&mut marked, &gone), "ZFS already has it failed");
+    assert_eq!(marked, zfs);
+
+    // Two more gone exceed RAID-Z2's parity: UNAVAIL, not DEGRADED.
+    gone.extend(["virtio-ZD3".to_owned(), "virtio-ZD4".to_owned()]);
+    let mut three = healthy.clone();
+    assert!(mark_gone(&mut three, &gone));
+    assert_eq!(three.state.as_str(), "UNAVAIL");
+    let lost = d.observe_snapshot(&snap(three, T0 + 20), T0 + 20);
+    assert_eq!(
+        briefs(&lost)
+            .iter()
+            .filter(|b| b.contains("pool.tank.state"))
+            .collect::<Vec<_>>(),
+        ["storage.pool.tank.state DEGRADED->UNAVAIL margin Some(1)->Some(-1) unavailable"]
+    );
+
+    // A state ZFS already reports is kept (SUSPENDED says more).
+    let mut suspended = text_status("removed3");
+    let before = suspended.state.clone();
+    mark_gone(&mut suspended, &gone);
+    assert_eq!(suspended.state, before);
+
+    // Nothing gone, or a disk of no pool: no change.
+    let mut h = healthy.clone();
+    assert!(!mark_gone(&mut h, &BTreeSet::new()));
+    assert!(!mark_gone(&mut h, &BTreeSet::from(["virtio-X".to_owned()])));
+    assert_eq!(h, healthy);
+}

@@ -947,6 +947,60 @@ async fn hotplug_events_from_udev() {
     );
 }
 
+/// A member pulled from an idle pool that ZFS does not notice (ZED did not
+/// mark it and no I/O failed): udev's removal alone degrades the pool at
+/// once, the polls that follow (ZFS still says ONLINE) keep it degraded,
+/// and the disk coming back restores the pool's state.
+#[tokio::test(start_paused = true)]
+async fn a_pulled_member_zfs_does_not_notice_still_degrades_the_pool() {
+    use appliance_storage::udev::DiskChange;
+    let rig = Rig::provisioned().await;
+    let change = |action| DiskChange {
+        action,
+        id: "virtio-ZD4".into(),
+        devname: Some("vdd".into()),
+        bay: Some("bay3".into()),
+        serial: Some("ZD4".into()),
+    };
+    assert!(rig.mgr.hotplug(change(DiskAction::Removed)).await);
+    let ev = rig
+        .wait_events("degraded", |e| {
+            pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
+        })
+        .await;
+    let StorageEvent::PoolState(p) = ev
+        .iter()
+        .find(|e| matches!(e, StorageEvent::PoolState(p) if p.new_state == "DEGRADED"))
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(p.source, appliance_types::storage::EventSource::Udev);
+    assert_eq!(p.failed_devices, ["virtio-ZD4"]);
+    // Minutes of polls in which ZFS still reports every disk ONLINE.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(
+        pool_states(&ev).last(),
+        Some(&("DEGRADED".to_owned(), Some(1))),
+        "{:?}",
+        pool_states(&ev)
+    );
+    assert_eq!(count(&ev, "storage.disk.virtio-ZD4.removed"), 1);
+    assert_eq!(count(&ev, "storage.disk.virtio-ZD4.online"), 0);
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Degraded);
+    assert_eq!(r.redundancy, "RAID-Z2, 6 disks, 1 failed, survives 1 more");
+    // The disk is back: the next poll takes ZFS's word again.
+    assert!(rig.mgr.hotplug(change(DiskAction::Added)).await);
+    rig.wait_events("online again", |e| {
+        pool_states(e).last() == Some(&("ONLINE".to_owned(), Some(2)))
+    })
+    .await;
+    let r = rig.mgr.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Healthy);
+}
+
 /// A poll that read the pool before a disk was pulled finishes after the
 /// ZFS event was published: it must not undo the DEGRADED state (no
 /// DEGRADED -> ONLINE -> DEGRADED flapping).
