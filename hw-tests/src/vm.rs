@@ -446,6 +446,16 @@ impl Vm {
                 Duration::from_secs(30),
             )
             .map_or_else(|e| format!("(no journal: {e:#})"), |o| o.stdout);
+        // The daemon's own lines with their fields (tracing-journald puts
+        // them in journal fields, which the short format leaves out).
+        let daemon = self
+            .sh(
+                "journalctl -b -u applianced.service --no-pager -n 40 -o verbose \
+                 | grep -Ev '^ +(_|SYSLOG_|CODE_|INVOCATION_ID|SYSLOG_IDENTIFIER|MESSAGE_ID)'; \
+                 echo '--- appliancectl status'; timeout 10 appliancectl --json status",
+                Duration::from_secs(30),
+            )
+            .map_or_else(|e| format!("(no daemon journal: {e:#})"), |o| o.to_string());
         let zfs = self
             .sh(
                 "timeout -s KILL 10 zpool status -P; echo '--- zpool events (newest 40)'; \
@@ -454,7 +464,7 @@ impl Vm {
             )
             .map_or_else(|e| format!("(no zpool status: {e:#})"), |o| o.to_string());
         format!(
-            "--- console tail\n{}\n--- journal tail (without qemu-ga)\n{journal}\n--- zpool status -P\n{zfs}",
+            "--- console tail\n{}\n--- journal tail (without qemu-ga)\n{journal}\n--- applianced journal\n{daemon}\n--- zpool status -P\n{zfs}",
             self.console_tail(40)
         )
     }
