@@ -913,6 +913,15 @@ impl Actor {
             Internal::Polled(r) => self.apply_poll(r),
             Internal::Zfs(Ok(EventItem::Event(ev))) => {
                 let out = self.deriver.observe_zfs_event(&ev, now);
+                // ZFS itself has a gone disk working again: it is back, even
+                // if udev's add was lost (a monitor overflow) or comes later.
+                for e in &out.events {
+                    if let StorageEvent::Disk(d) = e {
+                        if d.action == DiskAction::Online {
+                            self.gone.remove(&d.disk);
+                        }
+                    }
+                }
                 self.publish_between_polls(out.events);
                 if out.repoll {
                     self.start_poll();
@@ -1164,12 +1173,17 @@ impl Actor {
                             .any(|l| disk_id(&l.name) == change.id)
                     })
                     .map(|s| s.status.name.clone());
+                // Every removal is remembered, a member's or not: before the
+                // first poll no pool is known yet, and the next poll drops
+                // the ids that belong to no pool.
+                if change.action == DiskAction::Removed {
+                    self.gone.insert(change.id.clone());
+                }
                 match (&change.action, pool) {
                     // A pool member pulled: REMOVED now (and DEGRADED if that
                     // lowers the margin), whether or not ZFS has noticed; the
                     // polls keep it so until udev sees the disk again.
                     (DiskAction::Removed, Some(pool)) => {
-                        self.gone.insert(change.id.clone());
                         let ev = self.deriver.observe_disk_gone(&pool, &change.id, now);
                         self.publish_between_polls(ev);
                     }

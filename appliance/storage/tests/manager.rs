@@ -999,6 +999,32 @@ async fn a_pulled_member_zfs_does_not_notice_still_degrades_the_pool() {
     .await;
     let r = rig.mgr.report().await.unwrap();
     assert_eq!(r.status, StorageStatus::Healthy);
+
+    // Pulled again, and back again with ZFS reporting it working (a
+    // statechange to ONLINE) but udev's add lost: ZFS's word clears it.
+    assert!(rig.mgr.hotplug(change(DiskAction::Removed)).await);
+    rig.wait_events("degraded again", |e| {
+        pool_states(e).last() == Some(&("DEGRADED".to_owned(), Some(1)))
+    })
+    .await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Removed)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Online)
+        .unwrap();
+    rig.wait_events("online without udev", |e| {
+        pool_states(e).last() == Some(&("ONLINE".to_owned(), Some(2)))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        pool_states(&rig.sink.snapshot()).last(),
+        Some(&("ONLINE".to_owned(), Some(2)))
+    );
 }
 
 /// A poll that read the pool before a disk was pulled finishes after the
