@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{io_err, Error, Result};
 use crate::frame::{encode_frame, frame_size, SEGMENT_MAGIC};
-use crate::log::{gen_dir_name, segment_file_name, sync_dir, Log, Segment};
+use crate::log::{create_segment, gen_dir_name, segment_file_name, sync_dir, Log, Segment};
 use crate::read::{LogIter, Record};
 
 /// A compaction `fdatasync`s what it has written every this many bytes
@@ -222,16 +222,23 @@ impl Log {
         // The active segment is now empty (or was never written), and every
         // record is in an older segment, below its name.
         let boundary = self.segments[self.segments.len() - 1].name_seq;
+        let plan = self.plan(boundary)?;
+        let source = self.snapshot(0, 0, boundary - 1)?;
+        Ok((plan, source))
+    }
+
+    /// A plan replacing every segment below `boundary`, in a new temporary
+    /// generation directory.
+    fn plan(&self, boundary: u64) -> Result<Compaction> {
         let new_gen = self.gen + 1;
         let tmp_dir = self.root.join(format!("{}.tmp", gen_dir_name(new_gen)));
         fs::create_dir(&tmp_dir).map_err(io_err("create compaction directory", &tmp_dir))?;
-        let source = self.snapshot(0, 0, boundary - 1)?;
         let (records_before, bytes_before) = self
             .segments
             .iter()
             .filter(|s| s.name_seq < boundary)
             .fold((0, 0), |(r, b), s| (r + s.records, b + s.len));
-        let plan = Compaction {
+        Ok(Compaction {
             root: self.root.clone(),
             new_gen,
             tmp_dir,
@@ -246,8 +253,82 @@ impl Log {
             bytes_before,
             started: Instant::now(),
             finished: false,
+        })
+    }
+
+    /// Replaces the whole log, written or not, with the records `fill`
+    /// pushes into the plan, and reopens it: for a writer that holds its
+    /// whole state elsewhere and whose log failed (a write refused for lack
+    /// of space poisons the log, since what reached the file is unknown).
+    /// Works on a poisoned log, and clears the poisoning when it succeeds.
+    ///
+    /// The records must be numbered below [`Compaction::boundary_seq`],
+    /// which is [`Log::next_seq`]: sequence numbers go on from where they
+    /// were, so a waiter holding a number handed out earlier never waits
+    /// for one that is not coming. Crash-safe as a compaction is: the new
+    /// generation is written and fsynced in a temporary directory and
+    /// switched to with one `rename(2)`; a crash before that leaves the old
+    /// log (with its damage, which `open` reports). If anything fails, the
+    /// log stays as it was, poisoned or not, and the temporary directory
+    /// is removed.
+    ///
+    /// Any [`PendingSync`](crate::PendingSync) taken before must have run
+    /// or been dropped: its records are below the boundary, so replaced.
+    pub fn rebuild(
+        &mut self,
+        fill: impl FnOnce(&mut Compaction) -> Result<()>,
+    ) -> Result<CompactionReport> {
+        let boundary = self.next_seq;
+        let mut plan = self.plan(boundary)?;
+        fill(&mut plan)?;
+        plan.close_current()?;
+        // An empty segment named after the boundary carries the numbering
+        // on, whatever was kept (nothing, perhaps).
+        let (active, _) = create_segment(&plan.tmp_dir, boundary)?;
+        drop(active);
+        let final_dir = self.root.join(gen_dir_name(plan.new_gen));
+        fs::rename(&plan.tmp_dir, &final_dir)
+            .map_err(io_err("rename rebuilt generation", &final_dir))?;
+        plan.finished = true;
+        let old_dir = self.gen_dir.clone();
+        // The switch must be durable before the old generation goes.
+        sync_dir(&self.root)?;
+        let (records_after, bytes_after) = plan
+            .done
+            .iter()
+            .fold((0, 0), |(r, b), s| (r + s.records, b + s.len));
+        // From here the new generation is the log on disk: this `Log` must
+        // not write into the old one again, whatever happens next.
+        self.poison("replaced by a rebuild");
+        if let Err(e) = fs::remove_dir_all(&old_dir) {
+            tracing::warn!(dir = %old_dir.display(), error = %e,
+                "could not remove the replaced generation; the next open removes it");
+        }
+        let (fresh, recovery) = Log::open_locked(
+            self.root.clone(),
+            self.opts,
+            self.lock.clone(),
+            Instant::now(),
+        )?;
+        if !recovery.is_clean() {
+            tracing::warn!(
+                ?recovery,
+                "record log: the rebuilt generation reopened with damage"
+            );
+        }
+        // The replaced log is poisoned: its owed bytes, which belong to the
+        // old generation, are dropped rather than written on the way out.
+        *self = fresh;
+        let report = CompactionReport {
+            generation: self.gen,
+            records_before: plan.records_before,
+            records_after,
+            bytes_before: plan.bytes_before,
+            bytes_after,
+            elapsed: plan.started.elapsed(),
         };
-        Ok((plan, source))
+        tracing::info!(?report, "record log rebuilt");
+        Ok(report)
     }
 
     /// Switches the log to the compacted generation:

@@ -463,7 +463,8 @@ pub struct Log {
     pub(crate) dir_unsynced: Option<File>,
     /// Deferred writes: the order in which handed-out bytes are written.
     queue: Arc<WriteQueue>,
-    _lock: Flock<File>,
+    /// Shared with the `Log` a [`Log::rebuild`] reopens in its place.
+    pub(crate) lock: Arc<Flock<File>>,
 }
 
 /// Kinds of entries at the top of a log directory.
@@ -514,7 +515,16 @@ impl Log {
             .map_err(io_err("open lock file", &lock_path))?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| Error::Locked(root.clone()))?;
+        Self::open_locked(root, opts, Arc::new(lock), started)
+    }
 
+    /// [`Log::open`] with the directory's lock already held.
+    pub(crate) fn open_locked(
+        root: PathBuf,
+        opts: LogOptions,
+        lock: Arc<Flock<File>>,
+        started: Instant,
+    ) -> Result<(Self, RecoveryReport)> {
         let mut report = RecoveryReport::default();
         let (gen, gen_dir) = Self::pick_generation(&root, &mut report)?;
         report.generation = gen;
@@ -578,7 +588,7 @@ impl Log {
             sealed: Vec::new(),
             dir_unsynced: None,
             queue: Arc::default(),
-            _lock: lock,
+            lock,
         };
         report.retention = log.enforce_retention()?;
         let stats = log.stats();
@@ -783,6 +793,12 @@ impl Log {
             next_seq: self.next_seq,
             dirty: self.dirty,
         }
+    }
+
+    /// Why the log refuses writes, if it does: poisoned, or a deferred
+    /// write failed. [`Log::rebuild`] is the way back.
+    pub fn failure(&self) -> Option<String> {
+        self.check_writable().err().map(|e| e.to_string())
     }
 
     fn check_writable(&self) -> Result<()> {

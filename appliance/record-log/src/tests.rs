@@ -1015,3 +1015,103 @@ fn deferred_sync_with_nothing_new_still_waits_for_an_earlier_pending_sync() {
     assert!(!log.stats().dirty);
     assert_sync_waits_for(&mut log, early);
 }
+
+/// The generation directories at the top of `dir`, temporary ones included.
+fn generation_dirs(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_poisoned_log_is_rebuilt_from_the_callers_state_and_writable_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(256);
+    let mut log = open_with_records(dir.path(), o, 30);
+    log.sync().unwrap();
+    // Records owed but never written, then a failure: the log refuses.
+    log.append_at(31, &payload(31)).unwrap();
+    drop(log.take_pending_sync().unwrap().unwrap());
+    assert!(matches!(log.append(b"x"), Err(Error::Poisoned { .. })));
+    let next = log.next_seq();
+    assert_eq!(next, 32);
+    let gen = log.gen;
+
+    // The caller's state: three records, numbered just below the boundary.
+    let report = log
+        .rebuild(|plan| {
+            assert_eq!(plan.boundary_seq(), next);
+            for (i, seq) in (next - 3..next).enumerate() {
+                plan.push_parts(seq, 7, format!("state-{i}").as_bytes())?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(report.records_after, 3);
+    assert_eq!(report.generation, gen + 1);
+    assert_eq!(log.gen, gen + 1);
+    // Numbering goes on; the log takes appends and syncs again.
+    assert_eq!(log.next_seq(), next);
+    assert_eq!(seqs(&log), vec![29, 30, 31]);
+    assert_eq!(log.append(b"after").unwrap().seq, next);
+    log.sync().unwrap();
+    assert_eq!(
+        generation_dirs(dir.path()),
+        vec![crate::log::gen_dir_name(gen + 1)]
+    );
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    let recs = all(&log);
+    let got: Vec<(u64, Vec<u8>)> = recs.into_iter().map(|r| (r.seq, r.payload)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (29, b"state-0".to_vec()),
+            (30, b"state-1".to_vec()),
+            (31, b"state-2".to_vec()),
+            (32, b"after".to_vec()),
+        ]
+    );
+}
+
+#[test]
+fn a_rebuild_to_nothing_keeps_the_numbering() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(64 << 20);
+    let mut log = open_with_records(dir.path(), o, 5);
+    log.sync().unwrap();
+    log.rebuild(|_| Ok(())).unwrap();
+    assert!(seqs(&log).is_empty());
+    assert_eq!(log.next_seq(), 6);
+    drop(log);
+    let (mut log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(log.next_seq(), 6);
+    assert_eq!(log.append(b"a").unwrap().seq, 6);
+}
+
+#[test]
+fn a_failed_rebuild_leaves_the_log_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(64 << 20);
+    let mut log = open_with_records(dir.path(), o, 5);
+    log.sync().unwrap();
+    let gen = log.gen;
+    // A record out of range: refused, the temporary generation removed,
+    // and the old log still the log, still writable.
+    let err = log.rebuild(|plan| plan.push_parts(plan.boundary_seq(), 1, b"x"));
+    assert!(matches!(err, Err(Error::Compaction(_))), "{err:?}");
+    assert_eq!(
+        generation_dirs(dir.path()),
+        vec![crate::log::gen_dir_name(gen)]
+    );
+    assert_eq!(log.append(b"more").unwrap().seq, 6);
+    log.sync().unwrap();
+    drop(log);
+    assert_reopens_clean(dir.path(), o, &[1, 2, 3, 4, 5, 6]);
+}
