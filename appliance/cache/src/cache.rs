@@ -79,6 +79,9 @@ pub struct Maintenance {
     pub purged: usize,
     /// The compaction run, if one was due.
     pub compaction: Option<CompactionReport>,
+    /// The rebuild of a log that had failed, if it had (see
+    /// [`Cache::heal_log`]).
+    pub healed: Option<CompactionReport>,
 }
 
 /// A snapshot of the statistics.
@@ -332,13 +335,23 @@ impl Cache {
         (out, pending.and_then(|p| self.commit(p)))
     }
 
-    /// Periodic upkeep: purge expired entries, sync under `Interval`, and
-    /// compact the log when its garbage passes the threshold. Blocking (it
-    /// may `fdatasync` and rewrite the log): run it on a blocking thread.
+    /// Periodic upkeep: rebuild the log if it failed, purge expired
+    /// entries, sync under `Interval`, and compact the log when its garbage
+    /// passes the threshold. Blocking (it may `fdatasync` and rewrite the
+    /// log): run it on a blocking thread.
     pub fn maintenance(&self) -> Result<Maintenance, CacheError> {
+        let healed = if self.log_failed() {
+            self.heal_log()?
+        } else {
+            None
+        };
         let purged = self.tidy()?;
         let compaction = self.compact_if_due()?;
-        Ok(Maintenance { purged, compaction })
+        Ok(Maintenance {
+            purged,
+            compaction,
+            healed,
+        })
     }
 
     /// The quick part of [`maintenance`](Self::maintenance): purge expired
@@ -363,6 +376,25 @@ impl Cache {
                 .compact(&self.store, self.clock.now_ms())
                 .map_err(persist_error),
             _ => Ok(None),
+        }
+    }
+
+    /// Whether the log has failed and takes no writes (see
+    /// [`Cache::heal_log`]).
+    pub fn log_failed(&self) -> bool {
+        self.persist.as_ref().is_some_and(Persistence::is_failed)
+    }
+
+    /// Rebuild a failed log from the memory tier, so that writes are
+    /// durable again once the cause (a full disk) is gone: see
+    /// `Persistence::heal`. `None` if the log has not failed or another
+    /// rewrite is running. Holds the cache lock while it writes.
+    pub fn heal_log(&self) -> Result<Option<CompactionReport>, CacheError> {
+        match self.persist.as_ref() {
+            Some(p) => p
+                .heal(&self.store, self.clock.now_ms())
+                .map_err(persist_error),
+            None => Ok(None),
         }
     }
 

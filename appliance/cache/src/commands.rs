@@ -466,9 +466,12 @@ pub fn info(cache: &Cache) -> String {
         let ps = p.stats();
         text.push_str(&format!(
             "\r\n# Persistence\r\naof_enabled:1\r\naof_rewrite_in_progress:{}\r\n\
-             aof_rewrites:{}\r\nlog_records:{}\r\nlog_bytes:{}\r\nfsync:{}\r\n",
+             aof_rewrites:{}\r\naof_last_write_status:{}\r\nlog_heals:{}\r\n\
+             log_records:{}\r\nlog_bytes:{}\r\nfsync:{}\r\n",
             u8::from(ps.compacting),
             ps.compactions,
+            if ps.failed.is_some() { "err" } else { "ok" },
+            ps.heals,
             ps.log_records,
             ps.log_bytes,
             match p.fsync() {

@@ -78,6 +78,19 @@
 //! held (`RELEASE_STEP`, `RELEASE_PAUSE`). Values that compress by an
 //! eighth are written as LZ4 blocks (see Records).
 //!
+//! ## A failed log
+//! A failed write or `fdatasync` (a full disk, most often) poisons the
+//! log: what reached the file is unknown, so nothing more is appended and
+//! every write after it gets an error, not an acknowledgement. Reads go on
+//! from memory. The maintenance loop then rebuilds the log from the memory
+//! tier (`Persistence::heal`, through `Log::rebuild`: a new generation
+//! written and fsynced beside the old one and switched to with one
+//! `rename(2)`, holding the cache lock throughout so that the log is
+//! exactly the memory tier), at most once a minute and only when the file
+//! system has room for the entries; writes are durable again without a
+//! restart. INFO shows the state as `aof_last_write_status` (`ok`/`err`)
+//! and the rebuilds as `log_heals`.
+//!
 //! Lock order: cache, then log (appends run under the cache lock). Nothing
 //! takes the cache lock while holding the log lock. Known cost: an append
 //! that has to wait for the log lock (a segment rotation or a compaction's
@@ -159,9 +172,19 @@ pub enum PersistError {
     /// A record could not be encoded.
     #[error("cache log: cannot encode a record: {0}")]
     Encode(#[from] postcard::Error),
-    /// An earlier `fdatasync` failed; the log accepts nothing durable any more.
+    /// An earlier write or `fdatasync` failed; the log accepts nothing
+    /// durable until [`crate::Cache::heal_log`] rebuilds it.
     #[error("cache log: {0}")]
     Failed(String),
+    /// A heal was not tried: the file system has less free space than the
+    /// entries need.
+    #[error("cache log: not rebuilt, {free} bytes free on its file system, the entries need {needed} and a margin")]
+    NoSpace {
+        /// Bytes the entries take in memory (the log takes about as much).
+        needed: u64,
+        /// Bytes free for this process.
+        free: u64,
+    },
     /// The syncer thread could not be started.
     #[error("cache log: cannot start the sync thread: {0}")]
     Thread(String),
@@ -193,7 +216,7 @@ impl LoadReport {
 }
 
 /// Counters of the persistence layer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistStats {
     /// Records in the log.
     pub log_records: u64,
@@ -204,6 +227,13 @@ pub struct PersistStats {
     /// A compaction is running (writing the new generation, switching, or
     /// freeing the old one).
     pub compacting: bool,
+    /// Why the log takes no writes, while it does not (a write or an
+    /// `fdatasync` failed; see [`crate::Cache::heal_log`]).
+    #[serde(default)]
+    pub failed: Option<String>,
+    /// Times the log was rebuilt from memory after such a failure.
+    #[serde(default)]
+    pub heals: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -487,6 +517,16 @@ fn lower_priority() {
     }
 }
 
+/// Free space a heal leaves beside the entries it writes.
+const HEAL_SPARE_BYTES: u64 = 16 << 20;
+
+/// Bytes an unprivileged process may still write on the file system of
+/// `dir`, if `statvfs` can tell.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Group-commit state: how far the log is known durable, whether a thread
 /// is running an `fdatasync` for everyone, and what the syncer thread is
 /// asked to cover.
@@ -531,6 +571,7 @@ pub struct Persistence {
     config: PersistConfig,
     compacting: AtomicBool,
     compactions: AtomicU64,
+    heals: AtomicU64,
 }
 
 impl Drop for Persistence {
@@ -713,6 +754,7 @@ impl Persistence {
                 config,
                 compacting: AtomicBool::new(false),
                 compactions: AtomicU64::new(0),
+                heals: AtomicU64::new(0),
             },
             report,
         ))
@@ -833,12 +875,17 @@ impl Persistence {
 
     /// Log size.
     pub fn stats(&self) -> PersistStats {
-        let s = self.lock().stats();
+        let (s, failed) = {
+            let log = self.lock();
+            (log.stats(), log.failure())
+        };
         PersistStats {
             log_records: s.records,
             log_bytes: s.bytes,
             compactions: self.compactions.load(Ordering::Relaxed),
             compacting: self.compacting.load(Ordering::Relaxed),
+            failed: failed.or_else(|| self.shared.state().failed.clone()),
+            heals: self.heals.load(Ordering::Relaxed),
         }
     }
 
@@ -849,6 +896,110 @@ impl Persistence {
         stats.bytes >= self.config.compact_min_log_bytes
             && garbage >= self.config.compact_min_garbage
             && garbage as f64 >= self.config.compact_garbage_ratio * live as f64
+    }
+
+    /// Whether the log takes no writes (a write or an `fdatasync` failed).
+    pub fn is_failed(&self) -> bool {
+        self.shared.state().failed.is_some() || self.lock().failure().is_some()
+    }
+
+    /// After a failed write or `fdatasync` (typically a full disk), the log
+    /// takes nothing more: what reached the file is unknown, and records
+    /// cannot be skipped. Everything the cache holds is in memory, so this
+    /// rebuilds the log from it ([`Log::rebuild`]: a new generation written
+    /// and fsynced beside the old, switched with one `rename(2)`), and
+    /// writes are durable again. Returns `None` if the log has not failed,
+    /// or if a compaction or another heal is running.
+    ///
+    /// It holds the cache lock throughout, so that the log is exactly the
+    /// memory tier when writes resume: the cache answers nothing for as
+    /// long as writing it takes. Mutations refused while the log had
+    /// failed were applied in memory all the same (their callers got an
+    /// error, not an acknowledgement), so they are in the rebuilt log.
+    /// When the file system has less free space than the entries take,
+    /// nothing is tried ([`PersistError::NoSpace`]). A failed attempt
+    /// leaves the log failed and removes what it wrote.
+    pub(crate) fn heal(
+        &self,
+        store: &Mutex<Store>,
+        now_ms: u64,
+    ) -> Result<Option<CompactionReport>, PersistError> {
+        if !self.is_failed() || self.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        /// Clears the flag however the heal ends, a panic included.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.compacting);
+        // No `fdatasync` runs meanwhile, and none starts: any `PendingSync`
+        // taken from the failed log has run (or failed) by now.
+        {
+            let mut st = self.shared.state();
+            while st.syncing {
+                st = self
+                    .shared
+                    .sync_done
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            st.syncing = true;
+        }
+        let result = self.rebuild(store, now_ms);
+        let mut st = self.shared.state();
+        st.syncing = false;
+        if let Ok((_, durable)) = &result {
+            st.failed = None;
+            st.durable_seq = st.durable_seq.max(*durable);
+            st.requested = st.requested.max(*durable);
+        }
+        let durable = Durable {
+            seq: st.durable_seq,
+            failed: st.failed.clone(),
+        };
+        drop(st);
+        self.shared.sync_done.notify_all();
+        self.shared.durable.send_replace(durable);
+        let (report, _) = result?;
+        self.heals.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(report))
+    }
+
+    /// The body of [`Self::heal`]: returns the report and the last sequence
+    /// number the rebuilt log holds durably.
+    fn rebuild(
+        &self,
+        store: &Mutex<Store>,
+        now_ms: u64,
+    ) -> Result<(CompactionReport, u64), PersistError> {
+        let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+        let needed = store.bytes() as u64;
+        if let Some(free) = free_bytes(&self.config.dir) {
+            if free < needed.saturating_add(HEAL_SPARE_BYTES) {
+                return Err(PersistError::NoSpace { needed, free });
+            }
+        }
+        // The snapshot below holds every change the journal still has.
+        drop(store.take_journal());
+        let entries: Vec<(&Key, &Entry)> = store
+            .iter()
+            .filter(|(_, e)| e.expires_at.is_none_or(|at| at > now_ms))
+            .collect();
+        let mut log = self.lock();
+        let report = log.rebuild(|plan| {
+            let first = plan.boundary_seq() - entries.len() as u64;
+            for (seq, (key, entry)) in (first..).zip(&entries) {
+                let record = encode_compacted(key, entry)
+                    .map_err(|e| appliance_record_log::Error::Compaction(e.to_string()))?;
+                plan.push_parts(seq, now_ms, &record)?;
+            }
+            Ok(())
+        })?;
+        let durable = log.next_seq().saturating_sub(1);
+        Ok((report, durable))
     }
 
     /// Compact: `begin` runs under the caller's cache lock and returns the

@@ -197,7 +197,9 @@ where
 /// a running compaction is waited for (by `serve`, for at most its
 /// `shutdown_grace`; a compaction still running then finishes on its
 /// blocking thread, and the runtime's shutdown waits for it). A failed
-/// compaction is retried after `COMPACTION_RETRY`.
+/// compaction is retried after `COMPACTION_RETRY`. A log that failed (a
+/// full disk) is rebuilt from memory in the compaction's place, and
+/// retried as a compaction is (see [`Cache::heal_log`]).
 pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,6 +230,19 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
                     if tokio::time::Instant::now() >= not_before {
                         let c = cache.clone();
                         compaction = Some(tokio::task::spawn_blocking(move || {
+                            if c.log_failed() {
+                                return match c.heal_log() {
+                                    Ok(Some(r)) => {
+                                        tracing::warn!(?r, "cache log rebuilt from memory after it failed; writes are durable again");
+                                        true
+                                    }
+                                    Ok(None) => true,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "cache log has failed and could not be rebuilt; retrying in 60 s");
+                                        false
+                                    }
+                                };
+                            }
                             match c.compact_if_due() {
                                 Ok(Some(r)) => {
                                     tracing::info!(?r, "cache log compacted");
