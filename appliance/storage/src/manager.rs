@@ -1184,7 +1184,8 @@ impl Actor {
                     // lowers the margin), whether or not ZFS has noticed; the
                     // polls keep it so until udev sees the disk again.
                     (DiskAction::Removed, Some(pool)) => {
-                        let ev = self.deriver.observe_disk_gone(&pool, &change.id, now);
+                        let mut ev = self.deriver.observe_disk_gone(&pool, &change.id, now);
+                        locate(&mut ev, &change);
                         self.publish_between_polls(ev);
                     }
                     (action, pool) => {
@@ -1565,6 +1566,19 @@ fn activity(status: &PoolStatus) -> PoolActivity {
         Some(s) if s.state == ScanState::Running => PoolActivity::Scrubbing,
         Some(s) if s.state == ScanState::Paused => PoolActivity::ScrubPaused,
         _ => PoolActivity::Idle,
+    }
+}
+
+/// Udev names the bay and serial of the disk it saw go: the operator's
+/// REMOVED event carries them (ZFS knows neither).
+fn locate(events: &mut [StorageEvent], change: &DiskChange) {
+    for e in events {
+        if let StorageEvent::Disk(d) = e {
+            if d.disk == change.id {
+                d.bay.clone_from(&change.bay);
+                d.serial.clone_from(&change.serial);
+            }
+        }
     }
 }
 

@@ -977,6 +977,22 @@ async fn a_pulled_member_zfs_does_not_notice_still_degrades_the_pool() {
     };
     assert_eq!(p.source, appliance_types::storage::EventSource::Udev);
     assert_eq!(p.failed_devices, ["virtio-ZD4"]);
+    // The disk's REMOVED says where it was, from udev.
+    let removed = ev
+        .iter()
+        .find_map(|e| match e {
+            StorageEvent::Disk(d) if d.action == DiskAction::Removed => Some(d),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        (
+            removed.disk.as_str(),
+            removed.bay.as_deref(),
+            removed.serial.as_deref()
+        ),
+        ("virtio-ZD4", Some("bay3"), Some("ZD4"))
+    );
     // Minutes of polls in which ZFS still reports every disk ONLINE.
     tokio::time::sleep(Duration::from_secs(300)).await;
     let ev = rig.sink.snapshot();
