@@ -14,7 +14,9 @@
 # DURABLE_REQUESTS (default 20000), KEYSPACE (default 10000), ROUNDS
 # (default 3). Each row is measured ROUNDS times, alternating redis and ours
 # so that load from elsewhere on the machine hits both alike; the table shows
-# the median throughput and the median p99 of the rounds. MODES, SIZES,
+# the median throughput and the median p99 of the rounds, and the lowest
+# and highest p99 of each side's rounds (on a disk whose fdatasync stalls
+# now and then, a durable round's p99 is that of the stall it caught). MODES, SIZES,
 # PIPELINES and TESTS (defaults "memory durable", "256 16384", "1 16",
 # "set get") pick rows; OURS_ARGS adds arguments to our server.
 set -euo pipefail
@@ -118,16 +120,18 @@ r = rows[-1]
 print(r[1], r[6])'
 }
 
-# Median throughput and median p99 of "rps p99" lines.
+# Median throughput and median p99 of "rps p99" lines, then the lowest
+# and highest p99 of the rounds ("lo-hi").
 median() {
     printf '%s\n' "$@" | python3 -c '
 import statistics, sys
 rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
-print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(r[1] for r in rows):.3f}")'
+p99 = [r[1] for r in rows]
+print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(p99):.3f}", f"{min(p99):.2f}-{max(p99):.2f}")'
 }
 
-printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %s\n' \
-    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict
+printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %s\n' \
+    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "p99 of the rounds, redis / ours"
 for mode in $MODES; do
     start_servers "$mode"
     for size in $SIZES; do
@@ -141,14 +145,15 @@ for mode in $MODES; do
                     r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
                     o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
                 done
-                read -r r_rps r_p99 < <(median "${r_runs[@]}")
-                read -r o_rps o_p99 < <(median "${o_runs[@]}")
+                read -r r_rps r_p99 r_spread < <(median "${r_runs[@]}")
+                read -r o_rps o_p99 o_spread < <(median "${o_runs[@]}")
                 verdict=$(python3 -c "
 r, o, rp, op = $r_rps, $o_rps, $r_p99, $o_p99
 ok = o >= r and op <= rp
 print(f'{o / r:.2f} ' + ('ok' if ok else 'MISS'))")
-                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %s\n' \
-                    "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$verdict"
+                read -r ratio ok <<<"$verdict"
+                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %s / %s\n' \
+                    "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$ratio" "$ok" "$r_spread" "$o_spread"
             done
         done
     done
