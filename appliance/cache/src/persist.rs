@@ -780,7 +780,17 @@ impl Persistence {
             .collect::<Result<Vec<_>, _>>()?;
         let mut log = self.lock();
         if !payloads.is_empty() {
-            log.append_batch_at(now_ms, payloads)?;
+            if let Err(e) = log.append_batch_at(now_ms, payloads) {
+                if matches!(e, appliance_record_log::Error::Io { .. }) {
+                    // The change is in memory and not in the log (a write
+                    // refused for lack of space, under `Interval`): take
+                    // nothing more until a heal has made the log the
+                    // memory tier again, or a later delete could be undone
+                    // by a restart.
+                    log.poison(format!("append failed: {e}"));
+                }
+                return Err(e.into());
+            }
         }
         Ok(log.next_seq().saturating_sub(1))
     }
@@ -900,7 +910,8 @@ impl Persistence {
 
     /// Whether the log takes no writes (a write or an `fdatasync` failed).
     pub fn is_failed(&self) -> bool {
-        self.shared.state().failed.is_some() || self.lock().failure().is_some()
+        let sync_failed = self.shared.state().failed.is_some();
+        sync_failed || self.lock().failure().is_some()
     }
 
     /// After a failed write or `fdatasync` (typically a full disk), the log
@@ -948,21 +959,33 @@ impl Persistence {
             }
             st.syncing = true;
         }
-        let result = self.rebuild(store, now_ms);
-        let mut st = self.shared.state();
-        st.syncing = false;
-        if let Ok((_, durable)) = &result {
-            st.failed = None;
-            st.durable_seq = st.durable_seq.max(*durable);
-            st.requested = st.requested.max(*durable);
+        /// Lets the others sync again however the heal ends, a panic
+        /// included.
+        struct Syncing<'a>(&'a Shared);
+        impl Drop for Syncing<'_> {
+            fn drop(&mut self) {
+                self.0.state().syncing = false;
+                self.0.sync_done.notify_all();
+            }
         }
-        let durable = Durable {
-            seq: st.durable_seq,
-            failed: st.failed.clone(),
-        };
-        drop(st);
-        self.shared.sync_done.notify_all();
-        self.shared.durable.send_replace(durable);
+        let syncing = Syncing(&self.shared);
+        let result = self.rebuild(store, now_ms);
+        {
+            let mut st = self.shared.state();
+            if let Ok((_, durable)) = &result {
+                st.failed = None;
+                st.durable_seq = st.durable_seq.max(*durable);
+                st.requested = st.requested.max(*durable);
+            }
+            st.syncing = false;
+            // Under the state lock: a waiter that saw the cleared state
+            // must not then read the failure from the channel.
+            self.shared.durable.send_replace(Durable {
+                seq: st.durable_seq,
+                failed: st.failed.clone(),
+            });
+        }
+        drop(syncing);
         let (report, _) = result?;
         self.heals.fetch_add(1, Ordering::Relaxed);
         Ok(Some(report))
@@ -989,7 +1012,9 @@ impl Persistence {
             .filter(|(_, e)| e.expires_at.is_none_or(|at| at > now_ms))
             .collect();
         let mut log = self.lock();
-        let report = log.rebuild(|plan| {
+        // More entries than records is possible: writes refused by the
+        // failed log got no number, but are in memory.
+        let report = log.rebuild(entries.len() as u64, |plan| {
             let first = plan.boundary_seq() - entries.len() as u64;
             for (seq, (key, entry)) in (first..).zip(&entries) {
                 let record = encode_compacted(key, entry)

@@ -47,6 +47,16 @@ fn set(cache: &Cache, key: &str, len: usize) -> bool {
         .is_ok()
 }
 
+/// A write through the RESP server's path: deferred, then committed
+/// asynchronously (under `Always`, by the syncer thread, waited for on the
+/// watch channel).
+fn set_async(rt: &tokio::runtime::Runtime, cache: &Cache, key: &str) -> bool {
+    let (res, pending) =
+        cache.defer(|| cache.set_plain(key.as_bytes(), "v", None, SetCondition::Always));
+    let committed = pending.map(|p| rt.block_on(cache.commit_async(p)));
+    res.is_ok() && matches!(committed, Ok(Ok(())))
+}
+
 #[test]
 fn a_log_that_ran_out_of_space_is_rebuilt_from_memory_once_space_is_back() {
     // A write past the limit raises SIGXFSZ, whose default action ends the
@@ -55,9 +65,19 @@ fn a_log_that_ran_out_of_space_is_rebuilt_from_memory_once_space_is_back() {
     // SAFETY: `SigIgn` installs no handler code, and nothing in this test
     // process uses SIGXFSZ otherwise.
     unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.unwrap();
+    // One after the other: the limit is the process's.
+    full_then_room_again(Fsync::Always);
+    full_then_room_again(Fsync::IntervalMs(10));
+}
+
+fn full_then_room_again(fsync: Fsync) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut persist = PersistConfig::new(dir.path());
-    persist.fsync = Fsync::Always;
+    persist.fsync = fsync;
     let (cache, _) = Cache::open(CacheConfig::default(), persist.clone()).unwrap();
     for i in 0..20 {
         assert!(set(&cache, &format!("before-{i}"), 1000));
@@ -73,13 +93,18 @@ fn a_log_that_ran_out_of_space_is_rebuilt_from_memory_once_space_is_back() {
     // more; reads go on.
     assert!(
         !set(&cache, "big", 64 << 10),
-        "a write past the limit was acknowledged"
+        "{fsync:?}: a write past the limit was acknowledged"
     );
-    assert!(cache.log_failed());
-    assert!(
-        !set(&cache, "small", 10),
-        "the failed log acknowledged a write"
-    );
+    assert!(cache.log_failed(), "{fsync:?}");
+    // More refused writes than the log has records: new keys, in memory.
+    for i in 0..30 {
+        let key = format!("refused-{i}");
+        assert!(
+            !set(&cache, &key, 10),
+            "{fsync:?}: the failed log acknowledged a write"
+        );
+    }
+    assert!(!set_async(&rt, &cache, "refused-async"), "{fsync:?}");
     let stats = cache.persistence().unwrap().stats();
     assert!(stats.failed.is_some(), "{stats:?}");
     let info = appliance_cache::commands::info(&cache);
@@ -95,16 +120,16 @@ fn a_log_that_ran_out_of_space_is_rebuilt_from_memory_once_space_is_back() {
     assert!(!scan(dir.path()).1, "a failed rebuild left its directory");
 
     // Space is back: the periodic upkeep rebuilds the log from memory, and
-    // it takes writes.
+    // it takes writes, on both paths.
     setrlimit(Resource::RLIMIT_FSIZE, soft, hard).unwrap();
     let report = cache
         .maintenance()
         .unwrap()
         .healed
         .expect("the failed log was rebuilt");
-    // The 20 entries, and the two whose writes were refused: they were
+    // The 20 entries, and the 32 whose writes were refused: they were
     // applied in memory, so the rebuilt log has them.
-    assert_eq!(report.records_after, 22);
+    assert_eq!(report.records_after, 52);
     assert!(!cache.log_failed());
     let stats = cache.persistence().unwrap().stats();
     assert_eq!((stats.failed.clone(), stats.heals), (None, 1), "{stats:?}");
@@ -117,22 +142,24 @@ fn a_log_that_ran_out_of_space_is_rebuilt_from_memory_once_space_is_back() {
         cache.heal_log().unwrap().is_none(),
         "a healthy log is left alone"
     );
+    // The asynchronous path first: the failure must be gone from what its
+    // waiters watch, not only from the state a blocking write looks at.
+    assert!(set_async(&rt, &cache, "after-async"), "{fsync:?}");
     assert!(set(&cache, "after", 1000));
+    cache.persistence().unwrap().sync().unwrap();
     drop(cache);
 
     // Everything is there after a restart, from a clean log.
     let (cache, report) = Cache::open(CacheConfig::default(), persist).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(cache.len(), 23);
+    assert_eq!(cache.len(), 54);
     for i in 0..20 {
-        assert_eq!(
-            cache
-                .get_plain(format!("before-{i}").as_bytes())
-                .unwrap()
-                .len(),
-            1000
-        );
+        let v = cache.get_plain(format!("before-{i}").as_bytes()).unwrap();
+        assert_eq!(v.len(), 1000);
     }
     assert_eq!(cache.get_plain(b"big").unwrap().len(), 64 << 10);
+    assert!(cache.get_plain(b"refused-29").is_some());
+    assert!(cache.get_plain(b"refused-async").is_some());
     assert_eq!(cache.get_plain(b"after").unwrap().len(), 1000);
+    assert!(cache.get_plain(b"after-async").is_some());
 }

@@ -20,6 +20,13 @@ use crate::read::{LogIter, Record};
 /// short.
 const COMPACTION_SYNC_EVERY: u64 = 4 << 20;
 
+#[cfg(test)]
+thread_local! {
+    /// Makes the next [`Log::rebuild`] on this thread fail just after its
+    /// rename.
+    pub(crate) static FAIL_AFTER_RENAME: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A compaction in progress: a temporary generation being filled with the
 /// records to keep. Created by [`Log::begin_compaction`], finished by
 /// [`Log::finish_compaction`]. Dropping it unfinished removes the temporary
@@ -256,29 +263,35 @@ impl Log {
         })
     }
 
-    /// Replaces the whole log, written or not, with the records `fill`
-    /// pushes into the plan, and reopens it: for a writer that holds its
-    /// whole state elsewhere and whose log failed (a write refused for lack
-    /// of space poisons the log, since what reached the file is unknown).
-    /// Works on a poisoned log, and clears the poisoning when it succeeds.
+    /// Replaces the whole log, written or not, with the `records` records
+    /// `fill` pushes into the plan, and reopens it: for a writer that holds
+    /// its whole state elsewhere and whose log failed (a write refused for
+    /// lack of space poisons the log, since what reached the file is
+    /// unknown). Works on a poisoned log, and clears the poisoning when it
+    /// succeeds.
     ///
-    /// The records must be numbered below [`Compaction::boundary_seq`],
-    /// which is [`Log::next_seq`]: sequence numbers go on from where they
-    /// were, so a waiter holding a number handed out earlier never waits
-    /// for one that is not coming. Crash-safe as a compaction is: the new
-    /// generation is written and fsynced in a temporary directory and
-    /// switched to with one `rename(2)`; a crash before that leaves the old
-    /// log (with its damage, which `open` reports). If anything fails, the
-    /// log stays as it was, poisoned or not, and the temporary directory
-    /// is removed.
+    /// The records are numbered from `boundary_seq() - records` up to just
+    /// below [`Compaction::boundary_seq`], which is [`Log::next_seq`], or
+    /// higher when there are more records than numbers so far (a writer
+    /// whose log failed may have gathered more state than records): sequence
+    /// numbers never go back, so a waiter holding a number handed out
+    /// earlier never waits for one that is not coming. Crash-safe as a
+    /// compaction is: the new generation is written and fsynced in a
+    /// temporary directory and switched to with one `rename(2)`; a crash
+    /// before that leaves the old log (with its damage, which `open`
+    /// reports). If anything fails before the rename, the log stays as it
+    /// was, poisoned or not, and the temporary directory is removed; if
+    /// something fails after it, the log is poisoned, and the next rebuild
+    /// starts from the generation the rename made.
     ///
     /// Any [`PendingSync`](crate::PendingSync) taken before must have run
     /// or been dropped: its records are below the boundary, so replaced.
     pub fn rebuild(
         &mut self,
+        records: u64,
         fill: impl FnOnce(&mut Compaction) -> Result<()>,
     ) -> Result<CompactionReport> {
-        let boundary = self.next_seq;
+        let boundary = self.next_seq.max(records.saturating_add(1));
         let mut plan = self.plan(boundary)?;
         fill(&mut plan)?;
         plan.close_current()?;
@@ -290,16 +303,24 @@ impl Log {
         fs::rename(&plan.tmp_dir, &final_dir)
             .map_err(io_err("rename rebuilt generation", &final_dir))?;
         plan.finished = true;
-        let old_dir = self.gen_dir.clone();
+        // From here the new generation is the log on disk (`open` takes the
+        // highest): this `Log` must never write into the old one again, and
+        // a retry after a failure below must build the generation after it.
+        self.poison("replaced by a rebuild");
+        let old_dir = std::mem::replace(&mut self.gen_dir, final_dir);
+        self.gen = plan.new_gen;
+        #[cfg(test)]
+        if FAIL_AFTER_RENAME.with(std::cell::Cell::take) {
+            return Err(Error::Compaction(
+                "injected failure after the rename".into(),
+            ));
+        }
         // The switch must be durable before the old generation goes.
         sync_dir(&self.root)?;
         let (records_after, bytes_after) = plan
             .done
             .iter()
             .fold((0, 0), |(r, b), s| (r + s.records, b + s.len));
-        // From here the new generation is the log on disk: this `Log` must
-        // not write into the old one again, whatever happens next.
-        self.poison("replaced by a rebuild");
         if let Err(e) = fs::remove_dir_all(&old_dir) {
             tracing::warn!(dir = %old_dir.display(), error = %e,
                 "could not remove the replaced generation; the next open removes it");

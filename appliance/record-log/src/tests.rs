@@ -1043,7 +1043,7 @@ fn a_poisoned_log_is_rebuilt_from_the_callers_state_and_writable_again() {
 
     // The caller's state: three records, numbered just below the boundary.
     let report = log
-        .rebuild(|plan| {
+        .rebuild(3, |plan| {
             assert_eq!(plan.boundary_seq(), next);
             for (i, seq) in (next - 3..next).enumerate() {
                 plan.push_parts(seq, 7, format!("state-{i}").as_bytes())?;
@@ -1085,7 +1085,7 @@ fn a_rebuild_to_nothing_keeps_the_numbering() {
     let o = deferred_opts(64 << 20);
     let mut log = open_with_records(dir.path(), o, 5);
     log.sync().unwrap();
-    log.rebuild(|_| Ok(())).unwrap();
+    log.rebuild(0, |_| Ok(())).unwrap();
     assert!(seqs(&log).is_empty());
     assert_eq!(log.next_seq(), 6);
     drop(log);
@@ -1104,7 +1104,7 @@ fn a_failed_rebuild_leaves_the_log_as_it_was() {
     let gen = log.gen;
     // A record out of range: refused, the temporary generation removed,
     // and the old log still the log, still writable.
-    let err = log.rebuild(|plan| plan.push_parts(plan.boundary_seq(), 1, b"x"));
+    let err = log.rebuild(1, |plan| plan.push_parts(plan.boundary_seq(), 1, b"x"));
     assert!(matches!(err, Err(Error::Compaction(_))), "{err:?}");
     assert_eq!(
         generation_dirs(dir.path()),
@@ -1114,4 +1114,49 @@ fn a_failed_rebuild_leaves_the_log_as_it_was() {
     log.sync().unwrap();
     drop(log);
     assert_reopens_clean(dir.path(), o, &[1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_rebuild_with_more_records_than_numbers_moves_the_numbering_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(64 << 20);
+    let mut log = open_with_records(dir.path(), o, 2);
+    log.sync().unwrap();
+    log.poison("simulated write failure");
+    log.rebuild(10, |plan| {
+        assert_eq!(plan.boundary_seq(), 11);
+        for seq in 1..=10 {
+            plan.push_parts(seq, 1, &payload(seq))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seqs(&log), (1..=10).collect::<Vec<_>>());
+    assert_eq!(log.append(b"next").unwrap().seq, 11);
+    log.sync().unwrap();
+    drop(log);
+    assert_reopens_clean(dir.path(), o, &(1..=11).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_rebuild_that_fails_after_its_rename_poisons_the_log_and_the_next_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deferred_opts(64 << 20);
+    let mut log = open_with_records(dir.path(), o, 4);
+    log.sync().unwrap();
+    crate::compact::FAIL_AFTER_RENAME.with(|f| f.set(true));
+    let one = |plan: &mut Compaction| plan.push_parts(4, 1, b"first");
+    assert!(log.rebuild(1, one).is_err());
+    // The renamed generation is the log on disk now: writing on into the
+    // old one would put records where the next open drops them.
+    assert!(matches!(log.append(b"lost"), Err(Error::Poisoned { .. })));
+    log.rebuild(1, |plan| plan.push_parts(4, 1, b"second"))
+        .unwrap();
+    assert_eq!(log.append(b"kept").unwrap().seq, 5);
+    log.sync().unwrap();
+    drop(log);
+    let (log, _) = Log::open(dir.path(), o).unwrap();
+    let got: Vec<(u64, Vec<u8>)> = all(&log).into_iter().map(|r| (r.seq, r.payload)).collect();
+    assert_eq!(got, vec![(4, b"second".to_vec()), (5, b"kept".to_vec())]);
+    assert_eq!(generation_dirs(dir.path()).len(), 1);
 }
