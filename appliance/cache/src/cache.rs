@@ -290,6 +290,19 @@ impl Cache {
         if !dirty && persist.fsync() != Fsync::Always {
             return (out, Ok(none));
         }
+        if let Some(reason) = persist.refusal() {
+            // The log has failed. A batch that wrote (before the failure was
+            // known) is not acknowledged. One that only read is answered
+            // from memory without waiting on a log that takes nothing: what
+            // its reads left in the journal is expiries, which the heal's
+            // snapshot leaves out anyway.
+            drop(self.lock().take_journal());
+            return if dirty {
+                (out, Err(CacheError::Persist(reason)))
+            } else {
+                (out, Ok(none))
+            };
+        }
         let now = self.clock.now_ms();
         let appended = {
             let mut store = self.lock();
@@ -452,7 +465,12 @@ impl Cache {
     /// A mutation: fails if it could not be made durable. The memory tier
     /// has applied it regardless, so a reader may see a value whose writer
     /// got an error; the writer must treat its write as not acknowledged.
+    /// Once the log has failed, mutations are refused before they are
+    /// applied, until [`Cache::heal_log`] has rebuilt it.
     fn mutate<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> Result<T, CacheError> {
+        if let Some(reason) = self.persist.as_ref().and_then(Persistence::refusal) {
+            return Err(CacheError::Persist(reason));
+        }
         let (out, done) = self.apply(f);
         done.map(|()| out)
     }

@@ -80,9 +80,11 @@
 //!
 //! ## A failed log
 //! A failed write or `fdatasync` (a full disk, most often) poisons the
-//! log: what reached the file is unknown, so nothing more is appended and
-//! every write after it gets an error, not an acknowledgement. Reads go on
-//! from memory. The maintenance loop then rebuilds the log from the memory
+//! log: what reached the file is unknown, so nothing more is appended. The
+//! writes it was for get an error, not an acknowledgement (they stay in
+//! memory: they were applied before the failure was known); every later
+//! write is refused with an error before it touches memory; reads are
+//! answered from memory, without waiting on the log. The maintenance loop then rebuilds the log from the memory
 //! tier (`Persistence::heal`, through `Log::rebuild`: a new generation
 //! written and fsynced beside the old one and switched to with one
 //! `rename(2)`, holding the cache lock throughout so that the log is
@@ -561,6 +563,9 @@ struct Shared {
     work: Condvar,
     /// Asynchronous waiters: every change of `durable_seq` or `failed`.
     durable: watch::Sender<Durable>,
+    /// The log has failed: mutations are refused before they touch memory
+    /// (checked on every write, so an atomic; `is_failed` is the full check).
+    refusing: AtomicBool,
 }
 
 /// The log behind a cache.
@@ -663,7 +668,10 @@ impl Shared {
         st.syncing = false;
         match &result {
             Ok(upto) => st.durable_seq = st.durable_seq.max(*upto),
-            Err(e) => st.failed = Some(e.to_string()),
+            Err(e) => {
+                st.failed = Some(e.to_string());
+                self.refusing.store(true, Ordering::Release);
+            }
         }
         let durable = Durable {
             seq: st.durable_seq,
@@ -739,6 +747,7 @@ impl Persistence {
             sync_done: Condvar::new(),
             work: Condvar::new(),
             durable: watch::Sender::new(Durable::default()),
+            refusing: AtomicBool::new(false),
         });
         let syncer = {
             let shared = shared.clone();
@@ -788,6 +797,9 @@ impl Persistence {
                     // memory tier again, or a later delete could be undone
                     // by a restart.
                     log.poison(format!("append failed: {e}"));
+                }
+                if log.failure().is_some() {
+                    self.shared.refusing.store(true, Ordering::Release);
                 }
                 return Err(e.into());
             }
@@ -908,6 +920,21 @@ impl Persistence {
             && garbage as f64 >= self.config.compact_garbage_ratio * live as f64
     }
 
+    /// Why writes are refused, if the log has failed: the cache checks this
+    /// before applying a mutation, so that memory does not run ahead of a
+    /// log that takes nothing.
+    pub fn refusal(&self) -> Option<String> {
+        if !self.shared.refusing.load(Ordering::Acquire) {
+            return None;
+        }
+        let failed = self.shared.state().failed.clone();
+        Some(
+            failed
+                .or_else(|| self.lock().failure())
+                .unwrap_or_else(|| "the log has failed".into()),
+        )
+    }
+
     /// Whether the log takes no writes (a write or an `fdatasync` failed).
     pub fn is_failed(&self) -> bool {
         let sync_failed = self.shared.state().failed.is_some();
@@ -924,9 +951,10 @@ impl Persistence {
     ///
     /// It holds the cache lock throughout, so that the log is exactly the
     /// memory tier when writes resume: the cache answers nothing for as
-    /// long as writing it takes. Mutations refused while the log had
-    /// failed were applied in memory all the same (their callers got an
-    /// error, not an acknowledgement), so they are in the rebuilt log.
+    /// long as writing it takes. The writes whose commit failed were
+    /// applied in memory before the failure was known (their callers got
+    /// an error, not an acknowledgement), so they are in the rebuilt log;
+    /// writes after it were refused before they were applied.
     /// When the file system has less free space than the entries take,
     /// nothing is tried ([`PersistError::NoSpace`]). A failed attempt
     /// leaves the log failed and removes what it wrote.
@@ -976,6 +1004,9 @@ impl Persistence {
                 st.failed = None;
                 st.durable_seq = st.durable_seq.max(*durable);
                 st.requested = st.requested.max(*durable);
+                self.shared.refusing.store(false, Ordering::Release);
+            } else {
+                self.shared.refusing.store(true, Ordering::Release);
             }
             st.syncing = false;
             // Under the state lock: a waiter that saw the cleared state
