@@ -371,6 +371,12 @@ impl Cache {
     /// entries and, under `Interval`, `fdatasync` if the interval passed.
     /// Returns the entries purged.
     pub fn tidy(&self) -> Result<usize, CacheError> {
+        if self.log_failed() {
+            // Nothing can be recorded until the log is rebuilt (expired
+            // entries are misses all the same, and the rebuild leaves them
+            // out); failing every tick would only fill the journal.
+            return Ok(0);
+        }
         let purged = self.purge_expired()?;
         if let Some(p) = self.persist.as_ref() {
             p.sync_if_due().map_err(persist_error)?;
