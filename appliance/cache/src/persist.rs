@@ -519,6 +519,16 @@ fn lower_priority() {
     }
 }
 
+/// A rewrite of the log is running; dropping it clears the flag however
+/// the rewrite ends, a panic included.
+struct Rewriting<'a>(&'a AtomicBool);
+
+impl Drop for Rewriting<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Free space a heal leaves beside the entries it writes.
 const HEAL_SPARE_BYTES: u64 = 16 << 20;
 
@@ -963,17 +973,12 @@ impl Persistence {
         store: &Mutex<Store>,
         now_ms: u64,
     ) -> Result<Option<CompactionReport>, PersistError> {
-        if !self.is_failed() || self.compacting.swap(true, Ordering::AcqRel) {
+        if !self.is_failed() {
             return Ok(None);
         }
-        /// Clears the flag however the heal ends, a panic included.
-        struct Running<'a>(&'a AtomicBool);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _running = Running(&self.compacting);
+        let Some(_running) = self.start_rewrite() else {
+            return Ok(None);
+        };
         // No `fdatasync` runs meanwhile, and none starts: any `PendingSync`
         // taken from the failed log has run (or failed) by now.
         {
@@ -1065,18 +1070,16 @@ impl Persistence {
         store: &Mutex<Store>,
         now_ms: u64,
     ) -> Result<Option<CompactionReport>, PersistError> {
-        if self.compacting.swap(true, Ordering::AcqRel) {
+        let Some(_running) = self.start_rewrite() else {
             return Ok(None);
-        }
-        /// Clears the flag however the compaction ends, a panic included.
-        struct Running<'a>(&'a AtomicBool);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _running = Running(&self.compacting);
+        };
         self.compact_inner(store, now_ms)
+    }
+
+    /// Marks a rewrite of the log (a compaction or a heal) as running, or
+    /// `None` if one already is: they never overlap.
+    fn start_rewrite(&self) -> Option<Rewriting<'_>> {
+        (!self.compacting.swap(true, Ordering::AcqRel)).then_some(Rewriting(&self.compacting))
     }
 
     fn compact_inner(

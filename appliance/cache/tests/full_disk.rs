@@ -33,15 +33,7 @@ fn scan(dir: &Path) -> (u64, bool) {
 /// Sets `key` to `len` bytes that do not compress (a compaction or a
 /// rebuild writes compressible values smaller).
 fn set(cache: &Cache, key: &str, len: usize) -> bool {
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ key.len() as u64;
-    let value: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect();
+    let value = noise(len);
     cache
         .set_plain(key.as_bytes(), value, None, SetCondition::Always)
         .is_ok()

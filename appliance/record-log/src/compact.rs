@@ -181,6 +181,18 @@ impl Compaction {
         Ok(())
     }
 
+    /// What the finished plan did, as generation `generation`.
+    fn report(&self, generation: u64, records_after: u64, bytes_after: u64) -> CompactionReport {
+        CompactionReport {
+            generation,
+            records_before: self.records_before,
+            records_after,
+            bytes_before: self.bytes_before,
+            bytes_after,
+            elapsed: self.started.elapsed(),
+        }
+    }
+
     /// Flushes and fsyncs the segment being written.
     fn close_current(&mut self) -> Result<()> {
         self.unsynced = 0;
@@ -340,14 +352,7 @@ impl Log {
         // The replaced log is poisoned: its owed bytes, which belong to the
         // old generation, are dropped rather than written on the way out.
         *self = fresh;
-        let report = CompactionReport {
-            generation: self.gen,
-            records_before: plan.records_before,
-            records_after,
-            bytes_before: plan.bytes_before,
-            bytes_after,
-            elapsed: plan.started.elapsed(),
-        };
+        let report = plan.report(self.gen, records_after, bytes_after);
         tracing::info!(?report, "record log rebuilt");
         Ok(report)
     }
@@ -440,14 +445,7 @@ impl Log {
             tracing::warn!(dir = %old_dir.display(), error = %e,
                 "could not remove the old generation; the next open removes it");
         }
-        let report = CompactionReport {
-            generation: self.gen,
-            records_before: plan.records_before,
-            records_after,
-            bytes_before: plan.bytes_before,
-            bytes_after,
-            elapsed: plan.started.elapsed(),
-        };
+        let report = plan.report(self.gen, records_after, bytes_after);
         tracing::info!(?report, "record log compacted");
         Ok((report, superseded))
     }
