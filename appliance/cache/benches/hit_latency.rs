@@ -14,6 +14,11 @@ use std::time::Instant;
 use appliance_cache::{Cache, CacheConfig, SetCondition};
 use criterion::{criterion_group, Criterion};
 
+// The allocator of the processes that host the cache (applianced and
+// appliance-cache-server), so that the entries lie in memory as they do there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ENTRIES: usize = 100_000;
 const PROMPT_LEN: usize = 200;
 const RESPONSE_LEN: usize = 1_024;
@@ -95,10 +100,16 @@ fn percentiles(name: &str, mut samples: Vec<u64>) {
 fn tail_latency(cache: &Cache, prompts: &[Vec<u8>], distinct: usize) {
     const N: usize = 1_000_000;
     let mut samples = Vec::with_capacity(N);
+    let mut p = Vec::with_capacity(PROMPT_LEN);
     for n in 0..N {
-        let p = &prompts[(n * 7919) % distinct];
+        // A caller asks with a prompt it has just built or received, so the
+        // prompt is in the CPU caches: copy it into one reused buffer before
+        // the clock starts, so that only the cache's own memory traffic is
+        // timed, not a miss on the bench's 20 MB table of prompts.
+        p.clear();
+        p.extend_from_slice(&prompts[(n * 7919) % distinct]);
         let t = Instant::now();
-        let v = cache.get(b"agent-1", p, b"model=x");
+        let v = cache.get(b"agent-1", &p, b"model=x");
         let dt = t.elapsed();
         assert!(v.is_some());
         samples.push(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));

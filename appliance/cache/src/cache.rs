@@ -544,18 +544,13 @@ impl Cache {
         let ttl = item.ttl.or_else(|| self.agent_ttl(r.agent));
         let expires_at = Self::expiry(now, ttl)?;
         let d = r.digests();
-        let owner = AgentOwner {
-            agent: r.agent.into(),
-            prompt: r.prompt.into(),
-            variant: r.variant.into(),
-            sha256: d.sha256,
-        };
+        let owner = AgentOwner::new(r.agent, r.prompt, r.variant, d.sha256);
         Ok((
             Key::Agent(d.md5),
             Entry {
                 value: item.response.clone(),
                 expires_at,
-                owner: Some(Arc::new(owner)),
+                owner: Some(owner),
             },
         ))
     }

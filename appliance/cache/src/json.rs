@@ -223,9 +223,9 @@ pub fn export_json(cache: &Cache, w: impl Write) -> Result<ExportReport, JsonErr
             (Key::Agent(md5), Some(owner)) => {
                 let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
                 let (Some(agent), Some(prompt), Some(variant)) = (
-                    text(&owner.agent),
-                    text(&owner.prompt),
-                    text(&owner.variant),
+                    text(owner.agent()),
+                    text(owner.prompt()),
+                    text(owner.variant()),
                 ) else {
                     report.skipped_binary += 1;
                     continue;

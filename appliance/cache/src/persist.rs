@@ -303,12 +303,12 @@ fn rec_key(key: &Key) -> RecKey<'_> {
     }
 }
 
-fn rec_owner(owner: Option<&Arc<AgentOwner>>) -> Option<RecOwner<'_>> {
+fn rec_owner(owner: Option<&AgentOwner>) -> Option<RecOwner<'_>> {
     owner.map(|o| RecOwner {
-        agent: Cow::Borrowed(&o.agent),
-        prompt: Cow::Borrowed(&o.prompt),
-        variant: Cow::Borrowed(&o.variant),
-        sha256: o.sha256,
+        agent: Cow::Borrowed(o.agent()),
+        prompt: Cow::Borrowed(o.prompt()),
+        variant: Cow::Borrowed(o.variant()),
+        sha256: o.sha256(),
     })
 }
 
@@ -356,15 +356,8 @@ fn owned_key(k: RecKey<'_>) -> Key {
     }
 }
 
-fn owned_owner(owner: Option<RecOwner<'_>>) -> Option<Arc<AgentOwner>> {
-    owner.map(|o| {
-        Arc::new(AgentOwner {
-            agent: o.agent.into_owned().into_boxed_slice(),
-            prompt: o.prompt.into_owned().into_boxed_slice(),
-            variant: o.variant.into_owned().into_boxed_slice(),
-            sha256: o.sha256,
-        })
-    })
+fn owned_owner(owner: Option<RecOwner<'_>>) -> Option<AgentOwner> {
+    owner.map(|o| AgentOwner::new(&o.agent, &o.prompt, &o.variant, o.sha256))
 }
 
 /// Decode a payload into a change.
@@ -1175,12 +1168,7 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let owner = Arc::new(AgentOwner {
-            agent: b"a".as_slice().into(),
-            prompt: b"p".as_slice().into(),
-            variant: b"".as_slice().into(),
-            sha256: [7; 32],
-        });
+        let owner = AgentOwner::new(b"a", b"p", b"", [7; 32]);
         let changes = [
             Change::Put {
                 key: Key::Agent([1; 16]),
@@ -1213,12 +1201,7 @@ mod tests {
     }
 
     fn agent_entry(value: Vec<u8>) -> (Key, Entry) {
-        let owner = Arc::new(AgentOwner {
-            agent: b"agent".as_slice().into(),
-            prompt: b"prompt".as_slice().into(),
-            variant: b"v".as_slice().into(),
-            sha256: [3; 32],
-        });
+        let owner = AgentOwner::new(b"agent", b"prompt", b"v", [3; 32]);
         let entry = Entry {
             value: Bytes::from(value),
             expires_at: Some(1234),

@@ -88,31 +88,72 @@ impl<'a> From<&'a Key> for KeyRef<'a> {
     }
 }
 
-/// The request an agent entry belongs to.
+/// The request an agent entry belongs to, kept in one allocation (agent,
+/// prompt and variant bytes, then the SHA-256) whose lengths sit beside the
+/// pointer: a hit checks ownership with one dereference from the map's node,
+/// and a request of another length is told apart without any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentOwner {
-    /// Agent id.
-    pub agent: Box<[u8]>,
-    /// Prompt.
-    pub prompt: Box<[u8]>,
-    /// Variant (possibly empty).
-    pub variant: Box<[u8]>,
-    /// SHA-256 of the request encoding (kept in the log; see `belongs_to`).
-    pub sha256: [u8; 32],
+    bytes: Arc<[u8]>,
+    agent_len: usize,
+    prompt_len: usize,
 }
 
+const SHA256_LEN: usize = 32;
+
 impl AgentOwner {
+    /// The owner of an entry stored for `(agent, prompt, variant)`, whose
+    /// request encoding has SHA-256 `sha256`.
+    pub fn new(agent: &[u8], prompt: &[u8], variant: &[u8], sha256: [u8; 32]) -> Self {
+        let mut bytes = Vec::with_capacity(agent.len() + prompt.len() + variant.len() + SHA256_LEN);
+        bytes.extend_from_slice(agent);
+        bytes.extend_from_slice(prompt);
+        bytes.extend_from_slice(variant);
+        bytes.extend_from_slice(&sha256);
+        Self {
+            bytes: bytes.into(),
+            agent_len: agent.len(),
+            prompt_len: prompt.len(),
+        }
+    }
+
+    /// Agent id.
+    pub fn agent(&self) -> &[u8] {
+        &self.bytes[..self.agent_len]
+    }
+
+    /// Prompt.
+    pub fn prompt(&self) -> &[u8] {
+        &self.bytes[self.agent_len..self.agent_len + self.prompt_len]
+    }
+
+    /// Variant (possibly empty).
+    pub fn variant(&self) -> &[u8] {
+        &self.bytes[self.agent_len + self.prompt_len..self.bytes.len() - SHA256_LEN]
+    }
+
+    /// SHA-256 of the request encoding (kept in the log; see `belongs_to`).
+    pub fn sha256(&self) -> [u8; 32] {
+        let mut out = [0; SHA256_LEN];
+        out.copy_from_slice(&self.bytes[self.bytes.len() - SHA256_LEN..]);
+        out
+    }
+
     /// Whether this entry was stored for `request`: the stored request
     /// equals it byte for byte (the same test as equal SHA-256s of the
     /// injective encoding, without hashing on every lookup).
     pub fn belongs_to(&self, request: &Request<'_>) -> bool {
-        *self.agent == *request.agent
-            && *self.prompt == *request.prompt
-            && *self.variant == *request.variant
+        self.agent_len == request.agent.len()
+            && self.prompt_len == request.prompt.len()
+            && self.len()
+                == request.agent.len() + request.prompt.len() + request.variant.len() + SHA256_LEN
+            && self.agent() == request.agent
+            && self.prompt() == request.prompt
+            && self.variant() == request.variant
     }
 
     fn len(&self) -> usize {
-        self.agent.len() + self.prompt.len() + self.variant.len() + self.sha256.len()
+        self.bytes.len()
     }
 }
 
@@ -124,7 +165,7 @@ pub struct Entry {
     /// Absolute expiry in Unix milliseconds; `None` never expires.
     pub expires_at: Option<u64>,
     /// Set for agent entries.
-    pub owner: Option<Arc<AgentOwner>>,
+    pub owner: Option<AgentOwner>,
 }
 
 impl Entry {
@@ -229,10 +270,10 @@ impl Side {
             self.expiry.remove(&(at, key.to_owned()));
         }
         if let (KeyRef::Agent(md5), Some(owner)) = (key, slot.entry.owner.as_ref()) {
-            if let Some(set) = self.by_agent.get_mut(&owner.agent) {
+            if let Some(set) = self.by_agent.get_mut(owner.agent()) {
                 set.remove(&md5);
                 if set.is_empty() {
-                    self.by_agent.remove(&owner.agent);
+                    self.by_agent.remove(owner.agent());
                 }
             }
         }
@@ -245,7 +286,7 @@ impl Side {
         }
         if let (KeyRef::Agent(md5), Some(owner)) = (key, entry.owner.as_ref()) {
             self.by_agent
-                .entry(owner.agent.clone())
+                .entry(owner.agent().into())
                 .or_default()
                 .insert(md5);
         }
@@ -691,19 +732,25 @@ mod tests {
         }
     }
 
-    fn owner(agent: &str, prompt: &str) -> Arc<AgentOwner> {
+    fn owner(agent: &str, prompt: &str) -> AgentOwner {
         let r = crate::Request::new(agent.as_bytes(), prompt.as_bytes(), b"");
-        Arc::new(AgentOwner {
-            agent: r.agent.into(),
-            prompt: r.prompt.into(),
-            variant: r.variant.into(),
-            sha256: r.sha256(),
-        })
+        AgentOwner::new(r.agent, r.prompt, r.variant, r.sha256())
     }
 
     #[test]
     fn an_owner_belongs_only_to_its_exact_request() {
         let o = owner("ab", "c");
+        assert_eq!(
+            (o.agent(), o.prompt(), o.variant()),
+            (&b"ab"[..], &b"c"[..], &b""[..])
+        );
+        assert_eq!(o.sha256(), Request::new(b"ab", b"c", b"").sha256());
+        let v = AgentOwner::new(b"", b"p", b"variant", [9; 32]);
+        assert_eq!(
+            (v.agent(), v.prompt(), v.variant()),
+            (&b""[..], &b"p"[..], &b"variant"[..])
+        );
+        assert_eq!((v.sha256(), v.len()), ([9; 32], 8 + 32));
         assert!(o.belongs_to(&Request::new(b"ab", b"c", b"")));
         // Same concatenation, other split; another variant; a prefix.
         assert!(!o.belongs_to(&Request::new(b"a", b"bc", b"")));
@@ -715,7 +762,7 @@ mod tests {
             Request::new(b"a", b"bc", b""),
             Request::new(b"ab", b"c", b"v"),
         ] {
-            assert_eq!(o.belongs_to(&r), o.sha256 == r.sha256());
+            assert_eq!(o.belongs_to(&r), o.sha256() == r.sha256());
         }
     }
 
@@ -854,8 +901,8 @@ mod tests {
             };
             s.insert(Key::Agent([i; 16]), entry, 0).unwrap();
         }
-        let r1 = Request::new(&o1.agent, &o1.prompt, &o1.variant);
-        let r2 = Request::new(&o2.agent, &o2.prompt, &o2.variant);
+        let r1 = Request::new(o1.agent(), o1.prompt(), o1.variant());
+        let r2 = Request::new(o2.agent(), o2.prompt(), o2.variant());
         assert_eq!(
             s.get_agent(&[0; 16], &r1, 0),
             AgentLookup::Hit(Bytes::from("r0"))
