@@ -13,7 +13,8 @@
 # Environment: REQUESTS (default 100000; pipelined rows use 4x),
 # DURABLE_REQUESTS (default 20000), KEYSPACE (default 10000), ROUNDS
 # (default 3). Each row is measured ROUNDS times, alternating redis and ours
-# so that load from elsewhere on the machine hits both alike; the table shows
+# (and which of them goes first) so that load from elsewhere on the machine
+# hits both alike; the table shows
 # the median throughput and the median p99 of the rounds, and the lowest
 # and highest p99 of each side's rounds (on a disk whose fdatasync stalls
 # now and then, a durable round's p99 is that of the stall it caught). MODES, SIZES,
@@ -141,9 +142,16 @@ for mode in $MODES; do
                 [[ $p == 16 ]] && n=$((REQUESTS * 4))
                 [[ $mode == durable ]] && n=$DURABLE_REQUESTS
                 r_runs=() o_runs=()
-                for _ in $(seq "$ROUNDS"); do
-                    r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
-                    o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
+                for round in $(seq "$ROUNDS"); do
+                    # Who goes first alternates, so that neither is always
+                    # the one measured right after the other's run.
+                    if ((round % 2)); then
+                        r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
+                        o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
+                    else
+                        o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
+                        r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
+                    fi
                 done
                 read -r r_rps r_p99 r_spread < <(median "${r_runs[@]}")
                 read -r o_rps o_p99 o_spread < <(median "${o_runs[@]}")
