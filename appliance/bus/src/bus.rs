@@ -370,6 +370,8 @@ impl Bus {
                     // Replays read the log while publishes go on, so every
                     // record is written as it is appended.
                     defer_writes: false,
+                    // Needs deferred writes (see `LogOptions::preallocate`).
+                    preallocate: false,
                 };
                 let (log, rep) = Log::open(&d.dir, log_opts)?;
                 let synced = rep.last_seq.unwrap_or(0);

@@ -398,6 +398,17 @@ impl Cache {
         }
     }
 
+    /// Write the log's next spare segment, if one is wanted (see
+    /// [`crate::PersistConfig::preallocate`]); whether one was written.
+    /// Paced, at background priority, holding no lock;
+    /// [`crate::maintenance_loop`] runs it in a slot of its own.
+    pub fn prepare_spare_segment(&self) -> Result<bool, CacheError> {
+        match self.persist.as_ref() {
+            Some(p) => p.prepare_spare().map_err(persist_error),
+            None => Ok(false),
+        }
+    }
+
     /// Whether the log has failed and takes no writes (see
     /// [`Cache::heal_log`]).
     pub fn log_failed(&self) -> bool {

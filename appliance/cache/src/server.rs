@@ -199,11 +199,17 @@ where
 /// blocking thread, and the runtime's shutdown waits for it). A failed
 /// compaction is retried after `COMPACTION_RETRY`. A log that failed (a
 /// full disk) is rebuilt from memory in the compaction's place, and
-/// retried as a compaction is (see [`Cache::heal_log`]).
+/// retried as a compaction is (see [`Cache::heal_log`]). In a third slot,
+/// the log's next spare segment is written when one is wanted (see
+/// [`Cache::prepare_spare_segment`]); a failure is retried a minute later.
 pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut compaction: Option<tokio::task::JoinHandle<bool>> = None;
+    // The next spare segment of the log, written in a slot of its own (a
+    // second at most, paced), so that neither waits for the other.
+    let mut spare: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut spare_not_before = tokio::time::Instant::now();
     // After a failed compaction, the next waits (each one rewrites the
     // whole cache: retried every tick, one failing for lack of space would
     // keep the disk full).
@@ -216,6 +222,21 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "cache maintenance failed"),
                     Err(e) => tracing::warn!(error = %e, "cache maintenance task failed"),
+                }
+                if spare.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    if let Some(done) = spare.take() {
+                        if !done.await.unwrap_or(false) {
+                            spare_not_before = tokio::time::Instant::now() + COMPACTION_RETRY;
+                        }
+                    }
+                    if tokio::time::Instant::now() >= spare_not_before {
+                        let c = cache.clone();
+                        spare = Some(tokio::task::spawn_blocking(move || {
+                            c.prepare_spare_segment().map_err(|e| {
+                                tracing::warn!(error = %e, "cache log: writing a spare segment failed; retrying in 60 s");
+                            }).is_ok()
+                        }));
+                    }
                 }
                 if compaction.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
                     if let Some(done) = compaction.take() {
@@ -260,6 +281,9 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
             }
             _ = stop.changed() => {
                 if let Some(running) = compaction.take() {
+                    let _ = running.await;
+                }
+                if let Some(running) = spare.take() {
                     let _ = running.await;
                 }
                 return;

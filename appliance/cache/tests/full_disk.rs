@@ -13,7 +13,7 @@ use appliance_cache::{Cache, CacheConfig, Fsync, PersistConfig, SetCondition};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{signal, SigHandler, Signal};
 
-/// The largest file under `dir`, and whether a temporary generation is there.
+/// The largest segment under `dir`, and whether a temporary generation is there.
 fn scan(dir: &Path) -> (u64, bool) {
     let mut largest = 0;
     let mut tmp = false;
@@ -24,7 +24,12 @@ fn scan(dir: &Path) -> (u64, bool) {
             continue;
         }
         for f in std::fs::read_dir(gen.path()).unwrap() {
-            largest = largest.max(f.unwrap().metadata().unwrap().len());
+            let f = f.unwrap();
+            // Segments only: a spare segment (zeros written ahead) is not
+            // where the appends go.
+            if f.file_name().to_string_lossy().ends_with(".seg") {
+                largest = largest.max(f.metadata().unwrap().len());
+            }
         }
     }
     (largest, tmp)

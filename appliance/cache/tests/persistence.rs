@@ -573,3 +573,84 @@ fn under_fsync_always_a_read_waits_for_the_writes_it_may_have_seen() {
     let (_, read) = cache.defer(|| cache.get_plain(b"k"));
     assert!(read.unwrap().is_empty());
 }
+
+/// Files of the log's current generation: (name, length).
+fn generation_files(dir: &Path) -> Vec<(String, u64)> {
+    let mut gens: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("gen-"))
+        .collect();
+    gens.sort();
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(gens.pop().unwrap())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn under_always_the_log_moves_into_a_spare_segment_written_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut persist = PersistConfig::new(dir.path());
+    persist.segment_max_bytes = 1 << 20;
+    let (cache, _) = Cache::open(CacheConfig::default(), persist.clone()).unwrap();
+    let set = |i: usize, len: usize| {
+        cache
+            .set_plain(
+                format!("k{i}").as_bytes(),
+                vec![b'v'; len],
+                None,
+                SetCondition::Always,
+            )
+            .unwrap();
+    };
+    set(0, 100);
+    // Small `fdatasync`s so far: a spare is written, and only one.
+    assert!(cache.prepare_spare_segment().unwrap());
+    assert!(!cache.prepare_spare_segment().unwrap());
+    let spare = ("next-segment.spare".to_string(), 1 << 20);
+    assert!(generation_files(dir.path()).contains(&spare));
+    // The next write leaves the first segment for the spare.
+    for i in 1..=50 {
+        set(i, 100);
+    }
+    let files = generation_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(
+        files[1].1,
+        1 << 20,
+        "the records overwrite the spare: {files:?}"
+    );
+    // Another spare, for the rotation by size; then large `fdatasync`s
+    // (100 KiB each) fill it and the next segment: no more spares while
+    // they last, as the zeros would cost more disk time than they save.
+    assert!(cache.prepare_spare_segment().unwrap());
+    for i in 51..=75 {
+        set(i, 100 << 10);
+    }
+    let files = generation_files(dir.path());
+    assert!(
+        !files.iter().any(|(n, _)| n.ends_with(".spare")),
+        "{files:?}"
+    );
+    assert!(!cache.prepare_spare_segment().unwrap());
+    let files = generation_files(dir.path());
+    assert!(
+        !files.iter().any(|(n, _)| n.ends_with(".spare")),
+        "{files:?}"
+    );
+    assert_eq!(files.len(), 4, "{files:?}");
+    drop(cache);
+    let (cache, report) = Cache::open(CacheConfig::default(), persist).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(cache.len(), 76);
+    assert_eq!(cache.get_plain(b"k50").unwrap().len(), 100);
+}

@@ -428,6 +428,8 @@ impl Log {
         let old_dir = std::mem::replace(&mut self.gen_dir, final_dir);
         self.gen = plan.new_gen;
         self.segments = new_segments;
+        // A spare stays behind in the old directory (and goes with it).
+        self.spare_ready = false;
         if let Err(e) = sync_dir(&self.root) {
             // Whether the switch is durable is unknown: acknowledge nothing
             // more until a reopen has looked.

@@ -31,6 +31,7 @@
 //! DIR/gen-000001/                the current generation (one per compaction)
 //!     00000000000000000001.seg   segments, named by the lowest sequence they may hold
 //!     00000000000000004711.seg   the last one is the active segment
+//!     next-segment.spare         zeros for the next segment (`LogOptions::preallocate`)
 //! DIR/gen-000002.tmp/            a compaction being built (never read)
 //! DIR/damaged/                   bytes cut off by recovery, kept for inspection
 //! ```
@@ -39,7 +40,10 @@
 //! `len = 16 + payload length` and `crc = crc32c(len bytes ++ seq ++ ts ++ payload)`.
 //! Integers are fixed-width little-endian, so the header needs no
 //! serialisation library; payloads are opaque (the bus and the cache put
-//! postcard in them).
+//! postcard in them). A segment may end in zero bytes after its last frame
+//! (a preallocated segment's unused space, or blocks a crash left
+//! unwritten): recovery takes them for the end of the records, not for
+//! damage, and cuts them off.
 //!
 //! Sequence numbers start at 1 and increase by one per append. They never
 //! repeat, even after damage: recovery continues past the highest number it
@@ -139,7 +143,7 @@ pub use error::{Error, Result};
 pub use frame::{DamageReason, FORMAT_MAX_PAYLOAD};
 pub use log::{
     now_ms, Appended, Damage, DamageKind, FsyncPolicy, Log, LogOptions, LogStats, LostRecords,
-    PendingSync, RecoveryReport, Retention, RetentionReport, MAX_UNWRITTEN,
+    PendingSync, RecoveryReport, Retention, RetentionReport, SpareJob, MAX_UNWRITTEN,
 };
 pub use read::{LogIter, Record};
 

@@ -266,25 +266,46 @@ fn torn_tail_is_truncated_and_reported() {
 }
 
 #[test]
-fn zero_filled_tail_is_torn_and_not_quarantined() {
+fn a_zero_filled_tail_is_unwritten_space_not_damage() {
     let dir = tempfile::tempdir().unwrap();
     write_n(dir.path(), opts(), 3);
     let seg = segment_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&seg).unwrap().len();
     OpenOptions::new()
         .append(true)
         .open(&seg)
         .unwrap()
         .write_all(&[0; 4096])
         .unwrap();
-    let (_log, rep) = Log::open(dir.path(), opts()).unwrap();
-    let d = &rep.damage[0];
-    assert_eq!(
-        (d.kind, d.reason, d.bytes_lost),
-        (DamageKind::TornTail, DamageReason::ZeroFilled, 4096)
-    );
-    assert_eq!(d.lost.at_least, 0);
-    assert!(d.quarantined.is_none());
+    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
     assert_eq!(rep.records_loaded, 3);
+    // Cut off, so appends follow the last record.
+    assert_eq!(fs::metadata(&seg).unwrap().len(), len);
+    assert_eq!(log.append(b"after").unwrap().seq, 4);
+    drop(log);
+    let (log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn zeros_with_a_record_after_them_are_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), opts(), 3);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&seg).unwrap();
+    let (from, to) = (offset_of(2) as usize, offset_of(3) as usize);
+    bytes[from..to].fill(0);
+    fs::write(&seg, &bytes).unwrap();
+    let (log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(rep.damage.len(), 1, "{rep:?}");
+    let d = &rep.damage[0];
+    assert_eq!(d.offset, offset_of(2));
+    // The zeroed record and record 3, which still verifies.
+    assert_eq!(d.lost.at_least, 2);
+    assert!(d.quarantined.is_some());
+    assert_eq!(seqs(&log), vec![1]);
 }
 
 /// Offset of the frame for `seq` when every record in one segment holds payload(i).
@@ -1159,4 +1180,132 @@ fn a_rebuild_that_fails_after_its_rename_poisons_the_log_and_the_next_one_succee
     let got: Vec<(u64, Vec<u8>)> = all(&log).into_iter().map(|r| (r.seq, r.payload)).collect();
     assert_eq!(got, vec![(4, b"second".to_vec()), (5, b"kept".to_vec())]);
     assert_eq!(generation_dirs(dir.path()).len(), 1);
+}
+
+fn prealloc_opts(segment_max_bytes: u64) -> LogOptions {
+    LogOptions {
+        preallocate: true,
+        ..deferred_opts(segment_max_bytes)
+    }
+}
+
+fn append_and_sync(log: &mut Log, seqs: std::ops::RangeInclusive<u64>) {
+    for i in seqs {
+        log.append_at(i, &payload(i)).unwrap();
+        if i % 10 == 0 {
+            log.take_pending_sync().unwrap().unwrap().run().unwrap();
+        }
+    }
+    log.sync().unwrap();
+}
+
+/// (file length, logical length) of each segment of `log`.
+fn lengths(log: &Log) -> Vec<(u64, u64)> {
+    log.segments
+        .iter()
+        .map(|s| (fs::metadata(&s.path).unwrap().len(), s.len))
+        .collect()
+}
+
+#[test]
+fn rotations_start_the_next_segment_in_a_ready_spare() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), deferred_opts(8192)).unwrap();
+    assert!(log.spare_job().is_none(), "not without the option");
+    drop(log);
+    let o = prealloc_opts(8192);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    let spare = log.gen_dir.join(crate::log::SPARE_NAME);
+    let job = log.spare_job().expect("a spare is wanted");
+    assert_eq!(job.len(), 8192);
+    let mut steps = 0;
+    job.run(|| steps += 1).unwrap();
+    assert_eq!((steps, fs::metadata(&spare).unwrap().len()), (1, 8192));
+    assert!(log.spare_job().is_none(), "one is ready");
+    log.spare_written();
+
+    // The first segment (not a spare) is left at the next append that
+    // finds a record in it: the records after it overwrite the spare.
+    append_and_sync(&mut log, 1..=5);
+    assert!(!spare.exists());
+    let l = lengths(&log);
+    assert_eq!(l.len(), 2);
+    assert_eq!(
+        l[0].0, l[0].1,
+        "a created segment is as long as its records"
+    );
+    assert_eq!(l[1].0, 8192, "the spare keeps its size");
+    assert!(l[1].1 < 8192);
+    assert_eq!(seqs(&log), (1..=5).collect::<Vec<_>>());
+
+    // With no spare ready, the rotation by size creates a file as before.
+    append_and_sync(&mut log, 6..=300);
+    let l = lengths(&log);
+    assert_eq!(l.len(), 3);
+    assert_eq!(l[2].0, l[2].1);
+    // A spare made meanwhile is taken by the next rotation by size.
+    log.spare_job().unwrap().run(|| {}).unwrap();
+    append_and_sync(&mut log, 301..=600);
+    assert!(!spare.exists());
+    let l = lengths(&log);
+    assert_eq!(l[3].0, 8192, "{l:?}");
+    assert_eq!(seqs(&log), (1..=600).collect::<Vec<_>>());
+    drop(log);
+
+    // The zeros after the records are no damage; the active segment's are
+    // cut off, so appends follow its last record.
+    assert_reopens_clean(dir.path(), o, &(1..=600).collect::<Vec<_>>());
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    append_and_sync(&mut log, 601..=610);
+    drop(log);
+    assert_reopens_clean(dir.path(), o, &(1..=610).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_spare_moved_into_place_but_never_written_opens_as_an_empty_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(4096);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    append_and_sync(&mut log, 1..=20);
+    let gen_dir = log.gen_dir.clone();
+    drop(log);
+    // A crash right after a rotation renamed the spare: its header and
+    // records were never written.
+    fs::write(
+        gen_dir.join(crate::log::segment_file_name(21)),
+        vec![0u8; 4096],
+    )
+    .unwrap();
+    assert_reopens_clean(dir.path(), o, &(1..=20).collect::<Vec<_>>());
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    append_and_sync(&mut log, 21..=30);
+    drop(log);
+    assert_reopens_clean(dir.path(), o, &(1..=30).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_failed_spare_job_leaves_no_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), prealloc_opts(4096)).unwrap();
+    let job = log.spare_job().unwrap();
+    // Something in the way of the final rename: the zeros are written, the
+    // rename fails, and the temporary file goes.
+    let ready = log.gen_dir.join(crate::log::SPARE_NAME);
+    fs::create_dir(&ready).unwrap();
+    fs::write(ready.join("in-the-way"), b"x").unwrap();
+    let mut steps = 0;
+    assert!(job.run(|| steps += 1).is_err());
+    assert_eq!(steps, 1, "the zeros were written first");
+    let mut left: Vec<String> = fs::read_dir(&log.gen_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            "00000000000000000001.seg".to_string(),
+            crate::log::SPARE_NAME.to_string()
+        ]
+    );
 }
