@@ -546,6 +546,27 @@ const SPARE_BYTES_PER_SEC: f64 = 64.0 * 1024.0 * 1024.0;
 /// p99 with them (53-91 ms against 27-66 ms), so they get none.
 const SPARE_MAX_BYTES_PER_SYNC: u64 = 64 << 10;
 
+/// Runs `work` on a thread of its own named `name`, at background priority
+/// ([`lower_priority`]; the caller's thread keeps its own), with a
+/// [`Pacer`] at `bytes_per_sec`, and waits for it.
+fn in_background<T: Send>(
+    name: &str,
+    bytes_per_sec: f64,
+    work: impl FnOnce(&mut Pacer) -> Result<T, PersistError> + Send,
+) -> Result<T, PersistError> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(scope, || {
+                lower_priority();
+                work(&mut Pacer::new(bytes_per_sec))
+            })
+            .map_err(|e| PersistError::Thread(e.to_string()))?
+            .join()
+            .map_err(|_| PersistError::Thread(format!("the {name} thread panicked")))?
+    })
+}
+
 /// A rewrite of the log is running; dropping it clears the flag however
 /// the rewrite ends, a panic included.
 struct Rewriting<'a>(&'a AtomicBool);
@@ -1123,17 +1144,8 @@ impl Persistence {
         let Some(job) = job else {
             return Ok(false);
         };
-        let written = std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .name("cache-spare".into())
-                .spawn_scoped(scope, || {
-                    lower_priority();
-                    let mut pace = Pacer::new(SPARE_BYTES_PER_SEC);
-                    job.run(|| pace.wrote(SpareJob::STEP))
-                })
-                .map_err(|e| PersistError::Thread(e.to_string()))?
-                .join()
-                .map_err(|_| PersistError::Thread("the spare segment thread panicked".into()))?
+        let written = in_background("cache-spare", SPARE_BYTES_PER_SEC, |pace| {
+            job.run(|| pace.wrote(SpareJob::STEP))
                 .map_err(PersistError::from)
         });
         let mut log = self.lock();
@@ -1192,23 +1204,14 @@ impl Persistence {
             return Ok(None);
         }
         let dir = &self.config.dir;
-        let plan = std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .name("cache-compact".into())
-                .spawn_scoped(scope, || {
-                    lower_priority();
-                    let mut pace = Pacer::new(COMPACTION_BYTES_PER_SEC);
-                    for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
-                        let record = encode_compacted(key, entry)?;
-                        plan.push_parts(seq, now_ms, &record)?;
-                        pace.wrote(record.len());
-                    }
-                    presync_compaction(dir);
-                    Ok::<_, PersistError>(plan)
-                })
-                .map_err(|e| PersistError::Thread(e.to_string()))?
-                .join()
-                .map_err(|_| PersistError::Thread("the compaction thread panicked".into()))?
+        let plan = in_background("cache-compact", COMPACTION_BYTES_PER_SEC, |pace| {
+            for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
+                let record = encode_compacted(key, entry)?;
+                plan.push_parts(seq, now_ms, &record)?;
+                pace.wrote(record.len());
+            }
+            presync_compaction(dir);
+            Ok(plan)
         })?;
         // The switch takes the log lock: back on this thread, at normal
         // priority, so appends never wait for a deprioritised lock holder.

@@ -1254,11 +1254,17 @@ fn rotations_start_the_next_segment_in_a_ready_spare() {
 
     // The zeros after the records are no damage; the active segment's are
     // cut off, so appends follow its last record.
-    assert_reopens_clean(dir.path(), o, &(1..=600).collect::<Vec<_>>());
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    append_and_sync(&mut log, 601..=610);
+    assert_reopens_clean_and_appends(dir.path(), o, 600);
+}
+
+/// The log in `dir` reopens clean with records 1..=n, takes ten more, and
+/// reopens clean with those too.
+fn assert_reopens_clean_and_appends(dir: &Path, o: LogOptions, n: u64) {
+    assert_reopens_clean(dir, o, &(1..=n).collect::<Vec<_>>());
+    let (mut log, _) = Log::open(dir, o).unwrap();
+    append_and_sync(&mut log, n + 1..=n + 10);
     drop(log);
-    assert_reopens_clean(dir.path(), o, &(1..=610).collect::<Vec<_>>());
+    assert_reopens_clean(dir, o, &(1..=n + 10).collect::<Vec<_>>());
 }
 
 #[test]
@@ -1276,11 +1282,7 @@ fn a_spare_moved_into_place_but_never_written_opens_as_an_empty_segment() {
         vec![0u8; 4096],
     )
     .unwrap();
-    assert_reopens_clean(dir.path(), o, &(1..=20).collect::<Vec<_>>());
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    append_and_sync(&mut log, 21..=30);
-    drop(log);
-    assert_reopens_clean(dir.path(), o, &(1..=30).collect::<Vec<_>>());
+    assert_reopens_clean_and_appends(dir.path(), o, 20);
 }
 
 #[test]
