@@ -240,7 +240,8 @@ impl LoadReport {
 pub struct PersistStats {
     /// Records in the log.
     pub log_records: u64,
-    /// Bytes of the log on disk.
+    /// Bytes of the log's records (on disk it takes more when preallocated:
+    /// the active segment's unused zeros and a spare segment).
     pub log_bytes: u64,
     /// Compactions finished since start-up.
     pub compactions: u64,
@@ -632,7 +633,10 @@ pub struct Persistence {
     shared: Arc<Shared>,
     syncer: Option<std::thread::JoinHandle<()>>,
     config: PersistConfig,
+    /// A rewrite (compaction or heal) or a spare segment is being written.
     compacting: AtomicBool,
+    /// ... and it is a spare segment (not a rewrite, for INFO).
+    sparing: AtomicBool,
     compactions: AtomicU64,
     heals: AtomicU64,
     /// `Log::sync_totals` at the last spare decision.
@@ -823,6 +827,7 @@ impl Persistence {
                 syncer: Some(syncer),
                 config,
                 compacting: AtomicBool::new(false),
+                sparing: AtomicBool::new(false),
                 compactions: AtomicU64::new(0),
                 heals: AtomicU64::new(0),
                 spare_seen: Mutex::new((0, 0)),
@@ -967,7 +972,8 @@ impl Persistence {
             log_records: s.records,
             log_bytes: s.bytes,
             compactions: self.compactions.load(Ordering::Relaxed),
-            compacting: self.compacting.load(Ordering::Relaxed),
+            compacting: self.compacting.load(Ordering::Relaxed)
+                && !self.sparing.load(Ordering::Relaxed),
             failed: failed.or_else(|| self.shared.state().failed.clone()),
             heals: self.heals.load(Ordering::Relaxed),
         }
@@ -1115,13 +1121,12 @@ impl Persistence {
         Ok((report, durable))
     }
 
-    /// Compact: `begin` runs under the caller's cache lock and returns the
-    /// snapshot to write; see the module docs.
     /// Writes the log's next spare segment if one is wanted (see
     /// [`PersistConfig::preallocate`]), on a thread of its own at
     /// background priority, paced, holding no lock. Returns whether it
-    /// wrote one. One at a time: the maintenance loop runs it in its own
-    /// slot.
+    /// wrote one. Never while a compaction or heal runs, and they wait for
+    /// it: a new generation replaces the directory the spare goes into
+    /// (and freeing a spare there at once would stall the clients).
     pub(crate) fn prepare_spare(&self) -> Result<bool, PersistError> {
         let (job, gen, totals) = {
             let log = self.lock();
@@ -1144,15 +1149,20 @@ impl Persistence {
         let Some(job) = job else {
             return Ok(false);
         };
+        let Some(_busy) = self.start_rewrite() else {
+            return Ok(false);
+        };
+        self.sparing.store(true, Ordering::Relaxed);
+        let _spared = Rewriting(&self.sparing);
         let written = in_background("cache-spare", SPARE_BYTES_PER_SEC, |pace| {
             job.run(|| pace.wrote(SpareJob::STEP))
                 .map_err(PersistError::from)
         });
         let mut log = self.lock();
         if log.generation() != gen {
-            // A compaction or rebuild replaced the directory the job wrote
-            // into (and the spare, or its failure, went with it); the next
-            // tick starts one in the new generation.
+            // A new generation replaced the directory the job wrote into
+            // (not while this holds the rewrite flag, but a generation may
+            // also have come between reading the job and taking the flag).
             return Ok(false);
         }
         written?;
@@ -1160,6 +1170,8 @@ impl Persistence {
         Ok(true)
     }
 
+    /// Compact: `begin` runs under the caller's cache lock and returns the
+    /// snapshot to write; see the module docs.
     pub(crate) fn compact(
         &self,
         store: &Mutex<Store>,

@@ -92,6 +92,9 @@ fn the_resp_servers_upkeep_heals_the_log() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut persist = PersistConfig::new(dir.path());
+    // Appends that grow the file, which the limit refuses (a preallocated
+    // segment has its blocks already: the disk fills at a rotation).
+    persist.preallocate = false;
     persist.fsync = Fsync::Always;
     let (cache, _) = Cache::open(CacheConfig::default(), persist).unwrap();
     let cache = std::sync::Arc::new(cache);
@@ -176,6 +179,9 @@ fn full_then_room_again(fsync: Fsync) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut persist = PersistConfig::new(dir.path());
+    // Appends that grow the file, which the limit refuses (a preallocated
+    // segment has its blocks already: the disk fills at a rotation).
+    persist.preallocate = false;
     persist.fsync = fsync;
     let (cache, _) = Cache::open(CacheConfig::default(), persist.clone()).unwrap();
     for i in 0..20 {

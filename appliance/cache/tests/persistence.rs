@@ -259,12 +259,12 @@ fn compaction_keeps_the_state_and_shrinks_the_log() {
     );
 }
 
-#[test]
-fn kill_9_after_acknowledged_set_keeps_the_entry() {
-    let tmp = tempfile::tempdir().unwrap();
+/// Starts `appliance-cache-server` with `--fsync always` on `dir`; returns
+/// the child and a connection to it.
+fn start_server(dir: &Path) -> (std::process::Child, redis::Connection) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_appliance-cache-server"))
         .args(["--listen", "127.0.0.1:0", "--fsync", "always", "--dir"])
-        .arg(tmp.path())
+        .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -278,9 +278,14 @@ fn kill_9_after_acknowledged_set_keeps_the_entry() {
         .strip_prefix("listening on ")
         .unwrap()
         .to_string();
-
     let client = redis::Client::open(format!("redis://{addr}/")).unwrap();
-    let mut con = client.get_connection().unwrap();
+    (child, client.get_connection().unwrap())
+}
+
+#[test]
+fn kill_9_after_acknowledged_set_keeps_the_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, mut con) = start_server(tmp.path());
     let () = redis::cmd("SET")
         .arg("durable")
         .arg("yes")
@@ -653,4 +658,46 @@ fn under_always_the_log_moves_into_a_spare_segment_written_ahead() {
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(cache.len(), 76);
     assert_eq!(cache.get_plain(b"k50").unwrap().len(), 100);
+}
+
+#[test]
+fn kill_9_after_sets_into_a_preallocated_segment_keeps_them_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, mut con) = start_server(tmp.path());
+    let set = |con: &mut redis::Connection, i: u32| {
+        let () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(format!("value {i}"))
+            .query(con)
+            .unwrap();
+    };
+    set(&mut con, 0);
+    // The maintenance loop writes a spare segment (64 MiB, paced to about
+    // a second); the next SET moves the log into it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !generation_files(tmp.path())
+        .iter()
+        .any(|(n, _)| n.ends_with(".spare"))
+    {
+        assert!(std::time::Instant::now() < deadline, "no spare segment");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 1..=200 {
+        set(&mut con, i);
+    }
+    let files = generation_files(tmp.path());
+    assert!(
+        files
+            .iter()
+            .any(|(n, len)| n.ends_with(".seg") && *len == 64 << 20),
+        "the records went into the spare: {files:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let clock = Arc::new(ManualClock::new(appliance_cache::SystemClock.now_ms()));
+    let (cache, report) = open(tmp.path(), &clock);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.entries, 201);
+    assert_eq!(cache.get_plain(b"k200"), Some(Bytes::from("value 200")));
 }

@@ -122,6 +122,9 @@ pub enum DamageReason {
     BadSegmentHeader,
     /// A frame is cut short by the end of the file.
     IncompleteFrame,
+    /// Everything from the damage to the end of the file is zero bytes
+    /// (space allocated by the file system but never written).
+    ZeroFilled,
     /// The length field is impossible.
     BadLength(u32),
     /// The CRC does not match.
@@ -141,6 +144,7 @@ impl std::fmt::Display for DamageReason {
         match self {
             Self::BadSegmentHeader => f.write_str("bad segment header"),
             Self::IncompleteFrame => f.write_str("incomplete frame at end of file"),
+            Self::ZeroFilled => f.write_str("zero-filled tail"),
             Self::BadLength(l) => write!(f, "impossible frame length {l}"),
             Self::Checksum => f.write_str("CRC mismatch"),
             Self::SequenceOutOfOrder {
@@ -194,7 +198,10 @@ impl ScanDamage {
         self.verifiable_after == 0
             && matches!(
                 self.reason,
-                DamageReason::IncompleteFrame | DamageReason::Checksum | DamageReason::BadLength(_)
+                DamageReason::IncompleteFrame
+                    | DamageReason::ZeroFilled
+                    | DamageReason::Checksum
+                    | DamageReason::BadLength(_)
             )
     }
 }
@@ -279,6 +286,11 @@ pub(crate) fn scan_segment(bytes: &[u8], name_seq: u64) -> SegmentScan {
 fn damage_at(bytes: &[u8], off: usize, reason: DamageReason, last_good: u64) -> ScanDamage {
     let region = &bytes[off..];
     let all_zero = region.iter().all(|b| *b == 0);
+    let reason = if all_zero && !matches!(reason, DamageReason::BadSegmentHeader) {
+        DamageReason::ZeroFilled
+    } else {
+        reason
+    };
     let (verifiable_after, seqs_after) = if all_zero {
         (0, None)
     } else {
@@ -435,12 +447,8 @@ mod tests {
         b.extend_from_slice(&[0; 100]);
         let s = scan_segment(&b, 1);
         let d = s.damage.unwrap();
-        // Found as the end of the records (recovery cuts it off unreported).
-        assert!(d.all_zero);
-        assert_eq!(
-            (d.offset, s.valid_len),
-            (b.len() as u64 - 100, b.len() as u64 - 100)
-        );
+        assert_eq!(d.reason, DamageReason::ZeroFilled);
+        assert!(d.is_torn_tail());
         assert_eq!(s.records, 1);
     }
 

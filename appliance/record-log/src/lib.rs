@@ -40,10 +40,11 @@
 //! `len = 16 + payload length` and `crc = crc32c(len bytes ++ seq ++ ts ++ payload)`.
 //! Integers are fixed-width little-endian, so the header needs no
 //! serialisation library; payloads are opaque (the bus and the cache put
-//! postcard in them). A segment may end in zero bytes after its last frame
-//! (a preallocated segment's unused space, or blocks a crash left
-//! unwritten): recovery takes them for the end of the records, not for
-//! damage, and cuts them off.
+//! postcard in them). Zero bytes after a segment's last frame are unused
+//! space, cut off unreported, in the active segment of a log that
+//! preallocates (`LogOptions::preallocate`) and in a sealed segment whose
+//! last frame reaches the next segment's name; other zero tails are
+//! reported (`DamageReason::ZeroFilled`: blocks a crash left unwritten).
 //!
 //! Sequence numbers start at 1 and increase by one per append. They never
 //! repeat, even after damage: recovery continues past the highest number it

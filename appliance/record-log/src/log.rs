@@ -549,6 +549,16 @@ pub struct Log {
     pending_syncs: u64,
 }
 
+/// The log a segment is recovered for.
+#[derive(Clone, Copy)]
+struct Recovering<'a> {
+    root: &'a Path,
+    gen: u64,
+    /// The log preallocates its segments: zeros after the last records of
+    /// the active segment are its unused space.
+    preallocated: bool,
+}
+
 /// Kinds of entries at the top of a log directory.
 enum RootEntry {
     Gen(u64),
@@ -629,15 +639,13 @@ impl Log {
         let mut seq_floor = 1u64;
         for (i, (name_seq, path)) in names.iter().enumerate() {
             let next_name = names.get(i + 1).map(|(s, _)| *s);
-            let seg = Self::recover_segment(
-                &root,
+            let at = Recovering {
+                root: &root,
                 gen,
-                *name_seq,
-                path,
-                next_name,
-                &mut report,
-                &mut seq_floor,
-            )?;
+                preallocated: opts.preallocate && opts.defer_writes,
+            };
+            let seg =
+                Self::recover_segment(at, *name_seq, path, next_name, &mut report, &mut seq_floor)?;
             seq_floor = seq_floor.max(*name_seq);
             segments.push(seg);
         }
@@ -676,10 +684,16 @@ impl Log {
             appended_bytes: 0,
             pending_syncs: 0,
         };
-        // A spare left by the last run is used all the same.
-        log.spare_ready = log.opts.preallocate
-            && log.opts.defer_writes
-            && fs::symlink_metadata(log.gen_dir.join(SPARE_NAME)).is_ok();
+        // A spare left by the last run is used all the same, unless
+        // preallocation is off now; a job's temporary file is a job a crash
+        // interrupted.
+        let _ = fs::remove_file(log.gen_dir.join(SPARE_TMP_NAME));
+        let spare = log.gen_dir.join(SPARE_NAME);
+        if log.opts.preallocate && log.opts.defer_writes {
+            log.spare_ready = fs::symlink_metadata(&spare).is_ok();
+        } else {
+            let _ = fs::remove_file(&spare);
+        }
         report.retention = log.enforce_retention()?;
         let stats = log.stats();
         report.segments = stats.segments;
@@ -740,8 +754,7 @@ impl Log {
     /// Scans one segment, truncates damage (quarantining the cut bytes), and
     /// returns what is left.
     fn recover_segment(
-        root: &Path,
-        gen: u64,
+        at: Recovering<'_>,
         name_seq: u64,
         path: &Path,
         next_name: Option<u64>,
@@ -764,20 +777,38 @@ impl Log {
                 (None, Some(r)) => Some(*r.end()),
                 (None, None) => None,
             };
-            let cut = &bytes[usize::try_from(d.offset).unwrap_or(bytes.len())..];
-            // A tail of zeros holds no record: it is space never written,
-            // a preallocated segment's (`LogOptions::preallocate`) or
-            // blocks a crash left unwritten. Under `Always` no acknowledged
-            // record can be there (its bytes were on the disk before it was
-            // acknowledged); under `Interval` the last interval's records
-            // may be lost, here as when a crash leaves the file shorter,
-            // which no scan can see either. It is cut off below, unreported.
-            let quarantined = if d.all_zero {
-                None
+            // A preallocated segment's unused space (zeros after its
+            // records) is no damage: in the active segment of a log that
+            // preallocates (under `Always` an acknowledged record's bytes
+            // were on the disk before it was acknowledged, so none is in
+            // there), or in a sealed segment whose records reach the next
+            // segment's first number (nothing is missing). Other zeros are
+            // reported, as blocks a crash left unwritten.
+            let missing = to.is_some_and(|t| t >= from);
+            let unused_space = d.all_zero
+                && match next_name {
+                    Some(_) => !missing,
+                    None => at.preallocated,
+                };
+            let start = usize::try_from(d.offset).unwrap_or(bytes.len());
+            // Damage followed by zeros (a torn frame in a preallocated
+            // segment) ends at its last byte that is not zero: the zeros
+            // are neither kept nor counted.
+            let end = if d.all_zero {
+                bytes.len()
             } else {
-                Some(Self::quarantine(root, gen, path, d.offset, cut)?)
+                bytes
+                    .iter()
+                    .rposition(|b| *b != 0)
+                    .map_or(start, |p| (p + 1).max(start))
             };
-            if !d.all_zero {
+            let cut = &bytes[start..end];
+            if !unused_space {
+                let quarantined = if d.all_zero {
+                    None
+                } else {
+                    Some(Self::quarantine(at.root, at.gen, path, d.offset, cut)?)
+                };
                 report.damage.push(Damage {
                     segment: path.to_path_buf(),
                     offset: d.offset,
@@ -1123,7 +1154,7 @@ impl Log {
         self.check_writable()?;
         let path = self.gen_dir.join(segment_file_name(self.next_seq));
         let dir = File::open(&self.gen_dir).map_err(io_err("open generation", &self.gen_dir))?;
-        let spare = self.take_spare(&dir, &path)?;
+        let spare = self.take_spare(&dir, &path);
         self.spare_ready = false;
         self.active_preallocated = spare.is_some();
         let file = match spare {
@@ -1286,15 +1317,26 @@ impl Log {
     }
 
     /// Moves a ready spare file to `path` (never over an existing file) and
-    /// opens it for writing from its start: the segment header is the
-    /// first owed bytes, and every later write follows at the shared file
-    /// offset, in ticket order, as with `O_APPEND`. `None` when there is no
-    /// spare (or preallocation is off).
-    fn take_spare(&self, dir: &File, path: &Path) -> Result<Option<File>> {
+    /// returns it open for writing from its start: the segment header is
+    /// the first owed bytes, and every later write follows at the shared
+    /// file offset, in ticket order, as with `O_APPEND`. The file is opened
+    /// before it is moved, so a failure leaves either the spare or the
+    /// segment, never a segment of zeros nobody holds. `None` when there is
+    /// no spare, preallocation is off, or it cannot be used (then the
+    /// rotation creates a file as without preallocation).
+    fn take_spare(&self, dir: &File, path: &Path) -> Option<File> {
         if !self.opts.preallocate {
-            return Ok(None);
+            return None;
         }
         let spare = self.gen_dir.join(SPARE_NAME);
+        let file = match OpenOptions::new().write(true).open(&spare) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %spare.display(), error = %e, "record log: cannot open the spare segment; creating one instead");
+                return None;
+            }
+        };
         match nix::fcntl::renameat2(
             dir,
             spare.as_path(),
@@ -1302,22 +1344,13 @@ impl Log {
             path,
             nix::fcntl::RenameFlags::RENAME_NOREPLACE,
         ) {
-            Ok(()) => {}
-            // No spare ready, or a file system without RENAME_NOREPLACE.
-            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL) => return Ok(None),
+            Ok(()) => Some(file),
             Err(e) => {
-                return Err(Error::Io {
-                    op: "move spare segment into place",
-                    path: path.to_path_buf(),
-                    source: e.into(),
-                })
+                // EINVAL: a file system without RENAME_NOREPLACE.
+                tracing::warn!(path = %path.display(), error = %e, "record log: cannot move the spare segment into place; creating one instead");
+                None
             }
         }
-        OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map(Some)
-            .map_err(io_err("open spare segment", path))
     }
 
     /// Refuses all further writes (see [`Error::Poisoned`]). For callers whose

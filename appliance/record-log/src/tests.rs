@@ -266,27 +266,25 @@ fn torn_tail_is_truncated_and_reported() {
 }
 
 #[test]
-fn a_zero_filled_tail_is_unwritten_space_not_damage() {
+fn zero_filled_tail_is_torn_and_not_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     write_n(dir.path(), opts(), 3);
     let seg = segment_files(dir.path()).pop().unwrap();
-    let len = fs::metadata(&seg).unwrap().len();
     OpenOptions::new()
         .append(true)
         .open(&seg)
         .unwrap()
         .write_all(&[0; 4096])
         .unwrap();
-    let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
+    let (_log, rep) = Log::open(dir.path(), opts()).unwrap();
+    let d = &rep.damage[0];
+    assert_eq!(
+        (d.kind, d.reason, d.bytes_lost),
+        (DamageKind::TornTail, DamageReason::ZeroFilled, 4096)
+    );
+    assert_eq!(d.lost.at_least, 0);
+    assert!(d.quarantined.is_none());
     assert_eq!(rep.records_loaded, 3);
-    // Cut off, so appends follow the last record.
-    assert_eq!(fs::metadata(&seg).unwrap().len(), len);
-    assert_eq!(log.append(b"after").unwrap().seq, 4);
-    drop(log);
-    let (log, rep) = Log::open(dir.path(), opts()).unwrap();
-    assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(seqs(&log), vec![1, 2, 3, 4]);
 }
 
 #[test]
@@ -1310,4 +1308,82 @@ fn a_failed_spare_job_leaves_no_file_behind() {
             crate::log::SPARE_NAME.to_string()
         ]
     );
+}
+
+#[test]
+fn zeros_after_the_last_records_of_a_preallocating_log_are_unused_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(64 << 10);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    append_and_sync(&mut log, 1..=3);
+    let seg = log.segments[0].path.clone();
+    let len = fs::metadata(&seg).unwrap().len();
+    drop(log);
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[0; 4096])
+        .unwrap();
+    // Cut off unreported, so appends follow the last record.
+    assert_reopens_clean_and_appends(dir.path(), o, 3);
+    assert!(fs::metadata(&seg).unwrap().len() > len);
+    // Without preallocation the same zeros are reported (the last test).
+}
+
+#[test]
+fn a_sealed_segment_whose_records_end_in_zeros_too_early_is_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(1024);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    append_and_sync(&mut log, 1..=100);
+    let sealed = log.segments[1].clone();
+    drop(log);
+    let (first, last) = (sealed.first_seq.unwrap(), sealed.last_seq.unwrap());
+    assert!(last > first + 2);
+    // Acknowledged records of a sealed segment turned to zeros (a disk
+    // that lost them): they were there, as the next segment's name says.
+    let mut bytes = fs::read(&sealed.path).unwrap();
+    let cut = SEGMENT_HEADER_LEN as usize
+        + (first..first + 2)
+            .map(|i| frame_size(payload(i).len()) as usize)
+            .sum::<usize>();
+    bytes[cut..].fill(0);
+    fs::write(&sealed.path, &bytes).unwrap();
+    let (_log, rep) = Log::open(dir.path(), o).unwrap();
+    assert_eq!(rep.damage.len(), 1, "{rep:?}");
+    let d = &rep.damage[0];
+    assert_eq!(d.reason, DamageReason::ZeroFilled);
+    assert_eq!(d.lost.seqs, Some(first + 2..=last));
+}
+
+#[test]
+fn a_torn_frame_in_a_preallocated_segment_costs_only_its_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(64 << 10);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    log.spare_job().unwrap().run(|| {}).unwrap();
+    log.spare_written();
+    append_and_sync(&mut log, 1..=10);
+    let seg = log.segments[1].clone();
+    assert_eq!(fs::metadata(&seg.path).unwrap().len(), 64 << 10, "a spare");
+    drop(log);
+    // Half of a next frame reached the disk before the power went.
+    let mut frame = Vec::new();
+    crate::frame::encode_frame(&mut frame, 11, 11, &payload(11));
+    let half = &frame[..frame.len() / 2];
+    let f = OpenOptions::new().write(true).open(&seg.path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, half, seg.len).unwrap();
+    let (_log, rep) = Log::open(dir.path(), o).unwrap();
+    assert_eq!(rep.damage.len(), 1, "{rep:?}");
+    let d = &rep.damage[0];
+    assert_eq!(d.kind, DamageKind::TornTail);
+    // Up to its last byte that is not zero (not the spare's zeros after).
+    assert!(
+        d.bytes_lost > 0 && d.bytes_lost <= half.len() as u64,
+        "{d:?}"
+    );
+    let kept = fs::metadata(d.quarantined.as_ref().unwrap()).unwrap().len();
+    assert_eq!(kept, d.bytes_lost);
+    assert_eq!(rep.records_loaded, 10);
 }
