@@ -108,7 +108,7 @@
 
 use std::borrow::Cow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -570,13 +570,19 @@ fn in_background<T: Send>(
 
 /// A rewrite of the log is running; dropping it clears the flag however
 /// the rewrite ends, a panic included.
-struct Rewriting<'a>(&'a AtomicBool);
+struct Rewriting<'a>(&'a AtomicU8);
 
 impl Drop for Rewriting<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.store(IDLE, Ordering::Release);
     }
 }
+
+/// What background work on the log files runs (one at a time): nothing, a
+/// rewrite (compaction or heal), or a spare segment.
+const IDLE: u8 = 0;
+const REWRITING: u8 = 1;
+const SPARING: u8 = 2;
 
 /// Free space a heal leaves beside the entries it writes.
 const HEAL_SPARE_BYTES: u64 = 16 << 20;
@@ -633,10 +639,8 @@ pub struct Persistence {
     shared: Arc<Shared>,
     syncer: Option<std::thread::JoinHandle<()>>,
     config: PersistConfig,
-    /// A rewrite (compaction or heal) or a spare segment is being written.
-    compacting: AtomicBool,
-    /// ... and it is a spare segment (not a rewrite, for INFO).
-    sparing: AtomicBool,
+    /// `IDLE`, `REWRITING` or `SPARING`.
+    busy: AtomicU8,
     compactions: AtomicU64,
     heals: AtomicU64,
     /// `Log::sync_totals` at the last spare decision.
@@ -826,8 +830,7 @@ impl Persistence {
                 shared,
                 syncer: Some(syncer),
                 config,
-                compacting: AtomicBool::new(false),
-                sparing: AtomicBool::new(false),
+                busy: AtomicU8::new(IDLE),
                 compactions: AtomicU64::new(0),
                 heals: AtomicU64::new(0),
                 spare_seen: Mutex::new((0, 0)),
@@ -972,8 +975,7 @@ impl Persistence {
             log_records: s.records,
             log_bytes: s.bytes,
             compactions: self.compactions.load(Ordering::Relaxed),
-            compacting: self.compacting.load(Ordering::Relaxed)
-                && !self.sparing.load(Ordering::Relaxed),
+            compacting: self.busy.load(Ordering::Relaxed) == REWRITING,
             failed: failed.or_else(|| self.shared.state().failed.clone()),
             heals: self.heals.load(Ordering::Relaxed),
         }
@@ -1124,10 +1126,14 @@ impl Persistence {
     /// Writes the log's next spare segment if one is wanted (see
     /// [`PersistConfig::preallocate`]), on a thread of its own at
     /// background priority, paced, holding no lock. Returns whether it
-    /// wrote one. Never while a compaction or heal runs, and they wait for
-    /// it: a new generation replaces the directory the spare goes into
-    /// (and freeing a spare there at once would stall the clients).
+    /// wrote one. Never while a compaction or heal runs, nor they while it
+    /// does (one due meanwhile waits for the next tick): a new generation
+    /// replaces the directory the spare goes into, and freeing a spare
+    /// there at once would stall the clients.
     pub(crate) fn prepare_spare(&self) -> Result<bool, PersistError> {
+        let Some(_busy) = self.start(SPARING) else {
+            return Ok(false);
+        };
         let (job, gen, totals) = {
             let log = self.lock();
             (log.spare_job(), log.generation(), log.sync_totals())
@@ -1149,20 +1155,14 @@ impl Persistence {
         let Some(job) = job else {
             return Ok(false);
         };
-        let Some(_busy) = self.start_rewrite() else {
-            return Ok(false);
-        };
-        self.sparing.store(true, Ordering::Relaxed);
-        let _spared = Rewriting(&self.sparing);
         let written = in_background("cache-spare", SPARE_BYTES_PER_SEC, |pace| {
             job.run(|| pace.wrote(SpareJob::STEP))
                 .map_err(PersistError::from)
         });
         let mut log = self.lock();
         if log.generation() != gen {
-            // A new generation replaced the directory the job wrote into
-            // (not while this holds the rewrite flag, but a generation may
-            // also have come between reading the job and taking the flag).
+            // Cannot happen while no rewrite runs; should one ever, the
+            // spare (or its failure) went with the replaced directory.
             return Ok(false);
         }
         written?;
@@ -1186,7 +1186,15 @@ impl Persistence {
     /// Marks a rewrite of the log (a compaction or a heal) as running, or
     /// `None` if one already is: they never overlap.
     fn start_rewrite(&self) -> Option<Rewriting<'_>> {
-        (!self.compacting.swap(true, Ordering::AcqRel)).then_some(Rewriting(&self.compacting))
+        self.start(REWRITING)
+    }
+
+    /// Marks background work of `kind` as running, or `None` if some is.
+    fn start(&self, kind: u8) -> Option<Rewriting<'_>> {
+        self.busy
+            .compare_exchange(IDLE, kind, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then_some(Rewriting(&self.busy))
     }
 
     fn compact_inner(

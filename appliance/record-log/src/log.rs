@@ -83,7 +83,11 @@ pub struct LogOptions {
     /// numbered), where an immediate write is cut back and only that append
     /// fails.
     pub defer_writes: bool,
-    /// Preallocated segments (default off; only with `defer_writes`): a
+    /// Preallocated segments (default off; only with `defer_writes`, for a
+    /// writer that acknowledges a record only once a [`PendingSync`]
+    /// covering it has run, as a group commit does: zeros after the active
+    /// segment's last records are taken for unused space, so a record
+    /// acknowledged before its bytes were written could vanish unreported): a
     /// rotation starts the next segment in a file of `segment_max_bytes`
     /// zeros written and fsynced beforehand by a [`SpareJob`] (see
     /// [`Log::spare_job`]), when one is ready; else in a new empty file as
@@ -554,9 +558,19 @@ pub struct Log {
 struct Recovering<'a> {
     root: &'a Path,
     gen: u64,
+    /// The log defers its writes (see `LogOptions::defer_writes`).
+    deferred: bool,
     /// The log preallocates its segments: zeros after the last records of
     /// the active segment are its unused space.
     preallocated: bool,
+}
+
+/// Whether the segment file at `path` starts with the segment magic.
+fn has_header(path: &Path) -> bool {
+    let mut magic = [0u8; SEGMENT_MAGIC.len()];
+    File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| magic == SEGMENT_MAGIC)
 }
 
 /// Kinds of entries at the top of a log directory.
@@ -639,13 +653,25 @@ impl Log {
         let mut seq_floor = 1u64;
         for (i, (name_seq, path)) in names.iter().enumerate() {
             let next_name = names.get(i + 1).map(|(s, _)| *s);
+            // Whether the next segment's header reached the disk: with
+            // deferred writes a sync writes and fsyncs a sealed segment's
+            // last bytes before the next one's header, so without it none
+            // of those last bytes was acknowledged.
+            let next_written = names.get(i + 1).is_some_and(|(_, p)| has_header(p));
             let at = Recovering {
                 root: &root,
                 gen,
+                deferred: opts.defer_writes,
                 preallocated: opts.preallocate && opts.defer_writes,
             };
-            let seg =
-                Self::recover_segment(at, *name_seq, path, next_name, &mut report, &mut seq_floor)?;
+            let seg = Self::recover_segment(
+                at,
+                *name_seq,
+                path,
+                (next_name, next_written),
+                &mut report,
+                &mut seq_floor,
+            )?;
             seq_floor = seq_floor.max(*name_seq);
             segments.push(seg);
         }
@@ -757,7 +783,7 @@ impl Log {
         at: Recovering<'_>,
         name_seq: u64,
         path: &Path,
-        next_name: Option<u64>,
+        (next_name, next_written): (Option<u64>, bool),
         report: &mut RecoveryReport,
         seq_floor: &mut u64,
     ) -> Result<Segment> {
@@ -777,24 +803,26 @@ impl Log {
                 (None, Some(r)) => Some(*r.end()),
                 (None, None) => None,
             };
-            // A preallocated segment's unused space (zeros after its
-            // records) is no damage: in the active segment of a log that
-            // preallocates (under `Always` an acknowledged record's bytes
-            // were on the disk before it was acknowledged, so none is in
-            // there), or in a sealed segment whose records reach the next
-            // segment's first number (nothing is missing). Other zeros are
-            // reported, as blocks a crash left unwritten.
+            // Zeros after a segment's records are unused space, not damage:
+            // in a sealed segment whose records reach the next segment's
+            // first number (nothing is missing); in the active segment of a
+            // log that preallocates (its writer acknowledges a record only
+            // once a sync wrote it, so none is in there); and, with
+            // deferred writes, in a sealed segment whose next one has no
+            // header (the sync that would have written its last records
+            // never got that far). Other zeros are reported, as blocks
+            // that held records and were lost.
             let missing = to.is_some_and(|t| t >= from);
             let unused_space = d.all_zero
                 && match next_name {
-                    Some(_) => !missing,
+                    Some(_) => !missing || (at.deferred && !next_written),
                     None => at.preallocated,
                 };
             let start = usize::try_from(d.offset).unwrap_or(bytes.len());
-            // Damage followed by zeros (a torn frame in a preallocated
-            // segment) ends at its last byte that is not zero: the zeros
-            // are neither kept nor counted.
-            let end = if d.all_zero {
+            // In a log that preallocates, damage followed by zeros (a torn
+            // frame in a spare) ends at its last byte that is not zero: the
+            // spare's zeros are neither kept nor counted.
+            let end = if d.all_zero || !at.preallocated {
                 bytes.len()
             } else {
                 bytes
@@ -1494,6 +1522,13 @@ impl Drop for Log {
         if self.opts.defer_writes && self.poisoned.is_none() && self.queue.is_idle() {
             if let Err(e) = self.write_now() {
                 tracing::warn!(dir = %self.root.display(), error = %e, "record log: owed writes lost on close");
+            } else if self.active_preallocated {
+                // A clean close leaves no unused zeros: opened again
+                // without preallocation, the log would report them.
+                let len = self.active_segment().len;
+                if let Err(e) = self.active.set_len(len) {
+                    tracing::warn!(dir = %self.root.display(), error = %e, "record log: could not trim the preallocated segment on close");
+                }
             }
         }
     }

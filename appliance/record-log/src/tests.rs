@@ -1387,3 +1387,91 @@ fn a_torn_frame_in_a_preallocated_segment_costs_only_its_own_bytes() {
     assert_eq!(kept, d.bytes_lost);
     assert_eq!(rep.records_loaded, 10);
 }
+
+#[test]
+fn a_spare_that_cannot_be_used_gives_way_to_a_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(4096);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    append_and_sync(&mut log, 1..=3);
+    // Something that is not a file under the spare's name.
+    let spare = log.gen_dir.join(crate::log::SPARE_NAME);
+    fs::create_dir(&spare).unwrap();
+    log.spare_written();
+    append_and_sync(&mut log, 4..=200);
+    assert!(spare.is_dir());
+    assert!(log.segments.len() > 2);
+    drop(log);
+    fs::remove_dir(&spare).unwrap();
+    assert_reopens_clean_and_appends(dir.path(), o, 200);
+}
+
+#[test]
+fn a_crash_during_a_rotation_into_a_spare_is_no_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(4096);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    log.spare_job().unwrap().run(|| {}).unwrap();
+    log.spare_written();
+    append_and_sync(&mut log, 1..=60);
+    log.spare_job().unwrap().run(|| {}).unwrap();
+    append_and_sync(&mut log, 61..=300);
+    assert!(log.segments.len() >= 4);
+    // Segment 1 was a spare and segment 2 the next one: on disk as after a
+    // kill in the rotation between them, before the sync that would have
+    // written segment 1's last records and then segment 2's header.
+    let (s1, s2) = (log.segments[1].clone(), log.segments[2].clone());
+    let later: Vec<PathBuf> = log.segments[3..].iter().map(|s| s.path.clone()).collect();
+    drop(log);
+    for p in later {
+        fs::remove_file(p).unwrap();
+    }
+    assert_eq!(fs::metadata(&s1.path).unwrap().len(), 4096, "a spare");
+    let mut bytes = fs::read(&s1.path).unwrap();
+    let keep = (SEGMENT_HEADER_LEN
+        + (s1.first_seq.unwrap()..s1.first_seq.unwrap() + 5)
+            .map(|i| frame_size(payload(i).len()))
+            .sum::<u64>()) as usize;
+    bytes[keep..].fill(0);
+    fs::write(&s1.path, &bytes).unwrap();
+    fs::write(&s2.path, vec![0u8; 4096]).unwrap();
+    // The same zeros with segment 2's header on the disk: that sync went
+    // as far as segment 2, so segment 1's records were written, and lost.
+    let control = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), control.path());
+    let s2_copy = control
+        .path()
+        .join(s2.path.parent().unwrap().file_name().unwrap())
+        .join(s2.path.file_name().unwrap());
+    let mut with_header = vec![0u8; 4096];
+    with_header[..8].copy_from_slice(b"APLRLOG1");
+    fs::write(&s2_copy, &with_header).unwrap();
+
+    let last_kept = s1.first_seq.unwrap() + 4;
+    let (log, rep) = Log::open(dir.path(), o).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(seqs(&log), (1..=last_kept).collect::<Vec<_>>());
+    let (_log, rep) = Log::open(control.path(), o).unwrap();
+    assert_eq!(rep.damage.len(), 1, "{rep:?}");
+    assert_eq!(rep.damage[0].reason, DamageReason::ZeroFilled);
+    assert_eq!(
+        rep.damage[0].lost.seqs,
+        Some(last_kept + 1..=s2.name_seq - 1)
+    );
+}
+
+#[test]
+fn a_clean_close_trims_the_unused_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = prealloc_opts(64 << 10);
+    let (mut log, _) = Log::open(dir.path(), o).unwrap();
+    log.spare_job().unwrap().run(|| {}).unwrap();
+    log.spare_written();
+    append_and_sync(&mut log, 1..=10);
+    let active = log.segments.last().unwrap().path.clone();
+    assert_eq!(fs::metadata(&active).unwrap().len(), 64 << 10);
+    drop(log);
+    assert!(fs::metadata(&active).unwrap().len() < 64 << 10);
+    // So the log opens clean without preallocation too.
+    assert_reopens_clean_and_appends(dir.path(), deferred_opts(64 << 10), 10);
+}
