@@ -88,11 +88,12 @@ stop_servers() {
     pids=()
 }
 
-# Durable mode: before each run, wait until neither server is rewriting
-# its log (redis: an AOF rewrite; ours: a compaction, reported under the
-# same INFO field), so that one server's background work from its previous
-# run does not land in the other's measurement. Both check for a due
-# rewrite every 100 ms, hence the short wait first. At most 30 s.
+# Durable mode: before each run, wait until neither server is doing
+# background work on its log files (redis: an AOF rewrite; ours: a
+# compaction, reported under the same INFO field, or writing a spare
+# segment, `log_spare_in_progress`), so that one server's background work
+# from its previous run does not land in the other's measurement. Both
+# check for due work every 100 ms, hence the short wait first. At most 30 s.
 settle() {
     [[ $mode == durable ]] || return 0
     sleep 0.3
@@ -100,7 +101,7 @@ settle() {
         local busy=0
         for port in "$REDIS_PORT" "$OURS_PORT"; do
             if [[ $(redis-cli -p "$port" INFO persistence | tr -d '\r' |
-                awk -F: '/^aof_rewrite_(in_progress|scheduled):/ { n += $2 } END { print n + 0 }') != 0 ]]; then
+                awk -F: '/^(aof_rewrite_(in_progress|scheduled)|log_spare_in_progress):/ { n += $2 } END { print n + 0 }') != 0 ]]; then
                 busy=1
             fi
         done

@@ -467,13 +467,14 @@ pub fn info(cache: &Cache) -> String {
         text.push_str(&format!(
             "\r\n# Persistence\r\naof_enabled:1\r\naof_rewrite_in_progress:{}\r\n\
              aof_rewrites:{}\r\naof_last_write_status:{}\r\nlog_heals:{}\r\n\
-             log_records:{}\r\nlog_bytes:{}\r\nfsync:{}\r\n",
+             log_records:{}\r\nlog_bytes:{}\r\nlog_spare_in_progress:{}\r\nfsync:{}\r\n",
             u8::from(ps.compacting),
             ps.compactions,
             if ps.failed.is_some() { "err" } else { "ok" },
             ps.heals,
             ps.log_records,
             ps.log_bytes,
+            u8::from(ps.writing_spare),
             match p.fsync() {
                 Fsync::Always => "always".to_string(),
                 Fsync::IntervalMs(ms) => format!("interval:{ms}"),

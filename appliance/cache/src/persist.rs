@@ -248,6 +248,10 @@ pub struct PersistStats {
     /// A compaction is running (writing the new generation, switching, or
     /// freeing the old one).
     pub compacting: bool,
+    /// A spare segment is being written (see
+    /// [`PersistConfig::preallocate`]).
+    #[serde(default)]
+    pub writing_spare: bool,
     /// Why the log takes no writes, while it does not (a write or an
     /// `fdatasync` failed; see [`crate::Cache::heal_log`]).
     #[serde(default)]
@@ -976,6 +980,7 @@ impl Persistence {
             log_bytes: s.bytes,
             compactions: self.compactions.load(Ordering::Relaxed),
             compacting: self.busy.load(Ordering::Relaxed) == REWRITING,
+            writing_spare: self.busy.load(Ordering::Relaxed) == SPARING,
             failed: failed.or_else(|| self.shared.state().failed.clone()),
             heals: self.heals.load(Ordering::Relaxed),
         }

@@ -227,7 +227,10 @@ fn compaction_keeps_the_state_and_shrinks_the_log() {
         assert_eq!(before.log_records, 1001);
         let info = appliance_cache::commands::info(&cache);
         assert!(info.contains("# Persistence\r\naof_enabled:1\r\naof_rewrite_in_progress:0\r\naof_rewrites:0\r\naof_last_write_status:ok\r\nlog_heals:0\r\nlog_records:1001\r\n"), "{info}");
-        assert!(info.contains("fsync:interval:10\r\n"), "{info}");
+        assert!(
+            info.contains("log_spare_in_progress:0\r\nfsync:interval:10\r\n"),
+            "{info}"
+        );
         let m = cache.maintenance().unwrap();
         let report = m.compaction.expect("garbage above threshold compacts");
         assert_eq!(report.records_after, 51);
