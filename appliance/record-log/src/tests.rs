@@ -1187,6 +1187,16 @@ fn prealloc_opts(segment_max_bytes: u64) -> LogOptions {
     }
 }
 
+/// Opens the log in `dir`, writes a spare and appends records 1..=n: the
+/// first in the log's first segment, the rest in the spare.
+fn log_in_a_spare(dir: &Path, o: LogOptions, n: u64) -> Log {
+    let (mut log, _) = Log::open(dir, o).unwrap();
+    log.spare_job().unwrap().run(|| {}).unwrap();
+    log.spare_written();
+    append_and_sync(&mut log, 1..=n);
+    log
+}
+
 fn append_and_sync(log: &mut Log, seqs: std::ops::RangeInclusive<u64>) {
     for i in seqs {
         log.append_at(i, &payload(i)).unwrap();
@@ -1361,10 +1371,7 @@ fn a_sealed_segment_whose_records_end_in_zeros_too_early_is_damage() {
 fn a_torn_frame_in_a_preallocated_segment_costs_only_its_own_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let o = prealloc_opts(64 << 10);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    log.spare_job().unwrap().run(|| {}).unwrap();
-    log.spare_written();
-    append_and_sync(&mut log, 1..=10);
+    let log = log_in_a_spare(dir.path(), o, 10);
     let seg = log.segments[1].clone();
     assert_eq!(fs::metadata(&seg.path).unwrap().len(), 64 << 10, "a spare");
     drop(log);
@@ -1464,10 +1471,7 @@ fn a_crash_during_a_rotation_into_a_spare_is_no_damage() {
 fn a_clean_close_trims_the_unused_zeros() {
     let dir = tempfile::tempdir().unwrap();
     let o = prealloc_opts(64 << 10);
-    let (mut log, _) = Log::open(dir.path(), o).unwrap();
-    log.spare_job().unwrap().run(|| {}).unwrap();
-    log.spare_written();
-    append_and_sync(&mut log, 1..=10);
+    let log = log_in_a_spare(dir.path(), o, 10);
     let active = log.segments.last().unwrap().path.clone();
     assert_eq!(fs::metadata(&active).unwrap().len(), 64 << 10);
     drop(log);
