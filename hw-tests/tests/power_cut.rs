@@ -87,7 +87,12 @@ fn upload_cut_by_power_loss_leaves_nothing_partial_and_resumes() {
         .unwrap();
     let t_push = Instant::now();
 
-    // Wait until at least one batch is durably recorded.
+    // Wait until at least one batch is durably recorded. The sizes read
+    // here are the page cache's: a record's first batch is visible before
+    // its fdatasync and the staging directory's fsync (which make the pair's
+    // names durable). The next batch is appended only after those, so the
+    // record growing past the size first seen proves the first durable.
+    let mut first_seen = None;
     let (landed, data) = loop {
         if let Some(status) = child.try_wait().unwrap() {
             app.fail(&format!(
@@ -100,8 +105,10 @@ fn upload_cut_by_power_loss_leaves_nothing_partial_and_resumes() {
             staging()
         ));
         let f: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
-        if f[0] >= 36 {
-            break (f[0], f[1]);
+        match first_seen {
+            Some(first) if f[0] > first => break (f[0], f[1]),
+            None if f[0] >= 36 => first_seen = Some(f[0]),
+            _ => {}
         }
         if t_push.elapsed() > Duration::from_secs(900) {
             app.fail("no chunk recorded in staging within 900 s");
