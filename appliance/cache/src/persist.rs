@@ -160,7 +160,8 @@ pub struct PersistConfig {
     /// `LogOptions::preallocate` in `appliance-record-log`), so that the
     /// clients' `fdatasync`s overwrite allocated blocks instead of growing
     /// the file. Costs each segment's bytes written twice, in the
-    /// background, and one segment of disk space for the spare.
+    /// background, and up to two segments of disk space beyond the
+    /// records: the spare and the active segment's unused zeros.
     pub preallocate: bool,
 }
 
@@ -1136,12 +1137,9 @@ impl Persistence {
     /// replaces the directory the spare goes into, and freeing a spare
     /// there at once would stall the clients.
     pub(crate) fn prepare_spare(&self) -> Result<bool, PersistError> {
-        let Some(_busy) = self.start(SPARING) else {
-            return Ok(false);
-        };
-        let (job, gen, totals) = {
+        let (wanted, totals) = {
             let log = self.lock();
-            (log.spare_job(), log.generation(), log.sync_totals())
+            (log.spare_job().is_some(), log.sync_totals())
         };
         let (bytes, syncs) = {
             let mut seen = self
@@ -1154,9 +1152,18 @@ impl Persistence {
         // Since the last tick, the `fdatasync`s carried so much each that
         // the zeros would cost more disk time than they save (the saving
         // is per `fdatasync`, the cost per byte): no spare for now.
-        if syncs > 0 && bytes / syncs > SPARE_MAX_BYTES_PER_SYNC {
+        if !wanted || (syncs > 0 && bytes / syncs > SPARE_MAX_BYTES_PER_SYNC) {
             return Ok(false);
         }
+        // Only now the flag, so that the ticks with nothing to do never
+        // keep a compaction from starting.
+        let Some(_busy) = self.start(SPARING) else {
+            return Ok(false);
+        };
+        let (job, gen) = {
+            let log = self.lock();
+            (log.spare_job(), log.generation())
+        };
         let Some(job) = job else {
             return Ok(false);
         };
