@@ -290,12 +290,9 @@ fn zero_filled_tail_is_torn_and_not_quarantined() {
 #[test]
 fn zeros_with_a_record_after_them_are_damage() {
     let dir = tempfile::tempdir().unwrap();
-    write_n(dir.path(), opts(), 3);
-    let seg = segment_files(dir.path()).pop().unwrap();
-    let mut bytes = fs::read(&seg).unwrap();
-    let (from, to) = (offset_of(2) as usize, offset_of(3) as usize);
-    bytes[from..to].fill(0);
-    fs::write(&seg, &bytes).unwrap();
+    write_n_then_edit(dir.path(), 3, |bytes| {
+        bytes[offset_of(2) as usize..offset_of(3) as usize].fill(0);
+    });
     let (log, rep) = Log::open(dir.path(), opts()).unwrap();
     assert_eq!(rep.damage.len(), 1, "{rep:?}");
     let d = &rep.damage[0];
@@ -306,6 +303,17 @@ fn zeros_with_a_record_after_them_are_damage() {
     assert_eq!(seqs(&log), vec![1]);
 }
 
+/// Writes records 1..=n (one segment) and changes its file's bytes with
+/// `edit`; returns them as edited.
+fn write_n_then_edit(dir: &Path, n: u64, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    write_n(dir, opts(), n);
+    let seg = segment_files(dir).pop().unwrap();
+    let mut bytes = fs::read(&seg).unwrap();
+    edit(&mut bytes);
+    fs::write(&seg, &bytes).unwrap();
+    bytes
+}
+
 /// Offset of the frame for `seq` when every record in one segment holds payload(i).
 fn offset_of(seq: u64) -> u64 {
     SEGMENT_HEADER_LEN + (1..seq).map(|i| frame_size(payload(i).len())).sum::<u64>()
@@ -314,12 +322,9 @@ fn offset_of(seq: u64) -> u64 {
 #[test]
 fn flipped_byte_in_the_middle_loads_everything_before() {
     let dir = tempfile::tempdir().unwrap();
-    write_n(dir.path(), opts(), 100);
-    let seg = segment_files(dir.path()).pop().unwrap();
-    let mut bytes = fs::read(&seg).unwrap();
-    let at = offset_of(50) + 30; // inside record 50's payload
-    bytes[at as usize] ^= 0x01;
-    fs::write(&seg, &bytes).unwrap();
+    let bytes = write_n_then_edit(dir.path(), 100, |bytes| {
+        bytes[offset_of(50) as usize + 30] ^= 0x01; // inside record 50's payload
+    });
 
     let (mut log, rep) = Log::open(dir.path(), opts()).unwrap();
     assert_eq!(rep.records_loaded, 49);
