@@ -20,6 +20,17 @@
 # now and then, a durable round's p99 is that of the stall it caught). MODES, SIZES,
 # PIPELINES and TESTS (defaults "memory durable", "256 16384", "1 16",
 # "set get") pick rows; OURS_ARGS adds arguments to our server.
+#
+# CPUs: on a machine with at least two, redis-benchmark runs on CPU
+# CLIENT_CPUS (default 0) and both servers on SERVER_CPUS (default 1), so
+# that the scheduler never puts the client and the server it measures on
+# one core for part of a run (unpinned on this 2-core box, one row's rounds
+# ranged 58k-110k SETs/s; pinned, 101k-113k). PIN=0 turns this off.
+# The "client cpu" column is the share of one core redis-benchmark used
+# during each side's runs (median): at 95 % or more the client, not the
+# server, sets the pace, and such a row compares the two servers only as
+# far as their difference shows through a saturated client ("client-bound"
+# in the table).
 set -euo pipefail
 
 REQUESTS=${REQUESTS:-100000}
@@ -33,6 +44,11 @@ TESTS=${TESTS:-set get}
 read -r -a ours_args <<<"${OURS_ARGS:-}"
 REDIS_PORT=${REDIS_PORT:-16379}
 OURS_PORT=${OURS_PORT:-16380}
+client_pin=() server_pin=()
+if [[ ${PIN:-1} != 0 ]] && (($(nproc) >= 2)) && command -v taskset >/dev/null; then
+    client_pin=(taskset -c "${CLIENT_CPUS:-0}")
+    server_pin=(taskset -c "${SERVER_CPUS:-1}")
+fi
 
 for tool in redis-server redis-benchmark redis-cli; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install redis-server redis-tools" >&2; exit 2; }
@@ -65,17 +81,17 @@ start_servers() { # mode
     local mode=$1
     mkdir -p "$work/$mode/redis" "$work/$mode/ours"
     if [[ $mode == durable ]]; then
-        redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
+        "${server_pin[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
             --appendonly yes --appendfsync always --daemonize no --logfile "$work/redis.log" &
         pids+=($!)
-        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" --dir "$work/$mode/ours" --fsync always "${ours_args[@]}" \
+        "${server_pin[@]}" "$ours_bin" --listen "127.0.0.1:$OURS_PORT" --dir "$work/$mode/ours" --fsync always "${ours_args[@]}" \
             >"$work/ours.log" 2>&1 &
         pids+=($!)
     else
-        redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
+        "${server_pin[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
             --appendonly no --daemonize no --logfile "$work/redis.log" &
         pids+=($!)
-        "$ours_bin" --listen "127.0.0.1:$OURS_PORT" "${ours_args[@]}" >"$work/ours.log" 2>&1 &
+        "${server_pin[@]}" "$ours_bin" --listen "127.0.0.1:$OURS_PORT" "${ours_args[@]}" >"$work/ours.log" 2>&1 &
         pids+=($!)
     fi
     wait_port "$REDIS_PORT"
@@ -111,29 +127,37 @@ settle() {
     echo "warning: a server was still rewriting its log after 30 s; measuring anyway" >&2
 }
 
-# One redis-benchmark run; prints "rps p99_ms".
+# One redis-benchmark run; prints "rps p99_ms client_cpu" (the client's
+# user + system time over the run's wall time: 1.0 is one busy core).
 run() { # port test pipeline size requests
     settle
-    redis-benchmark -h 127.0.0.1 -p "$1" -c 50 -n "$5" -P "$3" -d "$4" -r "$KEYSPACE" -t "$2" --csv -q 2>/dev/null |
-        python3 -c '
-import csv, sys
-rows = [r for r in csv.reader(sys.stdin) if r and r[0] != "test"]
-r = rows[-1]
-print(r[1], r[6])'
+    python3 - "${client_pin[@]}" redis-benchmark -h 127.0.0.1 -p "$1" -c 50 -n "$5" -P "$3" -d "$4" \
+        -r "$KEYSPACE" -t "$2" --csv -q <<'PY'
+import csv, resource, subprocess, sys, time
+before = resource.getrusage(resource.RUSAGE_CHILDREN)
+start = time.monotonic()
+out = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True).stdout
+wall = time.monotonic() - start
+after = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+rows = [r for r in csv.reader(out.splitlines()) if r and r[0] != "test"]
+print(rows[-1][1], rows[-1][6], f"{cpu / wall:.3f}")
+PY
 }
 
-# Median throughput and median p99 of "rps p99" lines, then the lowest
-# and highest p99 of the rounds ("lo-hi").
+# Median throughput, median p99 and median client CPU of "rps p99 cpu"
+# lines, then the lowest and highest p99 of the rounds ("lo-hi").
 median() {
     printf '%s\n' "$@" | python3 -c '
 import statistics, sys
 rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
 p99 = [r[1] for r in rows]
-print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(p99):.3f}", f"{min(p99):.2f}-{max(p99):.2f}")'
+print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(p99):.3f}",
+      f"{min(p99):.2f}-{max(p99):.2f}", f"{100 * statistics.median(r[2] for r in rows):.0f}")'
 }
 
-printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %s\n' \
-    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "p99 of the rounds, redis / ours"
+printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %s\n' \
+    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "client cpu %, r / o" "p99 of the rounds, redis / ours"
 for mode in $MODES; do
     start_servers "$mode"
     for size in $SIZES; do
@@ -154,15 +178,18 @@ for mode in $MODES; do
                         r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
                     fi
                 done
-                read -r r_rps r_p99 r_spread < <(median "${r_runs[@]}")
-                read -r o_rps o_p99 o_spread < <(median "${o_runs[@]}")
+                read -r r_rps r_p99 r_spread r_cpu < <(median "${r_runs[@]}")
+                read -r o_rps o_p99 o_spread o_cpu < <(median "${o_runs[@]}")
+                bound=""
+                ((r_cpu >= 95 && o_cpu >= 95)) && bound=" client-bound"
                 verdict=$(python3 -c "
 r, o, rp, op = $r_rps, $o_rps, $r_p99, $o_p99
 ok = o >= r and op <= rp
 print(f'{o / r:.2f} ' + ('ok' if ok else 'MISS'))")
                 read -r ratio ok <<<"$verdict"
-                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %s / %s\n' \
-                    "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$ratio" "$ok" "$r_spread" "$o_spread"
+                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %s / %s\n' \
+                    "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$ratio" "$ok" \
+                    "$r_cpu / $o_cpu$bound" "$r_spread" "$o_spread"
             done
         done
     done
