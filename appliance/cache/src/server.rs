@@ -9,8 +9,9 @@
 //! to `READ_AHEAD_MAX`, after yielding to the other connections so that
 //! every ready client gets its turn, as in redis's event loop), then the
 //! batch's log records are committed once and its replies written with one
-//! write. Reads start at 16 KiB and double while they fill up (at most
-//! `MAX_READ`), so a pipeline of large values costs a few `read(2)`s
+//! vectored write (a large value is written from the cache's own copy, see
+//! [`Output`]). Reads start at 16 KiB and double while they fill up (at
+//! most `MAX_READ`), so a pipeline of large values costs a few `read(2)`s
 //! rather than one per 16 KiB, and a small request no more than before.
 //!
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
@@ -46,7 +47,7 @@ use tokio::task::JoinSet;
 
 use crate::cache::{Cache, PendingCommit};
 use crate::commands::{execute, execute_args, Session};
-use crate::resp::{encode, Command, Decoder, Limits, Reply};
+use crate::resp::{encode, Command, Decoder, Limits, Output, Reply};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -353,7 +354,7 @@ fn decode_and_run(
     args: &mut Vec<Bytes>,
     cache: &Cache,
     session: &mut Session,
-    out: &mut BytesMut,
+    out: &mut Output,
 ) -> Step {
     loop {
         if out.len() >= FLUSH_AT {
@@ -469,7 +470,7 @@ where
 /// Replies are coalesced (see the module docs): the first commands after
 /// an idle wait are answered at once; after that, input that is already
 /// waiting is read and run too (up to `READ_AHEAD_MAX`) before the batch
-/// is committed and its replies are written with one `write(2)`. The rest
+/// is committed and its replies are written with one (vectored) write. The rest
 /// of a pipelined batch that arrives in several reads therefore costs one
 /// commit and one write, not one per read (and wakes the client once).
 pub async fn connection<S>(
@@ -500,7 +501,7 @@ where
             conn.answer(cache, &mut stream).await?;
             let reply = Reply::err("server buffer memory exhausted, closing connection");
             encode(&reply, conn.session.protocol, &mut conn.out);
-            stream.write_all(&conn.out).await?;
+            stream.write_all_buf(&mut conn.out).await?;
             stream.shutdown().await?;
             return Ok(());
         }
@@ -602,7 +603,7 @@ struct Conn {
     buf: BytesMut,
     /// Scratch space for one command's arguments (see [`decode_and_run`]).
     args: Vec<Bytes>,
-    out: BytesMut,
+    out: Output,
     /// The commit the replies in `out` wait for.
     owed: Option<PendingCommit>,
 }
@@ -617,7 +618,7 @@ impl Conn {
             decoder: Decoder::new(limits),
             buf: BytesMut::with_capacity(READ_CHUNK),
             args: Vec::new(),
-            out: BytesMut::with_capacity(READ_CHUNK),
+            out: Output::with_capacity(READ_CHUNK),
             owed: None,
         }
     }
@@ -677,7 +678,7 @@ impl Conn {
             self.args = Vec::new();
         }
         if self.out.capacity() > 4 * FLUSH_AT {
-            self.out = BytesMut::with_capacity(READ_CHUNK);
+            self.out = Output::with_capacity(READ_CHUNK);
         }
     }
 }
@@ -688,7 +689,7 @@ impl Conn {
 async fn flush<S>(
     cache: &Cache,
     stream: &mut S,
-    out: &mut BytesMut,
+    out: &mut Output,
     owed: Option<PendingCommit>,
     yield_first: bool,
 ) -> io::Result<()>
@@ -725,7 +726,8 @@ where
         }
     }
     if !out.is_empty() {
-        stream.write_all(out).await?;
+        // Vectored: a large value goes out from where the cache holds it.
+        stream.write_all_buf(out).await?;
         out.clear();
     }
     Ok(())
