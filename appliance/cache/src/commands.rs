@@ -169,7 +169,10 @@ pub fn execute_args(cache: &Cache, session: &mut Session, args: &[Bytes]) -> Out
 fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Reply {
     match (name, a.len()) {
         ("PING", 0) => Reply::Simple("PONG".into()),
-        ("PING", 1) | ("ECHO", 1) => Reply::Bulk(a[0].clone()),
+        // Arguments are slices of the connection's read buffer: what
+        // outlives the command (a reply waiting to be written, a name) is
+        // copied, so it does not pin that buffer outside its budget.
+        ("PING", 1) | ("ECHO", 1) => Reply::Bulk(Bytes::copy_from_slice(&a[0])),
         ("HELLO", _) => hello(session, a),
         ("GET", 1) => bulk_or_null(cache.get_plain(&a[0])),
         ("SET", n) if n >= 2 => set(cache, a),
@@ -256,7 +259,7 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
     while let Some(opt) = rest.first() {
         match (upper(opt).as_str(), rest.len()) {
             ("SETNAME", n) if n >= 2 => {
-                session.name = Some(rest[1].clone());
+                session.name = Some(Bytes::copy_from_slice(&rest[1]));
                 rest = &rest[2..];
             }
             ("AUTH", _) => {
@@ -417,7 +420,7 @@ fn client(session: &mut Session, a: &[Bytes]) -> Reply {
                     "Client names cannot contain spaces, newlines or special characters.",
                 );
             }
-            session.name = (!a[1].is_empty()).then(|| a[1].clone());
+            session.name = (!a[1].is_empty()).then(|| Bytes::copy_from_slice(&a[1]));
             Reply::ok()
         }
         ("GETNAME", 1) => bulk_or_null(session.name.clone()),
@@ -688,6 +691,34 @@ mod tests {
         assert_eq!(stored, Bytes::from("v"));
         let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
         assert!(!range.contains(&(stored.as_ptr() as usize)));
+    }
+
+    #[test]
+    fn echoed_arguments_and_names_do_not_pin_the_read_buffer() {
+        let (_, c, mut s) = setup();
+        // Arguments as the decoder hands them over: slices of one buffer.
+        let buffer = Bytes::from([&b"ECHOCLIENTSETNAMEHELLO2w"[..], &[b'x'; 8192]].concat());
+        let arg = |r: std::ops::Range<usize>| Frame::Bulk(buffer.slice(r));
+        let inside = |b: &Bytes| {
+            let start = buffer.as_ptr() as usize;
+            (start..start + buffer.len()).contains(&(b.as_ptr() as usize))
+        };
+        let echoed = execute(&c, &mut s, Frame::Array(vec![arg(0..4), arg(24..8216)])).reply;
+        let Reply::Bulk(b) = echoed else {
+            panic!("ECHO replied {echoed:?}");
+        };
+        assert_eq!(b.len(), 8192);
+        assert!(
+            !inside(&b),
+            "the echoed argument is a slice of the read buffer"
+        );
+        let named = Frame::Array(vec![arg(4..10), arg(10..17), arg(24..1024)]);
+        assert_eq!(execute(&c, &mut s, named).reply, Reply::ok());
+        assert!(!inside(s.name.as_ref().unwrap()));
+        let hello = Frame::Array(vec![arg(17..22), arg(22..23), arg(10..17), arg(23..24)]);
+        assert!(matches!(execute(&c, &mut s, hello).reply, Reply::Map(_)));
+        assert_eq!(s.name.as_deref(), Some(&b"w"[..]));
+        assert!(!inside(s.name.as_ref().unwrap()));
     }
 
     #[test]

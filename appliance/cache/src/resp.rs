@@ -627,15 +627,15 @@ impl Reply {
 /// [`Output`], which keeps large bulk strings by reference.
 pub trait Sink {
     /// Append bytes.
-    fn put(&mut self, bytes: &[u8]);
+    fn push_slice(&mut self, bytes: &[u8]);
     /// Append a bulk string's body (a stored value, usually).
-    fn put_value(&mut self, value: &Bytes) {
-        self.put(value);
+    fn push_value(&mut self, value: &Bytes) {
+        self.push_slice(value);
     }
 }
 
 impl Sink for BytesMut {
-    fn put(&mut self, bytes: &[u8]) {
+    fn push_slice(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
     }
 }
@@ -652,6 +652,11 @@ pub const SHARED_BULK_MIN: usize = 4 << 10;
 /// vectored writes (it is a [`Buf`] whose chunks are the parts in order).
 /// For 16 KiB GETs the copy into one reply buffer was about 15 % of the
 /// server's CPU time.
+///
+/// A shared part is held until it is written, so a reply must share only
+/// bytes that are not a slice of a connection's read buffer (which would
+/// pin that buffer outside its memory budget): the command layer copies
+/// any argument it sends back (`ECHO`).
 #[derive(Debug, Default)]
 pub struct Output {
     /// Parts before `tail`, none of them empty.
@@ -660,6 +665,8 @@ pub struct Output {
     tail: BytesMut,
     /// Bytes in `parts` and `tail` together.
     len: usize,
+    /// Most bytes `tail` has held at once (see [`Output::peak`]).
+    peak: usize,
 }
 
 impl Output {
@@ -669,6 +676,7 @@ impl Output {
             parts: std::collections::VecDeque::new(),
             tail: BytesMut::with_capacity(capacity),
             len: 0,
+            peak: 0,
         }
     }
 
@@ -682,9 +690,13 @@ impl Output {
         self.len == 0
     }
 
-    /// Capacity of the copy buffer (for giving back a large one).
-    pub fn capacity(&self) -> usize {
-        self.tail.capacity()
+    /// Most bytes the copy buffer has held at once since this output was
+    /// made: its allocation is at most about twice that, however much of
+    /// it has been written since (writing advances the buffer's start, so
+    /// its `capacity` no longer shows the allocation). For giving back a
+    /// large one.
+    pub fn peak(&self) -> usize {
+        self.peak
     }
 
     /// Drop everything not yet written.
@@ -696,14 +708,15 @@ impl Output {
 }
 
 impl Sink for Output {
-    fn put(&mut self, bytes: &[u8]) {
+    fn push_slice(&mut self, bytes: &[u8]) {
         self.tail.extend_from_slice(bytes);
         self.len += bytes.len();
+        self.peak = self.peak.max(self.tail.len());
     }
 
-    fn put_value(&mut self, value: &Bytes) {
+    fn push_value(&mut self, value: &Bytes) {
         if value.len() < SHARED_BULK_MIN {
-            self.put(value);
+            self.push_slice(value);
             return;
         }
         if !self.tail.is_empty() {
@@ -757,9 +770,9 @@ impl Buf for Output {
 }
 
 fn put_line(out: &mut impl Sink, prefix: u8, body: &[u8]) {
-    out.put(&[prefix]);
-    out.put(body);
-    out.put(b"\r\n");
+    out.push_slice(&[prefix]);
+    out.push_slice(body);
+    out.push_slice(b"\r\n");
 }
 
 /// Decimal digits of `n` at the end of `buf`; returns where they start.
@@ -784,29 +797,29 @@ fn put_len(out: &mut impl Sink, prefix: u8, n: usize) {
 fn put_integer(out: &mut impl Sink, n: i64) {
     let mut buf = [0u8; 20];
     let at = digits(n.unsigned_abs(), &mut buf);
-    out.put(b":");
+    out.push_slice(b":");
     if n < 0 {
-        out.put(b"-");
+        out.push_slice(b"-");
     }
-    out.put(&buf[at..]);
-    out.put(b"\r\n");
+    out.push_slice(&buf[at..]);
+    out.push_slice(b"\r\n");
 }
 
 /// A status or error line, with CR and LF replaced by spaces so the text
 /// cannot break framing.
 fn put_text_line(out: &mut impl Sink, prefix: u8, s: &str) {
-    out.put(&[prefix]);
+    out.push_slice(&[prefix]);
     let text = s.as_bytes();
     let mut start = 0;
     for (i, b) in text.iter().enumerate() {
         if *b == b'\r' || *b == b'\n' {
-            out.put(&text[start..i]);
-            out.put(b" ");
+            out.push_slice(&text[start..i]);
+            out.push_slice(b" ");
             start = i + 1;
         }
     }
-    out.put(&text[start..]);
-    out.put(b"\r\n");
+    out.push_slice(&text[start..]);
+    out.push_slice(b"\r\n");
 }
 
 /// Append the encoding of `reply` to `out`.
@@ -817,12 +830,12 @@ pub fn encode(reply: &Reply, proto: Protocol, out: &mut impl Sink) {
         Reply::Integer(n) => put_integer(out, *n),
         Reply::Bulk(b) => {
             put_len(out, b'$', b.len());
-            out.put_value(b);
-            out.put(b"\r\n");
+            out.push_value(b);
+            out.push_slice(b"\r\n");
         }
         Reply::Null => match proto {
-            Protocol::Resp2 => out.put(b"$-1\r\n"),
-            Protocol::Resp3 => out.put(b"_\r\n"),
+            Protocol::Resp2 => out.push_slice(b"$-1\r\n"),
+            Protocol::Resp3 => out.push_slice(b"_\r\n"),
         },
         Reply::Array(items) => {
             put_len(out, b'*', items.len());
@@ -1514,5 +1527,32 @@ mod tests {
         encode(&Reply::text("x"), Protocol::Resp2, &mut out);
         assert_eq!(gather(&out), b"+OK\r\n$1\r\nx\r\n");
         assert_eq!(out.chunk(), b"+OK\r\n$1\r\nx\r\n");
+    }
+
+    #[test]
+    fn output_remembers_how_large_its_copy_buffer_grew() {
+        // Many small values (copied): the buffer grows past 256 KiB, and
+        // writing it out and clearing it does not hide that.
+        let reply = Reply::Array(
+            (0..3000)
+                .map(|_| Reply::Bulk(Bytes::from(vec![b'v'; 100])))
+                .collect(),
+        );
+        let mut out = Output::with_capacity(16);
+        encode(&reply, Protocol::Resp2, &mut out);
+        let held = out.len();
+        assert!(held > 256 << 10);
+        assert_eq!(out.peak(), held);
+        out.advance(held);
+        out.clear();
+        assert_eq!(out.peak(), held);
+        // Shared values are not in the copy buffer.
+        let mut out = Output::default();
+        encode(
+            &Reply::Bulk(Bytes::from(vec![b'z'; 1 << 20])),
+            Protocol::Resp2,
+            &mut out,
+        );
+        assert!(out.peak() < 16, "{}", out.peak());
     }
 }

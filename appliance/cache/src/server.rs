@@ -8,11 +8,11 @@
 //! replies to send, input that is already waiting is read and run first (up
 //! to `READ_AHEAD_MAX`, after yielding to the other connections so that
 //! every ready client gets its turn, as in redis's event loop), then the
-//! batch's log records are committed once and its replies written with one
-//! vectored write (a large value is written from the cache's own copy, see
-//! [`Output`]). Reads start at 16 KiB and double while they fill up (at
-//! most `MAX_READ`), so a pipeline of large values costs a few `read(2)`s
-//! rather than one per 16 KiB, and a small request no more than before.
+//! batch's log records are committed once and its replies written with
+//! vectored writes (a large value goes out from the cache's own copy, see
+//! [`Output`]; up to 32 such values per `writev`). Reads start at 16 KiB and double while they fill up (at
+//! most `MAX_READ`, a bound on each connection's turn), and a large value's
+//! body is read straight into a buffer of its own.
 //!
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
 //! closed (its stream position is lost); other connections are unaffected.
@@ -395,8 +395,10 @@ fn next_read_size(current: usize, asked: usize, got: usize) -> usize {
     }
 }
 
-/// Largest single read (32 KiB). While a connection reads ahead it yields
-/// between reads, so this is also its share of each turn, and what bounds
+/// Largest single read into the read buffer (32 KiB; a large bulk body is
+/// read straight into its own buffer, see `read_some`). While a connection
+/// reads ahead it yields between reads, so this is also its share of a
+/// turn (when no large body is arriving), and what bounds
 /// how long a client whose batch has just arrived waits for its first
 /// reply while the others' long pipelines are read (redis reads 16 KiB of
 /// each client per event-loop turn). Measured with 50 clients pipelining
@@ -405,6 +407,9 @@ fn next_read_size(current: usize, asked: usize, got: usize) -> usize {
 /// its first reply): 64 KiB gave 194k SETs/s at p99 1.6-2.3 ms, 128 KiB
 /// 192k at 2.4 ms, this 171k at 1.05 ms; redis-server 159k at 1.6 ms.
 const MAX_READ: usize = 32 << 10;
+
+/// An empty read buffer larger than this (128 KiB) is given back.
+const KEEP_READ_BUFFER: usize = 128 << 10;
 
 /// Read-ahead when the replies wait for an `fdatasync` (64 KiB): every
 /// command read ahead holds back the replies before it until the sync that
@@ -470,7 +475,8 @@ where
 /// Replies are coalesced (see the module docs): the first commands after
 /// an idle wait are answered at once; after that, input that is already
 /// waiting is read and run too (up to `READ_AHEAD_MAX`) before the batch
-/// is committed and its replies are written with one (vectored) write. The rest
+/// is committed and its replies are written with one `writev` (a few for
+/// many large values). The rest
 /// of a pipelined batch that arrives in several reads therefore costs one
 /// commit and one write, not one per read (and wakes the client once).
 pub async fn connection<S>(
@@ -671,13 +677,13 @@ impl Conn {
 
     /// Give back what a large frame or reply needed once it is consumed.
     fn shrink(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 2 * MAX_READ {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_READ_BUFFER {
             self.buf = BytesMut::with_capacity(READ_CHUNK);
         }
         if self.args.capacity() > 1024 {
             self.args = Vec::new();
         }
-        if self.out.capacity() > 4 * FLUSH_AT {
+        if self.out.peak() > 2 * FLUSH_AT {
             self.out = Output::with_capacity(READ_CHUNK);
         }
     }
