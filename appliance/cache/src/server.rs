@@ -411,6 +411,17 @@ const MAX_READ: usize = 32 << 10;
 /// An empty read buffer larger than this (128 KiB) is given back.
 const KEEP_READ_BUFFER: usize = 128 << 10;
 
+/// Whether `buf`'s allocation is larger than `limit` bytes. Its `capacity`
+/// alone does not tell: it counts from the buffer's start, which moves past
+/// every frame split off the front, so a buffer that grew to 1 MiB for one
+/// large pipeline reports almost nothing once that is consumed. Asking to
+/// reclaim room for more than `limit` moves the start back to the beginning
+/// of the allocation when the buffer is its only user, and succeeds exactly
+/// when the allocation is that large (it never allocates).
+fn holds_more_than(buf: &mut BytesMut, limit: usize) -> bool {
+    buf.capacity() > limit || buf.try_reclaim(limit + 1)
+}
+
 /// Read-ahead when the replies wait for an `fdatasync` (64 KiB): every
 /// command read ahead holds back the replies before it until the sync that
 /// covers it, so beyond one batch of small commands (or four 16 KiB
@@ -677,7 +688,7 @@ impl Conn {
 
     /// Give back what a large frame or reply needed once it is consumed.
     fn shrink(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_READ_BUFFER {
+        if self.buf.is_empty() && holds_more_than(&mut self.buf, KEEP_READ_BUFFER) {
             self.buf = BytesMut::with_capacity(READ_CHUNK);
         }
         if self.args.capacity() > 1024 {
@@ -737,4 +748,38 @@ where
         out.clear();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumed_read_buffer_still_shows_its_allocation() {
+        // A buffer that grew to 1 MiB for one pipeline, all of it consumed
+        // by the frames split off its front.
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.extend_from_slice(&vec![b'x'; 1 << 20]);
+        drop(buf.split_to(1 << 20));
+        assert!(buf.is_empty());
+        assert!(
+            buf.capacity() <= KEEP_READ_BUFFER,
+            "capacity alone hides it"
+        );
+        assert!(holds_more_than(&mut buf, KEEP_READ_BUFFER));
+        // A small one is kept, and asking does not allocate.
+        let mut small = BytesMut::with_capacity(READ_CHUNK);
+        small.extend_from_slice(&[b'y'; 100]);
+        drop(small.split_to(100));
+        assert!(!holds_more_than(&mut small, KEEP_READ_BUFFER));
+        assert!(small.capacity() <= READ_CHUNK);
+        // While a split-off frame is still alive the buffer is not its
+        // allocation's only user: nothing can be reclaimed, and giving the
+        // handle back frees nothing either.
+        let mut shared = BytesMut::with_capacity(READ_CHUNK);
+        shared.extend_from_slice(&vec![b'z'; 1 << 20]);
+        let frame = shared.split_to(1 << 20).freeze();
+        assert!(!holds_more_than(&mut shared, KEEP_READ_BUFFER));
+        drop(frame);
+    }
 }
