@@ -10,9 +10,10 @@
 //! every ready client gets its turn, as in redis's event loop), then the
 //! batch's log records are committed once and its replies written with
 //! vectored writes (a large value goes out from the cache's own copy, see
-//! [`Output`]; up to 32 such values per `writev`). Reads start at 16 KiB and double while they fill up (at
-//! most `MAX_READ`, a bound on each connection's turn), and a large value's
-//! body is read straight into a buffer of its own.
+//! [`Output`]; up to 32 such values per `writev`). Reads start at 16 KiB
+//! and double while they fill up (at most `MAX_READ`, a bound on each
+//! connection's turn), and a large value's body is read straight into a
+//! buffer of its own.
 //!
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
 //! closed (its stream position is lost); other connections are unaffected.
@@ -398,10 +399,10 @@ fn next_read_size(current: usize, asked: usize, got: usize) -> usize {
 /// Largest single read into the read buffer (32 KiB; a large bulk body is
 /// read straight into its own buffer, see `read_some`). While a connection
 /// reads ahead it yields between reads, so this is also its share of a
-/// turn (when no large body is arriving), and what bounds
-/// how long a client whose batch has just arrived waits for its first
-/// reply while the others' long pipelines are read (redis reads 16 KiB of
-/// each client per event-loop turn). Measured with 50 clients pipelining
+/// turn (when no large body is arriving), and what bounds how long a
+/// client whose batch has just arrived waits for its first reply while the
+/// others' long pipelines are read (redis reads 16 KiB of each client per
+/// event-loop turn). Measured with 50 clients pipelining
 /// 16 SETs of 16 KiB, client and server on CPUs of their own, medians of
 /// 8 rounds (redis-benchmark's latency of a pipelined batch is the time to
 /// its first reply): 64 KiB gave 194k SETs/s at p99 1.6-2.3 ms, 128 KiB
@@ -487,9 +488,9 @@ where
 /// an idle wait are answered at once; after that, input that is already
 /// waiting is read and run too (up to `READ_AHEAD_MAX`) before the batch
 /// is committed and its replies are written with one `writev` (a few for
-/// many large values). The rest
-/// of a pipelined batch that arrives in several reads therefore costs one
-/// commit and one write, not one per read (and wakes the client once).
+/// many large values). The rest of a pipelined batch that arrives in
+/// several reads therefore costs one commit and one write, not one per
+/// read (and wakes the client once).
 pub async fn connection<S>(
     mut stream: S,
     cache: &Cache,
