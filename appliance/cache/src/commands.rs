@@ -169,10 +169,10 @@ pub fn execute_args(cache: &Cache, session: &mut Session, args: &[Bytes]) -> Out
 fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Reply {
     match (name, a.len()) {
         ("PING", 0) => Reply::Simple("PONG".into()),
-        // Arguments are slices of the connection's read buffer: what
-        // outlives the command (a reply waiting to be written, a name) is
-        // copied, so it does not pin that buffer outside its budget.
-        ("PING", 1) | ("ECHO", 1) => Reply::Bulk(Bytes::copy_from_slice(&a[0])),
+        // What outlives the command (a reply waiting to be written, a
+        // name) must not be a slice of the read buffer, as a stored value
+        // must not (see `owned`).
+        ("PING", 1) | ("ECHO", 1) => Reply::Bulk(owned(&a[0])),
         ("HELLO", _) => hello(session, a),
         ("GET", 1) => bulk_or_null(cache.get_plain(&a[0])),
         ("SET", n) if n >= 2 => set(cache, a),
@@ -259,7 +259,7 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
     while let Some(opt) = rest.first() {
         match (upper(opt).as_str(), rest.len()) {
             ("SETNAME", n) if n >= 2 => {
-                session.name = Some(Bytes::copy_from_slice(&rest[1]));
+                session.name = Some(owned(&rest[1]));
                 rest = &rest[2..];
             }
             ("AUTH", _) => {
@@ -420,7 +420,7 @@ fn client(session: &mut Session, a: &[Bytes]) -> Reply {
                     "Client names cannot contain spaces, newlines or special characters.",
                 );
             }
-            session.name = (!a[1].is_empty()).then(|| Bytes::copy_from_slice(&a[1]));
+            session.name = (!a[1].is_empty()).then(|| owned(&a[1]));
             Reply::ok()
         }
         ("GETNAME", 1) => bulk_or_null(session.name.clone()),
