@@ -105,6 +105,20 @@ exec 9>"$cache/.lock"
 flock 9
 t_build=$SECONDS
 
+# What a build killed part-way left behind (its EXIT trap never ran): a work
+# directory of several GiB, a partial base tarball or image. Holding the lock,
+# no other build is using them.
+stale=$( {
+  find "$cache" -mindepth 1 -maxdepth 1 -name 'work.*'
+  find "$cache/base" "$cache/image" -mindepth 1 -maxdepth 1 \( -name 'partial-*.tar' -o -name '*.partial' \)
+} | LC_ALL=C sort)
+if [ -n "$stale" ]; then
+  log "removing what an interrupted build left: $(echo "$stale" | xargs -d '\n' du -sch | tail -1 | cut -f1) in $(echo "$stale" | wc -l) paths"
+  echo "$stale" | xargs -d '\n' rm -rf
+fi
+space() { log "disk: $(df -h --output=avail "$cache" | tail -1 | tr -d ' ') free under $cache, $(df -h --output=avail "$out" | tail -1 | tr -d ' ') under $out"; }
+space
+
 # --- stage 1: base root fs ------------------------------------------------------
 base_key=$(hash_inputs image/base)
 base_tar=$cache/base/base-$base_key.tar
@@ -118,8 +132,8 @@ else
   "$here/base/mkbase.sh" "$partial"
   mv "$partial" "$base_tar"
   log "base: built in $((SECONDS - t0)) s"
-  # Keep the newest three base tarballs.
-  ls -1t "$cache"/base/base-*.tar | tail -n +4 | xargs -r rm -f
+  # Keep the newest two base tarballs (each about a GiB).
+  ls -1t "$cache"/base/base-*.tar | tail -n +3 | xargs -r rm -f
 fi
 
 # --- stage 2: our Debian package ------------------------------------------------
@@ -160,8 +174,14 @@ image_key=$( {
 final=$cache/image/$image_key
 publish() {
   local f
+  # Hard links where out/ is on the cache's file system: the image is about
+  # 1.5 GiB allocated, and nothing writes to it in place (the tests and
+  # appliance-vm boot a qcow2 overlay on it; bmaptool and dd only read it).
+  # A copy elsewhere.
   for f in appliance.img appliance.img.bmap appliance.img.zst; do
-    cp --sparse=always --reflink=auto "$final/$f" "$out/$f.tmp"
+    rm -f "$out/$f.tmp"
+    ln "$final/$f" "$out/$f.tmp" 2>/dev/null ||
+      cp --sparse=always --reflink=auto "$final/$f" "$out/$f.tmp"
     mv -f "$out/$f.tmp" "$out/$f"
   done
   echo "$image_key" >"$out/appliance.img.key"
@@ -207,12 +227,20 @@ kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -1)
 initrd=$(ls "$root"/boot/initrd.img-* | sort -V | tail -1)
 sdboot=$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi
 [ -f "$kernel" ] && [ -f "$initrd" ] && [ -f "$sdboot" ] || die "kernel, initrd or systemd-boot missing in the root fs"
+kver=${kernel##*/vmlinuz-}
 
 # Partition images: no loop devices, no mounts.
 log "image: file systems"
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)}
 mkfs.ext4 -q -F -L root-a -U "$ROOT_A_FS_UUID" -E root_owner=0:0 -d "$root" \
   "$work/root-a.img" "${ROOT_MIB}M"
+cp "$kernel" "$work/vmlinuz"
+cp "$initrd" "$work/initrd.img"
+cp "$sdboot" "$work/systemd-bootx64.efi"
+kernel=$work/vmlinuz initrd=$work/initrd.img sdboot=$work/systemd-bootx64.efi
+# The tree is in root-a.img now; from here on each piece is deleted as soon
+# as it has been copied on, so the build's peak disk use stays near one image.
+rm -rf "$root"
 mkdir "$work/state"
 mkfs.ext4 -q -F -L appliance-state -U "$STATE_FS_UUID" -E "root_owner=$app_uid:$app_gid" \
   -d "$work/state" "$work/state.img" "${STATE_MIB}M"
@@ -226,7 +254,6 @@ mcopy "${esp[@]}" "$sdboot" ::/EFI/systemd/systemd-bootx64.efi
 mcopy "${esp[@]}" "$kernel" ::/appliance-a/vmlinuz
 mcopy "${esp[@]}" "$initrd" ::/appliance-a/initrd.img
 printf 'default appliance-a.conf\ntimeout 0\nconsole-mode keep\neditor no\n' >"$work/loader.conf"
-kver=${kernel##*/vmlinuz-}
 cat >"$work/appliance-a.conf" <<EOF
 title   Appliance (slot A, Linux $kver)
 linux   /appliance-a/vmlinuz
@@ -256,8 +283,12 @@ start=$((root_b_start * 2048)), size=$((ROOT_MIB * 2048)), type=$GPT_LINUX_DATA,
 start=$((state_start * 2048)), size=$((STATE_MIB * 2048)), type=$GPT_LINUX_DATA, uuid=$STATE_UUID, name="appliance-state"
 EOF
 dd if="$work/esp.img" of="$img" bs=1M seek=$esp_start conv=notrunc,sparse status=none
+rm "$work/esp.img"
 dd if="$work/root-a.img" of="$img" bs=1M seek=$root_a_start conv=notrunc,sparse status=none
+rm "$work/root-a.img"
 dd if="$work/state.img" of="$img" bs=1M seek=$state_start conv=notrunc,sparse status=none
+rm "$work/state.img"
+space
 
 log "image: bmap and zstd"
 bmaptool -q create -o "$work/appliance.img.bmap" "$img"
@@ -267,7 +298,8 @@ mkdir -p "$final.partial"
 mv "$img" "$work/appliance.img.bmap" "$work/appliance.img.zst" "$final.partial/"
 rm -rf "$final"
 mv "$final.partial" "$final"
-ls -1dt "$cache"/image/*/ | tail -n +4 | xargs -r rm -rf
+# Keep this image and the one before it.
+ls -1dt "$cache"/image/*/ | tail -n +3 | xargs -r rm -rf
 publish
 log "image: done in $((SECONDS - t0)) s"
 log "total: $((SECONDS - t_build)) s"
