@@ -117,6 +117,7 @@ pub mod commands;
 pub mod json;
 pub mod key;
 pub mod persist;
+mod read_buffer;
 pub mod resp;
 pub mod server;
 pub mod store;

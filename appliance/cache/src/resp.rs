@@ -219,6 +219,18 @@ fn parse_i64(digits: &[u8]) -> Result<i64, ProtocolError> {
         .ok_or(ProtocolError::BadNumber)
 }
 
+/// How many bytes a full direct body of `want` bytes (body and CRLF) grows
+/// by before the next read: it doubles (a body over
+/// [`DIRECT_PREALLOC_MAX`] is allocated as it arrives), to at most what is
+/// still missing; nothing while it has room or is complete.
+fn direct_growth(body: &BytesMut, want: usize) -> usize {
+    if body.len() >= body.capacity() && body.len() < want {
+        (want - body.len()).min(body.capacity().max(1))
+    } else {
+        0
+    }
+}
+
 /// An argument of a frame that spanned reads, made safe to keep: a large
 /// one that is the only reference to a read buffer the connection has
 /// since replaced (reallocated to make room) would pin that whole buffer if
@@ -332,19 +344,42 @@ impl Decoder {
     pub fn direct_body(&mut self) -> Option<&mut BytesMut> {
         let want = self.pending_bulk? + 2;
         let body = self.direct.as_mut()?;
-        if body.len() >= body.capacity() && body.len() < want {
-            // Full but not complete (a body over DIRECT_PREALLOC_MAX):
-            // double, to at most what is still missing.
-            let more = (want - body.len()).min(body.capacity().max(1));
-            body.reserve(more);
+        let more = direct_growth(body, want);
+        if more > 0 {
+            // Exactly `more`: `BytesMut::reserve` would double the
+            // allocation, and spare room past the body would let a read
+            // take the next frame's bytes into it, and the value keep an
+            // allocation larger than itself. Both conversions keep the
+            // allocation (the body is never split before it completes;
+            // `Bytes` is the public way from a `Vec` with spare room).
+            let mut v = Vec::from(std::mem::take(body));
+            v.reserve_exact(more);
+            *body = BytesMut::from(Bytes::from(v));
         }
         Some(body)
+    }
+
+    /// Whether a large bulk body is arriving: the next read goes into
+    /// [`Decoder::direct_body`], not the read buffer.
+    pub fn direct_in_progress(&self) -> bool {
+        self.pending_bulk.is_some() && self.direct.is_some()
     }
 
     /// Bytes allocated for a large bulk body in progress (the adapter
     /// charges them to its memory budget with its read buffer).
     pub fn direct_capacity(&self) -> usize {
         self.direct.as_ref().map_or(0, BytesMut::capacity)
+    }
+
+    /// What [`Decoder::direct_capacity`] will be once [`Decoder::direct_body`]
+    /// has made room for the next read: the adapter charges this before
+    /// the allocation is made.
+    pub fn direct_capacity_for_read(&self) -> usize {
+        match (&self.direct, self.pending_bulk) {
+            (Some(body), Some(len)) => body.capacity() + direct_growth(body, len + 2),
+            (Some(body), None) => body.capacity(),
+            (None, _) => 0,
+        }
     }
 
     /// Whether a frame is partly decoded (a truncated frame at EOF).
@@ -1294,6 +1329,35 @@ mod tests {
         let mut args = Vec::new();
         assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
         assert_eq!(d.direct_capacity(), DIRECT_PREALLOC_MAX);
+        // It grows by doubling, exactly (announced before it is made), and
+        // never past what is missing, so no read can take the next frame's
+        // bytes and the value owns no more than itself.
+        let mut sizes = Vec::new();
+        loop {
+            let announced = d.direct_capacity_for_read();
+            let Some(body) = d.direct_body() else { break };
+            assert_eq!(body.capacity(), announced);
+            sizes.push(body.capacity());
+            let missing = value.len() + 2 - body.len();
+            assert!(body.capacity() - body.len() <= missing);
+            let spare = body.capacity() - body.len();
+            let at = input.len() - missing;
+            body.extend_from_slice(&input[at..at + spare]);
+            let done = d.decode_command(&mut buf, &mut args).unwrap();
+            if done.is_some() {
+                break;
+            }
+        }
+        assert_eq!(
+            sizes,
+            [
+                DIRECT_PREALLOC_MAX,
+                2 * DIRECT_PREALLOC_MAX,
+                3 * DIRECT_PREALLOC_MAX + 19
+            ]
+        );
+        assert_eq!(&args[2][..], &value[..]);
+        assert_eq!(args[2].len(), value.len());
         // The body still arrives whole, in reads of any size.
         for chunk in [1000, 65_536, DIRECT_PREALLOC_MAX + 1, input.len()] {
             let got = commands_via_reads(&input, chunk, Limits::default(), false).unwrap();

@@ -18,9 +18,11 @@
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
 //! closed (its stream position is lost); other connections are unaffected.
 //! Memory: a connection's read buffer holds at most one frame's budget plus
-//! one read (the decoder's limits), and all read buffers together are charged
-//! to `max_buffered_bytes`; replies are flushed every 64 KiB, and a single
-//! reply is bounded by the value size and the `MGET` reply cap.
+//! one read (the decoder's limits), and all read buffers together, whole
+//! allocations and large bodies in progress, are charged to
+//! `max_buffered_bytes` before they are allocated (see `read_buffer`);
+//! replies are flushed every 64 KiB, and a single reply is bounded by the
+//! value size and the `MGET` reply cap.
 //!
 //! Durability: a reply is written only after the commit of every record
 //! appended before it (under `Always`, after their `fdatasync`); a failed
@@ -48,6 +50,7 @@ use tokio::task::JoinSet;
 
 use crate::cache::{Cache, PendingCommit};
 use crate::commands::{execute, execute_args, Session};
+use crate::read_buffer::{ReadBuffer, Room};
 use crate::resp::{encode, Command, Decoder, Limits, Output, Reply};
 
 /// Server settings.
@@ -412,17 +415,6 @@ const MAX_READ: usize = 32 << 10;
 /// An empty read buffer larger than this (128 KiB) is given back.
 const KEEP_READ_BUFFER: usize = 128 << 10;
 
-/// Whether `buf`'s allocation is larger than `limit` bytes. Its `capacity`
-/// alone does not tell: it counts from the buffer's start, which moves past
-/// every frame split off the front, so a buffer that grew to 1 MiB for one
-/// large pipeline reports almost nothing once that is consumed. Asking to
-/// reclaim room for more than `limit` moves the start back to the beginning
-/// of the allocation when the buffer is its only user, and succeeds exactly
-/// when the allocation is that large (it never allocates).
-fn holds_more_than(buf: &mut BytesMut, limit: usize) -> bool {
-    buf.capacity() > limit || buf.try_reclaim(limit + 1)
-}
-
 /// Read-ahead when the replies wait for an `fdatasync` (64 KiB): every
 /// command read ahead holds back the replies before it until the sync that
 /// covers it, so beyond one batch of small commands (or four 16 KiB
@@ -439,13 +431,12 @@ const DURABLE_READ_AHEAD: usize = 64 << 10;
 const READ_AHEAD_MAX: usize = 1 << 20;
 
 /// Read into the decoder's direct body if one is in progress, else into
-/// `buf` (making room for `want` bytes first). `wait: false` polls once and
-/// returns `None` when nothing is ready.
+/// `buf`, which has room (see [`ReadBuffer::room_for`]). `wait: false`
+/// polls once and returns `None` when nothing is ready.
 async fn read_some<S>(
     stream: &mut S,
     decoder: &mut Decoder,
     buf: &mut BytesMut,
-    want: usize,
     wait: bool,
 ) -> Option<io::Result<(usize, usize)>>
 where
@@ -453,13 +444,11 @@ where
 {
     let target = match decoder.direct_body() {
         Some(body) => body,
-        None => {
-            if buf.capacity() - buf.len() < want {
-                buf.reserve(want);
-            }
-            buf
-        }
+        None => buf,
     };
+    // With no spare room `read_buf` would grow the buffer itself, past
+    // what was charged.
+    debug_assert!(target.capacity() > target.len());
     let asked = target.capacity() - target.len();
     let read = stream.read_buf(target);
     if wait {
@@ -510,9 +499,19 @@ where
     let mut wait = true;
     let durable = cache.commit_blocks();
     loop {
-        // Reads grow while they keep filling up, to at most MAX_READ.
+        // Reads grow while they keep filling up, to at most MAX_READ. What
+        // the buffers will hold is charged before anything is allocated.
         let size = read_size;
-        let want = conn.buf.capacity().max(conn.buf.len() + size) + conn.decoder.direct_capacity();
+        let in_frame = conn.decoder.in_frame();
+        if !in_frame {
+            conn.input.between_frames();
+        }
+        let room = if conn.decoder.direct_in_progress() {
+            Room::Ready
+        } else {
+            conn.input.room_for(size, conn.max_buffer)
+        };
+        let want = conn.input.held_after(room, in_frame) + conn.decoder.direct_capacity_for_read();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
@@ -523,13 +522,14 @@ where
             stream.shutdown().await?;
             return Ok(());
         }
+        conn.input.make_room(room, in_frame);
         let got = if wait {
             tokio::select! {
-                r = read_some(&mut stream, &mut conn.decoder, &mut conn.buf, size, true) => r,
+                r = read_some(&mut stream, &mut conn.decoder, &mut conn.input.buf, true) => r,
                 _ = stop.changed() => return Ok(()),
             }
         } else {
-            read_some(&mut stream, &mut conn.decoder, &mut conn.buf, size, false).await
+            read_some(&mut stream, &mut conn.decoder, &mut conn.input.buf, false).await
         };
         let mut step = match got {
             None => {
@@ -618,7 +618,10 @@ where
 struct Conn {
     session: Session,
     decoder: Decoder,
-    buf: BytesMut,
+    input: ReadBuffer,
+    /// The largest read buffer growth goes to by doubling (one frame's
+    /// budget and one read).
+    max_buffer: usize,
     /// Scratch space for one command's arguments (see [`decode_and_run`]).
     args: Vec<Bytes>,
     out: Output,
@@ -633,8 +636,9 @@ impl Conn {
                 id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
                 ..Session::default()
             },
+            max_buffer: limits.max_frame_bytes.saturating_add(MAX_READ),
             decoder: Decoder::new(limits),
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            input: ReadBuffer::with_capacity(READ_CHUNK),
             args: Vec::new(),
             out: Output::with_capacity(READ_CHUNK),
             owed: None,
@@ -648,11 +652,13 @@ impl Conn {
         let Self {
             session,
             decoder,
-            buf,
+            input,
             args,
             out,
             owed,
+            ..
         } = self;
+        let buf = &mut input.buf;
         let (step, pending) =
             cache.defer(|| decode_and_run(decoder, buf, args, cache, session, out));
         match pending {
@@ -682,16 +688,14 @@ impl Conn {
         cache: &Cache,
         stream: &mut S,
     ) -> io::Result<()> {
-        let more_coming = self.decoder.in_frame() || !self.buf.is_empty();
+        let more_coming = self.decoder.in_frame() || !self.input.buf.is_empty();
         let yield_first = !more_coming || (cache.commit_blocks() && self.owes_commit());
         flush(cache, stream, &mut self.out, self.owed.take(), yield_first).await
     }
 
     /// Give back what a large frame or reply needed once it is consumed.
     fn shrink(&mut self) {
-        if self.buf.is_empty() && holds_more_than(&mut self.buf, KEEP_READ_BUFFER) {
-            self.buf = BytesMut::with_capacity(READ_CHUNK);
-        }
+        self.input.give_back(KEEP_READ_BUFFER, READ_CHUNK);
         if self.args.capacity() > 1024 {
             self.args = Vec::new();
         }
@@ -749,38 +753,4 @@ where
         out.clear();
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_consumed_read_buffer_still_shows_its_allocation() {
-        // A buffer that grew to 1 MiB for one pipeline, all of it consumed
-        // by the frames split off its front.
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        buf.extend_from_slice(&vec![b'x'; 1 << 20]);
-        drop(buf.split_to(1 << 20));
-        assert!(buf.is_empty());
-        assert!(
-            buf.capacity() <= KEEP_READ_BUFFER,
-            "capacity alone hides it"
-        );
-        assert!(holds_more_than(&mut buf, KEEP_READ_BUFFER));
-        // A small one is kept, and asking does not allocate.
-        let mut small = BytesMut::with_capacity(READ_CHUNK);
-        small.extend_from_slice(&[b'y'; 100]);
-        drop(small.split_to(100));
-        assert!(!holds_more_than(&mut small, KEEP_READ_BUFFER));
-        assert!(small.capacity() <= READ_CHUNK);
-        // While a split-off frame is still alive the buffer is not its
-        // allocation's only user: nothing can be reclaimed, and giving the
-        // handle back frees nothing either.
-        let mut shared = BytesMut::with_capacity(READ_CHUNK);
-        shared.extend_from_slice(&vec![b'z'; 1 << 20]);
-        let frame = shared.split_to(1 << 20).freeze();
-        assert!(!holds_more_than(&mut shared, KEEP_READ_BUFFER));
-        drop(frame);
-    }
 }

@@ -1,0 +1,192 @@
+//! A connection's read buffer, with the size of its allocation known.
+//!
+//! `BytesMut::capacity` counts from the buffer's start, which moves past
+//! every frame split off its front: a buffer that grew to 1 MiB for one
+//! pipeline reports almost nothing once that is consumed, while the whole
+//! allocation is still held. So only this type grows the buffer. It makes
+//! room inside the allocation when the buffer is its only user
+//! (`BytesMut::try_reclaim`, which never allocates), and otherwise replaces
+//! it with an allocation of a size it chooses and records. The server
+//! charges [`ReadBuffer::held_after`] to its memory budget before any
+//! allocation is made.
+//!
+//! An allocation replaced while a frame is partly decoded can still be
+//! pinned by that frame's arguments decoded so far (slices of it), until the
+//! frame completes; it stays counted until the caller says the decoder is
+//! between frames ([`ReadBuffer::between_frames`]).
+
+use bytes::BytesMut;
+
+/// A read buffer and what its allocations hold.
+#[derive(Debug)]
+pub(crate) struct ReadBuffer {
+    /// The bytes read and not yet decoded.
+    pub(crate) buf: BytesMut,
+    /// Bytes of `buf`'s allocation.
+    alloc: usize,
+    /// Bytes of allocations replaced while a frame was in progress.
+    pinned: usize,
+}
+
+/// What a read needs before it can go into the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// The allocation has room (made, if need be, without allocating).
+    Ready,
+    /// A new allocation of this many bytes.
+    Grow(usize),
+}
+
+impl ReadBuffer {
+    /// An empty buffer of `capacity` bytes.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        let buf = BytesMut::with_capacity(capacity);
+        Self {
+            alloc: buf.capacity(),
+            buf,
+            pinned: 0,
+        }
+    }
+
+    /// Bytes of the current allocation.
+    #[cfg(test)]
+    pub(crate) fn alloc(&self) -> usize {
+        self.alloc
+    }
+
+    /// Makes room for a read of `want` bytes inside the allocation if it
+    /// can; else says how large the new allocation must be: the undecoded
+    /// bytes plus `want`, and at least twice the current allocation (up to
+    /// `max`), so a large frame arriving in many reads is copied a bounded
+    /// number of times.
+    pub(crate) fn room_for(&mut self, want: usize, max: usize) -> Room {
+        if self.buf.capacity() - self.buf.len() >= want || self.buf.try_reclaim(want) {
+            Room::Ready
+        } else {
+            Room::Grow((self.buf.len() + want).max((2 * self.alloc).min(max)))
+        }
+    }
+
+    /// The bytes held once `room` is carried out (`in_frame`: a frame is
+    /// partly decoded, so a replaced allocation may stay pinned).
+    pub(crate) fn held_after(&self, room: Room, in_frame: bool) -> usize {
+        match room {
+            Room::Ready => self.alloc + self.pinned,
+            Room::Grow(n) => n + self.pinned + if in_frame { self.alloc } else { 0 },
+        }
+    }
+
+    /// Carries out `room`: a new allocation of its size, with the
+    /// undecoded bytes moved over.
+    pub(crate) fn make_room(&mut self, room: Room, in_frame: bool) {
+        if let Room::Grow(n) = room {
+            self.replace(n, in_frame);
+        }
+    }
+
+    /// The decoder is between frames: no argument refers to a replaced
+    /// allocation any more (the connection drops each command's arguments
+    /// once it has run, and the decoder copies a large one that would pin
+    /// a replaced buffer).
+    pub(crate) fn between_frames(&mut self) {
+        self.pinned = 0;
+    }
+
+    /// Gives back an empty buffer whose allocation is over `keep` bytes,
+    /// for one of `initial`.
+    pub(crate) fn give_back(&mut self, keep: usize, initial: usize) {
+        if self.buf.is_empty() && self.alloc > keep {
+            self.replace(initial, false);
+        }
+    }
+
+    fn replace(&mut self, n: usize, in_frame: bool) {
+        let mut fresh = BytesMut::with_capacity(n.max(self.buf.len()));
+        fresh.extend_from_slice(&self.buf);
+        if in_frame {
+            self.pinned += self.alloc;
+        }
+        self.alloc = fresh.capacity();
+        self.buf = fresh;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: usize = 1024;
+
+    /// Reads `n` bytes into `rb` the way the server does.
+    fn read(rb: &mut ReadBuffer, n: usize, in_frame: bool) -> Room {
+        let room = rb.room_for(n, 64 << 20);
+        rb.make_room(room, in_frame);
+        assert!(rb.buf.capacity() - rb.buf.len() >= n);
+        rb.buf.extend_from_slice(&vec![b'r'; n]);
+        room
+    }
+
+    #[test]
+    fn a_consumed_buffer_is_still_counted_and_its_room_reused() {
+        let mut rb = ReadBuffer::with_capacity(16 * KIB);
+        // A pipeline grows it to 1 MiB, then every frame is split off.
+        while rb.buf.len() < (1 << 20) {
+            read(&mut rb, 32 * KIB, false);
+        }
+        assert_eq!(rb.alloc(), 1 << 20, "doubling from 16 KiB");
+        let start = rb.buf.as_ptr();
+        drop(rb.buf.split_to(rb.buf.len()));
+        assert!(rb.buf.capacity() < 32 * KIB, "capacity alone hides it");
+        assert_eq!(rb.held_after(Room::Ready, false), 1 << 20);
+        // The next reads reclaim the same allocation.
+        assert_eq!(read(&mut rb, 32 * KIB, false), Room::Ready);
+        assert_eq!(rb.buf.as_ptr(), start);
+        assert_eq!(rb.alloc(), 1 << 20);
+        // Empty, it is given back; a small one is kept as it is.
+        drop(rb.buf.split_to(rb.buf.len()));
+        rb.give_back(128 * KIB, 16 * KIB);
+        assert_eq!(rb.alloc(), 16 * KIB);
+        assert_eq!(rb.buf.capacity(), 16 * KIB);
+        let kept = rb.buf.as_ptr();
+        rb.give_back(128 * KIB, 16 * KIB);
+        assert_eq!(rb.buf.as_ptr(), kept);
+    }
+
+    #[test]
+    fn growth_is_announced_before_it_is_made() {
+        let mut rb = ReadBuffer::with_capacity(16 * KIB);
+        read(&mut rb, 10 * KIB, false);
+        let room = rb.room_for(32 * KIB, 64 << 20);
+        assert_eq!(room, Room::Grow(42 * KIB), "undecoded bytes plus the read");
+        assert_eq!(rb.alloc(), 16 * KIB, "nothing allocated yet");
+        assert_eq!(rb.held_after(room, false), 42 * KIB);
+        rb.make_room(room, false);
+        assert_eq!(rb.alloc(), 42 * KIB);
+        assert_eq!(rb.buf.capacity(), 42 * KIB);
+        assert_eq!(&rb.buf[..], &vec![b'r'; 10 * KIB][..], "data moved over");
+        // Doubling is capped by `max`, but never below what the read needs.
+        assert_eq!(rb.room_for(64 * KIB, 50 * KIB), Room::Grow(74 * KIB));
+        assert_eq!(rb.room_for(40 * KIB, 60 * KIB), Room::Grow(60 * KIB));
+    }
+
+    #[test]
+    fn an_allocation_pinned_by_a_partial_frame_stays_counted() {
+        let mut rb = ReadBuffer::with_capacity(16 * KIB);
+        read(&mut rb, 16 * KIB, false);
+        // The decoder keeps an argument of the frame in progress.
+        let arg = rb.buf.split_to(100).freeze();
+        let room = rb.room_for(16 * KIB, 64 << 20);
+        assert!(matches!(room, Room::Grow(_)), "shared: no reclaim");
+        let new = match room {
+            Room::Grow(n) => n,
+            Room::Ready => unreachable!(),
+        };
+        assert_eq!(rb.held_after(room, true), new + 16 * KIB);
+        rb.make_room(room, true);
+        assert_eq!(rb.held_after(Room::Ready, true), new + 16 * KIB);
+        // The frame completes and its arguments are dropped.
+        drop(arg);
+        rb.between_frames();
+        assert_eq!(rb.held_after(Room::Ready, false), new);
+    }
+}
