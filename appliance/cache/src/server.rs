@@ -346,7 +346,7 @@ enum Step {
     Close,
 }
 
-/// Decode and execute complete frames from `buf`, encoding replies into
+/// Decode and execute complete frames from `input`, encoding replies into
 /// `out`, until input runs out, the replies need flushing, or the connection
 /// must close.
 ///
@@ -354,7 +354,7 @@ enum Step {
 /// command so that no slice of the read buffer outlives its command.
 fn decode_and_run(
     decoder: &mut Decoder,
-    buf: &mut BytesMut,
+    input: &mut ReadBuffer,
     args: &mut Vec<Bytes>,
     cache: &Cache,
     session: &mut Session,
@@ -364,13 +364,14 @@ fn decode_and_run(
         if out.len() >= FLUSH_AT {
             return Step::Flush;
         }
-        match decoder.decode_command(buf, args) {
+        match decoder.decode_command(&mut input.buf, args) {
             Ok(Some(command)) => {
                 let outcome = match command {
                     Command::Args => execute_args(cache, session, args),
                     Command::Other(frame) => execute(cache, session, frame),
                 };
                 args.clear();
+                input.frame_done();
                 encode(&outcome.reply, session.protocol, out);
                 if outcome.close {
                     return Step::Close;
@@ -504,12 +505,12 @@ where
         let size = read_size;
         let in_frame = conn.decoder.in_frame();
         if !in_frame {
-            conn.input.between_frames();
+            conn.input.frame_done();
         }
         let room = if conn.decoder.direct_in_progress() {
             Room::Ready
         } else {
-            conn.input.room_for(size, conn.max_buffer)
+            conn.input.room_for(size)
         };
         let want = conn.input.held_after(room, in_frame) + conn.decoder.direct_capacity_for_read();
         if !share.cover(want) {
@@ -533,8 +534,10 @@ where
         };
         let mut step = match got {
             None => {
-                // Nothing more waiting: answer what was read ahead.
+                // Nothing more waiting: answer what was read ahead, and
+                // give back what the batch needed before going idle.
                 conn.answer(cache, &mut stream).await?;
+                conn.shrink();
                 unanswered = 0;
                 wait = true;
                 continue;
@@ -619,9 +622,6 @@ struct Conn {
     session: Session,
     decoder: Decoder,
     input: ReadBuffer,
-    /// The largest read buffer growth goes to by doubling (one frame's
-    /// budget and one read).
-    max_buffer: usize,
     /// Scratch space for one command's arguments (see [`decode_and_run`]).
     args: Vec<Bytes>,
     out: Output,
@@ -636,7 +636,6 @@ impl Conn {
                 id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
                 ..Session::default()
             },
-            max_buffer: limits.max_frame_bytes.saturating_add(MAX_READ),
             decoder: Decoder::new(limits),
             input: ReadBuffer::with_capacity(READ_CHUNK),
             args: Vec::new(),
@@ -656,11 +655,9 @@ impl Conn {
             args,
             out,
             owed,
-            ..
         } = self;
-        let buf = &mut input.buf;
         let (step, pending) =
-            cache.defer(|| decode_and_run(decoder, buf, args, cache, session, out));
+            cache.defer(|| decode_and_run(decoder, input, args, cache, session, out));
         match pending {
             Ok(p) => {
                 *owed = Some(match owed.take() {
@@ -695,7 +692,8 @@ impl Conn {
 
     /// Give back what a large frame or reply needed once it is consumed.
     fn shrink(&mut self) {
-        self.input.give_back(KEEP_READ_BUFFER, READ_CHUNK);
+        self.input
+            .give_back(KEEP_READ_BUFFER, READ_CHUNK, self.decoder.in_frame());
         if self.args.capacity() > 1024 {
             self.args = Vec::new();
         }

@@ -496,3 +496,59 @@ async fn buffered_bytes_are_bounded_across_connections() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// Long pipelines whose reads end inside frames need about one read of
+/// buffer at a time, also by the server-wide budget's count: several
+/// clients pipelining 10 MB each at once pass under a 1 MiB budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_pipelines_fit_a_small_buffer_budget() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cache = Arc::new(Cache::new(CacheConfig::default()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let config = ServerConfig {
+        max_buffered_bytes: 1 << 20,
+        ..ServerConfig::default()
+    };
+    let task = tokio::spawn(serve(listener, cache.clone(), config, async move {
+        let _ = rx.await;
+    }));
+    const N: usize = 5000;
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        clients.push(tokio::spawn(async move {
+            let value = vec![b'v'; 2000];
+            let mut input = Vec::new();
+            for i in 0..N {
+                input.extend_from_slice(&set_frame(format!("c{c}-{i}").as_bytes(), &value));
+            }
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut r, mut w) = stream.into_split();
+            let writer = tokio::spawn(async move {
+                // Odd-sized writes, so that reads end inside frames.
+                for part in input.chunks(7001) {
+                    if w.write_all(part).await.is_err() {
+                        break; // refused: the reader reports the reply
+                    }
+                }
+                w
+            });
+            let mut replies = vec![0u8; 5 * N];
+            let got =
+                tokio::time::timeout(Duration::from_secs(60), r.read_exact(&mut replies)).await;
+            let text = String::from_utf8_lossy(&replies[..replies.len().min(200)]).into_owned();
+            assert!(got.is_ok_and(|r| r.is_ok()), "client {c}: {text:?}");
+            assert!(
+                replies.chunks(5).all(|r| r == b"+OK\r\n"),
+                "client {c}: {text:?}"
+            );
+            drop(writer.await.unwrap());
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(cache.len(), 4 * N);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
