@@ -160,6 +160,8 @@ pub enum ProtocolError {
 struct Partial {
     want: usize,
     items: Vec<Frame>,
+    /// Items before this one own their bytes (see [`Decoder::unpin`]).
+    unpinned: usize,
 }
 
 /// Incremental RESP decoder; one per connection.
@@ -175,6 +177,8 @@ pub struct Decoder {
     direct_done: Vec<usize>,
     frame_bytes: usize,
     frame_elements: usize,
+    /// Bytes copied by [`Decoder::unpin`] for the frame in progress.
+    unpinned_bytes: usize,
     /// Argument positions found by the command fast path (reused).
     spans: Vec<(usize, usize)>,
 }
@@ -231,6 +235,19 @@ fn direct_growth(body: &BytesMut, want: usize) -> usize {
     }
 }
 
+/// Copies the bulk strings in `frame` that are not direct bodies (see
+/// [`Decoder::unpin`]); returns the bytes copied.
+fn unpin_frame(frame: &mut Frame, direct: &[usize]) -> usize {
+    match frame {
+        Frame::Bulk(b) if !direct.contains(&(b.as_ptr() as usize)) => {
+            *b = Bytes::copy_from_slice(b);
+            b.len()
+        }
+        Frame::Array(items) => items.iter_mut().map(|f| unpin_frame(f, direct)).sum(),
+        _ => 0,
+    }
+}
+
 /// An argument of a frame that spanned reads, made safe to keep: a large
 /// one that is the only reference to a read buffer the connection has
 /// since replaced (reallocated to make room) would pin that whole buffer if
@@ -257,6 +274,7 @@ impl Decoder {
             direct_done: Vec::new(),
             frame_bytes: 0,
             frame_elements: 0,
+            unpinned_bytes: 0,
             spans: Vec::new(),
         }
     }
@@ -387,6 +405,34 @@ impl Decoder {
         !self.stack.is_empty() || self.pending_bulk.is_some()
     }
 
+    /// Gives the frame in progress its own copies of the arguments decoded
+    /// so far that are slices of the read buffer, each once; returns the
+    /// bytes copied. Without this, a read that ends inside a frame leaves
+    /// the read buffer shared with those slices, so the adapter can neither
+    /// reuse its room nor free it when replacing it: a client sending one
+    /// small argument per read would pin a whole read buffer with each.
+    /// Direct bodies are exactly sized buffers of their own and are kept.
+    pub fn unpin(&mut self) -> usize {
+        let direct = &self.direct_done;
+        let mut copied = 0;
+        for partial in &mut self.stack {
+            for item in &mut partial.items[partial.unpinned..] {
+                copied += unpin_frame(item, direct);
+            }
+            partial.unpinned = partial.items.len();
+        }
+        self.unpinned_bytes += copied;
+        copied
+    }
+
+    /// Memory the frame in progress holds outside the read buffer and the
+    /// direct body: its copied arguments and its decoded items. The adapter
+    /// charges it to its memory budget with them.
+    pub fn partial_bytes(&self) -> usize {
+        let items: usize = self.stack.iter().map(|p| p.items.capacity()).sum();
+        self.unpinned_bytes + items * std::mem::size_of::<Frame>()
+    }
+
     fn charge_bytes(&mut self, n: usize) -> Result<(), ProtocolError> {
         self.frame_bytes = self.frame_bytes.saturating_add(n);
         if self.frame_bytes > self.limits.max_frame_bytes {
@@ -469,6 +515,7 @@ impl Decoder {
                             self.stack.push(Partial {
                                 want: n,
                                 items: Vec::with_capacity(n.min(PREALLOC_ELEMENTS)),
+                                unpinned: 0,
                             });
                             continue;
                         }
@@ -480,6 +527,7 @@ impl Decoder {
             if let Some(frame) = self.complete(value) {
                 self.frame_bytes = 0;
                 self.frame_elements = 0;
+                self.unpinned_bytes = 0;
                 return Ok(Some(frame));
             }
         }
@@ -1315,6 +1363,42 @@ mod tests {
         let input = set_command(b"k", &value);
         let got = commands_via_reads(&input, 100, Limits::default(), false).unwrap();
         assert_eq!(&got[0][2][..], &value[..]);
+    }
+
+    #[test]
+    fn unpin_gives_a_partial_frame_its_own_bytes_once_and_keeps_direct_bodies() {
+        let value = vec![b'v'; DIRECT_BULK_MIN + 10];
+        let mut d = Decoder::new(Limits::default());
+        let mut args = Vec::new();
+        let mut input = b"*4\r\n$4\r\nMSET\r\n$1\r\nk\r\n".to_vec();
+        input.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+        let mut buf = BytesMut::from(&input[..]);
+        assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
+        // The value's body arrives directly; the frame is still open.
+        d.direct_body().unwrap().extend_from_slice(&value);
+        d.direct_body().unwrap().extend_from_slice(b"\r\n");
+        assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
+        assert!(d.in_frame());
+        assert!(!buf.try_reclaim(input.len()), "shared with MSET and k");
+        assert_eq!(d.unpin(), 5, "MSET and k, not the direct body");
+        assert!(
+            buf.try_reclaim(input.len()),
+            "the read buffer is its own again"
+        );
+        assert_eq!(d.unpin(), 0, "each argument once");
+        let items = d.partial_bytes() - 5;
+        assert_eq!(items % std::mem::size_of::<Frame>(), 0);
+        buf.extend_from_slice(b"$1\r\nw\r\n");
+        assert_eq!(
+            d.decode_command(&mut buf, &mut args).unwrap(),
+            Some(Command::Args)
+        );
+        assert_eq!(d.partial_bytes(), 0);
+        assert_eq!(&args[0][..], b"MSET");
+        assert_eq!(&args[1][..], b"k");
+        assert_eq!(&args[2][..], &value[..]);
+        assert_eq!(&args[3][..], b"w");
+        assert!(args[2].is_unique(), "the direct body is kept, not copied");
     }
 
     #[test]

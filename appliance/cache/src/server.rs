@@ -371,7 +371,6 @@ fn decode_and_run(
                     Command::Other(frame) => execute(cache, session, frame),
                 };
                 args.clear();
-                input.frame_done();
                 encode(&outcome.reply, session.protocol, out);
                 if outcome.close {
                     return Step::Close;
@@ -503,16 +502,22 @@ where
         // Reads grow while they keep filling up, to at most MAX_READ. What
         // the buffers will hold is charged before anything is allocated.
         let size = read_size;
-        let in_frame = conn.decoder.in_frame();
-        if !in_frame {
-            conn.input.frame_done();
-        }
         let room = if conn.decoder.direct_in_progress() {
             Room::Ready
         } else {
-            conn.input.room_for(size)
+            let mut room = conn.input.room_for(size);
+            if room != Room::Ready && conn.decoder.in_frame() {
+                // The frame's arguments so far keep the buffer shared: with
+                // copies of their own, its room is reused (or it is freed
+                // when replaced) instead of staying pinned.
+                conn.decoder.unpin();
+                room = conn.input.room_for(size);
+            }
+            room
         };
-        let want = conn.input.held_after(room, in_frame) + conn.decoder.direct_capacity_for_read();
+        let want = conn.input.held_after(room)
+            + conn.decoder.direct_capacity_for_read()
+            + conn.decoder.partial_bytes();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
@@ -523,7 +528,7 @@ where
             stream.shutdown().await?;
             return Ok(());
         }
-        conn.input.make_room(room, in_frame);
+        conn.input.make_room(room);
         let got = if wait {
             tokio::select! {
                 r = read_some(&mut stream, &mut conn.decoder, &mut conn.input.buf, true) => r,
