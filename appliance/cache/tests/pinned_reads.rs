@@ -3,13 +3,13 @@
 //! only test in this binary, so nothing else allocates meanwhile): dhat's
 //! heap statistics.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use appliance_cache::{serve, Cache, CacheConfig, ServerConfig};
+use common::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
+
+mod common;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -21,19 +21,8 @@ fn live_bytes() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_argument_per_read_does_not_pin_a_read_buffer_each() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cache = Arc::new(Cache::new(CacheConfig::default()));
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(
-        listener,
-        cache.clone(),
-        ServerConfig::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let server = Server::start().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
     s.write_all(b"*1001\r\n$3\r\nDEL\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let before = live_bytes();
@@ -57,6 +46,5 @@ async fn one_argument_per_read_does_not_pin_a_read_buffer_each() {
         .unwrap()
         .unwrap();
     assert_eq!(&reply, b":0\r\n");
-    let _ = tx.send(());
-    task.await.unwrap().unwrap();
+    server.stop().await;
 }

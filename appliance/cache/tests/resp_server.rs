@@ -3,58 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use appliance_cache::{serve, Cache, CacheConfig, ServerConfig};
+use common::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-
-struct Server {
-    addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    cache: Arc<Cache>,
-}
-
-impl Server {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cache = Arc::new(Cache::new(CacheConfig::default()));
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(
-            listener,
-            cache.clone(),
-            ServerConfig::default(),
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        Server {
-            addr,
-            stop: Some(tx),
-            task,
-            cache,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}/", self.addr)
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("server stops")
-            .unwrap()
-            .unwrap();
-    }
-}
 
 async fn client(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -502,17 +460,12 @@ async fn buffered_bytes_are_bounded_across_connections() {
 /// clients pipelining 10 MB each at once pass under a 1 MiB budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_pipelines_fit_a_small_buffer_budget() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cache = Arc::new(Cache::new(CacheConfig::default()));
-    let (tx, rx) = oneshot::channel::<()>();
-    let config = ServerConfig {
+    let server = Server::start_with(ServerConfig {
         max_buffered_bytes: 1 << 20,
         ..ServerConfig::default()
-    };
-    let task = tokio::spawn(serve(listener, cache.clone(), config, async move {
-        let _ = rx.await;
-    }));
+    })
+    .await;
+    let addr = server.addr;
     const N: usize = 5000;
     let mut clients = Vec::new();
     for c in 0..4 {
@@ -548,7 +501,6 @@ async fn long_pipelines_fit_a_small_buffer_budget() {
     for c in clients {
         c.await.unwrap();
     }
-    assert_eq!(cache.len(), 4 * N);
-    let _ = tx.send(());
-    task.await.unwrap().unwrap();
+    assert_eq!(server.cache.len(), 4 * N);
+    server.stop().await;
 }

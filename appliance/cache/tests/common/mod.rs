@@ -1,0 +1,54 @@
+//! A RESP server on loopback for the integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance_cache::{serve, Cache, CacheConfig, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A server task and what the tests reach it by.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub cache: Arc<Cache>,
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::start_with(ServerConfig::default()).await
+    }
+
+    pub async fn start_with(config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cache = Arc::new(Cache::new(CacheConfig::default()));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, cache.clone(), config, async move {
+            let _ = rx.await;
+        }));
+        Server {
+            addr,
+            stop: Some(tx),
+            task,
+            cache,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
