@@ -17,7 +17,9 @@
 # hits both alike; the table shows
 # the median throughput and the median p99 of the rounds, and the lowest
 # and highest p99 of each side's rounds (on a disk whose fdatasync stalls
-# now and then, a durable round's p99 is that of the stall it caught). MODES, SIZES,
+# now and then, a durable round's p99 is that of the stall it caught), and
+# a round-by-round comparison (see `paired`) that tells a row where one
+# server is ahead apart from a tie that noise decides. MODES, SIZES,
 # PIPELINES and TESTS (defaults "memory durable", "256 16384", "1 16",
 # "set get") pick rows; OURS_ARGS adds arguments to our server.
 #
@@ -156,8 +158,37 @@ print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(p99):
       f"{min(p99):.2f}-{max(p99):.2f}", f"{100 * statistics.median(r[2] for r in rows):.0f}")'
 }
 
-printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %s\n' \
-    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "client cpu %, r / o" "p99 of the rounds, redis / ours"
+# Round by round: each round's two runs ran one right after the other, so
+# their ratio (ours / redis) cancels the machine's slow and fast phases,
+# which the medians of each side do not. Prints, for throughput and for
+# p99, the distribution-free confidence interval of the median of those
+# ratios (order statistics: the sign test's interval; at least 90 % from 5
+# rounds on, 75 % with 3) and
+# what it shows: ours higher, lower, or "tie" when the interval holds 1.0.
+# With 5 rounds the interval is the lowest to highest ratio, so one
+# round that goes the other way makes a tie; with 8 it drops one round
+# at each end.
+paired() { # "redis runs" "ours runs", one "rps p99 cpu" per line, same order
+    python3 -c '
+import math, sys
+r = [tuple(map(float, l.split())) for l in sys.argv[1].splitlines() if l.strip()]
+o = [tuple(map(float, l.split())) for l in sys.argv[2].splitlines() if l.strip()]
+n = len(r)
+k = 1  # largest k with P(X < k) <= 5 %, X ~ Binomial(n, 1/2)
+while k < n and sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= 0.05:
+    k += 1
+def interval(ratios, up, down):
+    x = sorted(ratios)
+    lo, hi = x[k - 1], x[n - k]
+    word = up if lo > 1 else down if hi < 1 else "tie"
+    return f"{lo:.2f}-{hi:.2f} {word}"
+print(interval([b[0] / a[0] for a, b in zip(r, o)], "more", "LESS") + ",",
+      interval([b[1] / a[1] for a, b in zip(r, o)], "HIGHER", "lower"))' "$1" "$2"
+}
+
+printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %-31s | %s\n' \
+    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "client cpu %, r / o" "p99 of the rounds, redis / ours" \
+    "round by round, ours/redis: rps, p99"
 for mode in $MODES; do
     start_servers "$mode"
     for size in $SIZES; do
@@ -187,9 +218,10 @@ r, o, rp, op = $r_rps, $o_rps, $r_p99, $o_p99
 ok = o >= r and op <= rp
 print(f'{o / r:.2f} ' + ('ok' if ok else 'MISS'))")
                 read -r ratio ok <<<"$verdict"
-                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %s / %s\n' \
+                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %-31s | %s\n' \
                     "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$ratio" "$ok" \
-                    "$r_cpu / $o_cpu$bound" "$r_spread" "$o_spread"
+                    "$r_cpu / $o_cpu$bound" "$r_spread / $o_spread" \
+                    "$(paired "$(printf '%s\n' "${r_runs[@]}")" "$(printf '%s\n' "${o_runs[@]}")")"
             done
         done
     done
