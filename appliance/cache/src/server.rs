@@ -346,6 +346,13 @@ enum Step {
     Close,
 }
 
+/// Argument slots kept for the next command (1024; every ordinary command
+/// fits). A command with more arguments (up to `max_elements`, 1 Mi: 32 MiB
+/// of slots, outside the buffer budget) frees its vector as soon as it has
+/// run, so such a vector never lives across an await: at any moment there
+/// is at most one per runtime worker.
+const KEEP_ARGS: usize = 1024;
+
 /// Decode and execute complete frames from `input`, encoding replies into
 /// `out`, until input runs out, the replies need flushing, or the connection
 /// must close.
@@ -371,6 +378,9 @@ fn decode_and_run(
                     Command::Other(frame) => execute(cache, session, frame),
                 };
                 args.clear();
+                if args.capacity() > KEEP_ARGS {
+                    *args = Vec::new();
+                }
                 encode(&outcome.reply, session.protocol, out);
                 if outcome.close {
                     return Step::Close;
@@ -699,9 +709,6 @@ impl Conn {
     fn shrink(&mut self) {
         self.input
             .give_back(KEEP_READ_BUFFER, READ_CHUNK, self.decoder.in_frame());
-        if self.args.capacity() > 1024 {
-            self.args = Vec::new();
-        }
         if self.out.peak() > 2 * FLUSH_AT {
             self.out = Output::with_capacity(READ_CHUNK);
         }
@@ -756,4 +763,63 @@ where
         out.clear();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Buf;
+
+    use super::*;
+    use crate::cache::CacheConfig;
+
+    fn wire(parts: &[&str]) -> Vec<u8> {
+        let mut w = format!("*{}\r\n", parts.len()).into_bytes();
+        for p in parts {
+            w.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
+        }
+        w
+    }
+
+    /// A command of thousands of arguments does not keep its argument
+    /// vector into the await that writes its reply (it would sit outside
+    /// the buffer budget, one per waiting connection); an ordinary command
+    /// keeps the vector for the next.
+    #[test]
+    fn a_command_of_many_arguments_frees_its_vector_before_its_reply_is_written() {
+        let cache = Cache::new(CacheConfig::default());
+        let mut session = Session::default();
+        let mut decoder = Decoder::new(Limits::default());
+        let mut input = ReadBuffer::with_capacity(READ_CHUNK);
+        let mut args = Vec::new();
+        let mut out = Output::with_capacity(READ_CHUNK);
+        let mut run = |bytes: &[u8], args: &mut Vec<Bytes>| {
+            input.buf.extend_from_slice(bytes);
+            let step = decode_and_run(
+                &mut decoder,
+                &mut input,
+                args,
+                &cache,
+                &mut session,
+                &mut out,
+            );
+            assert_eq!(step, Step::NeedInput);
+            out.copy_to_bytes(out.remaining())
+        };
+
+        assert_eq!(run(&wire(&["SET", "k7", "v"]), &mut args), "+OK\r\n");
+        assert!(args.capacity() >= 3, "kept for the next command");
+
+        let keys: Vec<String> = (0..5000).map(|i| format!("k{i}")).collect();
+        let mut exists = vec!["EXISTS"];
+        exists.extend(keys.iter().map(String::as_str));
+        assert_eq!(run(&wire(&exists), &mut args), ":1\r\n");
+        assert_eq!(args.capacity(), 0, "5001 argument slots were kept");
+
+        // The same, decoded in parts (the general decoder's path).
+        let mut w = wire(&exists);
+        let rest = w.split_off(w.len() / 2);
+        assert_eq!(run(&w, &mut args), "");
+        assert_eq!(run(&rest, &mut args), ":1\r\n");
+        assert_eq!(args.capacity(), 0, "5001 argument slots were kept");
+    }
 }
