@@ -20,9 +20,14 @@
 //! Memory: a connection's read buffer holds at most one frame's budget plus
 //! one read (the decoder's limits), and all read buffers together, whole
 //! allocations and large bodies in progress, are charged to
-//! `max_buffered_bytes` before they are allocated (see `read_buffer`);
-//! replies are flushed every 64 KiB, and a single reply is bounded by the
-//! value size and the `MGET` reply cap.
+//! `max_buffered_bytes` before they are allocated (see `read_buffer`).
+//! Replies are flushed every 64 KiB, a single reply is bounded by the value
+//! size and the `MGET` reply cap, and the replies waiting to be written are
+//! charged to the same budget before the write (they stay until the client
+//! reads them): a connection whose replies do not fit gets an error instead
+//! and is closed. Not charged: a command's argument vector while it runs
+//! (freed before any await when large, see `KEEP_ARGS`), the slack of the
+//! reply buffer's allocation, and each share's `SHARE_SLACK_KIB`.
 //!
 //! Durability: a reply is written only after the commit of every record
 //! appended before it (under `Always`, after their `fdatasync`); a failed
@@ -67,9 +72,10 @@ pub struct ServerConfig {
     pub maintenance_interval: Duration,
     /// How long shutdown waits for connections to finish their current batch.
     pub shutdown_grace: Duration,
-    /// Read-buffer bytes all connections together may hold (256 MiB). Each
-    /// connection is also bounded by `limits.max_frame_bytes`; this bounds
-    /// the sum, so many slow or hostile clients cannot exhaust memory.
+    /// Bytes all connections together may hold in read buffers and unsent
+    /// replies (256 MiB). Each connection's input is also bounded by
+    /// `limits.max_frame_bytes`; this bounds the sum, so many slow or
+    /// hostile clients cannot exhaust memory.
     pub max_buffered_bytes: usize,
 }
 
@@ -307,6 +313,11 @@ struct BufferShare {
     kib: u32,
 }
 
+/// KiB a share keeps beyond what it covers before giving the rest back (16:
+/// a connection's small replies come and go with every request, and would
+/// otherwise take and return a permit or two each time).
+const SHARE_SLACK_KIB: u32 = 16;
+
 impl BufferShare {
     /// Hold enough for `bytes`; false if the server-wide budget is exhausted.
     fn cover(&mut self, bytes: usize) -> bool {
@@ -316,10 +327,11 @@ impl BufferShare {
                 Ok(permit) => permit.forget(),
                 Err(_) => return false,
             }
-        } else if want < self.kib {
+            self.kib = want;
+        } else if self.kib - want > SHARE_SLACK_KIB {
             self.budget.add_permits((self.kib - want) as usize);
+            self.kib = want;
         }
-        self.kib = want;
         true
     }
 }
@@ -527,16 +539,13 @@ where
         };
         let want = conn.input.held_after(room)
             + conn.decoder.direct_capacity_for_read()
-            + conn.decoder.partial_bytes();
+            + conn.decoder.partial_bytes()
+            + conn.out.len();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
-            conn.answer(cache, &mut stream).await?;
-            let reply = Reply::err("server buffer memory exhausted, closing connection");
-            encode(&reply, conn.session.protocol, &mut conn.out);
-            stream.write_all_buf(&mut conn.out).await?;
-            stream.shutdown().await?;
-            return Ok(());
+            conn.answer(cache, &mut stream, &mut share).await?;
+            return conn.refuse(&mut stream).await;
         }
         conn.input.make_room(room);
         let got = if wait {
@@ -551,7 +560,7 @@ where
             None => {
                 // Nothing more waiting: answer what was read ahead, and
                 // give back what the batch needed before going idle.
-                conn.answer(cache, &mut stream).await?;
+                conn.answer(cache, &mut stream, &mut share).await?;
                 conn.shrink();
                 unanswered = 0;
                 wait = true;
@@ -562,7 +571,7 @@ where
                 if n == 0 {
                     // EOF (or the client shut down its side): answer what
                     // was read; a partial frame (truncated input) is dropped.
-                    conn.answer(cache, &mut stream).await?;
+                    conn.answer(cache, &mut stream, &mut share).await?;
                     return Ok(());
                 }
                 if asked > 0 && conn.decoder.direct_capacity() == 0 {
@@ -605,7 +614,7 @@ where
         };
         // Answer: commit what the replies acknowledge, then write them.
         loop {
-            conn.answer(cache, &mut stream).await?;
+            conn.answer(cache, &mut stream, &mut share).await?;
             match step {
                 Step::NeedInput => break,
                 Step::Close => {
@@ -693,16 +702,45 @@ impl Conn {
         self.owed.as_ref().is_some_and(|p| !p.is_empty())
     }
 
+    /// Bytes the connection holds now: its read buffer's allocation, a
+    /// large body in progress, the frame so far outside them, and the
+    /// replies waiting to be written.
+    fn held(&self) -> usize {
+        self.input.held_after(Room::Ready)
+            + self.decoder.direct_capacity()
+            + self.decoder.partial_bytes()
+            + self.out.len()
+    }
+
     /// Commit what the replies acknowledge, then write them (see [`flush`]
-    /// for when the other connections run first).
+    /// for when the other connections run first). The replies are charged
+    /// to the buffer budget first, as they are held until the client reads
+    /// them: if they do not fit, none is sent, the client is told the
+    /// budget is exhausted and the connection is closed (an error return).
     async fn answer<S: AsyncWrite + Unpin>(
         &mut self,
         cache: &Cache,
         stream: &mut S,
+        share: &mut BufferShare,
     ) -> io::Result<()> {
+        if !share.cover(self.held()) {
+            self.out.clear();
+            self.refuse(stream).await?;
+            return Err(io::Error::other(
+                "replies exceed the server's buffer budget",
+            ));
+        }
         let more_coming = self.decoder.in_frame() || !self.input.buf.is_empty();
         let yield_first = !more_coming || (cache.commit_blocks() && self.owes_commit());
         flush(cache, stream, &mut self.out, self.owed.take(), yield_first).await
+    }
+
+    /// Tells the client the buffer budget is exhausted, and closes.
+    async fn refuse<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<()> {
+        let reply = Reply::err("server buffer memory exhausted, closing connection");
+        encode(&reply, self.session.protocol, &mut self.out);
+        stream.write_all_buf(&mut self.out).await?;
+        stream.shutdown().await
     }
 
     /// Give back what a large frame or reply needed once it is consumed.

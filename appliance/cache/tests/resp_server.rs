@@ -504,3 +504,88 @@ async fn long_pipelines_fit_a_small_buffer_budget() {
     assert_eq!(server.cache.len(), 4 * N);
     server.stop().await;
 }
+
+/// Reads one reply to `MGET` of `n` copies of a `len`-byte value, or the
+/// error line the server sends instead.
+async fn mget_reply(s: &mut TcpStream, n: usize, len: usize) -> Result<(), String> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    if head[0] == b'-' {
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        return Err(String::from_utf8_lossy(&[&head[..], &rest].concat()).into_owned());
+    }
+    let item = format!("${len}\r\n").len() + len + 2;
+    let mut body = vec![0u8; format!("*{n}\r\n").len() - 4 + n * item];
+    s.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    assert_eq!(&head, format!("*{n}\r\n").as_bytes());
+    assert!(body.ends_with(b"vvvv\r\n"));
+    Ok(())
+}
+
+/// Replies wait in the server until the client reads them, so they count
+/// against the server-wide buffer budget like requests: a reply larger
+/// than what is left is refused with an error, and a client that does
+/// not read holds its share until it goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_count_against_the_buffer_budget() {
+    const LEN: usize = 800_000;
+    let server = Server::start_with(ServerConfig {
+        max_buffered_bytes: 2 << 20,
+        ..ServerConfig::default()
+    })
+    .await;
+    let addr = server.addr;
+    let mut c = client(&server.url()).await;
+    let () = redis::cmd("SET")
+        .arg("v")
+        .arg(vec![b'v'; LEN])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    // 1.6 MB fits; 2.4 MB does not.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"MGET v v\r\n").await.unwrap();
+    mget_reply(&mut s, 2, LEN).await.unwrap();
+    s.write_all(b"MGET v v v\r\n").await.unwrap();
+    let refused = mget_reply(&mut s, 3, LEN).await.unwrap_err();
+    assert!(
+        refused.starts_with("-ERR server buffer memory exhausted"),
+        "{refused:?}"
+    );
+    still_serving(&server).await;
+
+    // A client asks for 48 MB and reads nothing: once the socket buffers
+    // are full, the server holds one 800 KB reply for it, and 1.6 MB no
+    // longer fits beside that.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut hog = socket.connect(addr).await.unwrap();
+    hog.write_all(&b"GET v\r\n".repeat(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"MGET v v\r\n").await.unwrap();
+    let refused = mget_reply(&mut s, 2, LEN).await.unwrap_err();
+    assert!(
+        refused.starts_with("-ERR server buffer memory exhausted"),
+        "{refused:?}"
+    );
+
+    // Once it goes away, its share comes back.
+    drop(hog);
+    let mut last = String::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"MGET v v\r\n").await.unwrap();
+        match mget_reply(&mut s, 2, LEN).await {
+            Ok(()) => {
+                server.stop().await;
+                return;
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the share of a closed connection did not come back: {last:?}");
+}
