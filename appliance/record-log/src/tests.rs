@@ -319,6 +319,41 @@ fn offset_of(seq: u64) -> u64 {
     SEGMENT_HEADER_LEN + (1..seq).map(|i| frame_size(payload(i).len())).sum::<u64>()
 }
 
+/// In a log that does not preallocate, the bytes after damage are all
+/// records (or their remains): the quarantine keeps every one of them,
+/// also zeros at the end that belong to the last record's payload (only a
+/// preallocated segment's zeros are unused space that is left out).
+#[test]
+fn the_quarantine_keeps_a_records_trailing_zeros_without_preallocation() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+        for i in 1..=5u8 {
+            let mut p = vec![i; 40];
+            p.extend_from_slice(&[0; 24]);
+            log.append_at(u64::from(i), &p).unwrap();
+        }
+        log.sync().unwrap();
+    }
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&seg).unwrap();
+    assert!(bytes.ends_with(&[0; 24]));
+    let second = SEGMENT_HEADER_LEN + frame_size(64);
+    bytes[second as usize + 30] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+
+    let (log, rep) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(rep.damage.len(), 1, "{rep:?}");
+    let d = &rep.damage[0];
+    assert_eq!(d.offset, second);
+    assert_eq!(d.bytes_lost, bytes.len() as u64 - second);
+    assert_eq!(
+        fs::read(d.quarantined.as_ref().unwrap()).unwrap(),
+        bytes[second as usize..]
+    );
+    assert_eq!(seqs(&log), vec![1]);
+}
+
 #[test]
 fn flipped_byte_in_the_middle_loads_everything_before() {
     let dir = tempfile::tempdir().unwrap();
