@@ -46,6 +46,12 @@ pub const DIRECT_BULK_MIN: usize = 8 << 10;
 /// alone cannot claim more than this of the server's buffer budget.
 pub const DIRECT_PREALLOC_MAX: usize = 1 << 20;
 
+/// Argument positions the command fast path keeps room for between
+/// commands (1024, 16 KiB). A command with more (up to `max_elements`, 1 Mi:
+/// 16 MiB) frees them once its arguments are taken, so they do not stay
+/// with the connection outside its buffer budget.
+const KEEP_SPANS: usize = 1024;
+
 /// Longest type/length header line: `$` + sign + 20 digits + CRLF fits in 32.
 const MAX_HEADER_LINE: usize = 32;
 
@@ -300,8 +306,10 @@ impl Decoder {
                 let frame = buf.split_to(total).freeze();
                 args.clear();
                 args.extend(self.spans.iter().map(|&(a, b)| frame.slice(a..b)));
+                self.trim_spans();
                 return Ok(Some(Command::Args));
             }
+            self.trim_spans();
         }
         let frame = self.decode(buf)?;
         let direct = if frame.is_some() {
@@ -322,6 +330,12 @@ impl Decoder {
                 Ok(Some(Command::Args))
             }
             Some(other) => Ok(Some(Command::Other(other))),
+        }
+    }
+
+    fn trim_spans(&mut self) {
+        if self.spans.capacity() > KEEP_SPANS {
+            self.spans = Vec::new();
         }
     }
 
@@ -743,7 +757,9 @@ pub const SHARED_BULK_MIN: usize = 4 << 10;
 #[derive(Debug, Default)]
 pub struct Output {
     /// Parts before `tail`, none of them empty.
-    parts: std::collections::VecDeque<Bytes>,
+    /// Whether each part is copied bytes (from `tail`) rather than a value
+    /// shared with its owner.
+    parts: std::collections::VecDeque<(Bytes, bool)>,
     /// The bytes after `parts`, copied.
     tail: BytesMut,
     /// Bytes in `parts` and `tail` together.
@@ -782,6 +798,23 @@ impl Output {
         self.peak
     }
 
+    /// Bytes waiting to be written that nothing else holds: the copied
+    /// ones, and shared parts whose only owner this is (for a GET, a
+    /// value the cache has since replaced or dropped; or a large reply
+    /// built for this connection alone). A value the cache still holds is
+    /// left out: the cache's own bound counts it.
+    pub fn held_alone(&self) -> usize {
+        // A copied part shares its allocation with `tail`, so it never
+        // looks unique; it is this output's alone all the same.
+        let parts: usize = self
+            .parts
+            .iter()
+            .filter(|(p, copied)| *copied || p.is_unique())
+            .map(|(p, _)| p.len())
+            .sum();
+        parts + self.tail.len()
+    }
+
     /// Drop everything not yet written.
     pub fn clear(&mut self) {
         self.parts.clear();
@@ -803,9 +836,9 @@ impl Sink for Output {
             return;
         }
         if !self.tail.is_empty() {
-            self.parts.push_back(self.tail.split().freeze());
+            self.parts.push_back((self.tail.split().freeze(), true));
         }
-        self.parts.push_back(value.clone());
+        self.parts.push_back((value.clone(), false));
         self.len += value.len();
     }
 }
@@ -816,7 +849,7 @@ impl Buf for Output {
     }
 
     fn chunk(&self) -> &[u8] {
-        self.parts.front().map_or(&self.tail[..], |p| &p[..])
+        self.parts.front().map_or(&self.tail[..], |(p, _)| &p[..])
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -827,7 +860,7 @@ impl Buf for Output {
         );
         self.len -= n;
         while n > 0 {
-            let Some(front) = self.parts.front_mut() else {
+            let Some((front, _)) = self.parts.front_mut() else {
                 self.tail.advance(n);
                 return;
             };
@@ -842,7 +875,7 @@ impl Buf for Output {
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
         let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
-        let chunks = self.parts.iter().map(|p| &p[..]).chain(tail);
+        let chunks = self.parts.iter().map(|(p, _)| &p[..]).chain(tail);
         let mut n = 0;
         for (slot, chunk) in dst.iter_mut().zip(chunks) {
             *slot = std::io::IoSlice::new(chunk);
@@ -1185,6 +1218,49 @@ mod tests {
             }
         }
         Ok(out)
+    }
+
+    /// What an output alone holds: its copies (also those frozen ahead of
+    /// a shared value), and shared values nothing else holds any more.
+    #[test]
+    fn an_output_counts_what_it_alone_holds() {
+        let cached = Bytes::from(vec![b'c'; SHARED_BULK_MIN]);
+        let built = Bytes::from(vec![b'b'; 2 * SHARED_BULK_MIN]);
+        let mut out = Output::with_capacity(64);
+        out.push_slice(b"*3\r\n");
+        out.push_value(&cached);
+        out.push_slice(b"\r\n");
+        out.push_value(&Bytes::from(vec![b's'; 100]));
+        out.push_value(&built);
+        drop(built);
+        let copied = out.len() - 3 * SHARED_BULK_MIN;
+        assert_eq!(copied, 4 + 2 + 100);
+        assert_eq!(out.held_alone(), copied + 2 * SHARED_BULK_MIN);
+        // The cache lets go of its value: now only the reply holds it.
+        drop(cached);
+        assert_eq!(out.held_alone(), out.len());
+    }
+
+    #[test]
+    fn the_fast_path_keeps_no_room_for_a_huge_commands_arguments() {
+        let mut d = Decoder::new(Limits::default());
+        let mut args = Vec::new();
+        let mut wire = b"*5001\r\n$6\r\nEXISTS\r\n".to_vec();
+        for _ in 0..5000 {
+            wire.extend_from_slice(b"$1\r\nk\r\n");
+        }
+        // Complete: the fast path takes it.
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(
+            d.decode_command(&mut buf, &mut args).unwrap(),
+            Some(Command::Args)
+        );
+        assert_eq!(args.len(), 5001);
+        assert!(d.spans.capacity() <= KEEP_SPANS, "{}", d.spans.capacity());
+        // Incomplete: the fast path scans it and gives up.
+        let mut buf = BytesMut::from(&wire[..wire.len() - 1]);
+        assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
+        assert!(d.spans.capacity() <= KEEP_SPANS, "{}", d.spans.capacity());
     }
 
     #[test]

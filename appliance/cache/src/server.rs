@@ -24,10 +24,14 @@
 //! Replies are flushed every 64 KiB, a single reply is bounded by the value
 //! size and the `MGET` reply cap, and the replies waiting to be written are
 //! charged to the same budget before the write (they stay until the client
-//! reads them): a connection whose replies do not fit gets an error instead
-//! and is closed. Not charged: a command's argument vector while it runs
-//! (freed before any await when large, see `KEEP_ARGS`), the slack of the
-//! reply buffer's allocation, and each share's `SHARE_SLACK_KIB`.
+//! reads them), except values the cache holds too (its own bound counts
+//! them): a connection whose replies do not fit is closed. Not charged: a
+//! command's argument vector while it runs (freed before any await when
+//! large, see `KEEP_ARGS`), the slack of the reply buffer's allocation, and
+//! a value the cache drops while a reply still holds it (at most one
+//! batch of replies per connection: the `MGET` cap, or a value, plus
+//! 64 KiB). Each share may hold up to `SHARE_SLACK_KIB` of the budget
+//! beyond what it needs.
 //!
 //! Durability: a reply is written only after the commit of every record
 //! appended before it (under `Always`, after their `fdatasync`); a failed
@@ -540,7 +544,7 @@ where
         let want = conn.input.held_after(room)
             + conn.decoder.direct_capacity_for_read()
             + conn.decoder.partial_bytes()
-            + conn.out.len();
+            + conn.out.held_alone();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
@@ -702,21 +706,25 @@ impl Conn {
         self.owed.as_ref().is_some_and(|p| !p.is_empty())
     }
 
-    /// Bytes the connection holds now: its read buffer's allocation, a
-    /// large body in progress, the frame so far outside them, and the
-    /// replies waiting to be written.
+    /// Bytes the connection alone holds now: its read buffer's allocation,
+    /// a large body in progress, the frame so far outside them, and the
+    /// replies waiting to be written (values the cache holds too are the
+    /// cache's, see [`Output::held_alone`]).
     fn held(&self) -> usize {
         self.input.held_after(Room::Ready)
             + self.decoder.direct_capacity()
             + self.decoder.partial_bytes()
-            + self.out.len()
+            + self.out.held_alone()
     }
 
     /// Commit what the replies acknowledge, then write them (see [`flush`]
     /// for when the other connections run first). The replies are charged
     /// to the buffer budget first, as they are held until the client reads
-    /// them: if they do not fit, none is sent, the client is told the
-    /// budget is exhausted and the connection is closed (an error return).
+    /// them. If they do not fit, the connection is closed without any of
+    /// them (an error return): the client sees its connection lost, and
+    /// the outcome of the batch's commands unknown (some may have been
+    /// applied), as when any connection breaks. An error reply in their
+    /// place would be read as the answer to the batch's first command.
     async fn answer<S: AsyncWrite + Unpin>(
         &mut self,
         cache: &Cache,
@@ -724,8 +732,13 @@ impl Conn {
         share: &mut BufferShare,
     ) -> io::Result<()> {
         if !share.cover(self.held()) {
+            let held = self.held();
             self.out.clear();
-            self.refuse(stream).await?;
+            tracing::warn!(
+                held,
+                "cache RESP: a connection's replies exceed the buffer budget, closing it"
+            );
+            let _ = stream.shutdown().await;
             return Err(io::Error::other(
                 "replies exceed the server's buffer budget",
             ));
