@@ -245,12 +245,35 @@ fn count(results: impl Iterator<Item = Result<bool, CacheError>>) -> Reply {
     Reply::Integer(n)
 }
 
+/// Longest client name (1 KiB): a session keeps it for the connection's
+/// life, outside the server's buffer budget. Redis sets no limit, but
+/// names are labels such as "worker-3".
+pub const MAX_CLIENT_NAME: usize = 1024;
+
+/// A name for `CLIENT SETNAME` or `HELLO ... SETNAME`, checked.
+fn client_name(raw: &Bytes) -> Result<Bytes, Reply> {
+    if raw.iter().any(|b| *b == b' ' || *b == b'\n') {
+        return Err(Reply::err(
+            "Client names cannot contain spaces, newlines or special characters.",
+        ));
+    }
+    if raw.len() > MAX_CLIENT_NAME {
+        return Err(Reply::err(format!(
+            "Client names are limited to {MAX_CLIENT_NAME} bytes"
+        )));
+    }
+    Ok(owned(raw))
+}
+
 fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
+    // Everything is checked before anything changes, as in redis.
     let mut rest = a;
+    let mut protocol = session.protocol;
+    let mut name = None;
     if let Some(v) = a.first() {
         match parse_int(v) {
-            Some(2) => session.protocol = Protocol::Resp2,
-            Some(3) => session.protocol = Protocol::Resp3,
+            Some(2) => protocol = Protocol::Resp2,
+            Some(3) => protocol = Protocol::Resp3,
             Some(_) => return Reply::Error("NOPROTO unsupported protocol version".into()),
             None => return Reply::err("Protocol version is not an integer or out of range"),
         }
@@ -259,7 +282,10 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
     while let Some(opt) = rest.first() {
         match (upper(opt).as_str(), rest.len()) {
             ("SETNAME", n) if n >= 2 => {
-                session.name = Some(owned(&rest[1]));
+                match client_name(&rest[1]) {
+                    Ok(n) => name = Some(n),
+                    Err(e) => return e,
+                }
                 rest = &rest[2..];
             }
             ("AUTH", _) => {
@@ -269,6 +295,10 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
             }
             _ => return syntax_error(),
         }
+    }
+    session.protocol = protocol;
+    if let Some(n) = name {
+        session.name = (!n.is_empty()).then_some(n);
     }
     let proto = match session.protocol {
         Protocol::Resp2 => 2,
@@ -414,15 +444,13 @@ fn agent_set(cache: &Cache, a: &[Bytes]) -> Reply {
 
 fn client(session: &mut Session, a: &[Bytes]) -> Reply {
     match (upper(&a[0]).as_str(), a.len()) {
-        ("SETNAME", 2) => {
-            if a[1].iter().any(|b| *b == b' ' || *b == b'\n') {
-                return Reply::err(
-                    "Client names cannot contain spaces, newlines or special characters.",
-                );
+        ("SETNAME", 2) => match client_name(&a[1]) {
+            Ok(name) => {
+                session.name = (!name.is_empty()).then_some(name);
+                Reply::ok()
             }
-            session.name = (!a[1].is_empty()).then(|| owned(&a[1]));
-            Reply::ok()
-        }
+            Err(e) => e,
+        },
         ("GETNAME", 1) => bulk_or_null(session.name.clone()),
         ("ID", 1) => Reply::Integer(i64::try_from(session.id).unwrap_or(i64::MAX)),
         // Client libraries announce themselves; accept and ignore.
@@ -648,6 +676,22 @@ mod tests {
         assert!(m.contains(&(Reply::text("proto"), Reply::Integer(3))));
         assert_eq!(s.protocol, Protocol::Resp3);
         assert_eq!(s.name.as_deref(), Some(&b"w2"[..]));
+        // A name is a label the session keeps: a long one is refused, and
+        // a refused HELLO changes nothing (neither name nor protocol).
+        let long = "n".repeat(MAX_CLIENT_NAME + 1);
+        let refused = Reply::err(format!(
+            "Client names are limited to {MAX_CLIENT_NAME} bytes"
+        ));
+        assert_eq!(run(&c, &mut s, &["CLIENT", "SETNAME", &long]), refused);
+        assert_eq!(run(&c, &mut s, &["HELLO", "2", "SETNAME", &long]), refused);
+        assert_eq!(
+            run(&c, &mut s, &["HELLO", "2", "SETNAME", "a b"]),
+            Reply::err("Client names cannot contain spaces, newlines or special characters.")
+        );
+        assert_eq!(s.protocol, Protocol::Resp3);
+        assert_eq!(s.name.as_deref(), Some(&b"w2"[..]));
+        let fits = "n".repeat(MAX_CLIENT_NAME);
+        assert_eq!(run(&c, &mut s, &["CLIENT", "SETNAME", &fits]), Reply::ok());
         assert_eq!(
             run(&c, &mut s, &["HELLO", "4"]),
             Reply::Error("NOPROTO unsupported protocol version".into())

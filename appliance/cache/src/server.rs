@@ -28,9 +28,15 @@
 //! them): a connection whose replies do not fit is closed. Not charged: a
 //! command's argument vector while it runs (freed before any await when
 //! large, see `KEEP_ARGS`), the slack of the reply buffer's allocation, and
-//! a value the cache drops while a reply still holds it (at most one
-//! batch of replies per connection: the `MGET` cap, or a value, plus
-//! 64 KiB). Each share may hold up to `SHARE_SLACK_KIB` of the budget
+//! a value the cache drops while a reply still holds it. The charge is made
+//! once, before the write, while the cache still holds its values; a client
+//! that then stops reading while the values are deleted keeps them alive
+//! uncharged: at most one batch of replies per connection (the `MGET` cap,
+//! 64 MiB, or one value, plus 64 KiB), so up to `max_connections` times that
+//! in all, about 64 GiB at the defaults. Closing that would take charging
+//! again while a write is stuck, and would still miss a value that two
+//! stuck connections share; the endpoint is for the box's own services,
+//! on loopback. Each share may hold up to `SHARE_SLACK_KIB` of the budget
 //! beyond what it needs.
 //!
 //! Durability: a reply is written only after the commit of every record
@@ -732,12 +738,10 @@ impl Conn {
         share: &mut BufferShare,
     ) -> io::Result<()> {
         if !share.cover(self.held()) {
-            let held = self.held();
+            // Logged (at debug, as any connection ending in an error) by
+            // the accept loop: a warning per refusal would let a client
+            // flood the journal.
             self.out.clear();
-            tracing::warn!(
-                held,
-                "cache RESP: a connection's replies exceed the buffer budget, closing it"
-            );
             let _ = stream.shutdown().await;
             return Err(io::Error::other(
                 "replies exceed the server's buffer budget",
