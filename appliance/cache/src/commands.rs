@@ -4,6 +4,7 @@
 //! decoder and writes the replies. Unknown commands, wrong arities and bad
 //! arguments get a RESP error and the connection stays open.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,36 @@ pub struct Session {
     pub protocol: Protocol,
     /// `CLIENT SETNAME` name.
     pub name: Option<Bytes>,
+    /// The RESP server's counters, for `INFO` (none in process).
+    pub clients: Option<std::sync::Arc<ClientStats>>,
+}
+
+/// The RESP server's connection counters, shown by `INFO` under
+/// `# Clients` (names as in redis where the meaning matches). The server
+/// updates them; plain atomics, read without locking.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Connections being served.
+    pub connected: AtomicU64,
+    /// Connections refused because `max_connections` were open.
+    pub rejected: AtomicU64,
+    /// Connections closed because their buffers did not fit the server's
+    /// buffer budget.
+    pub over_budget: AtomicU64,
+    /// Bytes of the buffer budget held by connections now.
+    pub buffered_bytes: AtomicU64,
+    /// The buffer budget (`max_buffered_bytes`).
+    pub buffer_limit: u64,
+}
+
+impl ClientStats {
+    /// Counters for a server whose buffer budget is `buffer_limit` bytes.
+    pub fn new(buffer_limit: u64) -> Self {
+        Self {
+            buffer_limit,
+            ..Self::default()
+        }
+    }
 }
 
 /// What to do after a command.
@@ -192,7 +223,7 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         ("MGET", n) if n >= 1 => mget(cache, a),
         ("MSET", n) if n >= 2 && n % 2 == 0 => mset(cache, a),
         ("DBSIZE", 0) => Reply::Integer(i64::try_from(cache.len()).unwrap_or(i64::MAX)),
-        ("INFO", _) => Reply::text(info(cache)),
+        ("INFO", _) => Reply::text(info_with_clients(cache, session.clients.as_deref())),
         ("CLIENT", n) if n >= 1 => client(session, a),
         ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
         ("SELECT", 1) => Reply::err("DB index is out of range"),
@@ -464,6 +495,12 @@ fn client(session: &mut Session, a: &[Bytes]) -> Reply {
 
 /// The `INFO` text: Redis-style sections plus our statistics.
 pub fn info(cache: &Cache) -> String {
+    info_with_clients(cache, None)
+}
+
+/// The `INFO` text, with the RESP server's `# Clients` section when
+/// `clients` is given.
+pub fn info_with_clients(cache: &Cache, clients: Option<&ClientStats>) -> String {
     let s = cache.stats();
     let mut text = format!(
         "# Server\r\nredis_version:{COMPAT_VERSION}\r\nserver_name:{SERVER_NAME}\r\n\
@@ -510,6 +547,18 @@ pub fn info(cache: &Cache) -> String {
                 Fsync::Always => "always".to_string(),
                 Fsync::IntervalMs(ms) => format!("interval:{ms}"),
             },
+        ));
+    }
+    if let Some(c) = clients {
+        text.push_str(&format!(
+            "\r\n# Clients\r\nconnected_clients:{}\r\nrejected_connections:{}\r\n\
+             client_buffer_bytes:{}\r\nclient_buffer_limit:{}\r\n\
+             clients_closed_over_buffer_limit:{}\r\n",
+            c.connected.load(Ordering::Relaxed),
+            c.rejected.load(Ordering::Relaxed),
+            c.buffered_bytes.load(Ordering::Relaxed),
+            c.buffer_limit,
+            c.over_budget.load(Ordering::Relaxed),
         ));
     }
     text

@@ -64,7 +64,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cache::{Cache, PendingCommit};
-use crate::commands::{execute, execute_args, Session};
+use crate::commands::{execute, execute_args, ClientStats, Session};
 use crate::read_buffer::{ReadBuffer, Room};
 use crate::resp::{encode, Command, Decoder, Limits, Output, Reply};
 
@@ -158,6 +158,7 @@ where
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let budget_kib = (config.max_buffered_bytes / 1024).min(Semaphore::MAX_PERMITS);
     let budget = Arc::new(Semaphore::new(budget_kib));
+    let clients = Arc::new(ClientStats::new(budget_kib as u64 * 1024));
     let mut tasks = JoinSet::new();
     tasks.spawn(maintenance_loop(
         cache.clone(),
@@ -179,6 +180,7 @@ where
                     }
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    clients.rejected.fetch_add(1, Ordering::Relaxed);
                     tasks.spawn(async move {
                         let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
                     });
@@ -187,9 +189,9 @@ where
                 let cache = cache.clone();
                 let limits = config.limits;
                 let stop = stop_rx.clone();
-                let budget = budget.clone();
+                let share = BufferShare::new(budget.clone(), clients.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = connection(stream, &cache, limits, budget, stop).await {
+                    if let Err(e) = connection(stream, &cache, limits, share, stop).await {
                         tracing::debug!(error = %e, "cache RESP: connection ended with an error");
                     }
                     drop(permit);
@@ -316,11 +318,14 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
 /// How long the maintenance loop waits after a failed compaction.
 const COMPACTION_RETRY: Duration = Duration::from_secs(60);
 
-/// A share of the server-wide buffer budget, in KiB, returned on drop.
+/// A connection's share of the server-wide buffer budget, in KiB, returned
+/// on drop. It also keeps the connection counted in the server's
+/// [`ClientStats`] while it lives.
 #[derive(Debug)]
 struct BufferShare {
     budget: Arc<Semaphore>,
     kib: u32,
+    clients: Arc<ClientStats>,
 }
 
 /// KiB a share keeps beyond what it covers before giving the rest back (16:
@@ -329,6 +334,16 @@ struct BufferShare {
 const SHARE_SLACK_KIB: u32 = 16;
 
 impl BufferShare {
+    /// An empty share of `budget` for a new connection.
+    fn new(budget: Arc<Semaphore>, clients: Arc<ClientStats>) -> Self {
+        clients.connected.fetch_add(1, Ordering::Relaxed);
+        Self {
+            budget,
+            kib: 0,
+            clients,
+        }
+    }
+
     /// Hold enough for `bytes`; false if the server-wide budget is exhausted.
     fn cover(&mut self, bytes: usize) -> bool {
         let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
@@ -337,9 +352,17 @@ impl BufferShare {
                 Ok(permit) => permit.forget(),
                 Err(_) => return false,
             }
+            let more = u64::from(want - self.kib) * 1024;
+            self.clients
+                .buffered_bytes
+                .fetch_add(more, Ordering::Relaxed);
             self.kib = want;
         } else if self.kib - want > SHARE_SLACK_KIB {
             self.budget.add_permits((self.kib - want) as usize);
+            let less = u64::from(self.kib - want) * 1024;
+            self.clients
+                .buffered_bytes
+                .fetch_sub(less, Ordering::Relaxed);
             self.kib = want;
         }
         true
@@ -349,6 +372,11 @@ impl BufferShare {
 impl Drop for BufferShare {
     fn drop(&mut self) {
         self.budget.add_permits(self.kib as usize);
+        let held = u64::from(self.kib) * 1024;
+        self.clients
+            .buffered_bytes
+            .fetch_sub(held, Ordering::Relaxed);
+        self.clients.connected.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -500,10 +528,10 @@ where
 
 /// Serve one connection until EOF, QUIT, a protocol error or shutdown.
 ///
-/// Its read buffer is charged to `budget` (KiB permits shared by all
-/// connections); a connection whose buffer would exceed what is left gets an
-/// error and is closed, so hostile clients together cannot buffer more than
-/// the server-wide bound.
+/// Its buffers are charged to `share` (its part of the KiB permits shared
+/// by all connections); a connection whose buffers would exceed what is
+/// left is closed (counted in `ClientStats::over_budget`), so hostile
+/// clients together cannot buffer more than the server-wide bound.
 ///
 /// Replies are coalesced (see the module docs): the first commands after
 /// an idle wait are answered at once; after that, input that is already
@@ -512,18 +540,18 @@ where
 /// many large values). The rest of a pipelined batch that arrives in
 /// several reads therefore costs one commit and one write, not one per
 /// read (and wakes the client once).
-pub async fn connection<S>(
+async fn connection<S>(
     mut stream: S,
     cache: &Cache,
     limits: Limits,
-    budget: Arc<Semaphore>,
+    mut share: BufferShare,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = Conn::new(limits);
-    let mut share = BufferShare { budget, kib: 0 };
+    conn.session.clients = Some(share.clients.clone());
     let mut read_size = READ_CHUNK;
     // Input read since the replies were last written (bounds read-ahead).
     let mut unanswered = 0usize;
@@ -555,6 +583,7 @@ where
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
             conn.answer(cache, &mut stream, &mut share).await?;
+            share.clients.over_budget.fetch_add(1, Ordering::Relaxed);
             return conn.refuse(&mut stream).await;
         }
         conn.input.make_room(room);
@@ -742,6 +771,7 @@ impl Conn {
             // the accept loop: a warning per refusal would let a client
             // flood the journal.
             self.out.clear();
+            share.clients.over_budget.fetch_add(1, Ordering::Relaxed);
             let _ = stream.shutdown().await;
             return Err(io::Error::other(
                 "replies exceed the server's buffer budget",

@@ -606,13 +606,72 @@ async fn replies_count_against_the_buffer_budget() {
 
     // Once it goes away, its share comes back.
     drop(hog);
+    let mut back = false;
     for _ in 0..50 {
         let mut s = TcpStream::connect(addr).await.unwrap();
         if mget(&mut s, &mget_small(400), 400, SMALL).await.is_ok() {
-            server.stop().await;
-            return;
+            back = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the share of a closed connection did not come back");
+    assert!(back, "the share of a closed connection did not come back");
+
+    // INFO tells the operator.
+    let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
+    let field = |name: &str| -> u64 {
+        let line = info
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {info}"));
+        line.trim().parse().unwrap()
+    };
+    assert_eq!(field("client_buffer_limit"), 2 << 20);
+    assert!(field("clients_closed_over_buffer_limit") >= 2, "{info}");
+    assert!(field("client_buffer_bytes") < 2 << 20, "{info}");
+    server.stop().await;
+}
+
+/// Connections over `max_connections` are told so and closed; INFO counts
+/// them, and the connections being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_and_its_counters() {
+    let server = Server::start_with(ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut a = client(&server.url()).await;
+    let mut b = TcpStream::connect(server.addr).await.unwrap();
+    b.write_all(b"PING\r\n").await.unwrap();
+    let mut pong = [0u8; 7];
+    b.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
+    let refused = raw_exchange(server.addr, b"PING\r\n", false).await;
+    assert_eq!(refused, b"-ERR max number of clients reached\r\n");
+
+    let counters = |info: &str| -> (String, String) {
+        let get = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .unwrap_or_else(|| panic!("no {name} in {info}"))
+                .trim()
+                .to_string()
+        };
+        (get("connected_clients"), get("rejected_connections"))
+    };
+    let info: String = redis::cmd("INFO").query_async(&mut a).await.unwrap();
+    assert_eq!(counters(&info), ("2".into(), "1".into()));
+    drop(b);
+    let mut now = (String::new(), String::new());
+    for _ in 0..50 {
+        let info: String = redis::cmd("INFO").query_async(&mut a).await.unwrap();
+        now = counters(&info);
+        if now.0 == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(now, ("1".into(), "1".into()));
+    server.stop().await;
 }
