@@ -46,11 +46,23 @@ pub const DIRECT_BULK_MIN: usize = 8 << 10;
 /// alone cannot claim more than this of the server's buffer budget.
 pub const DIRECT_PREALLOC_MAX: usize = 1 << 20;
 
-/// Argument positions the command fast path keeps room for between
-/// commands (1024, 16 KiB). A command with more (up to `max_elements`, 1 Mi:
-/// 16 MiB) frees them once its arguments are taken, so they do not stay
-/// with the connection outside its buffer budget.
-const KEEP_SPANS: usize = 1024;
+/// Slots a connection's scratch vectors (the fast path's argument
+/// positions, the server's argument vector) keep between commands (1024:
+/// every ordinary command fits). A command with more (up to
+/// `max_elements`, 1 Mi: 16 MiB of positions, 32 MiB of arguments) frees
+/// them once it is done with them, so they do not stay with the
+/// connection outside its buffer budget.
+pub(crate) const KEEP_SCRATCH: usize = 1024;
+
+/// Empties `v`, and frees it if it holds room for more than
+/// [`KEEP_SCRATCH`] items.
+pub(crate) fn reset_scratch<T>(v: &mut Vec<T>) {
+    if v.capacity() > KEEP_SCRATCH {
+        *v = Vec::new();
+    } else {
+        v.clear();
+    }
+}
 
 /// Longest type/length header line: `$` + sign + 20 digits + CRLF fits in 32.
 const MAX_HEADER_LINE: usize = 32;
@@ -306,10 +318,10 @@ impl Decoder {
                 let frame = buf.split_to(total).freeze();
                 args.clear();
                 args.extend(self.spans.iter().map(|&(a, b)| frame.slice(a..b)));
-                self.trim_spans();
+                reset_scratch(&mut self.spans);
                 return Ok(Some(Command::Args));
             }
-            self.trim_spans();
+            reset_scratch(&mut self.spans);
         }
         let frame = self.decode(buf)?;
         let direct = if frame.is_some() {
@@ -330,12 +342,6 @@ impl Decoder {
                 Ok(Some(Command::Args))
             }
             Some(other) => Ok(Some(Command::Other(other))),
-        }
-    }
-
-    fn trim_spans(&mut self) {
-        if self.spans.capacity() > KEEP_SPANS {
-            self.spans = Vec::new();
         }
     }
 
@@ -1256,11 +1262,11 @@ mod tests {
             Some(Command::Args)
         );
         assert_eq!(args.len(), 5001);
-        assert!(d.spans.capacity() <= KEEP_SPANS, "{}", d.spans.capacity());
+        assert!(d.spans.capacity() <= KEEP_SCRATCH, "{}", d.spans.capacity());
         // Incomplete: the fast path scans it and gives up.
         let mut buf = BytesMut::from(&wire[..wire.len() - 1]);
         assert_eq!(d.decode_command(&mut buf, &mut args).unwrap(), None);
-        assert!(d.spans.capacity() <= KEEP_SPANS, "{}", d.spans.capacity());
+        assert!(d.spans.capacity() <= KEEP_SCRATCH, "{}", d.spans.capacity());
     }
 
     #[test]

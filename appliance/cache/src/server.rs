@@ -27,7 +27,7 @@
 //! reads them), except values the cache holds too (its own bound counts
 //! them): a connection whose replies do not fit is closed. Not charged: a
 //! command's argument vector while it runs (freed before any await when
-//! large, see `KEEP_ARGS`), the slack of the reply buffer's allocation, and
+//! large, see `resp::KEEP_SCRATCH`), the slack of the reply buffer's allocation, and
 //! a value the cache drops while a reply still holds it. The charge is made
 //! once, before the write, while the cache still holds its values; a client
 //! that then stops reading while the values are deleted keeps them alive
@@ -66,7 +66,7 @@ use tokio::task::JoinSet;
 use crate::cache::{Cache, PendingCommit};
 use crate::commands::{execute, execute_args, ClientStats, Session};
 use crate::read_buffer::{ReadBuffer, Room};
-use crate::resp::{encode, Command, Decoder, Limits, Output, Reply};
+use crate::resp::{encode, reset_scratch, Command, Decoder, Limits, Output, Reply};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -396,13 +396,6 @@ enum Step {
     Close,
 }
 
-/// Argument slots kept for the next command (1024; every ordinary command
-/// fits). A command with more arguments (up to `max_elements`, 1 Mi: 32 MiB
-/// of slots, outside the buffer budget) frees its vector as soon as it has
-/// run, so such a vector never lives across an await: at any moment there
-/// is at most one per runtime worker.
-const KEEP_ARGS: usize = 1024;
-
 /// Decode and execute complete frames from `input`, encoding replies into
 /// `out`, until input runs out, the replies need flushing, or the connection
 /// must close.
@@ -427,10 +420,10 @@ fn decode_and_run(
                     Command::Args => execute_args(cache, session, args),
                     Command::Other(frame) => execute(cache, session, frame),
                 };
-                args.clear();
-                if args.capacity() > KEEP_ARGS {
-                    *args = Vec::new();
-                }
+                // A large vector is freed as soon as its command has run,
+                // so it never lives across an await: at any moment there is
+                // at most one per runtime worker.
+                reset_scratch(args);
                 encode(&outcome.reply, session.protocol, out);
                 if outcome.close {
                     return Step::Close;

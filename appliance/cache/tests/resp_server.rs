@@ -619,17 +619,21 @@ async fn replies_count_against_the_buffer_budget() {
 
     // INFO tells the operator.
     let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
-    let field = |name: &str| -> u64 {
-        let line = info
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .unwrap_or_else(|| panic!("no {name} in {info}"));
-        line.trim().parse().unwrap()
-    };
+    let field = |name| info_field(&info, name);
     assert_eq!(field("client_buffer_limit"), 2 << 20);
     assert!(field("clients_closed_over_buffer_limit") >= 2, "{info}");
     assert!(field("client_buffer_bytes") < 2 << 20, "{info}");
     server.stop().await;
+}
+
+/// The number in an INFO field.
+fn info_field(info: &str, name: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Connections over `max_connections` are told so and closed; INFO counts
@@ -650,28 +654,24 @@ async fn the_connection_limit_and_its_counters() {
     let refused = raw_exchange(server.addr, b"PING\r\n", false).await;
     assert_eq!(refused, b"-ERR max number of clients reached\r\n");
 
-    let counters = |info: &str| -> (String, String) {
-        let get = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}:")))
-                .unwrap_or_else(|| panic!("no {name} in {info}"))
-                .trim()
-                .to_string()
-        };
-        (get("connected_clients"), get("rejected_connections"))
+    let counters = |info: &str| {
+        (
+            info_field(info, "connected_clients"),
+            info_field(info, "rejected_connections"),
+        )
     };
     let info: String = redis::cmd("INFO").query_async(&mut a).await.unwrap();
-    assert_eq!(counters(&info), ("2".into(), "1".into()));
+    assert_eq!(counters(&info), (2, 1));
     drop(b);
-    let mut now = (String::new(), String::new());
+    let mut now = (0, 0);
     for _ in 0..50 {
         let info: String = redis::cmd("INFO").query_async(&mut a).await.unwrap();
         now = counters(&info);
-        if now.0 == "1" {
+        if now.0 == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(now, ("1".into(), "1".into()));
+    assert_eq!(now, (1, 1));
     server.stop().await;
 }
