@@ -223,7 +223,11 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         ("MGET", n) if n >= 1 => mget(cache, a),
         ("MSET", n) if n >= 2 && n % 2 == 0 => mset(cache, a),
         ("DBSIZE", 0) => Reply::Integer(i64::try_from(cache.len()).unwrap_or(i64::MAX)),
-        ("INFO", _) => Reply::text(info_with_clients(cache, session.clients.as_deref())),
+        ("INFO", _) => Reply::text(info_sections(
+            cache,
+            session.clients.as_deref(),
+            &InfoSelection::parse(a),
+        )),
         ("CLIENT", n) if n >= 1 => client(session, a),
         ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
         ("SELECT", 1) => Reply::err("DB index is out of range"),
@@ -495,71 +499,143 @@ fn client(session: &mut Session, a: &[Bytes]) -> Reply {
 
 /// The `INFO` text: Redis-style sections plus our statistics.
 pub fn info(cache: &Cache) -> String {
-    info_with_clients(cache, None)
+    info_sections(cache, None, &InfoSelection::All)
 }
 
-/// The `INFO` text, with the RESP server's `# Clients` section when
-/// `clients` is given.
-pub fn info_with_clients(cache: &Cache, clients: Option<&ClientStats>) -> String {
+/// Which sections `INFO` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InfoSelection {
+    /// Every section: no argument, or `default`, `all` or `everything`
+    /// (the server has no section that is costly to gather).
+    All,
+    /// The sections named, lower-cased, in any order; a name the server
+    /// does not have selects nothing, as in redis.
+    Named(Vec<String>),
+}
+
+impl InfoSelection {
+    /// The selection for `INFO`'s arguments (section names, any case).
+    pub fn parse(args: &[Bytes]) -> Self {
+        let names: Vec<String> = args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
+            .collect();
+        if names.is_empty()
+            || names
+                .iter()
+                .any(|n| matches!(n.as_str(), "default" | "all" | "everything"))
+        {
+            Self::All
+        } else {
+            Self::Named(names)
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Named(names) => names.iter().any(|n| n.eq_ignore_ascii_case(section)),
+        }
+    }
+}
+
+/// The `INFO` text for the sections `which` selects, in the server's order,
+/// each a `# Name` line and its `field:value` lines, separated by an empty
+/// line. Nothing selected gives an empty text, as in redis.
+pub fn info_sections(
+    cache: &Cache,
+    clients: Option<&ClientStats>,
+    which: &InfoSelection,
+) -> String {
+    let mut sections: Vec<(&str, String)> = Vec::new();
+    let mut add = |name: &'static str, body: &dyn Fn() -> String| {
+        if which.wants(name) {
+            sections.push((name, body()));
+        }
+    };
     let s = cache.stats();
-    let mut text = format!(
-        "# Server\r\nredis_version:{COMPAT_VERSION}\r\nserver_name:{SERVER_NAME}\r\n\
-         appliance_cache_version:{}\r\n\r\n\
-         # Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:allkeys-lru\r\n\r\n\
-         # Stats\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\nexpired_keys:{}\r\nevicted_keys:{}\r\n\r\n\
-         # Cache\r\nhits:{}\r\nmisses:{}\r\nhit_rate:{:.4}\r\ncollisions:{}\r\nevictions:{}\r\n\
-         expirations:{}\r\nentries:{}\r\nbytes:{}\r\n\r\n\
-         # Keyspace\r\ndb0:keys={},expires={}\r\n",
-        env!("CARGO_PKG_VERSION"),
-        s.bytes,
-        s.capacity_bytes,
-        s.hits,
-        s.misses,
-        s.expirations,
-        s.evictions,
-        s.hits,
-        s.misses,
-        s.hit_rate,
-        s.collisions,
-        s.evictions,
-        s.expirations,
-        s.entries,
-        s.bytes,
-        s.entries,
-        s.entries_with_ttl,
-    );
+    add("Server", &|| {
+        format!(
+            "redis_version:{COMPAT_VERSION}\r\nserver_name:{SERVER_NAME}\r\n\
+             appliance_cache_version:{}\r\n",
+            env!("CARGO_PKG_VERSION")
+        )
+    });
+    add("Memory", &|| {
+        format!(
+            "used_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:allkeys-lru\r\n",
+            s.bytes, s.capacity_bytes
+        )
+    });
+    add("Stats", &|| {
+        format!(
+            "keyspace_hits:{}\r\nkeyspace_misses:{}\r\nexpired_keys:{}\r\nevicted_keys:{}\r\n",
+            s.hits, s.misses, s.expirations, s.evictions
+        )
+    });
+    add("Cache", &|| {
+        format!(
+            "hits:{}\r\nmisses:{}\r\nhit_rate:{:.4}\r\ncollisions:{}\r\nevictions:{}\r\n\
+             expirations:{}\r\nentries:{}\r\nbytes:{}\r\n",
+            s.hits,
+            s.misses,
+            s.hit_rate,
+            s.collisions,
+            s.evictions,
+            s.expirations,
+            s.entries,
+            s.bytes
+        )
+    });
+    add("Keyspace", &|| {
+        format!("db0:keys={},expires={}\r\n", s.entries, s.entries_with_ttl)
+    });
     // Named as in redis where the meaning matches (a compaction is our AOF
     // rewrite), so tools that wait for `aof_rewrite_in_progress:0` work.
     if let Some(p) = cache.persistence() {
-        let ps = p.stats();
-        text.push_str(&format!(
-            "\r\n# Persistence\r\naof_enabled:1\r\naof_rewrite_in_progress:{}\r\n\
-             aof_rewrites:{}\r\naof_last_write_status:{}\r\nlog_heals:{}\r\n\
-             log_records:{}\r\nlog_bytes:{}\r\nlog_spare_in_progress:{}\r\nfsync:{}\r\n",
-            u8::from(ps.compacting),
-            ps.compactions,
-            if ps.failed.is_some() { "err" } else { "ok" },
-            ps.heals,
-            ps.log_records,
-            ps.log_bytes,
-            u8::from(ps.writing_spare),
-            match p.fsync() {
-                Fsync::Always => "always".to_string(),
-                Fsync::IntervalMs(ms) => format!("interval:{ms}"),
-            },
-        ));
+        add("Persistence", &|| {
+            let ps = p.stats();
+            format!(
+                "aof_enabled:1\r\naof_rewrite_in_progress:{}\r\n\
+                 aof_rewrites:{}\r\naof_last_write_status:{}\r\nlog_heals:{}\r\n\
+                 log_records:{}\r\nlog_bytes:{}\r\nlog_spare_in_progress:{}\r\nfsync:{}\r\n",
+                u8::from(ps.compacting),
+                ps.compactions,
+                if ps.failed.is_some() { "err" } else { "ok" },
+                ps.heals,
+                ps.log_records,
+                ps.log_bytes,
+                u8::from(ps.writing_spare),
+                match p.fsync() {
+                    Fsync::Always => "always".to_string(),
+                    Fsync::IntervalMs(ms) => format!("interval:{ms}"),
+                },
+            )
+        });
     }
     if let Some(c) = clients {
-        text.push_str(&format!(
-            "\r\n# Clients\r\nconnected_clients:{}\r\nrejected_connections:{}\r\n\
-             client_buffer_bytes:{}\r\nclient_buffer_limit:{}\r\n\
-             clients_closed_over_buffer_limit:{}\r\n",
-            c.connected.load(Ordering::Relaxed),
-            c.rejected.load(Ordering::Relaxed),
-            c.buffered_bytes.load(Ordering::Relaxed),
-            c.buffer_limit,
-            c.over_budget.load(Ordering::Relaxed),
-        ));
+        add("Clients", &|| {
+            format!(
+                "connected_clients:{}\r\nrejected_connections:{}\r\n\
+                 client_buffer_bytes:{}\r\nclient_buffer_limit:{}\r\n\
+                 clients_closed_over_buffer_limit:{}\r\n",
+                c.connected.load(Ordering::Relaxed),
+                c.rejected.load(Ordering::Relaxed),
+                c.buffered_bytes.load(Ordering::Relaxed),
+                c.buffer_limit,
+                c.over_budget.load(Ordering::Relaxed),
+            )
+        });
+    }
+    let mut text = String::new();
+    for (i, (name, body)) in sections.iter().enumerate() {
+        if i > 0 {
+            text.push_str("\r\n");
+        }
+        text.push_str("# ");
+        text.push_str(name);
+        text.push_str("\r\n");
+        text.push_str(body);
     }
     text
 }
@@ -703,6 +779,44 @@ mod tests {
         assert!(info.contains("hits:2\r\n"), "{info}");
         assert!(info.contains("misses:1\r\n"), "{info}");
         assert!(info.contains("collisions:0\r\n"), "{info}");
+    }
+
+    fn info_text(c: &Cache, s: &mut Session, parts: &[&str]) -> String {
+        match run(c, s, parts) {
+            Reply::Bulk(b) => String::from_utf8(b.to_vec()).unwrap(),
+            other => panic!("{parts:?} replied {other:?}"),
+        }
+    }
+
+    fn section_names(info: &str) -> Vec<&str> {
+        info.split("\r\n")
+            .filter_map(|l| l.strip_prefix("# "))
+            .collect()
+    }
+
+    #[test]
+    fn info_prints_the_sections_asked_for() {
+        let (_, c, mut s) = setup();
+        let all = info_text(&c, &mut s, &["INFO"]);
+        assert_eq!(
+            section_names(&all),
+            ["Server", "Memory", "Stats", "Cache", "Keyspace"]
+        );
+        assert!(all.ends_with("expires=0\r\n"), "{all:?}");
+        for every in ["default", "ALL", "everything"] {
+            assert_eq!(info_text(&c, &mut s, &["INFO", every]), all, "{every}");
+        }
+        let cache = info_text(&c, &mut s, &["INFO", "cache"]);
+        assert!(cache.starts_with("# Cache\r\nhits:0\r\n"), "{cache:?}");
+        assert_eq!(section_names(&cache), ["Cache"]);
+        // Several at once (redis 7), in the server's order, any case; a
+        // name the server does not have adds nothing.
+        let two = info_text(&c, &mut s, &["INFO", "KEYSPACE", "nosuch", "Server"]);
+        assert_eq!(section_names(&two), ["Server", "Keyspace"]);
+        assert!(two.contains("\r\n\r\n# Keyspace\r\ndb0:keys=0"), "{two:?}");
+        assert_eq!(info_text(&c, &mut s, &["INFO", "nosuch"]), "");
+        // A memory-only cache has no persistence section to select.
+        assert_eq!(info_text(&c, &mut s, &["INFO", "persistence"]), "");
     }
 
     #[test]

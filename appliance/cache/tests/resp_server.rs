@@ -662,6 +662,17 @@ async fn the_connection_limit_and_its_counters() {
     };
     let info: String = redis::cmd("INFO").query_async(&mut a).await.unwrap();
     assert_eq!(counters(&info), (2, 1));
+    // The section alone, as `redis-cli INFO clients` asks for it.
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert!(
+        info.starts_with("# Clients\r\nconnected_clients:2\r\n"),
+        "{info:?}"
+    );
+    assert!(!info.contains("# Server"), "{info:?}");
     drop(b);
     let mut now = (0, 0);
     for _ in 0..50 {
