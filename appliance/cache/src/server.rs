@@ -519,6 +519,34 @@ where
     .await
 }
 
+/// Let the runtime's other ready tasks run before this one goes on.
+///
+/// Unlike `tokio::task::yield_now`, which defers the task until the
+/// runtime has polled its I/O driver (one more `epoll_wait` per turn),
+/// this wakes the task at once: tokio puts a task that wakes itself while
+/// it is polled at the back of its run queue, behind the connections that
+/// the same `epoll_wait` made ready. The driver is still polled when the
+/// queue runs dry, and every 61 tasks as always. Measured with 50 clients
+/// getting 256 B one at a time, server and client on CPUs of their own:
+/// 0.45 `epoll_wait` per request instead of 0.76 (redis-server: 0.56);
+/// over 12 alternating rounds, p99 latency at a median 0.81 of the
+/// deferring yield's (per-round ratios 0.65-1.13: lower in most rounds,
+/// not in all). Under `fsync always`, 50 clients pipelining 16 SETs of
+/// 256 B, one `fdatasync` still covers as many appends (134 per 40,000
+/// SETs; 142 with the deferring yield).
+async fn let_others_run() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 /// Serve one connection until EOF, QUIT, a protocol error or shutdown.
 ///
 /// Its buffers are charged to `share` (its part of the KiB permits shared
@@ -614,7 +642,7 @@ where
                     // Read ahead: other connections take their turn first
                     // (as every ready client does in redis's event loop),
                     // so their first replies do not wait for this batch.
-                    tokio::task::yield_now().await;
+                    let_others_run().await;
                 }
                 let step = conn.run_batch(cache)?;
                 if step == Step::NeedInput {
@@ -658,7 +686,7 @@ where
                     // a long reply (redis writes at most 64 KiB per client
                     // per event-loop turn), so a client fetching large
                     // values does not hold up everyone's first reply.
-                    tokio::task::yield_now().await;
+                    let_others_run().await;
                     step = conn.run_batch(cache)?;
                 }
             }
@@ -826,7 +854,7 @@ where
     // owed `fdatasync` still waits for the round, so that it covers the
     // others' appends too.
     if yield_first {
-        tokio::task::yield_now().await;
+        let_others_run().await;
     }
     if let Some(p) = owed.filter(|p| !p.is_empty()) {
         if let Err(e) = cache.commit_async(p).await {
