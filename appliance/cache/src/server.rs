@@ -544,7 +544,7 @@ async fn let_others_run() {
         cx.waker().wake_by_ref();
         Poll::Pending
     })
-    .await
+    .await;
 }
 
 /// Serve one connection until EOF, QUIT, a protocol error or shutdown.
@@ -884,6 +884,29 @@ mod tests {
             w.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
         }
         w
+    }
+
+    /// Letting the others run wakes the task at once, inside the runtime
+    /// (tokio's `yield_now` hands the waker to the scheduler until its next
+    /// driver poll instead), and goes on at the next poll.
+    #[tokio::test]
+    async fn letting_the_others_run_does_not_wait_for_the_io_driver() {
+        struct Wakes(AtomicU64);
+        impl std::task::Wake for Wakes {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let wakes = Arc::new(Wakes(AtomicU64::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut turn = std::pin::pin!(let_others_run());
+        assert!(turn.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(turn.as_mut().poll(&mut cx).is_ready());
     }
 
     /// A command of thousands of arguments does not keep its argument
