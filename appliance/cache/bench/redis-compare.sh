@@ -28,11 +28,15 @@
 # that the scheduler never puts the client and the server it measures on
 # one core for part of a run (unpinned on this 2-core box, one row's rounds
 # ranged 58k-110k SETs/s; pinned, 101k-113k). PIN=0 turns this off.
-# The "client cpu" column is the share of one core redis-benchmark used
-# during each side's runs (median): at 95 % or more the client, not the
-# server, sets the pace, and such a row compares the two servers only as
-# far as their difference shows through a saturated client ("client-bound"
-# in the table).
+# The "cpu %" column is the share of one core that redis-benchmark used
+# during each side's runs, then the share the server measured used (user +
+# system time over the run's wall time, medians). At 95 % or more for the
+# client, the client sets the pace ("client-bound" in the table), and such
+# a row compares the two servers only as far as their difference shows
+# through a saturated client. The server's share tells whether the
+# server's core is near its limit too (on this kind of 2-core machine it
+# is, in the one-request-at-a-time rows: the kernel's loopback TCP work
+# for each reply is charged to the server).
 set -euo pipefail
 
 REQUESTS=${REQUESTS:-100000}
@@ -96,6 +100,8 @@ start_servers() { # mode
         "${server_pin[@]}" "$ours_bin" --listen "127.0.0.1:$OURS_PORT" "${ours_args[@]}" >"$work/ours.log" 2>&1 &
         pids+=($!)
     fi
+    # (taskset execs the server, so these are the servers' own pids.)
+    redis_pid=${pids[0]} ours_pid=${pids[1]}
     wait_port "$REDIS_PORT"
     wait_port "$OURS_PORT"
 }
@@ -129,33 +135,43 @@ settle() {
     echo "warning: a server was still rewriting its log after 30 s; measuring anyway" >&2
 }
 
-# One redis-benchmark run; prints "rps p99_ms client_cpu" (the client's
-# user + system time over the run's wall time: 1.0 is one busy core).
-run() { # port test pipeline size requests
+# One redis-benchmark run; prints "rps p99_ms client_cpu server_cpu" (each
+# process's user + system time over the run's wall time: 1.0 is one busy
+# core).
+run() { # port server_pid test pipeline size requests
     settle
-    python3 - "${client_pin[@]}" redis-benchmark -h 127.0.0.1 -p "$1" -c 50 -n "$5" -P "$3" -d "$4" \
-        -r "$KEYSPACE" -t "$2" --csv -q <<'PY'
-import csv, resource, subprocess, sys, time
+    python3 - "$2" "${client_pin[@]}" redis-benchmark -h 127.0.0.1 -p "$1" -c 50 -n "$6" -P "$4" -d "$5" \
+        -r "$KEYSPACE" -t "$3" --csv -q <<'PY'
+import csv, os, resource, subprocess, sys, time
+def server_cpu(pid):
+    # utime and stime, fields 14 and 15, after the parenthesised name.
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+server = sys.argv[1]
 before = resource.getrusage(resource.RUSAGE_CHILDREN)
+server_before = server_cpu(server)
 start = time.monotonic()
-out = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True).stdout
+out = subprocess.run(sys.argv[2:], capture_output=True, text=True, check=True).stdout
 wall = time.monotonic() - start
+server_after = server_cpu(server)
 after = resource.getrusage(resource.RUSAGE_CHILDREN)
 cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 rows = [r for r in csv.reader(out.splitlines()) if r and r[0] != "test"]
-print(rows[-1][1], rows[-1][6], f"{cpu / wall:.3f}")
+print(rows[-1][1], rows[-1][6], f"{cpu / wall:.3f}", f"{(server_after - server_before) / wall:.3f}")
 PY
 }
 
-# Median throughput, median p99 and median client CPU of "rps p99 cpu"
-# lines, then the lowest and highest p99 of the rounds ("lo-hi").
+# Median throughput, median p99, the lowest and highest p99 of the rounds
+# ("lo-hi"), median client CPU and median server CPU of "rps p99 cpu cpu"
+# lines.
 median() {
     printf '%s\n' "$@" | python3 -c '
 import statistics, sys
 rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
 p99 = [r[1] for r in rows]
 print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(p99):.3f}",
-      f"{min(p99):.2f}-{max(p99):.2f}", f"{100 * statistics.median(r[2] for r in rows):.0f}")'
+      f"{min(p99):.2f}-{max(p99):.2f}", f"{100 * statistics.median(r[2] for r in rows):.0f}",
+      f"{100 * statistics.median(r[3] for r in rows):.0f}")'
 }
 
 # Round by round: each round's two runs ran one right after the other, so
@@ -168,7 +184,7 @@ print(f"{statistics.median(r[0] for r in rows):.2f}", f"{statistics.median(p99):
 # With 5 rounds the interval is the lowest to highest ratio, so one
 # round that goes the other way makes a tie; with 8 it drops one round
 # at each end.
-paired() { # "redis runs" "ours runs", one "rps p99 cpu" per line, same order
+paired() { # "redis runs" "ours runs", one "rps p99 cpu cpu" per line, same order
     python3 -c '
 import math, sys
 r = [tuple(map(float, l.split())) for l in sys.argv[1].splitlines() if l.strip()]
@@ -186,8 +202,8 @@ print(interval([b[0] / a[0] for a, b in zip(r, o)], "more", "LESS") + ",",
       interval([b[1] / a[1] for a, b in zip(r, o)], "HIGHER", "lower"))' "$1" "$2"
 }
 
-printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %-31s | %s\n' \
-    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "client cpu %, r / o" "p99 of the rounds, redis / ours" \
+printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-29s | %-31s | %s\n' \
+    mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "cpu %: client r/o, server r/o" "p99 of the rounds, redis / ours" \
     "round by round, ours/redis: rps, p99"
 for mode in $MODES; do
     start_servers "$mode"
@@ -202,15 +218,15 @@ for mode in $MODES; do
                     # Who goes first alternates, so that neither is always
                     # the one measured right after the other's run.
                     if ((round % 2)); then
-                        r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
-                        o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
+                        r_runs+=("$(run "$REDIS_PORT" "$redis_pid" "$t" "$p" "$size" "$n")")
+                        o_runs+=("$(run "$OURS_PORT" "$ours_pid" "$t" "$p" "$size" "$n")")
                     else
-                        o_runs+=("$(run "$OURS_PORT" "$t" "$p" "$size" "$n")")
-                        r_runs+=("$(run "$REDIS_PORT" "$t" "$p" "$size" "$n")")
+                        o_runs+=("$(run "$OURS_PORT" "$ours_pid" "$t" "$p" "$size" "$n")")
+                        r_runs+=("$(run "$REDIS_PORT" "$redis_pid" "$t" "$p" "$size" "$n")")
                     fi
                 done
-                read -r r_rps r_p99 r_spread r_cpu < <(median "${r_runs[@]}")
-                read -r o_rps o_p99 o_spread o_cpu < <(median "${o_runs[@]}")
+                read -r r_rps r_p99 r_spread r_cpu r_server < <(median "${r_runs[@]}")
+                read -r o_rps o_p99 o_spread o_cpu o_server < <(median "${o_runs[@]}")
                 bound=""
                 ((r_cpu >= 95 && o_cpu >= 95)) && bound=" client-bound"
                 verdict=$(python3 -c "
@@ -218,9 +234,9 @@ r, o, rp, op = $r_rps, $o_rps, $r_p99, $o_p99
 ok = o >= r and op <= rp
 print(f'{o / r:.2f} ' + ('ok' if ok else 'MISS'))")
                 read -r ratio ok <<<"$verdict"
-                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-22s | %-31s | %s\n' \
+                printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-29s | %-31s | %s\n' \
                     "$mode" "$t" "$p" "$size" "$r_rps" "$r_p99" "$o_rps" "$o_p99" "$ratio" "$ok" \
-                    "$r_cpu / $o_cpu$bound" "$r_spread / $o_spread" \
+                    "$r_cpu / $o_cpu, $r_server / $o_server$bound" "$r_spread / $o_spread" \
                     "$(paired "$(printf '%s\n' "${r_runs[@]}")" "$(printf '%s\n' "${o_runs[@]}")")"
             done
         done
