@@ -524,16 +524,21 @@ where
 /// Unlike `tokio::task::yield_now`, which defers the task until the
 /// runtime has polled its I/O driver (one more `epoll_wait` per turn),
 /// this wakes the task at once: tokio puts a task that wakes itself while
-/// it is polled at the back of its run queue, behind the connections that
-/// the same `epoll_wait` made ready. The driver is still polled when the
-/// queue runs dry, and every 61 tasks as always. Measured with 50 clients
-/// getting 256 B one at a time, server and client on CPUs of their own:
-/// 0.45 `epoll_wait` per request instead of 0.76 (redis-server: 0.56);
-/// over 12 alternating rounds, p99 latency at a median 0.81 of the
-/// deferring yield's (per-round ratios 0.65-1.13: lower in most rounds,
-/// not in all). Under `fsync always`, 50 clients pipelining 16 SETs of
-/// 256 B, one `fdatasync` still covers as many appends (134 per 40,000
-/// SETs; 142 with the deferring yield).
+/// it is polled at the back of its run queue (never in the LIFO slot),
+/// behind the tasks already made ready, such as the connections the same
+/// `epoll_wait` woke. A client whose input arrives in the meantime waits
+/// for the driver's next poll: when the queue runs dry, or after 61 tasks.
+///
+/// So it is used only where a connection yields once before writing
+/// replies that owe no `fdatasync` (see `flush`); reading ahead and long
+/// replies, which may yield turn after turn, use tokio's yield. Measured
+/// with 50 clients getting 256 B one at a time, server and client on CPUs
+/// of their own, three runs each: 0.38-0.50 `epoll_wait` per request
+/// instead of 0.59-0.76 (redis-server: 0.42-0.57). The effect on latency
+/// is within this machine's noise: in two runs of 12 alternating rounds
+/// against tokio's yield, the median per-round ratio of p99 was 0.81 and
+/// 0.95 (intervals 0.65-1.13 and 0.79-1.16), and of CPU per request 0.98
+/// and 1.00.
 async fn let_others_run() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
@@ -642,7 +647,10 @@ where
                     // Read ahead: other connections take their turn first
                     // (as every ready client does in redis's event loop),
                     // so their first replies do not wait for this batch.
-                    let_others_run().await;
+                    // tokio's yield: the driver is polled first, so a
+                    // client whose input arrived since also gets its turn
+                    // (see `let_others_run`).
+                    tokio::task::yield_now().await;
                 }
                 let step = conn.run_batch(cache)?;
                 if step == Step::NeedInput {
@@ -686,7 +694,7 @@ where
                     // a long reply (redis writes at most 64 KiB per client
                     // per event-loop turn), so a client fetching large
                     // values does not hold up everyone's first reply.
-                    let_others_run().await;
+                    tokio::task::yield_now().await;
                     step = conn.run_batch(cache)?;
                 }
             }
@@ -854,7 +862,15 @@ where
     // owed `fdatasync` still waits for the round, so that it covers the
     // others' appends too.
     if yield_first {
-        let_others_run().await;
+        if cache.commit_blocks() && owed.as_ref().is_some_and(|p| !p.is_empty()) {
+            // The replies wait for an `fdatasync`: tokio's yield polls the
+            // driver first, so the connections whose input arrived since
+            // the last `epoll_wait` append too, and the sync covers them.
+            // One more `epoll_wait` is nothing next to the sync.
+            tokio::task::yield_now().await;
+        } else {
+            let_others_run().await;
+        }
     }
     if let Some(p) = owed.filter(|p| !p.is_empty()) {
         if let Err(e) = cache.commit_async(p).await {
@@ -907,6 +923,56 @@ mod tests {
         assert!(turn.as_mut().poll(&mut cx).is_pending());
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         assert!(turn.as_mut().poll(&mut cx).is_ready());
+    }
+
+    /// What `let_others_run` is for: the tasks that were ready when it was
+    /// called run before the task goes on (tokio puts a task that wakes
+    /// itself at the back of its run queue, not in the LIFO slot), on the
+    /// current-thread runtime and on one worker of the multi-thread one.
+    #[test]
+    fn letting_the_others_run_runs_the_ready_ones_first() {
+        fn check(runtime: &tokio::runtime::Runtime) {
+            runtime.block_on(async {
+                // Spawned from a task on the worker, so that all of them
+                // are queued on it before any runs.
+                tokio::spawn(async {
+                    let ran = Arc::new(AtomicU64::new(0));
+                    let r = ran.clone();
+                    let yielder = tokio::spawn(async move {
+                        let before = r.load(Ordering::SeqCst);
+                        let_others_run().await;
+                        (before, r.load(Ordering::SeqCst))
+                    });
+                    let others: Vec<_> = (0..5)
+                        .map(|_| {
+                            let r = ran.clone();
+                            tokio::spawn(async move {
+                                r.fetch_add(1, Ordering::SeqCst);
+                            })
+                        })
+                        .collect();
+                    let (before, after) = yielder.await.unwrap();
+                    for o in others {
+                        o.await.unwrap();
+                    }
+                    assert!(before < 5, "every other task ran before the yielder");
+                    assert_eq!(after, 5, "the yielder went on before the others ran");
+                })
+                .await
+                .unwrap();
+            });
+        }
+        check(
+            &tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+        );
+        check(
+            &tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .build()
+                .unwrap(),
+        );
     }
 
     /// A command of thousands of arguments does not keep its argument
