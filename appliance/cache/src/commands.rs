@@ -508,7 +508,7 @@ pub enum InfoSelection {
     /// Every section: no argument, or `default`, `all` or `everything`
     /// (the server has no section that is costly to gather).
     All,
-    /// The sections named, lower-cased, in any order; a name the server
+    /// The sections named, in any order and any case; a name the server
     /// does not have selects nothing, as in redis.
     Named(Vec<String>),
 }
@@ -547,10 +547,16 @@ pub fn info_sections(
     clients: Option<&ClientStats>,
     which: &InfoSelection,
 ) -> String {
-    let mut sections: Vec<(&str, String)> = Vec::new();
-    let mut add = |name: &'static str, body: &dyn Fn() -> String| {
+    let mut text = String::new();
+    let mut add = |name: &str, body: &dyn Fn() -> String| {
         if which.wants(name) {
-            sections.push((name, body()));
+            if !text.is_empty() {
+                text.push_str("\r\n");
+            }
+            text.push_str("# ");
+            text.push_str(name);
+            text.push_str("\r\n");
+            text.push_str(&body());
         }
     };
     let s = cache.stats();
@@ -626,16 +632,6 @@ pub fn info_sections(
                 c.over_budget.load(Ordering::Relaxed),
             )
         });
-    }
-    let mut text = String::new();
-    for (i, (name, body)) in sections.iter().enumerate() {
-        if i > 0 {
-            text.push_str("\r\n");
-        }
-        text.push_str("# ");
-        text.push_str(name);
-        text.push_str("\r\n");
-        text.push_str(body);
     }
     text
 }
