@@ -223,11 +223,11 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         ("MGET", n) if n >= 1 => mget(cache, a),
         ("MSET", n) if n >= 2 && n % 2 == 0 => mset(cache, a),
         ("DBSIZE", 0) => Reply::Integer(i64::try_from(cache.len()).unwrap_or(i64::MAX)),
-        ("INFO", _) => Reply::text(info_sections(
+        ("INFO", _) => Reply::Verbatim(Bytes::from(info_sections(
             cache,
             session.clients.as_deref(),
             &InfoSelection::parse(a),
-        )),
+        ))),
         ("CLIENT", n) if n >= 1 => client(session, a),
         ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
         ("SELECT", 1) => Reply::err("DB index is out of range"),
@@ -768,10 +768,7 @@ mod tests {
             syntax_error()
         );
         clock.advance(Duration::from_secs(1));
-        let info = match run(&c, &mut s, &["INFO"]) {
-            Reply::Bulk(b) => String::from_utf8(b.to_vec()).unwrap(),
-            other => panic!("INFO replied {other:?}"),
-        };
+        let info = info_text(&c, &mut s, &["INFO"]);
         assert!(info.contains("hits:2\r\n"), "{info}");
         assert!(info.contains("misses:1\r\n"), "{info}");
         assert!(info.contains("collisions:0\r\n"), "{info}");
@@ -779,7 +776,7 @@ mod tests {
 
     fn info_text(c: &Cache, s: &mut Session, parts: &[&str]) -> String {
         match run(c, s, parts) {
-            Reply::Bulk(b) => String::from_utf8(b.to_vec()).unwrap(),
+            Reply::Verbatim(b) => String::from_utf8(b.to_vec()).unwrap(),
             other => panic!("{parts:?} replied {other:?}"),
         }
     }

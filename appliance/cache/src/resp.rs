@@ -701,6 +701,9 @@ pub enum Reply {
     Integer(i64),
     /// Binary-safe string.
     Bulk(Bytes),
+    /// Text meant for people (INFO): a RESP3 verbatim string of format
+    /// `txt`, as redis sends it; a bulk string in RESP2.
+    Verbatim(Bytes),
     /// Absent value.
     Null,
     /// Array of replies.
@@ -952,6 +955,17 @@ pub fn encode(reply: &Reply, proto: Protocol, out: &mut impl Sink) {
         Reply::Integer(n) => put_integer(out, *n),
         Reply::Bulk(b) => {
             put_len(out, b'$', b.len());
+            out.push_value(b);
+            out.push_slice(b"\r\n");
+        }
+        Reply::Verbatim(b) => {
+            match proto {
+                Protocol::Resp2 => put_len(out, b'$', b.len()),
+                Protocol::Resp3 => {
+                    put_len(out, b'=', b.len() + 4);
+                    out.push_slice(b"txt:");
+                }
+            }
             out.push_value(b);
             out.push_slice(b"\r\n");
         }
@@ -1634,18 +1648,22 @@ mod tests {
             Reply::text("hi"),
             Reply::Null,
             Reply::Map(vec![(Reply::text("proto"), Reply::Integer(3))]),
+            Reply::Verbatim(Bytes::from_static(b"# Stats\r\nhits:1\r\n")),
         ]);
         let mut out = BytesMut::new();
         encode(&reply, Protocol::Resp2, &mut out);
         assert_eq!(
             &out[..],
-            b"*6\r\n+OK\r\n-ERR bad  thing\r\n:5\r\n$2\r\nhi\r\n$-1\r\n*2\r\n$5\r\nproto\r\n:3\r\n"
+            b"*7\r\n+OK\r\n-ERR bad  thing\r\n:5\r\n$2\r\nhi\r\n$-1\r\n*2\r\n$5\r\nproto\r\n:3\r\n\
+              $17\r\n# Stats\r\nhits:1\r\n\r\n"
         );
         let mut out = BytesMut::new();
         encode(&reply, Protocol::Resp3, &mut out);
+        // A verbatim string's length counts its `txt:` format prefix.
         assert_eq!(
             &out[..],
-            b"*6\r\n+OK\r\n-ERR bad  thing\r\n:5\r\n$2\r\nhi\r\n_\r\n%1\r\n$5\r\nproto\r\n:3\r\n"
+            b"*7\r\n+OK\r\n-ERR bad  thing\r\n:5\r\n$2\r\nhi\r\n_\r\n%1\r\n$5\r\nproto\r\n:3\r\n\
+              =21\r\ntxt:# Stats\r\nhits:1\r\n\r\n"
         );
         // What we encode (RESP2) we decode back.
         let mut buf = BytesMut::new();

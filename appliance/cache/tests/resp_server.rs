@@ -166,19 +166,25 @@ async fn resp3_via_hello() {
     assert_eq!(missing, None);
     server.stop().await;
 
-    // The RESP3 null on the wire, without a client library in between.
+    // The RESP3 null and INFO's verbatim text on the wire, without a
+    // client library in between.
     let server = Server::start().await;
-    let reply = raw_exchange(server.addr, b"HELLO 3\r\nGET nope\r\nQUIT\r\n", false).await;
+    let reply = raw_exchange(
+        server.addr,
+        b"HELLO 3\r\nGET nope\r\nINFO clients\r\nQUIT\r\n",
+        false,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with(b"%7\r\n"), "{text}");
+    let info_at = text.find("_\r\n=").expect("a null, then a verbatim string") + 4;
+    let (len, body) = text[info_at..].split_once("\r\n").unwrap();
+    let len: usize = len.parse().unwrap();
     assert!(
-        reply.starts_with(b"%7\r\n"),
-        "{}",
-        String::from_utf8_lossy(&reply)
+        body.starts_with("txt:# Clients\r\nconnected_clients:1\r\n"),
+        "{text}"
     );
-    assert!(
-        reply.ends_with(b"_\r\n+OK\r\n"),
-        "{}",
-        String::from_utf8_lossy(&reply)
-    );
+    assert_eq!(&body[len..], "\r\n+OK\r\n", "{text}");
     server.stop().await;
 }
 
