@@ -43,6 +43,9 @@ pub struct ClientStats {
     /// Connections closed because their buffers did not fit the server's
     /// buffer budget.
     pub over_budget: AtomicU64,
+    /// Connections closed because the client read none of its replies
+    /// for the server's `write_stall_timeout`.
+    pub stalled: AtomicU64,
     /// Bytes of the buffer budget held by connections now.
     pub buffered_bytes: AtomicU64,
     /// The buffer budget (`max_buffered_bytes`).
@@ -624,12 +627,14 @@ pub fn info_sections(
             format!(
                 "connected_clients:{}\r\nrejected_connections:{}\r\n\
                  client_buffer_bytes:{}\r\nclient_buffer_limit:{}\r\n\
-                 clients_closed_over_buffer_limit:{}\r\n",
+                 clients_closed_over_buffer_limit:{}\r\n\
+                 clients_closed_not_reading:{}\r\n",
                 c.connected.load(Ordering::Relaxed),
                 c.rejected.load(Ordering::Relaxed),
                 c.buffered_bytes.load(Ordering::Relaxed),
                 c.buffer_limit,
                 c.over_budget.load(Ordering::Relaxed),
+                c.stalled.load(Ordering::Relaxed),
             )
         });
     }

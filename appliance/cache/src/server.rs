@@ -33,10 +33,12 @@
 //! that then stops reading while the values are deleted keeps them alive
 //! uncharged: at most one batch of replies per connection (the `MGET` cap,
 //! 64 MiB, or one value, plus 64 KiB), so up to `max_connections` times that
-//! in all, about 64 GiB at the defaults. Closing that would take charging
-//! again while a write is stuck, and would still miss a value that two
-//! stuck connections share; the endpoint is for the box's own services,
-//! on loopback. Each share may hold up to `SHARE_SLACK_KIB` of the budget
+//! in all, about 64 GiB at the defaults, but not for long: a client that
+//! takes none of its replies for `write_stall_timeout` (60 s) is closed,
+//! which frees them. Closing that gap would take charging again while a
+//! write is stuck, and would still miss a value that two stuck
+//! connections share; the endpoint is for the box's own services, on
+//! loopback. Each share may hold up to `SHARE_SLACK_KIB` of the budget
 //! beyond what it needs.
 //!
 //! Durability: a reply is written only after the commit of every record
@@ -57,7 +59,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
@@ -87,6 +89,12 @@ pub struct ServerConfig {
     /// `limits.max_frame_bytes`; this bounds the sum, so many slow or
     /// hostile clients cannot exhaust memory.
     pub max_buffered_bytes: usize,
+    /// How long a connection's replies may wait for the client to take any
+    /// of them (60 s). A client that stops reading is closed then, and its
+    /// share of the buffer budget, its slot and the values its replies
+    /// hold are freed; a slow reader that keeps taking some is not.
+    /// (redis waits forever by default.)
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +105,7 @@ impl Default for ServerConfig {
             maintenance_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(5),
             max_buffered_bytes: 256 << 20,
+            write_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -188,10 +197,16 @@ where
                 };
                 let cache = cache.clone();
                 let limits = config.limits;
+                let stall = config.write_stall_timeout;
                 let stop = stop_rx.clone();
+                let counters = clients.clone();
                 let share = BufferShare::new(budget.clone(), clients.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = connection(stream, &cache, limits, share, stop).await {
+                    if let Err(e) = connection(stream, &cache, limits, stall, share, stop).await {
+                        if is_stall(&e) {
+                            counters.stalled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Debug, as a client could flood the journal.
                         tracing::debug!(error = %e, "cache RESP: connection ended with an error");
                     }
                     drop(permit);
@@ -570,13 +585,14 @@ async fn connection<S>(
     mut stream: S,
     cache: &Cache,
     limits: Limits,
+    stall: Duration,
     mut share: BufferShare,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = Conn::new(limits);
+    let mut conn = Conn::new(limits, stall);
     conn.session.clients = Some(share.clients.clone());
     let mut read_size = READ_CHUNK;
     // Input read since the replies were last written (bounds read-ahead).
@@ -719,10 +735,12 @@ struct Conn {
     out: Output,
     /// The commit the replies in `out` wait for.
     owed: Option<PendingCommit>,
+    /// `ServerConfig::write_stall_timeout`.
+    stall: Duration,
 }
 
 impl Conn {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: Limits, stall: Duration) -> Self {
         Self {
             session: Session {
                 id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
@@ -733,6 +751,7 @@ impl Conn {
             args: Vec::new(),
             out: Output::with_capacity(READ_CHUNK),
             owed: None,
+            stall,
         }
     }
 
@@ -747,6 +766,7 @@ impl Conn {
             args,
             out,
             owed,
+            stall: _,
         } = self;
         let (step, pending) =
             cache.defer(|| decode_and_run(decoder, input, args, cache, session, out));
@@ -808,14 +828,15 @@ impl Conn {
         }
         let more_coming = self.decoder.in_frame() || !self.input.buf.is_empty();
         let yield_first = !more_coming || (cache.commit_blocks() && self.owes_commit());
-        flush(cache, stream, &mut self.out, self.owed.take(), yield_first).await
+        let owed = self.owed.take();
+        flush(cache, stream, &mut self.out, owed, yield_first, self.stall).await
     }
 
     /// Tells the client the buffer budget is exhausted, and closes.
     async fn refuse<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<()> {
         let reply = Reply::err("server buffer memory exhausted, closing connection");
         encode(&reply, self.session.protocol, &mut self.out);
-        stream.write_all_buf(&mut self.out).await?;
+        write_out(stream, &mut self.out, self.stall).await?;
         stream.shutdown().await
     }
 
@@ -838,6 +859,7 @@ async fn flush<S>(
     out: &mut Output,
     owed: Option<PendingCommit>,
     yield_first: bool,
+    stall: Duration,
 ) -> io::Result<()>
 where
     S: AsyncWrite + Unpin,
@@ -881,15 +903,49 @@ where
     }
     if !out.is_empty() {
         // Vectored: a large value goes out from where the cache holds it.
-        stream.write_all_buf(out).await?;
+        write_out(stream, out, stall).await?;
         out.clear();
     }
     Ok(())
 }
 
+/// Write all of `out` (vectored). A client that takes none of it for
+/// `stall` is not reading: the write fails with a [`Stalled`] error, which
+/// closes the connection.
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Output,
+    stall: Duration,
+) -> io::Result<()> {
+    while out.has_remaining() {
+        match tokio::time::timeout(stall, stream.write_buf(out)).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(stall))),
+        }
+    }
+    Ok(())
+}
+
+/// The client took none of its replies for this long.
+#[derive(Debug)]
+struct Stalled(Duration);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client read none of its replies for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+fn is_stall(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Stalled>())
+}
+
 #[cfg(test)]
 mod tests {
-    use bytes::Buf;
 
     use super::*;
     use crate::cache::CacheConfig;

@@ -692,3 +692,81 @@ async fn the_connection_limit_and_its_counters() {
     assert_eq!(now, (1, 1));
     server.stop().await;
 }
+
+/// A client that asks and then reads nothing is closed once its replies
+/// have made no progress for `write_stall_timeout`, and INFO counts it; a
+/// slow client that keeps taking some of them is served for as long as
+/// it takes, well past that timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed() {
+    const VALUE: usize = 2 << 20;
+    let stall = Duration::from_millis(1000);
+    let server = Server::start_with(ServerConfig {
+        write_stall_timeout: stall,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut c = client(&server.url()).await;
+    let () = redis::cmd("SET")
+        .arg("v")
+        .arg(vec![b'v'; VALUE])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let whole = "*3\r\n".len() + 3 * (format!("${VALUE}\r\n").len() + VALUE + 2);
+    // Small receive buffers, so that the server's writes block soon.
+    let connect = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(server.addr).await.unwrap();
+        s.write_all(b"MGET v v v\r\n").await.unwrap();
+        s
+    };
+
+    // Slow but steady: 512 KiB, then a pause of a fifth of the timeout.
+    let started = std::time::Instant::now();
+    let mut slow = connect().await;
+    let mut got = 0;
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut since_pause = 0;
+    while got < whole {
+        let n = slow.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the slow reader was closed after {got} bytes");
+        got += n;
+        since_pause += n;
+        if since_pause >= 512 << 10 {
+            since_pause = 0;
+            tokio::time::sleep(stall / 5).await;
+        }
+    }
+    assert_eq!(got, whole);
+    assert!(started.elapsed() > stall * 2, "{:?}", started.elapsed());
+
+    // Stopped: closed after the timeout, with most of the reply unsent.
+    let mut stuck = connect().await;
+    let mut closed = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        closed = info_field(&info, "clients_closed_not_reading");
+        if closed == 1 {
+            // Left: this client and the slow one.
+            assert_eq!(info_field(&info, "connected_clients"), 2, "{info}");
+            break;
+        }
+    }
+    assert_eq!(closed, 1, "the client that reads nothing was not closed");
+    let mut rest = Vec::new();
+    let _ = stuck.read_to_end(&mut rest).await;
+    assert!(
+        rest.len() < whole,
+        "the whole reply was sent: {}",
+        rest.len()
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
