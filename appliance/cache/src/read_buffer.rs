@@ -16,6 +16,8 @@
 //! in place, or the old allocation is freed when it is replaced, never left
 //! pinned and uncounted.
 
+use std::collections::VecDeque;
+
 use bytes::BytesMut;
 
 /// A read buffer and what its allocations hold.
@@ -103,10 +105,144 @@ impl ReadBuffer {
     }
 }
 
+/// Input taken from a client while its replies could not be written,
+/// kept in order until the decoder is ready for it.
+///
+/// A client may send a whole pipeline before it reads any reply. If the
+/// server only wrote while replies waited, both would wait for each other
+/// once the kernel's buffers filled up each way (about 200 KB on a Unix
+/// socket, some MB on loopback TCP). So while a write is blocked the server
+/// reads on into this backlog (charged to its buffer budget, at most
+/// [`Backlog::MAX`]), and its next reads come from here first.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the chunks' allocations.
+    held: usize,
+    /// The client shut down its side while input was being taken.
+    pub(crate) eof: bool,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    data: Box<[u8]>,
+    /// Unread bytes are `data[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+impl Backlog {
+    /// Allocation per chunk (64 KiB).
+    pub(crate) const CHUNK: usize = 64 << 10;
+    /// Most a connection takes ahead (64 MiB, as the largest `MGET` reply).
+    pub(crate) const MAX: usize = 64 << 20;
+
+    /// Bytes of the backlog's allocations.
+    pub(crate) fn held(&self) -> usize {
+        self.held
+    }
+
+    /// No unread input (there may still be an empty chunk to read into).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.iter().all(|c| c.start == c.end)
+    }
+
+    /// Room to read into at the back: the last chunk's, or `None` when a
+    /// new chunk is needed first ([`Backlog::add_chunk`]).
+    pub(crate) fn room(&mut self) -> Option<&mut [u8]> {
+        let last = self.chunks.back_mut()?;
+        (last.end < last.data.len()).then(|| &mut last.data[last.end..])
+    }
+
+    /// A new chunk at the back; charge `held() + CHUNK` first.
+    pub(crate) fn add_chunk(&mut self) {
+        self.chunks.push_back(Chunk {
+            data: vec![0; Self::CHUNK].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        });
+        self.held += Self::CHUNK;
+    }
+
+    /// `n` bytes were read into [`Backlog::room`].
+    pub(crate) fn filled(&mut self, n: usize) {
+        if let Some(last) = self.chunks.back_mut() {
+            assert!(last.end + n <= last.data.len(), "filled past the room");
+            last.end += n;
+        } else {
+            assert_eq!(n, 0, "filled without a chunk");
+        }
+    }
+
+    /// Moves the oldest input into `target`, as much as its spare capacity
+    /// takes (it never grows: its allocation was charged), freeing the
+    /// chunks emptied. Returns the bytes moved.
+    pub(crate) fn drain_into(&mut self, target: &mut BytesMut) -> usize {
+        let mut moved = 0;
+        while let Some(front) = self.chunks.front_mut() {
+            let n = (front.end - front.start).min(target.capacity() - target.len());
+            target.extend_from_slice(&front.data[front.start..front.start + n]);
+            front.start += n;
+            moved += n;
+            if front.start < front.end {
+                break;
+            }
+            self.chunks.pop_front();
+            self.held -= Self::CHUNK;
+        }
+        moved
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::resp::{Decoder, Limits};
+
+    /// Input goes through the backlog in order and unchanged, in pieces as
+    /// the target's spare room allows; the target never grows, and the
+    /// chunks are freed as they are emptied.
+    #[test]
+    fn the_backlog_gives_input_back_in_order_within_the_room_given() {
+        let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut b = Backlog::default();
+        assert!(b.is_empty());
+        assert!(b.room().is_none());
+        let mut taken = 0;
+        for piece in input.chunks(10_000) {
+            let mut piece = piece;
+            while !piece.is_empty() {
+                if b.room().is_none() {
+                    b.add_chunk();
+                }
+                let room = b.room().unwrap();
+                let n = room.len().min(piece.len());
+                room[..n].copy_from_slice(&piece[..n]);
+                b.filled(n);
+                piece = &piece[n..];
+                taken += n;
+            }
+        }
+        assert_eq!(taken, input.len());
+        assert_eq!(
+            b.held(),
+            4 * Backlog::CHUNK,
+            "200,000 bytes in 64 KiB chunks"
+        );
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let mut target = BytesMut::with_capacity(7_000);
+            target.extend_from_slice(b"xyz");
+            let cap = target.capacity();
+            let n = b.drain_into(&mut target);
+            assert_eq!(target.capacity(), cap);
+            assert_eq!(n, (cap - 3).min(input.len() - out.len()));
+            out.extend_from_slice(&target[3..]);
+        }
+        assert_eq!(out, input);
+        assert_eq!(b.held(), 0, "every chunk freed");
+        assert!(b.room().is_none());
+    }
 
     const KIB: usize = 1024;
 

@@ -13,13 +13,17 @@
 //! [`Output`]; up to 32 such values per `writev`). Reads start at 16 KiB
 //! and double while they fill up (at most `MAX_READ`, a bound on each
 //! connection's turn), and a large value's body is read straight into a
-//! buffer of its own.
+//! buffer of its own. While replies wait for a client that is not reading
+//! them, its input is still taken (into a backlog, see
+//! `read_buffer::Backlog`), so a client that sends a whole pipeline before
+//! reading any reply, as redis-py does, is answered rather than left
+//! waiting on a server that waits for it.
 //!
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
 //! closed (its stream position is lost); other connections are unaffected.
 //! Memory: a connection's read buffer holds at most one frame's budget plus
 //! one read (the decoder's limits), and all read buffers together, whole
-//! allocations and large bodies in progress, are charged to
+//! allocations, large bodies in progress and backlogs, are charged to
 //! `max_buffered_bytes` before they are allocated (see `read_buffer`).
 //! Replies are flushed every 64 KiB, a single reply is bounded by the value
 //! size and the `MGET` reply cap, and the replies waiting to be written are
@@ -67,7 +71,7 @@ use tokio::task::JoinSet;
 
 use crate::cache::{Cache, PendingCommit};
 use crate::commands::{execute, execute_args, ClientStats, Session};
-use crate::read_buffer::{ReadBuffer, Room};
+use crate::read_buffer::{Backlog, ReadBuffer, Room};
 use crate::resp::{encode, reset_scratch, Command, Decoder, Limits, Output, Reply};
 
 /// Server settings.
@@ -499,12 +503,14 @@ const DURABLE_READ_AHEAD: usize = 64 << 10;
 const READ_AHEAD_MAX: usize = 1 << 20;
 
 /// Read into the decoder's direct body if one is in progress, else into
-/// `buf`, which has room (see [`ReadBuffer::room_for`]). `wait: false`
-/// polls once and returns `None` when nothing is ready.
+/// `buf`, which has room (see [`ReadBuffer::room_for`]): from the backlog
+/// first, if input was taken while replies waited. `wait: false` polls
+/// once and returns `None` when nothing is ready.
 async fn read_some<S>(
     stream: &mut S,
     decoder: &mut Decoder,
     buf: &mut BytesMut,
+    backlog: &mut Backlog,
     wait: bool,
 ) -> Option<io::Result<(usize, usize)>>
 where
@@ -518,6 +524,10 @@ where
     // what was charged.
     debug_assert!(target.capacity() > target.len());
     let asked = target.capacity() - target.len();
+    let taken = backlog.drain_into(target);
+    if taken > 0 {
+        return Some(Ok((taken, asked)));
+    }
     let read = stream.read_buf(target);
     if wait {
         return Some(read.await.map(|n| (n, asked)));
@@ -620,7 +630,8 @@ where
         let want = conn.input.held_after(room)
             + conn.decoder.direct_capacity_for_read()
             + conn.decoder.partial_bytes()
-            + conn.out.held_alone();
+            + conn.out.held_alone()
+            + conn.backlog.held();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
@@ -631,11 +642,18 @@ where
         conn.input.make_room(room);
         let got = if wait {
             tokio::select! {
-                r = read_some(&mut stream, &mut conn.decoder, &mut conn.input.buf, true) => r,
+                r = read_some(&mut stream, &mut conn.decoder, &mut conn.input.buf, &mut conn.backlog, true) => r,
                 _ = stop.changed() => return Ok(()),
             }
         } else {
-            read_some(&mut stream, &mut conn.decoder, &mut conn.input.buf, false).await
+            read_some(
+                &mut stream,
+                &mut conn.decoder,
+                &mut conn.input.buf,
+                &mut conn.backlog,
+                false,
+            )
+            .await
         };
         let mut step = match got {
             None => {
@@ -735,6 +753,8 @@ struct Conn {
     out: Output,
     /// The commit the replies in `out` wait for.
     owed: Option<PendingCommit>,
+    /// Input taken while replies waited, not yet read (see [`Backlog`]).
+    backlog: Backlog,
     /// `ServerConfig::write_stall_timeout`.
     stall: Duration,
 }
@@ -751,6 +771,7 @@ impl Conn {
             args: Vec::new(),
             out: Output::with_capacity(READ_CHUNK),
             owed: None,
+            backlog: Backlog::default(),
             stall,
         }
     }
@@ -766,6 +787,7 @@ impl Conn {
             args,
             out,
             owed,
+            backlog: _,
             stall: _,
         } = self;
         let (step, pending) =
@@ -791,14 +813,15 @@ impl Conn {
     }
 
     /// Bytes the connection alone holds now: its read buffer's allocation,
-    /// a large body in progress, the frame so far outside them, and the
+    /// a large body in progress, the frame so far outside them, the
     /// replies waiting to be written (values the cache holds too are the
-    /// cache's, see [`Output::held_alone`]).
+    /// cache's, see [`Output::held_alone`]), and the backlog.
     fn held(&self) -> usize {
         self.input.held_after(Room::Ready)
             + self.decoder.direct_capacity()
             + self.decoder.partial_bytes()
             + self.out.held_alone()
+            + self.backlog.held()
     }
 
     /// Commit what the replies acknowledge, then write them (see [`flush`]
@@ -809,7 +832,7 @@ impl Conn {
     /// the outcome of the batch's commands unknown (some may have been
     /// applied), as when any connection breaks. An error reply in their
     /// place would be read as the answer to the batch's first command.
-    async fn answer<S: AsyncWrite + Unpin>(
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         cache: &Cache,
         stream: &mut S,
@@ -826,17 +849,36 @@ impl Conn {
                 "replies exceed the server's buffer budget",
             ));
         }
-        let more_coming = self.decoder.in_frame() || !self.input.buf.is_empty();
+        let more_coming =
+            self.decoder.in_frame() || !self.input.buf.is_empty() || !self.backlog.is_empty();
         let yield_first = !more_coming || (cache.commit_blocks() && self.owes_commit());
         let owed = self.owed.take();
-        flush(cache, stream, &mut self.out, owed, yield_first, self.stall).await
+        let taker = Taker {
+            base: self.held() - self.backlog.held(),
+            backlog: &mut self.backlog,
+            share,
+        };
+        let out = &mut self.out;
+        flush(
+            cache,
+            stream,
+            out,
+            owed,
+            yield_first,
+            self.stall,
+            Some(taker),
+        )
+        .await
     }
 
     /// Tells the client the buffer budget is exhausted, and closes.
-    async fn refuse<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<()> {
+    async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> io::Result<()> {
         let reply = Reply::err("server buffer memory exhausted, closing connection");
         encode(&reply, self.session.protocol, &mut self.out);
-        write_out(stream, &mut self.out, self.stall).await?;
+        write_out(stream, &mut self.out, self.stall, None).await?;
         stream.shutdown().await
     }
 
@@ -860,9 +902,10 @@ async fn flush<S>(
     owed: Option<PendingCommit>,
     yield_first: bool,
     stall: Duration,
+    taker: Option<Taker<'_>>,
 ) -> io::Result<()>
 where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     if out.is_empty() && owed.as_ref().is_none_or(PendingCommit::is_empty) {
         return Ok(());
@@ -903,29 +946,107 @@ where
     }
     if !out.is_empty() {
         // Vectored: a large value goes out from where the cache holds it.
-        write_out(stream, out, stall).await?;
+        write_out(stream, out, stall, taker).await?;
         out.clear();
     }
     Ok(())
 }
 
-/// Write all of `out` (vectored). A client that takes none of it for
-/// `stall` is not reading: the write fails with a [`Stalled`] error, which
-/// closes the connection.
-async fn write_out<S: AsyncWrite + Unpin>(
+/// Write all of `out` (vectored). While the client takes none of it, its
+/// input is taken into the backlog meanwhile, if a `taker` is given (see
+/// [`Backlog`]). A client that takes none of it for `stall` is not
+/// reading: the write fails with a [`Stalled`] error, which closes the
+/// connection.
+async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Output,
     stall: Duration,
+    mut taker: Option<Taker<'_>>,
 ) -> io::Result<()> {
     while out.has_remaining() {
-        match tokio::time::timeout(stall, stream.write_buf(out)).await {
-            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
+        let written = std::future::poll_fn(|cx| poll_write_some(cx, stream, out, taker.as_mut()));
+        match tokio::time::timeout(stall, written).await {
+            Ok(r) => r?,
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(stall))),
         }
     }
     Ok(())
+}
+
+/// One vectored write of `out` (up to 64 pieces, as tokio's `write_buf`);
+/// while it would block, the client's input is taken into the backlog.
+fn poll_write_some<S: AsyncRead + AsyncWrite + Unpin>(
+    cx: &mut std::task::Context<'_>,
+    stream: &mut S,
+    out: &mut Output,
+    mut taker: Option<&mut Taker<'_>>,
+) -> Poll<io::Result<()>> {
+    loop {
+        let mut slices = [io::IoSlice::new(&[]); 64];
+        let n = out.chunks_vectored(&mut slices);
+        match std::pin::Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        let Some(t) = taker.as_deref_mut() else {
+            return Poll::Pending;
+        };
+        match t.poll_take(cx, stream) {
+            // Took some: the write may be ready by now.
+            Poll::Ready(Ok(true)) => {}
+            // Full, or the client shut down its side: wait for the write.
+            Poll::Ready(Ok(false)) | Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Takes a client's input into its backlog while its replies wait.
+struct Taker<'a> {
+    backlog: &'a mut Backlog,
+    share: &'a mut BufferShare,
+    /// What the connection holds besides the backlog (covered already).
+    base: usize,
+}
+
+impl Taker<'_> {
+    /// Reads what the client has sent into the backlog, while the buffer
+    /// budget and [`Backlog::MAX`] allow. `Ready(Ok(true))`: took some;
+    /// `Ready(Ok(false))`: can take no more (full, or the client shut down
+    /// its side); `Pending`: nothing has arrived.
+    fn poll_take<S: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        stream: &mut S,
+    ) -> Poll<io::Result<bool>> {
+        if self.backlog.eof {
+            return Poll::Ready(Ok(false));
+        }
+        if self.backlog.room().is_none() {
+            let after = self.backlog.held() + Backlog::CHUNK;
+            if after > Backlog::MAX || !self.share.cover(self.base + after) {
+                return Poll::Ready(Ok(false));
+            }
+            self.backlog.add_chunk();
+        }
+        let Some(room) = self.backlog.room() else {
+            return Poll::Ready(Ok(false));
+        };
+        let mut buf = tokio::io::ReadBuf::new(room);
+        std::task::ready!(std::pin::Pin::new(stream).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        if n == 0 {
+            self.backlog.eof = true;
+            return Poll::Ready(Ok(false));
+        }
+        self.backlog.filled(n);
+        Poll::Ready(Ok(true))
+    }
 }
 
 /// The client took none of its replies for this long.

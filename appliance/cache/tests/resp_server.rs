@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use appliance_cache::{serve, Cache, CacheConfig, ServerConfig};
+use appliance_cache::{serve, Cache, CacheConfig, ServerConfig, SetCondition};
 use common::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -769,4 +769,56 @@ async fn a_client_that_stops_reading_is_closed() {
     );
     still_serving(&server).await;
     server.stop().await;
+}
+
+/// A client may send its whole pipeline before it reads any reply (as
+/// redis-py's pipelines do): while the replies wait for it, the server
+/// goes on taking its input, so neither side waits for the other. Over a
+/// Unix socket, where the kernel buffers only about 200 KB each way, a
+/// megabyte of GETs with 100 MB of replies is enough to show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_sent_whole_before_reading_is_answered() {
+    use appliance_cache::serve_unix;
+    const VALUE: usize = 2000;
+    const GETS: usize = 50_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("cache.sock");
+    let cache = Arc::new(Cache::new(CacheConfig::default()));
+    cache
+        .set_plain(b"v", vec![b'v'; VALUE], None, SetCondition::Always)
+        .unwrap();
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_unix(
+        listener,
+        cache.clone(),
+        ServerConfig::default(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let pipeline = b"*2\r\n$3\r\nGET\r\n$1\r\nv\r\n".repeat(GETS);
+    tokio::time::timeout(Duration::from_secs(20), wr.write_all(&pipeline))
+        .await
+        .expect("the server stopped taking input while its replies waited")
+        .unwrap();
+    let one = format!("${VALUE}\r\n{}\r\n", "v".repeat(VALUE));
+    let mut got = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    while got < GETS * one.len() {
+        let n = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        for &b in &chunk[..n] {
+            assert_eq!(b, one.as_bytes()[got % one.len()], "at byte {got}");
+            got += 1;
+        }
+    }
+    assert_eq!(got, GETS * one.len());
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
 }
