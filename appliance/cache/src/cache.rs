@@ -293,10 +293,15 @@ impl Cache {
         if let Some(reason) = persist.refusal() {
             // The log has failed. A batch that wrote (before the failure was
             // known) is not acknowledged. One that only read is answered
-            // from memory without waiting on a log that takes nothing: what
-            // its reads left in the journal is expiries, which the heal's
-            // snapshot leaves out anyway.
-            drop(self.lock().take_journal());
+            // from memory without waiting on a log that takes nothing.
+            //
+            // The journal is left alone: the heal's rebuild drops it under
+            // the cache lock, its snapshot holding what the records did.
+            // Dropped here, it could hold another batch's records: this
+            // refusal may be stale by the time the lock is taken (a heal
+            // finished meanwhile and that batch wrote after it), and that
+            // batch, finding nothing of its own left to append, would be
+            // acknowledged with its writes in no log at all.
             return if dirty {
                 (out, Err(CacheError::Persist(reason)))
             } else {
