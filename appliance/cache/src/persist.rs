@@ -21,8 +21,13 @@
 //! quickly by LZ4 and stay `Put`. Logs written before `PutLz4` existed are
 //! read unchanged; a log holding `PutLz4` records is not readable by
 //! older versions.
-//! Replaying the records in order rebuilds the memory tier; entries whose
-//! expiry has passed by then are dropped and counted.
+//! Replaying the records in order rebuilds the memory tier. An eviction is
+//! logged as a `Remove` after the `Put` that caused it, so the replay lets
+//! the bytes run past the bound until then (see `Store::insert_replayed`)
+//! and the entries the running cache kept are the ones loaded. Entries
+//! whose expiry has passed by then are dropped and counted, and their
+//! removal is logged, so a clock that later steps back does not revive
+//! them.
 //!
 //! ## Ordering and durability
 //! Records are appended (a `write(2)` into the page cache) while the cache
@@ -799,7 +804,8 @@ impl Persistence {
                 Ok(Change::Put { key, entry }) => {
                     // Refused entries (the limits shrank since) are dropped
                     // like evictions; the next compaction forgets them.
-                    let _ = store.insert(key, entry, now_ms);
+                    // The running cache's evictions follow as `Remove`s.
+                    let _ = store.insert_replayed(key, entry, now_ms);
                 }
                 Ok(Change::Remove { key }) => {
                     store.discard(&key);
@@ -810,7 +816,14 @@ impl Persistence {
                 }
             }
         }
+        store.enforce_bound(now_ms);
+        // What expired while the cache was down goes, and the log says so:
+        // should the clock step back before the next compaction, a restart
+        // must not bring those entries back.
+        store.set_journal(true);
         store.purge_expired(now_ms);
+        let expired = store.take_journal();
+        store.set_journal(false);
         report.expired = store.counters().expirations;
         report.entries = store.len() as u64;
         report.elapsed = started.elapsed();
@@ -830,18 +843,32 @@ impl Persistence {
                 .spawn(move || syncer(&shared))
                 .map_err(|e| PersistError::Thread(e.to_string()))?
         };
-        Ok((
-            Self {
-                shared,
-                syncer: Some(syncer),
-                config,
-                busy: AtomicU8::new(IDLE),
-                compactions: AtomicU64::new(0),
-                heals: AtomicU64::new(0),
-                spare_seen: Mutex::new((0, 0)),
-            },
-            report,
-        ))
+        let persistence = Self {
+            shared,
+            syncer: Some(syncer),
+            config,
+            busy: AtomicU8::new(IDLE),
+            compactions: AtomicU64::new(0),
+            heals: AtomicU64::new(0),
+            spare_seen: Mutex::new((0, 0)),
+        };
+        persistence.record_expired_at_load(&expired, now_ms);
+        Ok((persistence, report))
+    }
+
+    /// Appends and commits the removals of what had expired by start-up.
+    /// Best effort: if the log takes nothing (a full disk), it refuses
+    /// writes until a heal rewrites it from memory, where they are gone.
+    fn record_expired_at_load(&self, expired: &[Change], now_ms: u64) {
+        if expired.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .append(expired, now_ms)
+            .and_then(|target| self.commit(target))
+        {
+            tracing::warn!(error = %e, "cache log: could not record the entries that expired while the cache was down");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {

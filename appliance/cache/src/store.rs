@@ -502,7 +502,28 @@ impl Store {
     /// Insert or replace `key`, evicting least recently used entries to stay
     /// within the byte bound.
     pub fn insert(&mut self, key: Key, entry: Entry, now: u64) -> Result<(), StoreError> {
-        self.insert_inner(KeyRef::Plain(&[]), Some(key), entry, now)
+        let bound = self.limits.capacity_bytes;
+        self.insert_inner(KeyRef::Plain(&[]), Some(key), entry, now, bound)
+    }
+
+    /// [`Store::insert`] for log replay: the byte bound is not enforced
+    /// until twice the capacity, so that the entries the running cache
+    /// evicted are the ones that go, by the `Remove` records that follow
+    /// their evicting `Put` in the log (evicting here as well would take
+    /// the replay's oldest entry, which need not be the one the running
+    /// cache dropped: GETs reorder it, and are not logged). Twice: an
+    /// unchanged capacity never needs more (an entry costs at most the
+    /// capacity), a capacity lowered since is held to that during the
+    /// replay. [`Store::enforce_bound`] ends the replay.
+    pub fn insert_replayed(&mut self, key: Key, entry: Entry, now: u64) -> Result<(), StoreError> {
+        let bound = self.limits.capacity_bytes.saturating_mul(2);
+        self.insert_inner(KeyRef::Plain(&[]), Some(key), entry, now, bound)
+    }
+
+    /// Evicts least recently used entries until the byte bound holds again
+    /// (after [`Store::insert_replayed`]).
+    pub fn enforce_bound(&mut self, now: u64) {
+        self.evict_to(self.limits.capacity_bytes, now);
     }
 
     /// [`Store::insert`] with a borrowed key: the key is copied only if it is
@@ -513,16 +534,19 @@ impl Store {
         entry: Entry,
         now: u64,
     ) -> Result<(), StoreError> {
-        self.insert_inner(key, None, entry, now)
+        let bound = self.limits.capacity_bytes;
+        self.insert_inner(key, None, entry, now, bound)
     }
 
-    /// Insert under `owned` if given, else under `key`.
+    /// Insert under `owned` if given, else under `key`, then evict down to
+    /// `bound` bytes.
     fn insert_inner(
         &mut self,
         key: KeyRef<'_>,
         owned: Option<Key>,
         entry: Entry,
         now: u64,
+        bound: usize,
     ) -> Result<(), StoreError> {
         let key = owned.as_ref().map_or(key, Key::as_ref);
         if entry.value.len() > self.limits.max_value_bytes {
@@ -575,12 +599,12 @@ impl Store {
                 v.insert_hashed_nocheck(hash, owned, Slot { entry, cost });
             }
         }
-        self.evict_to_bound(now);
+        self.evict_to(bound, now);
         Ok(())
     }
 
-    fn evict_to_bound(&mut self, now: u64) {
-        while self.side.bytes > self.limits.capacity_bytes {
+    fn evict_to(&mut self, bound: usize, now: u64) {
+        while self.side.bytes > bound {
             let Some((key, slot)) = self.map.pop_front() else {
                 break;
             };

@@ -119,6 +119,74 @@ fn puts_deletes_and_expiries_survive_reopen() {
     assert_eq!(cache.get_plain(b"k1"), Some(Bytes::from("v1")));
     // Load does not count as traffic.
     assert_eq!(cache.stats().expirations, 0);
+    drop(cache);
+
+    // The expiry found at load was logged: with the clock stepped back to
+    // before k3's deadline, it stays gone.
+    clock.set(clock.now_ms() - 100_000);
+    let (cache, report) = open(tmp.path(), &clock);
+    assert_eq!(report.expired, 0);
+    assert_eq!(report.entries, 1);
+    assert_eq!(cache.get_plain(b"k3"), None);
+    assert_eq!(cache.get_plain(b"k1"), Some(Bytes::from("v1")));
+}
+
+/// A full cache evicts by recency, which GETs change and the log does not
+/// record: a restart must still drop only the entries the running cache
+/// dropped (the `Remove`s that follow their evicting `Put`), not the ones
+/// the replay finds oldest.
+#[test]
+fn a_full_cache_reloads_the_entries_it_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let config = CacheConfig {
+        // Four entries of a one-byte key and a 1000-byte value fit.
+        capacity_bytes: 4 * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
+        ..CacheConfig::default()
+    };
+    let open = || {
+        Cache::open_with_clock(
+            config.clone(),
+            PersistConfig::new(tmp.path()),
+            clock.clone(),
+        )
+        .unwrap()
+        .0
+    };
+    let keys = |cache: &Cache| -> Vec<&str> {
+        ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .filter(|k| cache.get_plain(k.as_bytes()).is_some())
+            .collect()
+    };
+    {
+        let cache = open();
+        for k in ["a", "b", "c", "d"] {
+            cache
+                .set_plain(k.as_bytes(), vec![b'v'; 1000], None, SetCondition::Always)
+                .unwrap();
+        }
+        assert!(cache.get_plain(b"a").is_some()); // now b is the oldest
+        cache
+            .set_plain(b"e", vec![b'v'; 1000], None, SetCondition::Always)
+            .unwrap();
+        assert_eq!(keys(&cache), ["a", "c", "d", "e"]);
+    }
+    let cache = open();
+    assert_eq!(keys(&cache), ["a", "c", "d", "e"]);
+    drop(cache);
+
+    // Room for two now: the bound holds once loaded, the latest written kept.
+    let (cache, _) = Cache::open_with_clock(
+        CacheConfig {
+            capacity_bytes: 2 * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
+            ..CacheConfig::default()
+        },
+        PersistConfig::new(tmp.path()),
+        clock.clone(),
+    )
+    .unwrap();
+    assert_eq!(keys(&cache), ["d", "e"]);
 }
 
 fn fill(dir: &Path, clock: &Arc<ManualClock>, n: usize) {
