@@ -101,12 +101,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let (cache, report) = Cache::open(config, p)
                 .with_context(|| format!("opening the cache log in {}", dir.display()))?;
             eprintln!(
-                "loaded {} entries from {} records in {:?} ({} bytes lost, at least {} records lost, {} expired)",
+                "loaded {} entries from {} records in {:?} ({} bytes lost, at least {} records lost, {} undecodable, {} expired)",
                 report.entries,
                 report.records_read,
                 report.elapsed,
                 report.recovery.bytes_lost(),
                 report.recovery.records_lost_at_least(),
+                report.undecodable,
                 report.expired
             );
             cache
