@@ -29,6 +29,123 @@ pub struct Session {
     pub name: Option<Bytes>,
     /// The RESP server's counters, for `INFO` (none in process).
     pub clients: Option<std::sync::Arc<ClientStats>>,
+    /// The transaction being queued, between `MULTI` and `EXEC`.
+    pub transaction: Option<Transaction>,
+}
+
+impl Session {
+    /// Bytes the queued transaction holds (the server charges them to its
+    /// buffer budget).
+    pub fn queued_bytes(&self) -> usize {
+        self.transaction.as_ref().map_or(0, |t| t.bytes)
+    }
+}
+
+/// A transaction being queued: `MULTI`, then commands, each answered
+/// `+QUEUED`, then `EXEC` runs them in order and answers with an array of
+/// their replies (or `DISCARD` drops them). A command refused while
+/// queueing (unknown, wrong number of arguments, or past
+/// [`MAX_QUEUED_BYTES`]) makes `EXEC` run none of them (`-EXECABORT`), as
+/// in redis; an error while running one is its reply, and the others run.
+///
+/// redis-py's `pipeline()` is a transaction unless told otherwise.
+///
+/// What `EXEC` promises: its commands run back to back in one batch, so
+/// their log records are appended together and covered by one commit
+/// (under `fsync always`, one `fdatasync`), and no reply leaves before it.
+/// What it does not, unlike redis: other clients' commands may run between
+/// them when the runtime has more than one worker (or in-process callers
+/// write), and a crash before the reply may leave some of the writes and
+/// not others (redis drops an incomplete transaction from its AOF). `WATCH`
+/// is not supported.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    /// Each queued command's name and arguments (copies: they outlive the
+    /// read buffer's use).
+    commands: Vec<(&'static str, Vec<Bytes>)>,
+    /// What the queue holds, counted as [`queued_cost`] does.
+    bytes: usize,
+    /// A command was refused while queueing: `EXEC` discards the lot.
+    failed: bool,
+}
+
+impl Transaction {
+    fn fail(&mut self) {
+        self.failed = true;
+        // Nothing queued will run: let it go now.
+        self.commands = Vec::new();
+        self.bytes = 0;
+    }
+}
+
+/// Most a transaction may queue (64 MiB, counting each argument's bytes
+/// plus 64, and 64 per command).
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Most an `EXEC` reply may hold (the `MGET` cap): replies past it are
+/// replaced with an error saying so (their commands still ran).
+pub const MAX_EXEC_REPLY_BYTES: usize = MAX_MGET_REPLY_BYTES;
+
+fn queued_cost(args: &[Bytes]) -> usize {
+    64 + args.iter().map(|a| a.len() + 64).sum::<usize>()
+}
+
+/// How many arguments (after its name) a command takes.
+#[derive(Debug, Clone, Copy)]
+enum Arity {
+    Exact(usize),
+    Between(usize, usize),
+    AtLeast(usize),
+    /// One or more key-value pairs.
+    Pairs,
+}
+
+impl Arity {
+    fn fits(self, n: usize) -> bool {
+        match self {
+            Arity::Exact(k) => n == k,
+            Arity::Between(lo, hi) => (lo..=hi).contains(&n),
+            Arity::AtLeast(k) => n >= k,
+            Arity::Pairs => n >= 2 && n % 2 == 0,
+        }
+    }
+}
+
+/// Every command this server runs, and the arguments it takes. `dispatch`
+/// checks the counts itself, on the hot path; a test keeps the two in step.
+const COMMANDS: &[(&str, Arity)] = &[
+    ("PING", Arity::Between(0, 1)),
+    ("ECHO", Arity::Exact(1)),
+    ("HELLO", Arity::AtLeast(0)),
+    ("GET", Arity::Exact(1)),
+    ("SET", Arity::AtLeast(2)),
+    ("DEL", Arity::AtLeast(1)),
+    ("EXISTS", Arity::AtLeast(1)),
+    ("EXPIRE", Arity::Exact(2)),
+    ("PEXPIRE", Arity::Exact(2)),
+    ("PERSIST", Arity::Exact(1)),
+    ("TTL", Arity::Exact(1)),
+    ("PTTL", Arity::Exact(1)),
+    ("MGET", Arity::AtLeast(1)),
+    ("MSET", Arity::Pairs),
+    ("DBSIZE", Arity::Exact(0)),
+    ("INFO", Arity::AtLeast(0)),
+    ("CLIENT", Arity::AtLeast(1)),
+    ("SELECT", Arity::Exact(1)),
+    ("COMMAND", Arity::AtLeast(0)),
+    ("CONFIG", Arity::AtLeast(1)),
+    ("AGENT.GET", Arity::Between(2, 3)),
+    ("AGENT.SET", Arity::AtLeast(3)),
+    ("AGENT.DEL", Arity::Between(2, 3)),
+    ("AGENT.FLUSH", Arity::Exact(1)),
+    ("MULTI", Arity::Exact(0)),
+    ("EXEC", Arity::Exact(0)),
+    ("DISCARD", Arity::Exact(0)),
+    ("QUIT", Arity::AtLeast(0)),
+];
+
+fn lookup(name: &str) -> Option<(&'static str, Arity)> {
+    COMMANDS.iter().copied().find(|(n, _)| *n == name)
 }
 
 /// The RESP server's connection counters, shown by `INFO` under
@@ -197,7 +314,123 @@ pub fn execute_args(cache: &Cache, session: &mut Session, args: &[Bytes]) -> Out
             close: true,
         };
     }
-    dispatch(cache, session, name, &args[1..]).into()
+    if session.transaction.is_some() {
+        return in_transaction(cache, session, name, args).into();
+    }
+    match (name, args.len()) {
+        ("MULTI", 1) => {
+            session.transaction = Some(Transaction::default());
+            Reply::ok().into()
+        }
+        ("EXEC" | "DISCARD", 1) => Reply::err(format!("{name} without MULTI")).into(),
+        _ => dispatch(cache, session, name, &args[1..]).into(),
+    }
+}
+
+/// A command between `MULTI` and `EXEC`: checked and queued, or `EXEC` /
+/// `DISCARD` (see [`Transaction`]).
+fn in_transaction(cache: &Cache, session: &mut Session, name: &str, args: &[Bytes]) -> Reply {
+    let a = &args[1..];
+    match (name, a.len()) {
+        ("EXEC", 0) => return exec(cache, session),
+        ("DISCARD", 0) => {
+            session.transaction = None;
+            return Reply::ok();
+        }
+        ("MULTI", 0) => return Reply::err("MULTI calls can not be nested"),
+        _ => {}
+    }
+    let Some(tx) = session.transaction.as_mut() else {
+        return Reply::err("EXEC without MULTI");
+    };
+    let canonical = match lookup(name) {
+        None => {
+            tx.fail();
+            return unknown_command(name, a);
+        }
+        Some((_, arity)) if !arity.fits(a.len()) => {
+            tx.fail();
+            return wrong_args(name);
+        }
+        Some((canonical, _)) => canonical,
+    };
+    if !tx.failed {
+        let cost = queued_cost(a);
+        if tx.bytes + cost > MAX_QUEUED_BYTES {
+            tx.fail();
+            return Reply::err(format!(
+                "a transaction may queue at most {MAX_QUEUED_BYTES} bytes; EXEC will discard it"
+            ));
+        }
+        tx.commands.push((canonical, a.iter().map(owned).collect()));
+        tx.bytes += cost;
+    }
+    Reply::Simple("QUEUED".into())
+}
+
+/// Runs a queued transaction: an array of the commands' replies.
+fn exec(cache: &Cache, session: &mut Session) -> Reply {
+    let Some(tx) = session.transaction.take() else {
+        return Reply::err("EXEC without MULTI");
+    };
+    if tx.failed {
+        return Reply::Error("EXECABORT Transaction discarded because of previous errors.".into());
+    }
+    let mut total = 0usize;
+    let replies = tx
+        .commands
+        .into_iter()
+        .map(|(name, a)| {
+            let reply = dispatch(cache, session, name, &a);
+            let size = reply_bytes(&reply);
+            if total.saturating_add(size) > MAX_EXEC_REPLY_BYTES {
+                Reply::err(format!(
+                    "the EXEC reply would exceed {MAX_EXEC_REPLY_BYTES} bytes; \
+                     this command ran, its reply is left out"
+                ))
+            } else {
+                total += size;
+                reply
+            }
+        })
+        .collect();
+    Reply::Array(replies)
+}
+
+/// About what a reply holds once encoded.
+fn reply_bytes(r: &Reply) -> usize {
+    16 + match r {
+        Reply::Bulk(b) | Reply::Verbatim(b) => b.len(),
+        Reply::Simple(s) => s.len(),
+        Reply::Error(s) => s.len(),
+        Reply::Integer(_) | Reply::Null => 0,
+        Reply::Array(items) => items.iter().map(reply_bytes).sum(),
+        Reply::Map(pairs) => pairs
+            .iter()
+            .map(|(k, v)| reply_bytes(k) + reply_bytes(v))
+            .sum(),
+    }
+}
+
+fn unknown_command(name: &str, a: &[Bytes]) -> Reply {
+    let first = a
+        .first()
+        .map(|b| String::from_utf8_lossy(&b[..b.len().min(64)]).into_owned())
+        .unwrap_or_default();
+    Reply::err(format!(
+        "unknown command '{}', with args beginning with: '{first}'",
+        clip(name, 64)
+    ))
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (a name from
+/// the client may hold any UTF-8, and slicing inside a character panics).
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Reply {
@@ -234,8 +467,18 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         ("CLIENT", n) if n >= 1 => client(session, a),
         ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
         ("SELECT", 1) => Reply::err("DB index is out of range"),
+        ("COMMAND", 1) if upper(&a[0]) == "COUNT" => {
+            Reply::Integer(i64::try_from(COMMANDS.len()).unwrap_or(i64::MAX))
+        }
         ("COMMAND", _) => Reply::Array(Vec::new()),
-        ("CONFIG", n) if n >= 1 && upper(&a[0]) == "GET" => Reply::Array(Vec::new()),
+        ("CONFIG", n) if n >= 2 && upper(&a[0]) == "GET" => Reply::Array(Vec::new()),
+        ("CONFIG", n) if n >= 1 => {
+            let sub = upper(&a[0]);
+            Reply::err(format!(
+                "unknown subcommand or wrong number of arguments for 'CONFIG|{}'",
+                clip(&sub, 32)
+            ))
+        }
         ("AGENT.GET", 2 | 3) => {
             let variant = a.get(2).map_or(&b""[..], |v| &v[..]);
             bulk_or_null(cache.get(&a[0], &a[1], variant))
@@ -252,22 +495,8 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
             Ok(n) => Reply::Integer(i64::try_from(n).unwrap_or(i64::MAX)),
             Err(e) => cache_error(&e),
         },
-        (
-            "PING" | "ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "EXPIRE" | "PEXPIRE" | "PERSIST"
-            | "TTL" | "PTTL" | "MGET" | "MSET" | "DBSIZE" | "CLIENT" | "SELECT" | "CONFIG"
-            | "AGENT.GET" | "AGENT.SET" | "AGENT.DEL" | "AGENT.FLUSH",
-            _,
-        ) => wrong_args(name),
-        _ => {
-            let first = a
-                .first()
-                .map(|b| String::from_utf8_lossy(&b[..b.len().min(64)]).into_owned())
-                .unwrap_or_default();
-            Reply::err(format!(
-                "unknown command '{}', with args beginning with: '{first}'",
-                &name[..name.len().min(64)]
-            ))
-        }
+        _ if lookup(name).is_some() => wrong_args(name),
+        _ => unknown_command(name, a),
     }
 }
 
@@ -495,7 +724,7 @@ fn client(session: &mut Session, a: &[Bytes]) -> Reply {
         ("SETINFO", 3) => Reply::ok(),
         (sub, _) => Reply::err(format!(
             "unknown subcommand or wrong number of arguments for 'CLIENT|{}'",
-            &sub[..sub.len().min(32)]
+            clip(sub, 32)
         )),
     }
 }
@@ -659,6 +888,160 @@ mod tests {
 
     fn run(cache: &Cache, s: &mut Session, parts: &[&str]) -> Reply {
         execute(cache, s, cmd(parts)).reply
+    }
+
+    fn bulk(s: &str) -> Reply {
+        Reply::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn queued() -> Reply {
+        Reply::Simple("QUEUED".into())
+    }
+
+    #[test]
+    fn multi_queues_and_exec_runs_in_order() {
+        let (_, c, mut s) = setup();
+        assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
+        assert_eq!(run(&c, &mut s, &["SET", "a", "1"]), queued());
+        assert_eq!(run(&c, &mut s, &["get", "a"]), queued());
+        // An error while running is that command's reply; the rest run.
+        assert_eq!(run(&c, &mut s, &["EXPIRE", "a", "soon"]), queued());
+        assert_eq!(run(&c, &mut s, &["MSET", "b", "2", "a", "3"]), queued());
+        assert_eq!(
+            run(&c, &mut s, &["MULTI"]),
+            Reply::err("MULTI calls can not be nested")
+        );
+        assert_eq!(c.get_plain(b"a"), None, "nothing runs before EXEC");
+        assert_eq!(
+            run(&c, &mut s, &["EXEC"]),
+            Reply::Array(vec![Reply::ok(), bulk("1"), not_integer(), Reply::ok()])
+        );
+        assert_eq!(c.get_plain(b"a").as_deref(), Some(&b"3"[..]));
+        assert_eq!(s.queued_bytes(), 0);
+        // Back to running commands at once.
+        assert_eq!(run(&c, &mut s, &["GET", "b"]), bulk("2"));
+        assert_eq!(run(&c, &mut s, &["EXEC"]), Reply::err("EXEC without MULTI"));
+        assert_eq!(
+            run(&c, &mut s, &["DISCARD"]),
+            Reply::err("DISCARD without MULTI")
+        );
+        assert_eq!(run(&c, &mut s, &["MULTI", "x"]), wrong_args("MULTI"));
+    }
+
+    #[test]
+    fn a_command_refused_while_queueing_aborts_the_transaction() {
+        let (_, c, mut s) = setup();
+        for refused in [&["SET", "x"][..], &["NOSUCH", "x"], &["EXEC", "now"]] {
+            assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
+            assert_eq!(run(&c, &mut s, &["SET", "a", "1"]), queued());
+            assert!(
+                matches!(run(&c, &mut s, refused), Reply::Error(_)),
+                "{refused:?}"
+            );
+            assert_eq!(run(&c, &mut s, &["SET", "b", "1"]), queued());
+            assert_eq!(s.queued_bytes(), 0, "a doomed queue is let go");
+            assert_eq!(
+                run(&c, &mut s, &["EXEC"]),
+                Reply::Error("EXECABORT Transaction discarded because of previous errors.".into())
+            );
+            assert!(c.is_empty(), "nothing ran after {refused:?}");
+        }
+        // DISCARD drops the queue.
+        assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
+        assert_eq!(run(&c, &mut s, &["SET", "a", "1"]), queued());
+        assert!(s.queued_bytes() > 0);
+        assert_eq!(run(&c, &mut s, &["DISCARD"]), Reply::ok());
+        assert_eq!(s.queued_bytes(), 0);
+        assert_eq!(run(&c, &mut s, &["EXEC"]), Reply::err("EXEC without MULTI"));
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_transaction_is_bounded_in_what_it_queues_and_replies() {
+        let (_, c, mut s) = setup();
+        let value = "v".repeat(8 << 20);
+        assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
+        let mut refused = 0;
+        for i in 0..9 {
+            if run(&c, &mut s, &["SET", &format!("k{i}"), &value]) != queued() {
+                refused += 1;
+            }
+            assert!(s.queued_bytes() <= MAX_QUEUED_BYTES);
+        }
+        assert_eq!(refused, 1, "the eighth 8 MiB value fills the queue");
+        assert!(
+            matches!(run(&c, &mut s, &["EXEC"]), Reply::Error(e) if e.starts_with("EXECABORT"))
+        );
+        assert!(c.is_empty());
+
+        // Seven GETs of 8 MiB fit in the 64 MiB reply, the eighth does not:
+        // it is replaced by an error, and the SET after it still runs.
+        c.set_plain(b"big", value.clone(), None, SetCondition::Always)
+            .unwrap();
+        assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
+        for _ in 0..8 {
+            assert_eq!(run(&c, &mut s, &["GET", "big"]), queued());
+        }
+        assert_eq!(run(&c, &mut s, &["SET", "after", "1"]), queued());
+        let Reply::Array(replies) = run(&c, &mut s, &["EXEC"]) else {
+            panic!("EXEC did not reply with an array");
+        };
+        assert_eq!(replies.len(), 9);
+        assert!(replies[..7].iter().all(|r| *r == bulk(&value)));
+        assert!(matches!(&replies[7], Reply::Error(e) if e.contains("left out")));
+        assert_eq!(replies[8], Reply::ok());
+        assert_eq!(c.get_plain(b"after").as_deref(), Some(&b"1"[..]));
+    }
+
+    /// Names are cut for error messages at a character boundary: a
+    /// multi-byte character across the cut once panicked the connection.
+    #[test]
+    fn long_names_in_errors_are_cut_between_characters() {
+        let (_, c, mut s) = setup();
+        let name = format!("{}\u{e9}", "a".repeat(63));
+        let sub = format!("{}\u{e9}", "b".repeat(31));
+        for parts in [
+            vec![name.as_str(), "x"],
+            vec!["CLIENT", sub.as_str()],
+            vec!["CONFIG", sub.as_str()],
+        ] {
+            assert!(
+                matches!(run(&c, &mut s, &parts), Reply::Error(_)),
+                "{parts:?}"
+            );
+        }
+        assert_eq!(clip("a\u{e9}", 2), "a");
+        assert_eq!(clip("a\u{e9}", 3), "a\u{e9}");
+    }
+
+    /// The table `MULTI` checks commands against agrees with what `dispatch`
+    /// runs: the counts it refuses get "wrong number of arguments" there,
+    /// the ones it takes do not, and every other name is unknown.
+    #[test]
+    fn the_command_table_matches_dispatch() {
+        let (_, c, mut s) = setup();
+        for (name, arity) in COMMANDS {
+            if matches!(*name, "MULTI" | "EXEC" | "DISCARD" | "QUIT") {
+                continue; // handled before dispatch
+            }
+            for n in 0..7 {
+                let args: Vec<Bytes> = (0..n).map(|_| Bytes::from_static(b"1")).collect();
+                let reply = dispatch(&c, &mut s, name, &args);
+                assert_eq!(
+                    reply == wrong_args(name),
+                    !arity.fits(n),
+                    "{name} with {n} arguments: {reply:?}"
+                );
+            }
+        }
+        assert!(matches!(
+            dispatch(&c, &mut s, "NOSUCH", &[]),
+            Reply::Error(e) if e.starts_with("ERR unknown command")
+        ));
+        assert_eq!(
+            run(&c, &mut s, &["COMMAND", "COUNT"]),
+            Reply::Integer(COMMANDS.len() as i64)
+        );
     }
 
     fn setup() -> (Arc<ManualClock>, Cache, Session) {

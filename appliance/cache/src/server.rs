@@ -631,7 +631,8 @@ where
             + conn.decoder.direct_capacity_for_read()
             + conn.decoder.partial_bytes()
             + conn.out.held_alone()
-            + conn.backlog.held();
+            + conn.backlog.held()
+            + conn.session.queued_bytes();
         if !share.cover(want) {
             // Replies read ahead still wait for their commit: acknowledge
             // nothing before it (`answer` commits, then writes them).
@@ -815,13 +816,15 @@ impl Conn {
     /// Bytes the connection alone holds now: its read buffer's allocation,
     /// a large body in progress, the frame so far outside them, the
     /// replies waiting to be written (values the cache holds too are the
-    /// cache's, see [`Output::held_alone`]), and the backlog.
+    /// cache's, see [`Output::held_alone`]), the backlog, and a
+    /// transaction's queue.
     fn held(&self) -> usize {
         self.input.held_after(Room::Ready)
             + self.decoder.direct_capacity()
             + self.decoder.partial_bytes()
             + self.out.held_alone()
             + self.backlog.held()
+            + self.session.queued_bytes()
     }
 
     /// Commit what the replies acknowledge, then write them (see [`flush`]

@@ -822,3 +822,48 @@ async fn a_pipeline_sent_whole_before_reading_is_answered() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// A client library's transaction (`MULTI` ... `EXEC`, as redis-py's
+/// default pipeline sends it): the replies come back as one array after
+/// `EXEC`, and a command refused while queueing aborts the lot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_from_a_client_library() {
+    let server = Server::start().await;
+    let mut c = client(&server.url()).await;
+    let (set, got, ttl): (String, String, i64) = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg("tx")
+        .arg("1")
+        .arg("EX")
+        .arg(100)
+        .cmd("GET")
+        .arg("tx")
+        .cmd("TTL")
+        .arg("tx")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((set.as_str(), got.as_str(), ttl), ("OK", "1", 100));
+
+    let aborted: redis::RedisResult<(String, String)> = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg("no")
+        .arg("1")
+        .cmd("NOSUCH")
+        .arg("x")
+        .query_async(&mut c)
+        .await;
+    // The library reports the first error: the refusal of NOSUCH.
+    let e = aborted.unwrap_err();
+    assert!(format!("{e:?}").contains("NOSUCH"), "{e:?}");
+    let no: Option<String> = redis::cmd("GET")
+        .arg("no")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(no, None);
+    still_serving(&server).await;
+    server.stop().await;
+}
