@@ -323,7 +323,17 @@ impl Decoder {
             }
             reset_scratch(&mut self.spans);
         }
-        let frame = self.decode(buf)?;
+        // A request that is an empty or null array (`*0`, `*-1`) is no
+        // command, and gets no reply (as in redis): a reply would be taken
+        // as the answer to the next command.
+        let frame = loop {
+            let top_array = !self.in_frame() && buf.first() == Some(&b'*');
+            match self.decode(buf)? {
+                Some(Frame::Null) if top_array => {}
+                Some(Frame::Array(items)) if top_array && items.is_empty() => {}
+                frame => break frame,
+            }
+        };
         let direct = if frame.is_some() {
             std::mem::take(&mut self.direct_done)
         } else {
@@ -1316,6 +1326,10 @@ mod tests {
                     let mut frames = Vec::new();
                     loop {
                         match d.decode(&mut buf) {
+                            // As requests, `*0` and `*-1` are skipped (no
+                            // input here has a top-level `$-1`).
+                            Ok(Some(Frame::Null)) => {}
+                            Ok(Some(Frame::Array(items))) if items.is_empty() => {}
                             Ok(Some(f)) => frames.push(f),
                             Ok(None) => break Ok(as_commands(frames)),
                             Err(e) => break Err(e),
@@ -1636,6 +1650,30 @@ mod tests {
             }
             assert_eq!(result, Err(err));
             assert_eq!(d.direct_capacity(), 0, "no body buffer after {header:?}");
+        }
+    }
+
+    /// `*0` and `*-1` are no command: skipped without a reply, in one
+    /// piece or split; `$-1` is still a frame (an error reply follows).
+    #[test]
+    fn empty_and_null_arrays_are_skipped_as_requests() {
+        let input = b"*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n*0\r\n$-1\r\n";
+        for split in [input.len(), 1, 3] {
+            let mut d = Decoder::new(Limits::default());
+            let mut buf = BytesMut::new();
+            let mut args = Vec::new();
+            let mut got = Vec::new();
+            for piece in input.chunks(split) {
+                buf.extend_from_slice(piece);
+                while let Some(c) = d.decode_command(&mut buf, &mut args).unwrap() {
+                    got.push(match c {
+                        Command::Args => format!("{args:?}"),
+                        Command::Other(f) => format!("{f:?}"),
+                    });
+                }
+            }
+            assert_eq!(got, [r#"[b"PING"]"#, "Null"], "pieces of {split}");
+            assert!(buf.is_empty());
         }
     }
 
