@@ -131,6 +131,7 @@ const COMMANDS: &[(&str, Arity)] = &[
     ("DBSIZE", Arity::Exact(0)),
     ("INFO", Arity::AtLeast(0)),
     ("CLIENT", Arity::AtLeast(1)),
+    ("AUTH", Arity::Between(1, 2)),
     ("SELECT", Arity::Exact(1)),
     ("COMMAND", Arity::AtLeast(0)),
     ("CONFIG", Arity::AtLeast(1)),
@@ -220,15 +221,27 @@ fn parse_int(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
 
-/// A positive TTL argument (`EX`/`PX`), in milliseconds per `unit_ms`.
-fn positive_ttl(b: &[u8], unit_ms: u64, cmd: &str) -> Result<Duration, Reply> {
+/// A positive TTL argument (`EX`/`PX`), in milliseconds per `unit_ms`,
+/// whose deadline (from `now_ms`) fits a signed 64-bit count of
+/// milliseconds, as redis requires.
+fn positive_ttl(b: &[u8], unit_ms: u64, cmd: &str, now_ms: u64) -> Result<Duration, Reply> {
     let n = parse_int(b).ok_or_else(not_integer)?;
     let n = u64::try_from(n)
         .ok()
         .filter(|n| *n > 0)
         .and_then(|n| n.checked_mul(unit_ms))
-        .ok_or_else(|| Reply::err(format!("invalid expire time in '{cmd}' command")))?;
+        .filter(|ms| fits_deadline(*ms, now_ms))
+        .ok_or_else(|| invalid_expire(cmd))?;
     Ok(Duration::from_millis(n))
+}
+
+fn fits_deadline(ms: u64, now_ms: u64) -> bool {
+    ms.checked_add(now_ms)
+        .is_some_and(|t| i64::try_from(t).is_ok())
+}
+
+fn invalid_expire(cmd: &str) -> Reply {
+    Reply::err(format!("invalid expire time in '{cmd}' command"))
 }
 
 /// A stored value gets its own allocation: a decoded argument is usually a
@@ -445,8 +458,8 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         ("SET", n) if n >= 2 => set(cache, a),
         ("DEL", n) if n >= 1 => count(a.iter().map(|k| cache.del_plain(k))),
         ("EXISTS", n) if n >= 1 => count(a.iter().map(|k| Ok(cache.exists(k)))),
-        ("EXPIRE", 2) => expire(cache, a, 1_000),
-        ("PEXPIRE", 2) => expire(cache, a, 1),
+        ("EXPIRE", 2) => expire(cache, a, 1_000, "expire"),
+        ("PEXPIRE", 2) => expire(cache, a, 1, "pexpire"),
         ("PERSIST", 1) => match cache.ttl(&a[0]) {
             KeyTtl::Remaining(_) => match cache.expire(&a[0], None) {
                 Ok(_) => Reply::Integer(1),
@@ -465,6 +478,11 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
             &InfoSelection::parse(a),
         ))),
         ("CLIENT", n) if n >= 1 => client(session, a),
+        ("AUTH", 1) => Reply::err(
+            "AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        ),
+        ("AUTH", 2) => auth(&a[0]).map_or_else(|e| e, |()| Reply::ok()),
         ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
         ("SELECT", 1) => Reply::err("DB index is out of range"),
         ("COMMAND", 1) if upper(&a[0]) == "COUNT" => {
@@ -517,6 +535,20 @@ fn count(results: impl Iterator<Item = Result<bool, CacheError>>) -> Reply {
 /// names are labels such as "worker-3".
 pub const MAX_CLIENT_NAME: usize = 1024;
 
+/// `AUTH user password` (also in `HELLO`): the endpoint has no passwords
+/// (it listens on loopback and a Unix socket only), so, as redis with its
+/// `default` user and no password set, that user is let in with any
+/// password and every other name is refused.
+fn auth(user: &[u8]) -> Result<(), Reply> {
+    if user == b"default" {
+        Ok(())
+    } else {
+        Err(Reply::Error(
+            "WRONGPASS invalid username-password pair or user is disabled.".into(),
+        ))
+    }
+}
+
 /// A name for `CLIENT SETNAME` or `HELLO ... SETNAME`, checked.
 fn client_name(raw: &Bytes) -> Result<Bytes, Reply> {
     if raw.iter().any(|b| *b == b' ' || *b == b'\n') {
@@ -555,10 +587,11 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
                 }
                 rest = &rest[2..];
             }
-            ("AUTH", _) => {
-                return Reply::Error(
-                    "WRONGPASS authentication is not enabled on this server".into(),
-                )
+            ("AUTH", n) if n >= 3 => {
+                if let Err(e) = auth(&rest[1]) {
+                    return e;
+                }
+                rest = &rest[3..];
             }
             _ => return syntax_error(),
         }
@@ -588,24 +621,26 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
 fn set(cache: &Cache, a: &[Bytes]) -> Reply {
     let (key, value) = (&a[0], &a[1]);
     let mut ttl = None;
+    // Which of EX and PX gave it: repeating one is allowed (the last
+    // counts), mixing them is not, as in redis; NX and XX likewise.
+    let mut ttl_unit = None;
     let mut condition = SetCondition::Always;
     let mut i = 2;
     while i < a.len() {
         let opt = upper(&a[i]);
         match opt.as_str() {
-            "NX" | "XX" if condition != SetCondition::Always => return syntax_error(),
-            "NX" => condition = SetCondition::IfAbsent,
-            "XX" => condition = SetCondition::IfPresent,
-            "EX" | "PX" if ttl.is_some() => return syntax_error(),
+            "NX" if condition != SetCondition::IfPresent => condition = SetCondition::IfAbsent,
+            "XX" if condition != SetCondition::IfAbsent => condition = SetCondition::IfPresent,
             "EX" | "PX" => {
-                let Some(arg) = a.get(i + 1) else {
+                let unit = if opt == "EX" { 1_000 } else { 1 };
+                let Some(arg) = a.get(i + 1).filter(|_| ttl_unit.is_none_or(|u| u == unit)) else {
                     return syntax_error();
                 };
-                let unit = if opt == "EX" { 1_000 } else { 1 };
-                match positive_ttl(arg, unit, "set") {
+                match positive_ttl(arg, unit, "set", cache.now_ms()) {
                     Ok(d) => ttl = Some(d),
                     Err(r) => return r,
                 }
+                ttl_unit = Some(unit);
                 i += 1;
             }
             _ => return syntax_error(),
@@ -619,12 +654,20 @@ fn set(cache: &Cache, a: &[Bytes]) -> Reply {
     }
 }
 
-fn expire(cache: &Cache, a: &[Bytes], unit_ms: i64) -> Reply {
+fn expire(cache: &Cache, a: &[Bytes], unit_ms: i64, cmd: &str) -> Reply {
     let Some(n) = parse_int(&a[1]) else {
         return not_integer();
     };
-    // Zero or negative deletes the key, as in Redis.
-    let ms = u64::try_from(n.saturating_mul(unit_ms)).unwrap_or(0);
+    // Zero or negative deletes the key, as in redis; a time that does not
+    // fit (a deadline past the signed 64-bit milliseconds) is refused and
+    // changes nothing.
+    let Some(ms) = n.checked_mul(unit_ms) else {
+        return invalid_expire(cmd);
+    };
+    let ms = u64::try_from(ms).unwrap_or(0);
+    if !fits_deadline(ms, cache.now_ms()) {
+        return invalid_expire(cmd);
+    }
     match cache.expire(&a[0], Some(Duration::from_millis(ms))) {
         Ok(found) => Reply::Integer(i64::from(found)),
         Err(e) => cache_error(&e),
@@ -636,7 +679,8 @@ fn ttl_reply(t: KeyTtl, seconds: bool) -> Reply {
         KeyTtl::Missing => Reply::Integer(-2),
         KeyTtl::Persistent => Reply::Integer(-1),
         KeyTtl::Remaining(ms) => {
-            let v = if seconds { ms.div_ceil(1_000) } else { ms };
+            // Rounded to the nearest second, as redis does.
+            let v = if seconds { (ms + 500) / 1_000 } else { ms };
             Reply::Integer(i64::try_from(v).unwrap_or(i64::MAX))
         }
     }
@@ -690,11 +734,11 @@ fn agent_set(cache: &Cache, a: &[Bytes]) -> Reply {
             return syntax_error();
         };
         match upper(opt).as_str() {
-            "EX" if ttl.is_none() => match positive_ttl(arg, 1_000, "agent.set") {
+            "EX" if ttl.is_none() => match positive_ttl(arg, 1_000, "agent.set", cache.now_ms()) {
                 Ok(d) => ttl = Some(d),
                 Err(r) => return r,
             },
-            "PX" if ttl.is_none() => match positive_ttl(arg, 1, "agent.set") {
+            "PX" if ttl.is_none() => match positive_ttl(arg, 1, "agent.set", cache.now_ms()) {
                 Ok(d) => ttl = Some(d),
                 Err(r) => return r,
             },
@@ -1079,6 +1123,100 @@ mod tests {
         );
         assert_eq!(run(&c, &mut s, &["SET", "k", "v", "EX"]), syntax_error());
         assert_eq!(run(&c, &mut s, &["SET", "k"]), wrong_args("SET"));
+    }
+
+    /// Limits and option rules as redis 7 has them (found by comparing
+    /// replies with redis-server 7.0.15 byte for byte).
+    #[test]
+    fn expiry_times_and_set_options_as_redis_takes_them() {
+        let (_, c, mut s) = setup();
+        let invalid = |cmd: &str| Reply::err(format!("invalid expire time in '{cmd}' command"));
+        // Repeating an option is allowed, the last TTL counts; mixing is not.
+        assert_eq!(run(&c, &mut s, &["SET", "k", "v", "NX", "NX"]), Reply::ok());
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "10", "EX", "20"]),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(20));
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "10", "PX", "5"]),
+            syntax_error()
+        );
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "XX", "NX"]),
+            syntax_error()
+        );
+        // A deadline past the signed 64-bit milliseconds is refused, and
+        // the key keeps its value and TTL.
+        for (opt, n) in [("PX", "9223372036854775807"), ("EX", "9223372036854775")] {
+            assert_eq!(run(&c, &mut s, &["SET", "k", "w", opt, n]), invalid("set"));
+        }
+        assert_eq!(run(&c, &mut s, &["GET", "k"]), bulk("v"));
+        for (cmd, n) in [
+            ("EXPIRE", "-9223372036854775808"),
+            ("EXPIRE", "9223372036854775807"),
+            ("PEXPIRE", "9223372036854775807"),
+        ] {
+            let name = cmd.to_ascii_lowercase();
+            assert_eq!(run(&c, &mut s, &[cmd, "k", n]), invalid(&name), "{cmd} {n}");
+        }
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(20));
+        // TTL rounds to the nearest second.
+        assert_eq!(
+            run(&c, &mut s, &["PEXPIRE", "k", "1200"]),
+            Reply::Integer(1)
+        );
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(1));
+        assert_eq!(
+            run(&c, &mut s, &["PEXPIRE", "k", "1500"]),
+            Reply::Integer(1)
+        );
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(2));
+        assert_eq!(run(&c, &mut s, &["PEXPIRE", "k", "400"]), Reply::Integer(1));
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(0));
+        // A negative time in range deletes.
+        assert_eq!(
+            run(&c, &mut s, &["PEXPIRE", "k", "-9223372036854775808"]),
+            Reply::Integer(1)
+        );
+        assert_eq!(run(&c, &mut s, &["GET", "k"]), Reply::Null);
+    }
+
+    /// No passwords: the `default` user gets in with any, others do not.
+    #[test]
+    fn auth_as_redis_without_a_password() {
+        let (_, c, mut s) = setup();
+        assert!(matches!(
+            run(&c, &mut s, &["AUTH", "secret"]),
+            Reply::Error(e) if e.contains("without any password configured")
+        ));
+        assert_eq!(run(&c, &mut s, &["AUTH", "default", "secret"]), Reply::ok());
+        let wrongpass =
+            Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into());
+        assert_eq!(run(&c, &mut s, &["AUTH", "bob", "secret"]), wrongpass);
+        assert_eq!(
+            run(&c, &mut s, &["HELLO", "3", "AUTH", "bob", "pw"]),
+            wrongpass
+        );
+        assert_eq!(
+            s.protocol,
+            Protocol::Resp2,
+            "a refused HELLO changes nothing"
+        );
+        assert_eq!(
+            run(&c, &mut s, &["HELLO", "3", "AUTH", "default"]),
+            syntax_error()
+        );
+        assert!(matches!(
+            run(
+                &c,
+                &mut s,
+                &["HELLO", "3", "AUTH", "default", "pw", "SETNAME", "w"]
+            ),
+            Reply::Map(_)
+        ));
+        assert_eq!(s.protocol, Protocol::Resp3);
+        assert_eq!(s.name.as_deref(), Some(&b"w"[..]));
     }
 
     #[test]
