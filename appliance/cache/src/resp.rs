@@ -154,6 +154,10 @@ pub enum ProtocolError {
         /// Limit.
         max: usize,
     },
+    /// An inline command with a quote not closed, or not followed by a
+    /// space or the line's end.
+    #[error("unbalanced quotes in request")]
+    UnbalancedQuotes,
     /// An inline command with no line end within the limit.
     #[error("too big inline request (limit {max} bytes)")]
     InlineTooLong {
@@ -676,17 +680,109 @@ impl Decoder {
             return Ok(None);
         };
         let line = buf.split_to(nl + 1).freeze();
-        let text = line.slice(..nl);
-        let words: Vec<Frame> = text
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|w| !w.is_empty())
-            .map(|w| Frame::Bulk(text.slice_ref(w)))
-            .collect();
+        let end = if nl > 0 && line[nl - 1] == b'\r' {
+            nl - 1
+        } else {
+            nl
+        };
+        let text = line.slice(..end);
+        let words: Vec<Frame> = if text.iter().any(|b| matches!(b, b'"' | b'\'')) {
+            split_quoted(&text)?
+                .into_iter()
+                .map(|w| Frame::Bulk(Bytes::from(w)))
+                .collect()
+        } else {
+            text.split(|b| is_space(*b))
+                .filter(|w| !w.is_empty())
+                .map(|w| Frame::Bulk(text.slice_ref(w)))
+                .collect()
+        };
         if words.is_empty() {
             return Ok(Some(None));
         }
         Ok(Some(Some(Frame::Array(words))))
     }
+}
+
+/// Whitespace between inline arguments (C's `isspace`, as redis uses).
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// Splits an inline command line into arguments as redis does
+/// (`sdssplitargs`): words separated by whitespace; in double quotes,
+/// `\xHH` and `\n`, `\r`, `\t`, `\b`, `\a` escapes (any other escaped
+/// character stands for itself); in single quotes, only `\'`. A closing
+/// quote must be followed by whitespace or the end of the line.
+fn split_quoted(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
+    let mut words = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < line.len() && is_space(line[i]) {
+            i += 1;
+        }
+        if i == line.len() {
+            return Ok(words);
+        }
+        let mut word = Vec::new();
+        // The quote being read (b'"' or b'\''), if any.
+        let mut quote = None;
+        loop {
+            let Some(&c) = line.get(i) else {
+                if quote.is_some() {
+                    return Err(ProtocolError::UnbalancedQuotes);
+                }
+                break;
+            };
+            match quote {
+                Some(b'"') if c == b'\\' && line.get(i + 1) == Some(&b'x') => {
+                    let digit = |at: usize| line.get(at).and_then(|d| hex(*d));
+                    if let (Some(h), Some(l)) = (digit(i + 2), digit(i + 3)) {
+                        word.push(h << 4 | l);
+                        i += 4;
+                    } else {
+                        word.push(b'x');
+                        i += 2;
+                    }
+                    continue;
+                }
+                Some(b'"') if c == b'\\' && i + 1 < line.len() => {
+                    word.push(match line[i + 1] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 0x08,
+                        b'a' => 0x07,
+                        other => other,
+                    });
+                    i += 2;
+                    continue;
+                }
+                Some(b'\'') if c == b'\\' && line.get(i + 1) == Some(&b'\'') => {
+                    word.push(b'\'');
+                    i += 2;
+                    continue;
+                }
+                Some(q) if c == q => {
+                    if line.get(i + 1).is_some_and(|n| !is_space(*n)) {
+                        return Err(ProtocolError::UnbalancedQuotes);
+                    }
+                    i += 1;
+                    break;
+                }
+                Some(_) => word.push(c),
+                None if is_space(c) || c == 0 => break,
+                None if c == b'"' || c == b'\'' => quote = Some(c),
+                None => word.push(c),
+            }
+            i += 1;
+        }
+        words.push(word);
+    }
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
 }
 
 /// Protocol version of a connection.
@@ -1650,6 +1746,57 @@ mod tests {
             }
             assert_eq!(result, Err(err));
             assert_eq!(d.direct_capacity(), 0, "no body buffer after {header:?}");
+        }
+    }
+
+    /// Inline commands split as redis splits them (`sdssplitargs`).
+    #[test]
+    fn inline_commands_take_quotes_and_escapes() {
+        let words = |line: &str| -> Result<Vec<String>, ProtocolError> {
+            let mut d = Decoder::new(Limits::default());
+            let mut buf = BytesMut::from(line);
+            match d.decode(&mut buf)? {
+                Some(Frame::Array(items)) => Ok(items
+                    .into_iter()
+                    .map(|f| match f {
+                        Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect()),
+                other => panic!("{line:?}: {other:?}"),
+            }
+        };
+        assert_eq!(words("SET k v\r\n").unwrap(), ["SET", "k", "v"]);
+        assert_eq!(words("SET k \"v\"\r\n").unwrap(), ["SET", "k", "v"]);
+        assert_eq!(
+            words("SET k \"hello world\"\r\n").unwrap(),
+            ["SET", "k", "hello world"]
+        );
+        assert_eq!(
+            words("SET 'it''s' '\\'q\\''\n").unwrap_err(),
+            ProtocolError::UnbalancedQuotes
+        );
+        assert_eq!(
+            words("SET k 'a \\'q\\' b'\n").unwrap(),
+            ["SET", "k", "a 'q' b"]
+        );
+        assert_eq!(
+            words("SET k \"\\x41\\n\\t\\\"\\q\\xZZ\"\r\n").unwrap(),
+            ["SET", "k", "A\n\t\"qxZZ"]
+        );
+        assert_eq!(words("SET a\"b c\" d\n").unwrap(), ["SET", "ab c", "d"]);
+        assert_eq!(words("ECHO \"\"\n").unwrap(), ["ECHO", ""]);
+        for bad in [
+            "SET k \"abc\r\n",
+            "SET k \"a\"b\n",
+            "SET k 'abc\n",
+            "SET k \"a\\\n",
+        ] {
+            assert_eq!(
+                words(bad).unwrap_err(),
+                ProtocolError::UnbalancedQuotes,
+                "{bad:?}"
+            );
         }
     }
 
