@@ -121,6 +121,41 @@ pub enum SetCondition {
     IfPresent,
 }
 
+/// When a plain `SET` makes its key expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SetExpiry {
+    /// Never: a `SET` clears any TTL the key had.
+    #[default]
+    Never,
+    /// After this long (`EX`, `PX`).
+    After(Duration),
+    /// At this Unix time in milliseconds (`EXAT`, `PXAT`); a time already
+    /// past deletes the key instead.
+    At(u64),
+    /// When the key would have (`KEEPTTL`).
+    Keep,
+}
+
+/// A plain `SET` with redis 7's options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetOptions {
+    /// The new expiry.
+    pub expiry: SetExpiry,
+    /// `NX` / `XX`.
+    pub condition: SetCondition,
+    /// Return the value the key had (`GET`).
+    pub get: bool,
+}
+
+/// What a plain `SET` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetOutcome {
+    /// The value was written (the condition held).
+    pub written: bool,
+    /// The value the key had, if asked for (`SetOptions::get`).
+    pub old: Option<Bytes>,
+}
+
 /// Remaining lifetime of a key, as `TTL` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyTtl {
@@ -668,24 +703,65 @@ impl Cache {
         ttl: Option<Duration>,
         condition: SetCondition,
     ) -> Result<bool, CacheError> {
+        let expiry = ttl.map_or(SetExpiry::Never, SetExpiry::After);
+        let options = SetOptions {
+            expiry,
+            condition,
+            get: false,
+        };
+        self.set_plain_with(key, value, options)
+            .map(|done| done.written)
+    }
+
+    /// `SET key value` with any of redis 7's options, in one step under the
+    /// cache lock (the old value for `GET` and the TTL for `KEEPTTL` are
+    /// the ones replaced).
+    pub fn set_plain_with(
+        &self,
+        key: &[u8],
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<SetOutcome, CacheError> {
         let value = value.into();
         let res = self.mutate(|s, now| {
-            let expires_at = Self::expiry(now, ttl)?;
-            let go = match condition {
+            // Looked up only when an option needs it: a plain SET is hot.
+            let needs_current = options.get || options.expiry == SetExpiry::Keep;
+            let existing = if options.condition != SetCondition::Always || needs_current {
+                Self::resolve(s, key, now)
+            } else {
+                None
+            };
+            let current = existing.and_then(|k| s.peek(k, now));
+            let old = current.filter(|_| options.get).map(|e| e.value.clone());
+            let kept = current.and_then(|e| e.expires_at);
+            let go = match options.condition {
                 SetCondition::Always => true,
-                SetCondition::IfAbsent => Self::resolve(s, key, now).is_none(),
-                SetCondition::IfPresent => Self::resolve(s, key, now).is_some(),
+                SetCondition::IfAbsent => existing.is_none(),
+                SetCondition::IfPresent => existing.is_some(),
             };
             if !go {
-                return Ok(false);
+                return Ok(SetOutcome {
+                    written: false,
+                    old,
+                });
             }
+            let expires_at = match options.expiry {
+                SetExpiry::Never => None,
+                SetExpiry::After(d) => Self::expiry(now, Some(d))?,
+                SetExpiry::At(at) if at <= now => {
+                    s.remove(KeyRef::Plain(key), now);
+                    return Ok(SetOutcome { written: true, old });
+                }
+                SetExpiry::At(at) => Some(at),
+                SetExpiry::Keep => kept,
+            };
             let entry = Entry {
                 value,
                 expires_at,
                 owner: None,
             };
             s.insert_ref(KeyRef::Plain(key), entry, now)?;
-            Ok(true)
+            Ok(SetOutcome { written: true, old })
         });
         res?
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::cache::{Cache, CacheError, KeyTtl, SetCondition};
+use crate::cache::{Cache, CacheError, KeyTtl, SetCondition, SetExpiry, SetOptions};
 use crate::persist::Fsync;
 use crate::resp::{Frame, Protocol, Reply, DIRECT_BULK_MIN};
 
@@ -620,38 +620,72 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
 
 fn set(cache: &Cache, a: &[Bytes]) -> Reply {
     let (key, value) = (&a[0], &a[1]);
-    let mut ttl = None;
-    // Which of EX and PX gave it: repeating one is allowed (the last
-    // counts), mixing them is not, as in redis; NX and XX likewise.
-    let mut ttl_unit = None;
-    let mut condition = SetCondition::Always;
+    let mut options = SetOptions::default();
+    // The option that gave the expiry: repeating it is allowed (the last
+    // counts), mixing it with another is not, as in redis; NX and XX
+    // likewise.
+    let mut expiry_by: Option<&str> = None;
     let mut i = 2;
     while i < a.len() {
         let opt = upper(&a[i]);
         match opt.as_str() {
-            "NX" if condition != SetCondition::IfPresent => condition = SetCondition::IfAbsent,
-            "XX" if condition != SetCondition::IfAbsent => condition = SetCondition::IfPresent,
-            "EX" | "PX" => {
-                let unit = if opt == "EX" { 1_000 } else { 1 };
-                let Some(arg) = a.get(i + 1).filter(|_| ttl_unit.is_none_or(|u| u == unit)) else {
+            "NX" if options.condition != SetCondition::IfPresent => {
+                options.condition = SetCondition::IfAbsent;
+            }
+            "XX" if options.condition != SetCondition::IfAbsent => {
+                options.condition = SetCondition::IfPresent;
+            }
+            "GET" => options.get = true,
+            "KEEPTTL" if expiry_by.is_none_or(|by| by == "KEEPTTL") => {
+                options.expiry = SetExpiry::Keep;
+                expiry_by = Some("KEEPTTL");
+            }
+            by @ ("EX" | "PX" | "EXAT" | "PXAT") => {
+                let Some(arg) = a.get(i + 1).filter(|_| expiry_by.is_none_or(|b| b == by)) else {
                     return syntax_error();
                 };
-                match positive_ttl(arg, unit, "set", cache.now_ms()) {
-                    Ok(d) => ttl = Some(d),
+                let now = cache.now_ms();
+                let expiry = match by {
+                    "EX" => positive_ttl(arg, 1_000, "set", now).map(SetExpiry::After),
+                    "PX" => positive_ttl(arg, 1, "set", now).map(SetExpiry::After),
+                    "EXAT" => deadline(arg, 1_000, "set").map(SetExpiry::At),
+                    _ => deadline(arg, 1, "set").map(SetExpiry::At),
+                };
+                match expiry {
+                    Ok(e) => options.expiry = e,
                     Err(r) => return r,
                 }
-                ttl_unit = Some(unit);
+                expiry_by = Some(match by {
+                    "EX" => "EX",
+                    "PX" => "PX",
+                    "EXAT" => "EXAT",
+                    _ => "PXAT",
+                });
                 i += 1;
             }
             _ => return syntax_error(),
         }
         i += 1;
     }
-    match cache.set_plain(key, owned(value), ttl, condition) {
-        Ok(true) => Reply::ok(),
-        Ok(false) => Reply::Null,
+    match cache.set_plain_with(key, owned(value), options) {
+        // With GET, the reply is the value replaced (or nil), written or not.
+        Ok(done) if options.get => bulk_or_null(done.old),
+        Ok(done) if done.written => Reply::ok(),
+        Ok(_) => Reply::Null,
         Err(e) => cache_error(&e),
     }
+}
+
+/// An absolute expiry (`EXAT`, `PXAT`) as Unix milliseconds: positive,
+/// and within signed 64-bit milliseconds, as redis requires.
+fn deadline(b: &[u8], unit_ms: u64, cmd: &str) -> Result<u64, Reply> {
+    let n = parse_int(b).ok_or_else(not_integer)?;
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| n.checked_mul(unit_ms))
+        .filter(|ms| i64::try_from(*ms).is_ok())
+        .ok_or_else(|| invalid_expire(cmd))
 }
 
 fn expire(cache: &Cache, a: &[Bytes], unit_ms: i64, cmd: &str) -> Reply {
@@ -1180,6 +1214,69 @@ mod tests {
             Reply::Integer(1)
         );
         assert_eq!(run(&c, &mut s, &["GET", "k"]), Reply::Null);
+    }
+
+    /// SET's GET, KEEPTTL, EXAT and PXAT (replies as redis-server 7.0.15
+    /// gives them for the same commands).
+    #[test]
+    fn set_returns_the_old_value_keeps_ttls_and_takes_deadlines() {
+        let (clock, c, mut s) = setup(); // the clock is at 1,000,000 ms
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "100"]),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["SET", "k", "w", "KEEPTTL"]), Reply::ok());
+        assert_eq!(run(&c, &mut s, &["TTL", "k"]), Reply::Integer(100));
+        assert_eq!(run(&c, &mut s, &["SET", "k", "x", "GET"]), bulk("w"));
+        assert_eq!(
+            run(&c, &mut s, &["TTL", "k"]),
+            Reply::Integer(-1),
+            "a SET clears the TTL"
+        );
+        assert_eq!(run(&c, &mut s, &["SET", "n", "x", "GET"]), Reply::Null);
+        // NX with GET: not written, the old value still returned.
+        assert_eq!(run(&c, &mut s, &["SET", "k", "y", "NX", "GET"]), bulk("x"));
+        assert_eq!(run(&c, &mut s, &["GET", "k"]), bulk("x"));
+        assert_eq!(
+            run(&c, &mut s, &["SET", "m", "v", "XX", "GET"]),
+            Reply::Null
+        );
+        assert_eq!(run(&c, &mut s, &["GET", "m"]), Reply::Null);
+        // Deadlines: seconds or milliseconds since the epoch.
+        assert_eq!(
+            run(&c, &mut s, &["SET", "e", "v", "EXAT", "1100"]),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["TTL", "e"]), Reply::Integer(100));
+        assert_eq!(
+            run(&c, &mut s, &["SET", "e", "v", "PXAT", "1000500"]),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["PTTL", "e"]), Reply::Integer(500));
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(run(&c, &mut s, &["GET", "e"]), Reply::Null);
+        // A deadline already past deletes the key.
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "PXAT", "1"]),
+            Reply::ok()
+        );
+        assert_eq!(run(&c, &mut s, &["EXISTS", "k"]), Reply::Integer(0));
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EXAT", "0"]),
+            Reply::err("invalid expire time in 'set' command")
+        );
+        for mixed in [
+            &["KEEPTTL", "EX", "10"][..],
+            &["EX", "10", "EXAT", "100"],
+            &["PXAT", "5", "KEEPTTL"],
+        ] {
+            let parts: Vec<&str> = ["SET", "k", "v"].iter().chain(mixed).copied().collect();
+            assert_eq!(run(&c, &mut s, &parts), syntax_error(), "{mixed:?}");
+        }
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "KEEPTTL", "KEEPTTL"]),
+            Reply::ok()
+        );
     }
 
     /// No passwords: the `default` user gets in with any, others do not.

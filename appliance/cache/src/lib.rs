@@ -124,7 +124,7 @@ pub mod store;
 
 pub use cache::{
     Cache, CacheConfig, CacheError, CacheStats, KeyTtl, Maintenance, PendingCommit, PutItem,
-    SetCondition,
+    SetCondition, SetExpiry, SetOptions, SetOutcome,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use json::{
