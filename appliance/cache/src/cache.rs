@@ -136,6 +136,20 @@ pub enum SetExpiry {
     Keep,
 }
 
+/// When `EXPIRE` applies (redis 7's options): every one set must hold.
+/// The default (none set) always applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExpireCondition {
+    /// The key has no expiry (`NX`).
+    pub if_none: bool,
+    /// The key has one (`XX`).
+    pub if_some: bool,
+    /// The new expiry is later (`GT`; no expiry counts as later than any).
+    pub if_later: bool,
+    /// The new expiry is sooner (`LT`).
+    pub if_sooner: bool,
+}
+
 /// A plain `SET` with redis 7's options.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SetOptions {
@@ -779,12 +793,33 @@ impl Cache {
     /// `EXPIRE`/`PERSIST`: set (or clear with `None`) a key's TTL; a zero TTL
     /// deletes it. Returns whether the key exists.
     pub fn expire(&self, key: &[u8], ttl: Option<Duration>) -> Result<bool, CacheError> {
+        self.expire_if(key, ttl, ExpireCondition::default())
+    }
+
+    /// [`Cache::expire`] if `condition` holds for the key's expiry now (in
+    /// one step under the cache lock); returns whether it was applied.
+    pub fn expire_if(
+        &self,
+        key: &[u8],
+        ttl: Option<Duration>,
+        condition: ExpireCondition,
+    ) -> Result<bool, CacheError> {
         self.mutate(|s, now| {
             let Some(k) = Self::resolve(s, key, now) else {
                 return false;
             };
             let at = ttl.map(|d| now.saturating_add(duration_ms(d)));
-            s.set_expiry(k, at, now)
+            let current = s.peek(k, now).and_then(|e| e.expires_at);
+            // No expiry counts as later than any.
+            let later = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (Some(a), Some(b)) => a > b,
+                (a, b) => a.is_none() && b.is_some(),
+            };
+            let go = (!condition.if_none || current.is_none())
+                && (!condition.if_some || current.is_some())
+                && (!condition.if_later || later(at, current))
+                && (!condition.if_sooner || later(current, at));
+            go && s.set_expiry(k, at, now)
         })
     }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::cache::{Cache, CacheError, KeyTtl, SetCondition, SetExpiry, SetOptions};
+use crate::cache::{
+    Cache, CacheError, ExpireCondition, KeyTtl, SetCondition, SetExpiry, SetOptions,
+};
 use crate::persist::Fsync;
 use crate::resp::{Frame, Protocol, Reply, DIRECT_BULK_MIN};
 
@@ -121,8 +123,8 @@ const COMMANDS: &[(&str, Arity)] = &[
     ("SET", Arity::AtLeast(2)),
     ("DEL", Arity::AtLeast(1)),
     ("EXISTS", Arity::AtLeast(1)),
-    ("EXPIRE", Arity::Exact(2)),
-    ("PEXPIRE", Arity::Exact(2)),
+    ("EXPIRE", Arity::AtLeast(2)),
+    ("PEXPIRE", Arity::AtLeast(2)),
     ("PERSIST", Arity::Exact(1)),
     ("TTL", Arity::Exact(1)),
     ("PTTL", Arity::Exact(1)),
@@ -458,8 +460,8 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
         ("SET", n) if n >= 2 => set(cache, a),
         ("DEL", n) if n >= 1 => count(a.iter().map(|k| cache.del_plain(k))),
         ("EXISTS", n) if n >= 1 => count(a.iter().map(|k| Ok(cache.exists(k)))),
-        ("EXPIRE", 2) => expire(cache, a, 1_000, "expire"),
-        ("PEXPIRE", 2) => expire(cache, a, 1, "pexpire"),
+        ("EXPIRE", n) if n >= 2 => expire(cache, a, 1_000, "expire"),
+        ("PEXPIRE", n) if n >= 2 => expire(cache, a, 1, "pexpire"),
         ("PERSIST", 1) => match cache.ttl(&a[0]) {
             KeyTtl::Remaining(_) => match cache.expire(&a[0], None) {
                 Ok(_) => Reply::Integer(1),
@@ -689,6 +691,26 @@ fn deadline(b: &[u8], unit_ms: u64, cmd: &str) -> Result<u64, Reply> {
 }
 
 fn expire(cache: &Cache, a: &[Bytes], unit_ms: i64, cmd: &str) -> Reply {
+    // Options first, as redis checks them.
+    let mut condition = ExpireCondition::default();
+    for opt in &a[2..] {
+        match upper(opt).as_str() {
+            "NX" => condition.if_none = true,
+            "XX" => condition.if_some = true,
+            "GT" => condition.if_later = true,
+            "LT" => condition.if_sooner = true,
+            _ => {
+                let raw = String::from_utf8_lossy(opt);
+                return Reply::err(format!("Unsupported option {}", clip(&raw, 32)));
+            }
+        }
+    }
+    if condition.if_none && (condition.if_some || condition.if_later || condition.if_sooner) {
+        return Reply::err("NX and XX, GT or LT options at the same time are not compatible");
+    }
+    if condition.if_later && condition.if_sooner {
+        return Reply::err("GT and LT options at the same time are not compatible");
+    }
     let Some(n) = parse_int(&a[1]) else {
         return not_integer();
     };
@@ -702,7 +724,7 @@ fn expire(cache: &Cache, a: &[Bytes], unit_ms: i64, cmd: &str) -> Reply {
     if !fits_deadline(ms, cache.now_ms()) {
         return invalid_expire(cmd);
     }
-    match cache.expire(&a[0], Some(Duration::from_millis(ms))) {
+    match cache.expire_if(&a[0], Some(Duration::from_millis(ms)), condition) {
         Ok(found) => Reply::Integer(i64::from(found)),
         Err(e) => cache_error(&e),
     }
@@ -1277,6 +1299,46 @@ mod tests {
             run(&c, &mut s, &["SET", "k", "v", "KEEPTTL", "KEEPTTL"]),
             Reply::ok()
         );
+    }
+
+    /// EXPIRE's NX, XX, GT and LT (the same sequence gave the same replies
+    /// from redis-server 7.0.15).
+    #[test]
+    fn expire_conditions_as_redis_7() {
+        let (_, c, mut s) = setup();
+        let steps: &[(&[&str], Reply)] = &[
+            (&["SET", "k", "v"], Reply::ok()),
+            (&["EXPIRE", "k", "100", "XX"], Reply::Integer(0)),
+            (&["EXPIRE", "k", "100", "GT"], Reply::Integer(0)),
+            (&["EXPIRE", "k", "100", "LT"], Reply::Integer(1)),
+            (&["EXPIRE", "k", "50", "NX"], Reply::Integer(0)),
+            (&["EXPIRE", "k", "300", "gt"], Reply::Integer(1)),
+            (&["EXPIRE", "k", "100", "GT"], Reply::Integer(0)),
+            (&["TTL", "k"], Reply::Integer(300)),
+            (&["EXPIRE", "k", "120", "XX", "LT"], Reply::Integer(1)),
+            (&["TTL", "k"], Reply::Integer(120)),
+            (
+                &["EXPIRE", "k", "10", "NX", "XX"],
+                Reply::err("NX and XX, GT or LT options at the same time are not compatible"),
+            ),
+            (
+                &["EXPIRE", "k", "10", "GT", "LT"],
+                Reply::err("GT and LT options at the same time are not compatible"),
+            ),
+            (
+                &["EXPIRE", "k", "abc", "Foo"],
+                Reply::err("Unsupported option Foo"),
+            ),
+            (&["PEXPIRE", "k", "-5", "GT"], Reply::Integer(0)),
+            (&["PEXPIRE", "k", "-5", "LT"], Reply::Integer(1)),
+            (&["EXISTS", "k"], Reply::Integer(0)),
+            (&["SET", "p", "v"], Reply::ok()),
+            (&["EXPIRE", "p", "10", "LT", "XX"], Reply::Integer(0)),
+            (&["EXPIRE", "p", "10", "LT"], Reply::Integer(1)),
+        ];
+        for (parts, reply) in steps {
+            assert_eq!(run(&c, &mut s, parts), *reply, "{parts:?}");
+        }
     }
 
     /// No passwords: the `default` user gets in with any, others do not.

@@ -123,8 +123,8 @@ pub mod server;
 pub mod store;
 
 pub use cache::{
-    Cache, CacheConfig, CacheError, CacheStats, KeyTtl, Maintenance, PendingCommit, PutItem,
-    SetCondition, SetExpiry, SetOptions, SetOutcome,
+    Cache, CacheConfig, CacheError, CacheStats, ExpireCondition, KeyTtl, Maintenance,
+    PendingCommit, PutItem, SetCondition, SetExpiry, SetOptions, SetOutcome,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use json::{
