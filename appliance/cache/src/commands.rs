@@ -219,7 +219,18 @@ fn cache_error(e: &CacheError) -> Reply {
     Reply::err(e)
 }
 
+/// An integer argument written as redis requires: an optional `-`, then
+/// digits with no leading zero (`0` alone aside); no `+`, no spaces.
 fn parse_int(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let canonical = match digits {
+        [b'0'] => b.len() == 1,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !canonical {
+        return None;
+    }
     std::str::from_utf8(b).ok()?.parse().ok()
 }
 
@@ -485,8 +496,11 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
              Are you sure your configuration is correct?",
         ),
         ("AUTH", 2) => auth(&a[0]).map_or_else(|e| e, |()| Reply::ok()),
-        ("SELECT", 1) if a[0].as_ref() == b"0" => Reply::ok(),
-        ("SELECT", 1) => Reply::err("DB index is out of range"),
+        ("SELECT", 1) => match parse_int(&a[0]) {
+            Some(0) => Reply::ok(),
+            Some(_) => Reply::err("DB index is out of range"),
+            None => not_integer(),
+        },
         ("COMMAND", 1) if upper(&a[0]) == "COUNT" => {
             Reply::Integer(i64::try_from(COMMANDS.len()).unwrap_or(i64::MAX))
         }
@@ -1298,6 +1312,39 @@ mod tests {
         assert_eq!(
             run(&c, &mut s, &["SET", "k", "v", "KEEPTTL", "KEEPTTL"]),
             Reply::ok()
+        );
+    }
+
+    #[test]
+    fn integers_are_read_as_redis_reads_them() {
+        for (text, n) in [("0", Some(0)), ("-7", Some(-7)), ("42", Some(42))] {
+            assert_eq!(parse_int(text.as_bytes()), n, "{text}");
+        }
+        assert_eq!(parse_int(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            "+5",
+            "05",
+            "-0",
+            "",
+            "-",
+            " 5",
+            "5 ",
+            "1e3",
+            "9223372036854775808",
+            "00",
+        ] {
+            assert_eq!(parse_int(bad.as_bytes()), None, "{bad:?}");
+        }
+        let (_, c, mut s) = setup();
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "+5"]),
+            not_integer()
+        );
+        assert_eq!(run(&c, &mut s, &["SELECT", "0"]), Reply::ok());
+        assert_eq!(run(&c, &mut s, &["SELECT", "00"]), not_integer());
+        assert_eq!(
+            run(&c, &mut s, &["SELECT", "1"]),
+            Reply::err("DB index is out of range")
         );
     }
 
