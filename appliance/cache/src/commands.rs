@@ -567,7 +567,8 @@ fn auth(user: &[u8]) -> Result<(), Reply> {
 
 /// A name for `CLIENT SETNAME` or `HELLO ... SETNAME`, checked.
 fn client_name(raw: &Bytes) -> Result<Bytes, Reply> {
-    if raw.iter().any(|b| *b == b' ' || *b == b'\n') {
+    // Printable ASCII without spaces, as redis allows.
+    if raw.iter().any(|b| !(b'!'..=b'~').contains(b)) {
         return Err(Reply::err(
             "Client names cannot contain spaces, newlines or special characters.",
         ));
@@ -1572,10 +1573,13 @@ mod tests {
         ));
         assert_eq!(run(&c, &mut s, &["CLIENT", "SETNAME", &long]), refused);
         assert_eq!(run(&c, &mut s, &["HELLO", "2", "SETNAME", &long]), refused);
-        assert_eq!(
-            run(&c, &mut s, &["HELLO", "2", "SETNAME", "a b"]),
-            Reply::err("Client names cannot contain spaces, newlines or special characters.")
-        );
+        for bad in ["a b", "a\tb", "a\rb", "caf\u{e9}", "\u{7f}"] {
+            assert_eq!(
+                run(&c, &mut s, &["HELLO", "2", "SETNAME", bad]),
+                Reply::err("Client names cannot contain spaces, newlines or special characters."),
+                "{bad:?}"
+            );
+        }
         assert_eq!(s.protocol, Protocol::Resp3);
         assert_eq!(s.name.as_deref(), Some(&b"w2"[..]));
         let fits = "n".repeat(MAX_CLIENT_NAME);
