@@ -686,7 +686,13 @@ impl Decoder {
             nl
         };
         let text = line.slice(..end);
-        let words: Vec<Frame> = if text.iter().any(|b| matches!(b, b'"' | b'\'')) {
+        // Plain words are slices of the line; quotes, and the bytes where
+        // redis's splitting differs from splitting at whitespace, take the
+        // full parser.
+        let words: Vec<Frame> = if text
+            .iter()
+            .any(|b| matches!(b, b'"' | b'\'' | 0 | 0x0b | 0x0c))
+        {
             split_quoted(&text)?
                 .into_iter()
                 .map(|w| Frame::Bulk(Bytes::from(w)))
@@ -713,8 +719,15 @@ fn is_space(b: u8) -> bool {
 /// (`sdssplitargs`): words separated by whitespace; in double quotes,
 /// `\xHH` and `\n`, `\r`, `\t`, `\b`, `\a` escapes (any other escaped
 /// character stands for itself); in single quotes, only `\'`. A closing
-/// quote must be followed by whitespace or the end of the line.
+/// quote must be followed by whitespace or the end of the line. A NUL
+/// byte ends the line (redis, reading the line as a C string, does not
+/// see the line's end past it and waits for more input). Words are
+/// separated by any whitespace, but end only at a space, tab, CR or LF.
 fn split_quoted(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
+    let line = match memchr::memchr(0, line) {
+        Some(nul) => &line[..nul],
+        None => line,
+    };
     let mut words = Vec::new();
     let mut i = 0;
     loop {
@@ -771,7 +784,7 @@ fn split_quoted(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
                     break;
                 }
                 Some(_) => word.push(c),
-                None if is_space(c) || c == 0 => break,
+                None if matches!(c, b' ' | b'\t' | b'\r' | b'\n') => break,
                 None if c == b'"' || c == b'\'' => quote = Some(c),
                 None => word.push(c),
             }
@@ -1786,6 +1799,16 @@ mod tests {
         );
         assert_eq!(words("SET a\"b c\" d\n").unwrap(), ["SET", "ab c", "d"]);
         assert_eq!(words("ECHO \"\"\n").unwrap(), ["ECHO", ""]);
+        // A NUL ends the line (this once looped forever, pushing empty
+        // words); vertical tab and form feed separate words but do not
+        // end one.
+        assert_eq!(words("SET \"k\" v\0\r\n").unwrap(), ["SET", "k", "v"]);
+        assert_eq!(words("SET k v\0 w x\r\n").unwrap(), ["SET", "k", "v"]);
+        assert_eq!(
+            words("SET \"k\0\" v\r\n").unwrap_err(),
+            ProtocolError::UnbalancedQuotes
+        );
+        assert_eq!(words("\x0bSET a\x0bb c\n").unwrap(), ["SET", "a\x0bb", "c"]);
         for bad in [
             "SET k \"abc\r\n",
             "SET k \"a\"b\n",
