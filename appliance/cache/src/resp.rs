@@ -1823,6 +1823,27 @@ mod tests {
         }
     }
 
+    /// Any line of the bytes that matter to the splitter is split in one
+    /// pass: the words never hold more bytes than the line.
+    #[test]
+    fn quoted_splitting_ends_on_any_line() {
+        let alphabet = b"ab \t\r\n\x0b\x0c\0\"'\\x4";
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 24) as usize;
+            let line: Vec<u8> = (0..len)
+                .map(|i| alphabet[((x >> (i % 8 * 8)) as usize + i) % alphabet.len()])
+                .collect();
+            if let Ok(words) = split_quoted(&line) {
+                let held: usize = words.iter().map(Vec::len).sum();
+                assert!(held + words.len() <= line.len() + 1, "{line:?} -> {words:?}");
+            }
+        }
+    }
+
     /// `*0` and `*-1` are no command: skipped without a reply, in one
     /// piece or split; `$-1` is still a frame (an error reply follows).
     #[test]
