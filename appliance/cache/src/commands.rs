@@ -133,7 +133,7 @@ const COMMANDS: &[(&str, Arity)] = &[
     ("DBSIZE", Arity::Exact(0)),
     ("INFO", Arity::AtLeast(0)),
     ("CLIENT", Arity::AtLeast(1)),
-    ("AUTH", Arity::Between(1, 2)),
+    ("AUTH", Arity::AtLeast(1)),
     ("SELECT", Arity::Exact(1)),
     ("COMMAND", Arity::AtLeast(0)),
     ("CONFIG", Arity::AtLeast(1)),
@@ -364,6 +364,17 @@ fn in_transaction(cache: &Cache, session: &mut Session, name: &str, args: &[Byte
             return Reply::ok();
         }
         ("MULTI", 0) => return Reply::err("MULTI calls can not be nested"),
+        // Refused without aborting the transaction, as in redis.
+        ("WATCH", _) => return Reply::err("WATCH inside MULTI is not allowed"),
+        // An EXEC refused ends the transaction, as in redis.
+        ("EXEC", _) => {
+            session.transaction = None;
+            return Reply::Error(
+                "EXECABORT Transaction discarded because of: \
+                 wrong number of arguments for 'exec' command"
+                    .into(),
+            );
+        }
         _ => {}
     }
     let Some(tx) = session.transaction.as_mut() else {
@@ -496,6 +507,7 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
              Are you sure your configuration is correct?",
         ),
         ("AUTH", 2) => auth(&a[0]).map_or_else(|e| e, |()| Reply::ok()),
+        ("AUTH", n) if n > 2 => syntax_error(),
         ("SELECT", 1) => match parse_int(&a[0]) {
             Some(0) => Reply::ok(),
             Some(_) => Reply::err("DB index is out of range"),
@@ -610,7 +622,10 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
                 }
                 rest = &rest[3..];
             }
-            _ => return syntax_error(),
+            _ => {
+                let raw = String::from_utf8_lossy(opt);
+                return Reply::err(format!("Syntax error in HELLO option '{}'", clip(&raw, 32)));
+            }
         }
     }
     session.protocol = protocol;
@@ -642,6 +657,7 @@ fn set(cache: &Cache, a: &[Bytes]) -> Reply {
     // counts), mixing it with another is not, as in redis; NX and XX
     // likewise.
     let mut expiry_by: Option<&str> = None;
+    let mut expiry_arg = None;
     let mut i = 2;
     while i < a.len() {
         let opt = upper(&a[i]);
@@ -661,28 +677,33 @@ fn set(cache: &Cache, a: &[Bytes]) -> Reply {
                 let Some(arg) = a.get(i + 1).filter(|_| expiry_by.is_none_or(|b| b == by)) else {
                     return syntax_error();
                 };
-                let now = cache.now_ms();
-                let expiry = match by {
-                    "EX" => positive_ttl(arg, 1_000, "set", now).map(SetExpiry::After),
-                    "PX" => positive_ttl(arg, 1, "set", now).map(SetExpiry::After),
-                    "EXAT" => deadline(arg, 1_000, "set").map(SetExpiry::At),
-                    _ => deadline(arg, 1, "set").map(SetExpiry::At),
-                };
-                match expiry {
-                    Ok(e) => options.expiry = e,
-                    Err(r) => return r,
-                }
                 expiry_by = Some(match by {
                     "EX" => "EX",
                     "PX" => "PX",
                     "EXAT" => "EXAT",
                     _ => "PXAT",
                 });
+                expiry_arg = Some(arg);
                 i += 1;
             }
             _ => return syntax_error(),
         }
         i += 1;
+    }
+    // The time is read once every option has been (a syntax error comes
+    // first, as in redis).
+    if let (Some(by), Some(arg)) = (expiry_by, expiry_arg) {
+        let now = cache.now_ms();
+        let expiry = match by {
+            "EX" => positive_ttl(arg, 1_000, "set", now).map(SetExpiry::After),
+            "PX" => positive_ttl(arg, 1, "set", now).map(SetExpiry::After),
+            "EXAT" => deadline(arg, 1_000, "set").map(SetExpiry::At),
+            _ => deadline(arg, 1, "set").map(SetExpiry::At),
+        };
+        match expiry {
+            Ok(e) => options.expiry = e,
+            Err(r) => return r,
+        }
     }
     match cache.set_plain_with(key, owned(value), options) {
         // With GET, the reply is the value replaced (or nil), written or not.
@@ -1046,7 +1067,7 @@ mod tests {
     #[test]
     fn a_command_refused_while_queueing_aborts_the_transaction() {
         let (_, c, mut s) = setup();
-        for refused in [&["SET", "x"][..], &["NOSUCH", "x"], &["EXEC", "now"]] {
+        for refused in [&["SET", "x"][..], &["NOSUCH", "x"], &["GET"]] {
             assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
             assert_eq!(run(&c, &mut s, &["SET", "a", "1"]), queued());
             assert!(
@@ -1061,6 +1082,21 @@ mod tests {
             );
             assert!(c.is_empty(), "nothing ran after {refused:?}");
         }
+        // An EXEC refused ends the transaction at once; WATCH is refused
+        // without ending it.
+        assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
+        assert_eq!(run(&c, &mut s, &["SET", "a", "1"]), queued());
+        assert_eq!(
+            run(&c, &mut s, &["WATCH", "a"]),
+            Reply::err("WATCH inside MULTI is not allowed")
+        );
+        assert!(s.queued_bytes() > 0);
+        assert!(matches!(
+            run(&c, &mut s, &["EXEC", "now"]),
+            Reply::Error(e) if e.starts_with("EXECABORT Transaction discarded because of: wrong number")
+        ));
+        assert!(s.transaction.is_none());
+        assert_eq!(run(&c, &mut s, &["GET", "a"]), Reply::Null);
         // DISCARD drops the queue.
         assert_eq!(run(&c, &mut s, &["MULTI"]), Reply::ok());
         assert_eq!(run(&c, &mut s, &["SET", "a", "1"]), queued());
@@ -1412,8 +1448,9 @@ mod tests {
         );
         assert_eq!(
             run(&c, &mut s, &["HELLO", "3", "AUTH", "default"]),
-            syntax_error()
+            Reply::err("Syntax error in HELLO option 'AUTH'")
         );
+        assert_eq!(run(&c, &mut s, &["AUTH", "a", "b", "c"]), syntax_error());
         assert!(matches!(
             run(
                 &c,

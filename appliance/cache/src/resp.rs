@@ -1839,7 +1839,10 @@ mod tests {
                 .collect();
             if let Ok(words) = split_quoted(&line) {
                 let held: usize = words.iter().map(Vec::len).sum();
-                assert!(held + words.len() <= line.len() + 1, "{line:?} -> {words:?}");
+                assert!(
+                    held + words.len() <= line.len() + 1,
+                    "{line:?} -> {words:?}"
+                );
             }
         }
     }
