@@ -1253,6 +1253,15 @@ mod tests {
             run(&c, &mut s, &["SET", "k", "v", "XX", "NX"]),
             syntax_error()
         );
+        // Options are all read before the time is.
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "0", "BAD"]),
+            syntax_error()
+        );
+        assert_eq!(
+            run(&c, &mut s, &["SET", "k", "v", "EX", "abc", "NX", "XX"]),
+            syntax_error()
+        );
         // A deadline past the signed 64-bit milliseconds is refused, and
         // the key keeps its value and TTL.
         for (opt, n) in [("PX", "9223372036854775807"), ("EX", "9223372036854775")] {

@@ -1835,7 +1835,7 @@ mod tests {
             x ^= x << 17;
             let len = (x % 24) as usize;
             let line: Vec<u8> = (0..len)
-                .map(|i| alphabet[((x >> (i % 8 * 8)) as usize + i) % alphabet.len()])
+                .map(|i| alphabet[(usize::from(x.to_le_bytes()[i % 8]) + i) % alphabet.len()])
                 .collect();
             if let Ok(words) = split_quoted(&line) {
                 let held: usize = words.iter().map(Vec::len).sum();
