@@ -25,9 +25,10 @@
 //! logged as a `Remove` after the `Put` that caused it, so the replay lets
 //! the bytes run past the bound until then (see `Store::insert_replayed`)
 //! and the entries the running cache kept are the ones loaded. Entries
-//! whose expiry has passed by then are dropped and counted, and their
-//! removal is logged, so a clock that later steps back does not revive
-//! them.
+//! whose expiry has passed by then are dropped and counted, then entries
+//! a capacity lowered since has no room for are evicted, and all these
+//! removals are logged: a clock that later steps back, or a later replay,
+//! does not revive them.
 //!
 //! ## Ordering and durability
 //! Records are appended (a `write(2)` into the page cache) while the cache
@@ -797,6 +798,8 @@ impl Persistence {
             elapsed: Duration::ZERO,
             recovery,
         };
+        // Keys the replay evicted for a capacity lowered since.
+        let mut evicted = Vec::new();
         for rec in log.iter()? {
             let rec = rec?;
             report.records_read += 1;
@@ -805,7 +808,7 @@ impl Persistence {
                     // Refused entries (the limits shrank since) are dropped
                     // like evictions; the next compaction forgets them.
                     // The running cache's evictions follow as `Remove`s.
-                    let _ = store.insert_replayed(key, entry, now_ms);
+                    let _ = store.insert_replayed(key, entry, now_ms, &mut evicted);
                 }
                 Ok(Change::Remove { key }) => {
                     store.discard(&key);
@@ -816,14 +819,21 @@ impl Persistence {
                 }
             }
         }
-        store.enforce_bound(now_ms);
-        // What expired while the cache was down goes, and the log says so:
-        // should the clock step back before the next compaction, a restart
-        // must not bring those entries back.
+        // What expired while the cache was down goes, then what a capacity
+        // lowered since leaves no room for, and the log says so: a restart
+        // must not bring those entries back (should the clock step back,
+        // or the eviction choose otherwise).
         store.set_journal(true);
         store.purge_expired(now_ms);
-        let expired = store.take_journal();
+        store.enforce_bound(now_ms);
+        let mut removed = store.take_journal();
         store.set_journal(false);
+        removed.extend(
+            evicted
+                .into_iter()
+                .filter(|key| store.peek(key.as_ref(), now_ms).is_none())
+                .map(|key| Change::Remove { key }),
+        );
         report.expired = store.counters().expirations;
         report.entries = store.len() as u64;
         report.elapsed = started.elapsed();
@@ -852,22 +862,22 @@ impl Persistence {
             heals: AtomicU64::new(0),
             spare_seen: Mutex::new((0, 0)),
         };
-        persistence.record_expired_at_load(&expired, now_ms);
+        persistence.record_removed_at_load(&removed, now_ms);
         Ok((persistence, report))
     }
 
-    /// Appends and commits the removals of what had expired by start-up.
-    /// Best effort: if the log takes nothing (a full disk), it refuses
-    /// writes until a heal rewrites it from memory, where they are gone.
-    fn record_expired_at_load(&self, expired: &[Change], now_ms: u64) {
-        if expired.is_empty() {
+    /// Appends and commits the removals made at start-up. Best effort: if
+    /// the log takes nothing (a full disk), it refuses writes until a heal
+    /// rewrites it from memory, where they are gone.
+    fn record_removed_at_load(&self, removed: &[Change], now_ms: u64) {
+        if removed.is_empty() {
             return;
         }
         if let Err(e) = self
-            .append(expired, now_ms)
+            .append(removed, now_ms)
             .and_then(|target| self.commit(target))
         {
-            tracing::warn!(error = %e, "cache log: could not record the entries that expired while the cache was down");
+            tracing::warn!(error = %e, "cache log: could not record the entries removed at start-up");
         }
     }
 

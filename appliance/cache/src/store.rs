@@ -514,10 +514,20 @@ impl Store {
     /// cache dropped: GETs reorder it, and are not logged). Twice: an
     /// unchanged capacity never needs more (an entry costs at most the
     /// capacity), a capacity lowered since is held to that during the
-    /// replay. [`Store::enforce_bound`] ends the replay.
-    pub fn insert_replayed(&mut self, key: Key, entry: Entry, now: u64) -> Result<(), StoreError> {
+    /// replay. [`Store::enforce_bound`] ends the replay. The keys evicted
+    /// here (the journal is off while replaying) are added to `evicted`,
+    /// for the caller to log the ones still gone at the end.
+    pub fn insert_replayed(
+        &mut self,
+        key: Key,
+        entry: Entry,
+        now: u64,
+        evicted: &mut Vec<Key>,
+    ) -> Result<(), StoreError> {
+        self.insert_inner(KeyRef::Plain(&[]), Some(key), entry, now, usize::MAX)?;
         let bound = self.limits.capacity_bytes.saturating_mul(2);
-        self.insert_inner(KeyRef::Plain(&[]), Some(key), entry, now, bound)
+        self.evict_to_with(bound, now, |k| evicted.push(k.clone()));
+        Ok(())
     }
 
     /// Evicts least recently used entries until the byte bound holds again
@@ -604,6 +614,11 @@ impl Store {
     }
 
     fn evict_to(&mut self, bound: usize, now: u64) {
+        self.evict_to_with(bound, now, |_| {});
+    }
+
+    /// [`Store::evict_to`], telling `evicted` each key it drops.
+    fn evict_to_with(&mut self, bound: usize, now: u64, mut evicted: impl FnMut(&Key)) {
         while self.side.bytes > bound {
             let Some((key, slot)) = self.map.pop_front() else {
                 break;
@@ -614,6 +629,7 @@ impl Store {
             } else {
                 self.counters.evictions += 1;
             }
+            evicted(&key);
             record(&mut self.journal, || Change::Remove { key });
         }
     }

@@ -772,3 +772,49 @@ fn kill_9_after_sets_into_a_preallocated_segment_keeps_them_all() {
     assert_eq!(report.entries, 201);
     assert_eq!(cache.get_plain(b"k200"), Some(Bytes::from("value 200")));
 }
+
+/// At start-up what expired goes before anything is evicted for a lowered
+/// capacity, and what is evicted then stays evicted at the next start.
+#[test]
+fn a_lowered_capacity_evicts_after_the_expired_are_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let room = |n: usize| CacheConfig {
+        capacity_bytes: n * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
+        ..CacheConfig::default()
+    };
+    let open = |config: CacheConfig| {
+        Cache::open_with_clock(config, PersistConfig::new(tmp.path()), clock.clone())
+            .unwrap()
+            .0
+    };
+    let keys = |cache: &Cache| -> Vec<&str> {
+        ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .filter(|k| cache.get_plain(k.as_bytes()).is_some())
+            .collect()
+    };
+    {
+        let cache = open(room(5));
+        for (k, ttl) in [
+            ("a", None),
+            ("b", None),
+            ("c", Some(10)),
+            ("d", Some(10)),
+            ("e", None),
+        ] {
+            let ttl = ttl.map(Duration::from_secs);
+            cache
+                .set_plain(k.as_bytes(), vec![b'v'; 1000], ttl, SetCondition::Always)
+                .unwrap();
+        }
+    }
+    clock.advance(Duration::from_secs(60));
+    // c and d expired; of a, b and e the oldest goes for room for two.
+    assert_eq!(keys(&open(room(2))), ["b", "e"]);
+    assert_eq!(
+        keys(&open(room(5))),
+        ["b", "e"],
+        "an eviction at load came back"
+    );
+}
