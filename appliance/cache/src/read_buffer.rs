@@ -113,7 +113,8 @@ impl ReadBuffer {
 /// once the kernel's buffers filled up each way (about 200 KB on a Unix
 /// socket, some MB on loopback TCP). So while a write is blocked the server
 /// reads on into this backlog (charged to its buffer budget, at most
-/// [`Backlog::MAX`]), and its next reads come from here first.
+/// [`Backlog::MAX`], and only while half the server's budget stays free),
+/// and its next reads come from here first.
 #[derive(Debug, Default)]
 pub(crate) struct Backlog {
     chunks: VecDeque<Chunk>,

@@ -17,7 +17,10 @@
 //! them, its input is still taken (into a backlog, see
 //! `read_buffer::Backlog`), so a client that sends a whole pipeline before
 //! reading any reply, as redis-py does, is answered rather than left
-//! waiting on a server that waits for it.
+//! waiting on a server that waits for it: up to 64 MiB taken ahead per
+//! connection, and only from the first half of the buffer budget (past
+//! that, such a client waits, and is closed after `write_stall_timeout`
+//! if it still reads nothing; redis would buffer its replies unbounded).
 //!
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
 //! closed (its stream position is lost); other connections are unaffected.
@@ -361,6 +364,17 @@ impl BufferShare {
             kib: 0,
             clients,
         }
+    }
+
+    /// [`BufferShare::cover`], but only while half of the server-wide
+    /// budget stays free: for what a connection may take ahead (its
+    /// backlog), so that clients sending big pipelines without reading
+    /// cannot leave the others nothing to read or reply with.
+    fn cover_from_first_half(&mut self, bytes: usize) -> bool {
+        let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let half = usize::try_from(self.clients.buffer_limit / 1024 / 2).unwrap_or(usize::MAX);
+        let more = want.saturating_sub(self.kib) as usize;
+        self.budget.available_permits() >= more.saturating_add(half) && self.cover(bytes)
     }
 
     /// Hold enough for `bytes`; false if the server-wide budget is exhausted.
@@ -1032,7 +1046,7 @@ impl Taker<'_> {
         }
         if self.backlog.room().is_none() {
             let after = self.backlog.held() + Backlog::CHUNK;
-            if after > Backlog::MAX || !self.share.cover(self.base + after) {
+            if after > Backlog::MAX || !self.share.cover_from_first_half(self.base + after) {
                 return Poll::Ready(Ok(false));
             }
             self.backlog.add_chunk();

@@ -867,3 +867,74 @@ async fn transactions_from_a_client_library() {
     still_serving(&server).await;
     server.stop().await;
 }
+
+/// Taking input ahead while replies wait uses only the first half of the
+/// server's buffer budget: a client streaming commands without reading
+/// cannot leave the others nothing to reply with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_taken_ahead_leaves_half_the_budget_to_the_others() {
+    const SMALL: usize = 3000; // copied into the reply
+    let server = Server::start_with(ServerConfig {
+        max_buffered_bytes: 4 << 20,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut c = client(&server.url()).await;
+    let mut mset = redis::cmd("MSET");
+    for i in 0..400 {
+        mset.arg(format!("s{i}")).arg(vec![b's'; SMALL]);
+    }
+    let () = mset.query_async(&mut c).await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("v")
+        .arg(vec![b'v'; 1 << 20])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    // 20 MB of GETs of a 1 MiB value, and nothing read: the replies (the
+    // cache's own value) soon block, and the rest of the input is taken
+    // ahead until half the budget is held.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let hog = socket.connect(server.addr).await.unwrap();
+    let (hog_read, mut hog_write) = hog.into_split();
+    let pipeline = b"GET v\r\n".repeat(3_000_000);
+    let writer = tokio::spawn(async move {
+        let _ = hog_write.write_all(&pipeline).await;
+        hog_write
+    });
+    let mut held = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        held = info_field(&info, "client_buffer_bytes");
+        assert!(held <= (2 << 20) + (256 << 10), "{info}");
+        if held > 3 << 19 {
+            break;
+        }
+    }
+    assert!(held > 3 << 19, "not taken ahead: {held} bytes held");
+    // And no more once it has had time to take all it can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        info_field(&info, "client_buffer_bytes") <= (2 << 20) + (256 << 10),
+        "{info}"
+    );
+
+    // The others still get 1.2 MB of copied replies.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    mget(&mut s, &mget_small(400), 400, SMALL).await.unwrap();
+    writer.abort();
+    drop(hog_read);
+    server.stop().await;
+}
