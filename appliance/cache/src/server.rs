@@ -855,7 +855,8 @@ impl Conn {
         stream: &mut S,
         share: &mut BufferShare,
     ) -> io::Result<()> {
-        if !share.cover(self.held()) {
+        let held = self.held();
+        if !share.cover(held) {
             // Logged (at debug, as any connection ending in an error) by
             // the accept loop: a warning per refusal would let a client
             // flood the journal.
@@ -871,7 +872,7 @@ impl Conn {
         let yield_first = !more_coming || (cache.commit_blocks() && self.owes_commit());
         let owed = self.owed.take();
         let taker = Taker {
-            base: self.held() - self.backlog.held(),
+            base: held - self.backlog.held(),
             backlog: &mut self.backlog,
             share,
         };
@@ -982,10 +983,17 @@ async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     while out.has_remaining() {
         let written = std::future::poll_fn(|cx| poll_write_some(cx, stream, out, taker.as_mut()));
-        match tokio::time::timeout(stall, written).await {
-            Ok(r) => r?,
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(stall))),
-        }
+        let mut written = std::pin::pin!(written);
+        // Tried once before a timer is set: a write usually goes at once.
+        let first = std::future::poll_fn(|cx| Poll::Ready(written.as_mut().poll(cx))).await;
+        let done = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => match tokio::time::timeout(stall, written).await {
+                Ok(r) => r,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(stall))),
+            },
+        };
+        done?;
     }
     Ok(())
 }
