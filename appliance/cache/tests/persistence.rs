@@ -139,28 +139,9 @@ fn puts_deletes_and_expiries_survive_reopen() {
 fn a_full_cache_reloads_the_entries_it_held() {
     let tmp = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    let config = CacheConfig {
-        // Four entries of a one-byte key and a 1000-byte value fit.
-        capacity_bytes: 4 * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
-        ..CacheConfig::default()
-    };
-    let open = || {
-        Cache::open_with_clock(
-            config.clone(),
-            PersistConfig::new(tmp.path()),
-            clock.clone(),
-        )
-        .unwrap()
-        .0
-    };
-    let keys = |cache: &Cache| -> Vec<&str> {
-        ["a", "b", "c", "d", "e"]
-            .into_iter()
-            .filter(|k| cache.get_plain(k.as_bytes()).is_some())
-            .collect()
-    };
+    let open = |entries| open_with_room(tmp.path(), &clock, entries);
     {
-        let cache = open();
+        let cache = open(4);
         for k in ["a", "b", "c", "d"] {
             cache
                 .set_plain(k.as_bytes(), vec![b'v'; 1000], None, SetCondition::Always)
@@ -172,21 +153,29 @@ fn a_full_cache_reloads_the_entries_it_held() {
             .unwrap();
         assert_eq!(keys(&cache), ["a", "c", "d", "e"]);
     }
-    let cache = open();
-    assert_eq!(keys(&cache), ["a", "c", "d", "e"]);
-    drop(cache);
-
+    assert_eq!(keys(&open(4)), ["a", "c", "d", "e"]);
     // Room for two now: the bound holds once loaded, the latest written kept.
-    let (cache, _) = Cache::open_with_clock(
-        CacheConfig {
-            capacity_bytes: 2 * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
-            ..CacheConfig::default()
-        },
-        PersistConfig::new(tmp.path()),
-        clock.clone(),
-    )
-    .unwrap();
-    assert_eq!(keys(&cache), ["d", "e"]);
+    assert_eq!(keys(&open(2)), ["d", "e"]);
+}
+
+/// A cache with room for `entries` entries of a one-byte key and a
+/// 1000-byte value.
+fn open_with_room(dir: &Path, clock: &Arc<ManualClock>, entries: usize) -> Cache {
+    let config = CacheConfig {
+        capacity_bytes: entries * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
+        ..CacheConfig::default()
+    };
+    Cache::open_with_clock(config, PersistConfig::new(dir), clock.clone())
+        .unwrap()
+        .0
+}
+
+/// Which of the keys `a` to `e` the cache holds.
+fn keys(cache: &Cache) -> Vec<&'static str> {
+    ["a", "b", "c", "d", "e"]
+        .into_iter()
+        .filter(|k| cache.get_plain(k.as_bytes()).is_some())
+        .collect()
 }
 
 fn fill(dir: &Path, clock: &Arc<ManualClock>, n: usize) {
@@ -779,23 +768,9 @@ fn kill_9_after_sets_into_a_preallocated_segment_keeps_them_all() {
 fn a_lowered_capacity_evicts_after_the_expired_are_gone() {
     let tmp = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    let room = |n: usize| CacheConfig {
-        capacity_bytes: n * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
-        ..CacheConfig::default()
-    };
-    let open = |config: CacheConfig| {
-        Cache::open_with_clock(config, PersistConfig::new(tmp.path()), clock.clone())
-            .unwrap()
-            .0
-    };
-    let keys = |cache: &Cache| -> Vec<&str> {
-        ["a", "b", "c", "d", "e"]
-            .into_iter()
-            .filter(|k| cache.get_plain(k.as_bytes()).is_some())
-            .collect()
-    };
+    let open = |entries| open_with_room(tmp.path(), &clock, entries);
     {
-        let cache = open(room(5));
+        let cache = open(5);
         for (k, ttl) in [
             ("a", None),
             ("b", None),
@@ -811,10 +786,6 @@ fn a_lowered_capacity_evicts_after_the_expired_are_gone() {
     }
     clock.advance(Duration::from_secs(60));
     // c and d expired; of a, b and e the oldest goes for room for two.
-    assert_eq!(keys(&open(room(2))), ["b", "e"]);
-    assert_eq!(
-        keys(&open(room(5))),
-        ["b", "e"],
-        "an eviction at load came back"
-    );
+    assert_eq!(keys(&open(2)), ["b", "e"]);
+    assert_eq!(keys(&open(5)), ["b", "e"], "an eviction at load came back");
 }

@@ -632,6 +632,15 @@ async fn replies_count_against_the_buffer_budget() {
     server.stop().await;
 }
 
+/// `INFO clients`.
+async fn clients_info(c: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("INFO")
+        .arg("clients")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
 /// The number in an INFO field.
 fn info_field(info: &str, name: &str) -> u64 {
     info.lines()
@@ -669,11 +678,7 @@ async fn the_connection_limit_and_its_counters() {
     let info: String = redis::cmd("INFO").query_async(&mut a).await.unwrap();
     assert_eq!(counters(&info), (2, 1));
     // The section alone, as `redis-cli INFO clients` asks for it.
-    let info: String = redis::cmd("INFO")
-        .arg("clients")
-        .query_async(&mut a)
-        .await
-        .unwrap();
+    let info: String = clients_info(&mut a).await;
     assert!(
         info.starts_with("# Clients\r\nconnected_clients:2\r\n"),
         "{info:?}"
@@ -747,11 +752,7 @@ async fn a_client_that_stops_reading_is_closed() {
     let mut closed = 0;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let info: String = clients_info(&mut c).await;
         closed = info_field(&info, "clients_closed_not_reading");
         if closed == 1 {
             // Left: this client and the slow one.
@@ -907,11 +908,7 @@ async fn input_taken_ahead_leaves_half_the_budget_to_the_others() {
     let mut held = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let info: String = clients_info(&mut c).await;
         held = info_field(&info, "client_buffer_bytes");
         assert!(held <= (2 << 20) + (256 << 10), "{info}");
         if held > 3 << 19 {
@@ -921,11 +918,7 @@ async fn input_taken_ahead_leaves_half_the_budget_to_the_others() {
     assert!(held > 3 << 19, "not taken ahead: {held} bytes held");
     // And no more once it has had time to take all it can.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let info: String = redis::cmd("INFO")
-        .arg("clients")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let info: String = clients_info(&mut c).await;
     assert!(
         info_field(&info, "client_buffer_bytes") <= (2 << 20) + (256 << 10),
         "{info}"
