@@ -353,22 +353,13 @@ async fn large_values_written_in_small_pieces_and_a_half_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_and_durable_pipelines() {
-    use appliance_cache::{serve_unix, PersistConfig};
+    use appliance_cache::PersistConfig;
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("cache.sock");
     let log_dir = tmp.path().join("log");
     let (cache, _) = Cache::open(CacheConfig::default(), PersistConfig::new(&log_dir)).unwrap();
     let cache = Arc::new(cache);
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_unix(
-        listener,
-        cache.clone(),
-        ServerConfig::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let (tx, task) = serve_on_unix(&sock, &cache);
     let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
     let mut batch = Vec::new();
     for i in 0..100 {
@@ -632,6 +623,27 @@ async fn replies_count_against_the_buffer_budget() {
     server.stop().await;
 }
 
+/// Serves `cache` on a Unix socket at `sock` until the sender is used.
+fn serve_on_unix(
+    sock: &std::path::Path,
+    cache: &Arc<Cache>,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = tokio::net::UnixListener::bind(sock).unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(appliance_cache::serve_unix(
+        listener,
+        cache.clone(),
+        ServerConfig::default(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    (tx, task)
+}
+
 /// `INFO clients`.
 async fn clients_info(c: &mut redis::aio::MultiplexedConnection) -> String {
     redis::cmd("INFO")
@@ -779,7 +791,6 @@ async fn a_client_that_stops_reading_is_closed() {
 /// megabyte of GETs with 100 MB of replies is enough to show it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_sent_whole_before_reading_is_answered() {
-    use appliance_cache::serve_unix;
     const VALUE: usize = 2000;
     const GETS: usize = 50_000;
     let tmp = tempfile::tempdir().unwrap();
@@ -788,16 +799,7 @@ async fn a_pipeline_sent_whole_before_reading_is_answered() {
     cache
         .set_plain(b"v", vec![b'v'; VALUE], None, SetCondition::Always)
         .unwrap();
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_unix(
-        listener,
-        cache.clone(),
-        ServerConfig::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let (tx, task) = serve_on_unix(&sock, &cache);
     let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     let pipeline = b"*2\r\n$3\r\nGET\r\n$1\r\nv\r\n".repeat(GETS);
