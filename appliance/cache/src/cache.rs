@@ -318,9 +318,19 @@ impl Cache {
     /// the whole batch. The RESP server wraps each pipelined batch in this.
     pub fn defer<T>(&self, f: impl FnOnce() -> T) -> (T, Result<PendingCommit, CacheError>) {
         let none = PendingCommit { target: 0 };
+        /// Puts the thread's deferring back however `f` ends: left set
+        /// after a panic, every later batch on the thread would take the
+        /// nested path below and be acknowledged without its commit.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                DEFER_COMMIT.with(|d| d.set(self.0));
+            }
+        }
         let was = DEFER_COMMIT.with(|d| d.replace(true));
+        let restore = Restore(was);
         let out = f();
-        DEFER_COMMIT.with(|d| d.set(was));
+        drop(restore);
         if was {
             // The outer `defer` appends and commits.
             return (out, Ok(none));
@@ -895,6 +905,30 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use md5::{Digest as _, Md5};
+
+    /// A batch that panics (a bug in a command, say) leaves the thread
+    /// deferring no longer: the next batch on it still owes its commit.
+    #[test]
+    fn a_panicking_batch_leaves_the_next_one_owing_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut persist = PersistConfig::new(dir.path());
+        persist.fsync = Fsync::Always;
+        let (cache, _) = Cache::open(CacheConfig::default(), persist).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.defer(|| -> () { panic!("a command's bug") })
+        }));
+        assert!(panicked.is_err());
+        assert!(!DEFER_COMMIT.with(Cell::get));
+        let (res, pending) =
+            cache.defer(|| cache.set_plain(b"after", "v", None, SetCondition::Always));
+        assert!(res.unwrap());
+        let pending = pending.unwrap();
+        assert!(
+            pending.target > 0,
+            "the write would be acknowledged uncommitted"
+        );
+        cache.commit(pending).unwrap();
+    }
 
     /// The first published MD5 collision (Wang, Feng, Lai, Yu, 2004): two
     /// 128-byte messages that differ in six bytes and share the MD5

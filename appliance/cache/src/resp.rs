@@ -510,6 +510,12 @@ impl Decoder {
                         Some(Some(f)) => return Ok(Some(f)),
                     }
                 }
+                if !matches!(first, b'+' | b'-' | b':' | b'$' | b'*') {
+                    // Inside an array (an inline command is only at the
+                    // top). Checked before the line is sliced: one that
+                    // starts with its CRLF has no type byte to skip.
+                    return Err(ProtocolError::UnexpectedByte(first));
+                }
                 let limit = match first {
                     b'+' | b'-' => self.limits.max_inline_len,
                     _ => MAX_HEADER_LINE,
@@ -1842,6 +1848,32 @@ mod tests {
                 assert!(
                     held + words.len() <= line.len() + 1,
                     "{line:?} -> {words:?}"
+                );
+            }
+        }
+    }
+
+    /// An element that starts with its line end has no type byte: an
+    /// error, not a slice out of range (it panicked the connection).
+    #[test]
+    fn an_element_without_a_type_byte_is_an_error() {
+        for input in [&b"*1\r\n\r\n"[..], b"*2\r\n$1\r\na\r\n\r\n", b"*1\r\n\r"] {
+            for split in [1, input.len()] {
+                let mut d = Decoder::new(Limits::default());
+                let mut buf = BytesMut::new();
+                let mut args = Vec::new();
+                let mut result = Ok(None);
+                for piece in input.chunks(split) {
+                    buf.extend_from_slice(piece);
+                    result = d.decode_command(&mut buf, &mut args);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                assert_eq!(
+                    result,
+                    Err(ProtocolError::UnexpectedByte(b'\r')),
+                    "{input:?}"
                 );
             }
         }
