@@ -1853,6 +1853,89 @@ mod tests {
         }
     }
 
+    /// Random input made of the bytes that matter to the decoder, fed in
+    /// random pieces: commands or errors, never a panic, and never more
+    /// held than the limits allow. (A frame starting with its line end
+    /// once panicked it.)
+    #[test]
+    fn random_input_decodes_or_fails_cleanly() {
+        // Pieces of frames, so that random sequences are often near-valid.
+        let tokens: &[&[u8]] = &[
+            b"*1\r\n",
+            b"*2\r\n",
+            b"*0\r\n",
+            b"*-1\r\n",
+            b"*9\r\n",
+            b"*100000\r\n",
+            b"$1\r\n",
+            b"$3\r\n",
+            b"$0\r\n",
+            b"$-1\r\n",
+            b"$-7\r\n",
+            b"$99999999999\r\n",
+            b"$70\r\n",
+            b":5\r\n",
+            b"+OK\r\n",
+            b"-E\r\n",
+            b"%1\r\n",
+            b"_\r\n",
+            b"\r\n",
+            b"\r",
+            b"\n",
+            b"a",
+            b"PING",
+            b"GET k\r\n",
+            b"\"",
+            b"'",
+            b" ",
+            b"\0",
+            b"\\",
+            b"1",
+            b"-",
+            b"*",
+            b"$",
+        ];
+        let limits = Limits {
+            max_bulk_len: 64,
+            max_elements: 8,
+            max_frame_bytes: 512,
+            max_depth: 4,
+            ..Limits::default()
+        };
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..30_000 {
+            let count = usize::from(next().to_le_bytes()[0] % 12);
+            let input: Vec<u8> = (0..count)
+                .flat_map(|_| tokens[usize::from(next().to_le_bytes()[1]) % tokens.len()].iter())
+                .copied()
+                .collect();
+            let split = 1 + usize::from(next().to_le_bytes()[2] % 8);
+            let mut d = Decoder::new(limits);
+            let mut buf = BytesMut::new();
+            let mut args = Vec::new();
+            'feed: for piece in input.chunks(split) {
+                buf.extend_from_slice(piece);
+                loop {
+                    match d.decode_command(&mut buf, &mut args) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+                assert!(
+                    d.partial_bytes() <= 64 * limits.max_frame_bytes,
+                    "{input:?}"
+                );
+            }
+        }
+    }
+
     /// An element that starts with its line end has no type byte: an
     /// error, not a slice out of range (it panicked the connection).
     #[test]
