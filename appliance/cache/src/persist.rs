@@ -798,8 +798,12 @@ impl Persistence {
             elapsed: Duration::ZERO,
             recovery,
         };
-        // Keys the replay evicted for a capacity lowered since.
-        let mut evicted = Vec::new();
+        // Keys the replay evicted (for a capacity lowered since) whose last
+        // record so far is a Put: their removal is not in the log yet. A
+        // later Put or Remove of the key takes it out again, so that the
+        // removals appended at the end are each needed, and once only.
+        let mut evicted = std::collections::HashSet::new();
+        let mut dropped = Vec::new();
         for rec in log.iter()? {
             let rec = rec?;
             report.records_read += 1;
@@ -808,9 +812,12 @@ impl Persistence {
                     // Refused entries (the limits shrank since) are dropped
                     // like evictions; the next compaction forgets them.
                     // The running cache's evictions follow as `Remove`s.
-                    let _ = store.insert_replayed(key, entry, now_ms, &mut evicted);
+                    evicted.remove(&key);
+                    let _ = store.insert_replayed(key, entry, now_ms, &mut dropped);
+                    evicted.extend(dropped.drain(..));
                 }
                 Ok(Change::Remove { key }) => {
+                    evicted.remove(&key);
                     store.discard(&key);
                 }
                 Err(e) => {

@@ -789,3 +789,42 @@ fn a_lowered_capacity_evicts_after_the_expired_are_gone() {
     assert_eq!(keys(&open(2)), ["b", "e"]);
     assert_eq!(keys(&open(5)), ["b", "e"], "an eviction at load came back");
 }
+
+/// The removals a lowered capacity makes at start-up are logged once: the
+/// next starts find them in the log and append nothing more.
+#[test]
+fn removals_at_start_up_are_logged_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    {
+        let cache = open_with_room(tmp.path(), &clock, 20);
+        for i in 0..20 {
+            cache
+                .set_plain(
+                    format!("k{i}").as_bytes(),
+                    vec![b'v'; 999],
+                    None,
+                    SetCondition::Always,
+                )
+                .unwrap();
+        }
+    }
+    let records = || {
+        let config = CacheConfig {
+            capacity_bytes: 4 * (1 + 1000 + appliance_cache::store::ENTRY_OVERHEAD) + 100,
+            ..CacheConfig::default()
+        };
+        let (cache, report) =
+            Cache::open_with_clock(config, PersistConfig::new(tmp.path()), clock.clone()).unwrap();
+        assert_eq!(report.entries, 4);
+        let last: Vec<bool> = (16..20)
+            .map(|i| cache.get_plain(format!("k{i}").as_bytes()).is_some())
+            .collect();
+        assert_eq!(last, [true; 4], "the four written last are kept");
+        report.records_read
+    };
+    // Room for four: the replay evicts down to eight, the bound to four.
+    assert_eq!(records(), 20);
+    assert_eq!(records(), 36, "sixteen removals logged");
+    assert_eq!(records(), 36, "and not again");
+}
