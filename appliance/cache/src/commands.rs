@@ -364,8 +364,9 @@ fn in_transaction(cache: &Cache, session: &mut Session, name: &str, args: &[Byte
             return Reply::ok();
         }
         ("MULTI", 0) => return Reply::err("MULTI calls can not be nested"),
-        // Refused without aborting the transaction, as in redis.
-        ("WATCH", _) => return Reply::err("WATCH inside MULTI is not allowed"),
+        // Refused without aborting the transaction, as in redis (without
+        // a key it is refused for that, which aborts, below).
+        ("WATCH", n) if n >= 1 => return Reply::err("WATCH inside MULTI is not allowed"),
         // An EXEC refused ends the transaction, as in redis.
         ("EXEC", _) => {
             session.transaction = None;
@@ -381,6 +382,10 @@ fn in_transaction(cache: &Cache, session: &mut Session, name: &str, args: &[Byte
         return Reply::err("EXEC without MULTI");
     };
     let canonical = match lookup(name) {
+        None if name == "WATCH" => {
+            tx.fail();
+            return wrong_args(name);
+        }
         None => {
             tx.fail();
             return unknown_command(name, a);
@@ -1091,6 +1096,8 @@ mod tests {
             Reply::err("WATCH inside MULTI is not allowed")
         );
         assert!(s.queued_bytes() > 0);
+        assert_eq!(run(&c, &mut s, &["WATCH"]), wrong_args("WATCH"));
+        assert_eq!(s.queued_bytes(), 0, "a WATCH without a key aborts");
         assert!(matches!(
             run(&c, &mut s, &["EXEC", "now"]),
             Reply::Error(e) if e.starts_with("EXECABORT Transaction discarded because of: wrong number")
