@@ -656,59 +656,75 @@ fn hello(session: &mut Session, a: &[Bytes]) -> Reply {
 }
 
 fn set(cache: &Cache, a: &[Bytes]) -> Reply {
+    /// The option that gives a SET its expiry.
+    #[derive(Clone, Copy, PartialEq)]
+    enum By {
+        Ex,
+        Px,
+        ExAt,
+        PxAt,
+        KeepTtl,
+    }
     let (key, value) = (&a[0], &a[1]);
     let mut options = SetOptions::default();
-    // The option that gave the expiry: repeating it is allowed (the last
-    // counts), mixing it with another is not, as in redis; NX and XX
-    // likewise.
-    let mut expiry_by: Option<&str> = None;
+    // Repeating the expiry's option is allowed (the last counts), mixing
+    // it with another is not, as in redis; NX and XX likewise.
+    let mut expiry_by = None;
     let mut expiry_arg = None;
     let mut i = 2;
     while i < a.len() {
-        let opt = upper(&a[i]);
-        match opt.as_str() {
+        let by = match upper(&a[i]).as_str() {
             "NX" if options.condition != SetCondition::IfPresent => {
                 options.condition = SetCondition::IfAbsent;
+                None
             }
             "XX" if options.condition != SetCondition::IfAbsent => {
                 options.condition = SetCondition::IfPresent;
+                None
             }
-            "GET" => options.get = true,
-            "KEEPTTL" if expiry_by.is_none_or(|by| by == "KEEPTTL") => {
-                options.expiry = SetExpiry::Keep;
-                expiry_by = Some("KEEPTTL");
+            "GET" => {
+                options.get = true;
+                None
             }
-            by @ ("EX" | "PX" | "EXAT" | "PXAT") => {
-                let Some(arg) = a.get(i + 1).filter(|_| expiry_by.is_none_or(|b| b == by)) else {
+            "KEEPTTL" => Some(By::KeepTtl),
+            "EX" => Some(By::Ex),
+            "PX" => Some(By::Px),
+            "EXAT" => Some(By::ExAt),
+            "PXAT" => Some(By::PxAt),
+            _ => return syntax_error(),
+        };
+        if let Some(by) = by {
+            if expiry_by.is_some_and(|b| b != by) {
+                return syntax_error();
+            }
+            expiry_by = Some(by);
+            if by != By::KeepTtl {
+                let Some(arg) = a.get(i + 1) else {
                     return syntax_error();
                 };
-                expiry_by = Some(match by {
-                    "EX" => "EX",
-                    "PX" => "PX",
-                    "EXAT" => "EXAT",
-                    _ => "PXAT",
-                });
                 expiry_arg = Some(arg);
                 i += 1;
             }
-            _ => return syntax_error(),
         }
         i += 1;
     }
     // The time is read once every option has been (a syntax error comes
     // first, as in redis).
-    if let (Some(by), Some(arg)) = (expiry_by, expiry_arg) {
-        let now = cache.now_ms();
-        let expiry = match by {
-            "EX" => positive_ttl(arg, 1_000, "set", now).map(SetExpiry::After),
-            "PX" => positive_ttl(arg, 1, "set", now).map(SetExpiry::After),
-            "EXAT" => deadline(arg, 1_000, "set").map(SetExpiry::At),
-            _ => deadline(arg, 1, "set").map(SetExpiry::At),
-        };
-        match expiry {
-            Ok(e) => options.expiry = e,
-            Err(r) => return r,
+    let expiry = match (expiry_by, expiry_arg) {
+        (Some(By::KeepTtl), _) => Ok(SetExpiry::Keep),
+        (Some(By::Ex), Some(arg)) => {
+            positive_ttl(arg, 1_000, "set", cache.now_ms()).map(SetExpiry::After)
         }
+        (Some(By::Px), Some(arg)) => {
+            positive_ttl(arg, 1, "set", cache.now_ms()).map(SetExpiry::After)
+        }
+        (Some(By::ExAt), Some(arg)) => deadline(arg, 1_000, "set").map(SetExpiry::At),
+        (Some(By::PxAt), Some(arg)) => deadline(arg, 1, "set").map(SetExpiry::At),
+        _ => Ok(SetExpiry::Never),
+    };
+    match expiry {
+        Ok(e) => options.expiry = e,
+        Err(r) => return r,
     }
     match cache.set_plain_with(key, owned(value), options) {
         // With GET, the reply is the value replaced (or nil), written or not.
