@@ -188,32 +188,67 @@ pub fn heartbeat(registry: &HealthRegistry, started: Instant) -> Heartbeat {
     }
 }
 
+/// How many events a [`DetachedPublisher`] holds while the bus is busy
+/// (storage and sync publish a few per second at most; a log stuck for
+/// minutes would fill it and the overflow is logged and counted).
+pub const DETACHED_QUEUE: usize = 4096;
+
 /// Publishes from callbacks that must not block (the sync and storage
-/// components' event sinks): each message is handed to a task on the
-/// daemon's runtime, and a failure is logged.
+/// components' event sinks). Messages go through a queue to one task on
+/// the daemon's runtime, which publishes them one after the other, so they
+/// take sequence numbers in the order they were handed over: a pool's
+/// DEGRADED is never stored after the ONLINE that followed it. A failure is
+/// logged; a full queue drops the message with a warning.
 #[derive(Debug, Clone)]
 pub struct DetachedPublisher {
-    bus: Bus,
-    runtime: tokio::runtime::Handle,
+    tx: tokio::sync::mpsc::Sender<(String, serde_json::Value)>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DetachedPublisher {
-    /// A publisher onto `bus` from the current runtime.
+    /// A publisher onto `bus`, its task spawned on the current runtime. The
+    /// task ends when the last clone of the publisher is dropped.
     pub fn new(bus: Bus) -> Self {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<(String, serde_json::Value)>(DETACHED_QUEUE);
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = rx.recv().await {
+                if let Err(e) = bus.publish_json(&subject, &payload).await {
+                    warn!(subject, error = %e, "cannot publish an event");
+                }
+            }
+        });
         Self {
-            bus,
-            runtime: tokio::runtime::Handle::current(),
+            tx,
+            dropped: std::sync::Arc::default(),
         }
     }
 
-    /// Publishes `payload` as JSON on `subject` without waiting.
+    /// Queues `payload` for `subject`, without waiting.
     pub fn publish(&self, subject: String, payload: serde_json::Value) {
-        let bus = self.bus.clone();
-        self.runtime.spawn(async move {
-            if let Err(e) = bus.publish_json(&subject, &payload).await {
-                warn!(subject, error = %e, "cannot publish an event");
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.tx.try_send((subject, payload)) {
+            Ok(()) => {}
+            Err(TrySendError::Full((subject, _))) => {
+                let n = self
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                warn!(
+                    subject,
+                    dropped = n,
+                    "event queue full ({DETACHED_QUEUE} waiting): event dropped"
+                );
             }
-        });
+            Err(TrySendError::Closed((subject, _))) => {
+                warn!(subject, "the bus publisher has stopped: event dropped");
+            }
+        }
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -516,5 +551,52 @@ impl Collector for BusCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use appliance_bus::{BusOptions, SubscribeOptions};
+
+    use super::*;
+
+    /// Events handed over one after the other are stored and delivered in
+    /// that order, with increasing sequence numbers, even on a runtime with
+    /// several workers (one task per event raced: a later event could take
+    /// the earlier sequence number).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn detached_events_keep_the_order_they_were_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, _) = Bus::open(BusOptions {
+            durable: Some(appliance_bus::DurableOptions::new(dir.path())),
+            ..BusOptions::default()
+        })
+        .unwrap();
+        let mut sub = bus
+            .subscribe("storage.>", SubscribeOptions::default())
+            .unwrap();
+        let publisher = DetachedPublisher::new(bus.clone());
+        const N: u64 = 2000;
+        for i in 0..N {
+            publisher.publish(
+                format!("storage.pool.p{}.state", i % 3),
+                serde_json::json!({ "i": i }),
+            );
+        }
+        let mut last_seq = 0;
+        for want in 0..N {
+            let m = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+                .await
+                .expect("delivered in time")
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(v["i"], want, "delivered out of order");
+            let seq = m.seq.expect("a durable subject has a sequence number");
+            assert!(seq > last_seq, "seq {seq} after {last_seq}");
+            last_seq = seq;
+        }
+        assert_eq!(publisher.dropped(), 0);
     }
 }
