@@ -194,14 +194,23 @@ impl Appliance {
                 return (m.clone(), t0.elapsed());
             }
             if t0.elapsed() >= timeout {
-                let seen: Vec<String> = events
-                    .iter()
-                    .filter(|m| m["seq"].as_u64().is_some_and(|s| s > after))
-                    .map(|m| m.to_string())
-                    .collect();
+                let since = |events: &[Value]| -> Vec<String> {
+                    events
+                        .iter()
+                        .filter(|m| m["seq"].as_u64().is_some_and(|s| s > after))
+                        .map(|m| m.to_string())
+                        .collect()
+                };
+                let seen = since(&events);
+                // The newest 60 durable messages, whatever their subject and
+                // sequence number: what the daemon said instead, including
+                // what it may have said before `after`.
+                let all: Vec<String> = self.events(">").iter().map(Value::to_string).collect();
+                let all = &all[all.len().saturating_sub(60)..];
                 self.fail(&format!(
-                    "no {what} on {pattern} within {timeout:?}; seen since seq {after}:\n{}",
-                    seen.join("\n")
+                    "no {what} on {pattern} within {timeout:?}; seen since seq {after}:\n{}\n--- the newest 60 durable messages, any subject\n{}",
+                    seen.join("\n"),
+                    all.join("\n")
                 ));
             }
             std::thread::sleep(Duration::from_millis(500));

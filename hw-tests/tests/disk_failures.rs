@@ -47,6 +47,13 @@ fn pull_and_wait(app: &mut Appliance, bay: usize, margin: i64) -> (u64, Value) {
     // kernel (zio_wait, txg_sync blocked for minutes), which this scenario
     // is not about: it tests what the daemon reports.
     app.run(&format!("zpool sync {POOL}"));
+    // The disks pulled so far, and only they, are failed: a disk the daemon
+    // (or ZFS) failed on its own would make the pull below change nothing.
+    let before = app.report();
+    let failed_before = 1 - margin;
+    app.ensure(before["pools"][0]["failed"] == failed_before, || {
+        format!("before pulling bay {bay}, the daemon should count {failed_before} failed disk(s): {before:#}")
+    });
     let after = app.last_seq("storage.>");
     let t0 = app.guest_ms();
     let host_t0 = Instant::now();
