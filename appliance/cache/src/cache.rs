@@ -1,7 +1,7 @@
 //! The thread-safe, in-process cache API.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use appliance_record_log::CompactionReport;
@@ -13,7 +13,9 @@ use std::cell::Cell;
 use crate::clock::{duration_ms, Clock, SystemClock};
 use crate::key::{parse_md5_hex, Request};
 use crate::persist::{Fsync, LoadReport, PersistConfig, PersistError, Persistence};
-use crate::store::{AgentLookup, AgentOwner, Entry, Key, KeyRef, Store, StoreError, StoreLimits};
+use crate::store::{
+    AgentLookup, AgentOwner, Entry, Key, KeyRef, Store, StoreError, StoreLimits, StoreLock,
+};
 
 /// Default total byte bound of the memory tier: 256 MiB.
 pub const DEFAULT_CAPACITY_BYTES: usize = 256 << 20;
@@ -196,7 +198,7 @@ pub struct PutItem<'a> {
 /// takes `&self`.
 #[derive(Debug)]
 pub struct Cache {
-    store: Mutex<Store>,
+    store: StoreLock,
     clock: Arc<dyn Clock>,
     config: CacheConfig,
     persist: Option<Persistence>,
@@ -247,7 +249,7 @@ impl Cache {
             max_value_bytes: config.max_value_bytes,
         };
         Self {
-            store: Mutex::new(Store::new(limits, false)),
+            store: StoreLock::new(Store::new(limits, false)),
             clock,
             config,
             persist: None,
@@ -288,7 +290,7 @@ impl Cache {
         );
         Ok((
             Self {
-                store: Mutex::new(store),
+                store: StoreLock::new(store),
                 clock,
                 config,
                 persist: Some(persistence),
@@ -368,11 +370,10 @@ impl Cache {
             };
         }
         let now = self.clock.now_ms();
-        let appended = {
-            let mut store = self.lock();
+        let appended = self.store.with(|store| {
             let changes = store.take_journal();
             persist.append(&changes, now)
-        };
+        });
         let pending = appended.map_err(persist_error).map(|target| {
             if dirty || !persist.is_durable(target) {
                 PendingCommit { target }
@@ -410,6 +411,26 @@ impl Cache {
     pub fn deferring<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
         let (out, pending) = self.defer(f);
         (out, pending.and_then(|p| self.commit(p)))
+    }
+
+    /// Runs `f` as one transaction (`EXEC`): no other thread reads or
+    /// writes the cache until it returns, and the changes it makes are
+    /// logged as one record ([`crate::store::Change::Group`]), so a restart
+    /// finds all of them or none. Its mutations are deferred as in
+    /// [`Cache::defer`]: inside a `defer` (the RESP server's batch) that
+    /// batch's commit covers them; otherwise this commits before it
+    /// returns, and the error says if that failed.
+    ///
+    /// `f` may call this cache's methods (the lock is re-entrant on this
+    /// thread), but must not wait for another thread that uses the cache.
+    pub fn atomically<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
+        self.deferring(|| {
+            let _held = self.store.hold();
+            let mark = self.store.with(|s| s.journal_len());
+            let out = f();
+            self.store.with(|s| s.group_journal_from(mark));
+            out
+        })
     }
 
     /// Periodic upkeep: rebuild the log if it failed, purge expired
@@ -502,28 +523,21 @@ impl Cache {
         self.clock.now_ms()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Store> {
-        // The store's invariants hold between statements that cannot panic,
-        // so a poisoned lock still guards a consistent store.
-        self.store.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Run an operation under the lock and hand its journal to the
     /// persistence layer, then commit outside the lock. The operation's
     /// result is returned even when persisting fails, with the error beside it.
     fn apply<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> (T, Result<(), CacheError>) {
         let now = self.clock.now_ms();
         let Some(persist) = self.persist.as_ref() else {
-            return (f(&mut self.lock(), now), Ok(()));
+            return (self.store.with(|store| f(store, now)), Ok(()));
         };
-        let (out, appended) = {
-            let mut store = self.lock();
-            let out = f(&mut store, now);
+        let (out, appended) = self.store.with(|store| {
+            let out = f(store, now);
             if DEFER_COMMIT.with(Cell::get) {
                 if store.journal_pending() {
                     DEFERRED_DIRTY.with(|d| d.set(true));
                 }
-                return (out, Ok(()));
+                return (out, Ok(None));
             }
             let changes = store.take_journal();
             let appended = if changes.is_empty() {
@@ -535,7 +549,7 @@ impl Cache {
                     .map_err(persist_error)
             };
             (out, appended)
-        };
+        });
         match appended {
             Ok(Some(target)) => (out, persist.commit(target).map_err(persist_error)),
             Ok(None) => (out, Ok(())),
@@ -857,17 +871,20 @@ impl Cache {
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.store.with(|s| s.len())
     }
 
     /// Whether the cache is empty.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.store.with(|s| s.is_empty())
     }
 
     /// A statistics snapshot.
     pub fn stats(&self) -> CacheStats {
-        let s = self.lock();
+        self.store.with(|s| Self::stats_of(s))
+    }
+
+    fn stats_of(s: &Store) -> CacheStats {
         let c = s.counters();
         let lookups = c.hits + c.misses;
         CacheStats {
@@ -891,12 +908,13 @@ impl Cache {
     /// A copy of every live entry, least recently used first (export,
     /// compaction).
     pub fn snapshot(&self) -> Vec<(Key, Entry)> {
-        let s = self.lock();
         let now = self.clock.now_ms();
-        s.iter()
-            .filter(|(k, _)| s.peek(*k, now).is_some())
-            .map(|(k, e)| (k.clone(), e.clone()))
-            .collect()
+        self.store.with(|s| {
+            s.iter()
+                .filter(|(k, _)| s.peek(*k, now).is_some())
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect()
+        })
     }
 }
 

@@ -21,6 +21,16 @@
 //! quickly by LZ4 and stay `Put`. Logs written before `PutLz4` existed are
 //! read unchanged; a log holding `PutLz4` records is not readable by
 //! older versions.
+//!
+//! Variant 3 `Group { members }` is a transaction (`EXEC`, see
+//! `Cache::atomically`): the payloads its changes would have had as
+//! records of their own (`Put`, `PutLz4` or `Remove`, never a group), in
+//! order, in one record. Its CRC covers them all, so a write torn by a
+//! crash loses the whole transaction, never a part of it, and a group
+//! damaged anywhere is skipped whole. A transaction whose members would
+//! pass `MAX_RECORD_BYTES` (64 MiB) is logged record by record, without
+//! that guarantee. Older versions report a `Group` as undecodable.
+//!
 //! Replaying the records in order rebuilds the memory tier. An eviction is
 //! logged as a `Remove` after the `Put` that caused it, so the replay lets
 //! the bytes run past the bound until then (see `Store::insert_replayed`)
@@ -125,7 +135,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::store::{AgentOwner, Change, Entry, Key, Store};
+use crate::store::{AgentOwner, Change, Entry, Key, Store, StoreLock};
 
 /// When writes reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +321,14 @@ enum Rec<'a> {
         #[serde(borrow)]
         owner: Option<RecOwner<'a>>,
     },
+    /// The records of one transaction (`EXEC`), in order, each encoded as
+    /// it would be on its own (`Put`, `PutLz4` or `Remove`; never a group):
+    /// one record, so one CRC covers them all and a torn write loses all of
+    /// them, never a part.
+    Group {
+        #[serde(borrow)]
+        members: Vec<&'a serde_bytes::Bytes>,
+    },
 }
 
 /// Smallest value compaction tries to compress (128 bytes): below it the
@@ -324,6 +342,8 @@ enum DecodeError {
     Postcard(#[from] postcard::Error),
     #[error("compressed value: {0}")]
     Lz4(String),
+    #[error("a group of records inside a group")]
+    NestedGroup,
 }
 
 fn rec_key(key: &Key) -> RecKey<'_> {
@@ -372,11 +392,50 @@ fn encode_compacted(key: &Key, entry: &Entry) -> Result<Vec<u8>, postcard::Error
     encode_put(key, entry)
 }
 
-fn encode_change(change: &Change) -> Result<Vec<u8>, postcard::Error> {
-    match change {
-        Change::Put { key, entry } => encode_put(key, entry),
-        Change::Remove { key } => postcard::to_stdvec(&Rec::Remove { key: rec_key(key) }),
+/// The payloads of `changes`, in order: one per change, and one per group
+/// ([`Rec::Group`]) unless the group would exceed [`MAX_RECORD_BYTES`]; its
+/// records are then logged one by one, without the all-or-nothing.
+fn encode_changes(changes: &[Change]) -> Result<Vec<Vec<u8>>, postcard::Error> {
+    let mut out = Vec::with_capacity(changes.len());
+    for change in changes {
+        match change {
+            Change::Group(members) => {
+                let mut encoded = Vec::with_capacity(members.len());
+                encode_flat(members, &mut encoded)?;
+                // Each member adds at most a 5-byte length; the tag and the
+                // count at most 6 more.
+                let size = encoded.iter().map(|m| m.len() + 5).sum::<usize>() + 6;
+                if size <= MAX_RECORD_BYTES as usize {
+                    let members = encoded.iter().map(|m| serde_bytes::Bytes::new(m)).collect();
+                    out.push(postcard::to_stdvec(&Rec::Group { members })?);
+                } else {
+                    tracing::debug!(
+                        records = encoded.len(),
+                        bytes = size,
+                        "cache log: a transaction too large for one record is logged record by record"
+                    );
+                    out.extend(encoded);
+                }
+            }
+            single => encode_flat(std::slice::from_ref(single), &mut out)?,
+        }
     }
+    Ok(out)
+}
+
+/// One payload per `Put` and `Remove` of `changes`, a group's members in
+/// place of the group.
+fn encode_flat(changes: &[Change], out: &mut Vec<Vec<u8>>) -> Result<(), postcard::Error> {
+    for change in changes {
+        match change {
+            Change::Put { key, entry } => out.push(encode_put(key, entry)?),
+            Change::Remove { key } => {
+                out.push(postcard::to_stdvec(&Rec::Remove { key: rec_key(key) })?);
+            }
+            Change::Group(members) => encode_flat(members, out)?,
+        }
+    }
+    Ok(())
 }
 
 fn owned_key(k: RecKey<'_>) -> Key {
@@ -388,6 +447,35 @@ fn owned_key(k: RecKey<'_>) -> Key {
 
 fn owned_owner(owner: Option<RecOwner<'_>>) -> Option<AgentOwner> {
     owner.map(|o| AgentOwner::new(&o.agent, &o.prompt, &o.variant, o.sha256))
+}
+
+/// Applies one record's change at start-up (see [`Persistence::open`]).
+fn replay(
+    store: &mut Store,
+    change: Change,
+    now_ms: u64,
+    evicted: &mut std::collections::HashSet<Key>,
+    dropped: &mut Vec<Key>,
+) {
+    match change {
+        Change::Put { key, entry } => {
+            // Refused entries (the limits shrank since) are dropped like
+            // evictions; the next compaction forgets them. The running
+            // cache's evictions follow as `Remove`s.
+            evicted.remove(&key);
+            let _ = store.insert_replayed(key, entry, now_ms, dropped);
+            evicted.extend(dropped.drain(..));
+        }
+        Change::Remove { key } => {
+            evicted.remove(&key);
+            store.discard(&key);
+        }
+        Change::Group(members) => {
+            for m in members {
+                replay(store, m, now_ms, evicted, dropped);
+            }
+        }
+    }
 }
 
 /// Decode a payload into a change.
@@ -439,6 +527,15 @@ fn decode(payload: &[u8]) -> Result<Change, DecodeError> {
         Rec::Remove { key } => Change::Remove {
             key: owned_key(key),
         },
+        Rec::Group { members } => Change::Group(
+            members
+                .iter()
+                .map(|m| match decode(m)? {
+                    Change::Group(_) => Err(DecodeError::NestedGroup),
+                    single => Ok(single),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
     })
 }
 
@@ -808,18 +905,7 @@ impl Persistence {
             let rec = rec?;
             report.records_read += 1;
             match decode(&rec.payload) {
-                Ok(Change::Put { key, entry }) => {
-                    // Refused entries (the limits shrank since) are dropped
-                    // like evictions; the next compaction forgets them.
-                    // The running cache's evictions follow as `Remove`s.
-                    evicted.remove(&key);
-                    let _ = store.insert_replayed(key, entry, now_ms, &mut dropped);
-                    evicted.extend(dropped.drain(..));
-                }
-                Ok(Change::Remove { key }) => {
-                    evicted.remove(&key);
-                    store.discard(&key);
-                }
+                Ok(change) => replay(store, change, now_ms, &mut evicted, &mut dropped),
                 Err(e) => {
                     report.undecodable += 1;
                     tracing::warn!(seq = rec.seq, error = %e, "cache log: undecodable record skipped");
@@ -902,10 +988,7 @@ impl Persistence {
     /// (With no changes, nothing is written and the target is the last
     /// record so far, which covers changes another thread drained for us.)
     pub(crate) fn append(&self, changes: &[Change], now_ms: u64) -> Result<u64, PersistError> {
-        let payloads = changes
-            .iter()
-            .map(encode_change)
-            .collect::<Result<Vec<_>, _>>()?;
+        let payloads = encode_changes(changes)?;
         let mut log = self.lock();
         if !payloads.is_empty() {
             if let Err(e) = log.append_batch_at(now_ms, payloads) {
@@ -1080,7 +1163,7 @@ impl Persistence {
     /// leaves the log failed and removes what it wrote.
     pub(crate) fn heal(
         &self,
-        store: &Mutex<Store>,
+        store: &StoreLock,
         now_ms: u64,
     ) -> Result<Option<CompactionReport>, PersistError> {
         if !self.is_failed() {
@@ -1141,10 +1224,17 @@ impl Persistence {
     /// number the rebuilt log holds durably.
     fn rebuild(
         &self,
-        store: &Mutex<Store>,
+        store: &StoreLock,
         now_ms: u64,
     ) -> Result<(CompactionReport, u64), PersistError> {
-        let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+        store.with(|store| self.rebuild_from(store, now_ms))
+    }
+
+    fn rebuild_from(
+        &self,
+        store: &mut Store,
+        now_ms: u64,
+    ) -> Result<(CompactionReport, u64), PersistError> {
         let needed = store.bytes() as u64;
         if let Some(free) = free_bytes(&self.config.dir) {
             if free < needed.saturating_add(HEAL_SPARE_BYTES) {
@@ -1230,7 +1320,7 @@ impl Persistence {
     /// snapshot to write; see the module docs.
     pub(crate) fn compact(
         &self,
-        store: &Mutex<Store>,
+        store: &StoreLock,
         now_ms: u64,
     ) -> Result<Option<CompactionReport>, PersistError> {
         let Some(_running) = self.start_rewrite() else {
@@ -1255,7 +1345,7 @@ impl Persistence {
 
     fn compact_inner(
         &self,
-        store: &Mutex<Store>,
+        store: &StoreLock,
         now_ms: u64,
     ) -> Result<Option<CompactionReport>, PersistError> {
         // The log seals its active segment first (fsyncs, under the log lock
@@ -1265,14 +1355,13 @@ impl Persistence {
         // boundary on top of it gives the current state, because every record
         // assigns a whole entry or removes it.
         let (mut plan, _replaced) = self.lock().begin_compaction()?;
-        let snapshot: Vec<(Key, Entry)> = {
-            let store = store.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot: Vec<(Key, Entry)> = store.with(|store| {
             store
                 .iter()
                 .filter(|(_, e)| e.expires_at.is_none_or(|at| at > now_ms))
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect()
-        };
+        });
         if snapshot.len() as u64 >= plan.boundary_seq() {
             // Cannot happen while every entry came from its own record; refuse
             // rather than write records out of range.
@@ -1360,13 +1449,31 @@ mod tests {
             },
         ];
         for c in &changes {
-            let bytes = encode_change(c).unwrap();
-            assert_eq!(&decode(&bytes).unwrap(), c);
+            let bytes = encode_changes(std::slice::from_ref(c)).unwrap();
+            assert_eq!(bytes.len(), 1);
+            assert_eq!(&decode(&bytes[0]).unwrap(), c);
         }
         // Pin the layout of the simplest record: variant 1, key variant 1,
         // varint length 1, "k".
-        assert_eq!(encode_change(&changes[2]).unwrap(), vec![1, 1, 1, b'k']);
+        assert_eq!(
+            encode_changes(&changes[2..]).unwrap(),
+            vec![vec![1, 1, 1, b'k']]
+        );
         assert!(decode(&[9, 9]).is_err());
+
+        // A transaction is one record holding its members' payloads
+        // (variant 3, then the count), and decodes to the same group.
+        let group = Change::Group(changes.to_vec());
+        let bytes = encode_changes(std::slice::from_ref(&group)).unwrap();
+        assert_eq!(bytes.len(), 1);
+        assert_eq!(bytes[0][..2], [3, 3]);
+        assert_eq!(decode(&bytes[0]).unwrap(), group);
+        // A group inside a group is refused.
+        let inner = postcard::to_stdvec(&Rec::Group {
+            members: vec![serde_bytes::Bytes::new(&bytes[0])],
+        })
+        .unwrap();
+        assert!(matches!(decode(&inner), Err(DecodeError::NestedGroup)));
     }
 
     fn agent_entry(value: Vec<u8>) -> (Key, Entry) {

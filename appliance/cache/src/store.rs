@@ -11,6 +11,7 @@
 //! - `expiry` holds exactly one `(expires_at, key)` per entry with an expiry;
 //! - `by_agent` holds exactly the MD5 keys of agent entries, under their agent.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -174,6 +175,35 @@ impl Entry {
     }
 }
 
+/// The store behind the cache's lock. Re-entrant: a transaction (`EXEC`)
+/// holds it across the commands it runs, each of which takes it again on
+/// the same thread, while other threads wait for the whole transaction.
+#[derive(Debug)]
+pub struct StoreLock(parking_lot::ReentrantMutex<RefCell<Store>>);
+
+impl StoreLock {
+    /// `store`, unlocked.
+    pub fn new(store: Store) -> Self {
+        Self(parking_lot::ReentrantMutex::new(RefCell::new(store)))
+    }
+
+    /// Runs `f` with the store locked. Not from inside another `with` on
+    /// the same thread: the store is borrowed there, and that panics (with
+    /// a plain mutex it would have deadlocked).
+    pub fn with<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        let held = self.0.lock();
+        let mut store = held.borrow_mut();
+        f(&mut store)
+    }
+
+    /// Holds the lock, without borrowing the store, until the guard drops:
+    /// [`with`](Self::with) still works on this thread, and every other
+    /// thread waits.
+    pub fn hold(&self) -> parking_lot::ReentrantMutexGuard<'_, RefCell<Store>> {
+        self.0.lock()
+    }
+}
+
 /// One applied mutation, for the persistence journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -189,6 +219,10 @@ pub enum Change {
         /// Key removed.
         key: Key,
     },
+    /// The changes of one transaction (`EXEC`), in order: logged as one
+    /// record, so a restart finds all of them or none. Holds only `Put` and
+    /// `Remove`.
+    Group(Vec<Change>),
 }
 
 /// Limits of the memory tier.
@@ -370,6 +404,24 @@ impl Store {
     /// Whether journalled mutations are waiting to be drained.
     pub fn journal_pending(&self) -> bool {
         self.journal.as_ref().is_some_and(|j| !j.is_empty())
+    }
+
+    /// How many mutations the journal holds (0 when it is off): a mark for
+    /// [`Store::group_journal_from`].
+    pub fn journal_len(&self) -> usize {
+        self.journal.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Makes the mutations recorded since `mark` one [`Change::Group`] (when
+    /// there are two or more). The caller has held the store since taking
+    /// the mark, so they are all its own and nothing was drained meanwhile.
+    pub fn group_journal_from(&mut self, mark: usize) {
+        if let Some(j) = self.journal.as_mut() {
+            if j.len() >= mark + 2 {
+                let group = j.split_off(mark);
+                j.push(Change::Group(group));
+            }
+        }
     }
 
     /// Drain the mutations recorded since the last call.
@@ -835,7 +887,7 @@ mod tests {
             .into_iter()
             .filter_map(|c| match c {
                 Change::Remove { key } => Some(key),
-                Change::Put { .. } => None,
+                Change::Put { .. } | Change::Group(_) => None,
             })
             .collect();
         assert_eq!(removed, vec![plain("b"), plain("c")]);

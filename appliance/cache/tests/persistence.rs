@@ -828,3 +828,92 @@ fn removals_at_start_up_are_logged_once() {
     assert_eq!(records(), 36, "sixteen removals logged");
     assert_eq!(records(), 36, "and not again");
 }
+
+/// A transaction's writes are one record: reopened whole, they are all
+/// there; cut by a crash during the write, none of them is (the delete in
+/// it is undone too), and what came before it stays.
+#[test]
+fn a_transaction_is_one_record_found_whole_or_not_at_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let write = |dir: &Path| {
+        let (cache, _) = open(dir, &clock);
+        cache
+            .set_plain(b"before", "kept", None, SetCondition::Always)
+            .unwrap();
+        let ((), done) = cache.atomically(|| {
+            for k in ["a", "b", "c"] {
+                cache
+                    .set_plain(k.as_bytes(), vec![b'x'; 100], None, SetCondition::Always)
+                    .unwrap();
+            }
+            assert!(cache.del_plain(b"before").unwrap());
+        });
+        done.unwrap();
+    };
+    write(tmp.path());
+    let (cache, report) = open(tmp.path(), &clock);
+    assert!(report.is_clean());
+    assert_eq!(report.records_read, 2, "one record, then the transaction's");
+    assert!(!cache.exists(b"before"));
+    for k in ["a", "b", "c"] {
+        assert!(cache.exists(k.as_bytes()), "{k}");
+    }
+    drop(cache);
+
+    let torn = tempfile::tempdir().unwrap();
+    write(torn.path());
+    let seg = segment(torn.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    // Cut the transaction's record after its first two members (a crash
+    // part way through the write): the first two are intact bytes on disk.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 150)
+        .unwrap();
+    let (cache, report) = open(torn.path(), &clock);
+    assert_eq!(report.recovery.damage.len(), 1);
+    assert_eq!(
+        report.recovery.damage[0].kind,
+        appliance_record_log::DamageKind::TornTail
+    );
+    assert_eq!(report.records_read, 1);
+    assert_eq!(cache.get_plain(b"before").as_deref(), Some(&b"kept"[..]));
+    for k in ["a", "b", "c"] {
+        assert!(!cache.exists(k.as_bytes()), "{k} from a torn transaction");
+    }
+}
+
+/// Nothing runs between a transaction's commands: a reader told to look
+/// half-way through waits for the end and sees all of its writes.
+#[test]
+fn a_transaction_is_not_seen_half_done() {
+    let cache = Cache::new(CacheConfig::default());
+    let cache = &cache;
+    let (halfway_tx, halfway) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            halfway.recv().unwrap();
+            (cache.get_plain(b"x"), cache.get_plain(b"y"))
+        });
+        let ((), done) = cache.atomically(|| {
+            cache
+                .set_plain(b"x", "1", None, SetCondition::Always)
+                .unwrap();
+            halfway_tx.send(()).unwrap();
+            // Time for the reader to run, were it let in.
+            std::thread::sleep(Duration::from_millis(200));
+            cache
+                .set_plain(b"y", "1", None, SetCondition::Always)
+                .unwrap();
+        });
+        done.unwrap();
+        let (x, y) = reader.join().unwrap();
+        assert_eq!(
+            (x.as_deref(), y.as_deref()),
+            (Some(&b"1"[..]), Some(&b"1"[..]))
+        );
+    });
+}
