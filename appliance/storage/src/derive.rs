@@ -54,7 +54,7 @@ use appliance_types::storage::{
 };
 use appliance_zfs::{
     redundancy, DeviceState, ErrorCounts, PoolStatus, ScanFunction, ScanState, ScanStatus, Vdev,
-    ZpoolEvent,
+    VdevKind, ZpoolEvent,
 };
 
 use crate::report::{
@@ -848,6 +848,10 @@ fn device_state(
             d.state = new_state.clone();
             if new_state.is_failed() {
                 events.extend(lost_redundancy(seen, pool, id, guid, new_state, source, at));
+            } else {
+                events.extend(regained_redundancy(
+                    seen, pool, id, guid, new_state, source, at,
+                ));
             }
         }
         None => {
@@ -923,6 +927,83 @@ fn lost_redundancy(
     seen.redundancy = red.summary;
     seen.last_status = Some(status);
     Some(ev)
+}
+
+/// A disk of `pool` works again (ZFS event: ONLINE after a fault that did
+/// not last, or `zpool online`): the mirror of [`lost_redundancy`]. The
+/// last poll's view gets the disk back, and a margin that rises is
+/// published now. Without this the published view kept the disk failed
+/// until a poll, and a real failure of the same disk in between (a pull)
+/// was "no lower than" the stale margin and never published.
+///
+/// A disk in a replacing or spare slot is left to the poll: the slot stays
+/// failed while the resilver it starts runs, which the last poll may not
+/// show yet.
+fn regained_redundancy(
+    seen: &mut PoolSeen,
+    pool: &str,
+    id: &str,
+    guid: Option<u64>,
+    state: &DeviceState,
+    source: EventSource,
+    at: u64,
+) -> Option<StorageEvent> {
+    let mut status = seen.last_status.clone()?;
+    let is_it = |v: &Vdev| guid.is_some_and(|g| v.guid == Some(g)) || disk_id(&v.name) == id;
+    if in_rebuilding_slot(&status.root, &is_it) {
+        return None;
+    }
+    let leaf = leaf_mut(&mut status.root, &is_it)?;
+    if !leaf.state.is_failed() {
+        return None;
+    }
+    leaf.state = state.clone();
+    let red = redundancy(&status);
+    if red.margin < 0 || seen.margin.is_some_and(|m| red.margin <= m) {
+        // Still beyond the parity, or no better: the view gets the disk
+        // back all the same, so a later failure is measured from it.
+        seen.last_status = Some(status);
+        return None;
+    }
+    status.state = if red.failed == 0 {
+        DeviceState::Online
+    } else {
+        DeviceState::Degraded
+    };
+    let (st, reasons) = classify(&status, &red);
+    let new_state = status.state.as_str().to_owned();
+    let ev = StorageEvent::PoolState(PoolStateEvent {
+        pool: pool.to_owned(),
+        old_state: Some(seen.state.clone()),
+        new_state: new_state.clone(),
+        old_margin: seen.margin,
+        new_margin: Some(red.margin),
+        status: st,
+        redundancy: red.summary.clone(),
+        failed_devices: failed_disk_ids(&red),
+        reason: if reasons.is_empty() {
+            format!("pool {pool} is {new_state}")
+        } else {
+            reasons.join("; ")
+        },
+        source,
+        at,
+    });
+    seen.state = new_state;
+    seen.margin = Some(red.margin);
+    seen.redundancy = red.summary;
+    seen.last_status = Some(status);
+    Some(ev)
+}
+
+/// Whether the leaf `is_it` picks sits in a replacing or spare slot.
+fn in_rebuilding_slot(v: &Vdev, is_it: &dyn Fn(&Vdev) -> bool) -> bool {
+    v.children.iter().any(|c| {
+        (c.children.is_empty()
+            && is_it(c)
+            && matches!(v.kind, VdevKind::Replacing | VdevKind::Spare))
+            || in_rebuilding_slot(c, is_it)
+    })
 }
 
 /// The failed disks of a layout, by disk id.

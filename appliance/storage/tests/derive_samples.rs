@@ -741,3 +741,65 @@ fn a_disk_udev_saw_go_degrades_the_pool_before_zfs_notices() {
     assert!(!mark_gone(&mut h, &BTreeSet::from(["virtio-X".to_owned()])));
     assert_eq!(h, healthy);
 }
+
+fn statechange(guid: u64, state: appliance_zfs::DeviceState, at: u64) -> ZpoolEvent {
+    ZpoolEvent {
+        class: "resource.fs.zfs.statechange".into(),
+        time_secs: Some(at),
+        vdev_guid: Some(guid),
+        vdev_state: Some(state),
+        // One event id per second of the test.
+        ..resilver_zfs_event("statechange", at, at)
+    }
+}
+
+/// A disk back ONLINE between polls raises the margin at once; one in a
+/// replacing slot does not (the slot stays failed while it resilvers), and
+/// is left to the poll.
+#[test]
+fn a_disk_back_online_raises_the_margin_unless_it_is_being_replaced() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("resilvering", t), t);
+    assert_eq!(
+        d.published_state("tank"),
+        Some(("DEGRADED".into(), Some(0)))
+    );
+    // virtio-ZD2, in replacing-1.
+    let out = d.observe_zfs_event(
+        &statechange(
+            6_864_561_248_277_661_160,
+            appliance_zfs::DeviceState::Online,
+            t + 5,
+        ),
+        t + 5,
+    );
+    assert_eq!(
+        briefs(&out.events),
+        ["storage.disk.virtio-ZD2.online ONLINE"]
+    );
+    assert_eq!(
+        d.published_state("tank"),
+        Some(("DEGRADED".into(), Some(0)))
+    );
+    // virtio-ZD3, a slot of its own.
+    let out = d.observe_zfs_event(
+        &statechange(
+            17_397_665_615_335_231_211,
+            appliance_zfs::DeviceState::Online,
+            t + 6,
+        ),
+        t + 6,
+    );
+    assert_eq!(
+        briefs(&out.events),
+        [
+            "storage.disk.virtio-ZD3.online ONLINE",
+            "storage.pool.tank.state DEGRADED->DEGRADED margin Some(0)->Some(1) degraded",
+        ]
+    );
+    assert_eq!(
+        d.published_state("tank"),
+        Some(("DEGRADED".into(), Some(1)))
+    );
+}

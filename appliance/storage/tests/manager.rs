@@ -231,6 +231,17 @@ fn count(ev: &[StorageEvent], subject: &str) -> usize {
     ev.iter().filter(|e| e.subject() == subject).count()
 }
 
+/// What udev reports when the disk `id` (kernel name `devname`) leaves `bay`.
+fn pulled(id: &str, devname: &str, bay: &str) -> appliance_storage::udev::DiskChange {
+    appliance_storage::udev::DiskChange {
+        action: DiskAction::Removed,
+        id: id.into(),
+        devname: Some(devname.into()),
+        bay: Some(bay.into()),
+        serial: id.strip_prefix("virtio-").map(Into::into),
+    }
+}
+
 fn pool_states(ev: &[StorageEvent]) -> Vec<(String, Option<i64>)> {
     ev.iter()
         .filter_map(|e| match e {
@@ -1085,5 +1096,118 @@ async fn a_poll_older_than_a_zfs_event_does_not_undo_it() {
         [("DEGRADED".to_owned(), Some(1))],
         "{:#?}",
         subjects(&ev[before..])
+    );
+}
+
+/// ZFS faults a disk on its own (a failed probe during a degraded read):
+/// DEGRADED with the lower margin at once. Pulling that disk afterwards
+/// changes nothing about the pool, so only the disk's REMOVED follows (the
+/// s13 hardware-test failure: its pull found the margin already at 0).
+#[tokio::test(start_paused = true)]
+async fn pulling_a_disk_zfs_already_failed_publishes_only_the_disk() {
+    let rig = Rig::provisioned().await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    rig.wait_events("margin 1", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Faulted)
+        .unwrap();
+    rig.wait_events("margin 0", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(0)))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_pull = rig.sink.snapshot().len();
+    assert!(rig.mgr.hotplug(pulled("virtio-ZD4", "vdf", "bay4")).await);
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Removed)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(pool_states(&ev[before_pull..]), []);
+    assert_eq!(
+        count(&ev[before_pull..], "storage.disk.virtio-ZD4.removed"),
+        1
+    );
+}
+
+/// A disk that ZFS faults and brings back between two polls (while a slow
+/// poll is under way, as under TCG): its return raises the published
+/// margin again at once, so pulling it for real afterwards is published.
+/// Before, the published view kept the disk failed until a poll that was
+/// not stale, the pull was "no lower" than that, and neither the return to
+/// margin 1 nor the pull's margin 0 was ever published (review of the s13
+/// hardware-test failure).
+#[tokio::test(start_paused = true)]
+async fn a_disk_back_from_a_brief_fault_then_pulled_is_published_both_times() {
+    let rig = Rig::provisioned().await;
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    rig.wait_events("margin 1", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A slow poll is under way.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    *rig.zfs.held.lock().unwrap() = Some(gate.clone());
+    let mgr = rig.mgr.clone();
+    let polled = tokio::spawn(async move { mgr.refresh().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ZD4 fails for a moment and comes back.
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Faulted)
+        .unwrap();
+    rig.wait_events("brief margin 0", |e| {
+        pool_states(e).contains(&("DEGRADED".to_owned(), Some(0)))
+    })
+    .await;
+    let before_return = rig.sink.snapshot().len();
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Online)
+        .unwrap();
+    rig.wait_events("ZD4 online", |e| {
+        count(e, "storage.disk.virtio-ZD4.online") == 1
+    })
+    .await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(
+        pool_states(&ev[before_return..]),
+        [("DEGRADED".to_owned(), Some(1))],
+        "the return is published with the disk event"
+    );
+    // Now it is pulled for real.
+    let before_pull = ev.len();
+    assert!(rig.mgr.hotplug(pulled("virtio-ZD4", "vdf", "bay4")).await);
+    rig.sync();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD4", DeviceState::Removed)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The slow poll ends; fresh polls follow and agree.
+    *rig.zfs.held.lock().unwrap() = None;
+    gate.notify_waiters();
+    polled.await.unwrap().unwrap();
+    rig.mgr.refresh().await.unwrap();
+    rig.mgr.refresh().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let ev = rig.sink.snapshot();
+    assert_eq!(
+        pool_states(&ev[before_pull..]),
+        [("DEGRADED".to_owned(), Some(0))],
+        "the pull, published once: {:?}",
+        pool_states(&ev)
     );
 }
