@@ -473,7 +473,7 @@ fn unknown_command(name: &str, a: &[Bytes]) -> Reply {
 
 /// At most `max` bytes of `s`, cut at a character boundary (a name from
 /// the client may hold any UTF-8, and slicing inside a character panics).
-fn clip(s: &str, max: usize) -> &str {
+pub(crate) fn clip(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;

@@ -210,6 +210,8 @@ where
                 let share = BufferShare::new(budget.clone(), clients.clone());
                 tasks.spawn(async move {
                     if let Err(e) = connection(stream, &cache, limits, stall, share, stop).await {
+                        // (`connection` has told a client whose writes
+                        // were not made durable why it is closed.)
                         if is_stall(&e) {
                             counters.stalled.fetch_add(1, Ordering::Relaxed);
                         }
@@ -610,6 +612,39 @@ async fn connection<S>(
     cache: &Cache,
     limits: Limits,
     stall: Duration,
+    share: BufferShare,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let result = serve_connection(&mut stream, cache, limits, stall, share, stop).await;
+    if let Err(e) = &result {
+        if let Some(Unacknowledged(why)) = e.get_ref().and_then(|i| i.downcast_ref()) {
+            // The batch's writes are not durable and none of its replies
+            // was sent: its first command is answered with why, then the
+            // connection closes (its other commands get no reply, so a
+            // client can tell none of them was acknowledged). Best effort,
+            // briefly: the stream is at a reply boundary.
+            let farewell = format!(
+                "-ERR {}\r\n",
+                crate::commands::clip(why, 400).replace(['\r', '\n'], " ")
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(farewell.as_bytes()).await?;
+                stream.flush().await
+            })
+            .await;
+        }
+    }
+    result
+}
+
+async fn serve_connection<S>(
+    mut stream: S,
+    cache: &Cache,
+    limits: Limits,
+    stall: Duration,
     mut share: BufferShare,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()>
@@ -817,7 +852,9 @@ impl Conn {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cache RESP: log append failed, dropping connection");
-                Err(io::Error::other(e.to_string()))
+                Err(io::Error::other(Unacknowledged(format!(
+                    "{e}; this connection's unanswered commands were not acknowledged"
+                ))))
             }
         }
     }
@@ -959,7 +996,9 @@ where
         if let Err(e) = cache.commit_async(p).await {
             // Nothing in this batch is durable: acknowledge none of it.
             tracing::warn!(error = %e, "cache RESP: commit failed, dropping connection");
-            return Err(io::Error::other(e.to_string()));
+            return Err(io::Error::other(Unacknowledged(format!(
+                "{e}; this connection's unanswered commands were not acknowledged"
+            ))));
         }
     }
     if !out.is_empty() {
@@ -1073,6 +1112,19 @@ impl Taker<'_> {
         Poll::Ready(Ok(true))
     }
 }
+
+/// A batch's writes could not be made durable: nothing of it is
+/// acknowledged, and the client is told why before the connection closes.
+#[derive(Debug)]
+struct Unacknowledged(String);
+
+impl std::fmt::Display for Unacknowledged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unacknowledged {}
 
 /// The client took none of its replies for this long.
 #[derive(Debug)]

@@ -131,9 +131,12 @@ fn the_resp_servers_upkeep_heals_the_log() {
         setrlimit(Resource::RLIMIT_FSIZE, largest + 500, hard).unwrap();
         let refused: redis::RedisResult<String> =
             set("big", noise(64 << 10)).query_async(&mut con).await;
+        // Not acknowledged, and told why (not just a closed connection).
+        let err = refused.expect_err("a SET past the limit was acknowledged");
+        assert_eq!(err.kind(), redis::ErrorKind::ResponseError, "{err:?}");
         assert!(
-            refused.is_err(),
-            "a SET past the limit was acknowledged: {refused:?}"
+            err.to_string().contains("cache log") && err.to_string().contains("not acknowledged"),
+            "{err}"
         );
         assert!(cache.log_failed());
         setrlimit(Resource::RLIMIT_FSIZE, soft, hard).unwrap();
