@@ -411,7 +411,9 @@ impl EventDeriver {
         seen.healthy = st == StorageStatus::Healthy;
         seen.redundancy = red.summary;
         seen.free_bytes = free;
-        seen.status_as_of = now;
+        // When the poll read ZFS, not now: a ZFS event from while the poll
+        // ran may be missing from it, and is applied when it comes.
+        seen.status_as_of = snap.as_of.min(now);
         seen.last_status = Some(status.clone());
         events
     }

@@ -261,6 +261,7 @@ impl StorageManager {
             deriver,
             book,
             poll_running: false,
+            poll_started: 0,
             poll_again: false,
             poll_stale: false,
             polled_once: false,
@@ -469,6 +470,9 @@ struct Actor {
     book: ScrubBook,
     breaker: CircuitBreaker,
     poll_running: bool,
+    /// When the running (or last) poll started reading ZFS (Unix seconds):
+    /// its snapshot is as of then, and a ZFS event from after it is news.
+    poll_started: u64,
     poll_again: bool,
     /// The running poll started before a ZFS event that was published: its
     /// snapshot may predate the change and must not undo it (the poll
@@ -675,6 +679,7 @@ impl Actor {
             return;
         }
         self.poll_running = true;
+        self.poll_started = self.now();
         self.poll_again = false;
         self.waiting_inflight.append(&mut self.waiting);
         let zfs = self.zfs.clone();
@@ -758,7 +763,7 @@ impl Actor {
                                 status,
                                 list: Some(p.list),
                                 datasets,
-                                as_of: now,
+                                as_of: self.poll_started,
                             };
                             if stale {
                                 // Keep the state the event published; the

@@ -803,3 +803,41 @@ fn a_disk_back_online_raises_the_margin_unless_it_is_being_replaced() {
         Some(("DEGRADED".into(), Some(1)))
     );
 }
+
+/// A poll is as of when it read ZFS, not when it was applied: a ZFS event
+/// from while the poll ran (and so possibly missing from it) is applied
+/// when it arrives, not skipped until the next poll.
+#[test]
+fn an_event_from_while_a_poll_ran_is_applied() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    // Read at t, applied 5 s later (a slow poll under load).
+    d.observe_snapshot(&json_snapshot("resilvering", t), t + 5);
+    // virtio-ZD3 back at t + 2, delivered after the poll was applied.
+    let out = d.observe_zfs_event(
+        &statechange(
+            17_397_665_615_335_231_211,
+            appliance_zfs::DeviceState::Online,
+            t + 2,
+        ),
+        t + 6,
+    );
+    assert!(out.repoll);
+    assert_eq!(
+        briefs(&out.events),
+        [
+            "storage.disk.virtio-ZD3.online ONLINE",
+            "storage.pool.tank.state DEGRADED->DEGRADED margin Some(0)->Some(1) degraded",
+        ]
+    );
+    // One from before the poll read ZFS is in the poll already.
+    let out = d.observe_zfs_event(
+        &statechange(
+            17_397_665_615_335_231_211,
+            appliance_zfs::DeviceState::Removed,
+            t - 1,
+        ),
+        t + 7,
+    );
+    assert!(out.events.is_empty());
+}
