@@ -212,10 +212,44 @@ impl DetachedPublisher {
         let (tx, mut rx) =
             tokio::sync::mpsc::channel::<(String, serde_json::Value)>(DETACHED_QUEUE);
         tokio::spawn(async move {
-            while let Some((subject, payload)) = rx.recv().await {
-                if let Err(e) = bus.publish_json(&subject, &payload).await {
+            use futures_util::StreamExt as _;
+            type Publishing = std::pin::Pin<
+                Box<dyn std::future::Future<Output = (String, Result<(), appliance_bus::BusError>)> + Send>,
+            >;
+            fn report((subject, result): (String, Result<(), appliance_bus::BusError>)) {
+                if let Err(e) = result {
                     warn!(subject, error = %e, "cannot publish an event");
                 }
+            }
+            // Publishes still waiting for their fsync (`fsync = "always"`).
+            let mut settling = futures_util::stream::FuturesUnordered::<Publishing>::new();
+            loop {
+                tokio::select! {
+                    next = rx.recv() => {
+                        let Some((subject, payload)) = next else { break };
+                        let bus = bus.clone();
+                        let mut publishing: Publishing = Box::pin(async move {
+                            let r = bus.publish_json(&subject, &payload).await.map(|_| ());
+                            (subject, r)
+                        });
+                        // The first poll appends the message and so takes its
+                        // sequence number, here, in order; what may remain is
+                        // the wait for its fsync, which runs beside the next
+                        // messages' appends instead of before them.
+                        let first = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(publishing.as_mut().poll(cx))
+                        })
+                        .await;
+                        match first {
+                            std::task::Poll::Ready(done) => report(done),
+                            std::task::Poll::Pending => settling.push(publishing),
+                        }
+                    }
+                    Some(done) = settling.next(), if !settling.is_empty() => report(done),
+                }
+            }
+            while let Some(done) = settling.next().await {
+                report(done);
             }
         });
         Self {
@@ -568,9 +602,21 @@ mod tests {
     /// the earlier sequence number).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn detached_events_keep_the_order_they_were_handed_over() {
+        for fsync in [
+            appliance_bus::DurableFsync::Interval(Duration::from_millis(100)),
+            appliance_bus::DurableFsync::Always,
+        ] {
+            keep_order(fsync).await;
+        }
+    }
+
+    async fn keep_order(fsync: appliance_bus::DurableFsync) {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _) = Bus::open(BusOptions {
-            durable: Some(appliance_bus::DurableOptions::new(dir.path())),
+            durable: Some(appliance_bus::DurableOptions {
+                fsync,
+                ..appliance_bus::DurableOptions::new(dir.path())
+            }),
             ..BusOptions::default()
         })
         .unwrap();
@@ -592,7 +638,7 @@ mod tests {
                 .expect("delivered in time")
                 .unwrap();
             let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-            assert_eq!(v["i"], want, "delivered out of order");
+            assert_eq!(v["i"], want, "delivered out of order ({fsync:?})");
             let seq = m.seq.expect("a durable subject has a sequence number");
             assert!(seq > last_seq, "seq {seq} after {last_seq}");
             last_seq = seq;
