@@ -211,6 +211,9 @@ thread_local! {
     static DEFER_COMMIT: Cell<bool> = const { Cell::new(false) };
     /// Set when a deferred mutation left records in the journal.
     static DEFERRED_DIRTY: Cell<bool> = const { Cell::new(false) };
+    /// Set while [`Cache::atomically`] runs on this thread: it asked the
+    /// log once, and its mutations are not refused one by one.
+    static IN_TRANSACTION: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A durable commit still owed for deferred mutations; see [`Cache::defer`].
@@ -419,18 +422,50 @@ impl Cache {
     /// finds all of them or none. Its mutations are deferred as in
     /// [`Cache::defer`]: inside a `defer` (the RESP server's batch) that
     /// batch's commit covers them; otherwise this commits before it
-    /// returns, and the error says if that failed.
+    /// returns.
+    ///
+    /// Whether the log takes writes is asked once, before `f` runs: if it
+    /// does not, `f` does not run and this is the error. Inside, mutations
+    /// are not refused one by one, so a log failing part way cannot split
+    /// the transaction (its commit then fails, and a heal writes all of it
+    /// from memory). A panic in `f` still ends the transaction: what it
+    /// changed so far is one group.
     ///
     /// `f` may call this cache's methods (the lock is re-entrant on this
-    /// thread), but must not wait for another thread that uses the cache.
-    pub fn atomically<T>(&self, f: impl FnOnce() -> T) -> (T, Result<(), CacheError>) {
-        self.deferring(|| {
+    /// thread), but must not wait for another thread that uses the cache,
+    /// nor for durability (`commit`, `maintenance`, `heal_log`, ...).
+    pub fn atomically<T>(&self, f: impl FnOnce() -> T) -> Result<T, CacheError> {
+        /// Ends the transaction however `f` ends.
+        struct Ends<'a> {
+            store: &'a StoreLock,
+            mark: usize,
+            was: bool,
+        }
+        impl Drop for Ends<'_> {
+            fn drop(&mut self) {
+                IN_TRANSACTION.with(|t| t.set(self.was));
+                self.store.with(|s| s.group_journal_from(self.mark));
+            }
+        }
+        let (out, done) = self.deferring(|| {
             let _held = self.store.hold();
+            let was = IN_TRANSACTION.with(Cell::get);
+            if !was {
+                if let Some(reason) = self.persist.as_ref().and_then(Persistence::refusal) {
+                    return Err(CacheError::Persist(reason));
+                }
+            }
             let mark = self.store.with(|s| s.journal_len());
-            let out = f();
-            self.store.with(|s| s.group_journal_from(mark));
-            out
-        })
+            IN_TRANSACTION.with(|t| t.set(true));
+            let _ends = Ends {
+                store: &self.store,
+                mark,
+                was,
+            };
+            Ok(f())
+        });
+        let out = out?;
+        done.map(|()| out)
     }
 
     /// Periodic upkeep: rebuild the log if it failed, purge expired
@@ -563,8 +598,10 @@ impl Cache {
     /// Once the log has failed, mutations are refused before they are
     /// applied, until [`Cache::heal_log`] has rebuilt it.
     fn mutate<T>(&self, f: impl FnOnce(&mut Store, u64) -> T) -> Result<T, CacheError> {
-        if let Some(reason) = self.persist.as_ref().and_then(Persistence::refusal) {
-            return Err(CacheError::Persist(reason));
+        if !IN_TRANSACTION.with(Cell::get) {
+            if let Some(reason) = self.persist.as_ref().and_then(Persistence::refusal) {
+                return Err(CacheError::Persist(reason));
+            }
         }
         let (out, done) = self.apply(f);
         done.map(|()| out)

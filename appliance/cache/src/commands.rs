@@ -419,7 +419,7 @@ fn exec(cache: &Cache, session: &mut Session) -> Reply {
         return Reply::Error("EXECABORT Transaction discarded because of previous errors.".into());
     }
     let mut total = 0usize;
-    let (replies, done) = cache.atomically(|| {
+    let replies = cache.atomically(|| {
         tx.commands
             .into_iter()
             .map(|(name, a)| {
@@ -437,10 +437,11 @@ fn exec(cache: &Cache, session: &mut Session) -> Reply {
             })
             .collect()
     });
-    match done {
-        Ok(()) => Reply::Array(replies),
-        // Only outside the server's batches (which commit themselves): the
-        // writes are not durable, so none is acknowledged.
+    match replies {
+        Ok(replies) => Reply::Array(replies),
+        // The log takes no writes, so nothing ran; or, outside the
+        // server's batches (which commit themselves), the commit failed
+        // and none of the writes is acknowledged.
         Err(e) => cache_error(&e),
     }
 }

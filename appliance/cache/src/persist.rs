@@ -29,7 +29,12 @@
 //! crash loses the whole transaction, never a part of it, and a group
 //! damaged anywhere is skipped whole. A transaction whose members would
 //! pass `MAX_RECORD_BYTES` (64 MiB) is logged record by record, without
-//! that guarantee. Older versions report a `Group` as undecodable.
+//! that guarantee. Older versions report a `Group` as undecodable (and
+//! a compaction run by one would drop those writes). Garbage is counted in
+//! changes, a group's members each counting, so transactions do not keep
+//! the log from compacting; and as a compaction numbers its records below
+//! the first one it keeps, one that has more live entries than numbers
+//! (they came from groups) writes them in groups too.
 //!
 //! Replaying the records in order rebuilds the memory tier. An eviction is
 //! logged as a `Remove` after the `Put` that caused it, so the replay lets
@@ -395,8 +400,9 @@ fn encode_compacted(key: &Key, entry: &Entry) -> Result<Vec<u8>, postcard::Error
 /// The payloads of `changes`, in order: one per change, and one per group
 /// ([`Rec::Group`]) unless the group would exceed [`MAX_RECORD_BYTES`]; its
 /// records are then logged one by one, without the all-or-nothing.
-fn encode_changes(changes: &[Change]) -> Result<Vec<Vec<u8>>, postcard::Error> {
+fn encode_changes(changes: &[Change]) -> Result<Encoded, postcard::Error> {
     let mut out = Vec::with_capacity(changes.len());
+    let mut folded = 0u64;
     for change in changes {
         match change {
             Change::Group(members) => {
@@ -406,10 +412,11 @@ fn encode_changes(changes: &[Change]) -> Result<Vec<Vec<u8>>, postcard::Error> {
                 // count at most 6 more.
                 let size = encoded.iter().map(|m| m.len() + 5).sum::<usize>() + 6;
                 if size <= MAX_RECORD_BYTES as usize {
+                    folded += encoded.len().saturating_sub(1) as u64;
                     let members = encoded.iter().map(|m| serde_bytes::Bytes::new(m)).collect();
                     out.push(postcard::to_stdvec(&Rec::Group { members })?);
                 } else {
-                    tracing::debug!(
+                    tracing::warn!(
                         records = encoded.len(),
                         bytes = size,
                         "cache log: a transaction too large for one record is logged record by record"
@@ -420,7 +427,17 @@ fn encode_changes(changes: &[Change]) -> Result<Vec<Vec<u8>>, postcard::Error> {
             single => encode_flat(std::slice::from_ref(single), &mut out)?,
         }
     }
-    Ok(out)
+    Ok(Encoded {
+        payloads: out,
+        folded,
+    })
+}
+
+/// Payloads to append, and how many changes they hold beyond one per
+/// payload (the members of each group after its first).
+struct Encoded {
+    payloads: Vec<Vec<u8>>,
+    folded: u64,
 }
 
 /// One payload per `Put` and `Remove` of `changes`, a group's members in
@@ -480,7 +497,11 @@ fn replay(
 
 /// Decode a payload into a change.
 fn decode(payload: &[u8]) -> Result<Change, DecodeError> {
-    Ok(match postcard::from_bytes::<Rec<'_>>(payload)? {
+    decode_rec(postcard::from_bytes::<Rec<'_>>(payload)?)
+}
+
+fn decode_rec(rec: Rec<'_>) -> Result<Change, DecodeError> {
+    Ok(match rec {
         Rec::Put {
             key,
             value,
@@ -530,9 +551,11 @@ fn decode(payload: &[u8]) -> Result<Change, DecodeError> {
         Rec::Group { members } => Change::Group(
             members
                 .iter()
-                .map(|m| match decode(m)? {
-                    Change::Group(_) => Err(DecodeError::NestedGroup),
-                    single => Ok(single),
+                .map(|m| match postcard::from_bytes::<Rec<'_>>(m)? {
+                    // Refused before its members are looked at: a crafted
+                    // record cannot make the decoder recurse.
+                    Rec::Group { .. } => Err(DecodeError::NestedGroup),
+                    single => decode_rec(single),
                 })
                 .collect::<Result<_, _>>()?,
         ),
@@ -750,6 +773,11 @@ pub struct Persistence {
     /// `IDLE`, `REWRITING` or `SPARING`.
     busy: AtomicU8,
     compactions: AtomicU64,
+    /// Changes the log holds beyond one per record: the members of each
+    /// group after its first. Garbage is counted in changes, so that
+    /// transactions do not keep the log from compacting. Changed under the
+    /// log lock.
+    folded: AtomicU64,
     heals: AtomicU64,
     /// `Log::sync_totals` at the last spare decision.
     spare_seen: Mutex<(u64, u64)>,
@@ -901,11 +929,17 @@ impl Persistence {
         // removals appended at the end are each needed, and once only.
         let mut evicted = std::collections::HashSet::new();
         let mut dropped = Vec::new();
+        let mut folded = 0u64;
         for rec in log.iter()? {
             let rec = rec?;
             report.records_read += 1;
             match decode(&rec.payload) {
-                Ok(change) => replay(store, change, now_ms, &mut evicted, &mut dropped),
+                Ok(change) => {
+                    if let Change::Group(members) = &change {
+                        folded += members.len().saturating_sub(1) as u64;
+                    }
+                    replay(store, change, now_ms, &mut evicted, &mut dropped);
+                }
                 Err(e) => {
                     report.undecodable += 1;
                     tracing::warn!(seq = rec.seq, error = %e, "cache log: undecodable record skipped");
@@ -952,6 +986,7 @@ impl Persistence {
             config,
             busy: AtomicU8::new(IDLE),
             compactions: AtomicU64::new(0),
+            folded: AtomicU64::new(folded),
             heals: AtomicU64::new(0),
             spare_seen: Mutex::new((0, 0)),
         };
@@ -988,7 +1023,7 @@ impl Persistence {
     /// (With no changes, nothing is written and the target is the last
     /// record so far, which covers changes another thread drained for us.)
     pub(crate) fn append(&self, changes: &[Change], now_ms: u64) -> Result<u64, PersistError> {
-        let payloads = encode_changes(changes)?;
+        let Encoded { payloads, folded } = encode_changes(changes)?;
         let mut log = self.lock();
         if !payloads.is_empty() {
             if let Err(e) = log.append_batch_at(now_ms, payloads) {
@@ -1005,6 +1040,7 @@ impl Persistence {
                 }
                 return Err(e.into());
             }
+            self.folded.fetch_add(folded, Ordering::Relaxed);
         }
         Ok(log.next_seq().saturating_sub(1))
     }
@@ -1116,8 +1152,11 @@ impl Persistence {
 
     /// Whether the garbage threshold is passed for `live` entries.
     pub(crate) fn needs_compaction(&self, live: u64) -> bool {
-        let stats = self.lock().stats();
-        let garbage = stats.records.saturating_sub(live);
+        let (stats, folded) = {
+            let log = self.lock();
+            (log.stats(), self.folded.load(Ordering::Relaxed))
+        };
+        let garbage = (stats.records + folded).saturating_sub(live);
         stats.bytes >= self.config.compact_min_log_bytes
             && garbage >= self.config.compact_min_garbage
             && garbage as f64 >= self.config.compact_garbage_ratio * live as f64
@@ -1259,6 +1298,8 @@ impl Persistence {
             }
             Ok(())
         })?;
+        // One record per entry now.
+        self.folded.store(0, Ordering::Relaxed);
         let durable = log.next_seq().saturating_sub(1);
         Ok((report, durable))
     }
@@ -1354,7 +1395,13 @@ impl Persistence {
         // at or after the boundary; replaying the records appended since the
         // boundary on top of it gives the current state, because every record
         // assigns a whole entry or removes it.
-        let (mut plan, _replaced) = self.lock().begin_compaction()?;
+        // The groups appended before the boundary go with the old records;
+        // those appended after it stay in the new generation.
+        let (mut plan, _replaced, folded_before) = {
+            let mut log = self.lock();
+            let (plan, replaced) = log.begin_compaction()?;
+            (plan, replaced, self.folded.load(Ordering::Relaxed))
+        };
         let snapshot: Vec<(Key, Entry)> = store.with(|store| {
             store
                 .iter()
@@ -1362,25 +1409,53 @@ impl Persistence {
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect()
         });
-        if snapshot.len() as u64 >= plan.boundary_seq() {
-            // Cannot happen while every entry came from its own record; refuse
-            // rather than write records out of range.
-            tracing::warn!("cache log: compaction skipped, more entries than records");
+        // The new records are numbered below the boundary. Each entry came
+        // from a change, but a transaction's changes share one record, so
+        // there can be more entries than numbers: entries then go into
+        // groups, as many to a group as it takes.
+        let Some(chunks) = snapshot_chunks(&snapshot, plan.boundary_seq() - 1) else {
+            // Cannot happen while every entry came from a record or a group
+            // of at most MAX_RECORD_BYTES; refuse rather than write records
+            // out of range.
+            tracing::warn!("cache log: compaction skipped, more entries than records can hold");
             return Ok(None);
-        }
+        };
         let dir = &self.config.dir;
-        let plan = in_background("cache-compact", COMPACTION_BYTES_PER_SEC, |pace| {
-            for (seq, (key, entry)) in (1u64..).zip(snapshot.iter()) {
-                let record = encode_compacted(key, entry)?;
-                plan.push_parts(seq, now_ms, &record)?;
-                pace.wrote(record.len());
-            }
-            presync_compaction(dir);
-            Ok(plan)
-        })?;
+        let (plan, folded_snapshot) =
+            in_background("cache-compact", COMPACTION_BYTES_PER_SEC, |pace| {
+                let mut folded = 0u64;
+                for (seq, chunk) in (1u64..).zip(chunks) {
+                    let record = match chunk {
+                        [(key, entry)] => encode_compacted(key, entry)?,
+                        group => {
+                            let members = group
+                                .iter()
+                                .map(|(k, e)| encode_compacted(k, e))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            folded += members.len() as u64 - 1;
+                            postcard::to_stdvec(&Rec::Group {
+                                members: members
+                                    .iter()
+                                    .map(|m| serde_bytes::Bytes::new(m))
+                                    .collect(),
+                            })?
+                        }
+                    };
+                    plan.push_parts(seq, now_ms, &record)?;
+                    pace.wrote(record.len());
+                }
+                presync_compaction(dir);
+                Ok((plan, folded))
+            })?;
         // The switch takes the log lock: back on this thread, at normal
         // priority, so appends never wait for a deprioritised lock holder.
-        let (report, superseded) = self.lock().finish_compaction_keeping(plan)?;
+        let (report, superseded) = {
+            let mut log = self.lock();
+            let done = log.finish_compaction_keeping(plan)?;
+            self.folded.fetch_sub(folded_before, Ordering::Relaxed);
+            self.folded.fetch_add(folded_snapshot, Ordering::Relaxed);
+            done
+        };
         // Then, holding no lock, free the old generation a step at a time.
         drop(_replaced);
         let freed = superseded.release(RELEASE_STEP, RELEASE_PAUSE);
@@ -1388,6 +1463,36 @@ impl Persistence {
         self.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(Some(report))
     }
+}
+
+/// Splits a compaction's entries into at most `records` runs, in order: one
+/// entry each when they fit, else runs of equal count, each a group of at
+/// most half of [`MAX_RECORD_BYTES`] before encoding (which only adds a
+/// few bytes per entry). `None` if they do not fit.
+fn snapshot_chunks(entries: &[(Key, Entry)], records: u64) -> Option<Vec<&[(Key, Entry)]>> {
+    let records = usize::try_from(records).unwrap_or(usize::MAX);
+    if entries.len() <= records {
+        return Some(entries.chunks(1).collect());
+    }
+    let per = entries.len().div_ceil(records.max(1));
+    let cap = MAX_RECORD_BYTES as usize / 2;
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, (k, e)) in entries.iter().enumerate() {
+        let size = Store::cost_of(k, e);
+        if i > start && (i - start == per || bytes + size > cap) {
+            chunks.push(&entries[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        chunks.push(&entries[start..]);
+    }
+    // (A run passes `cap` only as one entry of its own, written alone.)
+    (chunks.len() <= records).then_some(chunks)
 }
 
 #[cfg(test)]
@@ -1449,14 +1554,14 @@ mod tests {
             },
         ];
         for c in &changes {
-            let bytes = encode_changes(std::slice::from_ref(c)).unwrap();
+            let bytes = encode_changes(std::slice::from_ref(c)).unwrap().payloads;
             assert_eq!(bytes.len(), 1);
             assert_eq!(&decode(&bytes[0]).unwrap(), c);
         }
         // Pin the layout of the simplest record: variant 1, key variant 1,
         // varint length 1, "k".
         assert_eq!(
-            encode_changes(&changes[2..]).unwrap(),
+            encode_changes(&changes[2..]).unwrap().payloads,
             vec![vec![1, 1, 1, b'k']]
         );
         assert!(decode(&[9, 9]).is_err());
@@ -1464,7 +1569,9 @@ mod tests {
         // A transaction is one record holding its members' payloads
         // (variant 3, then the count), and decodes to the same group.
         let group = Change::Group(changes.to_vec());
-        let bytes = encode_changes(std::slice::from_ref(&group)).unwrap();
+        let encoded = encode_changes(std::slice::from_ref(&group)).unwrap();
+        assert_eq!(encoded.folded, 2, "three changes in one record");
+        let bytes = encoded.payloads;
         assert_eq!(bytes.len(), 1);
         assert_eq!(bytes[0][..2], [3, 3]);
         assert_eq!(decode(&bytes[0]).unwrap(), group);

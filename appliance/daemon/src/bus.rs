@@ -214,7 +214,10 @@ impl DetachedPublisher {
         tokio::spawn(async move {
             use futures_util::StreamExt as _;
             type Publishing = std::pin::Pin<
-                Box<dyn std::future::Future<Output = (String, Result<(), appliance_bus::BusError>)> + Send>,
+                Box<
+                    dyn std::future::Future<Output = (String, Result<(), appliance_bus::BusError>)>
+                        + Send,
+                >,
             >;
             fn report((subject, result): (String, Result<(), appliance_bus::BusError>)) {
                 if let Err(e) = result {
