@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::Path;
 
 use appliance_cache::{Cache, CacheConfig, Fsync, PersistConfig, SetCondition};
@@ -15,24 +17,10 @@ use nix::sys::signal::{signal, SigHandler, Signal};
 
 /// The largest segment under `dir`, and whether a temporary generation is there.
 fn scan(dir: &Path) -> (u64, bool) {
-    let mut largest = 0;
-    let mut tmp = false;
-    for gen in std::fs::read_dir(dir).unwrap() {
-        let gen = gen.unwrap();
-        tmp |= gen.file_name().to_string_lossy().ends_with(".tmp");
-        if !gen.file_type().unwrap().is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(gen.path()).unwrap() {
-            let f = f.unwrap();
-            // Segments only: a spare segment (zeros written ahead) is not
-            // where the appends go.
-            if f.file_name().to_string_lossy().ends_with(".seg") {
-                largest = largest.max(f.metadata().unwrap().len());
-            }
-        }
-    }
-    (largest, tmp)
+    let tmp = std::fs::read_dir(dir)
+        .unwrap()
+        .any(|g| g.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
+    (common::largest_segment(dir), tmp)
 }
 
 /// Sets `key` to `len` bytes that do not compress (a compaction or a

@@ -4,28 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
+mod common;
 
 use appliance_cache::{Cache, CacheConfig, Fsync, PersistConfig, SetCondition};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{signal, SigHandler, Signal};
-
-fn largest_segment(dir: &Path) -> u64 {
-    let mut largest = 0;
-    for gen in std::fs::read_dir(dir).unwrap() {
-        let gen = gen.unwrap();
-        if !gen.file_type().unwrap().is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(gen.path()).unwrap() {
-            let f = f.unwrap();
-            if f.file_name().to_string_lossy().ends_with(".seg") {
-                largest = largest.max(f.metadata().unwrap().len());
-            }
-        }
-    }
-    largest
-}
 
 /// Another client's `fdatasync` fails while a transaction holds the cache
 /// (review): before, the transaction's later writes were refused and its
@@ -63,7 +46,7 @@ fn a_transaction_the_log_fails_during_is_kept_whole() {
     let (soft, hard) = getrlimit(Resource::RLIMIT_FSIZE).unwrap();
     setrlimit(
         Resource::RLIMIT_FSIZE,
-        largest_segment(dir.path()) + 500,
+        common::largest_segment(dir.path()) + 500,
         hard,
     )
     .unwrap();

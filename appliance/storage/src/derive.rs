@@ -909,26 +909,44 @@ fn lost_redundancy(
         return None;
     }
     status.state = DeviceState::Degraded;
+    seen.healthy = false;
+    Some(margin_changed(seen, pool, status, red, source, at))
+}
+
+/// `status`, the last poll's view with one disk changed, is now the pool's
+/// published state: its event, with `seen` brought up to it.
+fn margin_changed(
+    seen: &mut PoolSeen,
+    pool: &str,
+    status: PoolStatus,
+    red: appliance_zfs::Redundancy,
+    source: EventSource,
+    at: u64,
+) -> StorageEvent {
     let (st, reasons) = classify(&status, &red);
+    let new_state = status.state.as_str().to_owned();
     let ev = StorageEvent::PoolState(PoolStateEvent {
         pool: pool.to_owned(),
         old_state: Some(seen.state.clone()),
-        new_state: status.state.as_str().to_owned(),
+        new_state: new_state.clone(),
         old_margin: seen.margin,
         new_margin: Some(red.margin),
         status: st,
         redundancy: red.summary.clone(),
         failed_devices: failed_disk_ids(&red),
-        reason: reasons.join("; "),
+        reason: if reasons.is_empty() {
+            format!("pool {pool} is {new_state}")
+        } else {
+            reasons.join("; ")
+        },
         source,
         at,
     });
-    seen.state = status.state.as_str().to_owned();
+    seen.state = new_state;
     seen.margin = Some(red.margin);
-    seen.healthy = false;
     seen.redundancy = red.summary;
     seen.last_status = Some(status);
-    Some(ev)
+    ev
 }
 
 /// A disk of `pool` works again (ZFS event: ONLINE after a fault that did
@@ -972,30 +990,7 @@ fn regained_redundancy(
     } else {
         DeviceState::Degraded
     };
-    let (st, reasons) = classify(&status, &red);
-    let new_state = status.state.as_str().to_owned();
-    let ev = StorageEvent::PoolState(PoolStateEvent {
-        pool: pool.to_owned(),
-        old_state: Some(seen.state.clone()),
-        new_state: new_state.clone(),
-        old_margin: seen.margin,
-        new_margin: Some(red.margin),
-        status: st,
-        redundancy: red.summary.clone(),
-        failed_devices: failed_disk_ids(&red),
-        reason: if reasons.is_empty() {
-            format!("pool {pool} is {new_state}")
-        } else {
-            reasons.join("; ")
-        },
-        source,
-        at,
-    });
-    seen.state = new_state;
-    seen.margin = Some(red.margin);
-    seen.redundancy = red.summary;
-    seen.last_status = Some(status);
-    Some(ev)
+    Some(margin_changed(seen, pool, status, red, source, at))
 }
 
 /// Whether the leaf `is_it` picks sits in a replacing or spare slot.

@@ -52,3 +52,22 @@ impl Server {
             .unwrap();
     }
 }
+
+/// The size of the largest log segment under `dir` (a cache's log
+/// directory; spare segments, zeros written ahead, are not counted).
+pub fn largest_segment(dir: &std::path::Path) -> u64 {
+    let mut largest = 0;
+    for gen in std::fs::read_dir(dir).unwrap() {
+        let gen = gen.unwrap();
+        if !gen.file_type().unwrap().is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(gen.path()).unwrap() {
+            let f = f.unwrap();
+            if f.file_name().to_string_lossy().ends_with(".seg") {
+                largest = largest.max(f.metadata().unwrap().len());
+            }
+        }
+    }
+    largest
+}
