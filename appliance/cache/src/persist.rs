@@ -1466,33 +1466,42 @@ impl Persistence {
 }
 
 /// Splits a compaction's entries into at most `records` runs, in order: one
-/// entry each when they fit, else runs of equal count, each a group of at
-/// most half of [`MAX_RECORD_BYTES`] before encoding (which only adds a
-/// few bytes per entry). `None` if they do not fit.
+/// entry each when they fit, else groups. The groups are of equal count
+/// where the bytes allow, else filled as far as the bytes allow (the
+/// fewest runs in this order); a group holds at most [`MAX_RECORD_BYTES`]
+/// less 64 bytes counted as [`Store::cost_of`], which is more than each
+/// entry takes encoded with its length. `None` if they do not fit.
 fn snapshot_chunks(entries: &[(Key, Entry)], records: u64) -> Option<Vec<&[(Key, Entry)]>> {
     let records = usize::try_from(records).unwrap_or(usize::MAX);
     if entries.len() <= records {
         return Some(entries.chunks(1).collect());
     }
-    let per = entries.len().div_ceil(records.max(1));
-    let cap = MAX_RECORD_BYTES as usize / 2;
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0usize;
-    for (i, (k, e)) in entries.iter().enumerate() {
-        let size = Store::cost_of(k, e);
-        if i > start && (i - start == per || bytes + size > cap) {
-            chunks.push(&entries[start..i]);
-            start = i;
-            bytes = 0;
+    let cap = MAX_RECORD_BYTES as usize - 64;
+    let runs = |per: usize| {
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        let mut bytes = 0usize;
+        for (i, (k, e)) in entries.iter().enumerate() {
+            let size = Store::cost_of(k, e);
+            if i > start && (i - start == per || bytes + size > cap) {
+                chunks.push(&entries[start..i]);
+                start = i;
+                bytes = 0;
+            }
+            bytes += size;
         }
-        bytes += size;
+        if start < entries.len() {
+            chunks.push(&entries[start..]);
+        }
+        // (A run passes `cap` only as one entry of its own, written alone.)
+        chunks
+    };
+    let even = runs(entries.len().div_ceil(records.max(1)));
+    if even.len() <= records {
+        return Some(even);
     }
-    if start < entries.len() {
-        chunks.push(&entries[start..]);
-    }
-    // (A run passes `cap` only as one entry of its own, written alone.)
-    (chunks.len() <= records).then_some(chunks)
+    let filled = runs(usize::MAX);
+    (filled.len() <= records).then_some(filled)
 }
 
 #[cfg(test)]

@@ -979,13 +979,27 @@ fn regained_redundancy(
     }
     leaf.state = state.clone();
     let red = redundancy(&status);
-    if red.margin < 0 || seen.margin.is_some_and(|m| red.margin <= m) {
-        // Still beyond the parity, or no better: the view gets the disk
-        // back all the same, so a later failure is measured from it.
+    // Published from here only a pool that had all its data and a margin:
+    // one beyond its parity stays SUSPENDED or UNAVAIL until ZFS says
+    // otherwise (a suspended pool's I/O waits for `zpool clear`), and one
+    // whose ZFS did not answer (no margin) has no view to raise.
+    let raised = seen
+        .margin
+        .is_some_and(|m| m >= 0 && red.margin > m && !status.state.is_failed());
+    if !raised {
+        // The view gets the disk back all the same, so that a later
+        // failure is measured from it.
         seen.last_status = Some(status);
         return None;
     }
-    status.state = if red.failed == 0 {
+    // ONLINE only when nothing else keeps the pool DEGRADED (a disk
+    // degraded by its errors, say); else the poll would say DEGRADED again.
+    status.state = if status
+        .root
+        .leaves()
+        .iter()
+        .all(|l| l.state == DeviceState::Online)
+    {
         DeviceState::Online
     } else {
         DeviceState::Degraded

@@ -841,3 +841,93 @@ fn an_event_from_while_a_poll_ran_is_applied() {
     );
     assert!(out.events.is_empty());
 }
+
+fn path_statechange(disk: &str, state: appliance_zfs::DeviceState, at: u64) -> ZpoolEvent {
+    ZpoolEvent {
+        class: "resource.fs.zfs.statechange".into(),
+        vdev_path: Some(format!("/dev/disk/by-id/{disk}-part1")),
+        vdev_state: Some(state),
+        ..resilver_zfs_event("statechange", at, at)
+    }
+}
+
+/// A SUSPENDED pool stays suspended until `zpool clear`, whatever disk comes
+/// back: the return is left to the poll, as a loss beyond the parity is
+/// (review: its first version published DEGRADED).
+#[test]
+fn a_disk_back_leaves_a_suspended_pool_to_the_poll() {
+    let t = T0;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("removed3"), t), t);
+    assert_eq!(
+        d.published_state("tank"),
+        Some(("SUSPENDED".into(), Some(-1)))
+    );
+    let out = d.observe_zfs_event(
+        &path_statechange("virtio-ZD6", appliance_zfs::DeviceState::Online, t + 5),
+        t + 5,
+    );
+    let pool_events: Vec<String> = briefs(&out.events)
+        .into_iter()
+        .filter(|b| b.starts_with("storage.pool."))
+        .collect();
+    assert!(
+        pool_events.is_empty(),
+        "a suspended pool published as writable: {pool_events:?}"
+    );
+    assert_eq!(d.published_state("tank").unwrap().0, "SUSPENDED");
+}
+
+/// ZFS not answering (UNRESPONSIVE, margin None): a ZFS event must not
+/// publish a pool state computed from the last poll before the outage
+/// (review: its first version did).
+#[test]
+fn a_disk_back_does_not_end_unresponsive() {
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(text_status("removed1"), T0), T0);
+    d.observe_unreachable("tank", "zpool status timed out after 30s", T0 + 10);
+    let out = d.observe_zfs_event(
+        &path_statechange("virtio-ZD2", appliance_zfs::DeviceState::Online, T0 + 20),
+        T0 + 20,
+    );
+    let pool_events: Vec<String> = briefs(&out.events)
+        .into_iter()
+        .filter(|b| b.starts_with("storage.pool."))
+        .collect();
+    assert!(
+        pool_events.is_empty(),
+        "UNRESPONSIVE ended by a stale view: {pool_events:?}"
+    );
+    assert_eq!(d.published_state("tank").unwrap().0, "UNRESPONSIVE");
+}
+
+/// ZFS keeps the pool DEGRADED while another disk is DEGRADED (too many
+/// errors, still counted as working): the return of the removed disk must
+/// not publish ONLINE, which the poll it triggers then takes back (review).
+#[test]
+fn a_disk_back_keeps_degraded_while_another_disk_is_degraded() {
+    let mut st = text_status("removed1");
+    // virtio-ZD3 DEGRADED (e.g. faulted for checksum errors by ZED: not
+    // failed for the redundancy count), the pool DEGRADED because of it.
+    st.root.children[0].children[2].state = appliance_zfs::DeviceState::Degraded;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&snap(st.clone(), T0), T0);
+    assert_eq!(d.published_state("tank").unwrap().0, "DEGRADED");
+    let out = d.observe_zfs_event(
+        &path_statechange("virtio-ZD2", appliance_zfs::DeviceState::Online, T0 + 5),
+        T0 + 5,
+    );
+    // ZFS's own view after the return: ZD2 ONLINE, pool still DEGRADED.
+    let mut after = st;
+    after.root.children[0].children[1].state = appliance_zfs::DeviceState::Online;
+    let polled = d.observe_snapshot(&snap(after, T0 + 6), T0 + 6);
+    let all: Vec<String> = briefs(&out.events)
+        .into_iter()
+        .chain(briefs(&polled))
+        .filter(|b| b.starts_with("storage.pool."))
+        .collect();
+    assert!(
+        all.iter().all(|b| !b.contains("->ONLINE")),
+        "published ONLINE for a DEGRADED pool: {all:?}"
+    );
+}
