@@ -918,28 +918,26 @@ impl Cache {
 
     /// A statistics snapshot.
     pub fn stats(&self) -> CacheStats {
-        self.store.with(|s| Self::stats_of(s))
-    }
-
-    fn stats_of(s: &Store) -> CacheStats {
-        let c = s.counters();
-        let lookups = c.hits + c.misses;
-        CacheStats {
-            hits: c.hits,
-            misses: c.misses,
-            hit_rate: if lookups == 0 {
-                0.0
-            } else {
-                c.hits as f64 / lookups as f64
-            },
-            collisions: c.collisions,
-            evictions: c.evictions,
-            expirations: c.expirations,
-            entries: s.len() as u64,
-            entries_with_ttl: s.with_expiry() as u64,
-            bytes: s.bytes() as u64,
-            capacity_bytes: s.limits().capacity_bytes as u64,
-        }
+        self.store.with(|s| {
+            let c = s.counters();
+            let lookups = c.hits + c.misses;
+            CacheStats {
+                hits: c.hits,
+                misses: c.misses,
+                hit_rate: if lookups == 0 {
+                    0.0
+                } else {
+                    c.hits as f64 / lookups as f64
+                },
+                collisions: c.collisions,
+                evictions: c.evictions,
+                expirations: c.expirations,
+                entries: s.len() as u64,
+                entries_with_ttl: s.with_expiry() as u64,
+                bytes: s.bytes() as u64,
+                capacity_bytes: s.limits().capacity_bytes as u64,
+            }
+        })
     }
 
     /// A copy of every live entry, least recently used first (export,

@@ -220,8 +220,8 @@ pub enum Change {
         key: Key,
     },
     /// The changes of one transaction (`EXEC`), in order: logged as one
-    /// record, so a restart finds all of them or none. Holds only `Put` and
-    /// `Remove`.
+    /// record, so a restart finds all of them or none. A group inside (a
+    /// transaction run inside another) is logged as its members.
     Group(Vec<Change>),
 }
 

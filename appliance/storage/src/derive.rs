@@ -900,9 +900,7 @@ fn lost_redundancy(
     at: u64,
 ) -> Option<StorageEvent> {
     let mut status = seen.last_status.clone()?;
-    let leaf = leaf_mut(&mut status.root, &|v: &Vdev| {
-        guid.is_some_and(|g| v.guid == Some(g)) || disk_id(&v.name) == id
-    })?;
+    let leaf = leaf_mut(&mut status.root, &is_disk(id, guid))?;
     leaf.state = state.clone();
     let red = redundancy(&status);
     if red.margin < 0 || seen.margin.is_none_or(|m| red.margin >= m) {
@@ -969,7 +967,7 @@ fn regained_redundancy(
     at: u64,
 ) -> Option<StorageEvent> {
     let mut status = seen.last_status.clone()?;
-    let is_it = |v: &Vdev| guid.is_some_and(|g| v.guid == Some(g)) || disk_id(&v.name) == id;
+    let is_it = is_disk(id, guid);
     if in_rebuilding_slot(&status.root, &is_it) {
         return None;
     }
@@ -1005,6 +1003,11 @@ fn regained_redundancy(
         DeviceState::Degraded
     };
     Some(margin_changed(seen, pool, status, red, source, at))
+}
+
+/// Picks the leaf of the disk `id` (or of `guid`, when the event has one).
+fn is_disk(id: &str, guid: Option<u64>) -> impl Fn(&Vdev) -> bool + '_ {
+    move |v: &Vdev| guid.is_some_and(|g| v.guid == Some(g)) || disk_id(&v.name) == id
 }
 
 /// Whether the leaf `is_it` picks sits in a replacing or spare slot.

@@ -842,6 +842,14 @@ fn an_event_from_while_a_poll_ran_is_applied() {
     assert!(out.events.is_empty());
 }
 
+/// The briefs of the pool events among `ev`.
+fn pool_briefs(ev: &[StorageEvent]) -> Vec<String> {
+    briefs(ev)
+        .into_iter()
+        .filter(|b| b.starts_with("storage.pool."))
+        .collect()
+}
+
 fn path_statechange(disk: &str, state: appliance_zfs::DeviceState, at: u64) -> ZpoolEvent {
     ZpoolEvent {
         class: "resource.fs.zfs.statechange".into(),
@@ -867,10 +875,7 @@ fn a_disk_back_leaves_a_suspended_pool_to_the_poll() {
         &path_statechange("virtio-ZD6", appliance_zfs::DeviceState::Online, t + 5),
         t + 5,
     );
-    let pool_events: Vec<String> = briefs(&out.events)
-        .into_iter()
-        .filter(|b| b.starts_with("storage.pool."))
-        .collect();
+    let pool_events = pool_briefs(&out.events);
     assert!(
         pool_events.is_empty(),
         "a suspended pool published as writable: {pool_events:?}"
@@ -890,10 +895,7 @@ fn a_disk_back_does_not_end_unresponsive() {
         &path_statechange("virtio-ZD2", appliance_zfs::DeviceState::Online, T0 + 20),
         T0 + 20,
     );
-    let pool_events: Vec<String> = briefs(&out.events)
-        .into_iter()
-        .filter(|b| b.starts_with("storage.pool."))
-        .collect();
+    let pool_events = pool_briefs(&out.events);
     assert!(
         pool_events.is_empty(),
         "UNRESPONSIVE ended by a stale view: {pool_events:?}"
@@ -921,11 +923,7 @@ fn a_disk_back_keeps_degraded_while_another_disk_is_degraded() {
     let mut after = st;
     after.root.children[0].children[1].state = appliance_zfs::DeviceState::Online;
     let polled = d.observe_snapshot(&snap(after, T0 + 6), T0 + 6);
-    let all: Vec<String> = briefs(&out.events)
-        .into_iter()
-        .chain(briefs(&polled))
-        .filter(|b| b.starts_with("storage.pool."))
-        .collect();
+    let all = [pool_briefs(&out.events), pool_briefs(&polled)].concat();
     assert!(
         all.iter().all(|b| !b.contains("->ONLINE")),
         "published ONLINE for a DEGRADED pool: {all:?}"
