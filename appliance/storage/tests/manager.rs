@@ -1099,12 +1099,9 @@ async fn a_poll_older_than_a_zfs_event_does_not_undo_it() {
     );
 }
 
-/// ZFS faults a disk on its own (a failed probe during a degraded read):
-/// DEGRADED with the lower margin at once. Pulling that disk afterwards
-/// changes nothing about the pool, so only the disk's REMOVED follows (the
-/// s13 hardware-test failure: its pull found the margin already at 0).
-#[tokio::test(start_paused = true)]
-async fn pulling_a_disk_zfs_already_failed_publishes_only_the_disk() {
+/// A provisioned pool with virtio-ZD2 pulled (DEGRADED, margin 1 published),
+/// two seconds on.
+async fn degraded_by_zd2() -> Rig {
     let rig = Rig::provisioned().await;
     rig.sync();
     rig.fake
@@ -1115,6 +1112,16 @@ async fn pulling_a_disk_zfs_already_failed_publishes_only_the_disk() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    rig
+}
+
+/// ZFS faults a disk on its own (a failed probe during a degraded read):
+/// DEGRADED with the lower margin at once. Pulling that disk afterwards
+/// changes nothing about the pool, so only the disk's REMOVED follows (the
+/// s13 hardware-test failure: its pull found the margin already at 0).
+#[tokio::test(start_paused = true)]
+async fn pulling_a_disk_zfs_already_failed_publishes_only_the_disk() {
+    let rig = degraded_by_zd2().await;
     rig.sync();
     rig.fake
         .set_disk_state("tank", "virtio-ZD4", DeviceState::Faulted)
@@ -1148,16 +1155,7 @@ async fn pulling_a_disk_zfs_already_failed_publishes_only_the_disk() {
 /// hardware-test failure).
 #[tokio::test(start_paused = true)]
 async fn a_disk_back_from_a_brief_fault_then_pulled_is_published_both_times() {
-    let rig = Rig::provisioned().await;
-    rig.sync();
-    rig.fake
-        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
-        .unwrap();
-    rig.wait_events("margin 1", |e| {
-        pool_states(e).contains(&("DEGRADED".to_owned(), Some(1)))
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rig = degraded_by_zd2().await;
     // A slow poll is under way.
     let gate = Arc::new(tokio::sync::Notify::new());
     *rig.zfs.held.lock().unwrap() = Some(gate.clone());
