@@ -458,7 +458,10 @@ impl Vm {
             .map_or_else(|e| format!("(no daemon journal: {e:#})"), |o| o.to_string());
         let zfs = self
             .sh(
-                "timeout -s KILL 10 zpool status -P; echo '--- zpool events (newest 40)'; \
+                "timeout -s KILL 10 zpool status -P; \
+                 echo '--- zpool history -il (newest 30: commands run, and the scans ZFS started itself)'; \
+                 timeout -s KILL 10 zpool history -il | tail -n 30; \
+                 echo '--- zpool events (newest 40)'; \
                  timeout -s KILL 10 zpool events -H | tail -n 40",
                 Duration::from_secs(30),
             )
