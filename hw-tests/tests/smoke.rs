@@ -8,9 +8,11 @@
 //! on a 2-core machine:
 //! 1. first boot: multi-user.target with no failed unit; applianced active
 //!    and ready; the udev bay links, tags and scheduler (also through
-//!    `udevadm test`); the boot disk left out; the first-boot key written;
-//! 2. second boot: ready again, and the first boot changed nothing (same key,
-//!    every step skipped).
+//!    `udevadm test`); no udev watch on data disks; the boot disk left
+//!    out; the first-boot key written; no disk of the new pool disturbed
+//!    (no state change, I/O or checksum error, or resilver);
+//! 2. second boot: ready again, the pool undisturbed, and the first boot
+//!    changed nothing (same key, every step skipped).
 //!
 //! The pool and `documents` assertions wait for the storage manager: see
 //! tests/provisioning.rs.
@@ -107,6 +109,43 @@ fn assert_daemon_ready(vm: &mut Vm) {
     );
 }
 
+/// ZFS event classes that mean a disk of the pool was disturbed: it changed
+/// state, failed I/O, returned bad data, or was resilvered. A boot of healthy
+/// disks has none of them (the events are those since the module loaded,
+/// i.e. this boot's).
+const DISTURBED: [&str; 6] = [
+    "resource.fs.zfs.statechange",
+    "sysevent.fs.zfs.resilver_start",
+    "ereport.fs.zfs.checksum",
+    "ereport.fs.zfs.io",
+    "ereport.fs.zfs.vdev.",
+    "ereport.fs.zfs.probe_failure",
+];
+
+/// Nothing disturbed the pool this boot (see [`DISTURBED`]); `zpool history`
+/// says how often ZED reopened it, for the log.
+fn assert_pool_undisturbed(vm: &mut Vm, boot: &str) {
+    let events = run(vm, "zpool events -H");
+    let bad: Vec<&str> = events
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .last()
+                .is_some_and(|class| DISTURBED.iter().any(|d| class.starts_with(d)))
+        })
+        .collect();
+    let reopens = run(vm, "zpool history -il | grep -c 'ioctl reopen' || true");
+    eprintln!("smoke: {boot} boot: {} pool reopens", reopens.trim());
+    ensure(
+        vm,
+        bad.is_empty(),
+        &format!(
+            "{boot} boot: the pool's disks were disturbed:\n{}",
+            bad.join("\n")
+        ),
+    );
+}
+
 fn assert_bays(vm: &mut Vm) {
     for i in 0..6 {
         let serial = data_disk_serial(i);
@@ -146,6 +185,22 @@ fn assert_bays(vm: &mut Vm) {
             sched.contains("[none]"),
             &format!("{dev} scheduler: {sched}"),
         );
+        // udev keeps no inotify watch on a data disk (a watch turns every
+        // close after a write into a change event, and ZED reopens the pool
+        // on each one; see 62-appliance-disks.rules). udev records a watch
+        // as a symlink /run/udev/watch/b<major>:<minor> -> <watch number>
+        // (and back), so `test -e` would follow it in a loop: -L.
+        let watched = run(
+            vm,
+            &format!(
+                "test -L /run/udev/watch/b$(cat /sys/block/{name}/dev) && echo yes || echo no"
+            ),
+        );
+        ensure(
+            vm,
+            watched.trim() == "no",
+            &format!("{dev}: udev watches it (/run/udev/watch)"),
+        );
     }
     let links = run(vm, "ls /dev/appliance | sort | tr '\\n' ' '");
     ensure(
@@ -168,6 +223,26 @@ fn assert_bays(vm: &mut Vm) {
             boot.trim()
         ),
     );
+
+    // The boot disk keeps udev's default watch: the check above would see it.
+    let watched = run(
+        vm,
+        &format!(
+            "test -L /run/udev/watch/b$(cat /sys/block/{}/dev) && echo yes || echo no",
+            boot.trim()
+        ),
+    );
+    if watched.trim() != "yes" {
+        let held = run(vm, "ls /run/udev/watch | tr '\\n' ' '");
+        ensure(
+            vm,
+            false,
+            &format!(
+                "the boot disk {} has no udev watch: /run/udev/watch holds {held}",
+                boot.trim()
+            ),
+        );
+    }
 
     // The rules themselves, through `udevadm test` (a dry run of an add
     // event: what the rules would set, without applying it).
@@ -259,6 +334,7 @@ fn image_boots_from_disk_to_ready_with_six_disks_and_second_boot_changes_nothing
         first.as_secs_f64()
     );
     assert_system_healthy(&mut vm);
+    assert_pool_undisturbed(&mut vm, "first");
     assert_daemon_ready(&mut vm);
     vm.shutdown(Duration::from_secs(180)).unwrap();
 
@@ -271,6 +347,7 @@ fn image_boots_from_disk_to_ready_with_six_disks_and_second_boot_changes_nothing
         second.as_secs_f64()
     );
     assert_system_healthy(&mut vm);
+    assert_pool_undisturbed(&mut vm, "second");
     assert_daemon_ready(&mut vm);
     let key2 = key_fingerprint(&mut vm);
     ensure(
