@@ -461,6 +461,8 @@ impl Vm {
                 "timeout -s KILL 10 zpool status -P; \
                  echo '--- zpool history -il (newest 30: commands run, and the scans ZFS started itself)'; \
                  timeout -s KILL 10 zpool history -il | tail -n 30; \
+                 echo '--- zfs dbgmsg (newest 20: why a vdev failed to open)'; \
+                 tail -n 20 /proc/spl/kstat/zfs/dbgmsg; \
                  echo '--- zpool events (newest 40)'; \
                  timeout -s KILL 10 zpool events -H | tail -n 40",
                 Duration::from_secs(30),

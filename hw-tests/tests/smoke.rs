@@ -8,9 +8,10 @@
 //! on a 2-core machine:
 //! 1. first boot: multi-user.target with no failed unit; applianced active
 //!    and ready; the udev bay links, tags and scheduler (also through
-//!    `udevadm test`); no udev watch on data disks; the boot disk left
-//!    out; the first-boot key written; no disk of the new pool disturbed
-//!    (no state change, I/O or checksum error, or resilver);
+//!    `udevadm test`); the boot disk left out; the first-boot key written;
+//!    no disk of the new pool disturbed (no state change, I/O or checksum
+//!    error, or resilver), and no udev watch on data disks or their
+//!    partitions;
 //! 2. second boot: ready again, the pool undisturbed, and the first boot
 //!    changed nothing (same key, every step skipped).
 //!
@@ -122,10 +123,72 @@ const DISTURBED: [&str; 6] = [
     "ereport.fs.zfs.probe_failure",
 ];
 
+/// udev keeps no inotify watch on a data disk or any of its partitions, and
+/// keeps one on the boot disk (so that the check can fail). A watch turns
+/// each close after a write into an event on which ZED reopens the pool (see
+/// 62-appliance-disks.rules). udev records a watch as a pair of symlinks
+/// pointing at each other, `/run/udev/watch/b<major>:<minor>` and
+/// `/run/udev/watch/<number>`, hence `test -L`. Run after `udevadm settle`:
+/// udev lifts a device's watch while it handles an event of it.
+fn assert_watches(vm: &mut Vm) {
+    run(vm, "udevadm settle --timeout=60");
+    // One line per disk or partition of the boot disk and the data disks:
+    // "<kind> <name> watched|unwatched", kind boot, boot-part, data or
+    // data-part.
+    let script = r#"set -e
+for d in /sys/class/block/*; do
+  n=$(basename "$d")
+  disk=$n
+  if [ -e "$d/partition" ]; then disk=$(basename "$(readlink -f "$d/..")"); fi
+  p=$(udevadm info --query=property --name="$disk")
+  case "$p" in
+    *APPLIANCE_BOOT_DISK=1*) kind=boot ;;
+    *APPLIANCE_DISK=1*) kind=data ;;
+    *) continue ;;
+  esac
+  if [ -e "$d/partition" ]; then kind=$kind-part; fi
+  num=$(cat "$d/dev")
+  if [ -L "/run/udev/watch/b$num" ]; then w=watched; else w=unwatched; fi
+  echo "$kind $n $w"
+done"#;
+    let out = run(vm, script);
+    let rows: Vec<(&str, &str)> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?, f.nth(1)?))
+        })
+        .collect();
+    let count = |kind: &str| rows.iter().filter(|(k, _)| *k == kind).count();
+    let wrong = rows.iter().any(|(kind, w)| match *kind {
+        "boot" => *w != "watched",
+        "data" | "data-part" => *w != "unwatched",
+        _ => false,
+    });
+    ensure(
+        vm,
+        count("boot") == 1 && count("data") == 6 && count("data-part") >= 12 && !wrong,
+        &format!(
+            "udev watches (want: the boot disk watched; the 6 data disks and \
+             their partitions not):\n{out}"
+        ),
+    );
+}
+
 /// Nothing disturbed the pool this boot (see [`DISTURBED`]); `zpool history`
 /// says how often ZED reopened it, for the log.
-fn assert_pool_undisturbed(vm: &mut Vm, boot: &str) {
+fn assert_pool_undisturbed(vm: &mut Vm, boot: &str, start: &str) {
+    assert_watches(vm);
     let events = run(vm, "zpool events -H");
+    // The list reaches back to the pool's creation or import, so that an
+    // empty or cut list cannot pass for a quiet one.
+    ensure(
+        vm,
+        events
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some(start)),
+        &format!("{boot} boot: no {start} in zpool events:\n{events}"),
+    );
     let bad: Vec<&str> = events
         .lines()
         .filter(|l| {
@@ -185,22 +248,6 @@ fn assert_bays(vm: &mut Vm) {
             sched.contains("[none]"),
             &format!("{dev} scheduler: {sched}"),
         );
-        // udev keeps no inotify watch on a data disk (a watch turns every
-        // close after a write into a change event, and ZED reopens the pool
-        // on each one; see 62-appliance-disks.rules). udev records a watch
-        // as a symlink /run/udev/watch/b<major>:<minor> -> <watch number>
-        // (and back), so `test -e` would follow it in a loop: -L.
-        let watched = run(
-            vm,
-            &format!(
-                "test -L /run/udev/watch/b$(cat /sys/block/{name}/dev) && echo yes || echo no"
-            ),
-        );
-        ensure(
-            vm,
-            watched.trim() == "no",
-            &format!("{dev}: udev watches it (/run/udev/watch)"),
-        );
     }
     let links = run(vm, "ls /dev/appliance | sort | tr '\\n' ' '");
     ensure(
@@ -223,26 +270,6 @@ fn assert_bays(vm: &mut Vm) {
             boot.trim()
         ),
     );
-
-    // The boot disk keeps udev's default watch: the check above would see it.
-    let watched = run(
-        vm,
-        &format!(
-            "test -L /run/udev/watch/b$(cat /sys/block/{}/dev) && echo yes || echo no",
-            boot.trim()
-        ),
-    );
-    if watched.trim() != "yes" {
-        let held = run(vm, "ls /run/udev/watch | tr '\\n' ' '");
-        ensure(
-            vm,
-            false,
-            &format!(
-                "the boot disk {} has no udev watch: /run/udev/watch holds {held}",
-                boot.trim()
-            ),
-        );
-    }
 
     // The rules themselves, through `udevadm test` (a dry run of an add
     // event: what the rules would set, without applying it).
@@ -334,7 +361,7 @@ fn image_boots_from_disk_to_ready_with_six_disks_and_second_boot_changes_nothing
         first.as_secs_f64()
     );
     assert_system_healthy(&mut vm);
-    assert_pool_undisturbed(&mut vm, "first");
+    assert_pool_undisturbed(&mut vm, "first", "sysevent.fs.zfs.pool_create");
     assert_daemon_ready(&mut vm);
     vm.shutdown(Duration::from_secs(180)).unwrap();
 
@@ -347,7 +374,7 @@ fn image_boots_from_disk_to_ready_with_six_disks_and_second_boot_changes_nothing
         second.as_secs_f64()
     );
     assert_system_healthy(&mut vm);
-    assert_pool_undisturbed(&mut vm, "second");
+    assert_pool_undisturbed(&mut vm, "second", "sysevent.fs.zfs.pool_import");
     assert_daemon_ready(&mut vm);
     let key2 = key_fingerprint(&mut vm);
     ensure(
