@@ -19,8 +19,9 @@
 //! reading any reply, as redis-py does, is answered rather than left
 //! waiting on a server that waits for it: up to 64 MiB taken ahead per
 //! connection, and only from the first half of the buffer budget (past
-//! that, such a client waits, and is closed after `write_stall_timeout`
-//! if it still reads nothing; redis would buffer its replies unbounded).
+//! that, such a client waits until the budget frees or it reads, and is
+//! closed after `write_stall_timeout` if neither comes; redis would buffer
+//! its replies unbounded).
 //!
 //! A protocol error gets `-ERR Protocol error: ...` and the connection is
 //! closed (its stream position is lost); other connections are unaffected.
@@ -61,7 +62,8 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -69,7 +71,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cache::{Cache, PendingCommit};
@@ -173,7 +175,7 @@ where
     let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let budget_kib = (config.max_buffered_bytes / 1024).min(Semaphore::MAX_PERMITS);
-    let budget = Arc::new(Semaphore::new(budget_kib));
+    let budget = Arc::new(Budget::new(budget_kib));
     let clients = Arc::new(ClientStats::new(budget_kib as u64 * 1024));
     let mut tasks = JoinSet::new();
     tasks.spawn(maintenance_loop(
@@ -342,12 +344,69 @@ pub async fn maintenance_loop(cache: Arc<Cache>, every: Duration, mut stop: watc
 /// How long the maintenance loop waits after a failed compaction.
 const COMPACTION_RETRY: Duration = Duration::from_secs(60);
 
+/// The server-wide buffer budget, in KiB permits, and a wake-up for the
+/// connections waiting for some of it to come back (see [`BudgetWaiter`]).
+#[derive(Debug)]
+struct Budget {
+    permits: Semaphore,
+    freed: Arc<Notify>,
+    /// Live [`BudgetWaiter`]s: while none, a give-back wakes nobody and
+    /// skips the `Notify`'s lock.
+    waiting: AtomicUsize,
+}
+
+impl Budget {
+    fn new(kib: usize) -> Self {
+        Self {
+            permits: Semaphore::new(kib),
+            freed: Arc::new(Notify::new()),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn give_back(&self, kib: usize) {
+        self.permits.add_permits(kib);
+        // Pairs with the fence in `BudgetWaiter::new`: either the waiter
+        // sees these permits, or this sees the waiter.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// Registered before a connection is refused more of the budget, so that a
+/// give-back after that refusal wakes it.
+struct BudgetWaiter {
+    freed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    budget: Arc<Budget>,
+}
+
+impl BudgetWaiter {
+    fn new(budget: &Arc<Budget>) -> Self {
+        budget.waiting.fetch_add(1, Ordering::Relaxed);
+        let mut freed = Box::pin(budget.freed.clone().notified_owned());
+        freed.as_mut().enable();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Self {
+            freed,
+            budget: budget.clone(),
+        }
+    }
+}
+
+impl Drop for BudgetWaiter {
+    fn drop(&mut self) {
+        self.budget.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A connection's share of the server-wide buffer budget, in KiB, returned
 /// on drop. It also keeps the connection counted in the server's
 /// [`ClientStats`] while it lives.
 #[derive(Debug)]
 struct BufferShare {
-    budget: Arc<Semaphore>,
+    budget: Arc<Budget>,
     kib: u32,
     clients: Arc<ClientStats>,
 }
@@ -359,7 +418,7 @@ const SHARE_SLACK_KIB: u32 = 16;
 
 impl BufferShare {
     /// An empty share of `budget` for a new connection.
-    fn new(budget: Arc<Semaphore>, clients: Arc<ClientStats>) -> Self {
+    fn new(budget: Arc<Budget>, clients: Arc<ClientStats>) -> Self {
         clients.connected.fetch_add(1, Ordering::Relaxed);
         Self {
             budget,
@@ -376,14 +435,14 @@ impl BufferShare {
         let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         let half = usize::try_from(self.clients.buffer_limit / 1024 / 2).unwrap_or(usize::MAX);
         let more = want.saturating_sub(self.kib) as usize;
-        self.budget.available_permits() >= more.saturating_add(half) && self.cover(bytes)
+        self.budget.permits.available_permits() >= more.saturating_add(half) && self.cover(bytes)
     }
 
     /// Hold enough for `bytes`; false if the server-wide budget is exhausted.
     fn cover(&mut self, bytes: usize) -> bool {
         let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         if want > self.kib {
-            match self.budget.try_acquire_many(want - self.kib) {
+            match self.budget.permits.try_acquire_many(want - self.kib) {
                 Ok(permit) => permit.forget(),
                 Err(_) => return false,
             }
@@ -393,7 +452,7 @@ impl BufferShare {
                 .fetch_add(more, Ordering::Relaxed);
             self.kib = want;
         } else if self.kib - want > SHARE_SLACK_KIB {
-            self.budget.add_permits((self.kib - want) as usize);
+            self.budget.give_back((self.kib - want) as usize);
             let less = u64::from(self.kib - want) * 1024;
             self.clients
                 .buffered_bytes
@@ -406,7 +465,7 @@ impl BufferShare {
 
 impl Drop for BufferShare {
     fn drop(&mut self) {
-        self.budget.add_permits(self.kib as usize);
+        self.budget.give_back(self.kib as usize);
         let held = u64::from(self.kib) * 1024;
         self.clients
             .buffered_bytes
@@ -912,6 +971,7 @@ impl Conn {
             base: held - self.backlog.held(),
             backlog: &mut self.backlog,
             share,
+            waiter: None,
         };
         let out = &mut self.out;
         flush(
@@ -1076,13 +1136,18 @@ struct Taker<'a> {
     share: &'a mut BufferShare,
     /// What the connection holds besides the backlog (covered already).
     base: usize,
+    /// Set while the budget refuses more: a give-back wakes the connection
+    /// to try again (its write may never be ready: a client may send its
+    /// whole pipeline before it reads).
+    waiter: Option<BudgetWaiter>,
 }
 
 impl Taker<'_> {
     /// Reads what the client has sent into the backlog, while the buffer
     /// budget and [`Backlog::MAX`] allow. `Ready(Ok(true))`: took some;
     /// `Ready(Ok(false))`: can take no more (full, or the client shut down
-    /// its side); `Pending`: nothing has arrived.
+    /// its side, or the budget refuses: then a give-back wakes the task);
+    /// `Pending`: nothing has arrived.
     fn poll_take<S: AsyncRead + Unpin>(
         &mut self,
         cx: &mut std::task::Context<'_>,
@@ -1093,8 +1158,22 @@ impl Taker<'_> {
         }
         if self.backlog.room().is_none() {
             let after = self.backlog.held() + Backlog::CHUNK;
-            if after > Backlog::MAX || !self.share.cover_from_first_half(self.base + after) {
+            if after > Backlog::MAX {
                 return Poll::Ready(Ok(false));
+            }
+            loop {
+                let waiter = self
+                    .waiter
+                    .get_or_insert_with(|| BudgetWaiter::new(&self.share.budget));
+                if self.share.cover_from_first_half(self.base + after) {
+                    self.waiter = None;
+                    break;
+                }
+                match waiter.freed.as_mut().poll(cx) {
+                    // Given back since the waiter was set: try again.
+                    Poll::Ready(()) => self.waiter = None,
+                    Poll::Pending => return Poll::Ready(Ok(false)),
+                }
             }
             self.backlog.add_chunk();
         }

@@ -933,3 +933,80 @@ async fn input_taken_ahead_leaves_half_the_budget_to_the_others() {
     drop(hog_read);
     server.stop().await;
 }
+
+/// Bytes of the buffer budget held by all connections, once it has stayed
+/// the same for 300 ms (or after about 5 s).
+async fn settled_buffer_bytes(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let mut last = u64::MAX;
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = info_field(&clients_info(c).await, "client_buffer_bytes");
+        if held == last {
+            break;
+        }
+        last = held;
+    }
+    last
+}
+
+/// A client whose input could not be taken ahead because the others held
+/// the budget gets its turn when they give it back, not only when it reads
+/// a reply (it may never: a client that writes its whole pipeline before
+/// it reads would wait for the write stall timeout, and be closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_is_taken_ahead_again_when_the_budget_frees() {
+    let server = Server::start_with(ServerConfig {
+        max_buffered_bytes: 4 << 20,
+        write_stall_timeout: Duration::from_secs(120),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut c = client(&server.url()).await;
+    let () = redis::cmd("SET")
+        .arg("v")
+        .arg(vec![b'v'; 1 << 20])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    // Another client holds about 1.2 MB of the budget: the body of a SET
+    // still arriving.
+    let mut other = TcpStream::connect(server.addr).await.unwrap();
+    other
+        .write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1400000\r\n")
+        .await
+        .unwrap();
+    other.write_all(&vec![b'b'; 1_200_000]).await.unwrap();
+    let before_hog = settled_buffer_bytes(&mut c).await;
+    assert!(before_hog > 1_100_000, "the body is not held: {before_hog}");
+
+    // The hog: GETs of a 1 MiB value, none read. Its input is taken ahead
+    // while all held stays under half the budget, so it gets less now.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let hog = socket.connect(server.addr).await.unwrap();
+    let (hog_read, mut hog_write) = hog.into_split();
+    let pipeline = b"GET v\r\n".repeat(3_000_000);
+    let writer = tokio::spawn(async move {
+        let _ = hog_write.write_all(&pipeline).await;
+        hog_write
+    });
+    let squeezed = settled_buffer_bytes(&mut c).await;
+    assert!(
+        squeezed > before_hog + (256 << 10) && squeezed <= (2 << 20) + (256 << 10),
+        "before the hog {before_hog}, with it {squeezed}"
+    );
+
+    // The other client goes, and its 1.2 MB with it: the hog takes more
+    // than it had (without the wake-up it kept what it had, or less).
+    drop(other);
+    let hog_before = squeezed - before_hog;
+    let freed = settled_buffer_bytes(&mut c).await;
+    assert!(
+        freed > hog_before + (512 << 10) && freed <= (2 << 20) + (256 << 10),
+        "the hog held {hog_before} beside the other client; all held after it went: {freed}"
+    );
+    writer.abort();
+    drop(hog_read);
+    server.stop().await;
+}
