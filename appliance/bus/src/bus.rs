@@ -150,12 +150,19 @@ pub enum BusError {
     /// A handler with this name is already running.
     #[error("a handler named {0:?} is already running")]
     HandlerExists(String),
+    /// `from_seq` asked of a queue group member.
+    #[error("a queue group member cannot start from a sequence number: every member would receive the stored messages; replay them with one plain subscription")]
+    GroupFromSeq,
 }
 
 /// Options for [`Bus::subscribe`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscribeOptions {
     /// Share messages with other members of this group (one gets each).
+    /// On a durable subject, a member that falls behind catches up from the
+    /// log with the messages given to it, not the others' (a member that
+    /// unsubscribes takes its undelivered share with it). Not with
+    /// `from_seq`.
     pub queue_group: Option<String>,
     /// Queue bound (default: `BusOptions::subscriber_queue`).
     pub capacity: Option<usize>,
@@ -613,11 +620,20 @@ impl Bus {
         if from_seq.is_some() && durable.is_none() {
             return Err(BusError::NotDurable);
         }
+        if from_seq.is_some() && queue_group.is_some() {
+            return Err(BusError::GroupFromSeq);
+        }
         let cap = capacity.unwrap_or(self.inner.opts.subscriber_queue);
         let policy = slow_consumer.unwrap_or(self.inner.opts.slow_consumer);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let make = |lag_high: Option<u64>| {
-            let q = Arc::new(LocalQueue::new(cap, policy, durable.is_some(), lag_high));
+            let q = Arc::new(LocalQueue::new(
+                cap,
+                policy,
+                durable.is_some(),
+                lag_high,
+                queue_group.is_some(),
+            ));
             let entry = Arc::new(SubEntry {
                 id,
                 pattern: pattern.clone(),
@@ -1332,6 +1348,24 @@ pub struct Subscription {
     replay: VecDeque<Message>,
 }
 
+/// The records of `msgs` (in sequence order) that were deferred to a queue
+/// group member, taken out of `deferred`; deferred numbers below the
+/// records read are gone from the log and are dropped.
+fn keep_deferred(msgs: Vec<Message>, deferred: &mut VecDeque<u64>) -> Vec<Message> {
+    let mut kept = Vec::new();
+    for m in msgs {
+        let Some(seq) = m.seq else { continue };
+        while deferred.front().is_some_and(|&d| d < seq) {
+            deferred.pop_front();
+        }
+        if deferred.front() == Some(&seq) {
+            deferred.pop_front();
+            kept.push(m);
+        }
+    }
+    kept
+}
+
 /// How many stored messages a catching-up subscriber reads at a time.
 const CATCH_UP_BATCH: usize = 256;
 
@@ -1367,6 +1401,9 @@ impl Subscription {
                 match st.lag_high {
                     Some(h) if self.cursor > h => {
                         st.lag_high = None;
+                        if let Some(d) = st.deferred.as_mut() {
+                            d.clear();
+                        }
                         continue;
                     }
                     Some(_) => Some(self.cursor),
@@ -1381,27 +1418,44 @@ impl Subscription {
                     .await
                 {
                     Ok((msgs, next)) => {
+                        let empty_read = msgs.is_empty();
+                        let mut st = self.queue.state.lock();
+                        let lag_high = st.lag_high;
+                        let (msgs, next) = match (st.deferred.as_mut(), lag_high) {
+                            (Some(deferred), Some(h)) => {
+                                // Only records up to `h` were all offered
+                                // already: past it, one may yet be deferred
+                                // to this member.
+                                (keep_deferred(msgs, deferred), next.min(h + 1))
+                            }
+                            _ => (msgs, next),
+                        };
                         if msgs.is_empty() {
                             self.cursor = self.cursor.max(next);
-                            if next == from {
+                            if empty_read && next == from {
                                 // Nothing at or after `from` in the log (e.g.
                                 // removed by retention): skip what was deferred.
-                                let mut st = self.queue.state.lock();
                                 if let Some(h) = st.lag_high {
                                     self.cursor = self.cursor.max(h + 1);
                                     st.lag_high = None;
                                 }
+                                if let Some(d) = st.deferred.as_mut() {
+                                    d.clear();
+                                }
                             }
                         }
+                        drop(st);
                         self.replay.extend(msgs);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, pattern = %self.pattern, "subscription could not catch up from the durable log");
                         let mut st = self.queue.state.lock();
                         if let Some(h) = st.lag_high.take() {
-                            self.queue
-                                .dropped
-                                .fetch_add(h + 1 - self.cursor.min(h + 1), Ordering::Relaxed);
+                            let lost = match st.deferred.as_mut() {
+                                Some(d) => std::mem::take(d).len() as u64,
+                                None => h + 1 - self.cursor.min(h + 1),
+                            };
+                            self.queue.dropped.fetch_add(lost, Ordering::Relaxed);
                             self.cursor = h + 1;
                         }
                     }

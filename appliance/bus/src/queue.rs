@@ -71,7 +71,15 @@ pub(crate) struct LocalState {
     /// While catching up from the log: the highest durable sequence number
     /// that was not queued.
     pub lag_high: Option<u64>,
+    /// A queue group member's deferred sequence numbers, oldest first: it
+    /// catches up with these only, not with every matching record (the
+    /// others went to other members). `None` for other subscriptions.
+    pub deferred: Option<VecDeque<u64>>,
 }
+
+/// Most sequence numbers one queue group member keeps deferred (8 MiB of
+/// them): past this a message is offered to the next member instead.
+pub(crate) const MAX_DEFERRED: usize = 1 << 20;
 
 /// The queue of one in-process subscription.
 #[derive(Debug)]
@@ -86,17 +94,21 @@ pub(crate) struct LocalQueue {
 }
 
 impl LocalQueue {
+    /// `group`: a queue group member, which catches up with exactly what
+    /// was deferred to it (see [`LocalState::deferred`]).
     pub fn new(
         cap: usize,
         policy: SlowConsumerPolicy,
         catch_up: bool,
         lag_high: Option<u64>,
+        group: bool,
     ) -> Self {
         Self {
             state: Mutex::new(LocalState {
                 buf: VecDeque::with_capacity(cap.min(1024)),
                 closed: None,
                 lag_high,
+                deferred: group.then(VecDeque::new),
             }),
             notify: Notify::new(),
             cap: cap.max(1),
@@ -114,6 +126,15 @@ impl LocalQueue {
         let durable_seq = msg.seq.filter(|_| self.catch_up);
         if let Some(seq) = durable_seq {
             if st.lag_high.is_some() || st.buf.len() >= self.cap {
+                if let Some(d) = st.deferred.as_mut() {
+                    if d.len() >= MAX_DEFERRED {
+                        // Not deferred: the group offers it to another
+                        // member, or counts it dropped.
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        return Offer::Dropped;
+                    }
+                    d.push_back(seq);
+                }
                 st.lag_high = Some(seq);
                 drop(st);
                 self.notify.notify_one();
@@ -336,7 +357,7 @@ mod tests {
 
     #[test]
     fn local_drop_oldest() {
-        let q = LocalQueue::new(2, SlowConsumerPolicy::DropOldest, false, None);
+        let q = LocalQueue::new(2, SlowConsumerPolicy::DropOldest, false, None, false);
         assert_eq!(q.offer(&msg(1, None)), Offer::Queued);
         assert_eq!(q.offer(&msg(2, None)), Offer::Queued);
         assert_eq!(q.offer(&msg(3, None)), Offer::QueuedDroppedOldest);
@@ -346,7 +367,7 @@ mod tests {
 
     #[test]
     fn local_disconnect() {
-        let q = LocalQueue::new(1, SlowConsumerPolicy::Disconnect, false, None);
+        let q = LocalQueue::new(1, SlowConsumerPolicy::Disconnect, false, None, false);
         assert_eq!(q.offer(&msg(1, None)), Offer::Queued);
         assert_eq!(q.offer(&msg(2, None)), Offer::SlowConsumer);
         assert_eq!(q.offer(&msg(3, None)), Offer::Closed);
@@ -355,7 +376,7 @@ mod tests {
 
     #[test]
     fn local_durable_defers_instead_of_dropping() {
-        let q = LocalQueue::new(2, SlowConsumerPolicy::Disconnect, true, None);
+        let q = LocalQueue::new(2, SlowConsumerPolicy::Disconnect, true, None, false);
         q.offer(&msg(1, Some(1)));
         q.offer(&msg(2, Some(2)));
         assert_eq!(q.offer(&msg(3, Some(3))), Offer::Deferred);
@@ -366,7 +387,7 @@ mod tests {
         assert_eq!(q.state.lock().lag_high, Some(4));
         assert!(q.state.lock().closed.is_none());
         // Drop-oldest never drops a durable message from the queue.
-        let q = LocalQueue::new(2, SlowConsumerPolicy::DropOldest, true, None);
+        let q = LocalQueue::new(2, SlowConsumerPolicy::DropOldest, true, None, false);
         q.offer(&msg(1, Some(1)));
         q.offer(&msg(2, None));
         assert_eq!(q.offer(&msg(3, None)), Offer::QueuedDroppedOldest);

@@ -356,6 +356,92 @@ async fn durable_subjects_never_drop_for_a_slow_in_process_subscriber() {
     assert_eq!(s.recv().await, Err(CloseReason::SlowConsumer));
 }
 
+/// Members of a queue group on a durable subject that fall behind catch up
+/// with what was deferred to them only: each message reaches exactly one
+/// member, in order per member, none lost, whether the members read after
+/// the publishing or while it goes on, under either fsync policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_queue_group_member_catches_up_with_its_own_messages_only() {
+    const N: u64 = 600;
+    for fsync in [
+        DurableFsync::Interval(Duration::from_millis(10)),
+        DurableFsync::Always,
+    ] {
+        for concurrent in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (b, _) = durable_bus(dir.path(), fsync, 2);
+            let group = || SubscribeOptions {
+                queue_group: Some("workers".into()),
+                ..SubscribeOptions::default()
+            };
+            let members: Vec<Subscription> = (0..3)
+                .map(|_| b.subscribe("storage.>", group()).unwrap())
+                .collect();
+            let publish = || async {
+                for i in 1..=N {
+                    b.publish("storage.disk.x", None, i.to_string())
+                        .await
+                        .unwrap();
+                }
+            };
+            if !concurrent {
+                // Members read only once every message is published.
+                publish().await;
+            }
+            let readers: Vec<_> = members
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut s)| {
+                    tokio::spawn(async move {
+                        let mut got = Vec::new();
+                        while let Ok(Ok(m)) = timeout(Duration::from_secs(2), s.recv()).await {
+                            got.push(m.seq.unwrap());
+                            if i == 0 && got.len() % 7 == 0 {
+                                // One member is slow: it falls behind.
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            if concurrent {
+                publish().await;
+            }
+            let mut all = Vec::new();
+            for (i, r) in readers.into_iter().enumerate() {
+                let got = r.await.unwrap();
+                assert!(
+                    got.windows(2).all(|w| w[0] < w[1]),
+                    "{fsync:?} concurrent={concurrent}: member {i} out of order: {got:?}"
+                );
+                all.extend(got);
+            }
+            all.sort_unstable();
+            let want: Vec<u64> = (1..=N).collect();
+            assert_eq!(
+                all, want,
+                "{fsync:?} concurrent={concurrent}: each message to exactly one member"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_queue_group_member_cannot_start_from_a_sequence_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = durable_bus(dir.path(), DurableFsync::Always, 8);
+    let r = b.subscribe(
+        "storage.>",
+        SubscribeOptions {
+            queue_group: Some("workers".into()),
+            from_seq: Some(1),
+            ..SubscribeOptions::default()
+        },
+    );
+    assert!(matches!(r, Err(BusError::GroupFromSeq)), "{r:?}");
+}
+
 #[tokio::test]
 async fn fsync_always_acknowledges_after_fsync_and_groups_commits() {
     let dir = tempfile::tempdir().unwrap();
