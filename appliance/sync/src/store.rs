@@ -233,6 +233,9 @@ pub struct Staged {
     accounted: AtomicU64,
     /// Committed, suspended or discarded: nothing more happens to it.
     settled: std::sync::atomic::AtomicBool,
+    /// Committed (or found already in place): another upload sharing this
+    /// state that commits too has nothing left to do, and succeeds.
+    committed: std::sync::atomic::AtomicBool,
     /// Uploads sharing this state; the last one to end suspends it.
     users: std::sync::atomic::AtomicUsize,
 }
@@ -344,6 +347,17 @@ impl Staged {
     }
 }
 
+/// A manifest file: the manifest, and the inode of the document it was
+/// written for (see [`ClientStore::write_manifest_file`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ManifestFile {
+    ino: u64,
+    manifest: Manifest,
+}
+
+/// Stripes of the per-path commit lock ([`ClientStore::commit_locks`]).
+const COMMIT_LOCKS: usize = 64;
+
 /// One client's documents. Cheap to share (`Arc`); every method is
 /// blocking IO and belongs on a blocking thread.
 #[derive(Debug)]
@@ -370,6 +384,10 @@ pub struct ClientStore {
     /// Directory fsyncs shared by the commits that wait for them together
     /// (see [`DirSyncs`]).
     dir_syncs: DirSyncs,
+    /// Commits of one path take turns (by a hash of the path): two at once
+    /// would both see the same document in the way, both account for it,
+    /// and both pick the same version name.
+    commit_locks: [Mutex<()>; COMMIT_LOCKS],
     /// Whether staging files start anonymous (`O_TMPFILE`, see
     /// [`Self::with_staged_file`]): probed at open, cleared if the file
     /// system refuses them later.
@@ -524,6 +542,7 @@ impl ClientStore {
                 staging_fd: root_fd.try_clone().map_err(io_at(root))?,
                 manifests_fd: root_fd.try_clone().map_err(io_at(root))?,
                 dir_syncs: DirSyncs::default(),
+                commit_locks: std::array::from_fn(|_| Mutex::new(())),
                 tmpfile: std::sync::atomic::AtomicBool::new(false),
             };
             let staging_fd = bootstrap.open_internal_dir(STAGING_DIR_NAME, true)?;
@@ -546,6 +565,7 @@ impl ClientStore {
             staging_fd,
             manifests_fd,
             dir_syncs: DirSyncs::default(),
+            commit_locks: std::array::from_fn(|_| Mutex::new(())),
             tmpfile: std::sync::atomic::AtomicBool::new(false),
         };
         let mut report = OpenReport::default();
@@ -1034,6 +1054,7 @@ impl ClientStore {
             reorder: self.reorder.clone(),
             accounted: AtomicU64::new(0),
             settled: std::sync::atomic::AtomicBool::new(false),
+            committed: std::sync::atomic::AtomicBool::new(false),
             users: std::sync::atomic::AtomicUsize::new(1),
         };
         self.load_staged(&staged)?;
@@ -1265,18 +1286,18 @@ impl ClientStore {
             return Ok(());
         }
         let shown = format!("{STAGING_DIR_NAME}/{}.{DATA_SUFFIX}", staged.name);
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         self.with_staged_file(staged, |file| {
             for &i in positions {
                 let offset = staged.manifest.chunks[i].offset;
                 file.write_all_at(&data, offset)
                     .map_err(self.err_io(shown.clone()))?;
             }
+            // Counted under the file's hold, so a discard taking the file
+            // afterwards gives back these bytes too.
+            self.account_staged(staged, u64::from(len) * positions.len() as u64);
             Ok(())
         })?;
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let added = u64::from(len) * positions.len() as u64;
-        staged.accounted.fetch_add(added, Ordering::SeqCst);
-        self.used.fetch_add(added, Ordering::SeqCst);
         staged.landed.lock().insert(*hash);
         staged.feed(positions, &Arc::new(data));
         staged.batch.lock().push((*hash, len));
@@ -1402,6 +1423,13 @@ impl ClientStore {
         self.sub_used(accounted);
     }
 
+    /// Counts bytes written to `staged`'s file; called while holding the
+    /// file (see [`Self::with_staged_file`]).
+    fn account_staged(&self, staged: &Staged, bytes: u64) {
+        staged.accounted.fetch_add(bytes, Ordering::SeqCst);
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+    }
+
     fn sub_used(&self, bytes: u64) {
         let _ = self
             .used
@@ -1433,9 +1461,24 @@ impl ClientStore {
         result
     }
 
+    /// The commit lock of `path` (see [`Self::commit_locks`]).
+    fn commit_lock(&self, path: &RelPath) -> &Mutex<()> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.as_str().hash(&mut h);
+        let stripe = h.finish() % COMMIT_LOCKS as u64;
+        &self.commit_locks[usize::try_from(stripe).unwrap_or(0)]
+    }
+
     fn commit_staged_inner(&self, staged: &Staged) -> Result<(), StoreError> {
         let manifest = &staged.manifest;
         let path = &manifest.path;
+        let _turn = self.commit_lock(path).lock();
+        // Another upload sharing this state committed it while this one
+        // waited for its turn: the document is in place.
+        if staged.committed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         // An identical document already in place: only the mtime may differ.
         if let Ok(current) = self.document_manifest(path) {
             if current.file_hash == manifest.file_hash && current.size == manifest.size {
@@ -1446,6 +1489,7 @@ impl ClientStore {
                     self.store_manifest(&file, manifest)?;
                     file.sync_all().map_err(self.err_io(path.as_str()))?;
                 }
+                staged.committed.store(true, Ordering::SeqCst);
                 staged.settled.store(true, Ordering::SeqCst);
                 self.discard_staged(staged);
                 self.release_store_chunks(manifest);
@@ -1469,7 +1513,11 @@ impl ClientStore {
         let file = self.with_staged_file(staged, |f| Ok(f.try_clone()))?;
         let file = file.map_err(self.err_io(shown.clone()))?;
         let mut exclusive = staged.file.write();
-        staged.settled.store(true, Ordering::SeqCst);
+        if staged.settled.swap(true, Ordering::SeqCst) {
+            // Suspended or discarded meanwhile (the other upload sharing it
+            // ended): the file taken above is not to be committed.
+            return Err(self.err_io(shown)(io::Error::other("upload already ended")));
+        }
         file.set_len(manifest.size)
             .map_err(self.err_io(shown.clone()))?;
         let actual = staged
@@ -1512,9 +1560,10 @@ impl ClientStore {
             // Replacing a document: only a rename does that atomically.
             self.name_staged(staged, &file)?;
             if let (Some(_), true) = (replaced, self.keep_versions) {
-                let version = self.next_version_name(&parent, name)?;
-                renameat(&parent, name, &parent, version.as_str())
-                    .map_err(|e| self.err_errno(path.as_str(), e))?;
+                // The current document gets a second name first, so the
+                // rename below replaces it atomically: at every moment the
+                // path holds the old document or the new one.
+                self.link_version(&parent, name, path)?;
             }
             renameat(staging, data_name.as_str(), &parent, name)
                 .map_err(|e| self.err_errno(path.as_str(), e))?;
@@ -1532,6 +1581,7 @@ impl ClientStore {
                 UnlinkatFlags::NoRemoveDir,
             );
         }
+        staged.committed.store(true, Ordering::SeqCst);
         // Cleared under the same hold: a flush of the record that got in
         // between would otherwise find the file and name it again.
         *exclusive = None;
@@ -1617,11 +1667,9 @@ impl ClientStore {
                 file.write_all_at(&data, staged.manifest.chunks[i].offset)
                     .map_err(self.err_io(shown.clone()))?;
             }
+            self.account_staged(staged, data.len() as u64 * positions.len() as u64);
             Ok(())
         })?;
-        let added = data.len() as u64 * positions.len() as u64;
-        staged.accounted.fetch_add(added, Ordering::SeqCst);
-        self.used.fetch_add(added, Ordering::SeqCst);
         staged.landed.lock().insert(*hash);
         staged.feed(positions, &Arc::new(data));
         Ok(())
@@ -1657,6 +1705,27 @@ impl ClientStore {
                 }
             }
         }
+    }
+
+    /// Links the document `name` in `dir` as its next version `name.~N~`
+    /// (a hard link: the document stays where it is). A name taken
+    /// meanwhile is skipped.
+    fn link_version(&self, dir: &OwnedFd, name: &str, path: &RelPath) -> Result<(), StoreError> {
+        for _ in 0..16 {
+            let version = self.next_version_name(dir, name)?;
+            match nix::unistd::linkat(
+                dir,
+                name,
+                dir,
+                version.as_str(),
+                nix::fcntl::AtFlags::empty(),
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(self.err_errno(path.as_str(), e)),
+            }
+        }
+        Err(self.err_errno(path.as_str(), Errno::EEXIST))
     }
 
     fn next_version_name(&self, dir: &OwnedFd, name: &str) -> Result<String, StoreError> {
@@ -1715,7 +1784,11 @@ impl ClientStore {
         // An attribute left from an earlier manifest of this inode must not
         // shadow the file.
         let _ = rustix::fs::fremovexattr(file, MANIFEST_XATTR);
-        self.write_manifest_file(manifest)
+        let ino = file
+            .metadata()
+            .map_err(self.err_io(manifest.path.as_str()))?
+            .ino();
+        self.write_manifest_file(manifest, ino)
     }
 
     /// Removes the manifest file of `path`, if there is one. Most documents
@@ -1743,15 +1816,22 @@ impl ClientStore {
         }
     }
 
-    fn write_manifest_file(&self, manifest: &ValidManifest) -> Result<(), StoreError> {
+    /// Writes the manifest file of `manifest.path` for the document whose
+    /// inode is `ino`. A commit writes it before its rename; if the commit
+    /// stops between them, the document still in place has another inode,
+    /// so it never takes this manifest as its own.
+    fn write_manifest_file(&self, manifest: &ValidManifest, ino: u64) -> Result<(), StoreError> {
         let components = Self::manifest_components(&manifest.path);
         let shown = components.join("/");
         let (name, parents) = components
             .split_last()
             .ok_or_else(|| self.err_io(shown.clone())(io::Error::other("empty path")))?;
         let dir = self.open_dir_walk(parents.iter().copied(), true, &shown)?;
-        let bytes = postcard::to_allocvec(&manifest.to_manifest())
-            .map_err(|e| self.err_io(shown.clone())(io::Error::other(e)))?;
+        let bytes = postcard::to_allocvec(&ManifestFile {
+            ino,
+            manifest: manifest.to_manifest(),
+        })
+        .map_err(|e| self.err_io(shown.clone())(io::Error::other(e)))?;
         let tmp = format!("{name}.tmp");
         let result = (|| {
             let mut file = self.open_file_at(
@@ -1787,10 +1867,12 @@ impl ClientStore {
                 return Ok(Some(m));
             }
         }
-        self.read_manifest_file(path)
+        let ino = file.metadata().map_err(self.err_io(path.as_str()))?.ino();
+        self.read_manifest_file(path, ino)
     }
 
-    fn read_manifest_file(&self, path: &RelPath) -> Result<Option<Manifest>, StoreError> {
+    /// The manifest file of `path`, if it was written for inode `ino`.
+    fn read_manifest_file(&self, path: &RelPath, ino: u64) -> Result<Option<Manifest>, StoreError> {
         let components = Self::manifest_components(path);
         let shown = components.join("/");
         let Some((name, parents)) = components.split_last() else {
@@ -1808,7 +1890,12 @@ impl ClientStore {
         };
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(self.err_io(shown))?;
-        Ok(postcard::from_bytes::<Manifest>(&bytes).ok())
+        // One of another inode, or in the older form without one, is
+        // recomputed from the document (and stored again).
+        Ok(postcard::from_bytes::<ManifestFile>(&bytes)
+            .ok()
+            .filter(|f| f.ino == ino)
+            .map(|f| f.manifest))
     }
 
     /// The manifest of the document at `path`: the stored one if it matches
@@ -2370,7 +2457,8 @@ mod tests {
         // An older store: the manifest only in its file.
         let file = File::open(root.join("d/small.bin")).unwrap();
         rustix::fs::fremovexattr(&file, MANIFEST_XATTR).unwrap();
-        store.write_manifest_file(&m).unwrap();
+        let ino = file.metadata().unwrap().ino();
+        store.write_manifest_file(&m, ino).unwrap();
         assert_eq!(
             store.read_manifest(&file, &small_path).unwrap(),
             Some(m.to_manifest())
