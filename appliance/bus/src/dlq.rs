@@ -20,7 +20,7 @@
 //! original message's own headers are not kept. Without a durable log the
 //! list lives in memory only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,8 +30,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bus::{Bus, BusError, SubscribeOptions};
+use crate::bus::{Bus, BusError, SubscribeOptions, Subscription, Ticket, Wakes};
 use crate::message::{Headers, Message};
+use crate::queue::{CloseReason, SlowConsumerPolicy};
 
 /// The subject prefix of dead letters.
 pub const DLQ_PREFIX: &str = "_dlq.";
@@ -96,11 +97,34 @@ pub enum RetryOutcome {
     Failed(String),
 }
 
+/// Counters of handlers and dead letters ([`Bus::dlq_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DlqStats {
+    /// Entries in the dead-letter list now.
+    pub entries: usize,
+    /// Messages dead-lettered since start-up (any reason).
+    pub dead_lettered: u64,
+    /// Of those, messages dead-lettered because their handler's backlog
+    /// was full ([`OVERFLOW_ERROR`]).
+    pub overflowed: u64,
+    /// Messages a handler's subscription dropped before the handler could
+    /// take them (its task was starved); not dead-lettered.
+    pub lost: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct DlqCounters {
+    dead_lettered: AtomicU64,
+    overflowed: AtomicU64,
+    lost: AtomicU64,
+}
+
 type RetryRequest = (Message, oneshot::Sender<Result<(), String>>);
 
 #[derive(Debug)]
 pub(crate) struct DlqState {
     entries: Mutex<BTreeMap<u64, DlqEntry>>,
+    counters: DlqCounters,
     handlers: Mutex<HashMap<String, mpsc::Sender<RetryRequest>>>,
     next_id: AtomicU64,
     max_entries: usize,
@@ -111,6 +135,7 @@ impl DlqState {
         Self {
             entries: Mutex::new(BTreeMap::new()),
             handlers: Mutex::new(HashMap::new()),
+            counters: DlqCounters::default(),
             next_id: AtomicU64::new(1),
             max_entries: max_entries.max(1),
         }
@@ -255,11 +280,204 @@ where
     }
 }
 
+/// What a handler task needs to deliver one message.
+struct Worker<F> {
+    f: Arc<F>,
+    bus: Bus,
+    name: String,
+    max_attempts: u32,
+    backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl<F, Fut> Worker<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    /// Up to `max_attempts` attempts with backoff, then a dead letter.
+    async fn deliver(self: Arc<Self>, msg: Message) {
+        let mut delay = self.backoff;
+        let mut last_err = String::new();
+        for n in 1..=self.max_attempts {
+            match attempt(&self.f, msg.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(handler = %self.name, subject = %msg.subject, attempt = n, error = %e, "handler failed");
+                    last_err = e;
+                    if n < self.max_attempts {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(self.max_backoff);
+                    }
+                }
+            }
+        }
+        self.bus
+            .dead_letter(&self.name, &last_err, self.max_attempts, msg)
+            .await;
+    }
+}
+
+/// The messages a handler has taken from its subscription but not yet run,
+/// oldest first, bounded by `cap` (see [`Bus::handle`], "Falling behind").
+struct Backlog {
+    msgs: VecDeque<Message>,
+    cap: usize,
+    /// How many of `msgs` are not durable (could be dead-lettered on
+    /// overflow).
+    plain: usize,
+}
+
+impl Backlog {
+    fn new(cap: usize) -> Self {
+        Self {
+            msgs: VecDeque::new(),
+            cap: cap.max(1),
+            plain: 0,
+        }
+    }
+
+    /// Whether to take another message from the subscription: while there
+    /// is room, or while an overflow can evict a non-durable message. A
+    /// backlog full of durable messages leaves the next ones in the
+    /// subscription, which reads them back from the log later.
+    fn wants_more(&self) -> bool {
+        self.msgs.len() < self.cap || self.plain > 0
+    }
+
+    /// Adds a message; returns the one evicted to stay within the bound:
+    /// the oldest non-durable message.
+    fn push(&mut self, msg: Message) -> Option<Message> {
+        if msg.seq.is_none() {
+            self.plain += 1;
+        }
+        self.msgs.push_back(msg);
+        if self.msgs.len() <= self.cap {
+            return None;
+        }
+        let i = self.msgs.iter().position(|m| m.seq.is_none())?;
+        self.plain -= 1;
+        self.msgs.remove(i)
+    }
+
+    fn pop(&mut self) -> Option<Message> {
+        let m = self.msgs.pop_front()?;
+        if m.seq.is_none() {
+            self.plain -= 1;
+        }
+        Some(m)
+    }
+}
+
+/// The error recorded for a message dead-lettered because its handler's
+/// backlog was full.
+pub const OVERFLOW_ERROR: &str = "handler queue overflow";
+
+type Busy = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A handler's task: takes messages from the subscription into the backlog
+/// while the current one runs (so a handler backing off never stops
+/// reading), runs them one at a time, and runs dead-letter retries between
+/// them.
+async fn run_handler<F, Fut>(
+    w: Arc<Worker<F>>,
+    mut sub: Subscription,
+    mut rx: mpsc::Receiver<RetryRequest>,
+    cap: usize,
+) where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let mut backlog = Backlog::new(cap);
+    let mut retry: Option<RetryRequest> = None;
+    let mut busy: Option<Busy> = None;
+    let mut seen_dropped = 0u64;
+    let end = loop {
+        if busy.is_none() {
+            if let Some((msg, reply)) = retry.take() {
+                let f = w.f.clone();
+                busy = Some(Box::pin(async move {
+                    let _ = reply.send(attempt(&f, msg).await);
+                }));
+            } else if let Some(msg) = backlog.pop() {
+                busy = Some(Box::pin(w.clone().deliver(msg)));
+            }
+        }
+        tokio::select! {
+            () = async {
+                match busy.as_mut() {
+                    Some(b) => b.await,
+                    None => std::future::pending().await,
+                }
+            } => busy = None,
+            r = rx.recv(), if retry.is_none() => match r {
+                Some(req) => retry = Some(req),
+                // The bus dropped the retry channel: it is shutting down.
+                None => break None,
+            },
+            m = sub.recv(), if backlog.wants_more() => match m {
+                Ok(msg) => {
+                    if let Some(victim) = backlog.push(msg) {
+                        w.bus.inner.dlq.counters.overflowed.fetch_add(1, Ordering::Relaxed);
+                        let error = format!("{OVERFLOW_ERROR} ({} messages waiting)", backlog.cap);
+                        w.bus.dead_letter_now(&w.name, &error, 0, victim);
+                    }
+                    // The subscription's own queue overflowed (drop-oldest):
+                    // only when this task was starved of CPU for a whole
+                    // queue's worth of messages.
+                    let dropped = sub.dropped();
+                    if dropped > seen_dropped {
+                        let n = dropped - seen_dropped;
+                        seen_dropped = dropped;
+                        w.bus.inner.dlq.counters.lost.fetch_add(n, Ordering::Relaxed);
+                        tracing::error!(handler = %w.name, pattern = %sub.pattern(), lost = n, "handler's subscription overflowed: messages dropped without a dead letter");
+                    }
+                }
+                Err(reason) => break Some(reason),
+            },
+        }
+    };
+    match end {
+        Some(CloseReason::BusClosed) | None if w.bus.inner.closed.load(Ordering::Acquire) => {
+            tracing::debug!(handler = %w.name, "handler stopped: the bus is shut down");
+        }
+        reason => {
+            let reason =
+                reason.map_or_else(|| "retry channel closed".to_owned(), |r| r.to_string());
+            tracing::error!(handler = %w.name, pattern = %sub.pattern(), %reason, "handler stopped; messages on its pattern are no longer handled");
+        }
+    }
+}
+
 impl Bus {
     /// Runs `handler` for every message matching `pattern`, with retries and
     /// dead-lettering (see the module docs). `name` identifies the handler in
     /// dead-letter entries and must be unique among running handlers.
     /// Must be called inside a tokio runtime.
+    ///
+    /// Messages are handled one at a time, in order.
+    ///
+    /// # Falling behind
+    /// A handler never stops because it falls behind (for instance while
+    /// it backs off retrying a failing message): it keeps taking messages
+    /// into a backlog of `BusOptions::subscriber_queue` messages while the
+    /// current one runs. When the backlog is full:
+    /// * the oldest waiting message on a non-durable subject is
+    ///   dead-lettered at once, with error [`OVERFLOW_ERROR`] and 0
+    ///   attempts (counted in [`DlqStats::overflowed`]), so it can be
+    ///   retried with [`Bus::dlq_retry`] like any other dead letter;
+    /// * messages on durable subjects are never evicted: they wait in the
+    ///   durable log and are handled, in order, once there is room.
+    ///
+    /// Messages wait in the handler's subscription (also
+    /// `subscriber_queue` long) until its task takes them. If more than that
+    /// are published before the task runs at all (a burst from a task that
+    /// does not yield, on the same thread), the subscription drops the
+    /// oldest non-durable ones: they cannot be dead-lettered, and are
+    /// counted in [`DlqStats::lost`] and logged as an error.
+    ///
+    /// The task ends only when the bus shuts down (any other end is logged
+    /// as an error) or when the returned handle is dropped.
     pub fn handle<F, Fut>(
         &self,
         name: &str,
@@ -276,14 +494,20 @@ impl Bus {
             backoff,
             queue_group,
         } = opts;
-        let mut sub = self.subscribe(
+        let cap = self.inner.opts.subscriber_queue.max(1);
+        let sub = self.subscribe(
             pattern,
             SubscribeOptions {
                 queue_group,
+                capacity: Some(cap),
+                // The task drains this queue into its backlog continuously,
+                // so it fills only when the task is starved; dropping then
+                // keeps the handler alive (the loss is counted and logged).
+                slow_consumer: Some(SlowConsumerPolicy::DropOldest),
                 ..SubscribeOptions::default()
             },
         )?;
-        let (tx, mut rx) = mpsc::channel::<RetryRequest>(16);
+        let (tx, rx) = mpsc::channel::<RetryRequest>(16);
         {
             let mut handlers = self.inner.dlq.handlers.lock();
             if handlers.contains_key(name) {
@@ -292,44 +516,16 @@ impl Bus {
             handlers.insert(name.to_owned(), tx);
         }
         let defaults = self.inner.opts.dlq;
-        let max_attempts = max_attempts.unwrap_or(defaults.max_attempts).max(1);
         let backoff = backoff.unwrap_or(defaults.backoff);
-        let max_backoff = defaults.max_backoff.max(backoff);
-        let f = Arc::new(handler);
-        let bus = self.clone();
-        let hname = name.to_owned();
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    m = sub.recv() => {
-                        let Ok(msg) = m else { break };
-                        let mut delay = backoff;
-                        let mut last_err = String::new();
-                        let mut ok = false;
-                        for n in 1..=max_attempts {
-                            match attempt(&f, msg.clone()).await {
-                                Ok(()) => { ok = true; break; }
-                                Err(e) => {
-                                    tracing::debug!(handler = %hname, subject = %msg.subject, attempt = n, error = %e, "handler failed");
-                                    last_err = e;
-                                    if n < max_attempts {
-                                        tokio::time::sleep(delay).await;
-                                        delay = (delay * 2).min(max_backoff);
-                                    }
-                                }
-                            }
-                        }
-                        if !ok {
-                            bus.dead_letter(&hname, &last_err, max_attempts, msg).await;
-                        }
-                    }
-                    r = rx.recv() => {
-                        let Some((msg, reply)) = r else { break };
-                        let _ = reply.send(attempt(&f, msg).await);
-                    }
-                }
-            }
+        let worker = Arc::new(Worker {
+            f: Arc::new(handler),
+            bus: self.clone(),
+            name: name.to_owned(),
+            max_attempts: max_attempts.unwrap_or(defaults.max_attempts).max(1),
+            backoff,
+            max_backoff: defaults.max_backoff.max(backoff),
         });
+        let task = tokio::spawn(run_handler(worker, sub, rx, cap));
         Ok(HandlerHandle {
             name: name.to_owned(),
             bus: self.clone(),
@@ -337,8 +533,40 @@ impl Bus {
         })
     }
 
+    /// Counters of handlers and dead letters.
+    pub fn dlq_stats(&self) -> DlqStats {
+        let c = &self.inner.dlq.counters;
+        DlqStats {
+            entries: self.inner.dlq.len(),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            overflowed: c.overflowed.load(Ordering::Relaxed),
+            lost: c.lost.load(Ordering::Relaxed),
+        }
+    }
+
     async fn dead_letter(&self, handler: &str, error: &str, attempts: u32, msg: Message) {
+        if let Some(ticket) = self.dead_letter_now(handler, error, attempts, msg) {
+            if let Err(e) = self.settle(ticket).await {
+                tracing::warn!(error = %e, handler, "could not store dead letter");
+            }
+        }
+    }
+
+    /// Records a dead letter and publishes it without waiting for the
+    /// durable log's fsync; returns the ticket to wait on, if published.
+    fn dead_letter_now(
+        &self,
+        handler: &str,
+        error: &str,
+        attempts: u32,
+        msg: Message,
+    ) -> Option<Ticket> {
         let id = self.inner.dlq.add(handler, error, attempts, msg.clone());
+        self.inner
+            .dlq
+            .counters
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(handler, subject = %msg.subject, id, error, attempts, "message dead-lettered");
         let subject = format!("{DLQ_PREFIX}{}", msg.subject);
         let headers = Headers::new()
@@ -350,11 +578,15 @@ impl Bus {
             .encode();
         // A dead letter whose subject grows too long is still listed; it is
         // only not published.
-        if let Err(e) = self
-            .publish(&subject, Some(headers), msg.payload.clone())
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish dead letter");
+        let published = self
+            .make_message(&subject, None, Some(headers), msg.payload)
+            .and_then(|m| self.inner.publish_msg(m, None, &mut Wakes::default()));
+        match published {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, handler, id, "could not publish dead letter");
+                None
+            }
         }
     }
 

@@ -69,7 +69,10 @@ pub use bus::{
     Bus, BusError, BusOptions, DlqOptions, DurableFsync, DurableOptions, PublishAck, ReplayQuery,
     SubscribeOptions, Subscription, MAX_REPLAY,
 };
-pub use dlq::{DlqEntry, DlqSummary, HandlerHandle, HandlerOptions, RetryOutcome, DLQ_PREFIX};
+pub use dlq::{
+    DlqEntry, DlqStats, DlqSummary, HandlerHandle, HandlerOptions, RetryOutcome, DLQ_PREFIX,
+    OVERFLOW_ERROR,
+};
 pub use message::{Headers, Message};
 pub use queue::{CloseReason, SlowConsumerPolicy};
 pub use stats::{ConnectionStats, DurableStats, StatsSnapshot, TrafficStats};

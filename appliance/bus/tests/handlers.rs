@@ -1,0 +1,180 @@
+//! In-process handlers and the dead-letter list: falling behind, dead
+//! letters of dead letters, dead letters across restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance_bus::*;
+use parking_lot::Mutex;
+
+fn durable_bus(dir: &std::path::Path, queue: usize, max_payload: usize) -> Bus {
+    let mut d = DurableOptions::new(dir);
+    d.fsync = DurableFsync::Interval(Duration::from_millis(20));
+    Bus::open(BusOptions {
+        subscriber_queue: queue,
+        max_payload,
+        durable: Some(d),
+        ..BusOptions::default()
+    })
+    .unwrap()
+    .0
+}
+
+/// A handler that records every payload it handles and fails on "bad".
+fn recording_handler(
+    b: &Bus,
+    name: &str,
+    pattern: &str,
+    backoff: Duration,
+) -> (HandlerHandle, Arc<Mutex<Vec<String>>>) {
+    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let h2 = handled.clone();
+    let h = b
+        .handle(
+            name,
+            pattern,
+            HandlerOptions {
+                max_attempts: Some(2),
+                backoff: Some(backoff),
+                ..HandlerOptions::default()
+            },
+            move |m: Message| {
+                let h2 = h2.clone();
+                async move {
+                    let t = String::from_utf8(m.payload.to_vec()).unwrap();
+                    if t == "bad" {
+                        return Err("boom".to_string());
+                    }
+                    h2.lock().push(t);
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    (h, handled)
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A handler on a non-durable subject that falls behind while it backs off
+/// keeps running: the overflow is dead-lettered (oldest first, with the
+/// overflow reason, counted), the rest is handled, and later messages are
+/// handled too.
+#[tokio::test]
+async fn handler_falling_behind_dead_letters_the_overflow_and_keeps_running() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 4,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(200));
+    b.publish("jobs.x", None, "bad").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A burst while the handler backs off: 4 fit in its backlog, 6 do not.
+    // (The publisher yields as another task or a NATS connection would;
+    // see the next test for a burst that does not.)
+    for i in 0..10 {
+        b.publish("jobs.x", None, format!("burst{i}"))
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+    }
+    wait_until("the burst is handled", || handled.lock().len() == 4).await;
+    b.publish("jobs.x", None, "later").await.unwrap();
+    wait_until("later is handled", || handled.lock().len() == 5).await;
+
+    assert_eq!(
+        *handled.lock(),
+        ["burst6", "burst7", "burst8", "burst9", "later"]
+    );
+    let dlq = b.dlq_list();
+    let overflowed: Vec<u64> = dlq
+        .iter()
+        .filter(|e| e.error.starts_with(OVERFLOW_ERROR))
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(overflowed.len(), 6, "{dlq:?}");
+    assert!(dlq.iter().any(|e| e.error == "boom"), "{dlq:?}");
+    let first = b.dlq_get(overflowed[0]).unwrap();
+    assert_eq!(&first.message.payload[..], b"burst0");
+    assert_eq!(first.attempts, 0);
+    let stats = b.dlq_stats();
+    assert_eq!(
+        (
+            stats.overflowed,
+            stats.dead_lettered,
+            stats.lost,
+            stats.entries
+        ),
+        (6, 7, 0, 7)
+    );
+
+    // An overflowed message can be retried like any dead letter.
+    assert_eq!(
+        b.dlq_retry(overflowed[0]).await.unwrap(),
+        RetryOutcome::Delivered
+    );
+    assert_eq!(handled.lock().last().unwrap(), "burst0");
+}
+
+/// On durable subjects nothing is evicted: a handler that falls behind
+/// handles every message, in order, reading the rest back from the log.
+#[tokio::test]
+async fn handler_falling_behind_on_a_durable_subject_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = durable_bus(dir.path(), 4, 1 << 20);
+    let (_h, handled) = recording_handler(&b, "disks", "storage.>", Duration::from_millis(200));
+    b.publish("storage.d", None, "bad").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let want: Vec<String> = (0..30).map(|i| format!("e{i}")).collect();
+    for w in &want {
+        b.publish("storage.d", None, w.clone()).await.unwrap();
+    }
+    wait_until("all handled", || handled.lock().len() == want.len()).await;
+    assert_eq!(*handled.lock(), want);
+    let stats = b.dlq_stats();
+    assert_eq!(
+        (stats.overflowed, stats.lost, stats.dead_lettered),
+        (0, 0, 1)
+    );
+}
+
+/// A burst published without yielding on the handler's own thread fills
+/// the handler's subscription before its task runs: the oldest messages are
+/// dropped there, counted as lost (and logged), and the handler goes on.
+#[tokio::test]
+async fn handler_starved_by_a_burst_counts_the_loss_and_keeps_running() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 4,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(100));
+    b.publish("jobs.x", None, "bad").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..10 {
+        b.publish("jobs.x", None, format!("burst{i}"))
+            .await
+            .unwrap();
+    }
+    wait_until("the burst is handled", || handled.lock().len() == 4).await;
+    b.publish("jobs.x", None, "later").await.unwrap();
+    wait_until("later is handled", || handled.lock().len() == 5).await;
+    assert_eq!(
+        *handled.lock(),
+        ["burst6", "burst7", "burst8", "burst9", "later"]
+    );
+    let stats = b.dlq_stats();
+    assert_eq!(
+        (stats.lost, stats.overflowed, stats.dead_lettered),
+        (6, 0, 1)
+    );
+}
