@@ -9,6 +9,9 @@
 //! in a bounded list ([`Bus::dlq_list`]). [`Bus::dlq_retry`] runs the
 //! entry's handler once more: on success the entry is removed.
 //!
+//! Dead letters are never dead-lettered again, and reach only handlers whose
+//! pattern names them (`_dlq.>`): see [`Bus::handle`], "Dead letters".
+//!
 //! # Across restarts
 //! When the bus has a durable log, dead letters are always stored in it
 //! (`_dlq.>` is durable whatever the configured patterns), and so is the
@@ -38,6 +41,11 @@ use crate::queue::{CloseReason, SlowConsumerPolicy};
 pub const DLQ_PREFIX: &str = "_dlq.";
 /// The subject prefix of retry outcomes (`_dlq-state.<id>`).
 pub const DLQ_STATE_PREFIX: &str = "_dlq-state.";
+/// Whether `subject` is a dead letter or a retry outcome.
+pub fn is_dead_letter_subject(subject: &str) -> bool {
+    subject.starts_with(DLQ_PREFIX) || subject.starts_with(DLQ_STATE_PREFIX)
+}
+
 /// The durable patterns the bus adds for dead letters and retry outcomes.
 pub(crate) const DLQ_DURABLE_PATTERNS: [&str; 2] = ["_dlq.>", "_dlq-state.>"];
 
@@ -110,6 +118,10 @@ pub struct DlqStats {
     /// Messages a handler's subscription dropped before the handler could
     /// take them (its task was starved); not dead-lettered.
     pub lost: u64,
+    /// Dead letters (or retry outcomes) that a handler named explicitly
+    /// failed to handle, or had to drop on overflow: logged as errors and
+    /// not dead-lettered again.
+    pub dead_letters_failed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +129,7 @@ pub(crate) struct DlqCounters {
     dead_lettered: AtomicU64,
     overflowed: AtomicU64,
     lost: AtomicU64,
+    dead_letters_failed: AtomicU64,
 }
 
 type RetryRequest = (Message, oneshot::Sender<Result<(), String>>);
@@ -288,6 +301,9 @@ struct Worker<F> {
     max_attempts: u32,
     backoff: Duration,
     max_backoff: Duration,
+    /// The pattern names dead letters explicitly (`_dlq.>`, ...): only
+    /// then are they delivered to this handler.
+    wants_dead_letters: bool,
 }
 
 impl<F, Fut> Worker<F>
@@ -312,9 +328,38 @@ where
                 }
             }
         }
+        self.dead_letter(&last_err, self.max_attempts, msg).await;
+    }
+
+    /// Dead-letters a message this handler could not handle, unless it is a
+    /// dead letter itself: that is logged and counted instead, so that a
+    /// failing handler on `_dlq.>` cannot feed on its own output.
+    async fn dead_letter(&self, error: &str, attempts: u32, msg: Message) {
+        if self.refuse_dead_letter(error, &msg) {
+            return;
+        }
+        self.bus.dead_letter(&self.name, error, attempts, msg).await;
+    }
+
+    /// [`dead_letter`](Self::dead_letter) without waiting for an fsync.
+    fn dead_letter_now(&self, error: &str, attempts: u32, msg: Message) {
+        if !self.refuse_dead_letter(error, &msg) {
+            self.bus.dead_letter_now(&self.name, error, attempts, msg);
+        }
+    }
+
+    fn refuse_dead_letter(&self, error: &str, msg: &Message) -> bool {
+        if !is_dead_letter_subject(msg.subject.as_str()) {
+            return false;
+        }
         self.bus
-            .dead_letter(&self.name, &last_err, self.max_attempts, msg)
-            .await;
+            .inner
+            .dlq
+            .counters
+            .dead_letters_failed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(handler = %self.name, subject = %msg.subject, error, "handler failed on a dead letter; it is not dead-lettered again");
+        true
     }
 }
 
@@ -416,11 +461,14 @@ async fn run_handler<F, Fut>(
                 None => break None,
             },
             m = sub.recv(), if backlog.wants_more() => match m {
+                // Dead letters go only to handlers that ask for them by name
+                // (see Bus::handle, "Dead letters").
+                Ok(msg) if !w.wants_dead_letters && is_dead_letter_subject(msg.subject.as_str()) => {}
                 Ok(msg) => {
                     if let Some(victim) = backlog.push(msg) {
                         w.bus.inner.dlq.counters.overflowed.fetch_add(1, Ordering::Relaxed);
                         let error = format!("{OVERFLOW_ERROR} ({} messages waiting)", backlog.cap);
-                        w.bus.dead_letter_now(&w.name, &error, 0, victim);
+                        w.dead_letter_now(&error, 0, victim);
                     }
                     // The subscription's own queue overflowed (drop-oldest):
                     // only when this task was starved of CPU for a whole
@@ -478,6 +526,20 @@ impl Bus {
     ///
     /// The task ends only when the bus shuts down (any other end is logged
     /// as an error) or when the returned handle is dropped.
+    ///
+    /// # Dead letters
+    /// Dead letters (`_dlq.<subject>`) and retry outcomes
+    /// (`_dlq-state.<id>`) reach a handler only if its pattern starts with
+    /// `_dlq.` or `_dlq-state.`: a wildcard handler (`>`, `*.x`) does not get
+    /// them. NATS itself gives such subjects no special treatment, and plain
+    /// [`Bus::subscribe`] and NATS clients still see them under `>`; but a
+    /// dead letter is a copy of a message some handler already got, so
+    /// handing it to a catch-all handler would process it twice (and, when
+    /// that handler fails, dead-letter its own dead letters in a loop).
+    /// A handler that does name them and fails on one (or overflows with
+    /// one) does not dead-letter it again: the failure is logged as an error
+    /// and counted in [`DlqStats::dead_letters_failed`]; the original entry
+    /// stays in the list.
     pub fn handle<F, Fut>(
         &self,
         name: &str,
@@ -524,6 +586,7 @@ impl Bus {
             max_attempts: max_attempts.unwrap_or(defaults.max_attempts).max(1),
             backoff,
             max_backoff: defaults.max_backoff.max(backoff),
+            wants_dead_letters: is_dead_letter_subject(pattern),
         });
         let task = tokio::spawn(run_handler(worker, sub, rx, cap));
         Ok(HandlerHandle {
@@ -541,6 +604,7 @@ impl Bus {
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             overflowed: c.overflowed.load(Ordering::Relaxed),
             lost: c.lost.load(Ordering::Relaxed),
+            dead_letters_failed: c.dead_letters_failed.load(Ordering::Relaxed),
         }
     }
 

@@ -70,8 +70,8 @@ pub use bus::{
     SubscribeOptions, Subscription, MAX_REPLAY,
 };
 pub use dlq::{
-    DlqEntry, DlqStats, DlqSummary, HandlerHandle, HandlerOptions, RetryOutcome, DLQ_PREFIX,
-    OVERFLOW_ERROR,
+    is_dead_letter_subject, DlqEntry, DlqStats, DlqSummary, HandlerHandle, HandlerOptions,
+    RetryOutcome, DLQ_PREFIX, DLQ_STATE_PREFIX, OVERFLOW_ERROR,
 };
 pub use message::{Headers, Message};
 pub use queue::{CloseReason, SlowConsumerPolicy};

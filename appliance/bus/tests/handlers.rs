@@ -178,3 +178,78 @@ async fn handler_starved_by_a_burst_counts_the_loss_and_keeps_running() {
         (6, 0, 1)
     );
 }
+
+/// A failing catch-all handler: one failure makes one dead letter. The
+/// handler is not given the dead letter (a plain subscription on `>` still
+/// sees it, as in NATS).
+#[tokio::test]
+async fn catch_all_handler_does_not_get_dead_letters() {
+    let (b, _) = Bus::open(BusOptions::default()).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let _h = b
+        .handle(
+            "forwarder",
+            ">",
+            HandlerOptions {
+                max_attempts: Some(1),
+                ..HandlerOptions::default()
+            },
+            move |m: Message| {
+                s2.lock().push(m.subject.to_string());
+                async { Err::<(), _>("sink down".to_string()) }
+            },
+        )
+        .unwrap();
+    let mut all = b.subscribe(">", SubscribeOptions::default()).unwrap();
+    b.publish("events.one", None, "x").await.unwrap();
+    let first = all.recv().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), all.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.subject.as_str(), second.subject.as_str()),
+        ("events.one", "_dlq.events.one")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let subjects: Vec<String> = b.dlq_list().into_iter().map(|e| e.subject).collect();
+    assert_eq!(subjects, ["events.one"]);
+    assert_eq!(*seen.lock(), ["events.one"]);
+    assert_eq!(b.dlq_stats().dead_lettered, 1);
+}
+
+/// A handler that asks for dead letters by name gets them; when it fails
+/// on one, the failure is counted and logged, and not dead-lettered again.
+#[tokio::test]
+async fn failing_dead_letter_handler_does_not_dead_letter_again() {
+    let (b, _) = Bus::open(BusOptions::default()).unwrap();
+    let fail = |_m: Message| async { Err::<(), _>("down".to_string()) };
+    let opts = || HandlerOptions {
+        max_attempts: Some(1),
+        ..HandlerOptions::default()
+    };
+    let _jobs = b.handle("jobs", "jobs.>", opts(), fail).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let _alerts = b
+        .handle("alerts", "_dlq.>", opts(), move |m: Message| {
+            s2.lock().push(m.subject.to_string());
+            async { Err::<(), _>("pager down".to_string()) }
+        })
+        .unwrap();
+    b.publish("jobs.a", None, "x").await.unwrap();
+    wait_until("the alert handler failed", || {
+        b.dlq_stats().dead_letters_failed == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*seen.lock(), ["_dlq.jobs.a"]);
+    let list = b.dlq_list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        (list[0].subject.as_str(), list[0].handler.as_str()),
+        ("jobs.a", "jobs")
+    );
+    assert_eq!(b.dlq_stats().dead_lettered, 1);
+}
