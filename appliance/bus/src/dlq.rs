@@ -17,6 +17,12 @@
 //! (`_dlq.>` is durable whatever the configured patterns), and so is the
 //! outcome of every retry: a `_dlq-state.<id>` record with headers
 //! `Dlq-Status` (`delivered` or `failed`), `Dlq-Error` and `Dlq-Attempts`.
+//! A dead letter is stored whatever room the original message left under
+//! `max_payload`: only its payload is held to that limit, and the `Dlq-*`
+//! headers have [`DEAD_LETTER_HEADER_ROOM`] bytes of their own (an error
+//! text too long for them is cut short and marked `[truncated]` in the
+//! stored record; the in-memory entry keeps it whole). So a NATS client on
+//! `_dlq.>` can receive a dead letter up to that much over `max_payload`.
 //! [`Bus::open`] rebuilds the list from those records, so a dead letter
 //! outlives a restart until it is delivered (or the log's retention drops
 //! it). A rebuilt entry carries the original subject and payload; the
@@ -420,6 +426,30 @@ pub const OVERFLOW_ERROR: &str = "handler queue overflow";
 
 type Busy = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Room for the `Dlq-*` headers of a stored dead letter, on top of the
+/// payload. The durable log accepts records of up to `max_payload + 4096`
+/// bytes (`Bus::open`); a dead letter's record also holds its subject (up to
+/// [`MAX_SUBJECT_LEN`](crate::subject::MAX_SUBJECT_LEN) bytes) and some
+/// framing: 4096 - 1024 - 64 leaves this much.
+pub const DEAD_LETTER_HEADER_ROOM: usize = 3008;
+
+/// Headers built by `build` with `error` shortened (marked) until they fit
+/// in `room` bytes. Handler errors can be any length (a panic message, a
+/// remote server's reply); the stored record must not be.
+fn fit_error(room: usize, error: &str, build: impl Fn(&str) -> bytes::Bytes) -> bytes::Bytes {
+    let full = build(error);
+    if full.len() <= room {
+        return full;
+    }
+    const MARK: &str = " [truncated]";
+    let over = full.len() - room;
+    let mut keep = error.len().saturating_sub(over + MARK.len());
+    while !error.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    build(&format!("{}{MARK}", &error[..keep]))
+}
+
 /// A handler's task: takes messages from the subscription into the backlog
 /// while the current one runs (so a handler backing off never stops
 /// reading), runs them one at a time, and runs dead-letter retries between
@@ -633,25 +663,53 @@ impl Bus {
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(handler, subject = %msg.subject, id, error, attempts, "message dead-lettered");
         let subject = format!("{DLQ_PREFIX}{}", msg.subject);
-        let headers = Headers::new()
-            .with("Dlq-Id", &id.to_string())
-            .with("Dlq-Handler", handler)
-            .with("Dlq-Error", error)
-            .with("Dlq-Attempts", &attempts.to_string())
-            .with("Dlq-Subject", msg.subject.as_str())
-            .encode();
+        let headers = fit_error(DEAD_LETTER_HEADER_ROOM, error, |error| {
+            Headers::new()
+                .with("Dlq-Id", &id.to_string())
+                .with("Dlq-Handler", handler)
+                .with("Dlq-Error", error)
+                .with("Dlq-Attempts", &attempts.to_string())
+                .with("Dlq-Subject", msg.subject.as_str())
+                .encode()
+        });
         // A dead letter whose subject grows too long is still listed; it is
         // only not published.
-        let published = self
-            .make_message(&subject, None, Some(headers), msg.payload)
-            .and_then(|m| self.inner.publish_msg(m, None, &mut Wakes::default()));
-        match published {
+        match self.publish_dlq_record(&subject, headers, msg.payload) {
             Ok(t) => Some(t),
             Err(e) => {
-                tracing::warn!(error = %e, handler, id, "could not publish dead letter");
+                tracing::error!(error = %e, handler, id, "could not publish dead letter; it is listed but not stored");
                 None
             }
         }
+    }
+
+    /// Publishes a dead letter or a retry outcome. Unlike [`Bus::publish`]
+    /// only the payload is held to `max_payload` (it was accepted when the
+    /// original message was published): the `Dlq-*` headers have their own
+    /// room in the log's record limit (see [`DEAD_LETTER_HEADER_ROOM`]), so
+    /// the record is stored whatever room the original message left.
+    fn publish_dlq_record(
+        &self,
+        subject: &str,
+        headers: bytes::Bytes,
+        payload: bytes::Bytes,
+    ) -> Result<Ticket, BusError> {
+        let max = self.inner.opts.max_payload;
+        if payload.len() > max || headers.len() > DEAD_LETTER_HEADER_ROOM {
+            return Err(BusError::PayloadTooLarge {
+                size: payload.len() + headers.len(),
+                max: max + DEAD_LETTER_HEADER_ROOM,
+            });
+        }
+        let msg = Message {
+            subject: crate::subject::Subject::new(subject)?,
+            reply: None,
+            headers: Some(headers),
+            payload,
+            seq: None,
+            ts_ms: appliance_record_log::now_ms(),
+        };
+        self.inner.publish_msg(msg, None, &mut Wakes::default())
     }
 
     /// The dead-letter list, oldest first.
@@ -696,15 +754,12 @@ impl Bus {
         let result = rrx
             .await
             .map_err(|_| BusError::HandlerGone(entry.handler.clone()))?;
-        let (outcome, state) = {
+        let (outcome, status, error, attempts) = {
             let mut entries = self.inner.dlq.entries.lock();
             match result {
                 Ok(()) => {
                     entries.remove(&id);
-                    (
-                        RetryOutcome::Delivered,
-                        Headers::new().with("Dlq-Status", "delivered"),
-                    )
+                    (RetryOutcome::Delivered, "delivered", None, None)
                 }
                 Err(e) => {
                     let attempts = entries.get_mut(&id).map_or(entry.attempts + 1, |x| {
@@ -713,25 +768,40 @@ impl Bus {
                         x.failed_at_ms = appliance_record_log::now_ms();
                         x.attempts
                     });
-                    let h = Headers::new()
-                        .with("Dlq-Status", "failed")
-                        .with("Dlq-Error", &e)
-                        .with("Dlq-Attempts", &attempts.to_string());
-                    (RetryOutcome::Failed(e), h)
+                    (
+                        RetryOutcome::Failed(e.clone()),
+                        "failed",
+                        Some(e),
+                        Some(attempts),
+                    )
                 }
             }
         };
         // The outcome is stored, so that the list rebuilt at the next start
         // matches this one.
-        let headers = state.with("Dlq-Id", &id.to_string()).encode();
-        if let Err(e) = self
-            .publish(
-                &format!("{DLQ_STATE_PREFIX}{id}"),
-                Some(headers),
-                bytes::Bytes::new(),
-            )
-            .await
-        {
+        let headers = fit_error(
+            DEAD_LETTER_HEADER_ROOM,
+            error.as_deref().unwrap_or(""),
+            |e| {
+                let mut h = Headers::new().with("Dlq-Status", status);
+                if error.is_some() {
+                    h = h.with("Dlq-Error", e);
+                }
+                if let Some(a) = attempts {
+                    h = h.with("Dlq-Attempts", &a.to_string());
+                }
+                h.with("Dlq-Id", &id.to_string()).encode()
+            },
+        );
+        let stored = match self.publish_dlq_record(
+            &format!("{DLQ_STATE_PREFIX}{id}"),
+            headers,
+            bytes::Bytes::new(),
+        ) {
+            Ok(t) => self.settle(t).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
             tracing::warn!(error = %e, id, "could not store the outcome of a dead-letter retry");
         }
         Ok(outcome)

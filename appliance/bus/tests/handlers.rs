@@ -253,3 +253,63 @@ async fn failing_dead_letter_handler_does_not_dead_letter_again() {
     );
     assert_eq!(b.dlq_stats().dead_lettered, 1);
 }
+
+/// A dead letter of a message at the payload limit, with an error text
+/// far longer than any header room, is stored, and so is a failed retry
+/// of it: after a restart the entry is back, payload intact, with the
+/// retry's attempt count and a shortened error.
+#[tokio::test]
+async fn dead_letter_of_a_message_at_the_limit_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 4096;
+    let long_error = format!("remote said: {}", "é".repeat(8000));
+    {
+        let b = durable_bus(dir.path(), 16, max);
+        let err = long_error.clone();
+        let h = b
+            .handle(
+                "fails",
+                "storage.>",
+                HandlerOptions {
+                    max_attempts: Some(1),
+                    ..HandlerOptions::default()
+                },
+                move |_m: Message| {
+                    let err = err.clone();
+                    async move { Err::<(), _>(err) }
+                },
+            )
+            .unwrap();
+        b.publish("storage.big", None, vec![b'x'; max])
+            .await
+            .unwrap();
+        wait_until("dead-lettered", || b.dlq_list().len() == 1).await;
+        let id = b.dlq_list()[0].id;
+        assert_eq!(
+            b.dlq_retry(id).await.unwrap(),
+            RetryOutcome::Failed(long_error.clone())
+        );
+        b.sync_durable().await.unwrap();
+        drop(h);
+        b.close();
+        drop(b);
+        // The aborted handler task lets go of its bus (and the log's lock)
+        // once the runtime drops it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = durable_bus(dir.path(), 16, max);
+    let list = b.dlq_list();
+    assert_eq!(list.len(), 1, "dead letter did not survive the restart");
+    let e = b.dlq_get(list[0].id).unwrap();
+    assert_eq!(
+        (
+            e.message.subject.as_str(),
+            e.message.payload.len(),
+            e.attempts
+        ),
+        ("storage.big", max, 2)
+    );
+    assert!(e.error.starts_with("remote said: éé"), "{}", &e.error[..40]);
+    assert!(e.error.ends_with(" [truncated]"));
+    assert!(e.error.len() < dlq::DEAD_LETTER_HEADER_ROOM);
+}
