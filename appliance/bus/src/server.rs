@@ -7,6 +7,16 @@
 //! the slow-consumer policy decides what happens (bounded memory either way).
 //! A fatal protocol error gets `-ERR` and a close of that connection only.
 //!
+//! A client that stops reading altogether is caught even while its queue
+//! is under the bounds: every write must make progress within
+//! `ServerOptions::write_deadline` (2 s, nats-server's default). When it
+//! does not, the connection is closed as a slow consumer (counted on the
+//! connection and on the top-level subjects it subscribed to; no final
+//! `-ERR`, which could not be written either), it is unregistered at once,
+//! its queue is released and its writer task stopped. Unlike nats-server,
+//! whose deadline covers a whole flush, the deadline here is on progress:
+//! a client that reads, however slowly, is left to the pending-bytes bound.
+//!
 //! `+OK` (verbose mode) and `PONG` are sent only once every durable message
 //! the connection published before them is fsynced (under
 //! `DurableFsync::Always`): so `PUB` + `PING` → `PONG` is a durable
@@ -49,6 +59,10 @@ pub struct ServerOptions {
     pub ping_interval: Duration,
     /// Unanswered pings before the connection is considered dead.
     pub max_pings_out: u32,
+    /// Longest a write to a client may go without progress (nats-server's
+    /// `write_deadline`, default 2 s). A client that stops reading is closed
+    /// as a slow consumer once it expires (see the module docs).
+    pub write_deadline: Duration,
     /// `server_name` in `INFO`.
     pub server_name: String,
 }
@@ -64,6 +78,7 @@ impl Default for ServerOptions {
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval: Duration::from_secs(120),
             max_pings_out: 2,
+            write_deadline: Duration::from_secs(2),
             server_name: "appliance".into(),
         }
     }
@@ -184,40 +199,114 @@ async fn run_conn<S>(
     proto::encode_info(&info, &mut b);
     conn.out.push_control(&b);
 
-    let writer = tokio::spawn(write_loop(conn.clone(), wr));
-    let reason = read_loop(&bus, &conn, &mut rd, &opts, &shutdown).await;
+    let mut writer = tokio::spawn(write_loop(
+        bus.clone(),
+        conn.clone(),
+        wr,
+        opts.write_deadline,
+    ));
+    // The connection ends when either side does: a writer that gave up (write
+    // deadline, write error, slow consumer) ends it even while the client
+    // sends nothing.
+    let (reason, writer_done) = tokio::select! {
+        r = read_loop(&bus, &conn, &mut rd, &opts, &shutdown) => (r, false),
+        _ = &mut writer => (End::Writer, true),
+    };
     tracing::debug!(peer, id = conn.id, ?reason, "NATS connection ending");
     bus.unregister_conn(&conn);
     conn.out.close(CloseReason::ConnectionClosed);
-    // Let the writer flush what is queued (a final -ERR), but not forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // Let the writer flush what is queued (a final -ERR) for at most one
+    // write deadline, then stop it: it owns the socket's write half.
+    if !writer_done
+        && tokio::time::timeout(opts.write_deadline, &mut writer)
+            .await
+            .is_err()
+    {
+        writer.abort();
+    }
+    // Release whatever is still queued now, not when the last reference to
+    // the connection goes.
+    let _ = conn.out.take_into(&mut BytesMut::new());
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<ConnHandle>, mut wr: W) {
+/// Writes all of `buf`, failing with `TimedOut` when a write makes no
+/// progress for `deadline`.
+async fn write_by<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+    deadline: Duration,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(deadline, wr.write_buf(buf)).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    bus: Bus,
+    conn: Arc<ConnHandle>,
+    mut wr: W,
+    deadline: Duration,
+) {
     let mut buf = BytesMut::new();
     loop {
         match conn.out.take_into(&mut buf) {
-            Ok(true) => {
-                if wr.write_all(&buf).await.is_err() {
+            Ok(true) => match write_by(&mut wr, &mut buf, deadline).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    write_deadline_exceeded(&bus, &conn, deadline, buf.len());
+                    return;
+                }
+                Err(_) => {
                     conn.out.close(CloseReason::ConnectionClosed);
                     return;
                 }
-            }
+            },
             Ok(false) => conn.out.notify.notified().await,
             Err(reason) => {
                 if reason == CloseReason::SlowConsumer {
                     let mut b = BytesMut::new();
                     proto::encode_err(&mut b, "Slow Consumer");
-                    let _ = wr.write_all(&b).await;
+                    let _ = write_by(&mut wr, &mut b, deadline).await;
                 }
-                let _ = wr.shutdown().await;
+                let _ = tokio::time::timeout(deadline, wr.shutdown()).await;
                 return;
             }
         }
     }
 }
 
-/// Why the reader stopped.
+/// A client stopped reading: close it as a slow consumer (as nats-server
+/// does on `write_deadline`, without a final `-ERR`, which could not be
+/// written either), and count it on the connection and on the top-level
+/// subjects it subscribed to.
+fn write_deadline_exceeded(bus: &Bus, conn: &ConnHandle, deadline: Duration, unsent: usize) {
+    conn.out.close(CloseReason::SlowConsumer);
+    conn.counters.counters.slow_consumer();
+    conn.counters.slow.store(true, Ordering::Relaxed);
+    let mut tops: Vec<String> = conn
+        .subs
+        .lock()
+        .values()
+        .filter_map(|s| {
+            let top = s.pattern.as_str().split('.').next()?;
+            (top != "*" && top != ">").then(|| top.to_owned())
+        })
+        .collect();
+    tops.sort_unstable();
+    tops.dedup();
+    for top in &tops {
+        bus.inner.subjects.get(top).slow_consumer();
+    }
+    tracing::warn!(peer = %conn.peer, id = conn.id, ?deadline, unsent, "NATS slow consumer: write deadline exceeded, closing the connection");
+}
+
+/// Why the connection ended.
 #[derive(Debug)]
 enum End {
     Eof,
@@ -226,6 +315,8 @@ enum End {
     SlowConsumer,
     Stale,
     Shutdown,
+    /// The writer stopped (write deadline, write error, slow consumer).
+    Writer,
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(

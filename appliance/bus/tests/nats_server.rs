@@ -455,6 +455,54 @@ async fn client_that_stops_reading_is_cut_off_with_bounded_memory() {
     srv.stop().await;
 }
 
+/// A client that stops reading while far below `max_pending_bytes`: its
+/// writes stall, and once they make no progress for `write_deadline` the
+/// server closes it as a slow consumer, drops it from its connections and
+/// releases its queue, though the client itself never sends another byte.
+#[tokio::test]
+async fn client_that_stops_reading_is_closed_at_the_write_deadline() {
+    let srv = Server::start(ServerOptions {
+        write_deadline: Duration::from_millis(300),
+        ..ServerOptions::default()
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut slow = Raw {
+        s: sock.connect(srv.addr).await.unwrap(),
+        seen: Vec::new(),
+    };
+    slow.send(b"CONNECT {}\r\nSUB flood.> 1\r\nPING\r\n").await;
+    slow.expect("PONG").await;
+    assert_eq!(srv.bus.stats().connections.len(), 1);
+
+    // 16 MiB: far more than the socket buffers hold, far less than the
+    // default max_pending_bytes (64 MiB), so only the deadline can act.
+    let payload = bytes::Bytes::from(vec![b'x'; 8192]);
+    for _ in 0..2048 {
+        srv.bus
+            .publish("flood.data", None, payload.clone())
+            .await
+            .unwrap();
+    }
+    let start = tokio::time::Instant::now();
+    while !srv.bus.stats().connections.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the stalled connection is still registered: {:?}",
+            srv.bus.stats().connections
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = srv.bus.stats();
+    assert_eq!(st.subjects["flood"].slow_consumers, 1, "{st:?}");
+    // The socket is closed: reading drains what the kernels had buffered,
+    // then ends (EOF or reset), well short of what was published.
+    slow.expect_closed().await;
+    assert!(slow.seen.len() < 2048 * 8192, "{} bytes", slow.seen.len());
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn drop_oldest_connection_keeps_latest() {
     let srv = Server::start(ServerOptions {
