@@ -141,12 +141,20 @@ pub enum ProtocolError {
     /// operation (and its payload) was consumed.
     #[error("invalid subject: {0}")]
     InvalidSubject(#[from] SubjectError),
+    /// A `PUB`/`HPUB` subject or reply subject that fails validation. Not
+    /// fatal: the payload was consumed. nats-server reports it only to
+    /// `pedantic` clients (the server decides).
+    #[error("invalid publish subject: {0}")]
+    InvalidPublishSubject(SubjectError),
 }
 
 impl ProtocolError {
     /// Whether the connection must be closed.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, Self::InvalidSubject(_))
+        !matches!(
+            self,
+            Self::InvalidSubject(_) | Self::InvalidPublishSubject(_)
+        )
     }
 
     /// The text for `-ERR '...'`, using `nats-server`'s wording where one exists
@@ -157,6 +165,7 @@ impl ProtocolError {
             Self::MaxControlLine { .. } => "Maximum Control Line Exceeded".into(),
             Self::MaxPayload { .. } => "Maximum Payload Violation".into(),
             Self::InvalidSubject(_) => "Invalid Subject".into(),
+            Self::InvalidPublishSubject(_) => "Invalid Publish Subject".into(),
             other => format!("Parser Error: {other}"),
         }
     }
@@ -303,7 +312,7 @@ impl Parser {
                 }
                 None => None,
             };
-            let subject = p.subject?;
+            let subject = p.subject.map_err(ProtocolError::InvalidPublishSubject)?;
             return Ok(Some(ClientOp::Pub {
                 subject,
                 reply: p.reply,
@@ -828,13 +837,13 @@ mod tests {
         );
         assert!(matches!(
             r[0],
-            Err(ProtocolError::InvalidSubject(
+            Err(ProtocolError::InvalidPublishSubject(
                 SubjectError::EmptyToken { .. }
             ))
         ));
         assert!(matches!(
             r[1],
-            Err(ProtocolError::InvalidSubject(
+            Err(ProtocolError::InvalidPublishSubject(
                 SubjectError::WildcardInSubject { .. }
             ))
         ));

@@ -7,6 +7,22 @@
 //! the slow-consumer policy decides what happens (bounded memory either way).
 //! A fatal protocol error gets `-ERR` and a close of that connection only.
 //!
+//! Other errors follow nats-server, since stock clients (nats.go, nats-py)
+//! close for good on an `-ERR` they do not expect:
+//! * `PUB`/`HPUB` to an invalid subject or reply: dropped and counted (the
+//!   connection's `drops`), logged at debug; `-ERR 'Invalid Publish
+//!   Subject'` only when the client's `CONNECT` set `pedantic` (nats-server
+//!   would route it anyway; the bus cannot). The connection goes on, and a
+//!   `verbose` client still gets its `+OK`.
+//! * `SUB` to an invalid pattern: `-ERR 'Invalid Subject'`, connection
+//!   goes on.
+//! * A payload over the bus's own limit: `-ERR 'Maximum Payload
+//!   Violation'` and close.
+//! * A publish the durable log refuses: `-ERR 'Durable Log Failure: ...'`
+//!   and close (nats-server has no such case). Dropping it quietly would
+//!   lose data unseen; closing makes the failure visible to the client,
+//!   whose later publishes then fail or wait for a reconnect.
+//!
 //! A client that stops reading altogether is caught even while its queue
 //! is under the bounds: every write must make progress within
 //! `ServerOptions::write_deadline` (2 s, nats-server's default). When it
@@ -34,9 +50,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, ConnHandle, Wakes};
+use crate::bus::{Bus, BusError, ConnHandle, Wakes};
 use crate::message::{Headers, Message};
-use crate::proto::{self, ClientOp, Parser, ServerInfo};
+use crate::proto::{self, ClientOp, Parser, ProtocolError, ServerInfo};
 use crate::queue::{CloseReason, SlowConsumerPolicy};
 
 /// Settings of the NATS endpoint.
@@ -312,7 +328,8 @@ enum End {
     Eof,
     ReadError,
     Protocol,
-    SlowConsumer,
+    /// The outbound side was closed (slow consumer, failed publish).
+    Closed,
     Stale,
     Shutdown,
     /// The writer stopped (write deadline, write error, slow consumer).
@@ -329,6 +346,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut parser = Parser::new(opts.max_control_line, opts.max_payload);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut verbose = false;
+    let mut pedantic = false;
     let mut no_responders = false;
     let mut pending_sync: Option<u64> = None;
     // Consecutive PUBs from one read are published together, so a run of
@@ -340,6 +358,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         opts.ping_interval,
     );
     loop {
+        if conn.out.is_closed() {
+            return End::Closed;
+        }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
@@ -366,13 +387,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
         loop {
             if conn.out.is_closed() {
                 flush_batch(bus, conn, &mut batch, &mut pending_sync);
-                return End::SlowConsumer;
+                return End::Closed;
             }
             let op = match parser.parse(&mut buf) {
                 Ok(Some(op)) => op,
                 Ok(None) => {
                     flush_batch(bus, conn, &mut batch, &mut pending_sync);
                     break;
+                }
+                Err(ProtocolError::InvalidPublishSubject(e)) => {
+                    // As nats-server: reported only to pedantic clients
+                    // (stock clients close for good on an unexpected -ERR).
+                    // nats-server would still route it; a subject the bus
+                    // cannot match is dropped instead, and counted.
+                    flush_batch(bus, conn, &mut batch, &mut pending_sync);
+                    conn.counters.counters.drop_one();
+                    tracing::debug!(peer = %conn.peer, error = %e, pedantic, "NATS publish to an invalid subject dropped");
+                    if pedantic {
+                        err(conn, "Invalid Publish Subject");
+                    }
+                    if verbose {
+                        conn.out.push_control(proto::OK);
+                    }
+                    continue;
                 }
                 Err(e) => {
                     flush_batch(bus, conn, &mut batch, &mut pending_sync);
@@ -392,6 +429,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             match op {
                 ClientOp::Connect(c) => {
                     verbose = c.verbose;
+                    pedantic = c.pedantic;
                     no_responders = c.no_responders && c.headers;
                     conn.headers.store(c.headers, Ordering::Relaxed);
                     conn.echo.store(c.echo, Ordering::Relaxed);
@@ -419,8 +457,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let msg = match bus.message(subject, reply, headers, payload) {
                         Ok(m) => m,
                         Err(e) => {
-                            err(conn, &e.to_string());
-                            continue;
+                            // Only a payload over the bus's own limit (lower
+                            // than the advertised one): fatal, as in nats-server.
+                            flush_batch(bus, conn, &mut batch, &mut pending_sync);
+                            tracing::debug!(peer = %conn.peer, error = %e, "NATS publish refused");
+                            fail(conn, "Maximum Payload Violation");
+                            return End::Protocol;
                         }
                     };
                     batch.push(msg);
@@ -440,7 +482,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         conn.out.push_control(proto::OK);
                     }
                     Ok(()) => {}
-                    Err(e) => err(conn, &e.to_string()),
+                    Err(e) => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "NATS subscribe refused");
+                        err(conn, "Invalid Subject");
+                    }
                 },
                 ClientOp::Unsub { sid, max } => {
                     bus.conn_unsubscribe(conn, &sid, max);
@@ -470,9 +515,31 @@ fn flush_batch(bus: &Bus, conn: &ConnHandle, batch: &mut Vec<Message>, pending: 
     if t.wait_sync {
         *pending = t.seq.max(*pending);
     }
-    for e in errors {
-        err(conn, &format!("publish failed: {e}"));
+    if let Some(e) = errors.first() {
+        publish_failed(conn, e);
     }
+}
+
+/// A publish the bus refused (the durable log failed, or the bus is shutting
+/// down). Dropping it silently would lose data unseen, so the connection is
+/// closed after an `-ERR`: the client reports the error (nats.go and
+/// nats-py close on an unknown `-ERR`; others reconnect), and its later
+/// publishes fail visibly instead of vanishing.
+fn publish_failed(conn: &ConnHandle, e: &BusError) {
+    tracing::error!(peer = %conn.peer, id = conn.id, error = %e, "NATS publish failed; closing the connection");
+    match e {
+        BusError::Durable(text) => fail(conn, &format!("Durable Log Failure: {text}")),
+        // Shutting down: the connection is closed anyway, as nats-server
+        // does, without an error.
+        BusError::Closed => conn.out.close(CloseReason::ConnectionClosed),
+        other => fail(conn, &format!("Publish Failed: {other}")),
+    }
+}
+
+/// Sends `-ERR` and closes the connection (what was queued is still sent).
+fn fail(conn: &ConnHandle, text: &str) {
+    err(conn, text);
+    conn.out.close(CloseReason::ConnectionClosed);
 }
 
 fn err(conn: &ConnHandle, text: &str) {
@@ -490,7 +557,7 @@ async fn ack_after_sync(bus: &Bus, conn: &ConnHandle, pending: &mut Option<u64>)
     match bus.wait_synced(seq).await {
         Ok(()) => true,
         Err(e) => {
-            err(conn, &format!("durable log failure: {e}"));
+            publish_failed(conn, &e);
             false
         }
     }

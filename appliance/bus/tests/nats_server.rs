@@ -294,11 +294,17 @@ impl Raw {
 
     /// Reads until `needle` has been seen (or panics after 5 s).
     async fn expect(&mut self, needle: &str) {
+        self.upto(needle).await;
+    }
+
+    /// Like [`expect`](Self::expect); returns everything up to and including
+    /// `needle`.
+    async fn upto(&mut self, needle: &str) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(i) = find(&self.seen, needle.as_bytes()) {
-                self.seen.drain(..i + needle.len());
-                return;
+                let out: Vec<u8> = self.seen.drain(..i + needle.len()).collect();
+                return String::from_utf8_lossy(&out).into_owned();
             }
             let mut b = [0u8; 4096];
             let n = tokio::time::timeout_at(deadline, self.s.read(&mut b))
@@ -386,12 +392,13 @@ async fn hostile_input_gets_err_and_disturbs_no_one() {
     r.expect_closed().await;
     bystander_still_works(srv.addr).await;
 
-    // A bad subject is reported but not fatal.
+    // A bad subject is not fatal: a SUB gets -ERR, a PUB (from a client
+    // that is not pedantic) is dropped without one, as in nats-server.
     let mut r = Raw::connect(srv.addr).await;
     r.send(b"PUB a..b 1\r\nx\r\nSUB a.>.b 9\r\nPING\r\n").await;
-    r.expect("-ERR 'Invalid Subject'").await;
-    r.expect("-ERR 'Invalid Subject'").await;
-    r.expect("PONG").await;
+    let seen = r.upto("PONG").await;
+    assert_eq!(seen.matches("-ERR").count(), 1, "{seen:?}");
+    assert!(seen.contains("-ERR 'Invalid Subject'"), "{seen:?}");
 
     // None of the bad publishes reached the watcher.
     watcher.send(b"PING\r\n").await;
@@ -500,6 +507,88 @@ async fn client_that_stops_reading_is_closed_at_the_write_deadline() {
     // then ends (EOF or reset), well short of what was published.
     slow.expect_closed().await;
     assert!(slow.seen.len() < 2048 * 8192, "{} bytes", slow.seen.len());
+    srv.stop().await;
+}
+
+/// A PUB to an invalid subject: nats-server reports it only to pedantic
+/// clients (stock clients close for good on an unexpected -ERR). Here it is
+/// dropped either way (the bus cannot route it) and counted; the connection
+/// goes on.
+#[tokio::test]
+async fn invalid_publish_subject_gets_err_only_when_pedantic() {
+    let srv = Server::start(ServerOptions::default()).await;
+    let mut watcher = Raw::connect(srv.addr).await;
+    watcher.send(b"SUB > 1\r\nPING\r\n").await;
+    watcher.expect("PONG").await;
+
+    let mut quiet = Raw::connect(srv.addr).await;
+    quiet
+        .send(b"CONNECT {\"verbose\":true}\r\nPUB a..b 1\r\nx\r\nPUB a.* 1\r\ny\r\nPUB ok.a 1\r\nz\r\nPING\r\n")
+        .await;
+    let seen = quiet.upto("PONG").await;
+    assert!(!seen.contains("-ERR"), "{seen:?}");
+    // One +OK for CONNECT and one per PUB, as nats-server sends.
+    assert_eq!(seen.matches("+OK").count(), 4, "{seen:?}");
+    let st = srv.bus.stats();
+    let c = st.connections.iter().find(|c| c.traffic.drops > 0).unwrap();
+    assert_eq!((c.traffic.drops, c.traffic.messages_in), (2, 1), "{st:?}");
+
+    let mut strict = Raw::connect(srv.addr).await;
+    strict
+        .send(b"CONNECT {\"pedantic\":true}\r\nPUB a..b 1\r\nx\r\nPING\r\n")
+        .await;
+    strict.expect("-ERR 'Invalid Publish Subject'").await;
+    strict.expect("PONG").await;
+    strict.send(b"PUB ok.b 1\r\nw\r\nPING\r\n").await;
+    strict.expect("PONG").await;
+
+    watcher.send(b"PING\r\n").await;
+    let seen = watcher.upto("PONG").await;
+    assert!(
+        seen.contains("MSG ok.a 1 1") && seen.contains("MSG ok.b 1 1") && !seen.contains("MSG a."),
+        "{seen:?}"
+    );
+    srv.stop().await;
+}
+
+/// A publish the durable log refuses is not dropped silently: the client
+/// gets -ERR 'Durable Log Failure: ...' and the connection is closed, so
+/// the failure surfaces in the client. Other connections go on.
+#[tokio::test]
+async fn durable_log_failure_closes_the_publishing_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let mut d = DurableOptions::new(&log_dir);
+    d.fsync = DurableFsync::Interval(Duration::from_millis(20));
+    d.segment_max_bytes = 4096;
+    let srv = Server::start_with(
+        BusOptions {
+            durable: Some(d),
+            ..BusOptions::default()
+        },
+        ServerOptions::default(),
+    )
+    .await;
+    // The disk goes away: the next segment cannot be created.
+    std::fs::remove_dir_all(&log_dir).unwrap();
+    let mut r = Raw::connect(srv.addr).await;
+    let payload = vec![b'x'; 1000];
+    let mut pubs = Vec::new();
+    for _ in 0..10 {
+        pubs.extend_from_slice(b"PUB storage.disk 1000\r\n");
+        pubs.extend_from_slice(&payload);
+        pubs.extend_from_slice(b"\r\n");
+    }
+    pubs.extend_from_slice(b"PING\r\n");
+    let _ = r.s.write_all(&pubs).await;
+    r.expect("-ERR 'Durable Log Failure: ").await;
+    r.expect_closed().await;
+    assert!(
+        find(&r.seen, b"PONG").is_none(),
+        "{:?}",
+        String::from_utf8_lossy(&r.seen)
+    );
+    bystander_still_works(srv.addr).await;
     srv.stop().await;
 }
 
