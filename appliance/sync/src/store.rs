@@ -39,15 +39,19 @@
 //!    copied into the staging file from there, each re-verified as read;
 //! 2. the whole-file hash is finished and compared with the manifest; the
 //!    staging file's mtime and manifest (a cache, checked against size and
-//!    mtime before use; an attribute, or a file if too large) are set, and
-//!    it is fsynced;
-//! 3. the file is renamed into place (a replaced document is first renamed
-//!    to `name.~N~` if versions are kept), or, still anonymous and new,
+//!    mtime before use; an attribute, or a file naming the inode it was
+//!    written for, if too large) are set, and it is fsynced;
+//! 3. the file is renamed into place (if versions are kept, a replaced
+//!    document first gets its version name `name.~N~` as a hard link, so the
+//!    path always holds one whole version), or, still anonymous and new,
 //!    linked into place, and the directory is fsynced (one fsync shared by
 //!    the commits into that directory that wait together, each started
 //!    after the renames it covers);
 //! 4. the record is deleted, and chunks now held by the document leave the
 //!    chunk store.
+//!
+//! Commits of one path take turns (striped locks by path), so two never
+//! both replace, count or version the same document.
 //!
 //! A crash before 3 leaves only staging files. [`ClientStore::open`] keeps
 //! resumable pairs (`<key>.data` + `<key>.landed`, younger than
@@ -1022,7 +1026,8 @@ impl ClientStore {
     /// nothing: files appear with the first chunk. If the same upload is
     /// still running (its client reconnected before the old connection
     /// timed out), both share one state: they write the same verified bytes
-    /// at the same offsets, the first commit wins and the other then fails.
+    /// at the same offsets; the first commit puts it in place and the
+    /// other's commit then succeeds with nothing left to do.
     pub fn stage(&self, manifest: &ValidManifest) -> Result<Arc<Staged>, StoreError> {
         let key = Self::staging_key(manifest);
         let mut active = self.active.lock();

@@ -64,8 +64,8 @@ fn small_chunk_manifest(path: &str, bytes: &[u8], len: usize, secs: i64) -> Vali
     .unwrap()
 }
 
-/// Two uploads of the same file share one staging state (the module docs:
-/// "the first commit wins and the other then fails"). When both reach the
+/// Two uploads of the same file share one staging state (the module docs
+/// said "the first commit wins and the other then fails"). When both reach the
 /// commit together, the loser, having cloned the staging descriptor before
 /// the winner took it exclusively, goes on after the winner's rename: with
 /// versions kept it renames the *committed* document to `name.~N~`, then
