@@ -18,6 +18,7 @@ use crate::stats::{
     sum, ConnCounters, ConnectionStats, Counters, DurableStats, StatsSnapshot, SubjectCounters,
 };
 use crate::subject::{Pattern, Subject, SubjectError};
+use crate::sublist::Sublist;
 
 /// When durable messages are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +261,8 @@ struct Matched {
 #[derive(Debug, Default)]
 struct Index {
     subs: HashMap<u64, Arc<SubEntry>>,
+    /// The same subscriptions by pattern: who matches a subject.
+    sublist: Sublist,
     /// Looked up for every published message: a fast hash (seeded per
     /// process, so subjects chosen to collide are no cheaper to find).
     cache: HashMap<Box<str>, Arc<Matched>, foldhash::fast::RandomState>,
@@ -268,15 +271,26 @@ struct Index {
 const MATCH_CACHE_MAX: usize = 4096;
 
 impl Index {
+    /// Removes a subscription; whether it was there. (The caller clears
+    /// the match cache.)
+    fn remove(&mut self, entry: &SubEntry) -> bool {
+        if self.subs.remove(&entry.id).is_none() {
+            return false;
+        }
+        let found = self.sublist.remove(entry.pattern.as_str(), entry.id);
+        debug_assert!(found && self.sublist.len() == self.subs.len());
+        true
+    }
+
     fn compute(&self, subject: &str) -> Matched {
         let mut m = Matched::default();
         let mut groups: HashMap<(&str, &str), Vec<Arc<SubEntry>>> = HashMap::new();
-        let mut subs: Vec<&Arc<SubEntry>> = self.subs.values().collect();
-        subs.sort_by_key(|s| s.id);
-        for s in subs {
-            if !s.pattern.matches(subject) {
-                continue;
-            }
+        let mut ids = Vec::new();
+        self.sublist.matches(subject, &mut ids);
+        // In subscription order, as before the sublist: fan-out order and
+        // the queue groups' round robin start from the oldest.
+        ids.sort_unstable();
+        for s in ids.iter().filter_map(|id| self.subs.get(id)) {
             match &s.queue {
                 None => m.plain.push(s.clone()),
                 Some(q) => groups
@@ -871,7 +885,7 @@ impl Bus {
         {
             let mut idx = self.inner.index.write();
             for s in &subs {
-                idx.subs.remove(&s.id);
+                idx.remove(s);
             }
             idx.cache.clear();
         }
@@ -898,7 +912,10 @@ impl Bus {
         });
         // A repeated sid replaces the old subscription, as in nats-server.
         if let Some(old) = conn.subs.lock().insert(sid, entry.clone()) {
-            self.inner.index.write().subs.remove(&old.id);
+            let mut idx = self.inner.index.write();
+            if idx.remove(&old) {
+                idx.cache.clear();
+            }
         }
         self.inner.insert_sub(entry);
         Ok(())
@@ -927,14 +944,16 @@ pub(crate) struct Ticket {
 impl BusInner {
     fn insert_sub(&self, entry: Arc<SubEntry>) {
         let mut idx = self.index.write();
+        idx.sublist.insert(entry.pattern.as_str(), entry.id);
         idx.subs.insert(entry.id, entry);
+        debug_assert_eq!(idx.sublist.len(), idx.subs.len());
         idx.cache.clear();
     }
 
     pub(crate) fn remove_sub(&self, entry: &SubEntry) {
         {
             let mut idx = self.index.write();
-            if idx.subs.remove(&entry.id).is_some() {
+            if idx.remove(entry) {
                 idx.cache.clear();
             }
         }

@@ -64,6 +64,7 @@ pub mod queue;
 pub mod server;
 pub mod stats;
 pub mod subject;
+mod sublist;
 
 pub use bus::{
     Bus, BusError, BusOptions, DlqOptions, DurableFsync, DurableOptions, PublishAck, ReplayQuery,
