@@ -6,6 +6,13 @@
 //! [`UsageLedger`], which the file store keeps current) and `statvfs` of the
 //! documents directory. Both produce the same [`QuotaExceeded`], which the
 //! client sees as the protocol's `QuotaExceeded { needed, available }`.
+//!
+//! Both answer against what a client uses *now*. Uploads admitted together
+//! would each pass against the same figure (four 700 kB files against a
+//! 1 MiB quota), so the server admits through [`Reservations`]: each
+//! admitted upload holds a [`Reservation`] of the bytes it may still add,
+//! and the next upload of that client is admitted only if its bytes fit on
+//! top of them.
 
 use crate::identity::{Authority, ClientName};
 use parking_lot::Mutex;
@@ -89,6 +96,102 @@ impl UsageLedger {
             .lock()
             .get(client)
             .map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+}
+
+/// Bytes that admitted, unfinished uploads may still add, per client.
+///
+/// Invariant: for each client, `used + reserved` bounds what its running
+/// uploads can make `used` at their peak. A staging file's bytes are counted
+/// in `used` as they land, and a commit adds the file's size less those, so
+/// an upload may still add its size less its landed bytes: the holder
+/// lowers its reservation to that as bytes land ([`Reservation::shrink_to`],
+/// after they are in `used`, so nothing is counted twice for long and
+/// nothing is ever counted zero times). A reservation is given back when it
+/// is dropped: the upload committed (its bytes are then in `used`), failed,
+/// was refused, or its connection went.
+///
+/// Limit: only one client's uploads are counted against each other. Free
+/// space shared by several clients is checked against each client's
+/// reservations alone.
+#[derive(Debug, Default)]
+pub struct Reservations {
+    by_client: Mutex<HashMap<ClientName, Arc<Mutex<u64>>>>,
+}
+
+impl Reservations {
+    /// No reservations.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Bytes reserved for `client`.
+    pub fn reserved(&self, client: &ClientName) -> u64 {
+        self.by_client.lock().get(client).map_or(0, |r| *r.lock())
+    }
+
+    /// Asks `admission` whether `client` may add `bytes` on top of what its
+    /// admitted uploads hold, and if so reserves them. Admissions of one
+    /// client are serialized, so two of them cannot both pass against the
+    /// same figure. A refusal names this upload's `bytes` as needed and what
+    /// is left beside the reservations as available.
+    pub fn admit(
+        &self,
+        admission: &dyn Admission,
+        client: &ClientName,
+        bytes: u64,
+    ) -> Result<Reservation, Refused> {
+        let slot = self
+            .by_client
+            .lock()
+            .entry(client.clone())
+            .or_default()
+            .clone();
+        let mut reserved = slot.lock();
+        match admission.admit(client, reserved.saturating_add(bytes)) {
+            Ok(()) => {
+                *reserved = reserved.saturating_add(bytes);
+                drop(reserved);
+                Ok(Reservation { slot, bytes })
+            }
+            Err(Refused::Quota(q)) => Err(Refused::Quota(QuotaExceeded {
+                needed: bytes,
+                available: q.available.saturating_sub(*reserved),
+            })),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Bytes reserved for one admitted upload (see [`Reservations`]); given
+/// back when dropped.
+#[derive(Debug)]
+#[must_use = "dropping a reservation gives its bytes back at once"]
+pub struct Reservation {
+    slot: Arc<Mutex<u64>>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Bytes still reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Lowers the reservation to `bytes` (never raises it): call it once
+    /// the upload's landed bytes are counted in the client's usage.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            let mut reserved = self.slot.lock();
+            *reserved = reserved.saturating_sub(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shrink_to(0);
     }
 }
 
@@ -241,6 +344,57 @@ mod tests {
         assert!(free > 0);
         assert!(admission.admit(&bob, free + (1 << 40)).is_err());
     }
+    #[test]
+    fn reservations_count_admitted_uploads_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::open(&dir.path().join("id")).unwrap();
+        let alice = ClientName::parse("alice").unwrap();
+        let bob = ClientName::parse("bob").unwrap();
+        authority
+            .enroll(&alice, Some(1000), &dir.path().join("a"))
+            .unwrap();
+        authority
+            .enroll(&bob, Some(1000), &dir.path().join("b"))
+            .unwrap();
+        let ledger = UsageLedger::new();
+        let admission = LocalAdmission::new(authority, ledger.clone(), dir.path()).with_reserve(0);
+        let reservations = Reservations::new();
+        ledger.counter(&alice).store(100, Ordering::SeqCst);
+        let mut first = reservations.admit(&admission, &alice, 600).unwrap();
+        assert_eq!(reservations.reserved(&alice), 600);
+        // Alone it would fit (100 used + 400); beside the first it does not.
+        assert_eq!(
+            reservations.admit(&admission, &alice, 400).unwrap_err(),
+            Refused::Quota(QuotaExceeded {
+                needed: 400,
+                available: 300
+            })
+        );
+        assert_eq!(
+            reservations.reserved(&alice),
+            600,
+            "a refusal reserves nothing"
+        );
+        // Another client's quota is its own.
+        let other = reservations.admit(&admission, &bob, 1000).unwrap();
+        // 200 bytes of the first land (now in `used`): it may add 400 more.
+        ledger.counter(&alice).store(300, Ordering::SeqCst);
+        first.shrink_to(400);
+        first.shrink_to(500); // never raised
+        assert_eq!(first.bytes(), 400);
+        assert_eq!(reservations.reserved(&alice), 400);
+        let second = reservations.admit(&admission, &alice, 300).unwrap();
+        assert!(reservations.admit(&admission, &alice, 1).is_err());
+        // Dropped (committed, failed, connection gone): the bytes are back.
+        drop(first);
+        drop(second);
+        assert_eq!(reservations.reserved(&alice), 0);
+        assert!(reservations.admit(&admission, &alice, 700).is_ok());
+        assert_eq!(reservations.reserved(&alice), 0, "the last one was dropped");
+        drop(other);
+        assert_eq!(reservations.reserved(&bob), 0);
+    }
+
     #[test]
     fn small_quota_dataset_is_usable_despite_the_reserve() {
         const MIB: u64 = 1 << 20;

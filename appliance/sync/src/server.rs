@@ -35,7 +35,7 @@
 //!   difference. Raising them may be refused (`net.core.rmem_max`); that
 //!   is logged and the server runs with what it got.
 
-use crate::admission::{Admission, Refused};
+use crate::admission::{Admission, Refused, Reservation, Reservations};
 use crate::events::{EventSink, SyncEvent};
 use crate::identity::{Authority, ClientName};
 use crate::store::{ClientStore, Documents, Staged, StoreError};
@@ -186,6 +186,9 @@ impl SyncServer {
 struct LiveConnections {
     next: Mutex<u64>,
     by_client: Mutex<HashMap<ClientName, Vec<(u64, Connection)>>>,
+    /// What admitted uploads may still add, shared by all connections of a
+    /// client (see [`Reservations`]).
+    reservations: Arc<Reservations>,
 }
 
 impl LiveConnections {
@@ -497,6 +500,7 @@ async fn handle_connection(
                 client.clone(),
                 store,
                 services.clone(),
+                live.reservations.clone(),
                 config.stream_idle,
             );
             actor.run(shutdown).await
@@ -565,6 +569,10 @@ enum Event {
 struct StorageView<'a> {
     store: &'a ClientStore,
     admission: &'a dyn Admission,
+    reservations: &'a Reservations,
+    /// The reservation of the upload admitted by this call, for the caller
+    /// to keep with it.
+    reservation: Option<Reservation>,
     /// [`Admission::writable`], asked once per call: while it is an error
     /// nothing below touches the file system.
     writable: Result<(), Refused>,
@@ -599,8 +607,11 @@ impl ProtoAdmission for StorageView<'_> {
                 .file_size
                 .saturating_sub(self.staged.map_or(0, Staged::accounted_bytes)),
         };
-        self.admission
-            .admit(self.client, needed)
+        // Admitted against what this client's other running uploads may
+        // still add, and reserved until this one ends.
+        self.reservations
+            .admit(self.admission, self.client, needed)
+            .map(|reservation| self.reservation = Some(reservation))
             .map_err(|r| match r {
                 Refused::Quota(q) => Refusal::QuotaExceeded {
                     needed: q.needed,
@@ -618,6 +629,9 @@ struct UploadInfo {
     size: u64,
     bytes: u64,
     started: bool,
+    /// Bytes it may still add (see [`Reservations`]); given back when the
+    /// upload ends, as this entry goes.
+    reservation: Option<Reservation>,
 }
 
 struct StreamState {
@@ -633,6 +647,7 @@ struct ConnActor {
     client: ClientName,
     store: Arc<ClientStore>,
     services: Services,
+    reservations: Arc<Reservations>,
     stream_idle: Duration,
     proto: ServerConnection<StreamKey>,
     streams: HashMap<StreamKey, StreamState>,
@@ -661,6 +676,7 @@ impl ConnActor {
         client: ClientName,
         store: Arc<ClientStore>,
         services: Services,
+        reservations: Arc<Reservations>,
         stream_idle: Duration,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
@@ -669,6 +685,7 @@ impl ConnActor {
             client,
             store,
             services,
+            reservations,
             stream_idle,
             proto: ServerConnection::new(),
             streams: HashMap::new(),
@@ -852,6 +869,15 @@ impl ConnActor {
                     Ok(()) => {
                         if let Some(info) = self.uploads.get_mut(&upload) {
                             info.bytes += len;
+                            // What landed is in `used` now; the upload may
+                            // add only the rest (the commit adds its size
+                            // less what its staging file counts).
+                            if let (Some(reservation), Some(staged)) =
+                                (info.reservation.as_mut(), self.staged.get(&upload))
+                            {
+                                reservation
+                                    .shrink_to(info.size.saturating_sub(staged.accounted_bytes()));
+                            }
                         }
                         self.proto.chunk_written(upload, hash, now)
                     }
@@ -900,11 +926,16 @@ impl ConnActor {
         let mut view = StorageView {
             store: &self.store,
             admission: self.services.admission.as_ref(),
+            reservations: &self.reservations,
+            reservation: None,
             writable: self.services.admission.writable(&self.client),
             client: &self.client,
             staged: staged.map(AsRef::as_ref),
         };
         let actions = self.proto.handle(stream, message, now, &mut view);
+        // Dropped (given back) at the end of this call unless it became an
+        // upload's.
+        let reservation = view.reservation.take();
         if let Some((path, size)) = starting {
             // The new upload's id appears in its first action.
             let id = actions.iter().find_map(|a| match a {
@@ -934,6 +965,7 @@ impl ConnActor {
                         size,
                         bytes: 0,
                         started: false,
+                        reservation,
                     },
                 );
             }

@@ -205,6 +205,127 @@ async fn quota_exceeded_writes_nothing() {
     fx.stop().await;
 }
 
+/// Uploads admitted together are counted against each other: each one's
+/// bytes are reserved until it ends, so one push of several files that each
+/// fit the quota alone stores only what fits together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_cannot_exceed_the_quota() {
+    let mut fx = Fixture::start().await;
+    let quota = 1u64 << 20;
+    let bundle = fx.enroll("carol", Some(quota));
+    let client = fx.connect(&bundle).await;
+    let mut files = Vec::new();
+    for i in 0..4u64 {
+        let f = fx.path().join(format!("f{i}.bin"));
+        std::fs::write(&f, random_bytes(700_000, 100 + i)).unwrap();
+        files.push(f);
+    }
+    // The client pushes all four at once; any two are more than the quota.
+    let err = client
+        .push(&files, None, Arc::new(NoProgress))
+        .await
+        .unwrap_err();
+    match err.wire_error() {
+        Some(WireError::QuotaExceeded { needed, available }) => {
+            assert_eq!(*needed, 700_000);
+            assert!(*available <= quota - 700_000, "{available}");
+        }
+        other => panic!("expected QuotaExceeded, got {other:?} ({err})"),
+    }
+    let root = fx.client_root("carol");
+    let stored: Vec<u64> = visible_files(&root)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    assert_eq!(stored, vec![700_000], "exactly one file fits");
+    assert_eq!(client.status().await.unwrap().used, 700_000);
+    // Nothing stays reserved by the refused or committed uploads: what
+    // still fits is admitted.
+    let rest = fx.path().join("rest.bin");
+    std::fs::write(&rest, random_bytes(300_000, 9)).unwrap();
+    client
+        .push(&[rest], None, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(client.status().await.unwrap().used, 1_000_000);
+    client.close().await;
+    fx.stop().await;
+}
+
+/// Waits until the server reports the upload of `path` failed.
+async fn upload_failed(fx: &Fixture, path: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !fx
+        .events
+        .events()
+        .iter()
+        .any(|e| matches!(e, SyncEvent::UploadFailed { path: p, .. } if p == path))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no UploadFailed for {path}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts the upload of `path` (`len` bytes) and returns its stream once
+/// the server asked for chunks (admitted), or the refusal.
+async fn start_upload(
+    conn: &quinn::Connection,
+    path: &str,
+    len: usize,
+    seed: u64,
+) -> Result<quinn::SendStream, Message> {
+    let data = random_bytes(len, seed);
+    let manifest = digest_bytes(&data)
+        .unwrap()
+        .to_manifest(&RelPath::parse(path).unwrap(), Mtime { secs: 5, nanos: 0 });
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    match read_one(&mut recv).await {
+        Message::NeedChunks(_) => Ok(send),
+        other => Err(other),
+    }
+}
+
+/// An upload that ends without committing gives its reservation back,
+/// whether its stream is reset or its connection goes: a later upload that
+/// fits only without it is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_uploads_release_their_reservation() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("erin", Some(1 << 20));
+    // Two of these never fit together.
+    let size = 900_000;
+    // The connection goes in the middle of an upload.
+    let first = raw_connect(&bundle, fx.addr).await.unwrap();
+    let _stream = start_upload(&first, "a.bin", size, 21).await.unwrap();
+    first.close(quinn::VarInt::from_u32(0), b"gone");
+    upload_failed(&fx, "a.bin").await;
+    // The upload stream is reset; the connection stays.
+    let second = raw_connect(&bundle, fx.addr).await.unwrap();
+    let mut stream = start_upload(&second, "b.bin", size, 22)
+        .await
+        .expect("admitted once the dropped connection's upload ended");
+    stream.reset(quinn::VarInt::from_u32(0)).unwrap();
+    upload_failed(&fx, "b.bin").await;
+    // While `second` is still open, a file that fits is stored.
+    let file = fx.path().join("c.bin");
+    std::fs::write(&file, random_bytes(size, 23)).unwrap();
+    let client = fx.connect(&bundle).await;
+    client
+        .push(&[file], None, Arc::new(NoProgress))
+        .await
+        .expect("admitted once the reset upload ended");
+    assert_eq!(client.status().await.unwrap().used, size as u64);
+    client.close().await;
+    second.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
 fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
     Bundle {
         version: BUNDLE_VERSION,
