@@ -344,6 +344,61 @@ mod tests {
         assert_ne!(before.file_hash, after.file_hash);
     }
 
+    /// A file built from runs of pseudo-random bytes (cut points where the
+    /// content says) and of one repeated byte (no cut point: cut at the
+    /// maximum), the lengths chosen around the chunker's bounds.
+    fn mixed_file(runs: &[(bool, usize, u64)]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for &(random, len, seed) in runs {
+            if random {
+                data.extend_from_slice(&pseudo_random(len, seed));
+            } else {
+                data.resize(data.len() + len, seed.to_le_bytes()[0]);
+            }
+        }
+        data
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever the content and however it is fed, the chunker cuts no
+        /// chunk but the last below MIN_CHUNK_SIZE, so every manifest a
+        /// real client sends passes the server's validation.
+        #[test]
+        fn every_chunk_but_the_last_is_at_least_the_minimum(
+            runs in proptest::collection::vec(
+                (
+                    proptest::bool::ANY,
+                    proptest::prop_oneof![
+                        0..=2 * MIN_CHUNK_SIZE as usize,
+                        MIN_CHUNK_SIZE as usize - 2..=MIN_CHUNK_SIZE as usize + 2,
+                        MAX_CHUNK_SIZE as usize - 2..=MAX_CHUNK_SIZE as usize + 2,
+                    ],
+                    proptest::num::u64::ANY,
+                ),
+                0..4,
+            ),
+            feed in 1usize..(3 << 20),
+        ) {
+            let data = mixed_file(&runs);
+            let mut chunker = Chunker::new();
+            for piece in data.chunks(feed) {
+                chunker.update(piece).unwrap();
+            }
+            let digest = chunker.finish();
+            check_invariants(&data, &digest);
+            let manifest = digest.to_manifest(
+                &RelPath::parse("p").unwrap(),
+                Mtime { secs: 0, nanos: 0 },
+            );
+            proptest::prop_assert_eq!(
+                crate::manifest::validate(manifest).map(|_| ()),
+                Ok(())
+            );
+        }
+    }
+
     #[test]
     fn refuses_files_over_the_limit() {
         let mut chunker = Chunker::new();

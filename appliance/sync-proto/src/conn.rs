@@ -164,7 +164,10 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
         match message {
             Message::Upload(manifest) => {
                 let limit = self.upload_limit();
-                let listed = manifest.chunks.len() as u64;
+                // A manifest over the per-manifest limit counts as a full
+                // one: validation refuses it with `ManifestTooLarge`, which
+                // says more than `TooManyUploads` would.
+                let listed = (manifest.chunks.len() as u64).min(u64::from(MAX_CHUNKS_PER_MANIFEST));
                 if self.uploads.len() >= limit as usize
                     || self.listed_total + listed > MAX_OPEN_MANIFEST_CHUNKS
                 {

@@ -46,7 +46,11 @@
 //!   ([`limits::MAX_FRAME_LEN`]) per stream, or keep more than
 //!   [`limits::max_uploads`] upload sessions (8 in version 1, 32 in
 //!   version 2) of at most [`limits::MAX_CHUNKS_PER_MANIFEST`] chunks each
-//!   and [`limits::MAX_OPEN_MANIFEST_CHUNKS`] together per connection.
+//!   and [`limits::MAX_OPEN_MANIFEST_CHUNKS`] together per connection
+//!   (the server's state for them is bounded by
+//!   [`limits::MAX_OPEN_UPLOAD_STATE_BYTES`], about 80 MiB). Every chunk
+//!   but a file's last is at least [`limits::MIN_CHUNK_SIZE`], so a
+//!   manifest's length is paid for by file bytes that admission counts.
 //! - The server only hands chunks to storage after their BLAKE3 matches, only
 //!   asks for assembly when every chunk is durable, and only acknowledges
 //!   after the adapter reports the file verified, fsynced and renamed.

@@ -25,8 +25,10 @@ pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
 
 /// Maximum number of chunks one manifest may list. A chunk entry costs at most
 /// [`MAX_ENCODED_CHUNK_REF_LEN`] bytes on the wire, so a full manifest is about
-/// 5.5 MiB and fits [`MAX_FRAME_LEN`]; the server keeps one small record per
-/// listed chunk, so this also bounds its per-upload memory (a few MiB).
+/// 5.5 MiB and fits [`MAX_FRAME_LEN`]. The server keeps about
+/// [`SERVER_BYTES_PER_LISTED_CHUNK`] bytes per listed chunk while the upload
+/// is open (about 80 MiB for a full manifest); what bounds that per
+/// connection is [`MAX_OPEN_MANIFEST_CHUNKS`].
 pub const MAX_CHUNKS_PER_MANIFEST: u32 = 1 << 17;
 
 /// Largest file that can be uploaded: `MAX_CHUNKS_PER_MANIFEST * MIN_CHUNK_SIZE`
@@ -81,11 +83,10 @@ pub const MAX_CHUNK_RETRIES: u32 = 3;
 /// freeing the server's session and staging promptly for a vanished client.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Concurrent uploads one connection may have open. A fully sized upload
-/// session holds its manifest and two hash maps over its chunks (about 10 MiB
-/// at [`MAX_CHUNKS_PER_MANIFEST`]), so 8 bound the worst case to ~80 MiB per
-/// connection, while 8 files in flight already keep a fast link busy (each
-/// upload itself sends its chunks over parallel streams).
+/// Concurrent uploads one connection may have open in protocol version 1:
+/// 8 files in flight already keep a fast link busy (each upload itself
+/// sends its chunks over parallel streams). The memory their state takes
+/// is bounded by [`MAX_OPEN_MANIFEST_CHUNKS`], not by this count.
 pub const MAX_UPLOADS_PER_CONNECTION: u32 = 8;
 
 /// Concurrent uploads on a connection that negotiated protocol version 2.
@@ -93,17 +94,58 @@ pub const MAX_UPLOADS_PER_CONNECTION: u32 = 8;
 /// fsyncs each), and ext4 commits the fsyncs that wait together in one
 /// journal transaction, so more of them in flight is faster: 2,000 files
 /// of 32 KiB on loopback went from about 1,000 to 1,400 files per second
-/// on a loaded 2-core machine from 8 to 32. The memory bound of
-/// [`MAX_UPLOADS_PER_CONNECTION`] is kept by [`MAX_OPEN_MANIFEST_CHUNKS`].
+/// on a loaded 2-core machine from 8 to 32. The memory bound is kept by
+/// [`MAX_OPEN_MANIFEST_CHUNKS`].
 pub const MAX_UPLOADS_PER_CONNECTION_V2: u32 = 32;
 
+/// Bytes the server holds per chunk listed by an open upload, worst case
+/// (every chunk distinct, every chunk arrived), measured on the real
+/// server code by `appliance-sync`'s `upload_memory` test (587 bytes just
+/// past a hash table's growth, 529 at a full manifest), rounded up for the
+/// allocator's overhead on the one small allocation per chunk:
+/// - the protocol machine ([`crate::ServerUpload`]): the manifest's
+///   `ChunkRef`s (48 bytes each) and two hash maps over the distinct chunks
+///   (lengths, pending);
+/// - the sync adapter's staging state (`appliance_sync::store::Staged`): its
+///   own copy of the manifest, a map from each chunk to its positions (a
+///   small vector each), and the landed and recorded sets, which grow to
+///   every chunk as they arrive.
+///
+/// Sharing one manifest between the two layers would save 48 bytes of
+/// this; the maps are most of it.
+pub const SERVER_BYTES_PER_LISTED_CHUNK: u64 = 640;
+
+/// Bytes the server holds per open upload whatever its size (the session,
+/// the staging state's structure, empty maps, its file handles): measured
+/// as under 4 KiB by the same test, doubled for the allocator and the
+/// adapter's own bookkeeping.
+pub const SERVER_BYTES_PER_UPLOAD: u64 = 8 << 10;
+
 /// Chunks the manifests of one connection's open uploads may list in
-/// total: what [`MAX_UPLOADS_PER_CONNECTION`] full manifests list, so the
-/// server's per-connection upload state stays within the ~80 MiB that
-/// limit was chosen for, however many uploads are open. An upload that
-/// would exceed it is refused with `TooManyUploads`, like one over the count.
-pub const MAX_OPEN_MANIFEST_CHUNKS: u64 =
-    MAX_UPLOADS_PER_CONNECTION as u64 * MAX_CHUNKS_PER_MANIFEST as u64;
+/// total: one full manifest's worth. At [`SERVER_BYTES_PER_LISTED_CHUNK`]
+/// that is 80 MiB, so a connection's open-upload state stays within
+/// [`MAX_OPEN_UPLOAD_STATE_BYTES`] (about 80 MiB; the server allows a
+/// client 4 connections) however many uploads are open. Because every chunk
+/// but a file's last is at least [`MIN_CHUNK_SIZE`], this many chunks are at
+/// least 32 GiB of files in flight (about 128 GiB at the average chunk
+/// size), which no real push needs at once; the client waits for earlier
+/// uploads of a connection to end before listing more. An upload that would
+/// exceed it is refused with `TooManyUploads`, like one over the count.
+///
+/// It was 8 full manifests while the server's state per chunk was taken to
+/// be the protocol machine's alone (~80 bytes); with the adapter's staging
+/// state it is ~600, and 8 full manifests held about 530 MiB per
+/// connection.
+pub const MAX_OPEN_MANIFEST_CHUNKS: u64 = MAX_CHUNKS_PER_MANIFEST as u64;
+
+/// The documented bound on the server's open-upload state per connection:
+/// the chunks of [`MAX_OPEN_MANIFEST_CHUNKS`] plus the fixed part of every
+/// upload version 2 lets a connection open (80.25 MiB). Transient copies
+/// while an upload starts (the frame, the validation's maps, the
+/// `NeedChunks` reply) come on top for the uploads being started.
+pub const MAX_OPEN_UPLOAD_STATE_BYTES: u64 = MAX_OPEN_MANIFEST_CHUNKS
+    * SERVER_BYTES_PER_LISTED_CHUNK
+    + MAX_UPLOADS_PER_CONNECTION_V2 as u64 * SERVER_BYTES_PER_UPLOAD;
 
 /// The concurrent-upload limit of a connection speaking `version`.
 pub const fn max_uploads(version: u16) -> u32 {

@@ -2,16 +2,24 @@
 //! the client's check of a download's manifest.
 
 use crate::hash::Hash;
-use crate::limits::{MAX_CHUNKS_PER_MANIFEST, MAX_CHUNK_SIZE, MAX_FILE_SIZE};
+use crate::limits::{MAX_CHUNKS_PER_MANIFEST, MAX_CHUNK_SIZE, MAX_FILE_SIZE, MIN_CHUNK_SIZE};
 use crate::message::{ChunkRef, Manifest, ManifestProblem, Mtime, WireError};
 use crate::path::RelPath;
 use std::collections::HashMap;
 
 /// A manifest that passed [`validate`]: its path is a [`RelPath`], its size is
 /// within [`MAX_FILE_SIZE`], its chunks are contiguous, cover exactly
-/// `0..size`, are each `1..=MAX_CHUNK_SIZE` bytes, there are at most
-/// [`MAX_CHUNKS_PER_MANIFEST`] of them, and a hash that repeats always has
-/// the same length.
+/// `0..size`, are each `1..=MAX_CHUNK_SIZE` bytes, every one but the last
+/// is at least [`MIN_CHUNK_SIZE`] bytes (as the protocol's chunker cuts
+/// them), there are at most [`MAX_CHUNKS_PER_MANIFEST`] of them, and a hash
+/// that repeats always has the same length.
+///
+/// The minimum is what ties a manifest's length to its file's size: a
+/// file of `size` bytes lists at most `size / MIN_CHUNK_SIZE + 1` chunks,
+/// so the per-chunk state the server keeps for an open upload (see
+/// [`crate::limits::SERVER_BYTES_PER_LISTED_CHUNK`]) is paid for by bytes
+/// that admission counts against the client's quota, not by a 128 KiB
+/// file cut into 1-byte chunks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidManifest {
     pub path: RelPath,
@@ -79,6 +87,13 @@ pub fn validate(manifest: Manifest) -> Result<ValidManifest, WireError> {
                 max: MAX_CHUNK_SIZE,
             }));
         }
+        if chunk.len < MIN_CHUNK_SIZE && index as usize + 1 < count {
+            return Err(invalid(ManifestProblem::ChunkTooSmall {
+                index,
+                len: chunk.len,
+                min: MIN_CHUNK_SIZE,
+            }));
+        }
         if chunk.offset != expected {
             return Err(invalid(ManifestProblem::NotContiguous {
                 index,
@@ -133,6 +148,10 @@ mod tests {
         }
     }
 
+    /// The minimum length of every chunk but the last.
+    const M: u32 = MIN_CHUNK_SIZE;
+    const M64: u64 = MIN_CHUNK_SIZE as u64;
+
     fn manifest(size: u64, chunks: Vec<ChunkRef>) -> Manifest {
         Manifest {
             path: "docs/a.pdf".into(),
@@ -146,16 +165,23 @@ mod tests {
     #[test]
     fn accepts_a_consistent_manifest() {
         let m = manifest(
-            30,
-            vec![chunk(0, 10, 1), chunk(10, 10, 2), chunk(20, 10, 1)],
+            3 * M64 + 10,
+            vec![
+                chunk(0, M, 1),
+                chunk(M64, M, 2),
+                chunk(2 * M64, M, 1),
+                chunk(3 * M64, 10, 3),
+            ],
         );
         let valid = validate(m).unwrap();
         assert_eq!(valid.path.as_str(), "docs/a.pdf");
         assert_eq!(
             valid.distinct_chunks(),
-            vec![(Hash([1; 32]), 10), (Hash([2; 32]), 10)]
+            vec![(Hash([1; 32]), M), (Hash([2; 32]), M), (Hash([3; 32]), 10)]
         );
         assert!(validate(manifest(0, vec![])).is_ok());
+        // A file smaller than the minimum is one short chunk.
+        assert!(validate(manifest(1, vec![chunk(0, 1, 1)])).is_ok());
     }
 
     #[test]
@@ -169,11 +195,14 @@ mod tests {
             }))
         );
         assert_eq!(
-            validate(manifest(10, vec![chunk(0, 5, 1), chunk(6, 4, 2)])),
+            validate(manifest(
+                M64 + 5,
+                vec![chunk(0, M, 1), chunk(M64 + 1, 4, 2)]
+            )),
             Err(invalid(ManifestProblem::NotContiguous {
                 index: 1,
-                offset: 6,
-                expected: 5
+                offset: M64 + 1,
+                expected: M64
             }))
         );
         assert_eq!(
@@ -208,9 +237,24 @@ mod tests {
             }))
         );
         assert_eq!(
-            validate(manifest(15, vec![chunk(0, 10, 1), chunk(10, 5, 1)])),
+            validate(manifest(M64 + 5, vec![chunk(0, M, 1), chunk(M64, 5, 1)])),
             Err(invalid(ManifestProblem::InconsistentChunk {
                 hash: Hash([1; 32])
+            }))
+        );
+        assert_eq!(
+            validate(manifest(
+                2 * M64,
+                vec![
+                    chunk(0, M, 1),
+                    chunk(M64, M - 1, 2),
+                    chunk(2 * M64 - 1, 1, 3)
+                ]
+            )),
+            Err(invalid(ManifestProblem::ChunkTooSmall {
+                index: 1,
+                len: M - 1,
+                min: M
             }))
         );
         let mut bad_time = manifest(0, vec![]);
@@ -228,6 +272,37 @@ mod tests {
             Err(WireError::PathRejected {
                 reason: PathRejection::DotDotComponent
             })
+        );
+    }
+
+    /// A small file cut into many tiny chunks would carry a full-length
+    /// manifest (and the server's per-chunk state for it) while admission
+    /// only counts its few bytes: refused at its first chunk, with an
+    /// error that names it.
+    #[test]
+    fn refuses_a_small_file_in_tiny_chunks() {
+        let n = MAX_CHUNKS_PER_MANIFEST;
+        let chunks = (0..n)
+            .map(|i| ChunkRef {
+                offset: u64::from(i),
+                len: 1,
+                hash: Hash::of(&i.to_le_bytes()),
+            })
+            .collect();
+        let refused = validate(manifest(u64::from(n), chunks)).unwrap_err();
+        assert_eq!(
+            refused,
+            invalid(ManifestProblem::ChunkTooSmall {
+                index: 0,
+                len: 1,
+                min: M
+            })
+        );
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "manifest is inconsistent: chunk 0 has length 1, but every chunk except the last must be at least {M} bytes"
+            )
         );
     }
 

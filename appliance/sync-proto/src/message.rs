@@ -223,6 +223,14 @@ pub enum ManifestProblem {
     BadMtime { nanos: u32 },
     #[error("chunk {hash} appears with two different lengths")]
     InconsistentChunk { hash: Hash },
+    /// A chunk other than the file's last is shorter than
+    /// [`MIN_CHUNK_SIZE`](crate::limits::MIN_CHUNK_SIZE), which the
+    /// protocol's chunker never cuts; the bound on chunks per byte is what
+    /// keeps a small file from carrying a huge manifest.
+    #[error(
+        "chunk {index} has length {len}, but every chunk except the last must be at least {min} bytes"
+    )]
+    ChunkTooSmall { index: u32, len: u32, min: u32 },
 }
 
 /// The discriminant of a [`Message`], for errors and logs.

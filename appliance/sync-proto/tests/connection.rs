@@ -628,3 +628,32 @@ fn open_manifests_are_bounded_by_their_chunk_total() {
     );
     assert!(asks_for_chunks(&actions), "{actions:?}");
 }
+
+/// A manifest over the per-manifest chunk limit is refused for what it is
+/// (`ManifestTooLarge`), not as over the connection's open-chunk budget,
+/// which is one full manifest.
+#[test]
+fn an_oversized_manifest_is_refused_as_too_large() {
+    let mut store = Store::default();
+    let mut conn = ready(&mut store);
+    let actions = conn.handle(
+        1,
+        Message::Upload(listing_manifest("huge", MAX_CHUNKS_PER_MANIFEST + 1)),
+        Instant::now(),
+        &mut store,
+    );
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            ConnAction::Send {
+                message: Message::Error {
+                    error: WireError::ManifestTooLarge { .. },
+                    ..
+                },
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    assert_eq!(conn.open_uploads(), 0);
+}
