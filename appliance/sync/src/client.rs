@@ -18,9 +18,10 @@ use appliance_sync_proto::{
 };
 use parking_lot::Mutex;
 use quinn::{Connection, Endpoint, SendStream};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,6 +148,77 @@ pub struct PushReport {
     pub chunks_sent: u32,
     pub bytes_sent: u64,
     pub chunks_rejected: u32,
+}
+
+impl PushReport {
+    /// Whether every chunk was already on the appliance (nothing was sent).
+    pub fn deduplicated(&self) -> bool {
+        self.chunks > 0 && self.chunks_sent == 0
+    }
+}
+
+/// What happened to one file (or one entry of a pushed directory) in
+/// [`SyncClient::push_each`].
+#[derive(Debug)]
+pub enum PushOutcome {
+    /// Committed on the appliance.
+    Pushed(PushReport),
+    /// The upload failed; nothing of it is visible on the appliance.
+    Failed {
+        local: PathBuf,
+        path: String,
+        error: ClientError,
+    },
+    /// Not sent: the entry cannot be stored (a name the appliance reserves
+    /// or refuses, a socket, FIFO or device, something unreadable).
+    Skipped { local: PathBuf, reason: String },
+}
+
+impl PushOutcome {
+    /// The local path this outcome is about.
+    pub fn local(&self) -> &Path {
+        match self {
+            Self::Pushed(r) => &r.local,
+            Self::Failed { local, .. } | Self::Skipped { local, .. } => local,
+        }
+    }
+
+    /// `committed`, `deduplicated`, `failed` or `skipped`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Pushed(r) if r.deduplicated() => "deduplicated",
+            Self::Pushed(_) => "committed",
+            Self::Failed { .. } => "failed",
+            Self::Skipped { .. } => "skipped",
+        }
+    }
+
+    /// Whether the file is on the appliance.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Self::Pushed(_))
+    }
+
+    /// The outcome as one JSON object: `local`, `status`, and either the
+    /// report's fields or `error` (failed, with `path`) / `reason`
+    /// (skipped).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = match self {
+            Self::Pushed(r) => serde_json::to_value(r).unwrap_or_default(),
+            Self::Failed { local, path, error } => serde_json::json!({
+                "local": local,
+                "path": path,
+                "error": error.to_string(),
+            }),
+            Self::Skipped { local, reason } => serde_json::json!({
+                "local": local,
+                "reason": reason,
+            }),
+        };
+        if let Some(object) = value.as_object_mut() {
+            object.insert("status".into(), self.status().into());
+        }
+        value
+    }
 }
 
 /// Result of pulling one file.
@@ -366,16 +438,48 @@ impl SyncClient {
         }
     }
 
-    /// Pushes files and directories (recursively) under `to`.
+    /// Pushes files and directories (recursively) under `to`, stopping at
+    /// nothing: every file is tried. `Ok` with a report per file if all
+    /// were committed; otherwise, once all were tried, the error of the
+    /// first (in argument and directory order) that failed or was skipped.
+    /// [`Self::push_each`] says what happened to each.
     pub async fn push(
         &self,
         paths: &[PathBuf],
         to: Option<&RelPath>,
         progress: Arc<dyn Progress>,
     ) -> Result<Vec<PushReport>, ClientError> {
-        let mut jobs = Vec::new();
+        let mut reports = Vec::new();
+        for outcome in self.push_each(paths, to, progress).await {
+            match outcome {
+                PushOutcome::Pushed(report) => reports.push(report),
+                PushOutcome::Failed { error, .. } => return Err(error),
+                PushOutcome::Skipped { local, reason } => {
+                    return Err(ClientError::LocalPath {
+                        path: local,
+                        detail: reason,
+                    })
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Pushes files and directories (recursively) under `to` and says what
+    /// happened to each file, in argument and directory order. An entry
+    /// that cannot be stored (see [`PushOutcome::Skipped`]) is skipped and
+    /// the rest pushed; a file that fails does not stop the others.
+    /// Symbolic links are not followed and not reported (a warning is
+    /// logged).
+    pub async fn push_each(
+        &self,
+        paths: &[PathBuf],
+        to: Option<&RelPath>,
+        progress: Arc<dyn Progress>,
+    ) -> Vec<PushOutcome> {
+        let mut entries = Vec::new();
         for path in paths {
-            collect_files(path, to, &mut jobs)?;
+            collect_files(path, to, &mut entries);
         }
         let server_limit = appliance_sync_proto::limits::max_uploads(self.version) as usize;
         let limit = Arc::new(tokio::sync::Semaphore::new(
@@ -386,8 +490,19 @@ impl SyncClient {
             usize::try_from(appliance_sync_proto::limits::MAX_OPEN_MANIFEST_CHUNKS)
                 .unwrap_or(usize::MAX >> 4),
         ));
+        let mut outcomes: Vec<Option<PushOutcome>> = Vec::with_capacity(entries.len());
+        let mut remotes = HashMap::new();
         let mut set = tokio::task::JoinSet::new();
-        for (index, (local, remote)) in jobs.into_iter().enumerate() {
+        for (index, entry) in entries.into_iter().enumerate() {
+            let (local, remote) = match entry {
+                Entry::Skip { local, reason } => {
+                    outcomes.push(Some(PushOutcome::Skipped { local, reason }));
+                    continue;
+                }
+                Entry::File { local, remote } => (local, remote),
+            };
+            outcomes.push(None);
+            remotes.insert(index, (local.clone(), remote.to_string()));
             let client = self.clone();
             let progress = progress.clone();
             let limit = limit.clone();
@@ -400,20 +515,22 @@ impl SyncClient {
                 (index, pushed)
             });
         }
-        let mut results = Vec::new();
-        let mut first_error = None;
         while let Some(joined) = set.join_next().await {
-            match joined {
-                Ok((index, Ok(report))) => results.push((index, report)),
-                Ok((_, Err(e))) => {
-                    first_error.get_or_insert(e);
+            let (index, outcome) = match joined {
+                Ok((index, Ok(report))) => (index, PushOutcome::Pushed(report)),
+                Ok((index, Err(error))) => {
+                    let (local, path) = remotes.remove(&index).unwrap_or_default();
+                    (index, PushOutcome::Failed { local, path, error })
                 }
                 Err(e) => {
-                    first_error.get_or_insert(ClientError::LocalPath {
-                        path: PathBuf::new(),
-                        detail: format!("push task failed: {e}"),
-                    });
+                    // A panicked upload task: its file is the one not
+                    // reported yet (the slot is filled below).
+                    tracing::warn!(error = %e, "push task failed");
+                    continue;
                 }
+            };
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = Some(outcome);
             }
         }
         let digests = self.digests.clone();
@@ -421,11 +538,23 @@ impl SyncClient {
         if let Ok(Err(e)) = saved {
             tracing::warn!(error = %e, "cannot save the digest cache");
         }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        results.sort_by_key(|(i, _)| *i);
-        Ok(results.into_iter().map(|(_, r)| r).collect())
+        outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(index, outcome)| {
+                outcome.unwrap_or_else(|| {
+                    let (local, path) = remotes.remove(&index).unwrap_or_default();
+                    PushOutcome::Failed {
+                        error: ClientError::LocalPath {
+                            path: local.clone(),
+                            detail: "push task failed".into(),
+                        },
+                        local,
+                        path,
+                    }
+                })
+            })
+            .collect()
     }
 
     /// Pushes one local file to `remote`.
@@ -788,59 +917,73 @@ async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
     addrs.next().ok_or_else(|| resolve_err("no address".into()))
 }
 
-/// Files to push: `(local, remote)`. A file goes to `to/<name>`; a
+/// One entry found by [`collect_files`]. A file goes to `to/<name>`; a
 /// directory `d` to `to/d/...`, recursively. Symlinks are skipped (their
 /// targets may lie anywhere), with a warning.
-fn collect_files(
-    path: &Path,
-    to: Option<&RelPath>,
-    out: &mut Vec<(PathBuf, RelPath)>,
-) -> Result<(), ClientError> {
-    let meta = std::fs::symlink_metadata(path).map_err(|source| ClientError::Local {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| ClientError::LocalPath {
-            path: path.to_path_buf(),
-            detail: "has no usable UTF-8 file name".into(),
-        })?;
+enum Entry {
+    File { local: PathBuf, remote: RelPath },
+    Skip { local: PathBuf, reason: String },
+}
+
+/// The files below `path` (itself if a file) with their remote paths under
+/// `to`, in directory order; an entry that cannot be pushed (no usable
+/// name, a name the appliance refuses, not a file or directory, unreadable)
+/// becomes an [`Entry::Skip`] saying why, and the walk goes on.
+fn collect_files(path: &Path, to: Option<&RelPath>, out: &mut Vec<Entry>) {
+    let skip = |reason: String| Entry::Skip {
+        local: path.to_path_buf(),
+        reason,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) => return out.push(skip(format!("cannot read it: {e}"))),
+    };
+    if meta.file_type().is_symlink() {
+        tracing::warn!(path = %path.display(), "skipping symlink");
+        return;
+    }
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return out.push(skip("has no usable UTF-8 file name".into()));
+    };
     let remote = match to {
         Some(dir) => RelPath::parse(&format!("{dir}/{name}")),
         None => RelPath::parse(name),
-    }
-    .map_err(|reason| ClientError::LocalPath {
-        path: path.to_path_buf(),
-        detail: format!("cannot be stored under that name: {reason}"),
-    })?;
-    if meta.file_type().is_symlink() {
-        tracing::warn!(path = %path.display(), "skipping symlink");
-        return Ok(());
-    }
-    if meta.is_file() {
-        out.push((path.to_path_buf(), remote));
-        return Ok(());
-    }
-    if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|source| ClientError::Local {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for entry in entries {
-            collect_files(&entry, Some(&remote), out)?;
+    };
+    let remote = match remote {
+        Ok(remote) => remote,
+        Err(reason) => {
+            return out.push(skip(format!("cannot be stored under that name: {reason}")))
         }
-        return Ok(());
+    };
+    if meta.is_file() {
+        return out.push(Entry::File {
+            local: path.to_path_buf(),
+            remote,
+        });
     }
-    Err(ClientError::LocalPath {
-        path: path.to_path_buf(),
-        detail: "is not a regular file or directory".into(),
-    })
+    if !meta.is_dir() {
+        let kind = meta.file_type();
+        let what = if kind.is_socket() {
+            "a socket"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return out.push(skip(format!(
+            "is {what}; only regular files and directories are pushed"
+        )));
+    }
+    let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
+        Ok(dir) => dir.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) => return out.push(skip(format!("cannot read the directory: {e}"))),
+    };
+    entries.sort();
+    for entry in entries {
+        collect_files(&entry, Some(&remote), out);
+    }
 }
 
 enum ChunkTarget {

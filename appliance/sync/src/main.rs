@@ -2,9 +2,25 @@
 //!
 //! Exit codes: 0 success, 1 error (the server's typed error in words),
 //! 2 usage (clap's own code for bad arguments).
+//!
+//! `push` tries every file, also after one failed: an entry of a pushed
+//! directory that cannot be stored (a name the appliance reserves, such as
+//! an Emacs backup `notes.txt.~1~`; a socket, FIFO or device; something
+//! unreadable) is skipped with a warning on stderr, a file whose upload
+//! fails is reported on stderr, and the rest are pushed. The exit code is 1
+//! if any file failed or was skipped. With `--json`, stdout is one object:
+//! `files` lists every file in argument and directory order with its
+//! `status` (`committed`, `deduplicated`: nothing needed sending,
+//! `failed` with `error`, `skipped` with `reason`) and, when pushed, the
+//! report (`path`, `size`, `file_hash`, `chunks`, `chunks_sent`,
+//! `bytes_sent`, ...); `pushed` repeats the reports of the files on the
+//! appliance, and `failed` and `skipped` count the others. Other commands
+//! print `{"error": ...}` on failure.
 
 use anyhow::Context as _;
-use appliance_sync::client::{print_out, ClientOptions, NoProgress, Progress, SyncClient};
+use appliance_sync::client::{
+    print_out, ClientOptions, NoProgress, Progress, PushOutcome, SyncClient,
+};
 use appliance_sync::identity::Bundle;
 use appliance_sync_proto::RelPath;
 use clap::{Parser, Subcommand};
@@ -39,6 +55,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Upload files and directories (recursively); only missing chunks are sent.
+    ///
+    /// Every file is tried; entries that cannot be stored (reserved names
+    /// such as `name.~1~`, sockets, FIFOs) are skipped with a warning. Exits
+    /// 1 if any file failed or was skipped. `--json` reports each file's
+    /// status: committed, deduplicated, failed (with error) or skipped
+    /// (with reason).
     Push {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -81,6 +103,11 @@ fn main() -> ExitCode {
     let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<PushIncomplete>() => {
+            // Each file's outcome is already printed (stdout and stderr).
+            eprintln!("appliance-sync: {e:#}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             if json {
                 let text = serde_json::json!({ "error": format!("{e:#}") }).to_string();
@@ -139,24 +166,8 @@ async fn command(client: &SyncClient, command: Command, json: bool) -> anyhow::R
             } else {
                 Arc::new(Lines)
             };
-            let reports = client.push(&paths, to.as_ref(), progress).await?;
-            let sent: u64 = reports.iter().map(|r| r.bytes_sent).sum();
-            let total: u64 = reports.iter().map(|r| r.size).sum();
-            let text = reports
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{}  {} bytes, sent {} of {} chunks ({} bytes)",
-                        r.path, r.size, r.chunks_sent, r.chunks, r.bytes_sent
-                    )
-                })
-                .chain(std::iter::once(format!(
-                    "{} file(s), {total} bytes, {sent} bytes sent",
-                    reports.len()
-                )))
-                .collect::<Vec<_>>()
-                .join("\n");
-            emit(json, &serde_json::json!({ "pushed": reports }), &text);
+            let outcomes = client.push_each(&paths, to.as_ref(), progress).await;
+            report_push(json, &outcomes)?;
         }
         Command::Pull { remote, local } => {
             let report = client.pull(&remote, local.as_deref()).await?;
@@ -217,6 +228,79 @@ async fn command(client: &SyncClient, command: Command, json: bool) -> anyhow::R
                 ),
             );
         }
+    }
+    Ok(())
+}
+
+/// Some files of a push were not pushed (each was reported already).
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} file(s) failed and {skipped} skipped of {total}")]
+struct PushIncomplete {
+    failed: usize,
+    skipped: usize,
+    total: usize,
+}
+
+/// Prints what happened to each file of a push (see the module docs) and
+/// fails with [`PushIncomplete`] if any file was not pushed.
+fn report_push(json: bool, outcomes: &[PushOutcome]) -> Result<(), PushIncomplete> {
+    let mut lines = Vec::new();
+    let mut reports = Vec::new();
+    let (mut failed, mut skipped) = (0, 0);
+    for outcome in outcomes {
+        match outcome {
+            PushOutcome::Pushed(r) => {
+                lines.push(format!(
+                    "{}  {} bytes, sent {} of {} chunks ({} bytes){}",
+                    r.path,
+                    r.size,
+                    r.chunks_sent,
+                    r.chunks,
+                    r.bytes_sent,
+                    if r.deduplicated() {
+                        ", deduplicated"
+                    } else {
+                        ""
+                    }
+                ));
+                reports.push(r);
+            }
+            PushOutcome::Failed { local, error, .. } => {
+                failed += 1;
+                eprintln!("appliance-sync: failed {}: {error}", local.display());
+            }
+            PushOutcome::Skipped { local, reason } => {
+                skipped += 1;
+                eprintln!(
+                    "appliance-sync: warning: skipped {}: {reason}",
+                    local.display()
+                );
+            }
+        }
+    }
+    let sent: u64 = reports.iter().map(|r| r.bytes_sent).sum();
+    let total: u64 = reports.iter().map(|r| r.size).sum();
+    let mut summary = format!(
+        "{} file(s), {total} bytes, {sent} bytes sent",
+        reports.len()
+    );
+    if failed + skipped > 0 {
+        summary.push_str(&format!("; {failed} failed, {skipped} skipped"));
+    }
+    lines.push(summary);
+    let value = serde_json::json!({
+        "files": outcomes.iter().map(PushOutcome::to_json).collect::<Vec<_>>(),
+        "pushed": reports,
+        "failed": failed,
+        "skipped": skipped,
+    });
+    emit(json, &value, &lines.join("\n"));
+    if failed + skipped > 0 {
+        return Err(PushIncomplete {
+            failed,
+            skipped,
+            total: outcomes.len(),
+        });
     }
     Ok(())
 }

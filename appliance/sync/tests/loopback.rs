@@ -897,3 +897,122 @@ async fn version_2_holds_32_uploads_open_and_pushes_many_small_files() {
     client.close().await;
     fx.stop().await;
 }
+
+/// A push of a directory holding an entry the appliance cannot store (an
+/// Emacs backup `notes.txt.~1~`, whose name is reserved for versions; a
+/// socket) and a file over the quota: the CLI pushes everything else,
+/// warns about each on stderr, reports every file's outcome with
+/// `--json`, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_push_reports_every_file_and_skips_unstorable_entries() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("kim", Some(1 << 20));
+    let docs = fx.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), b"first").unwrap();
+    std::fs::write(docs.join("big.bin"), random_bytes(2 << 20, 9)).unwrap();
+    std::fs::write(docs.join("notes.txt"), b"today").unwrap();
+    std::fs::write(docs.join("notes.txt.~1~"), b"yesterday").unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(docs.join("sock")).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("appliance-sync");
+    let run = |args: Vec<std::ffi::OsString>| {
+        let (bin, bundle, addr) = (bin.clone(), bundle.clone(), fx.addr.to_string());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin)
+                .arg("--identity")
+                .arg(&bundle)
+                .arg("--server")
+                .arg(addr)
+                .args(args)
+                .env("HOME", "/nonexistent")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(vec!["--json".into(), "push".into(), docs.clone().into()])
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let status = |name: &str| {
+        value["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["local"].as_str().unwrap().ends_with(name))
+            .map(|f| f["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status("/a.txt").as_deref(), Some("committed"), "{stdout}");
+    assert_eq!(status("/notes.txt").as_deref(), Some("committed"));
+    assert_eq!(status("/big.bin").as_deref(), Some("failed"));
+    assert_eq!(status("/notes.txt.~1~").as_deref(), Some("skipped"));
+    assert_eq!(status("/sock").as_deref(), Some("skipped"));
+    assert_eq!(value["files"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        (value["failed"].as_u64(), value["skipped"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(
+        value["files"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("quota exceeded"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("skipped") && stderr.contains("notes.txt.~1~"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("socket"), "{stderr}");
+    // Pushing the same files again: nothing needs sending.
+    let out = run(vec![
+        "--json".into(),
+        "push".into(),
+        docs.join("a.txt").into(),
+        docs.join("notes.txt").into(),
+    ])
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(value["files"][0]["status"], "deduplicated", "{stdout}");
+    let mut stored: Vec<String> = visible_files(&fx.client_root("kim"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    stored.sort();
+    fx.stop().await;
+    // docs/a.txt and docs/notes.txt, then a.txt and notes.txt at the root.
+    assert_eq!(stored, ["a.txt", "a.txt", "notes.txt", "notes.txt"]);
+}
+
+/// The library's `push` tries every file too: one unstorable entry in a
+/// directory does not stop the others, and the error names it at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_of_a_directory_pushes_the_rest_past_an_unstorable_entry() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("lou", None);
+    let client = fx.connect(&bundle).await;
+    let docs = fx.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    std::fs::write(docs.join("notes.txt"), b"today").unwrap();
+    std::fs::write(docs.join("notes.txt.~1~"), b"yesterday").unwrap();
+    let result = client.push(&[docs], None, Arc::new(NoProgress)).await;
+    let stored = visible_files(&fx.client_root("lou"));
+    client.close().await;
+    fx.stop().await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::LocalPath { path, .. } if path.ends_with("notes.txt.~1~")),
+        "{err}"
+    );
+    assert_eq!(stored.len(), 1, "{stored:?}");
+}
