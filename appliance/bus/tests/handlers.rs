@@ -56,6 +56,36 @@ fn recording_handler(
     (h, handled)
 }
 
+/// A bus with subscriber queues of 4 and a recording handler on `jobs.>`
+/// that backs off `backoff` after "bad": "bad", then a burst of 10
+/// (`burst0`..`burst9`, the publisher yielding after each if `yielding`),
+/// then "later" once 4 of the burst are handled.
+async fn burst_while_backing_off(
+    backoff: Duration,
+    yielding: bool,
+) -> (Bus, HandlerHandle, Arc<Mutex<Vec<String>>>) {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 4,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let (h, handled) = recording_handler(&b, "jobs", "jobs.>", backoff);
+    b.publish("jobs.x", None, "bad").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..10 {
+        b.publish("jobs.x", None, format!("burst{i}"))
+            .await
+            .unwrap();
+        if yielding {
+            tokio::task::yield_now().await;
+        }
+    }
+    wait_until("the burst is handled", || handled.lock().len() == 4).await;
+    b.publish("jobs.x", None, "later").await.unwrap();
+    wait_until("later is handled", || handled.lock().len() == 5).await;
+    (b, h, handled)
+}
+
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !f() {
@@ -70,27 +100,10 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// handled too.
 #[tokio::test]
 async fn handler_falling_behind_dead_letters_the_overflow_and_keeps_running() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 4,
-        ..BusOptions::default()
-    })
-    .unwrap();
-    let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(200));
-    b.publish("jobs.x", None, "bad").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
     // A burst while the handler backs off: 4 fit in its backlog, 6 do not.
     // (The publisher yields as another task or a NATS connection would;
     // see the next test for a burst that does not.)
-    for i in 0..10 {
-        b.publish("jobs.x", None, format!("burst{i}"))
-            .await
-            .unwrap();
-        tokio::task::yield_now().await;
-    }
-    wait_until("the burst is handled", || handled.lock().len() == 4).await;
-    b.publish("jobs.x", None, "later").await.unwrap();
-    wait_until("later is handled", || handled.lock().len() == 5).await;
-
+    let (b, _h, handled) = burst_while_backing_off(Duration::from_millis(200), true).await;
     assert_eq!(
         *handled.lock(),
         ["burst6", "burst7", "burst8", "burst9", "later"]
@@ -152,22 +165,7 @@ async fn handler_falling_behind_on_a_durable_subject_loses_nothing() {
 /// dropped there, counted as lost (and logged), and the handler goes on.
 #[tokio::test]
 async fn handler_starved_by_a_burst_counts_the_loss_and_keeps_running() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 4,
-        ..BusOptions::default()
-    })
-    .unwrap();
-    let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(100));
-    b.publish("jobs.x", None, "bad").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    for i in 0..10 {
-        b.publish("jobs.x", None, format!("burst{i}"))
-            .await
-            .unwrap();
-    }
-    wait_until("the burst is handled", || handled.lock().len() == 4).await;
-    b.publish("jobs.x", None, "later").await.unwrap();
-    wait_until("later is handled", || handled.lock().len() == 5).await;
+    let (b, _h, handled) = burst_while_backing_off(Duration::from_millis(100), false).await;
     assert_eq!(
         *handled.lock(),
         ["burst6", "burst7", "burst8", "burst9", "later"]

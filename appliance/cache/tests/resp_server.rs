@@ -871,6 +871,26 @@ async fn transactions_from_a_client_library() {
     server.stop().await;
 }
 
+/// A client that sends 21 MB of `GET v` and reads none of the replies (its
+/// receive buffer is 4 KiB): the read half, kept open, and the writer.
+async fn start_hog(
+    addr: std::net::SocketAddr,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let hog = socket.connect(addr).await.unwrap();
+    let (hog_read, mut hog_write) = hog.into_split();
+    let pipeline = b"GET v\r\n".repeat(3_000_000);
+    let writer = tokio::spawn(async move {
+        let _ = hog_write.write_all(&pipeline).await;
+        hog_write
+    });
+    (hog_read, writer)
+}
+
 /// Taking input ahead while replies wait uses only the first half of the
 /// server's buffer budget: a client streaming commands without reading
 /// cannot leave the others nothing to reply with.
@@ -898,15 +918,7 @@ async fn input_taken_ahead_leaves_half_the_budget_to_the_others() {
     // 20 MB of GETs of a 1 MiB value, and nothing read: the replies (the
     // cache's own value) soon block, and the rest of the input is taken
     // ahead until half the budget is held.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let hog = socket.connect(server.addr).await.unwrap();
-    let (hog_read, mut hog_write) = hog.into_split();
-    let pipeline = b"GET v\r\n".repeat(3_000_000);
-    let writer = tokio::spawn(async move {
-        let _ = hog_write.write_all(&pipeline).await;
-        hog_write
-    });
+    let (hog_read, writer) = start_hog(server.addr).await;
     let mut held = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -982,15 +994,7 @@ async fn input_is_taken_ahead_again_when_the_budget_frees() {
 
     // The hog: GETs of a 1 MiB value, none read. Its input is taken ahead
     // while all held stays under half the budget, so it gets less now.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let hog = socket.connect(server.addr).await.unwrap();
-    let (hog_read, mut hog_write) = hog.into_split();
-    let pipeline = b"GET v\r\n".repeat(3_000_000);
-    let writer = tokio::spawn(async move {
-        let _ = hog_write.write_all(&pipeline).await;
-        hog_write
-    });
+    let (hog_read, writer) = start_hog(server.addr).await;
     let squeezed = settled_buffer_bytes(&mut c).await;
     assert!(
         squeezed > before_hog + (256 << 10) && squeezed <= (2 << 20) + (256 << 10),
