@@ -1564,14 +1564,21 @@ impl ClientStore {
         if !linked {
             // Replacing a document: only a rename does that atomically.
             self.name_staged(staged, &file)?;
-            if let (Some(_), true) = (replaced, self.keep_versions) {
+            let version = match (replaced, self.keep_versions) {
                 // The current document gets a second name first, so the
                 // rename below replaces it atomically: at every moment the
                 // path holds the old document or the new one.
-                self.link_version(&parent, name, path)?;
+                (Some(_), true) => self.link_version(&parent, name, path)?,
+                _ => None,
+            };
+            if let Err(e) = renameat(staging, data_name.as_str(), &parent, name) {
+                // The old document stays; its second name would be a
+                // duplicate version.
+                if let Some(v) = version {
+                    let _ = unlinkat(&parent, v.as_str(), UnlinkatFlags::NoRemoveDir);
+                }
+                return Err(self.err_errno(path.as_str(), e));
             }
-            renameat(staging, data_name.as_str(), &parent, name)
-                .map_err(|e| self.err_errno(path.as_str(), e))?;
         }
         // Shared with the commits renaming into the same directory now.
         self.dir_syncs
@@ -1713,11 +1720,31 @@ impl ClientStore {
     }
 
     /// Links the document `name` in `dir` as its next version `name.~N~`
-    /// (a hard link: the document stays where it is). A name taken
+    /// (a hard link: the document stays where it is), and returns that name;
+    /// `None` if the newest version already is this document (a replace
+    /// that stopped between the link and its rename left it). A name taken
     /// meanwhile is skipped.
-    fn link_version(&self, dir: &OwnedFd, name: &str, path: &RelPath) -> Result<(), StoreError> {
+    fn link_version(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        path: &RelPath,
+    ) -> Result<Option<String>, StoreError> {
+        let current = fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err_errno(path.as_str(), e))?;
         for _ in 0..16 {
-            let version = self.next_version_name(dir, name)?;
+            let (version, newest) = self.next_version_name(dir, name)?;
+            if let Some(newest) = newest {
+                if fstatat(
+                    dir,
+                    newest.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .is_ok_and(|v| v.st_ino == current.st_ino && v.st_dev == current.st_dev)
+                {
+                    return Ok(None);
+                }
+            }
             match nix::unistd::linkat(
                 dir,
                 name,
@@ -1725,7 +1752,7 @@ impl ClientStore {
                 version.as_str(),
                 nix::fcntl::AtFlags::empty(),
             ) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Some(version)),
                 Err(Errno::EEXIST) => continue,
                 Err(e) => return Err(self.err_errno(path.as_str(), e)),
             }
@@ -1733,7 +1760,12 @@ impl ClientStore {
         Err(self.err_errno(path.as_str(), Errno::EEXIST))
     }
 
-    fn next_version_name(&self, dir: &OwnedFd, name: &str) -> Result<String, StoreError> {
+    /// The next free version name of `name`, and the newest one there is.
+    fn next_version_name(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+    ) -> Result<(String, Option<String>), StoreError> {
         // A fresh descriptor: a dup would share (and exhaust) the offset.
         let fresh =
             openat(dir, ".", dir_flags(), Mode::empty()).map_err(|e| self.err_errno(name, e))?;
@@ -1753,7 +1785,8 @@ impl ClientStore {
                 max = max.max(n);
             }
         }
-        Ok(format!("{name}.~{}~", max + 1))
+        let newest = (max > 0).then(|| format!("{name}.~{max}~"));
+        Ok((format!("{name}.~{}~", max + 1), newest))
     }
 
     fn manifest_components(path: &RelPath) -> Vec<&str> {
@@ -2032,6 +2065,9 @@ impl ClientStore {
 
     /// Deletes a document (and its manifest). Symlinks are refused.
     pub fn delete(&self, path: &RelPath) -> Result<(), StoreError> {
+        // A commit of the path in between would be counted wrong (or have
+        // its new document deleted in place of the old one).
+        let _turn = self.commit_lock(path).lock();
         let (parent, name) = self.open_parent(path, false)?;
         let st = fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| self.err_errno(path.as_str(), e))?;

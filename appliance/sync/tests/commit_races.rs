@@ -16,6 +16,7 @@ use appliance_sync_proto::limits::MIN_CHUNK_SIZE;
 use appliance_sync_proto::message::Mtime;
 use appliance_sync_proto::{digest_bytes, validate_manifest, RelPath, ValidManifest};
 use common::*;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -408,4 +409,141 @@ fn racing_commits_with_versions_kept_lose_no_version() {
         lost, 0,
         "rounds where both commits succeeded but a version was lost"
     );
+}
+
+/// With versions kept, a replace whose rename failed left the version's
+/// hard link behind (a second name of the document still in place); the
+/// retry links it again: one old version, kept twice (and counted twice
+/// by `version_bytes` at the next open).
+#[test]
+fn a_failed_replace_leaves_no_duplicate_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("alice");
+    let name = ClientName::parse("alice").unwrap();
+    let (store, _) = ClientStore::open(name, &root, true, Arc::new(AtomicU64::new(0))).unwrap();
+    let v1 = random_bytes(100_000, 1);
+    let m1 = valid_manifest("doc.bin", &v1, 1);
+    store.commit_staged(&stage_all(&store, &m1, &v1)).unwrap();
+    let v2 = random_bytes(100_000, 2);
+    let m2 = valid_manifest("doc.bin", &v2, 2);
+    let s = stage_all(&store, &m2, &v2);
+    store.suspend_staged(&s, true);
+    drop(s);
+    let s = store.stage(&m2).unwrap();
+    let staging = root.join(".appliance-staging");
+    assert!(std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&staging)
+        .status()
+        .unwrap()
+        .success());
+    let result = store.commit_staged(&s);
+    std::process::Command::new("chattr")
+        .arg("-i")
+        .arg(&staging)
+        .status()
+        .unwrap();
+    assert!(result.is_err(), "forced failure");
+    drop(s);
+    let doc_ino = std::fs::metadata(root.join("doc.bin")).unwrap().ino();
+    let leftover = std::fs::metadata(root.join("doc.bin.~1~"))
+        .ok()
+        .map(|m| (m.ino() == doc_ino, m.nlink()));
+    eprintln!(
+        "after the failed replace: doc.bin.~1~ (same inode as doc.bin, nlink) = {leftover:?}"
+    );
+    // The client retries (another mtime: a fresh staging state).
+    let m3 = valid_manifest("doc.bin", &v2, 3);
+    store.commit_staged(&stage_all(&store, &m3, &v2)).unwrap();
+    let mut versions: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("doc.bin.~"))
+        .collect();
+    versions.sort();
+    eprintln!("versions after the retry: {versions:?}");
+    assert_eq!(versions.len(), 1, "v1 kept once, not {versions:?}");
+}
+
+/// `delete` did not take the path's commit turn: a delete landing between
+/// a commit's `in_the_way` and its rename (or a commit landing between the
+/// delete's `fstatat` and `unlinkat`) subtracts the old size twice or
+/// drops the new file's count; live usage drifts from the disk.
+#[test]
+fn a_delete_racing_a_commit_keeps_usage_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("alice");
+    let name = ClientName::parse("alice").unwrap();
+    let (store, _) =
+        ClientStore::open(name.clone(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = Arc::new(store);
+    for round in 0..300u64 {
+        let path = format!("p{round}.bin");
+        let old = random_bytes(1000, 7 * round);
+        store
+            .commit_staged(&stage_all(&store, &valid_manifest(&path, &old, 1), &old))
+            .unwrap();
+        let new = random_bytes(5000, 10_000 + round);
+        let s = stage_all(&store, &valid_manifest(&path, &new, 2), &new);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let c = {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let _ = store.commit_staged(&s);
+            })
+        };
+        let d = {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            let p = RelPath::parse(&path).unwrap();
+            std::thread::spawn(move || {
+                barrier.wait();
+                std::thread::sleep(std::time::Duration::from_micros((round * 53) % 4000));
+                let _ = store.delete(&p);
+            })
+        };
+        c.join().unwrap();
+        d.join().unwrap();
+    }
+    let live = (store.used(), store.files());
+    drop(store);
+    let (_, report) = ClientStore::open(name, &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    assert_eq!(
+        live,
+        (report.used_bytes, report.files),
+        "live (used, files) vs recomputed from disk"
+    );
+}
+
+/// A replace with versions kept that stopped between its hard link and its
+/// rename (a crash) left `doc.bin.~1~` as a second name of `doc.bin`: the
+/// next replace keeps that as the old version rather than linking it again.
+#[test]
+fn a_version_link_left_by_a_crash_is_not_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("alice");
+    let name = ClientName::parse("alice").unwrap();
+    let (store, _) = ClientStore::open(name, &root, true, Arc::new(AtomicU64::new(0))).unwrap();
+    let v1 = random_bytes(100_000, 1);
+    store
+        .commit_staged(&stage_all(&store, &valid_manifest("doc.bin", &v1, 1), &v1))
+        .unwrap();
+    std::fs::hard_link(root.join("doc.bin"), root.join("doc.bin.~1~")).unwrap();
+    let v2 = random_bytes(100_000, 2);
+    store
+        .commit_staged(&stage_all(&store, &valid_manifest("doc.bin", &v2, 2), &v2))
+        .unwrap();
+    let mut versions: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("doc.bin.~"))
+        .collect();
+    versions.sort();
+    assert_eq!(versions, ["doc.bin.~1~"]);
+    assert_eq!(std::fs::read(root.join("doc.bin.~1~")).unwrap(), v1);
+    assert_eq!(std::fs::read(root.join("doc.bin")).unwrap(), v2);
+    let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+    assert_ne!(ino("doc.bin"), ino("doc.bin.~1~"));
 }
