@@ -231,6 +231,10 @@ pub(crate) struct SubEntry {
     /// Remove after this many deliveries in total (`u64::MAX`: never).
     pub max: AtomicU64,
     pub delivered: AtomicU64,
+    /// The first durable sequence number an in-process subscription takes
+    /// (0 for the others): a queue group passes an older message, still
+    /// waiting for its fsync when this member joined, to another member.
+    pub start_seq: u64,
 }
 
 /// The bus's view of a NATS connection.
@@ -640,7 +644,7 @@ impl Bus {
         let cap = capacity.unwrap_or(self.inner.opts.subscriber_queue);
         let policy = slow_consumer.unwrap_or(self.inner.opts.slow_consumer);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let make = |lag_high: Option<u64>| {
+        let make = |lag_high: Option<u64>, start_seq: u64| {
             let q = Arc::new(LocalQueue::new(
                 cap,
                 policy,
@@ -656,6 +660,7 @@ impl Bus {
                 sid: Arc::from(""),
                 max: AtomicU64::new(u64::MAX),
                 delivered: AtomicU64::new(0),
+                start_seq,
             });
             (q, entry)
         };
@@ -668,13 +673,13 @@ impl Bus {
                 let next = st.log.next_seq();
                 let from = from_seq.unwrap_or(next);
                 let lag = (from < next).then(|| next - 1);
-                let (q, entry) = make(lag);
+                let (q, entry) = make(lag, from);
                 self.inner.insert_sub(entry);
                 drop(st);
                 (q, from)
             }
             None => {
-                let (q, entry) = make(None);
+                let (q, entry) = make(None, 0);
                 self.inner.insert_sub(entry);
                 (q, 0)
             }
@@ -909,6 +914,7 @@ impl Bus {
             sid: sid.clone(),
             max: AtomicU64::new(u64::MAX),
             delivered: AtomicU64::new(0),
+            start_seq: 0,
         });
         // A repeated sid replaces the old subscription, as in nats-server.
         if let Some(old) = conn.subs.lock().insert(sid, entry.clone()) {
@@ -1186,7 +1192,13 @@ impl BusInner {
             let start = m.rr.fetch_add(1, Ordering::Relaxed);
             for g in &m.groups {
                 for k in 0..g.len() {
-                    if self.deliver(&g[(start + k) % g.len()], msg, counters, wakes) {
+                    let member = &g[(start + k) % g.len()];
+                    // Joined after this message was stored (its fan-out
+                    // waited for an fsync): it would skip it.
+                    if msg.seq.is_some_and(|s| s < member.start_seq) {
+                        continue;
+                    }
+                    if self.deliver(member, msg, counters, wakes) {
                         n += 1;
                         break;
                     }
