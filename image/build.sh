@@ -212,6 +212,11 @@ tar -C "$here/rootfs" --owner=0 --group=0 --numeric-owner -cf - . |
   tar -C "$root" --keep-directory-symlink --no-overwrite-dir -xf -
 systemctl --root="$root" enable appliance-firstboot.service appliance-provision.service appliance-zfs-mount.service appliance-zfs-mount.path systemd-networkd.service \
   appliance-vm-metrics.socket applianced.service
+# The pools are imported at boot from /etc/zfs/zpool.cache
+# (zfs-import-cache). Should that file be missing or empty (a box restarted
+# before anything wrote it), zfs-import-scan, which runs only then, imports
+# the pools it finds on the disks instead of leaving the box with none.
+systemctl --root="$root" enable zfs-import-scan.service
 # Nothing on the appliance waits for network-online.target; a box booted
 # without a cable must not end up with a failed unit after two minutes.
 systemctl --root="$root" disable systemd-networkd-wait-online.service

@@ -107,7 +107,9 @@ fn unit_exposure_is_at_most_2_2() {
 /// Runs `systemd/appliance-zfs-mount` against a stub `zfs` that logs its
 /// calls and, on the mount of round `change_until` and every earlier one,
 /// replaces `provision.json` the way the storage manager does (a new file
-/// renamed over the old one). Returns (exit code, stub log, stdout).
+/// renamed over the old one), and a stub `zpool` with two pools: `tank`
+/// with the default cache file, `scratch` with none. Returns (exit code,
+/// stub log, stdout).
 fn run_mount_script(change_until: u32, mount_fails: bool) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
@@ -142,10 +144,31 @@ fn run_mount_script(change_until: u32, mount_fails: bool) -> (i32, String, Strin
         .unwrap()
         .success());
     std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let zpool = dir.path().join("zpool");
+    let zpool_source = dir.path().join("zpool.source");
+    std::fs::write(
+        &zpool_source,
+        format!(
+            "#!/bin/sh\n\
+             echo \"zpool $*\" >> '{log}'\n\
+             [ \"$1\" = get ] && printf 'tank\\t-\\nscratch\\tnone\\n'\n\
+             exit 0\n",
+            log = log.display(),
+        ),
+    )
+    .unwrap();
+    assert!(Command::new("cp")
+        .arg(&zpool_source)
+        .arg(&zpool)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::set_permissions(&zpool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = Command::new("sh")
         .arg(repo().join("systemd/appliance-zfs-mount"))
         .env("APPLIANCE_STORAGE_STATE", &storage)
         .env("APPLIANCE_ZFS", &stub)
+        .env("APPLIANCE_ZPOOL", &zpool)
         .output()
         .unwrap();
     (
@@ -161,6 +184,18 @@ fn mount_script_mounts_again_when_a_record_changed_during_its_run() {
     let (code, log, out) = run_mount_script(0, false);
     assert_eq!(code, 0, "{out}");
     assert_eq!(log.lines().filter(|l| *l == "mount -a").count(), 1, "{log}");
+    // The cache file of the pool that uses the default one is written (as
+    // root, here), before the keys and mounts; the other pool is left alone.
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [
+            "zpool get -H -o name,value cachefile",
+            "zpool set cachefile= tank"
+        ],
+        "{log}"
+    );
+    assert!(!log.contains("scratch"), "{log}");
     assert!(!out.contains("Key already loaded"), "{out}");
     // The record changes during the first two rounds: three rounds.
     let (code, log, out) = run_mount_script(2, false);
