@@ -11,7 +11,7 @@ use appliance_sync::client::NoProgress;
 use appliance_sync::events::MemorySink;
 use appliance_sync::identity::{Authority, ClientName};
 use appliance_sync::server::{serve, ServerConfig, Services};
-use appliance_sync::store::{ClientStore, Documents};
+use appliance_sync::store::{ClientStore, Documents, StoreError};
 use appliance_sync_proto::limits::MIN_CHUNK_SIZE;
 use appliance_sync_proto::message::Mtime;
 use appliance_sync_proto::{digest_bytes, validate_manifest, RelPath, ValidManifest};
@@ -268,19 +268,7 @@ fn a_commit_that_stops_after_its_manifest_never_makes_the_old_document_lie() {
     assert!(root.join(".appliance-meta/manifests/d/big.bin").exists());
     // The commit of v2 stops after its manifest was stored.
     let s2 = stage_all(&store, &m2, &v2);
-    let parent = root.join("d");
-    assert!(std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&parent)
-        .status()
-        .unwrap()
-        .success());
-    let failed = store.commit_staged(&s2);
-    std::process::Command::new("chattr")
-        .arg("-i")
-        .arg(&parent)
-        .status()
-        .unwrap();
+    let failed = commit_with_immutable(&store, &s2, &root.join("d"));
     assert!(failed.is_err(), "the forced failure did not happen");
     drop(s2);
     assert_eq!(
@@ -310,6 +298,50 @@ fn a_commit_that_stops_after_its_manifest_never_makes_the_old_document_lie() {
     );
 }
 
+/// Commits `staged` while `dir` is immutable (`chattr +i`, so root too is
+/// refused entries there), to force a commit to stop part-way.
+fn commit_with_immutable(
+    store: &ClientStore,
+    staged: &appliance_sync::store::Staged,
+    dir: &std::path::Path,
+) -> Result<(), StoreError> {
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(chattr("+i"));
+    let result = store.commit_staged(staged);
+    assert!(chattr("-i"));
+    result
+}
+
+/// With versions kept: commits v1 of `doc.bin`, then tries to replace it
+/// with v2 (interrupted once and resumed, so its staging file has its name)
+/// while the staging directory is immutable, so that the replace's rename
+/// fails. Returns the store, v1, v2 and that commit's result.
+fn fail_a_replace(
+    root: &std::path::Path,
+) -> (ClientStore, Vec<u8>, Vec<u8>, Result<(), StoreError>) {
+    let name = ClientName::parse("alice").unwrap();
+    let (store, _) = ClientStore::open(name, root, true, Arc::new(AtomicU64::new(0))).unwrap();
+    let v1 = random_bytes(100_000, 1);
+    let m1 = valid_manifest("doc.bin", &v1, 1);
+    store.commit_staged(&stage_all(&store, &m1, &v1)).unwrap();
+    let v2 = random_bytes(100_000, 2);
+    let m2 = valid_manifest("doc.bin", &v2, 2);
+    let s = stage_all(&store, &m2, &v2);
+    store.suspend_staged(&s, true);
+    drop(s);
+    let s = store.stage(&m2).unwrap();
+    let result = commit_with_immutable(&store, &s, &root.join(".appliance-staging"));
+    drop(s);
+    (store, v1, v2, result)
+}
+
 /// With versions kept, replacing a document is two renames (document to
 /// `name.~N~`, then staging file to `name`), with no rollback if the second
 /// fails and nothing atomic in between: a crash or failure there leaves the
@@ -319,31 +351,7 @@ fn a_commit_that_stops_after_its_manifest_never_makes_the_old_document_lie() {
 fn replacing_with_versions_kept_is_atomic() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) = ClientStore::open(name, &root, true, Arc::new(AtomicU64::new(0))).unwrap();
-    let v1 = random_bytes(100_000, 1);
-    let m1 = valid_manifest("doc.bin", &v1, 1);
-    store.commit_staged(&stage_all(&store, &m1, &v1)).unwrap();
-    // v2 was interrupted once and resumed (its staging file has its name).
-    let v2 = random_bytes(100_000, 2);
-    let m2 = valid_manifest("doc.bin", &v2, 2);
-    let s = stage_all(&store, &m2, &v2);
-    store.suspend_staged(&s, true);
-    drop(s);
-    let s = store.stage(&m2).unwrap();
-    let staging = root.join(".appliance-staging");
-    assert!(std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&staging)
-        .status()
-        .unwrap()
-        .success());
-    let result = store.commit_staged(&s);
-    std::process::Command::new("chattr")
-        .arg("-i")
-        .arg(&staging)
-        .status()
-        .unwrap();
+    let (_store, v1, v2, result) = fail_a_replace(&root);
     let now = std::fs::read(root.join("doc.bin")).ok();
     eprintln!(
         "commit: {:?}; doc.bin: {:?}; doc.bin.~1~ exists: {}",
@@ -419,32 +427,8 @@ fn racing_commits_with_versions_kept_lose_no_version() {
 fn a_failed_replace_leaves_no_duplicate_version() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) = ClientStore::open(name, &root, true, Arc::new(AtomicU64::new(0))).unwrap();
-    let v1 = random_bytes(100_000, 1);
-    let m1 = valid_manifest("doc.bin", &v1, 1);
-    store.commit_staged(&stage_all(&store, &m1, &v1)).unwrap();
-    let v2 = random_bytes(100_000, 2);
-    let m2 = valid_manifest("doc.bin", &v2, 2);
-    let s = stage_all(&store, &m2, &v2);
-    store.suspend_staged(&s, true);
-    drop(s);
-    let s = store.stage(&m2).unwrap();
-    let staging = root.join(".appliance-staging");
-    assert!(std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&staging)
-        .status()
-        .unwrap()
-        .success());
-    let result = store.commit_staged(&s);
-    std::process::Command::new("chattr")
-        .arg("-i")
-        .arg(&staging)
-        .status()
-        .unwrap();
+    let (store, _v1, v2, result) = fail_a_replace(&root);
     assert!(result.is_err(), "forced failure");
-    drop(s);
     let doc_ino = std::fs::metadata(root.join("doc.bin")).unwrap().ino();
     let leftover = std::fs::metadata(root.join("doc.bin.~1~"))
         .ok()
