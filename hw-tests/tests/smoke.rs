@@ -40,8 +40,8 @@ fn run(vm: &mut Vm, script: &str) -> String {
     }
 }
 
-/// The pool is in `/etc/zfs/zpool.cache` soon after it is created (within a
-/// minute), so a restart right after provisioning imports it. applianced
+/// The pool is in `/etc/zfs/zpool.cache` soon after it is created (within 45 s
+/// of ready), so a restart right after provisioning imports it. applianced
 /// cannot write that file (it runs sandboxed, /etc read-only), and ZFS's own
 /// retry comes about five minutes later; appliance-zfs-mount writes it.
 /// On disks under about 1 GiB ZED's relabelling wrote it too, which hid
@@ -49,7 +49,7 @@ fn run(vm: &mut Vm, script: &str) -> String {
 fn assert_pool_cached(vm: &mut Vm) {
     let out = run(
         vm,
-        "for i in $(seq 60); do \
+        "for i in $(seq 45); do \
            grep -qa tank /etc/zfs/zpool.cache 2>/dev/null && { echo cached; exit 0; }; \
            sleep 1; \
          done; ls -l /etc/zfs; journalctl -b -u appliance-zfs-mount --no-pager -o cat | tail -20",
@@ -57,7 +57,7 @@ fn assert_pool_cached(vm: &mut Vm) {
     ensure(
         vm,
         out.trim() == "cached",
-        &format!("the pool is not in /etc/zfs/zpool.cache a minute after ready:\n{out}"),
+        &format!("the pool is not in /etc/zfs/zpool.cache 45 s after ready:\n{out}"),
     );
 }
 
