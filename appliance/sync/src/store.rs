@@ -22,8 +22,9 @@
 //! that never needed a record is linked straight into its directory.
 //!
 //! **Upload-keyed staging** (each chunk byte written once): an upload's
-//! `<key>` is a hash of its path, size, file hash and chunk list, so the
-//! same push after an interruption finds the same files. Each verified chunk
+//! `<key>` is a tag of its path (16 hex digits) followed by a hash of its
+//! path, size, file hash and chunk list (48), so the same push after an
+//! interruption finds the same files. Each verified chunk
 //! is `pwrite`n at every offset the manifest has it ([`ClientStore::write_staged`]).
 //! Every [`STAGING_SYNC_BYTES`] the data file is fdatasynced, then the
 //! chunks written before that sync are appended to `<key>.landed`
@@ -57,7 +58,9 @@
 //! resumable pairs (`<key>.data` + `<key>.landed`, younger than
 //! [`STAGING_MAX_AGE`]) and sweeps everything else. An upload that fails
 //! for good (disk full, whole-file hash mismatch, unwritable path) deletes
-//! its staging files at once; one that is interrupted keeps them.
+//! its staging files at once; one that is interrupted keeps them, until
+//! its path is committed with other content or deleted (found by the
+//! path's tag): the client has replaced what they would resume.
 //!
 //! **Chunk index**: chunk hash → where its bytes are: the chunk store or an
 //! offset in a document. A re-push of an unchanged or slightly edited
@@ -377,6 +380,12 @@ pub struct ClientStore {
     /// the same file (a client that reconnected before the server noticed
     /// the old connection died) shares it.
     active: Mutex<HashMap<String, std::sync::Weak<Staged>>>,
+    /// Resumable staging pairs on disk that no upload has open, by key,
+    /// with the bytes of them counted in `used` (kept at start-up, or
+    /// suspended since). Taken out when an upload resumes one; swept when
+    /// their path is committed or deleted (see [`Self::sweep_superseded`]).
+    /// Locked after `active`.
+    suspended: Mutex<HashMap<String, u64>>,
     /// Out-of-order chunk bytes held by all uploads ([`REORDER_CLIENT_BYTES`]).
     reorder: Arc<AtomicUsize>,
     /// `.appliance-staging`, opened once (every upload creates, renames and
@@ -542,6 +551,7 @@ impl ClientStore {
                 state: Mutex::new(State::default()),
                 staging_seq: AtomicU64::new(0),
                 active: Mutex::new(HashMap::new()),
+                suspended: Mutex::new(HashMap::new()),
                 reorder: Arc::default(),
                 staging_fd: root_fd.try_clone().map_err(io_at(root))?,
                 manifests_fd: root_fd.try_clone().map_err(io_at(root))?,
@@ -565,6 +575,7 @@ impl ClientStore {
             state: Mutex::new(State::default()),
             staging_seq: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
+            suspended: Mutex::new(HashMap::new()),
             reorder: Arc::default(),
             staging_fd,
             manifests_fd,
@@ -604,8 +615,10 @@ impl ClientStore {
                         });
                     match (suffix, data, record) {
                         (DATA_SUFFIX, Some(d), Some(_)) if fresh => {
-                            staged_used += d.blocks().saturating_mul(512);
+                            let counted = d.blocks().saturating_mul(512);
+                            staged_used += counted;
                             kept += 1;
+                            store.suspended.lock().insert(key.to_owned(), counted);
                             true
                         }
                         (RECORD_SUFFIX, Some(_), Some(_)) => fresh,
@@ -1004,7 +1017,26 @@ impl ClientStore {
         result
     }
 
+    /// An upload's key: its path's tag ([`Self::path_tag`], 16 hex digits)
+    /// and the first 48 hex digits of [`Self::content_key`], so the pairs
+    /// left for one path are found by their names.
     fn staging_key(manifest: &ValidManifest) -> String {
+        let mut key = Self::path_tag(&manifest.path);
+        key.push_str(&Self::content_key(manifest)[..48]);
+        key
+    }
+
+    /// The first 16 hex digits of a hash of `path`.
+    fn path_tag(path: &RelPath) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"appliance-sync staging path\0");
+        h.update(path.as_str().as_bytes());
+        h.finalize().to_hex()[..16].to_owned()
+    }
+
+    /// A hash of the path, size, file hash and chunk list: an upload's whole
+    /// key before keys began with their path's tag (see [`Self::adopt_untagged`]).
+    fn content_key(manifest: &ValidManifest) -> String {
         let mut h = blake3::Hasher::new();
         h.update(b"appliance-sync staging v1\0");
         h.update(manifest.path.as_str().as_bytes());
@@ -1062,37 +1094,84 @@ impl ClientStore {
             committed: std::sync::atomic::AtomicBool::new(false),
             users: std::sync::atomic::AtomicUsize::new(1),
         };
+        self.adopt_untagged(&staged);
         self.load_staged(&staged)?;
         let staged = Arc::new(staged);
         active.insert(key, Arc::downgrade(&staged));
         Ok(staged)
     }
 
+    /// Renames a resumable pair kept under its untagged key (left by a
+    /// daemon from before keys began with their path's tag) to the upload's
+    /// key, so an upgrade does not lose an interrupted upload's progress.
+    /// Called with `active` held.
+    fn adopt_untagged(&self, staged: &Staged) {
+        let old = Self::content_key(&staged.manifest);
+        let mut suspended = self.suspended.lock();
+        if suspended.contains_key(&staged.key) {
+            return;
+        }
+        let Some(counted) = suspended.remove(&old) else {
+            return;
+        };
+        let dir = &self.staging_fd;
+        // The record first: a data file alone is swept at start-up.
+        for suffix in [RECORD_SUFFIX, DATA_SUFFIX] {
+            let from = format!("{old}.{suffix}");
+            let to = format!("{}.{suffix}", staged.key);
+            if let Err(e) = renameat(dir, from.as_str(), dir, to.as_str()) {
+                tracing::warn!(client = %self.client, error = %e, file = %from, "cannot rename a staged upload to its new key; it starts over");
+                suspended.insert(old, counted);
+                return;
+            }
+        }
+        suspended.insert(staged.key.clone(), counted);
+    }
+
     /// Reads a previous attempt's record: only chunks it lists (durable in
     /// the data file before they were recorded) count as landed.
+    /// Called with `active` held.
     fn load_staged(&self, staged: &Staged) -> Result<(), StoreError> {
+        // What of the pair is counted in `used` (none if no upload left it).
+        let counted = self.suspended.lock().remove(&staged.key);
+        let keep_counted = |counted: Option<u64>| {
+            if let Some(c) = counted {
+                self.suspended.lock().insert(staged.key.clone(), c);
+            }
+        };
         let dir = &self.staging_fd;
         let record_name = format!("{}.{RECORD_SUFFIX}", staged.name);
         let data_name = format!("{}.{DATA_SUFFIX}", staged.name);
         let mut record =
             match self.open_file_at(dir, &record_name, OFlag::O_RDONLY, 0, &record_name) {
                 Ok(f) => f,
-                Err(StoreError::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(e),
+                Err(StoreError::NotFound { .. }) => {
+                    self.sub_used(counted.unwrap_or(0));
+                    return Ok(());
+                }
+                Err(e) => {
+                    keep_counted(counted);
+                    return Err(e);
+                }
             };
         let file = match self.open_file_at(dir, &data_name, OFlag::O_RDWR, 0, &data_name) {
             Ok(f) => f,
             Err(StoreError::NotFound { .. }) => {
                 let _ = unlinkat(dir, record_name.as_str(), UnlinkatFlags::NoRemoveDir);
+                self.sub_used(counted.unwrap_or(0));
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                keep_counted(counted);
+                return Err(e);
+            }
         };
         staged.record_exists.store(true, Ordering::SeqCst);
         let mut bytes = Vec::new();
-        record
-            .read_to_end(&mut bytes)
-            .map_err(self.err_io(record_name))?;
+        if let Err(e) = record.read_to_end(&mut bytes) {
+            keep_counted(counted);
+            return Err(self.err_io(record_name)(e));
+        }
         let lengths: HashMap<Hash, u32> = staged
             .manifest
             .chunks
@@ -1112,13 +1191,21 @@ impl ClientStore {
         }
         *staged.recorded.lock() = landed.clone();
         drop(landed);
-        let on_disk = file
-            .metadata()
-            .map_err(self.err_io(data_name))?
-            .blocks()
-            .saturating_mul(512);
-        // `open` counted the data file's blocks in `used`.
-        staged.accounted.store(on_disk, Ordering::SeqCst);
+        let counted = match counted {
+            Some(c) => c,
+            // Found by this upload while the one that left it was still
+            // being suspended (see [`Self::park`]): counted here.
+            None => {
+                let on_disk = file
+                    .metadata()
+                    .map_err(self.err_io(data_name))?
+                    .blocks()
+                    .saturating_mul(512);
+                self.used.fetch_add(on_disk, Ordering::SeqCst);
+                on_disk
+            }
+        };
+        staged.accounted.store(counted, Ordering::SeqCst);
         *staged.file.write() = Some(Arc::new(file));
         Ok(())
     }
@@ -1392,14 +1479,77 @@ impl ClientStore {
         }
         let keep = keep && !staged.landed.lock().is_empty();
         if keep {
-            if let Err(e) = self.flush_staged(staged) {
-                tracing::warn!(client = %self.client, error = %e, "cannot record staged chunks; dropping them");
-                self.discard_staged(staged);
+            match self.flush_staged(staged) {
+                Ok(()) => return self.park(staged),
+                Err(e) => {
+                    tracing::warn!(client = %self.client, error = %e, "cannot record staged chunks; dropping them");
+                    self.discard_staged(staged);
+                }
             }
         } else {
             self.discard_staged(staged);
         }
         self.release_key(staged);
+    }
+
+    /// Hands a suspended upload's pair, and the bytes of it counted in
+    /// `used`, to [`Self::suspended`] (taking the file exclusively first, so
+    /// no write still in flight counts more afterwards).
+    fn park(&self, staged: &Staged) {
+        let counted = {
+            let _hold = staged.file.write();
+            staged.accounted.swap(0, Ordering::SeqCst)
+        };
+        let mut active = self.active.lock();
+        let ours = active
+            .get(&staged.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), staged));
+        if ours {
+            active.remove(&staged.key);
+            self.suspended.lock().insert(staged.key.clone(), counted);
+        } else {
+            // A new upload of the same file took the pair over meanwhile
+            // and counted what it found itself.
+            self.sub_used(counted);
+        }
+    }
+
+    /// Removes the resumable pairs left for `path` by interrupted uploads
+    /// of other content, once the path has been committed or deleted: they
+    /// could only bring back what the client has since replaced, and they
+    /// count against its quota until they age out (see [`STAGING_MAX_AGE`]).
+    /// Pairs that an upload has open are not in [`Self::suspended`].
+    fn sweep_superseded(&self, path: &RelPath) {
+        let tag = Self::path_tag(path);
+        let mut suspended = self.suspended.lock();
+        let doomed: Vec<String> = suspended
+            .keys()
+            .filter(|k| k.starts_with(&tag))
+            .cloned()
+            .collect();
+        let mut swept = 0u64;
+        for key in doomed {
+            let data = format!("{key}.{DATA_SUFFIX}");
+            match unlinkat(&self.staging_fd, data.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    tracing::warn!(client = %self.client, error = %e, file = %data, "cannot remove a superseded staged upload");
+                    continue;
+                }
+            }
+            let _ = unlinkat(
+                &self.staging_fd,
+                format!("{key}.{RECORD_SUFFIX}").as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+            if let Some(counted) = suspended.remove(&key) {
+                self.sub_used(counted);
+            }
+            swept += 1;
+        }
+        if swept > 0 {
+            tracing::info!(client = %self.client, path = %path, uploads = swept, "removed interrupted uploads of a path since replaced");
+        }
     }
 
     fn release_key(&self, staged: &Staged) {
@@ -1413,6 +1563,10 @@ impl ClientStore {
     }
 
     fn discard_staged(&self, staged: &Staged) {
+        // Its pair, if parked meanwhile, goes with it.
+        if let Some(counted) = self.suspended.lock().remove(&staged.key) {
+            self.sub_used(counted);
+        }
         for suffix in [DATA_SUFFIX, RECORD_SUFFIX] {
             let _ = unlinkat(
                 &self.staging_fd,
@@ -1450,7 +1604,10 @@ impl ClientStore {
     pub fn commit_staged(&self, staged: &Staged) -> Result<(), StoreError> {
         let result = self.commit_staged_inner(staged);
         match &result {
-            Ok(()) => self.release_key(staged),
+            Ok(()) => {
+                self.release_key(staged);
+                self.sweep_superseded(&staged.manifest.path);
+            }
             // The index lost a chunk it promised: the state stays open and
             // the caller suspends it (keeping what landed); the client's
             // retry is asked for the rest.
@@ -2086,6 +2243,8 @@ impl ClientStore {
             .retain(|_, s| !matches!(s, ChunkSource::Document { path: p, .. } if p == path));
         self.used
             .fetch_sub(u64::try_from(st.st_size).unwrap_or(0), Ordering::SeqCst);
+        drop(state);
+        self.sweep_superseded(path);
         Ok(())
     }
 
@@ -2804,6 +2963,120 @@ mod tests {
         assert!(names().is_empty(), "the commit settles staging");
         assert_eq!(store.used(), bytes.len() as u64);
         assert!(m.chunks.iter().all(|c| store.has_chunk(&c.hash)));
+    }
+
+    fn staging_names(root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root.join(STAGING_DIR_NAME))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn pair(key: &str) -> Vec<String> {
+        vec![
+            format!("{key}.{DATA_SUFFIX}"),
+            format!("{key}.{RECORD_SUFFIX}"),
+        ]
+    }
+
+    /// Leaves an interrupted upload of `bytes` to `path`, every chunk landed
+    /// and recorded.
+    fn interrupt(store: &ClientStore, path: &str, bytes: &[u8]) -> ValidManifest {
+        let m = manifest_for(path, bytes);
+        let staged = store.stage(&m).unwrap();
+        write_all_staged(store, &staged, &m, bytes);
+        store.suspend_staged(&staged, true);
+        m
+    }
+
+    /// An interrupted upload of a path that was then committed with other
+    /// content, or deleted, stayed in staging and counted against the quota
+    /// until a restart at least 7 days later. It goes with that commit or
+    /// delete. A pair of another path, and one an upload has open, stay;
+    /// usage is exact throughout (a pair suspended and resumed in one run
+    /// was counted by its bytes written, then by its blocks on disk).
+    #[test]
+    fn interrupted_uploads_of_a_replaced_or_deleted_path_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let commit = |m: &ValidManifest, bytes: &[u8]| {
+            let staged = store.stage(m).unwrap();
+            write_all_staged(&store, &staged, m, bytes);
+            store.commit_staged(&staged).unwrap();
+        };
+        let old = data(300_001, 1);
+        let m_old = interrupt(&store, "a.bin", &old);
+        let other = data(200_001, 2);
+        let m_other = interrupt(&store, "b.bin", &other);
+        let mut both = pair(&ClientStore::staging_key(&m_old));
+        both.extend(pair(&ClientStore::staging_key(&m_other)));
+        both.sort();
+        assert_eq!(staging_names(&root), both);
+
+        // a.bin committed with other content: its pair goes, b.bin's stays.
+        let new = data(100_001, 3);
+        commit(&manifest_for("a.bin", &new), &new);
+        assert_eq!(
+            staging_names(&root),
+            pair(&ClientStore::staging_key(&m_other))
+        );
+        assert_eq!(store.used(), (new.len() + other.len()) as u64);
+
+        // b.bin resumes with every chunk; an upload that has the pair open
+        // keeps it through a commit of other content to the same path.
+        let resumed = store.stage(&m_other).unwrap();
+        assert_eq!(resumed.recorded_count(), m_other.chunks.len());
+        let newer = data(50_001, 4);
+        commit(&manifest_for("b.bin", &newer), &newer);
+        store.commit_staged(&resumed).unwrap();
+        assert_eq!(std::fs::read(root.join("b.bin")).unwrap(), other);
+        assert!(staging_names(&root).is_empty());
+        assert_eq!(store.used(), (new.len() + other.len()) as u64);
+
+        // Kept by a restart, then the path deleted: the pair goes.
+        let m_gone = interrupt(&store, "b.bin", &data(150_001, 5));
+        drop(store);
+        let store = open(&root, false);
+        assert_eq!(
+            staging_names(&root),
+            pair(&ClientStore::staging_key(&m_gone))
+        );
+        store.delete(&RelPath::parse("b.bin").unwrap()).unwrap();
+        assert!(staging_names(&root).is_empty());
+        assert_eq!(store.used(), new.len() as u64);
+        drop(store);
+        let (_, report) =
+            ClientStore::open(name(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+        assert_eq!(report.used_bytes, new.len() as u64);
+    }
+
+    /// A pair kept under its untagged key (by a daemon from before keys
+    /// began with their path's tag) still resumes, under the new key.
+    #[test]
+    fn a_pair_under_its_untagged_key_still_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(600_001, 6);
+        let m = interrupt(&store, "c.bin", &bytes);
+        drop(store);
+        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
+        let staging = root.join(STAGING_DIR_NAME);
+        for (from, to) in pair(&key).iter().zip(pair(&old)) {
+            std::fs::rename(staging.join(from), staging.join(to)).unwrap();
+        }
+        let store = open(&root, false);
+        assert_eq!(staging_names(&root), pair(&old));
+        let staged = store.stage(&m).unwrap();
+        assert_eq!(staged.recorded_count(), m.chunks.len());
+        assert_eq!(staging_names(&root), pair(&key));
+        store.commit_staged(&staged).unwrap();
+        assert_eq!(std::fs::read(root.join("c.bin")).unwrap(), bytes);
+        assert!(staging_names(&root).is_empty());
+        assert_eq!(store.used(), bytes.len() as u64);
     }
 
     /// Staging files start anonymous where the file system allows it: a
