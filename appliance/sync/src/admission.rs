@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// The refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -111,12 +111,20 @@ impl UsageLedger {
 /// is dropped: the upload committed (its bytes are then in `used`), failed,
 /// was refused, or its connection went.
 ///
+/// Uploads that write one staging file (the same file uploaded twice at
+/// once, or again by a client that reconnected before its old connection
+/// was closed) add its bytes once, so they hold one reservation between
+/// them ([`Self::admit_shared`]).
+///
 /// Limit: only one client's uploads are counted against each other. Free
 /// space shared by several clients is checked against each client's
 /// reservations alone.
 #[derive(Debug, Default)]
 pub struct Reservations {
     by_client: Mutex<HashMap<ClientName, Arc<Mutex<u64>>>>,
+    /// Reservations held for a staging file, by client and staging key.
+    /// Locked before `by_client`.
+    shared: Mutex<HashMap<(ClientName, String), Weak<Held>>>,
 }
 
 impl Reservations {
@@ -152,7 +160,12 @@ impl Reservations {
             Ok(()) => {
                 *reserved = reserved.saturating_add(bytes);
                 drop(reserved);
-                Ok(Reservation { slot, bytes })
+                Ok(Reservation {
+                    held: Arc::new(Held {
+                        slot,
+                        bytes: Mutex::new(bytes),
+                    }),
+                })
             }
             Err(Refused::Quota(q)) => Err(Refused::Quota(QuotaExceeded {
                 needed: bytes,
@@ -161,35 +174,72 @@ impl Reservations {
             Err(other) => Err(other),
         }
     }
+
+    /// As [`Self::admit`], for an upload into the staging file `key`: if
+    /// another upload of `client` holds a reservation for that file, this
+    /// one shares it (admitted without asking again: the bytes it would add
+    /// are the ones already reserved), and the reservation is given back
+    /// when the last of them ends.
+    pub fn admit_shared(
+        &self,
+        admission: &dyn Admission,
+        client: &ClientName,
+        key: &str,
+        bytes: u64,
+    ) -> Result<Reservation, Refused> {
+        let mut shared = self.shared.lock();
+        let id = (client.clone(), key.to_owned());
+        if let Some(held) = shared.get(&id).and_then(Weak::upgrade) {
+            return Ok(Reservation { held });
+        }
+        let reservation = self.admit(admission, client, bytes)?;
+        shared.retain(|_, w| w.strong_count() > 0);
+        shared.insert(id, Arc::downgrade(&reservation.held));
+        Ok(reservation)
+    }
 }
 
-/// Bytes reserved for one admitted upload (see [`Reservations`]); given
-/// back when dropped.
+/// Bytes reserved for one admitted upload (see [`Reservations`]), or for
+/// the uploads sharing its staging file; given back when the last holder
+/// drops it.
 #[derive(Debug)]
 #[must_use = "dropping a reservation gives its bytes back at once"]
 pub struct Reservation {
+    held: Arc<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
     slot: Arc<Mutex<u64>>,
-    bytes: u64,
+    bytes: Mutex<u64>,
+}
+
+impl Held {
+    fn shrink_to(&self, bytes: u64) {
+        let mut held = self.bytes.lock();
+        if bytes < *held {
+            let mut reserved = self.slot.lock();
+            *reserved = reserved.saturating_sub(*held - bytes);
+            *held = bytes;
+        }
+    }
 }
 
 impl Reservation {
     /// Bytes still reserved.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        *self.held.bytes.lock()
     }
 
     /// Lowers the reservation to `bytes` (never raises it): call it once
-    /// the upload's landed bytes are counted in the client's usage.
+    /// the upload's landed bytes are counted in the client's usage. Shared,
+    /// it is lowered for every holder (they write the same file).
     pub fn shrink_to(&mut self, bytes: u64) {
-        if bytes < self.bytes {
-            let mut reserved = self.slot.lock();
-            *reserved = reserved.saturating_sub(self.bytes - bytes);
-            self.bytes = bytes;
-        }
+        self.held.shrink_to(bytes);
     }
 }
 
-impl Drop for Reservation {
+impl Drop for Held {
     fn drop(&mut self) {
         self.shrink_to(0);
     }
@@ -393,6 +443,52 @@ mod tests {
         assert_eq!(reservations.reserved(&alice), 0, "the last one was dropped");
         drop(other);
         assert_eq!(reservations.reserved(&bob), 0);
+    }
+
+    /// Uploads into one staging file hold one reservation: the second is
+    /// admitted without reserving its bytes again, lowering it lowers it
+    /// for both, and it is given back when the last of them ends.
+    #[test]
+    fn uploads_sharing_a_staging_file_hold_one_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::open(&dir.path().join("id")).unwrap();
+        let alice = ClientName::parse("alice").unwrap();
+        authority
+            .enroll(&alice, Some(1000), &dir.path().join("a"))
+            .unwrap();
+        let admission =
+            LocalAdmission::new(authority, UsageLedger::new(), dir.path()).with_reserve(0);
+        let reservations = Reservations::new();
+        let first = reservations
+            .admit_shared(&admission, &alice, "k1", 700)
+            .unwrap();
+        // 1400 would not fit the quota: shared, nothing more is reserved.
+        let mut second = reservations
+            .admit_shared(&admission, &alice, "k1", 700)
+            .unwrap();
+        assert_eq!(reservations.reserved(&alice), 700);
+        second.shrink_to(500);
+        assert_eq!((first.bytes(), reservations.reserved(&alice)), (500, 500));
+        // Another staging file is reserved on its own, against the quota.
+        assert!(reservations
+            .admit_shared(&admission, &alice, "k2", 600)
+            .is_err());
+        let other = reservations
+            .admit_shared(&admission, &alice, "k2", 400)
+            .unwrap();
+        assert_eq!(reservations.reserved(&alice), 900);
+        // The first upload ends (its connection went): still held.
+        drop(first);
+        assert_eq!(reservations.reserved(&alice), 900);
+        drop(second);
+        assert_eq!(reservations.reserved(&alice), 400);
+        // Given back: the next upload into k1 is admitted and reserved anew.
+        let again = reservations
+            .admit_shared(&admission, &alice, "k1", 600)
+            .unwrap();
+        assert_eq!(reservations.reserved(&alice), 1000);
+        drop((again, other));
+        assert_eq!(reservations.reserved(&alice), 0);
     }
 
     #[test]

@@ -608,9 +608,16 @@ impl ProtoAdmission for StorageView<'_> {
                 .saturating_sub(self.staged.map_or(0, Staged::accounted_bytes)),
         };
         // Admitted against what this client's other running uploads may
-        // still add, and reserved until this one ends.
-        self.reservations
-            .admit(self.admission, self.client, needed)
+        // still add, and reserved until this one ends (once for uploads
+        // that share a staging file).
+        let admitted = match self.staged {
+            Some(staged) => {
+                self.reservations
+                    .admit_shared(self.admission, self.client, staged.key(), needed)
+            }
+            None => self.reservations.admit(self.admission, self.client, needed),
+        };
+        admitted
             .map(|reservation| self.reservation = Some(reservation))
             .map_err(|r| match r {
                 Refused::Quota(q) => Refusal::QuotaExceeded {

@@ -248,6 +248,12 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// The upload's key (its staging file's name): uploads that share this
+    /// state have the same key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Whether chunk `hash` is durably in the staging file (listed in its
     /// record): what a resumed upload need not be sent again. Chunks written
     /// but not yet recorded are asked for again (and not rewritten).

@@ -326,6 +326,40 @@ async fn aborted_uploads_release_their_reservation() {
     fx.stop().await;
 }
 
+/// A client that reconnects while the server still holds its old
+/// connection (a dead link not yet timed out) and pushes the same file
+/// again shares the old upload's staging file. It was also reserved a
+/// second time, so a file that fits the quota once was refused
+/// (`QuotaExceeded`) until the old connection went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_resumed_while_the_old_connection_is_open_is_reserved_once() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("gail", Some(1 << 20));
+    let size = 900_000;
+    let old = raw_connect(&bundle, fx.addr).await.unwrap();
+    let _stream = start_upload(&old, "a.bin", size, 31).await.unwrap();
+    let file = fx.path().join("a.bin");
+    std::fs::write(&file, random_bytes(size, 31)).unwrap();
+    let client = fx.connect(&bundle).await;
+    client
+        .push(&[file], None, Arc::new(NoProgress))
+        .await
+        .expect("the same file again, while the old upload is open");
+    assert_eq!(client.status().await.unwrap().used, size as u64);
+    // Once the old upload ends too, nothing stays reserved.
+    old.close(quinn::VarInt::from_u32(0), b"gone");
+    upload_failed(&fx, "a.bin").await;
+    let rest = fx.path().join("rest.bin");
+    std::fs::write(&rest, random_bytes((1 << 20) - size, 32)).unwrap();
+    client
+        .push(&[rest], None, Arc::new(NoProgress))
+        .await
+        .expect("the rest of the quota");
+    assert_eq!(client.status().await.unwrap().used, 1 << 20);
+    client.close().await;
+    fx.stop().await;
+}
+
 fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
     Bundle {
         version: BUNDLE_VERSION,
