@@ -337,9 +337,9 @@ impl GatedAdmission {
 }
 
 impl Admission for GatedAdmission {
-    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused> {
+    fn admit(&self, client: &ClientName, bytes: u64, others: u64) -> Result<(), Refused> {
         self.writable(client)?;
-        self.local.admit(client, bytes)
+        self.local.admit(client, bytes, others)
     }
 
     fn writable(&self, client: &ClientName) -> Result<(), Refused> {
@@ -512,12 +512,12 @@ mod tests {
         let local = LocalAdmission::new(authority, ledger, dir.path()).with_reserve(0);
         let gate = StorageGate::new(dir.path().to_path_buf());
         let adm = GatedAdmission::new(gate.clone(), local);
-        assert_eq!(adm.admit(&client, 10), Ok(()));
+        assert_eq!(adm.admit(&client, 10, 0), Ok(()));
         gate.set(GateState::Closed {
             reason: "pool tank is SUSPENDED".into(),
         });
         assert_eq!(
-            adm.admit(&client, 10),
+            adm.admit(&client, 10, 0),
             Err(Refused::Unavailable {
                 detail: "pool tank is SUSPENDED".into()
             })
@@ -531,6 +531,6 @@ mod tests {
         assert_eq!(adm.space(&client).available, 0);
         gate.set(GateState::Open);
         assert_eq!(adm.writable(&client), Ok(()));
-        assert_eq!(adm.admit(&client, 10), Ok(()));
+        assert_eq!(adm.admit(&client, 10, 0), Ok(()));
     }
 }

@@ -12,7 +12,8 @@
 //! 1 MiB quota), so the server admits through [`Reservations`]: each
 //! admitted upload holds a [`Reservation`] of the bytes it may still add,
 //! and the next upload of that client is admitted only if its bytes fit on
-//! top of them.
+//! top of them, and within the space all clients share on top of every
+//! client's reservations.
 
 use crate::identity::{Authority, ClientName};
 use parking_lot::Mutex;
@@ -52,8 +53,11 @@ pub struct Space {
 /// Admission policy. Implementations must be cheap: it is called on the
 /// connection's task for every manifest.
 pub trait Admission: Send + Sync + std::fmt::Debug {
-    /// `Ok` if `client` may add `bytes` more bytes.
-    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused>;
+    /// `Ok` if `client` may add `bytes` more bytes, while other clients'
+    /// admitted uploads may still add `others` bytes to the space all
+    /// clients share (the documents' file system, or on the appliance the
+    /// `documents` dataset that holds the clients' datasets).
+    fn admit(&self, client: &ClientName, bytes: u64, others: u64) -> Result<(), Refused>;
     /// Whether `client`'s storage can take writes at all. Must not touch
     /// the documents' file system: the server asks this *before* it opens a
     /// client's store, looks up staging state or reads a manifest, because
@@ -116,15 +120,23 @@ impl UsageLedger {
 /// was closed) add its bytes once, so they hold one reservation between
 /// them ([`Self::admit_shared`]).
 ///
-/// Limit: only one client's uploads are counted against each other. Free
-/// space shared by several clients is checked against each client's
-/// reservations alone.
+/// A client's uploads are admitted against its quota beside its own
+/// reservations, and against the free space all clients share beside
+/// everybody's. Admissions are serialized, so no two pass against the same
+/// figures.
 #[derive(Debug, Default)]
 pub struct Reservations {
-    by_client: Mutex<HashMap<ClientName, Arc<Mutex<u64>>>>,
+    ledger: Arc<Mutex<Reserved>>,
     /// Reservations held for a staging file, by client and staging key.
-    /// Locked before `by_client`.
+    /// Locked before `ledger`.
     shared: Mutex<HashMap<(ClientName, String), Weak<Held>>>,
+}
+
+/// What is reserved, per client and in all.
+#[derive(Debug, Default)]
+struct Reserved {
+    by_client: HashMap<ClientName, u64>,
+    total: u64,
 }
 
 impl Reservations {
@@ -135,41 +147,49 @@ impl Reservations {
 
     /// Bytes reserved for `client`.
     pub fn reserved(&self, client: &ClientName) -> u64 {
-        self.by_client.lock().get(client).map_or(0, |r| *r.lock())
+        self.ledger
+            .lock()
+            .by_client
+            .get(client)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Bytes reserved for all clients.
+    pub fn total(&self) -> u64 {
+        self.ledger.lock().total
     }
 
     /// Asks `admission` whether `client` may add `bytes` on top of what its
-    /// admitted uploads hold, and if so reserves them. Admissions of one
-    /// client are serialized, so two of them cannot both pass against the
-    /// same figure. A refusal names this upload's `bytes` as needed and what
-    /// is left beside the reservations as available.
+    /// admitted uploads hold (and the other clients' beside them), and if
+    /// so reserves them. A refusal names this upload's `bytes` as needed and
+    /// what is left beside the reservations as available.
     pub fn admit(
         &self,
         admission: &dyn Admission,
         client: &ClientName,
         bytes: u64,
     ) -> Result<Reservation, Refused> {
-        let slot = self
-            .by_client
-            .lock()
-            .entry(client.clone())
-            .or_default()
-            .clone();
-        let mut reserved = slot.lock();
-        match admission.admit(client, reserved.saturating_add(bytes)) {
+        let mut ledger = self.ledger.lock();
+        let own = ledger.by_client.get(client).copied().unwrap_or(0);
+        let others = ledger.total.saturating_sub(own);
+        match admission.admit(client, own.saturating_add(bytes), others) {
             Ok(()) => {
-                *reserved = reserved.saturating_add(bytes);
-                drop(reserved);
+                ledger.total = ledger.total.saturating_add(bytes);
+                let mine = ledger.by_client.entry(client.clone()).or_default();
+                *mine = mine.saturating_add(bytes);
+                drop(ledger);
                 Ok(Reservation {
                     held: Arc::new(Held {
-                        slot,
+                        ledger: self.ledger.clone(),
+                        client: client.clone(),
                         bytes: Mutex::new(bytes),
                     }),
                 })
             }
             Err(Refused::Quota(q)) => Err(Refused::Quota(QuotaExceeded {
                 needed: bytes,
-                available: q.available.saturating_sub(*reserved),
+                available: q.available.saturating_sub(own),
             })),
             Err(other) => Err(other),
         }
@@ -210,7 +230,8 @@ pub struct Reservation {
 
 #[derive(Debug)]
 struct Held {
-    slot: Arc<Mutex<u64>>,
+    ledger: Arc<Mutex<Reserved>>,
+    client: ClientName,
     bytes: Mutex<u64>,
 }
 
@@ -218,8 +239,15 @@ impl Held {
     fn shrink_to(&self, bytes: u64) {
         let mut held = self.bytes.lock();
         if bytes < *held {
-            let mut reserved = self.slot.lock();
-            *reserved = reserved.saturating_sub(*held - bytes);
+            let less = *held - bytes;
+            let mut ledger = self.ledger.lock();
+            ledger.total = ledger.total.saturating_sub(less);
+            if let Some(mine) = ledger.by_client.get_mut(&self.client) {
+                *mine = mine.saturating_sub(less);
+                if *mine == 0 {
+                    ledger.by_client.remove(&self.client);
+                }
+            }
             *held = bytes;
         }
     }
@@ -304,6 +332,9 @@ pub struct LocalAdmission {
     /// short of it. 64 MiB covers metadata and a few log segments; it is
     /// capped at 1/16 of the filesystem ([`effective_reserve`]).
     reserve: u64,
+    /// Free and total bytes of the file system holding a path ([`fs_space`];
+    /// replaced in tests).
+    fs: fn(&Path) -> std::io::Result<(u64, u64)>,
 }
 
 /// Default free-space reserve of [`LocalAdmission`].
@@ -317,6 +348,7 @@ impl LocalAdmission {
             ledger,
             documents: documents.to_path_buf(),
             reserve: DEFAULT_RESERVE,
+            fs: fs_space,
         }
     }
 
@@ -325,15 +357,30 @@ impl LocalAdmission {
         self.reserve = reserve;
         self
     }
+
+    /// Takes free and total bytes from `fs` instead of `statvfs`.
+    #[cfg(test)]
+    fn with_fs(mut self, fs: fn(&Path) -> std::io::Result<(u64, u64)>) -> Self {
+        self.fs = fs;
+        self
+    }
 }
 
 impl Admission for LocalAdmission {
-    fn admit(&self, client: &ClientName, bytes: u64) -> Result<(), Refused> {
-        let space = self.space(client);
-        if bytes > space.available {
+    fn admit(&self, client: &ClientName, bytes: u64, others: u64) -> Result<(), Refused> {
+        let mut available = self.space(client).available;
+        if others > 0 {
+            // The space the clients share (the documents directory's file
+            // system; on the appliance the `documents` dataset), less the
+            // reserve and what the others' uploads may still add.
+            let (free, total) = (self.fs)(&self.documents).unwrap_or((0, 0));
+            let shared = available_bytes(None, 0, free, total, self.reserve);
+            available = available.min(shared.saturating_sub(others));
+        }
+        if bytes > available {
             Err(Refused::Quota(QuotaExceeded {
                 needed: bytes,
-                available: space.available,
+                available,
             }))
         } else {
             Ok(())
@@ -348,8 +395,8 @@ impl Admission for LocalAdmission {
         // free space. If statvfs fails we cannot promise anything: report
         // no space.
         let own = self.documents.join(client.as_str());
-        let (free, total) = fs_space(&own)
-            .or_else(|_| fs_space(&self.documents))
+        let (free, total) = (self.fs)(&own)
+            .or_else(|_| (self.fs)(&self.documents))
             .unwrap_or((0, 0));
         let available = available_bytes(quota, used, free, total, self.reserve);
         Space {
@@ -374,10 +421,10 @@ mod tests {
             .unwrap();
         let ledger = UsageLedger::new();
         let admission = LocalAdmission::new(authority, ledger.clone(), dir.path()).with_reserve(0);
-        assert!(admission.admit(&alice, 1000).is_ok());
+        assert!(admission.admit(&alice, 1000, 0).is_ok());
         ledger.counter(&alice).store(400, Ordering::SeqCst);
         assert_eq!(
-            admission.admit(&alice, 601),
+            admission.admit(&alice, 601, 0),
             Err(Refused::Quota(QuotaExceeded {
                 needed: 601,
                 available: 600
@@ -392,7 +439,7 @@ mod tests {
         let bob = ClientName::parse("bob").unwrap();
         let free = free_bytes(dir.path()).unwrap();
         assert!(free > 0);
-        assert!(admission.admit(&bob, free + (1 << 40)).is_err());
+        assert!(admission.admit(&bob, free + (1 << 40), 0).is_err());
     }
     #[test]
     fn reservations_count_admitted_uploads_until_dropped() {
@@ -443,6 +490,46 @@ mod tests {
         assert_eq!(reservations.reserved(&alice), 0, "the last one was dropped");
         drop(other);
         assert_eq!(reservations.reserved(&bob), 0);
+    }
+
+    /// Clients share the file system's free space: each client's uploads
+    /// were admitted beside its own reservations only, so two clients'
+    /// uploads admitted together could take the space the reserve keeps,
+    /// and then fail on a full disk.
+    #[test]
+    fn clients_share_the_free_space_beside_each_others_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::open(&dir.path().join("id")).unwrap();
+        let alice = ClientName::parse("alice").unwrap();
+        let bob = ClientName::parse("bob").unwrap();
+        for (c, f) in [(&alice, "a"), (&bob, "b")] {
+            authority.enroll(c, None, &dir.path().join(f)).unwrap();
+        }
+        // 1000 bytes free beside a reserve of 100.
+        let admission = LocalAdmission::new(authority, UsageLedger::new(), dir.path())
+            .with_reserve(100)
+            .with_fs(|_| Ok((1100, 1 << 20)));
+        let reservations = Reservations::new();
+        let a = reservations.admit(&admission, &alice, 600).unwrap();
+        assert_eq!(
+            reservations.admit(&admission, &bob, 500).unwrap_err(),
+            Refused::Quota(QuotaExceeded {
+                needed: 500,
+                available: 400
+            })
+        );
+        let b = reservations.admit(&admission, &bob, 400).unwrap();
+        assert_eq!(reservations.total(), 1000);
+        assert!(reservations.admit(&admission, &alice, 1).is_err());
+        // Alice's upload ends: its space is Bob's to take.
+        drop(a);
+        let b2 = reservations.admit(&admission, &bob, 600).unwrap();
+        assert_eq!(
+            (reservations.reserved(&bob), reservations.total()),
+            (1000, 1000)
+        );
+        drop((b, b2));
+        assert_eq!(reservations.total(), 0);
     }
 
     /// Uploads into one staging file hold one reservation: the second is

@@ -727,9 +727,10 @@ impl appliance_sync::admission::Admission for Gate {
         &self,
         client: &ClientName,
         bytes: u64,
+        others: u64,
     ) -> Result<(), appliance_sync::admission::Refused> {
         self.writable(client)?;
-        self.inner.admit(client, bytes)
+        self.inner.admit(client, bytes, others)
     }
 
     fn writable(&self, _client: &ClientName) -> Result<(), appliance_sync::admission::Refused> {
