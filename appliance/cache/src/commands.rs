@@ -529,7 +529,9 @@ fn dispatch(cache: &Cache, session: &mut Session, name: &str, a: &[Bytes]) -> Re
             Reply::Integer(i64::try_from(COMMANDS.len()).unwrap_or(i64::MAX))
         }
         ("COMMAND", _) => Reply::Array(Vec::new()),
-        ("CONFIG", n) if n >= 2 && upper(&a[0]) == "GET" => Reply::Array(Vec::new()),
+        // No parameter is readable: an empty map (RESP3), as redis-server
+        // answers for a name it does not have.
+        ("CONFIG", n) if n >= 2 && upper(&a[0]) == "GET" => Reply::Map(Vec::new()),
         ("CONFIG", n) if n >= 1 => {
             let sub = upper(&a[0]);
             Reply::err(format!(
@@ -1257,6 +1259,12 @@ mod tests {
         assert_eq!(
             run(&c, &mut s, &["COMMAND", "COUNT"]),
             Reply::Integer(COMMANDS.len() as i64)
+        );
+        // A map (`%0` in RESP3, an empty array in RESP2), as redis-server
+        // answers a parameter it does not have; clients read it as a dict.
+        assert_eq!(
+            run(&c, &mut s, &["CONFIG", "GET", "save"]),
+            Reply::Map(Vec::new())
         );
     }
 

@@ -230,7 +230,9 @@ fn fast_header(buf: &[u8], at: usize, kind: u8) -> Option<(usize, usize)> {
         n = n.checked_mul(10)?.checked_add(usize::from(d - b'0'))?;
         i += 1;
     }
-    (i > 1 && line.get(i..i + 2) == Some(b"\r\n")).then_some((n, at + i + 2))
+    // A leading zero ("$04") is left to the general decoder, which refuses it.
+    let canonical = i == 2 || line.get(1) != Some(&b'0');
+    (i > 1 && canonical && line.get(i..i + 2) == Some(b"\r\n")).then_some((n, at + i + 2))
 }
 
 fn find_crlf(buf: &[u8], limit: usize) -> Option<usize> {
@@ -238,7 +240,19 @@ fn find_crlf(buf: &[u8], limit: usize) -> Option<usize> {
     memchr::memmem::find(window, b"\r\n")
 }
 
+/// A decimal integer as Redis reads one in a header: an optional `-`, then
+/// digits without a leading zero (`0` alone is zero). `+5`, `05` and `-0`
+/// are refused, as redis-server refuses them.
 fn parse_i64(digits: &[u8]) -> Result<i64, ProtocolError> {
+    let magnitude = digits.strip_prefix(b"-").unwrap_or(digits);
+    let canonical = match magnitude {
+        [b'0'] => digits.len() == 1,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !canonical {
+        return Err(ProtocolError::BadNumber);
+    }
     std::str::from_utf8(digits)
         .ok()
         .and_then(|s| s.parse::<i64>().ok())
@@ -1318,8 +1332,66 @@ mod tests {
             Err(ProtocolError::UnexpectedByte(b'?'))
         );
         assert_eq!(decode_all(b":abc\r\n"), Err(ProtocolError::BadNumber));
+        // Numbers as redis-server reads them: no sign but `-`, no leading
+        // zero, no negative zero.
+        for bad in [
+            &b"*1\r\n$04\r\nabcd\r\n"[..],
+            b"*01\r\n$1\r\na\r\n",
+            b"*1\r\n$+1\r\na\r\n",
+            b"$-01\r\n",
+            b":-0\r\n",
+            b":00\r\n",
+        ] {
+            assert_eq!(
+                decode_all(bad),
+                Err(ProtocolError::BadNumber),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            // The command path reads headers on its own fast path first.
+            assert_eq!(
+                commands_in_chunks(bad, bad.len(), Limits::default()),
+                Err(ProtocolError::BadNumber),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(decode_all(b":0\r\n"), Ok(vec![Frame::Integer(0)]));
+        assert_eq!(decode_all(b":-10\r\n"), Ok(vec![Frame::Integer(-10)]));
+        assert_eq!(decode_all(b"$0\r\n\r\n").map(|f| f.len()), Ok(1));
         let long = [b"*".as_slice(), &[b'1'; 40]].concat();
         assert_eq!(decode_all(&long), Err(ProtocolError::HeaderTooLong));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+        /// Frames of headers with odd numbers (signs, zeros, empty), cut
+        /// anywhere,
+        /// never panics either decoder, and both agree on whether it is a
+        /// protocol error: the command path's fast header reading accepts
+        /// nothing the general decoder refuses.
+        #[test]
+        fn headers_decode_alike_on_both_paths(
+            pieces in proptest::collection::vec(
+                (
+                    proptest::sample::select(&b"*$:"[..]),
+                    proptest::sample::select(&["0", "1", "01", "-0", "+1", ""][..]),
+                    proptest::sample::select(&["\r\n", "\r\na\r\n"][..]),
+                ),
+                0..8,
+            ),
+            chunk in 1usize..64,
+        ) {
+            let mut input = Vec::new();
+            for (kind, number, end) in pieces {
+                input.push(kind);
+                input.extend_from_slice(number.as_bytes());
+                input.extend_from_slice(end.as_bytes());
+            }
+            let general = decode_all(&input).map(|_| ());
+            let command = commands_in_chunks(&input, chunk, Limits::default()).map(|_| ());
+            proptest::prop_assert_eq!(general, command);
+        }
     }
 
     /// Everything `decode` yields, as `decode_command` reports it.
