@@ -42,7 +42,7 @@ use crate::store::{ClientStore, Documents, Staged, StoreError};
 use crate::wire::{read_header, write_frame, WireIoError};
 use appliance_sync_proto::frame::{chunk_head, MAX_CHUNK_HEAD_LEN};
 use appliance_sync_proto::limits::{IDLE_TIMEOUT, MAX_LIST_ENTRIES};
-use appliance_sync_proto::message::{StatusReply, UploadId};
+use appliance_sync_proto::message::{Manifest, StatusReply, UploadId};
 use appliance_sync_proto::server::{
     Admission as ProtoAdmission, AdmissionRequest, ChunkIndex, Refusal,
 };
@@ -52,7 +52,7 @@ use appliance_sync_proto::{
 };
 use parking_lot::Mutex;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -562,6 +562,8 @@ enum Event {
         stream: StreamKey,
         message: Message,
         staged: Option<Arc<Staged>>,
+        /// The `Upload` frame's memory, held until it is handled.
+        permit: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -664,6 +666,20 @@ struct ConnActor {
     upload_stream_of: HashMap<UploadId, StreamKey>,
     /// Staging state of each running upload.
     staged: HashMap<UploadId, Arc<Staged>>,
+    /// Whether an upload's staging state is being looked up. One is at a
+    /// time: each lookup holds a copy of its manifest and a map of its
+    /// chunks (up to ~40 MiB for a full one) until the protocol machine
+    /// admits or refuses it, so lookups run in parallel could hold far more
+    /// than the open-upload bound ([`MAX_OPEN_UPLOAD_STATE_BYTES`]) the
+    /// machine enforces only when each is handled.
+    ///
+    /// [`MAX_OPEN_UPLOAD_STATE_BYTES`]: appliance_sync_proto::limits::MAX_OPEN_UPLOAD_STATE_BYTES
+    preparing: bool,
+    /// `Upload` frames waiting for their lookup, in the order they came,
+    /// each holding its frame's memory: once they hold the connection's
+    /// [`IN_FLIGHT_CHUNK_BYTES`], its streams are not read further. Handled
+    /// in order, so uploads pipelined on one stream are answered in order.
+    waiting: VecDeque<(StreamKey, Manifest, Option<OwnedSemaphorePermit>)>,
     next_stream: StreamKey,
     /// Memory reservation of the frame being handled, for its chunk write.
     pending_permit: Option<OwnedSemaphorePermit>,
@@ -700,6 +716,8 @@ impl ConnActor {
             upload_streams: HashMap::new(),
             upload_stream_of: HashMap::new(),
             staged: HashMap::new(),
+            preparing: false,
+            waiting: VecDeque::new(),
             next_stream: 0,
             pending_permit: None,
             events_tx,
@@ -781,50 +799,31 @@ impl ConnActor {
             Event::Frame {
                 stream,
                 message: Message::Upload(manifest),
-                ..
+                _permit: permit,
             } => {
                 // Look up (resume) the upload's staging state off the loop;
                 // the manifest goes to the machine when that is done. No
                 // chunk of it can arrive before the machine asks for it.
-                if self.services.admission.writable(&self.client).is_err() {
-                    // Refused by admission (StorageView), without touching
-                    // the staging area.
-                    self.handle_frame(stream, Message::Upload(manifest), None, None, now);
-                    self.maybe_drop_stream(stream);
-                    return;
-                }
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.preparing += 1;
                 }
-                let store = self.store.clone();
-                let tx = self.events_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let staged = appliance_sync_proto::validate_manifest(manifest.clone())
-                        .ok()
-                        .and_then(|valid| match store.stage(&valid) {
-                            Ok(s) => Some(s),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot open staging state");
-                                None
-                            }
-                        });
-                    let _ = tx.blocking_send(Event::UploadPrepared {
-                        stream,
-                        message: Message::Upload(manifest),
-                        staged,
-                    });
-                });
+                self.waiting.push_back((stream, manifest, permit));
+                self.prepare_next(now);
             }
             Event::UploadPrepared {
                 stream,
                 message,
                 staged,
+                permit,
             } => {
+                self.preparing = false;
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.preparing = s.preparing.saturating_sub(1);
                 }
                 self.handle_frame(stream, message, None, staged.as_ref(), now);
+                drop(permit);
                 self.maybe_drop_stream(stream);
+                self.prepare_next(now);
             }
             Event::Frame {
                 stream,
@@ -915,6 +914,53 @@ impl ConnActor {
                 }
                 self.maybe_drop_stream(stream);
             }
+        }
+    }
+
+    /// Starts the staging lookup of the next waiting `Upload` frame, unless
+    /// one is running (see [`Self::preparing`]).
+    fn prepare_next(&mut self, now: Instant) {
+        while !self.preparing {
+            let Some((stream, manifest, permit)) = self.waiting.pop_front() else {
+                return;
+            };
+            if self.services.admission.writable(&self.client).is_err() {
+                // Refused by admission (StorageView), without touching
+                // the staging area.
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.preparing = s.preparing.saturating_sub(1);
+                }
+                self.handle_frame(stream, Message::Upload(manifest), None, None, now);
+                drop(permit);
+                self.maybe_drop_stream(stream);
+                continue;
+            }
+            self.preparing = true;
+            let store = self.store.clone();
+            let tx = self.events_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                // Answered whatever happens: the next lookup waits for it.
+                let staged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let valid = appliance_sync_proto::validate_manifest(manifest.clone()).ok()?;
+                    match store.stage(&valid) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot open staging state");
+                            None
+                        }
+                    }
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!("looking up an upload's staging state panicked");
+                    None
+                });
+                let _ = tx.blocking_send(Event::UploadPrepared {
+                    stream,
+                    message: Message::Upload(manifest),
+                    staged,
+                    permit,
+                });
+            });
         }
     }
 

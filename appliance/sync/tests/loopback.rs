@@ -360,6 +360,42 @@ async fn a_push_resumed_while_the_old_connection_is_open_is_reserved_once() {
     fx.stop().await;
 }
 
+/// Uploads pipelined on one stream are answered in the order they were
+/// sent. The server looks up one upload's staging state at a time; looked
+/// up in parallel, they were answered in the order the lookups finished,
+/// and each held its manifest and chunk map until handled, however many
+/// were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_pipelined_on_one_stream_are_answered_in_order() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("hana", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut sent = Vec::new();
+    // As many as a connection may have open (version 2).
+    for i in 0..32u64 {
+        let data = random_bytes(1000 + i as usize, 40 + i);
+        let manifest = digest_bytes(&data).unwrap().to_manifest(
+            &RelPath::parse(&format!("p{i}.bin")).unwrap(),
+            Mtime { secs: 5, nanos: 0 },
+        );
+        sent.push(manifest.chunks[0].hash);
+        appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+            .await
+            .unwrap();
+    }
+    let mut answered = Vec::new();
+    for _ in 0..sent.len() {
+        match read_one(&mut recv).await {
+            Message::NeedChunks(n) => answered.push(n.hashes[0]),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answered, sent);
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
 fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
     Bundle {
         version: BUNDLE_VERSION,
