@@ -126,6 +126,10 @@ pub enum StoreError {
         expected: Hash,
         actual: Hash,
     },
+    /// The upload's staging state was settled by another upload sharing
+    /// it (committed, suspended or discarded) before this one got to it.
+    #[error("{client}: the upload of {path} already ended")]
+    Ended { client: ClientName, path: String },
     #[error("{client}: {path}: {source}")]
     Io {
         client: ClientName,
@@ -178,6 +182,9 @@ const REORDER_BYTES: usize = 32 << 20;
 /// (version 1's bound: 8 uploads of [`REORDER_BYTES`]), however many
 /// uploads and connections it has open.
 const REORDER_CLIENT_BYTES: usize = 8 * REORDER_BYTES;
+/// Longest [`ClientStore::stage`] waits for an earlier state of the same
+/// upload to settle (a suspend records what landed: one fdatasync).
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
 /// A resumable staging pair untouched for this long is swept at start-up.
 pub const STAGING_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 const DATA_SUFFIX: &str = "data";
@@ -245,6 +252,11 @@ pub struct Staged {
     committed: std::sync::atomic::AtomicBool,
     /// Uploads sharing this state; the last one to end suspends it.
     users: std::sync::atomic::AtomicUsize,
+    /// The store's [`ClientStore::suspended`]: a state dropped unsettled
+    /// (its upload went without a verdict) leaves its pair there.
+    parked: Arc<Mutex<HashMap<String, u64>>>,
+    /// The client's usage (see [`ClientStore::used`]).
+    used: Arc<AtomicU64>,
 }
 
 impl Staged {
@@ -391,7 +403,7 @@ pub struct ClientStore {
     /// suspended since). Taken out when an upload resumes one; swept when
     /// their path is committed or deleted (see [`Self::sweep_superseded`]).
     /// Locked after `active`.
-    suspended: Mutex<HashMap<String, u64>>,
+    suspended: Arc<Mutex<HashMap<String, u64>>>,
     /// Out-of-order chunk bytes held by all uploads ([`REORDER_CLIENT_BYTES`]).
     reorder: Arc<AtomicUsize>,
     /// `.appliance-staging`, opened once (every upload creates, renames and
@@ -498,6 +510,22 @@ impl Drop for Staged {
     fn drop(&mut self) {
         let held = self.hashing.get_mut().buffered_bytes;
         self.reorder.fetch_sub(held, Ordering::Relaxed);
+        // Dropped without a verdict: a pair on disk stays resumable and
+        // counted, as if suspended (without the chunks not yet recorded).
+        // Without a record its data file is no pair: an anonymous one is
+        // gone with its descriptor, a named one is swept at start-up.
+        if !*self.settled.get_mut() {
+            let counted = *self.accounted.get_mut();
+            if *self.record_exists.get_mut() {
+                self.parked.lock().insert(self.key.clone(), counted);
+            } else {
+                let _ = self
+                    .used
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                        Some(u.saturating_sub(counted))
+                    });
+            }
+        }
     }
 }
 
@@ -557,7 +585,7 @@ impl ClientStore {
                 state: Mutex::new(State::default()),
                 staging_seq: AtomicU64::new(0),
                 active: Mutex::new(HashMap::new()),
-                suspended: Mutex::new(HashMap::new()),
+                suspended: Arc::default(),
                 reorder: Arc::default(),
                 staging_fd: root_fd.try_clone().map_err(io_at(root))?,
                 manifests_fd: root_fd.try_clone().map_err(io_at(root))?,
@@ -581,7 +609,7 @@ impl ClientStore {
             state: Mutex::new(State::default()),
             staging_seq: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
-            suspended: Mutex::new(HashMap::new()),
+            suspended: Arc::default(),
             reorder: Arc::default(),
             staging_fd,
             manifests_fd,
@@ -1068,13 +1096,28 @@ impl ClientStore {
     /// other's commit then succeeds with nothing left to do.
     pub fn stage(&self, manifest: &ValidManifest) -> Result<Arc<Staged>, StoreError> {
         let key = Self::staging_key(manifest);
-        let mut active = self.active.lock();
-        if let Some(running) = active.get(&key).and_then(std::sync::Weak::upgrade) {
-            if !running.settled.load(Ordering::SeqCst) {
-                running.users.fetch_add(1, Ordering::SeqCst);
-                return Ok(running);
+        let since = std::time::Instant::now();
+        let mut active = loop {
+            let active = self.active.lock();
+            match active.get(&key).and_then(std::sync::Weak::upgrade) {
+                Some(running) if !running.settled.load(Ordering::SeqCst) => {
+                    running.users.fetch_add(1, Ordering::SeqCst);
+                    return Ok(running);
+                }
+                // Being committed, suspended or discarded: its files are
+                // in flux until it leaves `active` (a suspend records what
+                // landed, then parks the pair), so wait for that.
+                Some(_) if since.elapsed() < SETTLE_WAIT => {
+                    drop(active);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Some(_) => {
+                    tracing::warn!(client = %self.client, key = %key, "an upload's staging state is still settling; starting over beside it");
+                    break active;
+                }
+                None => break active,
             }
-        }
+        };
         let mut positions: HashMap<Hash, Vec<usize>> = HashMap::new();
         for (i, c) in manifest.chunks.iter().enumerate() {
             positions.entry(c.hash).or_default().push(i);
@@ -1095,6 +1138,8 @@ impl ClientStore {
             flush: Mutex::new(()),
             hashing: Mutex::new(Hashing::default()),
             reorder: self.reorder.clone(),
+            parked: self.suspended.clone(),
+            used: self.used.clone(),
             accounted: AtomicU64::new(0),
             settled: std::sync::atomic::AtomicBool::new(false),
             committed: std::sync::atomic::AtomicBool::new(false),
@@ -1121,17 +1166,65 @@ impl ClientStore {
             return;
         };
         let dir = &self.staging_fd;
-        // The record first: a data file alone is swept at start-up.
-        for suffix in [RECORD_SUFFIX, DATA_SUFFIX] {
-            let from = format!("{old}.{suffix}");
-            let to = format!("{}.{suffix}", staged.key);
-            if let Err(e) = renameat(dir, from.as_str(), dir, to.as_str()) {
-                tracing::warn!(client = %self.client, error = %e, file = %from, "cannot rename a staged upload to its new key; it starts over");
-                suspended.insert(old, counted);
-                return;
+        let name = |key: &str, suffix: &str| format!("{key}.{suffix}");
+        let new = &staged.key;
+        let moved = renameat(
+            dir,
+            name(&old, RECORD_SUFFIX).as_str(),
+            dir,
+            name(new, RECORD_SUFFIX).as_str(),
+        )
+        .and_then(|()| {
+            renameat(
+                dir,
+                name(&old, DATA_SUFFIX).as_str(),
+                dir,
+                name(new, DATA_SUFFIX).as_str(),
+            )
+            .inspect_err(|_| {
+                // Put the record back with its data file; failing that,
+                // the pair is no pair any more and goes (below).
+                if renameat(
+                    dir,
+                    name(new, RECORD_SUFFIX).as_str(),
+                    dir,
+                    name(&old, RECORD_SUFFIX).as_str(),
+                )
+                .is_err()
+                {
+                    let _ = unlinkat(
+                        dir,
+                        name(new, RECORD_SUFFIX).as_str(),
+                        UnlinkatFlags::NoRemoveDir,
+                    );
+                }
+            })
+        });
+        match moved {
+            Ok(()) => {
+                suspended.insert(new.clone(), counted);
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.client, error = %e, key = %old, "cannot rename a staged upload to its new key; it starts over");
+                let intact = [RECORD_SUFFIX, DATA_SUFFIX].iter().all(|suffix| {
+                    fstatat(
+                        dir,
+                        name(&old, suffix).as_str(),
+                        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                    )
+                    .is_ok()
+                });
+                if intact {
+                    suspended.insert(old, counted);
+                } else {
+                    for suffix in [RECORD_SUFFIX, DATA_SUFFIX] {
+                        let _ =
+                            unlinkat(dir, name(&old, suffix).as_str(), UnlinkatFlags::NoRemoveDir);
+                    }
+                    self.sub_used(counted);
+                }
             }
         }
-        suspended.insert(staged.key.clone(), counted);
     }
 
     /// Reads a previous attempt's record: only chunks it lists (durable in
@@ -1324,7 +1417,7 @@ impl ClientStore {
         staged: &Staged,
         f: impl FnOnce(&File) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let ended = || self.err_io(staged.name.clone())(io::Error::other("upload already ended"));
+        let ended = || self.ended(staged);
         {
             let slot = staged.file.read();
             if staged.settled.load(Ordering::SeqCst) {
@@ -1558,6 +1651,13 @@ impl ClientStore {
         }
     }
 
+    fn ended(&self, staged: &Staged) -> StoreError {
+        StoreError::Ended {
+            client: self.client.clone(),
+            path: staged.manifest.path.to_string(),
+        }
+    }
+
     fn release_key(&self, staged: &Staged) {
         let mut active = self.active.lock();
         let ours = active
@@ -1618,6 +1718,9 @@ impl ClientStore {
             // the caller suspends it (keeping what landed); the client's
             // retry is asked for the rest.
             Err(StoreError::MissingChunk { .. } | StoreError::ChunkChanged { .. }) => {}
+            // Settled by the other upload sharing it, which dealt with its
+            // files (they may be another upload's by now).
+            Err(StoreError::Ended { .. }) => {}
             // Anything else (a file that does not verify, a path that cannot
             // be written, a full disk): the staging file goes.
             Err(_) => {
@@ -1657,8 +1760,12 @@ impl ClientStore {
                     self.store_manifest(&file, manifest)?;
                     file.sync_all().map_err(self.err_io(path.as_str()))?;
                 }
+                if staged.settled.swap(true, Ordering::SeqCst) {
+                    // Discarded meanwhile (disk full for the other upload
+                    // sharing it): its files may be another upload's now.
+                    return Err(self.ended(staged));
+                }
                 staged.committed.store(true, Ordering::SeqCst);
-                staged.settled.store(true, Ordering::SeqCst);
                 self.discard_staged(staged);
                 self.release_store_chunks(manifest);
                 return Ok(());
@@ -1684,7 +1791,7 @@ impl ClientStore {
         if staged.settled.swap(true, Ordering::SeqCst) {
             // Suspended or discarded meanwhile (the other upload sharing it
             // ended): the file taken above is not to be committed.
-            return Err(self.err_io(shown)(io::Error::other("upload already ended")));
+            return Err(self.ended(staged));
         }
         file.set_len(manifest.size)
             .map_err(self.err_io(shown.clone()))?;
@@ -3057,6 +3164,146 @@ mod tests {
         let (_, report) =
             ClientStore::open(name(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
         assert_eq!(report.used_bytes, new.len() as u64);
+    }
+
+    /// What a fresh open recomputes from disk (with no other store open).
+    fn recomputed(root: &Path) -> u64 {
+        ClientStore::open(name(), root, false, Arc::new(AtomicU64::new(0)))
+            .unwrap()
+            .1
+            .used_bytes
+    }
+
+    /// A resumed state dropped without a verdict (the server's lookup
+    /// finishing after its connection went) left its pair counted but out
+    /// of `suspended`: the next resume counted it again.
+    #[test]
+    fn a_resumed_state_dropped_without_a_verdict_stays_resumable_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(300_001, 7);
+        let m = interrupt(&store, "a.bin", &bytes);
+        drop(store);
+        let store = open(&root, false);
+        let before = store.used();
+        drop(store.stage(&m).unwrap());
+        let staged = store.stage(&m).unwrap();
+        assert_eq!(store.used(), before, "the pair is counted once");
+        assert_eq!(staged.recorded_count(), m.chunks.len());
+        store.commit_staged(&staged).unwrap();
+        let used = store.used();
+        drop((staged, store));
+        assert_eq!(used, recomputed(&root));
+        assert_eq!(used, bytes.len() as u64);
+    }
+
+    /// A resume between a suspend's settling and its record being written
+    /// found no pair and started over; the suspend then took the new state
+    /// for one that had counted its pair. The pair stayed on disk, counted
+    /// by nobody. Now the resume waits for the suspend and takes its pair.
+    #[test]
+    fn a_resume_racing_the_suspend_of_the_same_upload_takes_its_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = Arc::new(open(&root, false));
+        let bytes = data(3_000_001, 8);
+        let m = manifest_for("a.bin", &bytes);
+        let first = store.stage(&m).unwrap();
+        // Under STAGING_SYNC_BYTES: nothing recorded yet.
+        write_all_staged(&store, &first, &m, &bytes);
+        let suspending = {
+            let (store, first) = (store.clone(), first.clone());
+            std::thread::spawn(move || store.suspend_staged(&first, true))
+        };
+        while !first.settled.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        let second = store.stage(&m).unwrap();
+        suspending.join().unwrap();
+        assert_eq!(second.recorded_count(), m.chunks.len(), "resumed");
+        store.commit_staged(&second).unwrap();
+        let (used, left) = (store.used(), staging_names(&root));
+        drop((first, second, store));
+        assert_eq!((used, left), (recomputed(&root), Vec::<String>::new()));
+        assert_eq!(used, bytes.len() as u64);
+    }
+
+    /// An untagged pair whose adoption fails half-way (its new name is
+    /// taken) keeps its old name and its count: the upload starts over
+    /// beside it, and the next resume adopts it.
+    #[test]
+    fn a_half_failed_adoption_keeps_the_pair_under_its_old_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(600_001, 6);
+        let m = interrupt(&store, "c.bin", &bytes);
+        drop(store);
+        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
+        let staging = root.join(STAGING_DIR_NAME);
+        for (from, to) in pair(&key).iter().zip(pair(&old)) {
+            std::fs::rename(staging.join(from), staging.join(to)).unwrap();
+        }
+        let store = open(&root, false);
+        let before = store.used();
+        // The data file's rename fails (something in the way).
+        let blocker = staging.join(format!("{key}.{DATA_SUFFIX}"));
+        std::fs::create_dir(&blocker).unwrap();
+        let first = store.stage(&m).unwrap();
+        assert_eq!(first.recorded_count(), 0, "started over");
+        let mut names = pair(&old);
+        names.push(format!("{key}.{DATA_SUFFIX}"));
+        names.sort();
+        assert_eq!(staging_names(&root), names);
+        store.suspend_staged(&first, true);
+        drop(first);
+        assert_eq!(store.used(), before);
+        std::fs::remove_dir(&blocker).unwrap();
+        let staged = store.stage(&m).unwrap();
+        assert_eq!(staged.recorded_count(), m.chunks.len(), "adopted now");
+        store.commit_staged(&staged).unwrap();
+        let used = store.used();
+        drop((staged, store));
+        assert_eq!(used, recomputed(&root));
+        assert!(staging_names(&root).is_empty());
+    }
+
+    /// A commit by an upload whose shared state the other upload discarded
+    /// (disk full) failed, and its failure path deleted the staging files
+    /// by name: by then another upload's pair, resumed and complete.
+    #[test]
+    fn a_commit_of_a_state_settled_by_the_other_upload_leaves_the_files_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let bytes = data(300_001, 9);
+        let m = manifest_for("d.bin", &bytes);
+        // The same content stored under another name: a commit of d.bin
+        // takes every chunk from there, and finds the chunks present.
+        let copy = manifest_for("copy.bin", &bytes);
+        let s = store.stage(&copy).unwrap();
+        write_all_staged(&store, &s, &copy, &bytes);
+        store.commit_staged(&s).unwrap();
+        let a = store.stage(&m).unwrap();
+        let b = store.stage(&m).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        store.suspend_staged(&a, false);
+        // Another connection pushes it, is interrupted, and resumes.
+        let c = store.stage(&m).unwrap();
+        write_all_staged(&store, &c, &m, &bytes);
+        store.suspend_staged(&c, true);
+        let d = store.stage(&m).unwrap();
+        assert_eq!(d.recorded_count(), m.chunks.len());
+        assert!(matches!(
+            store.commit_staged(&b),
+            Err(StoreError::Ended { .. })
+        ));
+        store.commit_staged(&d).unwrap();
+        assert_eq!(std::fs::read(root.join("d.bin")).unwrap(), bytes);
+        let used = store.used();
+        drop((a, b, c, d, s, store));
+        assert_eq!(used, recomputed(&root));
     }
 
     /// A pair kept under its untagged key (by a daemon from before keys
