@@ -137,6 +137,8 @@ pub struct Reservations {
 struct Reserved {
     by_client: HashMap<ClientName, u64>,
     total: u64,
+    /// Reservations made (or raised) so far.
+    grants: u64,
 }
 
 impl Reservations {
@@ -170,11 +172,25 @@ impl Reservations {
         client: &ClientName,
         bytes: u64,
     ) -> Result<Reservation, Refused> {
-        let mut ledger = self.ledger.lock();
-        let own = ledger.by_client.get(client).copied().unwrap_or(0);
-        let others = ledger.total.saturating_sub(own);
-        match admission.admit(client, own.saturating_add(bytes), others) {
+        // Asked without the ledger locked (the admission reads file system
+        // figures, which a sick pool can make slow, and every upload's
+        // reservation updates take the lock): a grant made meanwhile
+        // changes the figures, so the question is asked again.
+        let (mut ledger, own, verdict) = loop {
+            let (own, others, grants) = {
+                let ledger = self.ledger.lock();
+                let own = ledger.by_client.get(client).copied().unwrap_or(0);
+                (own, ledger.total.saturating_sub(own), ledger.grants)
+            };
+            let verdict = admission.admit(client, own.saturating_add(bytes), others);
+            let ledger = self.ledger.lock();
+            if verdict.is_err() || ledger.grants == grants {
+                break (ledger, own, verdict);
+            }
+        };
+        match verdict {
             Ok(()) => {
+                ledger.grants += 1;
                 ledger.total = ledger.total.saturating_add(bytes);
                 let mine = ledger.by_client.entry(client.clone()).or_default();
                 *mine = mine.saturating_add(bytes);
@@ -197,9 +213,10 @@ impl Reservations {
 
     /// As [`Self::admit`], for an upload into the staging file `key`: if
     /// another upload of `client` holds a reservation for that file, this
-    /// one shares it (admitted without asking again: the bytes it would add
-    /// are the ones already reserved), and the reservation is given back
-    /// when the last of them ends.
+    /// one shares it (the bytes it would add are the ones already reserved;
+    /// if it needs more, the file having lost bytes meanwhile, only the
+    /// difference is asked for), and the reservation is given back when the
+    /// last of them ends.
     pub fn admit_shared(
         &self,
         admission: &dyn Admission,
@@ -210,6 +227,13 @@ impl Reservations {
         let mut shared = self.shared.lock();
         let id = (client.clone(), key.to_owned());
         if let Some(held) = shared.get(&id).and_then(Weak::upgrade) {
+            let have = *held.bytes.lock();
+            if bytes > have {
+                // Reserved as its own, then handed over to the shared one.
+                let extra = self.admit(admission, client, bytes - have)?;
+                let moved = std::mem::take(&mut *extra.held.bytes.lock());
+                *held.bytes.lock() += moved;
+            }
             return Ok(Reservation { held });
         }
         let reservation = self.admit(admission, client, bytes)?;
@@ -368,15 +392,15 @@ impl LocalAdmission {
 
 impl Admission for LocalAdmission {
     fn admit(&self, client: &ClientName, bytes: u64, others: u64) -> Result<(), Refused> {
-        let mut available = self.space(client).available;
-        if others > 0 {
-            // The space the clients share (the documents directory's file
-            // system; on the appliance the `documents` dataset), less the
-            // reserve and what the others' uploads may still add.
-            let (free, total) = (self.fs)(&self.documents).unwrap_or((0, 0));
-            let shared = available_bytes(None, 0, free, total, self.reserve);
-            available = available.min(shared.saturating_sub(others));
-        }
+        // The client's own space (on the appliance its dataset, whose
+        // reserve is capped by its own size), and the space all clients
+        // share (the documents directory's file system; on the appliance
+        // the `documents` dataset) less the reserve and what the others'
+        // uploads may still add.
+        let own = self.space(client).available;
+        let (free, total) = (self.fs)(&self.documents).unwrap_or((0, 0));
+        let shared = available_bytes(None, 0, free, total, self.reserve);
+        let available = own.min(shared.saturating_sub(others));
         if bytes > available {
             Err(Refused::Quota(QuotaExceeded {
                 needed: bytes,
@@ -529,6 +553,81 @@ mod tests {
             (1000, 1000)
         );
         drop((b, b2));
+        assert_eq!(reservations.total(), 0);
+    }
+
+    /// A lone client's upload is checked against the space all clients
+    /// share too: the check was made only beside other clients'
+    /// reservations, and a client's own dataset caps the reserve at 1/16
+    /// of its own size, so alone it could take the documents' reserve.
+    #[test]
+    fn the_shared_space_is_checked_without_other_reservations_too() {
+        const MIB: u64 = 1 << 20;
+        // Alice's dataset: 50 MiB quota, 45 MiB free. The documents file
+        // system: 100 MiB free, so 36 MiB beside its 64 MiB reserve.
+        fn fs(path: &Path) -> std::io::Result<(u64, u64)> {
+            if path.ends_with("alice") {
+                Ok((45 * MIB, 50 * MIB))
+            } else {
+                Ok((100 * MIB, 1024 * MIB))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::open(&dir.path().join("id")).unwrap();
+        let alice = ClientName::parse("alice").unwrap();
+        authority
+            .enroll(&alice, Some(50 * MIB), &dir.path().join("a"))
+            .unwrap();
+        let admission = LocalAdmission::new(authority, UsageLedger::new(), dir.path()).with_fs(fs);
+        for others in [0, 1] {
+            assert_eq!(
+                admission.admit(&alice, 40 * MIB, others),
+                Err(Refused::Quota(QuotaExceeded {
+                    needed: 40 * MIB,
+                    available: 36 * MIB - others
+                }))
+            );
+        }
+        assert!(admission.admit(&alice, 36 * MIB, 0).is_ok());
+    }
+
+    /// An upload that joins a shared reservation needing more than is left
+    /// of it (the staging file lost its landed bytes meanwhile: discarded
+    /// for the holder that hit a full disk) is reserved the difference; it
+    /// shared what was left, and another upload was admitted into the
+    /// space it would write.
+    #[test]
+    fn a_shared_reservation_is_topped_up_to_what_the_joiner_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::open(&dir.path().join("id")).unwrap();
+        let alice = ClientName::parse("alice").unwrap();
+        authority
+            .enroll(&alice, Some(1000), &dir.path().join("a"))
+            .unwrap();
+        let ledger = UsageLedger::new();
+        let admission = LocalAdmission::new(authority, ledger.clone(), dir.path()).with_reserve(0);
+        let reservations = Reservations::new();
+        let mut first = reservations
+            .admit_shared(&admission, &alice, "k1", 700)
+            .unwrap();
+        // 600 bytes land and are counted; the reservation is lowered.
+        ledger.counter(&alice).store(600, Ordering::SeqCst);
+        first.shrink_to(100);
+        // The staging file is discarded: its 600 bytes are given back.
+        ledger.counter(&alice).store(0, Ordering::SeqCst);
+        let second = reservations
+            .admit_shared(&admission, &alice, "k1", 700)
+            .unwrap();
+        assert_eq!((second.bytes(), reservations.reserved(&alice)), (700, 700));
+        assert!(reservations.admit(&admission, &alice, 400).is_err());
+        // More than the quota allows beside it: refused, nothing reserved.
+        ledger.counter(&alice).store(500, Ordering::SeqCst);
+        first.shrink_to(0);
+        assert!(reservations
+            .admit_shared(&admission, &alice, "k1", 600)
+            .is_err());
+        assert_eq!(reservations.reserved(&alice), 0);
+        drop((first, second));
         assert_eq!(reservations.total(), 0);
     }
 
