@@ -390,17 +390,39 @@ impl LocalAdmission {
     }
 }
 
+impl LocalAdmission {
+    /// What `client` may add by its own space (its quota; on the appliance
+    /// its dataset, whose reserve is capped by its own size), and what all
+    /// clients may add together by the space they share (the documents
+    /// directory's file system; on the appliance the `documents` dataset)
+    /// less the reserve. If statvfs fails we cannot promise anything: no
+    /// space.
+    fn figures(&self, client: &ClientName) -> (Space, u64) {
+        let used = self.ledger.used(client);
+        let quota = self.authority.quota(client);
+        // The client's own directory when it exists: on the appliance it is
+        // the client's dataset, whose `statvfs` is its quota and the pool's
+        // free space.
+        let own = self.documents.join(client.as_str());
+        let (free, total) = (self.fs)(&own)
+            .or_else(|_| (self.fs)(&self.documents))
+            .unwrap_or((0, 0));
+        let space = Space {
+            used,
+            available: available_bytes(quota, used, free, total, self.reserve),
+            quota,
+        };
+        let (free, total) = (self.fs)(&self.documents).unwrap_or((0, 0));
+        (space, available_bytes(None, 0, free, total, self.reserve))
+    }
+}
+
 impl Admission for LocalAdmission {
     fn admit(&self, client: &ClientName, bytes: u64, others: u64) -> Result<(), Refused> {
-        // The client's own space (on the appliance its dataset, whose
-        // reserve is capped by its own size), and the space all clients
-        // share (the documents directory's file system; on the appliance
-        // the `documents` dataset) less the reserve and what the others'
-        // uploads may still add.
-        let own = self.space(client).available;
-        let (free, total) = (self.fs)(&self.documents).unwrap_or((0, 0));
-        let shared = available_bytes(None, 0, free, total, self.reserve);
-        let available = own.min(shared.saturating_sub(others));
+        // Within its own space, and within the shared space beside what
+        // the other clients' uploads may still add.
+        let (space, shared) = self.figures(client);
+        let available = space.available.min(shared.saturating_sub(others));
         if bytes > available {
             Err(Refused::Quota(QuotaExceeded {
                 needed: bytes,
@@ -412,22 +434,9 @@ impl Admission for LocalAdmission {
     }
 
     fn space(&self, client: &ClientName) -> Space {
-        let used = self.ledger.used(client);
-        let quota = self.authority.quota(client);
-        // The client's own directory when it exists: on the appliance it is
-        // the client's dataset, whose `statvfs` is its quota and the pool's
-        // free space. If statvfs fails we cannot promise anything: report
-        // no space.
-        let own = self.documents.join(client.as_str());
-        let (free, total) = (self.fs)(&own)
-            .or_else(|_| (self.fs)(&self.documents))
-            .unwrap_or((0, 0));
-        let available = available_bytes(quota, used, free, total, self.reserve);
-        Space {
-            used,
-            available,
-            quota,
-        }
+        let (mut space, shared) = self.figures(client);
+        space.available = space.available.min(shared);
+        space
     }
 }
 
@@ -589,6 +598,7 @@ mod tests {
             );
         }
         assert!(admission.admit(&alice, 36 * MIB, 0).is_ok());
+        assert_eq!(admission.space(&alice).available, 36 * MIB);
     }
 
     /// An upload that joins a shared reservation needing more than is left
