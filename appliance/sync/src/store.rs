@@ -440,6 +440,9 @@ struct DirSyncs {
     dirs: Mutex<HashMap<(u64, u64), Arc<DirSync>>>,
     /// fsyncs actually issued (for tests).
     issued: AtomicU64,
+    /// fsyncs still to fail with `EIO` (for tests).
+    #[cfg(test)]
+    failing: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -465,7 +468,17 @@ impl DirSyncs {
         #[allow(clippy::useless_conversion)] // the field types differ by target
         let key = (u64::from(st.st_dev), u64::from(st.st_ino));
         let entry = self.dirs.lock().entry(key).or_default().clone();
-        let result = self.sync_entry(&entry, || nix::unistd::fsync(dir));
+        let result = self.sync_entry(&entry, || {
+            #[cfg(test)]
+            if self
+                .failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Errno::EIO);
+            }
+            nix::unistd::fsync(dir)
+        });
         let mut dirs = self.dirs.lock();
         // Only the map and this caller hold it: nobody else can be waiting
         // on it (new callers take it from the map, under this lock).
@@ -1851,9 +1864,13 @@ impl ClientStore {
             }
         }
         // Shared with the commits renaming into the same directory now.
-        self.dir_syncs
+        // If it fails the commit is not known to be durable and fails, but
+        // the document is in place (the rename is done): it is counted as
+        // such, so usage matches what is there.
+        let synced = self
+            .dir_syncs
             .sync(&parent)
-            .map_err(|e| self.err_errno(path.as_str(), e))?;
+            .map_err(|e| self.err_errno(path.as_str(), e));
         // The record is useless now; a copy that survives a crash has no
         // data file and is swept. Most uploads never wrote one.
         if staged.record_exists.load(Ordering::SeqCst) {
@@ -1888,6 +1905,9 @@ impl ClientStore {
                 None => state.files += 1,
             }
         }
+        // Chunks now held by the document leave the chunk store, unless the
+        // rename may not survive a crash.
+        synced?;
         self.release_store_chunks(manifest);
         Ok(())
     }
@@ -3303,6 +3323,37 @@ mod tests {
         assert_eq!(std::fs::read(root.join("d.bin")).unwrap(), bytes);
         let used = store.used();
         drop((a, b, c, d, s, store));
+        assert_eq!(used, recomputed(&root));
+    }
+
+    /// A commit whose directory fsync fails (after its rename) fails, with
+    /// the new document in place and counted: usage lost the staging
+    /// file's count without gaining the document's until a restart. A
+    /// retry finds the document in place.
+    #[test]
+    fn a_failed_directory_sync_after_the_rename_keeps_usage_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        let commit = |m: &ValidManifest, bytes: &[u8]| {
+            let staged = store.stage(m).unwrap();
+            write_all_staged(&store, &staged, m, bytes);
+            store.commit_staged(&staged)
+        };
+        let (v1, v2, b) = (data(100_001, 1), data(200_001, 2), data(50_001, 3));
+        commit(&manifest_for("a.bin", &v1), &v1).unwrap();
+        for (path, bytes) in [("a.bin", &v2), ("b.bin", &b)] {
+            store.dir_syncs.failing.store(1, Ordering::SeqCst);
+            let m = manifest_for(path, bytes);
+            let err = commit(&m, bytes).unwrap_err();
+            assert!(err.to_string().contains("Input/output error"), "{err}");
+            assert_eq!(&std::fs::read(root.join(path)).unwrap(), bytes);
+            commit(&m, bytes).expect("a retry finds it in place");
+        }
+        assert_eq!(store.files(), 2);
+        let used = store.used();
+        drop(store);
+        assert_eq!(used, (v2.len() + b.len()) as u64);
         assert_eq!(used, recomputed(&root));
     }
 
