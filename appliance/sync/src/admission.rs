@@ -444,16 +444,30 @@ impl Admission for LocalAdmission {
 mod tests {
     use super::*;
 
-    #[test]
-    fn quota_and_free_space() {
+    /// Alice enrolled with `quota`, and admission over a fresh directory
+    /// with no reserve.
+    fn alice_enrolled(
+        quota: Option<u64>,
+    ) -> (
+        tempfile::TempDir,
+        ClientName,
+        Arc<UsageLedger>,
+        LocalAdmission,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let authority = Authority::open(&dir.path().join("id")).unwrap();
         let alice = ClientName::parse("alice").unwrap();
         authority
-            .enroll(&alice, Some(1000), &dir.path().join("b"))
+            .enroll(&alice, quota, &dir.path().join("alice.bundle"))
             .unwrap();
         let ledger = UsageLedger::new();
         let admission = LocalAdmission::new(authority, ledger.clone(), dir.path()).with_reserve(0);
+        (dir, alice, ledger, admission)
+    }
+
+    #[test]
+    fn quota_and_free_space() {
+        let (dir, alice, ledger, admission) = alice_enrolled(Some(1000));
         assert!(admission.admit(&alice, 1000, 0).is_ok());
         ledger.counter(&alice).store(400, Ordering::SeqCst);
         assert_eq!(
@@ -608,14 +622,7 @@ mod tests {
     /// space it would write.
     #[test]
     fn a_shared_reservation_is_topped_up_to_what_the_joiner_needs() {
-        let dir = tempfile::tempdir().unwrap();
-        let authority = Authority::open(&dir.path().join("id")).unwrap();
-        let alice = ClientName::parse("alice").unwrap();
-        authority
-            .enroll(&alice, Some(1000), &dir.path().join("a"))
-            .unwrap();
-        let ledger = UsageLedger::new();
-        let admission = LocalAdmission::new(authority, ledger.clone(), dir.path()).with_reserve(0);
+        let (_dir, alice, ledger, admission) = alice_enrolled(Some(1000));
         let reservations = Reservations::new();
         let mut first = reservations
             .admit_shared(&admission, &alice, "k1", 700)

@@ -3107,6 +3107,26 @@ mod tests {
         v
     }
 
+    /// A client root in a fresh directory (kept while the first is) and
+    /// its store.
+    fn fresh() -> (tempfile::TempDir, PathBuf, ClientStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        let store = open(&root, false);
+        (dir, root, store)
+    }
+
+    /// Renames the pair `m` left to its untagged key, as a daemon from
+    /// before keys began with their path's tag named it: (new key, old key).
+    fn untag(root: &Path, m: &ValidManifest) -> (String, String) {
+        let (key, old) = (ClientStore::staging_key(m), ClientStore::content_key(m));
+        let staging = root.join(STAGING_DIR_NAME);
+        for (from, to) in pair(&key).iter().zip(pair(&old)) {
+            std::fs::rename(staging.join(from), staging.join(to)).unwrap();
+        }
+        (key, old)
+    }
+
     fn pair(key: &str) -> Vec<String> {
         vec![
             format!("{key}.{DATA_SUFFIX}"),
@@ -3132,9 +3152,7 @@ mod tests {
     /// was counted by its bytes written, then by its blocks on disk).
     #[test]
     fn interrupted_uploads_of_a_replaced_or_deleted_path_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = open(&root, false);
+        let (_dir, root, store) = fresh();
         let commit = |m: &ValidManifest, bytes: &[u8]| {
             let staged = store.stage(m).unwrap();
             write_all_staged(&store, &staged, m, bytes);
@@ -3199,9 +3217,7 @@ mod tests {
     /// of `suspended`: the next resume counted it again.
     #[test]
     fn a_resumed_state_dropped_without_a_verdict_stays_resumable_and_counted_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = open(&root, false);
+        let (_dir, root, store) = fresh();
         let bytes = data(300_001, 7);
         let m = interrupt(&store, "a.bin", &bytes);
         drop(store);
@@ -3224,9 +3240,8 @@ mod tests {
     /// by nobody. Now the resume waits for the suspend and takes its pair.
     #[test]
     fn a_resume_racing_the_suspend_of_the_same_upload_takes_its_pair() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = Arc::new(open(&root, false));
+        let (_dir, root, store) = fresh();
+        let store = Arc::new(store);
         let bytes = data(3_000_001, 8);
         let m = manifest_for("a.bin", &bytes);
         let first = store.stage(&m).unwrap();
@@ -3254,17 +3269,12 @@ mod tests {
     /// beside it, and the next resume adopts it.
     #[test]
     fn a_half_failed_adoption_keeps_the_pair_under_its_old_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = open(&root, false);
+        let (_dir, root, store) = fresh();
         let bytes = data(600_001, 6);
         let m = interrupt(&store, "c.bin", &bytes);
         drop(store);
-        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
+        let (key, old) = untag(&root, &m);
         let staging = root.join(STAGING_DIR_NAME);
-        for (from, to) in pair(&key).iter().zip(pair(&old)) {
-            std::fs::rename(staging.join(from), staging.join(to)).unwrap();
-        }
         let store = open(&root, false);
         let before = store.used();
         // The data file's rename fails (something in the way).
@@ -3294,9 +3304,7 @@ mod tests {
     /// by name: by then another upload's pair, resumed and complete.
     #[test]
     fn a_commit_of_a_state_settled_by_the_other_upload_leaves_the_files_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = open(&root, false);
+        let (_dir, root, store) = fresh();
         let bytes = data(300_001, 9);
         let m = manifest_for("d.bin", &bytes);
         // The same content stored under another name: a commit of d.bin
@@ -3332,9 +3340,7 @@ mod tests {
     /// retry finds the document in place.
     #[test]
     fn a_failed_directory_sync_after_the_rename_keeps_usage_exact() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = open(&root, false);
+        let (_dir, root, store) = fresh();
         let commit = |m: &ValidManifest, bytes: &[u8]| {
             let staged = store.stage(m).unwrap();
             write_all_staged(&store, &staged, m, bytes);
@@ -3361,17 +3367,11 @@ mod tests {
     /// began with their path's tag) still resumes, under the new key.
     #[test]
     fn a_pair_under_its_untagged_key_still_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("alice");
-        let store = open(&root, false);
+        let (_dir, root, store) = fresh();
         let bytes = data(600_001, 6);
         let m = interrupt(&store, "c.bin", &bytes);
         drop(store);
-        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
-        let staging = root.join(STAGING_DIR_NAME);
-        for (from, to) in pair(&key).iter().zip(pair(&old)) {
-            std::fs::rename(staging.join(from), staging.join(to)).unwrap();
-        }
+        let (key, old) = untag(&root, &m);
         let store = open(&root, false);
         assert_eq!(staging_names(&root), pair(&old));
         let staged = store.stage(&m).unwrap();
