@@ -224,19 +224,26 @@ impl Reservations {
         key: &str,
         bytes: u64,
     ) -> Result<Reservation, Refused> {
-        let mut shared = self.shared.lock();
+        // The admission is asked without `shared` locked (see `admit`).
         let id = (client.clone(), key.to_owned());
-        if let Some(held) = shared.get(&id).and_then(Weak::upgrade) {
+        let existing = self.shared.lock().get(&id).and_then(Weak::upgrade);
+        if let Some(held) = existing {
             let have = *held.bytes.lock();
             if bytes > have {
-                // Reserved as its own, then handed over to the shared one.
                 let extra = self.admit(admission, client, bytes - have)?;
-                let moved = std::mem::take(&mut *extra.held.bytes.lock());
-                *held.bytes.lock() += moved;
+                Held::raise(&held, &extra.held, bytes);
             }
             return Ok(Reservation { held });
         }
         let reservation = self.admit(admission, client, bytes)?;
+        let mut shared = self.shared.lock();
+        if let Some(held) = shared.get(&id).and_then(Weak::upgrade) {
+            // Another upload of the file was admitted meanwhile: share its
+            // reservation, raised to what this one needs from this one's
+            // (the rest given back as this one goes).
+            Held::raise(&held, &reservation.held, bytes);
+            return Ok(Reservation { held });
+        }
         shared.retain(|_, w| w.strong_count() > 0);
         shared.insert(id, Arc::downgrade(&reservation.held));
         Ok(reservation)
@@ -260,6 +267,16 @@ struct Held {
 }
 
 impl Held {
+    /// Moves bytes from `from` (reserved for the same client) into `to`
+    /// until `to` holds `want`, or `from` is empty.
+    fn raise(to: &Held, from: &Held, want: u64) {
+        let mut have = to.bytes.lock();
+        let mut spare = from.bytes.lock();
+        let moved = want.saturating_sub(*have).min(*spare);
+        *have += moved;
+        *spare -= moved;
+    }
+
     fn shrink_to(&self, bytes: u64) {
         let mut held = self.bytes.lock();
         if bytes < *held {
@@ -645,6 +662,55 @@ mod tests {
             .is_err());
         assert_eq!(reservations.reserved(&alice), 0);
         drop((first, second));
+        assert_eq!(reservations.total(), 0);
+    }
+
+    /// Two uploads of one file admitted at the same time (each asked the
+    /// admission before either held the file's reservation) end up sharing
+    /// one, raised to what the larger needs; the rest is given back.
+    #[test]
+    fn uploads_of_one_file_admitted_at_once_share_one_reservation() {
+        /// Admits, and on its first question admits another upload of the
+        /// same file first (what a second connection does meanwhile).
+        #[derive(Debug)]
+        struct Meanwhile {
+            inner: LocalAdmission,
+            reservations: Arc<Reservations>,
+            other: Mutex<Option<Reservation>>,
+            asked: std::sync::atomic::AtomicBool,
+        }
+        impl Admission for Meanwhile {
+            fn admit(&self, client: &ClientName, bytes: u64, others: u64) -> Result<(), Refused> {
+                if !self.asked.swap(true, Ordering::SeqCst) {
+                    let r = self
+                        .reservations
+                        .admit_shared(&self.inner, client, "k1", 500)
+                        .unwrap();
+                    *self.other.lock() = Some(r);
+                }
+                self.inner.admit(client, bytes, others)
+            }
+            fn space(&self, client: &ClientName) -> Space {
+                self.inner.space(client)
+            }
+        }
+        let (_dir, alice, _ledger, inner) = alice_enrolled(Some(1000));
+        let reservations = Reservations::new();
+        let meanwhile = Meanwhile {
+            inner,
+            reservations: reservations.clone(),
+            other: Mutex::new(None),
+            asked: std::sync::atomic::AtomicBool::new(false),
+        };
+        let mine = reservations
+            .admit_shared(&meanwhile, &alice, "k1", 300)
+            .unwrap();
+        let other = meanwhile.other.lock().take().unwrap();
+        assert_eq!((mine.bytes(), other.bytes()), (500, 500));
+        assert_eq!(reservations.reserved(&alice), 500);
+        drop(mine);
+        assert_eq!(reservations.reserved(&alice), 500);
+        drop(other);
         assert_eq!(reservations.total(), 0);
     }
 

@@ -954,12 +954,21 @@ impl ConnActor {
                     tracing::error!("looking up an upload's staging state panicked");
                     None
                 });
-                let _ = tx.blocking_send(Event::UploadPrepared {
+                let sent = tx.blocking_send(Event::UploadPrepared {
                     stream,
                     message: Message::Upload(manifest),
                     staged,
                     permit,
                 });
+                // The connection went meanwhile: the upload ends here, as
+                // its connection's other uploads did.
+                if let Err(mpsc::error::SendError(Event::UploadPrepared {
+                    staged: Some(staged),
+                    ..
+                })) = sent
+                {
+                    store.suspend_staged(&staged, true);
+                }
             });
         }
     }

@@ -528,16 +528,37 @@ impl Drop for Staged {
         // Without a record its data file is no pair: an anonymous one is
         // gone with its descriptor, a named one is swept at start-up.
         if !*self.settled.get_mut() {
-            let counted = *self.accounted.get_mut();
-            if *self.record_exists.get_mut() {
-                self.parked.lock().insert(self.key.clone(), counted);
+            let accounted = *self.accounted.get_mut();
+            // Chunks written since the last record are asked for again on
+            // a resume (and counted again as they are rewritten): the pair
+            // keeps the count of what its record lists.
+            let unrecorded: u64 = {
+                let recorded = self.recorded.get_mut();
+                self.landed
+                    .get_mut()
+                    .iter()
+                    .filter(|h| !recorded.contains(*h))
+                    .filter_map(|h| {
+                        let at = self.positions.get(h)?;
+                        let len = self.manifest.chunks.get(*at.first()?)?.len;
+                        Some(u64::from(len) * at.len() as u64)
+                    })
+                    .sum()
+            };
+            let (kept, released) = if *self.record_exists.get_mut() {
+                let kept = accounted.saturating_sub(unrecorded);
+                (Some(kept), accounted - kept)
             } else {
-                let _ = self
-                    .used
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
-                        Some(u.saturating_sub(counted))
-                    });
+                (None, accounted)
+            };
+            if let Some(kept) = kept {
+                self.parked.lock().insert(self.key.clone(), kept);
             }
+            let _ = self
+                .used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                    Some(u.saturating_sub(released))
+                });
         }
     }
 }
@@ -3232,6 +3253,37 @@ mod tests {
         drop((staged, store));
         assert_eq!(used, recomputed(&root));
         assert_eq!(used, bytes.len() as u64);
+    }
+
+    /// A state dropped without a verdict kept the count of every chunk it
+    /// wrote, also those written since its last record: a resume is asked
+    /// for those again and counted them twice (up to STAGING_SYNC_BYTES per
+    /// pair, until a commit or a restart). It keeps what its record lists.
+    #[test]
+    fn a_dropped_state_keeps_the_count_of_its_recorded_chunks_only() {
+        let (_dir, root, store) = fresh();
+        // Over STAGING_SYNC_BYTES: the first 16 MiB are recorded, the rest
+        // only written.
+        let bytes = data(24 << 20, 11);
+        let m = manifest_for("big.bin", &bytes);
+        let first = store.stage(&m).unwrap();
+        write_all_staged(&store, &first, &m, &bytes);
+        let recorded = first.recorded_count();
+        assert!(recorded > 0 && recorded < m.chunks.len(), "{recorded}");
+        drop(first);
+        let second = store.stage(&m).unwrap();
+        assert_eq!(second.recorded_count(), recorded);
+        for i in 0..m.chunks.len() {
+            let (h, d) = chunk_of(&m, &bytes, i);
+            if !second.has_recorded(&h) {
+                store.write_staged(&second, &h, d).unwrap();
+            }
+        }
+        store.suspend_staged(&second, true);
+        drop(second);
+        let used = store.used();
+        drop(store);
+        assert_eq!(used, recomputed(&root));
     }
 
     /// A resume between a suspend's settling and its record being written
