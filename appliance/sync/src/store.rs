@@ -1634,11 +1634,7 @@ impl ClientStore {
             staged.accounted.swap(0, Ordering::SeqCst)
         };
         let mut active = self.active.lock();
-        let ours = active
-            .get(&staged.key)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), staged));
-        if ours {
-            active.remove(&staged.key);
+        if remove_if_ours(&mut active, staged) {
             self.suspended.lock().insert(staged.key.clone(), counted);
         } else {
             // A new upload of the same file took the pair over meanwhile
@@ -1693,13 +1689,7 @@ impl ClientStore {
     }
 
     fn release_key(&self, staged: &Staged) {
-        let mut active = self.active.lock();
-        let ours = active
-            .get(&staged.key)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), staged));
-        if ours {
-            active.remove(&staged.key);
-        }
+        remove_if_ours(&mut self.active.lock(), staged);
     }
 
     fn discard_staged(&self, staged: &Staged) {
@@ -2409,6 +2399,18 @@ impl ClientStore {
         file.read_exact(&mut data)?;
         Ok(data)
     }
+}
+
+/// Takes `staged` out of a store's `active` map if it is the state there
+/// under its key (a later upload of the same file may have replaced it).
+fn remove_if_ours(active: &mut HashMap<String, std::sync::Weak<Staged>>, staged: &Staged) -> bool {
+    let ours = active
+        .get(&staged.key)
+        .is_some_and(|w| std::ptr::eq(w.as_ptr(), staged));
+    if ours {
+        active.remove(&staged.key);
+    }
+    ours
 }
 
 fn system_time(mtime: Mtime) -> SystemTime {
@@ -3137,15 +3139,20 @@ mod tests {
         (dir, root, store)
     }
 
-    /// Renames the pair `m` left to its untagged key, as a daemon from
-    /// before keys began with their path's tag named it: (new key, old key).
-    fn untag(root: &Path, m: &ValidManifest) -> (String, String) {
-        let (key, old) = (ClientStore::staging_key(m), ClientStore::content_key(m));
+    /// An interrupted upload of `c.bin` whose pair is under its untagged
+    /// key, as a daemon from before keys began with their path's tag left
+    /// it, with no store open: (dir, root, bytes, manifest).
+    fn untagged_upload() -> (tempfile::TempDir, PathBuf, Vec<u8>, ValidManifest) {
+        let (dir, root, store) = fresh();
+        let bytes = data(600_001, 6);
+        let m = interrupt(&store, "c.bin", &bytes);
+        drop(store);
+        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
         let staging = root.join(STAGING_DIR_NAME);
         for (from, to) in pair(&key).iter().zip(pair(&old)) {
             std::fs::rename(staging.join(from), staging.join(to)).unwrap();
         }
-        (key, old)
+        (dir, root, bytes, m)
     }
 
     fn pair(key: &str) -> Vec<String> {
@@ -3321,11 +3328,8 @@ mod tests {
     /// beside it, and the next resume adopts it.
     #[test]
     fn a_half_failed_adoption_keeps_the_pair_under_its_old_name() {
-        let (_dir, root, store) = fresh();
-        let bytes = data(600_001, 6);
-        let m = interrupt(&store, "c.bin", &bytes);
-        drop(store);
-        let (key, old) = untag(&root, &m);
+        let (_dir, root, _bytes, m) = untagged_upload();
+        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
         let staging = root.join(STAGING_DIR_NAME);
         let store = open(&root, false);
         let before = store.used();
@@ -3419,11 +3423,8 @@ mod tests {
     /// began with their path's tag) still resumes, under the new key.
     #[test]
     fn a_pair_under_its_untagged_key_still_resumes() {
-        let (_dir, root, store) = fresh();
-        let bytes = data(600_001, 6);
-        let m = interrupt(&store, "c.bin", &bytes);
-        drop(store);
-        let (key, old) = untag(&root, &m);
+        let (_dir, root, bytes, m) = untagged_upload();
+        let (key, old) = (ClientStore::staging_key(&m), ClientStore::content_key(&m));
         let store = open(&root, false);
         assert_eq!(staging_names(&root), pair(&old));
         let staged = store.stage(&m).unwrap();

@@ -20,6 +20,22 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+/// Alice's store at `root`.
+fn open_store(root: &std::path::Path, keep_versions: bool) -> ClientStore {
+    let name = ClientName::parse("alice").unwrap();
+    ClientStore::open(name, root, keep_versions, Arc::new(AtomicU64::new(0)))
+        .unwrap()
+        .0
+}
+
+/// What opening Alice's store at `root` recomputes from disk.
+fn open_report(root: &std::path::Path) -> appliance_sync::store::OpenReport {
+    let name = ClientName::parse("alice").unwrap();
+    ClientStore::open(name, root, false, Arc::new(AtomicU64::new(0)))
+        .unwrap()
+        .1
+}
+
 fn valid_manifest(path: &str, bytes: &[u8], secs: i64) -> ValidManifest {
     let digest = digest_bytes(bytes).unwrap();
     let m = digest.to_manifest(&RelPath::parse(path).unwrap(), Mtime { secs, nanos: 0 });
@@ -76,14 +92,7 @@ fn small_chunk_manifest(path: &str, bytes: &[u8], len: usize, secs: i64) -> Vali
 fn racing_commits_of_one_shared_upload_leave_the_document_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let (store, _) = ClientStore::open(
-        ClientName::parse("alice").unwrap(),
-        &root,
-        true,
-        Arc::new(AtomicU64::new(0)),
-    )
-    .unwrap();
-    let store = Arc::new(store);
+    let store = Arc::new(open_store(&root, true));
     let mut lost = Vec::new();
     for round in 0..120u64 {
         let bytes = random_bytes(3 << 20, 1000 + round);
@@ -131,9 +140,7 @@ fn racing_commits_of_one_shared_upload_leave_the_document_in_place() {
 fn racing_commits_of_one_path_keep_usage_exact() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) =
-        ClientStore::open(name.clone(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = open_store(&root, false);
     let store = Arc::new(store);
     for round in 0..200u64 {
         let path = format!("p{round}.bin");
@@ -166,7 +173,7 @@ fn racing_commits_of_one_path_keep_usage_exact() {
     }
     let live = (store.used(), store.files());
     drop(store);
-    let (_, report) = ClientStore::open(name, &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    let report = open_report(&root);
     assert_eq!(
         live,
         (report.used_bytes, report.files),
@@ -255,8 +262,7 @@ async fn pushing_one_file_twice_at_once_keeps_it_in_place() {
 fn a_commit_that_stops_after_its_manifest_never_makes_the_old_document_lie() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) = ClientStore::open(name, &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = open_store(&root, false);
     // 80 chunks: a manifest too large for the attribute.
     let len = MIN_CHUNK_SIZE as usize;
     let v1 = random_bytes(80 * len, 1);
@@ -326,8 +332,7 @@ fn commit_with_immutable(
 fn fail_a_replace(
     root: &std::path::Path,
 ) -> (ClientStore, Vec<u8>, Vec<u8>, Result<(), StoreError>) {
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) = ClientStore::open(name, root, true, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = open_store(root, true);
     let v1 = random_bytes(100_000, 1);
     let m1 = valid_manifest("doc.bin", &v1, 1);
     store.commit_staged(&stage_all(&store, &m1, &v1)).unwrap();
@@ -373,8 +378,7 @@ fn replacing_with_versions_kept_is_atomic() {
 fn racing_commits_with_versions_kept_lose_no_version() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) = ClientStore::open(name, &root, true, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = open_store(&root, true);
     let store = Arc::new(store);
     let mut lost = 0;
     for round in 0..100u64 {
@@ -458,9 +462,7 @@ fn a_failed_replace_leaves_no_duplicate_version() {
 fn a_delete_racing_a_commit_keeps_usage_exact() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) =
-        ClientStore::open(name.clone(), &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = open_store(&root, false);
     let store = Arc::new(store);
     for round in 0..300u64 {
         let path = format!("p{round}.bin");
@@ -492,7 +494,7 @@ fn a_delete_racing_a_commit_keeps_usage_exact() {
     }
     let live = (store.used(), store.files());
     drop(store);
-    let (_, report) = ClientStore::open(name, &root, false, Arc::new(AtomicU64::new(0))).unwrap();
+    let report = open_report(&root);
     assert_eq!(
         live,
         (report.used_bytes, report.files),
@@ -507,8 +509,7 @@ fn a_delete_racing_a_commit_keeps_usage_exact() {
 fn a_version_link_left_by_a_crash_is_not_doubled() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("alice");
-    let name = ClientName::parse("alice").unwrap();
-    let (store, _) = ClientStore::open(name, &root, true, Arc::new(AtomicU64::new(0))).unwrap();
+    let store = open_store(&root, true);
     let v1 = random_bytes(100_000, 1);
     store
         .commit_staged(&stage_all(&store, &valid_manifest("doc.bin", &v1, 1), &v1))
