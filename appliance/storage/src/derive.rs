@@ -146,6 +146,20 @@ pub struct EventDeriver {
     eids: BTreeSet<(u64, u64)>,
     known_scrub_end: BTreeMap<String, u64>,
     known_resilver_end: BTreeMap<String, u64>,
+    /// Pools whose resilver `started` was published before this view of the
+    /// pool began (by the manager before a restart, or before the pool was
+    /// exported), with no `finished` since: the first poll publishes its end.
+    resilver_open_before: BTreeSet<String>,
+}
+
+/// What must survive a restart for a resilver's `finished` to follow its
+/// `started` (see [`EventDeriver::resilver_mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResilverMark {
+    /// A `started` was published and no `finished` or `canceled` since.
+    pub open: bool,
+    /// The end (Unix seconds) of the newest resilver known to have ended.
+    pub last_end: Option<u64>,
 }
 
 /// Most `(pool_guid, eid)` pairs remembered for replay de-duplication; the
@@ -228,6 +242,39 @@ impl EventDeriver {
         self.known_scrub_end.insert(pool.to_owned(), end);
     }
 
+    /// Seeds what was persisted of `pool`'s resilvers, so that a resilver
+    /// that ended while nobody watched (the manager down, or starting) is
+    /// published as finished at first sight: one whose `started` went out
+    /// before, and one newer than the last known end.
+    pub fn set_resilver_mark(&mut self, pool: &str, mark: ResilverMark) {
+        if let Some(end) = mark.last_end {
+            let e = self
+                .known_resilver_end
+                .entry(pool.to_owned())
+                .or_insert(end);
+            *e = (*e).max(end);
+        }
+        if mark.open {
+            self.resilver_open_before.insert(pool.to_owned());
+        } else {
+            self.resilver_open_before.remove(pool);
+        }
+    }
+
+    /// What to persist of `pool`'s resilvers (`None` if nothing is known).
+    /// It changes when a resilver event is derived and when a poll first
+    /// sees an ended resilver; persisting it before publishing a `started`
+    /// means a crash can repeat an event but not lose a `finished`.
+    pub fn resilver_mark(&self, pool: &str) -> Option<ResilverMark> {
+        let open = self.pools.get(pool).map_or_else(
+            || self.resilver_open_before.contains(pool),
+            |p| p.resilver_started,
+        );
+        let last_end = self.known_resilver_end.get(pool).copied();
+        (open || last_end.is_some() || self.pools.contains_key(pool))
+            .then_some(ResilverMark { open, last_end })
+    }
+
     /// Pools in the published view.
     pub fn pools(&self) -> Vec<String> {
         self.pools.keys().cloned().collect()
@@ -251,6 +298,9 @@ impl EventDeriver {
         let red = redundancy(status);
         let (st, reasons) = classify(status, &red);
         let first = !self.pools.contains_key(&name);
+        // Taken at first sight whatever the scan shows: a resilver whose
+        // scan stats a scrub replaced meanwhile has no end to publish.
+        let open_before = first && self.resilver_open_before.remove(&name);
         let free = snap.datasets.iter().find(|d| d.name == name).map_or_else(
             || snap.list.as_ref().map_or(0, |l| l.capacity.free),
             |d| d.available,
@@ -403,7 +453,7 @@ impl EventDeriver {
         // Scans.
         let errs = devices_with_errors(status);
         if let Some(scan) = &status.scan {
-            let ev = self.scan_events(&name, scan, &errs, first, now);
+            let ev = self.scan_events(&name, scan, &errs, (first, open_before), now);
             events.extend(ev);
         }
 
@@ -423,7 +473,7 @@ impl EventDeriver {
         pool: &str,
         scan: &ScanStatus,
         errs: &[DeviceErrors],
-        first: bool,
+        (first, open_before): (bool, bool),
         now: u64,
     ) -> Vec<StorageEvent> {
         let cfg = self.cfg;
@@ -467,13 +517,15 @@ impl EventDeriver {
             self.known_resilver_end.get(pool).copied()
         };
         // A terminal scan never seen running: publish it if it is newer than
-        // what we know. At first sight of a pool only a scrub newer than the
-        // persisted completion counts (resilver ends are not persisted).
+        // what we know. At first sight of a pool that needs a persisted end
+        // to compare with (else every restart would republish the last
+        // scan), or a resilver whose `started` went out before.
+        let open_before = open_before && is_resilver;
         let unseen_terminal_is_new = match scan.end_time {
             Some(e) => {
-                known_end.is_none_or(|k| e > k) && !(first && (is_resilver || known_end.is_none()))
+                known_end.is_none_or(|k| e > k) && !(first && known_end.is_none() && !open_before)
             }
-            None => !first,
+            None => !first || open_before,
         };
         match scan.state {
             ScanState::Running if was_active => {
@@ -696,7 +748,9 @@ impl EventDeriver {
             &format!("pool {pool} is no longer imported"),
             now,
         );
-        self.pools.remove(pool);
+        if self.pools.remove(pool).is_some_and(|p| p.resilver_started) {
+            self.resilver_open_before.insert(pool.to_owned());
+        }
         ev
     }
 

@@ -36,7 +36,10 @@
 //! * A change is published once, whichever source (event follower, poll,
 //!   udev) saw it first; a restart republishes the current pool state and
 //!   failed disks once (`old_state: null`), so a subscriber that joined late
-//!   still learns them.
+//!   still learns them. A resilver that ended while the manager was down is
+//!   published as `finished` at start if its `started` went out before or
+//!   it is newer than the last end known (both persisted with the scrub
+//!   book, the mark before the `started` is published).
 //! * Intent before action: pool creation, scheduled scrubs and scrub
 //!   completions are on disk before (or as) they happen; restarts complete
 //!   or report, never repeat blindly.

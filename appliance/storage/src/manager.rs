@@ -51,7 +51,7 @@ use crate::breaker::{
 };
 use crate::clock::Clock;
 use crate::datasets::{record_dataset, DATASETS_RECORD};
-use crate::derive::{DeriveConfig, EventDeriver};
+use crate::derive::{DeriveConfig, EventDeriver, ResilverMark};
 use crate::disks::{check_create, check_disk, list_disks, pool_members, DiskInventory, DiskPolicy};
 use crate::error::StorageError;
 use crate::provision::{ProvisionConfig, Provisioner};
@@ -247,6 +247,13 @@ impl StorageManager {
             if let Some(end) = r.last_completed {
                 deriver.set_known_scrub_end(pool, end);
             }
+            deriver.set_resilver_mark(
+                pool,
+                ResilverMark {
+                    open: r.resilver_open,
+                    last_end: r.resilver_ended,
+                },
+            );
         }
         let actor = Actor {
             quotas: QuotaTracker::new(cfg.quota.clone()),
@@ -545,7 +552,21 @@ impl Actor {
                     }
                 }
             }
+            if let StorageEvent::Resilver(r) = &e {
+                // Before the event goes out: a `started` whose mark is lost
+                // would never be followed by its `finished`.
+                self.save_resilver_mark(&r.pool);
+            }
             self.sink.publish(&e);
+        }
+    }
+
+    /// Persists what the deriver knows of `pool`'s resilvers if it changed.
+    fn save_resilver_mark(&mut self, pool: &str) {
+        if let Some(mark) = self.deriver.resilver_mark(pool) {
+            if self.book.resilver(pool, mark) {
+                self.save_book();
+            }
         }
     }
 
@@ -774,6 +795,9 @@ impl Actor {
                             } else {
                                 let ev = self.deriver.observe_snapshot(&snap, now);
                                 self.publish(ev);
+                                // An end seen without an event (at first
+                                // sight) is the one the next start compares with.
+                                self.save_resilver_mark(&p.name);
                             }
                             for d in &snap.datasets {
                                 let ev =

@@ -24,6 +24,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::derive::ResilverMark;
+
 /// Seconds in a day.
 pub const DAY: u64 = 86_400;
 
@@ -178,6 +180,14 @@ pub struct ScrubRecord {
     pub first_seen: Option<u64>,
     /// When the scheduler last asked for a scrub.
     pub requested_at: Option<u64>,
+    /// A resilver's `started` was published and its end not yet (so a
+    /// restart publishes the end it finds; see
+    /// [`crate::derive::ResilverMark`]). Absent in books written before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resilver_open: bool,
+    /// End of the newest resilver known to have ended (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resilver_ended: Option<u64>,
 }
 
 /// Local minute of the day at `now`.
@@ -267,6 +277,16 @@ impl ScrubBook {
         }
         r.last_completed = Some(end);
         true
+    }
+
+    /// Records what is known of the pool's resilvers; true if the book
+    /// changed.
+    pub fn resilver(&mut self, pool: &str, mark: ResilverMark) -> bool {
+        let r = self.pools.entry(pool.to_owned()).or_default();
+        let before = (r.resilver_open, r.resilver_ended);
+        r.resilver_open = mark.open;
+        r.resilver_ended = mark.last_end.max(r.resilver_ended);
+        before != (r.resilver_open, r.resilver_ended)
     }
 
     /// Records a scrub request at `now`.
@@ -477,5 +497,36 @@ mod tests {
         assert!(ScrubDecision::Blocked(PoolActivity::Resilvering)
             .describe()
             .contains("resilver"));
+    }
+
+    #[test]
+    fn resilver_marks_are_kept_and_old_books_still_load() {
+        // A book written before resilver marks existed.
+        let old = r#"{"pools":{"tank":{"last_completed":5,"first_seen":1,"requested_at":null}}}"#;
+        let mut book: ScrubBook = serde_json::from_str(old).unwrap();
+        assert_eq!(book.get("tank").last_completed, Some(5));
+        assert!(!book.get("tank").resilver_open);
+        let open = ResilverMark {
+            open: true,
+            last_end: None,
+        };
+        assert!(book.resilver("tank", open));
+        assert!(!book.resilver("tank", open), "unchanged");
+        let ended = ResilverMark {
+            open: false,
+            last_end: Some(900),
+        };
+        assert!(book.resilver("tank", ended));
+        // An end only moves forward.
+        assert!(!book.resilver(
+            "tank",
+            ResilverMark {
+                open: false,
+                last_end: Some(800),
+            }
+        ));
+        let back: ScrubBook = serde_json::from_str(&serde_json::to_string(&book).unwrap()).unwrap();
+        assert_eq!(back, book);
+        assert_eq!(back.get("tank").resilver_ended, Some(900));
     }
 }

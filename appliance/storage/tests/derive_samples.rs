@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use appliance_storage::derive::{DeriveConfig, EventDeriver};
+use appliance_storage::derive::{DeriveConfig, EventDeriver, ResilverMark};
 use appliance_storage::report::{pool_report, storage_report, PoolSnapshot};
 use appliance_types::storage::{
     DiskAction, EventSource, ScanEventPhase, StorageEvent, StorageStatus,
@@ -928,4 +928,94 @@ fn a_disk_back_keeps_degraded_while_another_disk_is_degraded() {
         all.iter().all(|b| !b.contains("->ONLINE")),
         "published ONLINE for a DEGRADED pool: {all:?}"
     );
+}
+
+fn resilver_phases(ev: &[StorageEvent]) -> Vec<ScanEventPhase> {
+    ev.iter()
+        .filter_map(|e| match e {
+            StorageEvent::Resilver(r) => Some(r.phase),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A resilver whose `started` went out before a restart and which ended
+/// while the manager was down: the restarted deriver, seeded with the mark,
+/// publishes its end at first sight, once.
+#[test]
+fn a_resilver_that_ended_while_nobody_watched_is_finished_after_a_restart() {
+    let t = 1_795_376_700;
+    let mut before = EventDeriver::default();
+    before.observe_snapshot(&json_snapshot("removed2", t), t);
+    before.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    let mark = before.resilver_mark("tank").unwrap();
+    assert!(mark.open, "{mark:?}");
+
+    let mut after = EventDeriver::default();
+    after.set_resilver_mark("tank", mark);
+    let ev = after.observe_snapshot(&json_snapshot("resilvered", t + 400), t + 400);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+    let StorageEvent::Resilver(r) = ev
+        .iter()
+        .find(|e| e.subject() == "storage.resilver.tank.finished")
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(r.scan.repaired_bytes, 109_031_424);
+    let closed = after.resilver_mark("tank").unwrap();
+    assert!(!closed.open);
+    assert!(closed.last_end.is_some());
+
+    // The next restart knows that end and publishes nothing of it.
+    let mut again = EventDeriver::default();
+    again.set_resilver_mark("tank", closed);
+    let ev = again.observe_snapshot(&json_snapshot("resilvered", t + 900), t + 900);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+
+    // Without a mark (a first start, or a book from before marks), an ended
+    // resilver is history and is not published.
+    let mut fresh = EventDeriver::default();
+    let ev = fresh.observe_snapshot(&json_snapshot("resilvered", t + 900), t + 900);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+    assert_eq!(
+        fresh.resilver_mark("tank").unwrap().last_end,
+        closed.last_end
+    );
+}
+
+/// A resilver that started and ended while the manager was down, after one
+/// it knew the end of: its end is published at first sight.
+#[test]
+fn a_resilver_newer_than_the_last_known_end_is_finished_at_first_sight() {
+    let t = 1_795_376_700;
+    let mut probe = EventDeriver::default();
+    probe.observe_snapshot(&json_snapshot("resilvered", t), t);
+    let end = probe.resilver_mark("tank").unwrap().last_end.unwrap();
+
+    let mut d = EventDeriver::default();
+    d.set_resilver_mark(
+        "tank",
+        ResilverMark {
+            open: false,
+            last_end: Some(end - 3600),
+        },
+    );
+    let ev = d.observe_snapshot(&json_snapshot("resilvered", t), t);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+    assert_eq!(d.resilver_mark("tank").unwrap().last_end, Some(end));
+}
+
+/// A pool exported during a resilver and imported after it ended: the end
+/// is published when the pool is back.
+#[test]
+fn a_resilver_that_ended_while_the_pool_was_away_is_finished_on_its_return() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    d.observe_absent("tank", t + 60);
+    assert!(d.resilver_mark("tank").unwrap().open);
+    let ev = d.observe_snapshot(&json_snapshot("resilvered", t + 400), t + 400);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
 }

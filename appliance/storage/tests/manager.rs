@@ -1209,3 +1209,80 @@ async fn a_disk_back_from_a_brief_fault_then_pulled_is_published_both_times() {
         pool_states(&ev)
     );
 }
+
+/// A resilver that ends while the manager is down (a restart, an upgrade):
+/// the restarted manager publishes its `finished`, since its `started` went
+/// out before; the one after that does not publish it again.
+#[tokio::test(start_paused = true)]
+async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_restart() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 60 * MB)
+        .unwrap();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    rig.disks.update(|s| {
+        *s = FakeDisks::blank_disks(&serials(), 256 * MB);
+    });
+    rig.sync();
+    rig.mgr
+        .replace("tank".into(), by_id("ZD2"), by_id("ZN2"), false)
+        .await
+        .unwrap();
+    rig.wait_events("resilver started", |e| {
+        count(e, "storage.resilver.tank.started") == 1
+    })
+    .await;
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(book.contains("\"resilver_open\": true"), "{book}");
+    rig.mgr.shutdown().await;
+
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+
+    let restart = || {
+        let sink = Arc::new(CollectingSink::new());
+        let (mgr, _) = StorageManager::spawn(
+            rig.cfg.clone(),
+            rig.zfs.clone(),
+            rig.disks.clone(),
+            sink.clone(),
+            rig.clock.clone(),
+        );
+        (mgr, sink)
+    };
+    let (mgr2, sink2) = restart();
+    mgr2.refresh().await.unwrap();
+    let ev = sink2.snapshot();
+    assert_eq!(
+        count(&ev, "storage.resilver.tank.finished"),
+        1,
+        "{:#?}",
+        subjects(&ev)
+    );
+    let r = mgr2.report().await.unwrap();
+    assert_eq!(r.status, StorageStatus::Healthy);
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(!book.contains("\"resilver_open\": true"), "{book}");
+    assert!(book.contains("\"resilver_ended\": "), "{book}");
+    mgr2.shutdown().await;
+
+    let (mgr3, sink3) = restart();
+    mgr3.refresh().await.unwrap();
+    let ev = sink3.snapshot();
+    assert_eq!(
+        count(&ev, "storage.resilver.tank.finished"),
+        0,
+        "{:#?}",
+        subjects(&ev)
+    );
+    // The restart still republishes the pool's state.
+    assert_eq!(
+        count(&ev, "storage.pool.tank.state"),
+        1,
+        "{:#?}",
+        subjects(&ev)
+    );
+}
