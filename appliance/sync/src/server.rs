@@ -649,6 +649,10 @@ struct StreamState {
     serving: bool,
     /// Upload manifests from this stream whose staging lookup is running.
     preparing: usize,
+    /// The client reset the stream (or reading it failed): its uploads
+    /// ended, and its `Upload` frames still waiting for their lookup are
+    /// dropped instead of starting uploads nobody drives.
+    failed: bool,
 }
 
 struct ConnActor {
@@ -782,6 +786,7 @@ impl ConnActor {
                 reader_done: false,
                 serving: false,
                 preparing: 0,
+                failed: false,
             },
         );
         tokio::spawn(reader_task(
@@ -820,7 +825,16 @@ impl ConnActor {
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.preparing = s.preparing.saturating_sub(1);
                 }
-                self.handle_frame(stream, message, None, staged.as_ref(), now);
+                if self.stream_failed(stream) {
+                    // Its stream went while it was looked up: the upload
+                    // ends before it starts, resumable as any other.
+                    if let Some(staged) = staged {
+                        let store = self.store.clone();
+                        tokio::task::spawn_blocking(move || store.suspend_staged(&staged, true));
+                    }
+                } else {
+                    self.handle_frame(stream, message, None, staged.as_ref(), now);
+                }
                 drop(permit);
                 self.maybe_drop_stream(stream);
                 self.prepare_next(now);
@@ -843,7 +857,12 @@ impl ConnActor {
                         });
                         actions
                     }
-                    _ => self.proto.stream_closed(stream),
+                    _ => {
+                        if let Some(s) = self.streams.get_mut(&stream) {
+                            s.failed = true;
+                        }
+                        self.proto.stream_closed(stream)
+                    }
                 };
                 self.perform(actions);
                 self.mark_reader_done(stream);
@@ -924,6 +943,14 @@ impl ConnActor {
             let Some((stream, manifest, permit)) = self.waiting.pop_front() else {
                 return;
             };
+            if self.stream_failed(stream) {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.preparing = s.preparing.saturating_sub(1);
+                }
+                drop(permit);
+                self.maybe_drop_stream(stream);
+                continue;
+            }
             if self.services.admission.writable(&self.client).is_err() {
                 // Refused by admission (StorageView), without touching
                 // the staging area.
@@ -1036,6 +1063,11 @@ impl ConnActor {
         self.pending_permit = permit;
         self.perform(actions);
         self.pending_permit = None;
+    }
+
+    /// Whether `stream` was reset by the client (see [`StreamState::failed`]).
+    fn stream_failed(&self, stream: StreamKey) -> bool {
+        self.streams.get(&stream).is_some_and(|s| s.failed)
     }
 
     fn mark_reader_done(&mut self, stream: StreamKey) {

@@ -396,6 +396,106 @@ async fn uploads_pipelined_on_one_stream_are_answered_in_order() {
     fx.stop().await;
 }
 
+/// A manifest of the most chunks a manifest may have (of a file far over
+/// any quota here): its staging lookup is the slowest there is.
+fn largest_manifest(path: &str, seed: u32) -> Manifest {
+    let n = MAX_CHUNKS_PER_MANIFEST;
+    let len = 256 << 10;
+    Manifest {
+        path: path.into(),
+        size: u64::from(n) * u64::from(len),
+        mtime: Mtime { secs: 0, nanos: 0 },
+        file_hash: Hash::of(&seed.to_le_bytes()),
+        chunks: (0..n)
+            .map(|i| ChunkRef {
+                offset: u64::from(i) * u64::from(len),
+                len,
+                hash: Hash::of(&[seed.to_le_bytes(), i.to_le_bytes()].concat()),
+            })
+            .collect(),
+    }
+}
+
+/// Uploads waiting for their staging lookup on a stream the client resets
+/// never start: they held a reservation and an upload slot until the idle
+/// timeout (120 s), so the quota was not free for the next push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_waiting_on_a_reset_stream_never_start() {
+    let mut fx = Fixture::start().await;
+    let bundle = fx.enroll("ines", Some(1 << 20));
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    // Lookups run one at a time per connection: two of the slowest kind
+    // on one stream keep the next ones waiting.
+    let (mut slow_send, mut slow_recv) = conn.open_bi().await.unwrap();
+    for seed in 0..2 {
+        let m = largest_manifest(&format!("slow{seed}.bin"), seed);
+        appliance_sync::wire::write_frame(&mut slow_send, &Message::Upload(m))
+            .await
+            .unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    let first = read_one(&mut slow_recv).await;
+    assert!(
+        matches!(
+            &first,
+            Message::Error {
+                error: WireError::QuotaExceeded { .. },
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    // The second slow lookup runs now. Three uploads that fit the quota
+    // together wait behind it; their stream is reset meanwhile.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    for i in 0..3u64 {
+        let data = random_bytes(300_000, 1000 + i);
+        let manifest = digest_bytes(&data).unwrap().to_manifest(
+            &RelPath::parse(&format!("r{i}.bin")).unwrap(),
+            Mtime { secs: 5, nanos: 0 },
+        );
+        appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+            .await
+            .unwrap();
+    }
+    // Time for the frames to reach the server (a reset discards what has
+    // not), far less than the slow lookup takes.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    recv.stop(quinn::VarInt::from_u32(0)).unwrap();
+    let second = read_one(&mut slow_recv).await;
+    let lookup = t0.elapsed();
+    assert!(
+        matches!(
+            &second,
+            Message::Error {
+                error: WireError::QuotaExceeded { .. },
+                ..
+            }
+        ),
+        "{second:?}"
+    );
+    eprintln!("the second slow lookup ended {lookup:?} after the first");
+
+    // 1 MB fits the 1 MiB quota only if no upload of the reset stream holds
+    // a part of it.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let data = random_bytes(1_000_000, 300);
+    let manifest = digest_bytes(&data).unwrap().to_manifest(
+        &RelPath::parse("after.bin").unwrap(),
+        Mtime { secs: 5, nanos: 0 },
+    );
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    match read_one(&mut recv).await {
+        Message::NeedChunks(_) => {}
+        other => panic!("the reset stream's uploads still hold the quota: {other:?}"),
+    }
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
 fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
     Bundle {
         version: BUNDLE_VERSION,
