@@ -121,6 +121,12 @@ struct PoolSeen {
     scan: Option<ScanSeen>,
     /// A resilver's `started` was published (from an event or a snapshot).
     resilver_started: bool,
+    /// ZFS reported the end of a resilver whose `started` was published
+    /// (`resilver_finish`, at this time) and no poll has shown it ended yet:
+    /// the next poll publishes its `finished`, from the poll if it shows
+    /// the ended resilver, else (ZED started a scrub that replaced the scan
+    /// stats) from the last poll that showed it running.
+    resilver_end_unpublished: Option<u64>,
     last_status: Option<PoolStatus>,
     status_as_of: u64,
     healthy: bool,
@@ -268,7 +274,7 @@ impl EventDeriver {
     pub fn resilver_mark(&self, pool: &str) -> Option<ResilverMark> {
         let open = self.pools.get(pool).map_or_else(
             || self.resilver_open_before.contains(pool),
-            |p| p.resilver_started,
+            |p| p.resilver_started || p.resilver_end_unpublished.is_some(),
         );
         let last_end = self.known_resilver_end.get(pool).copied();
         (open || last_end.is_some() || self.pools.contains_key(pool))
@@ -458,6 +464,17 @@ impl EventDeriver {
         }
 
         let seen = self.pools.entry(name.clone()).or_insert_with(PoolSeen::new);
+        // Still unpublished after the scans, and this poll shows no
+        // resilver: the scan stats went to another scan. (One showing it
+        // running read ZFS before it ended; a new one comes with its
+        // `resilver_start`, which publishes this first.)
+        if status
+            .scan
+            .as_ref()
+            .is_none_or(|s| s.function != ScanFunction::Resilver)
+        {
+            events.extend(unpublished_resilver_end(seen, &name));
+        }
         seen.healthy = st == StorageStatus::Healthy;
         seen.redundancy = red.summary;
         seen.free_bytes = free;
@@ -567,6 +584,7 @@ impl EventDeriver {
                 }
                 if is_resilver {
                     seen.resilver_started = false;
+                    seen.resilver_end_unpublished = None;
                 }
             }
             ScanState::Other(_) => {}
@@ -678,14 +696,19 @@ impl EventDeriver {
                     at,
                 );
             }
-            // A resilver the polls never saw end (a scrub that ZFS started
-            // right after it replaced the pool's scan stats): without this
-            // the next resilver's start would be taken for the same one and
-            // not published (found in scenario 5).
+            // A resilver the polls may never see end (a scrub that ZFS
+            // started right after it replaced the pool's scan stats): without
+            // this the next resilver's start would be taken for the same one
+            // and not published (found in scenario 5), and its `finished`
+            // would never follow its `started`.
             "resilver_finish" => {
+                if seen.resilver_started {
+                    seen.resilver_end_unpublished = Some(at);
+                }
                 seen.resilver_started = false;
             }
             "resilver_start" if !seen.resilver_started => {
+                out.events.extend(unpublished_resilver_end(seen, &pool));
                 seen.resilver_started = true;
                 let errs = seen
                     .last_status
@@ -748,7 +771,11 @@ impl EventDeriver {
             &format!("pool {pool} is no longer imported"),
             now,
         );
-        if self.pools.remove(pool).is_some_and(|p| p.resilver_started) {
+        if self
+            .pools
+            .remove(pool)
+            .is_some_and(|p| p.resilver_started || p.resilver_end_unpublished.is_some())
+        {
             self.resilver_open_before.insert(pool.to_owned());
         }
         ev
@@ -820,6 +847,7 @@ impl PoolSeen {
             disks: BTreeMap::new(),
             scan: None,
             resilver_started: false,
+            resilver_end_unpublished: None,
             last_status: None,
             status_as_of: 0,
             healthy: false,
@@ -828,6 +856,33 @@ impl PoolSeen {
             heartbeat_at: None,
         }
     }
+}
+
+/// The `finished` of a resilver ZFS reported ended that no poll showed
+/// ended (see [`PoolSeen::resilver_end_unpublished`]): its figures are those
+/// of the last poll that showed it running, at 100 %.
+fn unpublished_resilver_end(seen: &mut PoolSeen, pool: &str) -> Option<StorageEvent> {
+    let at = seen.resilver_end_unpublished.take()?;
+    let status = seen.last_status.as_ref();
+    let mut scan = status
+        .and_then(|s| s.scan.as_ref())
+        .filter(|s| s.function == ScanFunction::Resilver)
+        .map_or_else(
+            || empty_scan(&ScanFunction::Resilver),
+            |s| scan_report(s, at),
+        );
+    scan.phase = ScanPhase::Finished;
+    scan.percent = 100.0;
+    scan.rate_bytes_per_sec = None;
+    scan.eta_secs = None;
+    scan.ended_at = Some(at);
+    Some(StorageEvent::Resilver(ScanEvent {
+        pool: pool.to_owned(),
+        phase: ScanEventPhase::Finished,
+        scan,
+        devices_with_errors: status.map(devices_with_errors).unwrap_or_default(),
+        at,
+    }))
 }
 
 /// Marks the pool's disks that udev reported gone as REMOVED where ZFS still

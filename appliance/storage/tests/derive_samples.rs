@@ -561,8 +561,8 @@ fn resilver_zfs_event(class: &str, eid: u64, at: u64) -> ZpoolEvent {
 }
 
 /// Two resilvers in a row, the first never seen by a poll (its scan stats
-/// were replaced by a scrub before the next poll): the second one's start is
-/// still published.
+/// were replaced by a scrub before the next poll): the first one's end and
+/// the second one's start are both published.
 #[test]
 fn a_resilver_after_one_no_poll_saw_end_is_published_as_started() {
     let t = 1_795_376_700;
@@ -572,8 +572,18 @@ fn a_resilver_after_one_no_poll_saw_end_is_published_as_started() {
     assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
     let out = d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 21, t + 2), t + 2);
     assert!(out.repoll);
+    assert!(
+        out.events.is_empty(),
+        "the poll it asks for publishes the end"
+    );
     let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 25, t + 8), t + 8);
-    assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
+    assert_eq!(
+        briefs(&out.events),
+        [
+            "storage.resilver.tank.finished",
+            "storage.resilver.tank.started"
+        ]
+    );
     // The same event delivered twice is still one start.
     let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 25, t + 8), t + 8);
     assert!(out.events.is_empty());
@@ -1018,4 +1028,68 @@ fn a_resilver_that_ended_while_the_pool_was_away_is_finished_on_its_return() {
     assert!(d.resilver_mark("tank").unwrap().open);
     let ev = d.observe_snapshot(&json_snapshot("resilvered", t + 400), t + 400);
     assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+}
+
+/// ZED starts a scrub as soon as a resilver ends, and the next poll shows
+/// the scrub: the resilver's `finished` is published from the last poll
+/// that showed it running, once; the mark stays open until then.
+#[test]
+fn a_resilver_whose_scan_stats_a_scrub_replaced_is_still_finished() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 30, t + 60), t + 60);
+    assert!(out.events.is_empty());
+    assert!(d.resilver_mark("tank").unwrap().open);
+    // A poll that read ZFS before the end still shows it running.
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 55), t + 61);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 70), t + 70);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Finished],
+        "{:?}",
+        briefs(&ev)
+    );
+    let StorageEvent::Resilver(r) = ev
+        .iter()
+        .find(|e| e.subject() == "storage.resilver.tank.finished")
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(r.scan.ended_at, Some(t + 60));
+    assert!((r.scan.percent - 100.0).abs() < f64::EPSILON);
+    assert!(
+        r.scan.total_bytes > 0,
+        "figures of the last poll: {:?}",
+        r.scan
+    );
+    assert!(!d.resilver_mark("tank").unwrap().open);
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 90), t + 90);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+}
+
+/// When the poll after `resilver_finish` shows the ended resilver, its
+/// `finished` comes from that poll, once.
+#[test]
+fn a_resilver_end_reported_by_zfs_is_published_once_by_the_poll() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 30, t + 60), t + 60);
+    let ev = d.observe_snapshot(&json_snapshot("resilvered", t + 70), t + 70);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+    let StorageEvent::Resilver(r) = ev
+        .iter()
+        .find(|e| e.subject() == "storage.resilver.tank.finished")
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(r.scan.repaired_bytes, 109_031_424);
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 90), t + 90);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
 }
