@@ -13,7 +13,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::message::{decode_stored, encode_stored, stored_subject, Message};
-use crate::queue::{CloseReason, ConnOutbound, LocalQueue, Offer, SlowConsumerPolicy};
+use crate::queue::{CloseReason, ConnOutbound, Evict, LocalQueue, Offer, SlowConsumerPolicy};
 use crate::stats::{
     sum, ConnCounters, ConnectionStats, Counters, DurableStats, StatsSnapshot, SubjectCounters,
 };
@@ -619,6 +619,17 @@ impl Bus {
         pattern: &str,
         opts: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
+        self.subscribe_evicting(pattern, opts, None)
+    }
+
+    /// [`subscribe`](Self::subscribe), with what a drop-oldest queue evicts
+    /// handed to `evict` instead of being dropped.
+    pub(crate) fn subscribe_evicting(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+        evict: Option<Evict>,
+    ) -> Result<Subscription, BusError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
@@ -645,13 +656,17 @@ impl Bus {
         let policy = slow_consumer.unwrap_or(self.inner.opts.slow_consumer);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let make = |lag_high: Option<u64>, start_seq: u64| {
-            let q = Arc::new(LocalQueue::new(
+            let mut q = LocalQueue::new(
                 cap,
                 policy,
                 durable.is_some(),
                 lag_high,
                 queue_group.is_some(),
-            ));
+            );
+            if let Some(evict) = evict {
+                q = q.with_evict(evict);
+            }
+            let q = Arc::new(q);
             let entry = Arc::new(SubEntry {
                 id,
                 pattern: pattern.clone(),
@@ -1186,11 +1201,19 @@ impl BusInner {
             if no_echo.is_some() && matches!(&s.sink, Sink::Conn(c) if Some(c.id) == no_echo) {
                 continue;
             }
-            n += usize::from(self.deliver(s, msg, counters, wakes));
+            match self.deliver(s, msg, counters, wakes) {
+                Took::Yes => n += 1,
+                Took::Refused(q) => self.drop_refused(&q, msg, counters),
+                Took::No => {}
+            }
         }
         if !m.groups.is_empty() {
             let start = m.rr.fetch_add(1, Ordering::Relaxed);
             for g in &m.groups {
+                // The first member that refused it: it drops (or evicts)
+                // the message if no other member takes it.
+                let mut refused = None;
+                let mut took = false;
                 for k in 0..g.len() {
                     let member = &g[(start + k) % g.len()];
                     // Joined after this message was stored (its fan-out
@@ -1198,15 +1221,34 @@ impl BusInner {
                     if msg.seq.is_some_and(|s| s < member.start_seq) {
                         continue;
                     }
-                    if self.deliver(member, msg, counters, wakes) {
-                        n += 1;
-                        break;
+                    match self.deliver(member, msg, counters, wakes) {
+                        Took::Yes => {
+                            took = true;
+                            break;
+                        }
+                        Took::Refused(q) => {
+                            refused.get_or_insert(q);
+                        }
+                        Took::No => {}
                     }
+                }
+                if took {
+                    n += 1;
+                } else if let Some(q) = refused {
+                    self.drop_refused(&q, msg, counters);
                 }
             }
         }
         counters.deliver_many(n, msg.payload.len());
         n
+    }
+
+    /// A message a subscription refused ([`Offer::Dropped`]) and nobody
+    /// else took: counted once, and handed to the subscription's evict sink
+    /// if it has one (see [`LocalQueue::drop_refused`]).
+    fn drop_refused(&self, q: &LocalQueue, msg: &Message, counters: &Counters) {
+        counters.drop_one();
+        q.drop_refused(msg.clone());
     }
 
     fn deliver(
@@ -1215,13 +1257,13 @@ impl BusInner {
         msg: &Message,
         counters: &Counters,
         wakes: &mut Wakes,
-    ) -> bool {
+    ) -> Took {
         let max = s.max.load(Ordering::Acquire);
         let mut last = false;
         if max != u64::MAX {
             let n = s.delivered.fetch_add(1, Ordering::AcqRel) + 1;
             if n > max {
-                return false;
+                return Took::No;
             }
             last = n == max;
         } else {
@@ -1240,22 +1282,20 @@ impl BusInner {
                 (offer, Some(c))
             }
         };
-        let taken = match offer {
-            Offer::Queued | Offer::Deferred => true,
+        let took = match offer {
+            Offer::Queued | Offer::Deferred => Took::Yes,
             Offer::QueuedDroppedOldest => {
                 counters.drop_one();
                 if let Some(c) = conn {
                     c.counters.counters.drop_one();
                 }
-                true
+                Took::Yes
             }
-            Offer::Dropped => {
-                counters.drop_one();
-                if let Some(c) = conn {
-                    c.counters.counters.drop_one();
-                }
-                false
-            }
+            // Only in-process queues refuse a message.
+            Offer::Dropped => match &s.sink {
+                Sink::Local(q) => Took::Refused(q.clone()),
+                Sink::Conn(_) => Took::No,
+            },
             Offer::SlowConsumer => {
                 counters.slow_consumer();
                 if let Some(c) = conn {
@@ -1263,12 +1303,12 @@ impl BusInner {
                     c.counters.slow.store(true, Ordering::Relaxed);
                 }
                 tracing::warn!(subject = %msg.subject, pattern = %s.pattern, "slow consumer closed");
-                false
+                Took::No
             }
-            Offer::Closed => false,
+            Offer::Closed => Took::No,
         };
         // The subject's delivery count is added once per message, by fan_out.
-        if taken {
+        if matches!(took, Took::Yes) {
             if let Some(c) = conn {
                 c.counters.counters.deliver(size);
             }
@@ -1276,8 +1316,17 @@ impl BusInner {
         if last {
             self.remove_sub(s);
         }
-        taken
+        took
     }
+}
+
+/// Whether a subscription took a message ([`BusInner::deliver`]).
+enum Took {
+    Yes,
+    /// Its queue refused it ([`Offer::Dropped`]): the caller drops it
+    /// through this queue unless another queue group member takes it.
+    Refused(Arc<LocalQueue>),
+    No,
 }
 
 /// Counts a published message on its subject and its connection.
@@ -1499,7 +1548,9 @@ impl Subscription {
         self.bus.inner.durable.is_some()
     }
 
-    /// Messages dropped for this subscriber (drop-oldest policy).
+    /// Messages dropped for this subscriber: by the drop-oldest policy
+    /// (except those a handler's subscription dead-letters instead), and
+    /// durable messages it could not read back from the log.
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
     }

@@ -12,6 +12,11 @@
 //! Dead letters are never dead-lettered again, and reach only handlers whose
 //! pattern names them (`_dlq.>`): see [`Bus::handle`], "Dead letters".
 //!
+//! A handler that falls behind dead-letters what it cannot keep (non-durable
+//! messages, with [`OVERFLOW_ERROR`] and 0 attempts), whether its backlog or
+//! its subscription overflows; durable messages wait in the log instead.
+//! See [`Bus::handle`], "Falling behind".
+//!
 //! # Across restarts
 //! When the bus has a durable log, dead letters are always stored in it
 //! (`_dlq.>` is durable whatever the configured patterns), and so is the
@@ -37,11 +42,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::{Bus, BusError, SubscribeOptions, Subscription, Ticket, Wakes};
 use crate::message::{Headers, Message};
-use crate::queue::{CloseReason, SlowConsumerPolicy};
+use crate::queue::{CloseReason, Evict, SlowConsumerPolicy};
 
 /// The subject prefix of dead letters.
 pub const DLQ_PREFIX: &str = "_dlq.";
@@ -118,11 +123,14 @@ pub struct DlqStats {
     pub entries: usize,
     /// Messages dead-lettered since start-up (any reason).
     pub dead_lettered: u64,
-    /// Of those, messages dead-lettered because their handler's backlog
-    /// was full ([`OVERFLOW_ERROR`]).
+    /// Of those, messages dead-lettered because their handler fell behind:
+    /// its backlog or its subscription was full ([`OVERFLOW_ERROR`]).
     pub overflowed: u64,
-    /// Messages a handler's subscription dropped before the handler could
-    /// take them (its task was starved); not dead-lettered.
+    /// Messages a handler was subscribed to that were neither handled nor
+    /// dead-lettered: durable messages its subscription could not read back
+    /// from the log (a read error), and overflow dead letters pushed out of
+    /// the dead-letter list before the handler's task could store them (see
+    /// [`Bus::handle`], "Falling behind"). Each loss is logged as an error.
     pub lost: u64,
     /// Dead letters (or retry outcomes) that a handler named explicitly
     /// failed to handle, or had to drop on overflow: logged as errors and
@@ -166,6 +174,26 @@ impl DlqState {
 
     pub fn close(&self) {
         self.handlers.lock().clear();
+    }
+
+    /// Lists a dead letter and counts it (it is stored separately, see
+    /// [`Bus::store_dead_letter`]). Takes no lock but the list's: safe on
+    /// the publisher's path.
+    fn record(&self, handler: &str, error: &str, attempts: u32, msg: Message) -> u64 {
+        let subject = msg.subject.clone();
+        let id = self.add(handler, error, attempts, msg);
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(handler, %subject, id, error, attempts, "message dead-lettered");
+        id
+    }
+
+    /// Counts (and logs) a dead letter or retry outcome that a handler
+    /// naming them failed on: it is not dead-lettered again.
+    fn refuse_dead_letter(&self, handler: &str, error: &str, msg: &Message) {
+        self.counters
+            .dead_letters_failed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(handler, subject = %msg.subject, error, "handler failed on a dead letter; it is not dead-lettered again");
     }
 
     fn add(&self, handler: &str, error: &str, attempts: u32, message: Message) -> u64 {
@@ -261,6 +289,7 @@ pub struct HandlerHandle {
     name: String,
     bus: Bus,
     task: tokio::task::JoinHandle<()>,
+    unstored: Arc<Unstored>,
 }
 
 impl HandlerHandle {
@@ -274,6 +303,9 @@ impl Drop for HandlerHandle {
     fn drop(&mut self) {
         self.task.abort();
         self.bus.inner.dlq.handlers.lock().remove(&self.name);
+        // Dead letters its subscription recorded that the task had not
+        // stored yet.
+        self.bus.store_unstored(&self.name, &self.unstored);
     }
 }
 
@@ -361,12 +393,82 @@ where
         self.bus
             .inner
             .dlq
-            .counters
-            .dead_letters_failed
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::error!(handler = %self.name, subject = %msg.subject, error, "handler failed on a dead letter; it is not dead-lettered again");
+            .refuse_dead_letter(&self.name, error, msg);
         true
     }
+}
+
+/// Dead letters a handler's subscription recorded for what it evicted (see
+/// [`Bus::handle`], "Falling behind"), waiting for the handler's task to
+/// store them: the eviction happens on the publisher's path, which must not
+/// publish. At most `max` ids are kept: an older one is sure to be out of
+/// the dead-letter list already (it holds the newest `max_entries`).
+#[derive(Debug)]
+struct Unstored {
+    state: Mutex<UnstoredState>,
+    notify: Notify,
+    max: usize,
+}
+
+#[derive(Debug, Default)]
+struct UnstoredState {
+    ids: VecDeque<u64>,
+    /// Ids let go at the bound, not yet counted as lost.
+    pushed_out: u64,
+}
+
+impl Unstored {
+    fn new(max: usize) -> Self {
+        Self {
+            state: Mutex::new(UnstoredState::default()),
+            notify: Notify::new(),
+            max: max.max(1),
+        }
+    }
+
+    fn push(&self, id: u64) {
+        let mut st = self.state.lock();
+        if st.ids.len() >= self.max {
+            st.ids.pop_front();
+            st.pushed_out += 1;
+        }
+        st.ids.push_back(id);
+        drop(st);
+        self.notify.notify_one();
+    }
+}
+
+/// The evict sink of a handler's subscription: dead-letters each message
+/// the subscription evicts, with [`OVERFLOW_ERROR`] and 0 attempts. It is
+/// listed and counted at once; storing it (publishing `_dlq.<subject>`) is
+/// left to the handler's task through `unstored`.
+fn overflow_sink(
+    bus: std::sync::Weak<crate::bus::BusInner>,
+    handler: String,
+    wants_dead_letters: bool,
+    cap: usize,
+    unstored: Arc<Unstored>,
+) -> Evict {
+    let error = format!("{OVERFLOW_ERROR} ({cap} messages waiting in its subscription)");
+    Evict(Box::new(move |msg: Message| {
+        let Some(inner) = bus.upgrade() else {
+            return;
+        };
+        if is_dead_letter_subject(msg.subject.as_str()) {
+            // Never dead-lettered again; a handler not naming them would
+            // have skipped it anyway.
+            if wants_dead_letters {
+                inner.dlq.refuse_dead_letter(&handler, &error, &msg);
+            }
+            return;
+        }
+        inner
+            .dlq
+            .counters
+            .overflowed
+            .fetch_add(1, Ordering::Relaxed);
+        unstored.push(inner.dlq.record(&handler, &error, 0, msg));
+    }))
 }
 
 /// The messages a handler has taken from its subscription but not yet run,
@@ -459,6 +561,7 @@ async fn run_handler<F, Fut>(
     mut sub: Subscription,
     mut rx: mpsc::Receiver<RetryRequest>,
     cap: usize,
+    unstored: Arc<Unstored>,
 ) where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
@@ -468,6 +571,9 @@ async fn run_handler<F, Fut>(
     let mut busy: Option<Busy> = None;
     let mut seen_dropped = 0u64;
     let end = loop {
+        // Before any retry: a retried entry is then stored before its
+        // outcome.
+        w.bus.store_unstored(&w.name, &unstored);
         if busy.is_none() {
             if let Some((msg, reply)) = retry.take() {
                 let f = w.f.clone();
@@ -485,6 +591,7 @@ async fn run_handler<F, Fut>(
                     None => std::future::pending().await,
                 }
             } => busy = None,
+            () = unstored.notify.notified() => {}
             r = rx.recv(), if retry.is_none() => match r {
                 Some(req) => retry = Some(req),
                 // The bus dropped the retry channel: it is shutting down.
@@ -500,15 +607,15 @@ async fn run_handler<F, Fut>(
                         let error = format!("{OVERFLOW_ERROR} ({} messages waiting)", backlog.cap);
                         w.dead_letter_now(&error, 0, victim);
                     }
-                    // The subscription's own queue overflowed (drop-oldest):
-                    // only when this task was starved of CPU for a whole
-                    // queue's worth of messages.
+                    // What the subscription evicts is dead-lettered (see
+                    // `overflow_sink`); it drops only durable messages it
+                    // could not read back from the log.
                     let dropped = sub.dropped();
                     if dropped > seen_dropped {
                         let n = dropped - seen_dropped;
                         seen_dropped = dropped;
                         w.bus.inner.dlq.counters.lost.fetch_add(n, Ordering::Relaxed);
-                        tracing::error!(handler = %w.name, pattern = %sub.pattern(), lost = n, "handler's subscription overflowed: messages dropped without a dead letter");
+                        tracing::error!(handler = %w.name, pattern = %sub.pattern(), lost = n, "handler's subscription could not read durable messages back from the log: dropped without a dead letter");
                     }
                 }
                 Err(reason) => break Some(reason),
@@ -537,8 +644,8 @@ impl Bus {
     ///
     /// # Falling behind
     /// A handler never stops because it falls behind (for instance while
-    /// it backs off retrying a failing message): it keeps taking messages
-    /// into a backlog of `BusOptions::subscriber_queue` messages while the
+    /// it backs off retrying a failing message), and what it cannot keep is
+    /// dead-lettered, not dropped: it keeps taking messages into a backlog of `BusOptions::subscriber_queue` messages while the
     /// current one runs. When the backlog is full:
     /// * the oldest waiting message on a non-durable subject is
     ///   dead-lettered at once, with error [`OVERFLOW_ERROR`] and 0
@@ -548,11 +655,29 @@ impl Bus {
     ///   durable log and are handled, in order, once there is room.
     ///
     /// Messages wait in the handler's subscription (also
-    /// `subscriber_queue` long) until its task takes them. If more than that
-    /// are published before the task runs at all (a burst from a task that
-    /// does not yield, on the same thread), the subscription drops the
-    /// oldest non-durable ones: they cannot be dead-lettered, and are
-    /// counted in [`DlqStats::lost`] and logged as an error.
+    /// `subscriber_queue` long) until its task takes them. The task stops
+    /// taking them while its backlog is full of durable messages, and does
+    /// not run at all while a task that does not yield publishes a burst on
+    /// the same thread. When the subscription is full:
+    /// * its oldest waiting non-durable message (or, if it holds only
+    ///   durable ones, the new message) is dead-lettered the same way:
+    ///   [`OVERFLOW_ERROR`], 0 attempts, counted in
+    ///   [`DlqStats::overflowed`]. It is in the dead-letter list (and
+    ///   retriable) at once; its `_dlq.<subject>` record is published by the
+    ///   handler's task when it next runs, or when the handle is dropped
+    ///   (the publisher's path, where the eviction happens, cannot publish);
+    /// * durable messages are left in the log, and read back from it in
+    ///   order, as above. (In a queue group, a durable message that no
+    ///   member can take, each having `2^20` waiting in the log, is
+    ///   dead-lettered too.)
+    ///
+    /// So every message the handler is subscribed to is handled or
+    /// dead-lettered, except (counted in [`DlqStats::lost`], logged as an
+    /// error): durable messages its subscription cannot read back because
+    /// reading the log fails; and overflow dead letters pushed out of the
+    /// dead-letter list (by `DlqOptions::max_entries` newer ones) before the
+    /// task could store them. Durable messages the log's retention removes
+    /// before a lagging handler reads them back are skipped, uncounted.
     ///
     /// The task ends only when the bus shuts down (any other end is logged
     /// as an error) or when the returned handle is dropped.
@@ -587,17 +712,27 @@ impl Bus {
             queue_group,
         } = opts;
         let cap = self.inner.opts.subscriber_queue.max(1);
-        let sub = self.subscribe(
+        let wants_dead_letters = is_dead_letter_subject(pattern);
+        let unstored = Arc::new(Unstored::new(self.inner.dlq.max_entries));
+        let sub = self.subscribe_evicting(
             pattern,
             SubscribeOptions {
                 queue_group,
                 capacity: Some(cap),
-                // The task drains this queue into its backlog continuously,
-                // so it fills only when the task is starved; dropping then
-                // keeps the handler alive (the loss is counted and logged).
+                // The task drains this queue into its backlog, except while
+                // the backlog is full of durable messages or the task is
+                // starved; what overflows then is dead-lettered, which
+                // keeps the handler alive and loses nothing.
                 slow_consumer: Some(SlowConsumerPolicy::DropOldest),
                 ..SubscribeOptions::default()
             },
+            Some(overflow_sink(
+                Arc::downgrade(&self.inner),
+                name.to_owned(),
+                wants_dead_letters,
+                cap,
+                unstored.clone(),
+            )),
         )?;
         let (tx, rx) = mpsc::channel::<RetryRequest>(16);
         {
@@ -616,13 +751,14 @@ impl Bus {
             max_attempts: max_attempts.unwrap_or(defaults.max_attempts).max(1),
             backoff,
             max_backoff: defaults.max_backoff.max(backoff),
-            wants_dead_letters: is_dead_letter_subject(pattern),
+            wants_dead_letters,
         });
-        let task = tokio::spawn(run_handler(worker, sub, rx, cap));
+        let task = tokio::spawn(run_handler(worker, sub, rx, cap, unstored.clone()));
         Ok(HandlerHandle {
             name: name.to_owned(),
             bus: self.clone(),
             task,
+            unstored,
         })
     }
 
@@ -655,13 +791,58 @@ impl Bus {
         attempts: u32,
         msg: Message,
     ) -> Option<Ticket> {
-        let id = self.inner.dlq.add(handler, error, attempts, msg.clone());
-        self.inner
-            .dlq
-            .counters
-            .dead_lettered
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(handler, subject = %msg.subject, id, error, attempts, "message dead-lettered");
+        let id = self.inner.dlq.record(handler, error, attempts, msg.clone());
+        self.store_dead_letter(id, handler, error, attempts, msg)
+    }
+
+    /// Stores the dead letters a handler's subscription recorded (see
+    /// [`Unstored`]), without waiting for an fsync. One whose entry is
+    /// already out of the list (pushed out by newer ones before it could
+    /// be stored) is gone: counted in [`DlqStats::lost`].
+    fn store_unstored(&self, handler: &str, unstored: &Unstored) {
+        let (ids, pushed_out) = {
+            let mut st = unstored.state.lock();
+            if st.ids.is_empty() && st.pushed_out == 0 {
+                return;
+            }
+            (
+                std::mem::take(&mut st.ids),
+                std::mem::take(&mut st.pushed_out),
+            )
+        };
+        let mut gone = pushed_out;
+        for id in ids {
+            match self.dlq_get(id) {
+                Some(e) => {
+                    self.store_dead_letter(id, &e.handler, &e.error, e.attempts, e.message);
+                }
+                None => gone += 1,
+            }
+        }
+        if gone > 0 {
+            self.inner
+                .dlq
+                .counters
+                .lost
+                .fetch_add(gone, Ordering::Relaxed);
+            tracing::error!(
+                handler,
+                lost = gone,
+                "dead letters pushed out of the dead-letter list before they could be stored: lost"
+            );
+        }
+    }
+
+    /// Publishes the record of dead letter `id`; returns the ticket to wait
+    /// on for its fsync, if published.
+    fn store_dead_letter(
+        &self,
+        id: u64,
+        handler: &str,
+        error: &str,
+        attempts: u32,
+        msg: Message,
+    ) -> Option<Ticket> {
         let subject = format!("{DLQ_PREFIX}{}", msg.subject);
         let headers = fit_error(DEAD_LETTER_HEADER_ROOM, error, |error| {
             Headers::new()

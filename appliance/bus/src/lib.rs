@@ -21,7 +21,8 @@
 //! * [`SlowConsumerPolicy::Disconnect`] closes the subscriber (a NATS client
 //!   gets `-ERR 'Slow Consumer'` and is disconnected), as nats-server does;
 //! * [`SlowConsumerPolicy::DropOldest`] drops its oldest queued message and
-//!   counts the drop.
+//!   counts the drop (a [`dlq`] handler's subscription dead-letters it
+//!   instead: see [`Bus::handle`], "Falling behind").
 //!
 //! In both cases the publisher and every other subscriber go on untouched.
 //!

@@ -1,7 +1,9 @@
 //! Bounded queues between the publisher's fan-out and each consumer. A push
 //! never blocks and never waits: over the bound, the slow-consumer policy
 //! decides, or (for durable messages to an in-process subscriber) the
-//! subscriber is switched to catching up from the log.
+//! subscriber is switched to catching up from the log. A drop-oldest
+//! in-process queue can hand what it evicts to an [`Evict`] sink (a
+//! handler's subscription dead-letters it) instead of dropping it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +56,10 @@ pub(crate) enum Offer {
     Queued,
     /// Queued after dropping an older message.
     QueuedDroppedOldest,
-    /// Not queued: the message itself was dropped (counted).
+    /// Not queued: the queue refused the message itself. Nothing is counted
+    /// or evicted yet: a queue group offers it to the next member, and
+    /// whoever ends up with nobody taking it calls
+    /// [`LocalQueue::drop_refused`] once.
     Dropped,
     /// Not queued; the subscriber will read it from the durable log.
     Deferred,
@@ -77,6 +82,19 @@ pub(crate) struct LocalState {
     pub deferred: Option<VecDeque<u64>>,
 }
 
+/// Takes the messages a drop-oldest [`LocalQueue`] evicts (non-durable
+/// ones: durable messages are never evicted), instead of dropping them.
+/// Called from the publisher's fan-out, possibly under the durable log's
+/// lock and never under the queue's own: it must not block and must not
+/// publish (publishing takes that lock and can come back to this queue).
+pub(crate) struct Evict(pub Box<dyn Fn(Message) + Send + Sync>);
+
+impl std::fmt::Debug for Evict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Evict")
+    }
+}
+
 /// Most sequence numbers one queue group member keeps deferred (8 MiB of
 /// them): past this a message is offered to the next member instead.
 pub(crate) const MAX_DEFERRED: usize = 1 << 20;
@@ -90,6 +108,9 @@ pub(crate) struct LocalQueue {
     policy: SlowConsumerPolicy,
     /// Durable messages are deferred to the log instead of being dropped.
     catch_up: bool,
+    /// Where evicted messages go instead of being dropped.
+    evict: Option<Evict>,
+    /// Messages dropped (not handed to `evict`).
     pub dropped: AtomicU64,
 }
 
@@ -114,8 +135,16 @@ impl LocalQueue {
             cap: cap.max(1),
             policy,
             catch_up,
+            evict: None,
             dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Hands what drop-oldest evicts to `evict` instead of dropping it
+    /// (the offer still reports the eviction, for the subject's counters).
+    pub fn with_evict(mut self, evict: Evict) -> Self {
+        self.evict = Some(evict);
+        self
     }
 
     pub fn offer(&self, msg: &Message) -> Offer {
@@ -129,8 +158,7 @@ impl LocalQueue {
                 if let Some(d) = st.deferred.as_mut() {
                     if d.len() >= MAX_DEFERRED {
                         // Not deferred: the group offers it to another
-                        // member, or counts it dropped.
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        // member (see `Offer::Dropped`).
                         return Offer::Dropped;
                     }
                     d.push_back(seq);
@@ -141,7 +169,6 @@ impl LocalQueue {
                 return Offer::Deferred;
             }
         }
-        let mut offer = Offer::Queued;
         if st.buf.len() >= self.cap {
             match self.policy {
                 SlowConsumerPolicy::Disconnect => {
@@ -159,21 +186,38 @@ impl LocalQueue {
                     } else {
                         Some(0)
                     };
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    match victim {
-                        Some(i) => {
-                            st.buf.remove(i);
-                            offer = Offer::QueuedDroppedOldest;
-                        }
-                        None => return Offer::Dropped,
+                    // Full of durable messages: this one is refused (see
+                    // `Offer::Dropped`).
+                    let Some(i) = victim else {
+                        return Offer::Dropped;
+                    };
+                    let evicted = st.buf.remove(i);
+                    st.buf.push_back(msg.clone());
+                    drop(st);
+                    self.notify.notify_one();
+                    if let Some(m) = evicted {
+                        self.drop_refused(m);
                     }
+                    return Offer::QueuedDroppedOldest;
                 }
             }
         }
         st.buf.push_back(msg.clone());
         drop(st);
         self.notify.notify_one();
-        offer
+        Offer::Queued
+    }
+
+    /// A message this queue evicted, or refused with [`Offer::Dropped`]
+    /// and nobody else took: handed to the [`Evict`] sink if there is one,
+    /// else counted dropped. Call without the queue's lock.
+    pub fn drop_refused(&self, msg: Message) {
+        match &self.evict {
+            Some(evict) => (evict.0)(msg),
+            None => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn close(&self, reason: CloseReason) {
@@ -395,6 +439,43 @@ mod tests {
         q.state.lock().buf.pop_back();
         q.offer(&msg(4, Some(2)));
         assert_eq!(q.offer(&msg(5, None)), Offer::Dropped);
+    }
+
+    #[test]
+    fn local_evict_sink_takes_what_drop_oldest_drops() {
+        let got = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+        let g2 = got.clone();
+        let evict = Evict(Box::new(move |m: Message| {
+            g2.lock()
+                .push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }));
+        let q =
+            LocalQueue::new(2, SlowConsumerPolicy::DropOldest, true, None, false).with_evict(evict);
+        q.offer(&msg(1, Some(1)));
+        q.offer(&msg(2, None));
+        // The oldest non-durable message goes to the sink, not counted.
+        assert_eq!(q.offer(&msg(3, None)), Offer::QueuedDroppedOldest);
+        assert_eq!(payloads(&q), vec!["1", "3"]);
+        assert_eq!(*got.lock(), vec!["2"]);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+        // Full of durable messages: the new one is refused, untouched, until
+        // the caller drops it.
+        q.state.lock().buf.pop_back();
+        q.offer(&msg(4, Some(2)));
+        let refused = msg(5, None);
+        assert_eq!(q.offer(&refused), Offer::Dropped);
+        assert_eq!(*got.lock(), vec!["2"]);
+        q.drop_refused(refused);
+        assert_eq!(*got.lock(), vec!["2", "5"]);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+        // Without a sink the same is counted.
+        let q = LocalQueue::new(1, SlowConsumerPolicy::DropOldest, true, None, false);
+        q.offer(&msg(1, Some(1)));
+        let refused = msg(2, None);
+        assert_eq!(q.offer(&refused), Offer::Dropped);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+        q.drop_refused(refused);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -199,6 +199,43 @@ async fn slow_consumer_drop_oldest_counts() {
     assert_eq!(b.stats().subjects["ev"].drops, 7);
 }
 
+/// A queue group member full of durable messages refuses a non-durable
+/// one: the next member gets it, and it counts as dropped only when no
+/// member takes it, and then once.
+#[tokio::test]
+async fn a_group_drops_a_message_no_member_takes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = durable_bus(
+        dir.path(),
+        DurableFsync::Interval(Duration::from_millis(20)),
+        2,
+    );
+    let opts = || SubscribeOptions {
+        queue_group: Some("g".into()),
+        slow_consumer: Some(SlowConsumerPolicy::DropOldest),
+        ..SubscribeOptions::default()
+    };
+    let mut a = b.subscribe("*.d", opts()).unwrap();
+    let mut c = b.subscribe("*.d", opts()).unwrap();
+    // Two durable messages each: both queues are full of them.
+    for i in 0..4 {
+        b.publish("storage.d", None, format!("s{i}")).await.unwrap();
+    }
+    b.publish("jobs.d", None, "j0").await.unwrap();
+    assert_eq!(a.dropped() + c.dropped(), 1);
+    assert_eq!(b.stats().subjects["jobs"].drops, 1);
+    // Room in the first member only: whichever is offered j1 first, the
+    // first member ends up with it, and nothing more is dropped.
+    assert_eq!(text(&recv(&mut a).await), "s0");
+    b.publish("jobs.d", None, "j1").await.unwrap();
+    assert_eq!(text(&recv(&mut a).await), "s2");
+    assert_eq!(text(&recv(&mut a).await), "j1");
+    assert_eq!(text(&recv(&mut c).await), "s1");
+    assert_eq!(text(&recv(&mut c).await), "s3");
+    assert_eq!(a.dropped() + c.dropped(), 1);
+    assert_eq!(b.stats().subjects["jobs"].drops, 1);
+}
+
 #[tokio::test]
 async fn durable_messages_are_stored_and_replayed() {
     let dir = tempfile::tempdir().unwrap();

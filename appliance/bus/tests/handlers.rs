@@ -161,10 +161,11 @@ async fn handler_falling_behind_on_a_durable_subject_loses_nothing() {
 }
 
 /// A burst published without yielding on the handler's own thread fills
-/// the handler's subscription before its task runs: the oldest messages are
-/// dropped there, counted as lost (and logged), and the handler goes on.
+/// the handler's subscription before its task runs: the subscription
+/// dead-letters the oldest messages (overflow, 0 attempts), its task stores
+/// them, and the handler goes on. Nothing is lost.
 #[tokio::test]
-async fn handler_starved_by_a_burst_counts_the_loss_and_keeps_running() {
+async fn handler_starved_by_a_burst_dead_letters_the_overflow_and_keeps_running() {
     let (b, _h, handled) = burst_while_backing_off(Duration::from_millis(100), false).await;
     assert_eq!(
         *handled.lock(),
@@ -173,8 +174,65 @@ async fn handler_starved_by_a_burst_counts_the_loss_and_keeps_running() {
     let stats = b.dlq_stats();
     assert_eq!(
         (stats.lost, stats.overflowed, stats.dead_lettered),
-        (6, 0, 1)
+        (0, 6, 7)
     );
+    let overflowed: Vec<DlqEntry> = b
+        .dlq_list()
+        .iter()
+        .filter(|e| e.error.starts_with(OVERFLOW_ERROR))
+        .map(|e| b.dlq_get(e.id).unwrap())
+        .collect();
+    let payloads: Vec<&[u8]> = overflowed.iter().map(|e| &e.message.payload[..]).collect();
+    assert_eq!(
+        payloads,
+        [b"burst0", b"burst1", b"burst2", b"burst3", b"burst4", b"burst5"]
+    );
+    assert!(overflowed
+        .iter()
+        .all(|e| e.attempts == 0 && e.handler == "jobs"));
+    assert_eq!(
+        b.dlq_retry(overflowed[5].id).await.unwrap(),
+        RetryOutcome::Delivered
+    );
+    assert_eq!(handled.lock().last().unwrap(), "burst5");
+}
+
+/// The dead letters a starved handler's subscription records are published
+/// on `_dlq.<subject>` by its task once it runs, like any other.
+#[tokio::test]
+async fn dead_letters_of_a_starved_handler_are_published() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 2,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let mut dead = b
+        .subscribe(
+            "_dlq.>",
+            SubscribeOptions {
+                capacity: Some(16),
+                ..SubscribeOptions::default()
+            },
+        )
+        .unwrap();
+    let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+    // No yield: the handler's task does not run before the last publish.
+    for i in 0..5 {
+        b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), dead.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.headers().get("Dlq-Attempts"), Some("0"));
+        got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["m0", "m1", "m2"]);
+    wait_until("the rest is handled", || handled.lock().len() == 2).await;
+    assert_eq!(*handled.lock(), ["m3", "m4"]);
+    assert_eq!(b.dlq_stats().lost, 0);
 }
 
 /// A failing catch-all handler: one failure makes one dead letter. The
@@ -310,4 +368,120 @@ async fn dead_letter_of_a_message_at_the_limit_survives_restart() {
     assert!(e.error.starts_with("remote said: éé"), "{}", &e.error[..40]);
     assert!(e.error.ends_with(" [truncated]"));
     assert!(e.error.len() < dlq::DEAD_LETTER_HEADER_ROOM);
+}
+
+/// A handler on a pattern covering a durable and a non-durable subject
+/// whose backlog is full of durable messages stops taking messages from
+/// its subscription (durable ones are never evicted). Non-durable messages
+/// published meanwhile overflow the subscription: each is either handled
+/// or dead-lettered (with the overflow reason, retriable), none is lost.
+/// `before` durable messages are published first (the first one runs, held
+/// up; 4 fill the backlog; the subscription holds 4), then 10 non-durable
+/// ones, then `after` durable ones.
+async fn durable_backlog_then_plain_burst(before: usize, after: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = durable_bus(dir.path(), 4, 1 << 20);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (g2, h2) = (gate.clone(), handled.clone());
+    let _h = b
+        .handle(
+            "mixed",
+            "*.d",
+            HandlerOptions::default(),
+            move |m: Message| {
+                let (g2, h2) = (g2.clone(), h2.clone());
+                async move {
+                    // Held up until the test opens the gate.
+                    g2.acquire().await.unwrap().forget();
+                    h2.lock()
+                        .push(String::from_utf8(m.payload.to_vec()).unwrap());
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    let durable: Vec<String> = (0..before + after).map(|i| format!("s{i}")).collect();
+    let plain: Vec<String> = (0..10).map(|i| format!("j{i}")).collect();
+    let order = durable[..before]
+        .iter()
+        .map(|s| ("storage.d", s))
+        .chain(plain.iter().map(|j| ("jobs.d", j)))
+        .chain(durable[before..].iter().map(|s| ("storage.d", s)));
+    for (subject, payload) in order {
+        b.publish(subject, None, payload.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.add_permits(1000);
+    wait_until("the durable messages are handled", || {
+        durable.iter().all(|s| handled.lock().contains(s))
+    })
+    .await;
+    // Whatever of the non-durable ones is still on its way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let got = handled.lock().clone();
+    let got_durable: Vec<&String> = got.iter().filter(|t| t.starts_with('s')).collect();
+    assert_eq!(got_durable, durable.iter().collect::<Vec<_>>(), "in order");
+    let dlq = b.dlq_list();
+    let overflowed: Vec<&DlqSummary> = dlq
+        .iter()
+        .filter(|e| e.error.starts_with(OVERFLOW_ERROR))
+        .collect();
+    let stats = b.dlq_stats();
+    let missing: Vec<&String> = plain
+        .iter()
+        .filter(|j| !got.contains(j))
+        .filter(|j| {
+            !overflowed
+                .iter()
+                .any(|e| b.dlq_get(e.id).unwrap().message.payload == j.as_bytes())
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "neither handled nor dead-lettered: {missing:?}; handled {got:?}; {stats:?}"
+    );
+    assert!(!overflowed.is_empty(), "nothing overflowed: {got:?}");
+    assert_eq!(
+        (stats.lost, stats.overflowed, stats.dead_lettered),
+        (0, overflowed.len() as u64, overflowed.len() as u64),
+        "{dlq:?}"
+    );
+    assert_eq!(
+        got.iter().filter(|t| t.starts_with('j')).count() + overflowed.len(),
+        plain.len(),
+        "each non-durable message once: {got:?} {dlq:?}"
+    );
+    // The dead letters are stored, and retried like any other.
+    b.sync_durable().await.unwrap();
+    let stored = b
+        .replay(ReplayQuery {
+            pattern: "_dlq.jobs.d".into(),
+            from_seq: None,
+            since_ms: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), overflowed.len());
+    let first = overflowed[0].id;
+    let payload = b.dlq_get(first).unwrap().message.payload;
+    assert_eq!(b.dlq_retry(first).await.unwrap(), RetryOutcome::Delivered);
+    assert_eq!(handled.lock().last().unwrap().as_bytes(), &payload[..]);
+    assert!(b.dlq_get(first).is_none());
+}
+
+#[tokio::test]
+async fn handler_with_a_durable_backlog_dead_letters_what_its_subscription_cannot_hold() {
+    // The subscription is full of durable messages: no room for any of
+    // the non-durable ones.
+    durable_backlog_then_plain_burst(12, 0).await;
+}
+
+#[tokio::test]
+async fn handler_with_a_durable_backlog_dead_letters_its_subscriptions_oldest_overflow() {
+    // The subscription holds 2 durable messages and the newest non-durable
+    // ones; the durable messages after the burst wait in the log.
+    durable_backlog_then_plain_burst(7, 3).await;
 }
