@@ -151,6 +151,14 @@ pub enum BusError {
     /// A handler with this name is already running.
     #[error("a handler named {0:?} is already running")]
     HandlerExists(String),
+    /// A handler name longer than [`MAX_HANDLER_NAME`](crate::dlq::MAX_HANDLER_NAME) bytes.
+    #[error("handler name of {len} bytes exceeds the maximum of {max}")]
+    HandlerNameTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// `from_seq` asked of a queue group member.
     #[error("a queue group member cannot start from a sequence number: every member would receive the stored messages; replay them with one plain subscription")]
     GroupFromSeq,

@@ -522,6 +522,11 @@ impl Backlog {
     }
 }
 
+/// Longest handler name accepted by [`Bus::handle`], in bytes. The name
+/// is in every dead letter's `Dlq-Handler` header, which has to fit in
+/// [`DEAD_LETTER_HEADER_ROOM`] with the subject and some of the error.
+pub const MAX_HANDLER_NAME: usize = 256;
+
 /// The error recorded for a message dead-lettered because its handler's
 /// backlog was full.
 pub const OVERFLOW_ERROR: &str = "handler queue overflow";
@@ -637,7 +642,9 @@ async fn run_handler<F, Fut>(
 impl Bus {
     /// Runs `handler` for every message matching `pattern`, with retries and
     /// dead-lettering (see the module docs). `name` identifies the handler in
-    /// dead-letter entries and must be unique among running handlers.
+    /// dead-letter entries and must be unique among running handlers, and
+    /// at most [`MAX_HANDLER_NAME`] bytes long
+    /// ([`BusError::HandlerNameTooLong`]).
     /// Must be called inside a tokio runtime.
     ///
     /// Messages are handled one at a time, in order.
@@ -711,6 +718,12 @@ impl Bus {
             backoff,
             queue_group,
         } = opts;
+        if name.len() > MAX_HANDLER_NAME {
+            return Err(BusError::HandlerNameTooLong {
+                len: name.len(),
+                max: MAX_HANDLER_NAME,
+            });
+        }
         let cap = self.inner.opts.subscriber_queue.max(1);
         let wants_dead_letters = is_dead_letter_subject(pattern);
         let unstored = Arc::new(Unstored::new(self.inner.dlq.max_entries));

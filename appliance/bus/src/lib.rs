@@ -73,7 +73,7 @@ pub use bus::{
 };
 pub use dlq::{
     is_dead_letter_subject, DlqEntry, DlqStats, DlqSummary, HandlerHandle, HandlerOptions,
-    RetryOutcome, DLQ_PREFIX, DLQ_STATE_PREFIX, OVERFLOW_ERROR,
+    RetryOutcome, DLQ_PREFIX, DLQ_STATE_PREFIX, MAX_HANDLER_NAME, OVERFLOW_ERROR,
 };
 pub use message::{Headers, Message};
 pub use queue::{CloseReason, SlowConsumerPolicy};

@@ -485,3 +485,44 @@ async fn handler_with_a_durable_backlog_dead_letters_its_subscriptions_oldest_ov
     // ones; the durable messages after the burst wait in the log.
     durable_backlog_then_plain_burst(7, 3).await;
 }
+
+/// A handler name goes into every dead letter's headers: one over
+/// MAX_HANDLER_NAME bytes is refused; one at the limit works, and its dead
+/// letters are stored, whatever the subject's length and the error's.
+#[tokio::test]
+async fn handler_names_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = durable_bus(dir.path(), 16, 1 << 20);
+    let fail = |_m: Message| async { Err::<(), _>("x".repeat(10_000)) };
+    let opts = || HandlerOptions {
+        max_attempts: Some(1),
+        ..HandlerOptions::default()
+    };
+    let long = "n".repeat(MAX_HANDLER_NAME + 1);
+    match b.handle(&long, "storage.>", opts(), fail) {
+        Err(BusError::HandlerNameTooLong { len, max }) => {
+            assert_eq!((len, max), (MAX_HANDLER_NAME + 1, MAX_HANDLER_NAME));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(b.dlq_stats() == DlqStats::default());
+    let name = "n".repeat(MAX_HANDLER_NAME);
+    let _h = b.handle(&name, "storage.>", opts(), fail).unwrap();
+    // The longest subject a dead letter can have.
+    let subject = format!("storage.{}", "s".repeat(1024 - "_dlq.storage.".len()));
+    b.publish(&subject, None, "x").await.unwrap();
+    wait_until("dead-lettered", || b.dlq_list().len() == 1).await;
+    assert_eq!(b.dlq_list()[0].handler, name);
+    b.sync_durable().await.unwrap();
+    let stored = b
+        .replay(ReplayQuery {
+            pattern: "_dlq.>".into(),
+            from_seq: None,
+            since_ms: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "the dead letter is stored");
+    assert_eq!(stored[0].headers().get("Dlq-Handler"), Some(name.as_str()));
+}
