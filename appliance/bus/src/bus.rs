@@ -13,7 +13,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::message::{decode_stored, encode_stored, stored_subject, Message};
-use crate::queue::{CloseReason, ConnOutbound, Evict, LocalQueue, Offer, SlowConsumerPolicy};
+use crate::queue::{
+    CloseReason, ConnOutbound, Evict, LocalQueue, LocalState, Offer, SlowConsumerPolicy,
+};
 use crate::stats::{
     sum, ConnCounters, ConnectionStats, Counters, DurableStats, StatsSnapshot, SubjectCounters,
 };
@@ -663,7 +665,7 @@ impl Bus {
         let cap = capacity.unwrap_or(self.inner.opts.subscriber_queue);
         let policy = slow_consumer.unwrap_or(self.inner.opts.slow_consumer);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let make = |lag_high: Option<u64>, start_seq: u64| {
+        let make = |lag_high: Option<u64>, start_seq: u64, next: u64| {
             let mut q = LocalQueue::new(
                 cap,
                 policy,
@@ -674,6 +676,9 @@ impl Bus {
             if let Some(evict) = evict {
                 q = q.with_evict(evict);
             }
+            let st = q.state.get_mut();
+            st.read_upto = next;
+            st.offered_from = next;
             let q = Arc::new(q);
             let entry = Arc::new(SubEntry {
                 id,
@@ -696,13 +701,13 @@ impl Bus {
                 let next = st.log.next_seq();
                 let from = from_seq.unwrap_or(next);
                 let lag = (from < next).then(|| next - 1);
-                let (q, entry) = make(lag, from);
+                let (q, entry) = make(lag, from, next);
                 self.inner.insert_sub(entry);
                 drop(st);
                 (q, from)
             }
             None => {
-                let (q, entry) = make(None, 0);
+                let (q, entry) = make(None, 0, 0);
                 self.inner.insert_sub(entry);
                 (q, 0)
             }
@@ -1492,6 +1497,8 @@ impl Subscription {
                         if let Some(d) = st.deferred.as_mut() {
                             d.clear();
                         }
+                        // Deferred, then skipped (removed from the log).
+                        self.drop_lagged(&mut st);
                         continue;
                     }
                     Some(_) => Some(self.cursor),
@@ -1518,6 +1525,18 @@ impl Subscription {
                             }
                             _ => (msgs, next),
                         };
+                        if let Some(h) = lag_high {
+                            // Deferred ones read back (a record past `h`
+                            // was not deferred yet; once it is, it counts as
+                            // read, below `read_upto`).
+                            let offered = st.offered_from;
+                            let back = msgs
+                                .iter()
+                                .filter(|m| m.seq.is_some_and(|s| s >= offered && s <= h))
+                                .count() as u64;
+                            st.lagged = st.lagged.saturating_sub(back);
+                        }
+                        st.read_upto = st.read_upto.max(next);
                         if msgs.is_empty() {
                             self.cursor = self.cursor.max(next);
                             if empty_read && next == from {
@@ -1530,6 +1549,7 @@ impl Subscription {
                                 if let Some(d) = st.deferred.as_mut() {
                                     d.clear();
                                 }
+                                self.drop_lagged(&mut st);
                             }
                         }
                         drop(st);
@@ -1539,16 +1559,25 @@ impl Subscription {
                         tracing::warn!(error = %e, pattern = %self.pattern, "subscription could not catch up from the durable log");
                         let mut st = self.queue.state.lock();
                         if let Some(h) = st.lag_high.take() {
-                            let lost = match st.deferred.as_mut() {
-                                Some(d) => std::mem::take(d).len() as u64,
-                                None => h + 1 - self.cursor.min(h + 1),
-                            };
-                            self.queue.dropped.fetch_add(lost, Ordering::Relaxed);
+                            if let Some(d) = st.deferred.as_mut() {
+                                d.clear();
+                            }
+                            self.drop_lagged(&mut st);
                             self.cursor = h + 1;
                         }
                     }
                 },
             }
+        }
+    }
+
+    /// Counts the deferred messages not read back as dropped: catching up
+    /// skipped them.
+    fn drop_lagged(&self, st: &mut LocalState) {
+        let n = std::mem::take(&mut st.lagged);
+        if n > 0 {
+            self.queue.dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::warn!(pattern = %self.pattern, dropped = n, "subscription skipped durable messages it could not read back from the log");
         }
     }
 
@@ -1558,7 +1587,8 @@ impl Subscription {
 
     /// Messages dropped for this subscriber: by the drop-oldest policy
     /// (except those a handler's subscription dead-letters instead), and
-    /// durable messages it could not read back from the log.
+    /// durable messages deferred to the log that it could not read back (a
+    /// read error, or removed by retention first).
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
     }

@@ -128,9 +128,10 @@ pub struct DlqStats {
     pub overflowed: u64,
     /// Messages a handler was subscribed to that were neither handled nor
     /// dead-lettered: durable messages its subscription could not read back
-    /// from the log (a read error), and overflow dead letters pushed out of
-    /// the dead-letter list before the handler's task could store them (see
-    /// [`Bus::handle`], "Falling behind"). Each loss is logged as an error.
+    /// from the log (a read error, or removed by retention), and overflow
+    /// dead letters pushed out of the dead-letter list before the handler's
+    /// task could store them (see [`Bus::handle`], "Falling behind"). Each
+    /// loss is logged as an error.
     pub lost: u64,
     /// Dead letters (or retry outcomes) that a handler named explicitly
     /// failed to handle, or had to drop on overflow: logged as errors and
@@ -680,11 +681,11 @@ impl Bus {
     ///
     /// So every message the handler is subscribed to is handled or
     /// dead-lettered, except (counted in [`DlqStats::lost`], logged as an
-    /// error): durable messages its subscription cannot read back because
-    /// reading the log fails; and overflow dead letters pushed out of the
-    /// dead-letter list (by `DlqOptions::max_entries` newer ones) before the
-    /// task could store them. Durable messages the log's retention removes
-    /// before a lagging handler reads them back are skipped, uncounted.
+    /// error): durable messages its subscription cannot read back, because
+    /// reading the log fails or the log's retention removed them first; and
+    /// overflow dead letters pushed out of the dead-letter list (by
+    /// `DlqOptions::max_entries` newer ones) before the task could store
+    /// them.
     ///
     /// The task ends only when the bus shuts down (any other end is logged
     /// as an error) or when the returned handle is dropped.

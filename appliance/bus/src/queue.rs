@@ -80,6 +80,17 @@ pub(crate) struct LocalState {
     /// catches up with these only, not with every matching record (the
     /// others went to other members). `None` for other subscriptions.
     pub deferred: Option<VecDeque<u64>>,
+    /// Durable messages deferred to the log and not yet read back: what is
+    /// lost if catching up fails, or skips them (removed by retention).
+    pub lagged: u64,
+    /// Catching up has read every record below this: a message deferred
+    /// below it was read back already (its fan-out came late) and is not
+    /// counted in `lagged`.
+    pub read_upto: u64,
+    /// The first durable sequence number offered to the queue (the log's
+    /// next one when it subscribed); older ones it reads as history
+    /// (`from_seq`), not counted in `lagged`.
+    pub offered_from: u64,
 }
 
 /// Takes the messages a drop-oldest [`LocalQueue`] evicts (non-durable
@@ -130,6 +141,9 @@ impl LocalQueue {
                 closed: None,
                 lag_high,
                 deferred: group.then(VecDeque::new),
+                lagged: 0,
+                read_upto: 0,
+                offered_from: 0,
             }),
             notify: Notify::new(),
             cap: cap.max(1),
@@ -162,6 +176,9 @@ impl LocalQueue {
                         return Offer::Dropped;
                     }
                     d.push_back(seq);
+                }
+                if seq >= st.read_upto {
+                    st.lagged += 1;
                 }
                 st.lag_high = Some(seq);
                 drop(st);

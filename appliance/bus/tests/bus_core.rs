@@ -236,6 +236,61 @@ async fn a_group_drops_a_message_no_member_takes_once() {
     assert_eq!(b.stats().subjects["jobs"].drops, 1);
 }
 
+/// A lagging subscriber whose catch-up read fails (a damaged record) skips
+/// what was deferred to it, and counts as dropped exactly those messages:
+/// not the other subjects' records in between.
+#[tokio::test]
+async fn a_failed_catch_up_counts_only_the_subscribers_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = durable_bus(
+        dir.path(),
+        DurableFsync::Interval(Duration::from_millis(20)),
+        2,
+    );
+    let mut s = b
+        .subscribe("storage.>", SubscribeOptions::default())
+        .unwrap();
+    b.publish("storage.a", None, "m0").await.unwrap();
+    b.publish("storage.a", None, "m1").await.unwrap();
+    // Deferred to the log: m2..m4, with 30 records of another subject.
+    for i in 2..5 {
+        for _ in 0..10 {
+            b.publish("sync.x", None, "other").await.unwrap();
+        }
+        b.publish("storage.a", None, format!("marker-{i}-xyz"))
+            .await
+            .unwrap();
+    }
+    b.sync_durable().await.unwrap();
+    // Damage m3's record.
+    let mut damaged = 0;
+    let mut dirs = vec![dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            let mut bytes = std::fs::read(&p).unwrap();
+            if let Some(i) = bytes.windows(12).position(|w| w == b"marker-3-xyz") {
+                bytes[i] ^= 0xff;
+                std::fs::write(&p, bytes).unwrap();
+                damaged += 1;
+            }
+        }
+    }
+    assert_eq!(damaged, 1);
+    assert_eq!(text(&recv(&mut s).await), "m0");
+    assert_eq!(text(&recv(&mut s).await), "m1");
+    // The read fails: m2..m4 are skipped, and nothing more comes.
+    assert!(timeout(Duration::from_millis(300), s.recv()).await.is_err());
+    assert_eq!(s.dropped(), 3);
+    b.publish("storage.a", None, "m5").await.unwrap();
+    assert_eq!(text(&recv(&mut s).await), "m5");
+    assert_eq!(s.dropped(), 3);
+}
+
 #[tokio::test]
 async fn durable_messages_are_stored_and_replayed() {
     let dir = tempfile::tempdir().unwrap();
@@ -354,6 +409,7 @@ async fn subscribe_from_seq_replays_then_goes_live_without_gaps() {
         timeout(Duration::from_millis(50), s.recv()).await.is_err(),
         "nothing repeated"
     );
+    assert_eq!(s.dropped(), 0);
     assert!(matches!(
         bus().subscribe(
             "x",
@@ -386,6 +442,7 @@ async fn durable_subjects_never_drop_for_a_slow_in_process_subscriber() {
         timeout(Duration::from_millis(50), s.recv()).await.is_err(),
         "nothing repeated"
     );
+    assert_eq!(s.dropped(), 0);
     // Non-durable subjects on the same subscription still follow the policy.
     for i in 0..10 {
         b.publish("cache.x", None, i.to_string()).await.unwrap();
@@ -438,6 +495,7 @@ async fn a_lagging_queue_group_member_catches_up_with_its_own_messages_only() {
                                 tokio::time::sleep(Duration::from_millis(2)).await;
                             }
                         }
+                        assert_eq!(s.dropped(), 0, "member {i}");
                         got
                     })
                 })
