@@ -653,8 +653,9 @@ impl Bus {
     /// # Falling behind
     /// A handler never stops because it falls behind (for instance while
     /// it backs off retrying a failing message), and what it cannot keep is
-    /// dead-lettered, not dropped: it keeps taking messages into a backlog of `BusOptions::subscriber_queue` messages while the
-    /// current one runs. When the backlog is full:
+    /// dead-lettered, not dropped: it keeps taking messages into a backlog
+    /// of `BusOptions::subscriber_queue` messages while the current one
+    /// runs. When the backlog is full:
     /// * the oldest waiting message on a non-durable subject is
     ///   dead-lettered at once, with error [`OVERFLOW_ERROR`] and 0
     ///   attempts (counted in [`DlqStats::overflowed`]), so it can be
