@@ -552,12 +552,22 @@ impl Actor {
                     }
                 }
             }
-            if let StorageEvent::Resilver(r) = &e {
+            let resilver = match &e {
+                StorageEvent::Resilver(r) => Some((r.pool.clone(), r.phase)),
+                _ => None,
+            };
+            if let Some((pool, ScanEventPhase::Started)) = &resilver {
                 // Before the event goes out: a `started` whose mark is lost
                 // would never be followed by its `finished`.
-                self.save_resilver_mark(&r.pool);
+                self.save_resilver_mark(pool);
             }
             self.sink.publish(&e);
+            if let Some((pool, _)) = &resilver {
+                // After it: a mark closed before its `finished` went out
+                // would, after a crash in between, lose that `finished`
+                // (the next start takes the end for one it published).
+                self.save_resilver_mark(pool);
+            }
         }
     }
 

@@ -1286,3 +1286,78 @@ async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_re
         subjects(&ev)
     );
 }
+
+/// A sink that "crashes the daemon" (panics the actor) when it is handed a
+/// resilver's `finished`: whatever the manager persisted before that went
+/// to disk, the event did not go out.
+#[derive(Debug, Default)]
+struct CrashOnResilverEnd;
+
+impl appliance_storage::EventSink for CrashOnResilverEnd {
+    fn publish(&self, event: &StorageEvent) {
+        assert_ne!(
+            event.subject(),
+            "storage.resilver.tank.finished",
+            "crash before the finished goes out"
+        );
+    }
+}
+
+/// The daemon dies between persisting a resilver's end and publishing its
+/// `finished`: the next start must still publish it (a crash may repeat an
+/// event, never lose the `finished` of a published `started`).
+#[tokio::test(start_paused = true)]
+async fn a_crash_before_a_resilver_finished_goes_out_does_not_lose_it() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 60 * MB)
+        .unwrap();
+    rig.fake
+        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+        .unwrap();
+    rig.disks.update(|s| {
+        *s = FakeDisks::blank_disks(&serials(), 256 * MB);
+    });
+    rig.sync();
+    rig.mgr
+        .replace("tank".into(), by_id("ZD2"), by_id("ZN2"), false)
+        .await
+        .unwrap();
+    rig.wait_events("resilver started", |e| {
+        count(e, "storage.resilver.tank.started") == 1
+    })
+    .await;
+    rig.mgr.shutdown().await;
+
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+
+    let (mgr2, actor2) = StorageManager::spawn(
+        rig.cfg.clone(),
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        Arc::new(CrashOnResilverEnd),
+        rig.clock.clone(),
+    );
+    let _ = mgr2.refresh().await;
+    assert!(actor2.await.is_err(), "the actor crashed on the finished");
+
+    let sink3 = Arc::new(CollectingSink::new());
+    let (mgr3, _) = StorageManager::spawn(
+        rig.cfg.clone(),
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        sink3.clone(),
+        rig.clock.clone(),
+    );
+    mgr3.refresh().await.unwrap();
+    let ev = sink3.snapshot();
+    assert_eq!(
+        count(&ev, "storage.resilver.tank.finished"),
+        1,
+        "{:#?}",
+        subjects(&ev)
+    );
+    mgr3.shutdown().await;
+}
