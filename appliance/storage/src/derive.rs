@@ -127,6 +127,10 @@ struct PoolSeen {
     /// the ended resilver, else (ZED started a scrub that replaced the scan
     /// stats) from the last poll that showed it running.
     resilver_end_unpublished: Option<u64>,
+    /// When the `started` was published: the time of its ZFS event, or
+    /// when the poll that showed it running read ZFS. Only a poll that read
+    /// ZFS later can tell, by showing another scan, that it ended.
+    resilver_started_at: u64,
     last_status: Option<PoolStatus>,
     status_as_of: u64,
     healthy: bool,
@@ -304,9 +308,11 @@ impl EventDeriver {
         let red = redundancy(status);
         let (st, reasons) = classify(status, &red);
         let first = !self.pools.contains_key(&name);
-        // Taken at first sight whatever the scan shows: a resilver whose
-        // scan stats a scrub replaced meanwhile has no end to publish.
+        // Taken at first sight whatever the scan shows (see below for a
+        // resilver whose scan stats a scrub replaced meanwhile).
         let open_before = first && self.resilver_open_before.remove(&name);
+        // When the poll read ZFS, not now (see `status_as_of`).
+        let as_of = snap.as_of.min(now);
         let free = snap.datasets.iter().find(|d| d.name == name).map_or_else(
             || snap.list.as_ref().map_or(0, |l| l.capacity.free),
             |d| d.available,
@@ -459,7 +465,7 @@ impl EventDeriver {
         // Scans.
         let errs = devices_with_errors(status);
         if let Some(scan) = &status.scan {
-            let ev = self.scan_events(&name, scan, &errs, (first, open_before), now);
+            let ev = self.scan_events(&name, scan, &errs, (first, open_before), as_of, now);
             events.extend(ev);
         }
 
@@ -473,6 +479,27 @@ impl EventDeriver {
             .as_ref()
             .is_none_or(|s| s.function != ScanFunction::Resilver)
         {
+            // ZFS runs one scan at a time and a scrub cannot start during a
+            // resilver: another scan in a poll that read ZFS after the
+            // `started` means that resilver ended, whether or not its
+            // `resilver_finish` came (the event follower down or behind:
+            // once late, the event is older than this poll and ignored),
+            // or ended while nobody watched (its `started` went out before
+            // this view of the pool began). Its end is at the latest when
+            // the scan that replaced it started.
+            let ended_unseen =
+                open_before || (seen.resilver_started && as_of > seen.resilver_started_at);
+            if ended_unseen && seen.resilver_end_unpublished.is_none() {
+                let at = status
+                    .scan
+                    .as_ref()
+                    .and_then(|s| s.start_time)
+                    .unwrap_or(as_of);
+                seen.resilver_end_unpublished = Some(at);
+            }
+            if seen.resilver_end_unpublished.is_some() {
+                seen.resilver_started = false;
+            }
             events.extend(unpublished_resilver_end(seen, &name));
         }
         seen.healthy = st == StorageStatus::Healthy;
@@ -480,7 +507,7 @@ impl EventDeriver {
         seen.free_bytes = free;
         // When the poll read ZFS, not now: a ZFS event from while the poll
         // ran may be missing from it, and is applied when it comes.
-        seen.status_as_of = snap.as_of.min(now);
+        seen.status_as_of = as_of;
         seen.last_status = Some(status.clone());
         events
     }
@@ -491,6 +518,7 @@ impl EventDeriver {
         scan: &ScanStatus,
         errs: &[DeviceErrors],
         (first, open_before): (bool, bool),
+        as_of: u64,
         now: u64,
     ) -> Vec<StorageEvent> {
         let cfg = self.cfg;
@@ -560,9 +588,8 @@ impl EventDeriver {
             ScanState::Running => {
                 if is_resilver && !seen.resilver_started {
                     out.push(mk(ScanEventPhase::Started));
-                }
-                if is_resilver {
                     seen.resilver_started = true;
+                    seen.resilver_started_at = as_of;
                 }
                 out.push(mk(ScanEventPhase::Progress));
                 progress_at = now;
@@ -710,6 +737,7 @@ impl EventDeriver {
             "resilver_start" if !seen.resilver_started => {
                 out.events.extend(unpublished_resilver_end(seen, &pool));
                 seen.resilver_started = true;
+                seen.resilver_started_at = at;
                 let errs = seen
                     .last_status
                     .as_ref()
@@ -848,6 +876,7 @@ impl PoolSeen {
             scan: None,
             resilver_started: false,
             resilver_end_unpublished: None,
+            resilver_started_at: 0,
             last_status: None,
             status_as_of: 0,
             healthy: false,

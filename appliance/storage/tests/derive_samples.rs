@@ -1093,3 +1093,58 @@ fn a_resilver_end_reported_by_zfs_is_published_once_by_the_poll() {
     let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 90), t + 90);
     assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
 }
+
+/// A resilver whose `started` went out before a restart, which ended while
+/// the manager was down, and whose scan stats a scrub (ZED's) replaced
+/// since: the restarted deriver cannot read its end, but it knows the
+/// resilver ended, and publishes its `finished` once.
+#[test]
+fn a_resilver_a_scrub_replaced_while_nobody_watched_is_finished_after_a_restart() {
+    let t = 1_795_376_700;
+    let mut before = EventDeriver::default();
+    before.observe_snapshot(&json_snapshot("removed2", t), t);
+    before.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    let mark = before.resilver_mark("tank").unwrap();
+    assert!(mark.open, "{mark:?}");
+
+    let mut after = EventDeriver::default();
+    after.set_resilver_mark("tank", mark);
+    let ev = after.observe_snapshot(&json_snapshot("scrub-running", t + 400), t + 400);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Finished],
+        "{:?}",
+        briefs(&ev)
+    );
+    assert!(!after.resilver_mark("tank").unwrap().open);
+    let ev = after.observe_snapshot(&json_snapshot("scrub-running", t + 460), t + 460);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+}
+
+/// The same without a restart, when no `resilver_finish` came before the
+/// poll that shows the scrub (the event follower down, or behind): the
+/// poll alone tells the resilver ended, since ZFS runs one scan at a time.
+/// The event that comes late is older than that poll and is ignored.
+#[test]
+fn a_resilver_a_scrub_replaced_is_finished_without_its_zfs_event() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Started, ScanEventPhase::Progress]
+    );
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 70), t + 70);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Finished],
+        "{:?}",
+        briefs(&ev)
+    );
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 30, t + 60), t + 71);
+    assert!(out.events.is_empty(), "{:?}", briefs(&out.events));
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 90), t + 90);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+    assert!(!d.resilver_mark("tank").unwrap().open);
+}
