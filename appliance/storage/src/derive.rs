@@ -585,8 +585,17 @@ impl EventDeriver {
                     progress_pct = pct;
                 }
             }
+            // A poll that read ZFS before the end ZFS reported since
+            // (`resilver_finish`) shows that resilver still running: it is
+            // not a new one to start (the next poll shows its end, or the
+            // scan that replaced it).
+            ScanState::Running
+                if is_resilver && seen.resilver_end_unpublished.is_some_and(|e| as_of <= e) => {}
             ScanState::Running => {
                 if is_resilver && !seen.resilver_started {
+                    // A new resilver, read after the end of the last one
+                    // that no poll showed: that end goes out first.
+                    out.extend(unpublished_resilver_end(seen, pool));
                     out.push(mk(ScanEventPhase::Started));
                     seen.resilver_started = true;
                     seen.resilver_started_at = as_of;

@@ -1148,3 +1148,68 @@ fn a_resilver_a_scrub_replaced_is_finished_without_its_zfs_event() {
     assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
     assert!(!d.resilver_mark("tank").unwrap().open);
 }
+
+/// A resilver whose `started` came from its ZFS event, and a poll that read
+/// ZFS while it ran but is applied after its `resilver_finish`: that poll
+/// shows it running, yet it is the same resilver, not a new one to publish
+/// as started again (and whose mark would then stay open for good).
+#[test]
+fn a_poll_older_than_a_resilver_finish_does_not_start_it_again() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 20, t + 10), t + 10);
+    assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 21, t + 20), t + 20);
+    assert!(out.events.is_empty());
+    // Read at t + 15, applied at t + 21.
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 15), t + 21);
+    assert!(
+        !resilver_phases(&ev).contains(&ScanEventPhase::Started),
+        "{:?}",
+        briefs(&ev)
+    );
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 30), t + 30);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Finished],
+        "{:?}",
+        briefs(&ev)
+    );
+    assert!(!d.resilver_mark("tank").unwrap().open);
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 90), t + 90);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+}
+
+/// A resilver ends (`resilver_finish`) and another starts before the next
+/// poll, which shows the new one running before its `resilver_start` came
+/// (that event, then older than the poll, is ignored): the first one's
+/// `finished` goes out before the second one's `started`, and each once.
+#[test]
+fn a_new_resilver_a_poll_shows_first_publishes_the_last_ones_end_first() {
+    let t = 1_795_376_700;
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 20, t + 1), t + 1);
+    assert_eq!(briefs(&out.events), ["storage.resilver.tank.started"]);
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_finish", 21, t + 2), t + 2);
+    assert!(out.events.is_empty());
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    assert_eq!(
+        resilver_phases(&ev),
+        [
+            ScanEventPhase::Finished,
+            ScanEventPhase::Started,
+            ScanEventPhase::Progress
+        ],
+        "{:?}",
+        briefs(&ev)
+    );
+    let out = d.observe_zfs_event(&resilver_zfs_event("resilver_start", 22, t + 40), t + 51);
+    assert!(out.events.is_empty(), "{:?}", briefs(&out.events));
+    let ev = d.observe_snapshot(&json_snapshot("resilvered", t + 400), t + 400);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+    let ev = d.observe_snapshot(&json_snapshot("scrub-running", t + 500), t + 500);
+    assert!(resilver_phases(&ev).is_empty(), "{:?}", briefs(&ev));
+    assert!(!d.resilver_mark("tank").unwrap().open);
+}
