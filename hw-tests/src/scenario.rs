@@ -312,6 +312,33 @@ impl Appliance {
         by_id
     }
 
+    /// Limits the disk now in `bay` to `bytes_per_sec` of reads and writes
+    /// together (QMP `block_set_io_throttle`, on the host: a slow disk the
+    /// guest cannot tell from a real one); 0 lifts the limit.
+    pub fn throttle_disk(&mut self, bay: usize, bytes_per_sec: u64) {
+        let id = self.device_id(bay);
+        let res = self.vm.qmp().and_then(|mut q| {
+            q.execute(
+                "block_set_io_throttle",
+                &json!({
+                    "id": id,
+                    "bps": bytes_per_sec,
+                    "bps_rd": 0,
+                    "bps_wr": 0,
+                    "iops": 0,
+                    "iops_rd": 0,
+                    "iops_wr": 0,
+                }),
+                Duration::from_secs(10),
+            )
+        });
+        if let Err(e) = res {
+            self.fail(&format!(
+                "throttling bay {bay} to {bytes_per_sec} B/s: {e:#}"
+            ));
+        }
+    }
+
     /// The QEMU device id of the disk now in `bay`.
     fn device_id(&self, bay: usize) -> String {
         match self.added.iter().rposition(|(b, _)| *b == bay) {
