@@ -36,10 +36,15 @@
 //! * A change is published once, whichever source (event follower, poll,
 //!   udev) saw it first; a restart republishes the current pool state and
 //!   failed disks once (`old_state: null`), so a subscriber that joined late
-//!   still learns them. A resilver that ended while the manager was down is
-//!   published as `finished` at start if its `started` went out before or
-//!   it is newer than the last end known (both persisted with the scrub
-//!   book, the mark before the `started` is published).
+//!   still learns them.
+//! * Every published resilver `started` is followed by its `finished`: also
+//!   when it ends while the manager is down (published at start, from the
+//!   mark persisted with the scrub book before the `started` went out; a
+//!   resilver newer than the last end known is published too), and when a
+//!   scrub replaces its scan stats before any poll shows its end (published
+//!   from the last poll that showed it running). A closing mark is
+//!   persisted after its `finished` goes out, so a crash repeats an event
+//!   rather than losing one.
 //! * Intent before action: pool creation, scheduled scrubs and scrub
 //!   completions are on disk before (or as) they happen; restarts complete
 //!   or report, never repeat blindly.
