@@ -316,7 +316,8 @@ impl Appliance {
     /// together (QMP `block_set_io_throttle`, on the host: a slow disk the
     /// guest cannot tell from a real one); 0 lifts the limit.
     pub fn throttle_disk(&mut self, bay: usize, bytes_per_sec: u64) {
-        let id = self.device_id(bay);
+        // The block backend is the virtio-blk-pci proxy's inner device.
+        let id = format!("/machine/peripheral/{}/virtio-backend", self.device_id(bay));
         let res = self.vm.qmp().and_then(|mut q| {
             q.execute(
                 "block_set_io_throttle",
