@@ -629,16 +629,18 @@ impl Bus {
         pattern: &str,
         opts: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
-        self.subscribe_evicting(pattern, opts, None)
+        self.subscribe_evicting(pattern, opts, None, false)
     }
 
     /// [`subscribe`](Self::subscribe), with what a drop-oldest queue evicts
-    /// handed to `evict` instead of being dropped.
+    /// handed to `evict` instead of being dropped, and (with
+    /// `skip_dead_letters`) no dead letters or retry outcomes offered.
     pub(crate) fn subscribe_evicting(
         &self,
         pattern: &str,
         opts: SubscribeOptions,
         evict: Option<Evict>,
+        skip_dead_letters: bool,
     ) -> Result<Subscription, BusError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
@@ -676,6 +678,7 @@ impl Bus {
             if let Some(evict) = evict {
                 q = q.with_evict(evict);
             }
+            q.skip_dead_letters = skip_dead_letters;
             let st = q.state.get_mut();
             st.read_upto = next;
             st.offered_from = next;
@@ -1271,6 +1274,11 @@ impl BusInner {
         counters: &Counters,
         wakes: &mut Wakes,
     ) -> Took {
+        if matches!(&s.sink, Sink::Local(q) if q.skip_dead_letters)
+            && crate::dlq::is_dead_letter_subject(msg.subject.as_str())
+        {
+            return Took::No;
+        }
         let max = s.max.load(Ordering::Acquire);
         let mut last = false;
         if max != u64::MAX {
@@ -1524,6 +1532,14 @@ impl Subscription {
                                 (keep_deferred(msgs, deferred), next.min(h + 1))
                             }
                             _ => (msgs, next),
+                        };
+                        // Never offered to it, so not deferred either.
+                        let msgs: Vec<Message> = if self.queue.skip_dead_letters {
+                            msgs.into_iter()
+                                .filter(|m| !crate::dlq::is_dead_letter_subject(m.subject.as_str()))
+                                .collect()
+                        } else {
+                            msgs
                         };
                         if let Some(h) = lag_high {
                             // Deferred ones read back (a record past `h`

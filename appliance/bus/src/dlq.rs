@@ -748,6 +748,8 @@ impl Bus {
                 cap,
                 unstored.clone(),
             )),
+            // Its task would skip them.
+            !wants_dead_letters,
         )?;
         let (tx, rx) = mpsc::channel::<RetryRequest>(16);
         {

@@ -123,6 +123,9 @@ pub(crate) struct LocalQueue {
     evict: Option<Evict>,
     /// Messages dropped (not handed to `evict`).
     pub dropped: AtomicU64,
+    /// Dead letters and retry outcomes are neither offered to it nor read
+    /// back from the log for it (a handler that does not name them).
+    pub skip_dead_letters: bool,
 }
 
 impl LocalQueue {
@@ -151,6 +154,7 @@ impl LocalQueue {
             catch_up,
             evict: None,
             dropped: AtomicU64::new(0),
+            skip_dead_letters: false,
         }
     }
 

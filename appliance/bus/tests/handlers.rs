@@ -526,3 +526,35 @@ async fn handler_names_are_bounded() {
     assert_eq!(stored.len(), 1, "the dead letter is stored");
     assert_eq!(stored[0].headers().get("Dlq-Handler"), Some(name.as_str()));
 }
+
+/// A catch-all handler (`>`) on a bus without a durable log, starved by a
+/// burst: its subscription dead-letters the overflow, and its task stores
+/// those dead letters on `_dlq.<subject>`, which its own pattern matches.
+/// It skips dead letters, so they must not take room in its subscription
+/// either: only the overflow is dead-lettered, the rest is handled.
+#[tokio::test]
+async fn catch_all_handler_own_dead_letters_evict_nothing() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 4,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let (_h, handled) = recording_handler(&b, "all", ">", Duration::from_millis(10));
+    // No yield: the handler's task does not run before the last publish.
+    for i in 0..8 {
+        b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dead: Vec<String> = b
+        .dlq_list()
+        .iter()
+        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        (handled.lock().clone(), dead),
+        (
+            vec!["m4".to_string(), "m5".into(), "m6".into(), "m7".into()],
+            vec!["m0".to_string(), "m1".into(), "m2".into(), "m3".into()]
+        )
+    );
+}
