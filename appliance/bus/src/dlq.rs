@@ -182,9 +182,15 @@ impl DlqState {
     /// the publisher's path.
     fn record(&self, handler: &str, error: &str, attempts: u32, msg: Message) -> u64 {
         let subject = msg.subject.clone();
+        let id = self.list(handler, error, attempts, msg);
+        tracing::warn!(handler, %subject, id, error, attempts, "message dead-lettered");
+        id
+    }
+
+    /// [`record`](Self::record) without the log line.
+    fn list(&self, handler: &str, error: &str, attempts: u32, msg: Message) -> u64 {
         let id = self.add(handler, error, attempts, msg);
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(handler, %subject, id, error, attempts, "message dead-lettered");
         id
     }
 
@@ -305,8 +311,10 @@ impl Drop for HandlerHandle {
         self.task.abort();
         self.bus.inner.dlq.handlers.lock().remove(&self.name);
         // Dead letters its subscription recorded that the task had not
-        // stored yet.
-        self.bus.store_unstored(&self.name, &self.unstored);
+        // stored yet. The subscription goes with the task, which may not
+        // have stopped yet: what it evicts from now on is not dead-lettered
+        // (like what it still holds, it is not this handler's any more).
+        self.bus.store_unstored(&self.name, &self.unstored, true);
     }
 }
 
@@ -416,6 +424,9 @@ struct UnstoredState {
     ids: VecDeque<u64>,
     /// Ids let go at the bound, not yet counted as lost.
     pushed_out: u64,
+    /// The handle was dropped: nothing more is recorded, as nobody would
+    /// store it.
+    closed: bool,
 }
 
 impl Unstored {
@@ -427,8 +438,16 @@ impl Unstored {
         }
     }
 
-    fn push(&self, id: u64) {
+    /// Lists a dead letter (`list` returns its id) and keeps the id for
+    /// storing, in one step: it cannot be in the list and not here, where
+    /// a retry or a dropped handle would miss it. `None` (nothing listed)
+    /// once closed.
+    fn record(&self, list: impl FnOnce() -> u64) -> Option<u64> {
         let mut st = self.state.lock();
+        if st.closed {
+            return None;
+        }
+        let id = list();
         if st.ids.len() >= self.max {
             st.ids.pop_front();
             st.pushed_out += 1;
@@ -436,6 +455,7 @@ impl Unstored {
         st.ids.push_back(id);
         drop(st);
         self.notify.notify_one();
+        Some(id)
     }
 }
 
@@ -463,12 +483,16 @@ fn overflow_sink(
             }
             return;
         }
+        let subject = msg.subject.clone();
+        let Some(id) = unstored.record(|| inner.dlq.list(&handler, &error, 0, msg)) else {
+            return;
+        };
         inner
             .dlq
             .counters
             .overflowed
             .fetch_add(1, Ordering::Relaxed);
-        unstored.push(inner.dlq.record(&handler, &error, 0, msg));
+        tracing::warn!(handler, %subject, id, error, attempts = 0, "message dead-lettered");
     }))
 }
 
@@ -579,7 +603,7 @@ async fn run_handler<F, Fut>(
     let end = loop {
         // Before any retry: a retried entry is then stored before its
         // outcome.
-        w.bus.store_unstored(&w.name, &unstored);
+        w.bus.store_unstored(&w.name, &unstored, false);
         if busy.is_none() {
             if let Some((msg, reply)) = retry.take() {
                 let f = w.f.clone();
@@ -674,7 +698,10 @@ impl Bus {
     ///   [`DlqStats::overflowed`]. It is in the dead-letter list (and
     ///   retriable) at once; its `_dlq.<subject>` record is published by the
     ///   handler's task when it next runs, or when the handle is dropped
-    ///   (the publisher's path, where the eviction happens, cannot publish);
+    ///   (the publisher's path, where the eviction happens, cannot publish).
+    ///   Once the handle is dropped, what its subscription still evicts
+    ///   until the task has stopped is not dead-lettered, like what it
+    ///   still holds;
     /// * durable messages are left in the log, and read back from it in
     ///   order, as above. (In a queue group, a durable message that no
     ///   member can take, each having `2^20` waiting in the log, is
@@ -815,10 +842,12 @@ impl Bus {
     /// Stores the dead letters a handler's subscription recorded (see
     /// [`Unstored`]), without waiting for an fsync. One whose entry is
     /// already out of the list (pushed out by newer ones before it could
-    /// be stored) is gone: counted in [`DlqStats::lost`].
-    fn store_unstored(&self, handler: &str, unstored: &Unstored) {
+    /// be stored) is gone: counted in [`DlqStats::lost`]. With `close`,
+    /// the subscription records no more (its handle is dropped).
+    fn store_unstored(&self, handler: &str, unstored: &Unstored, close: bool) {
         let (ids, pushed_out) = {
             let mut st = unstored.state.lock();
+            st.closed |= close;
             if st.ids.is_empty() && st.pushed_out == 0 {
                 return;
             }

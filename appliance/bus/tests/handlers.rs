@@ -558,3 +558,117 @@ async fn catch_all_handler_own_dead_letters_evict_nothing() {
         )
     );
 }
+
+/// Every dead letter in the list of a durable bus is stored, also one its
+/// subscription recorded after the handle was dropped (the aborted task
+/// had not run yet, so the subscription was still there).
+#[tokio::test]
+async fn no_dead_letter_is_listed_unstored_after_the_handle_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = durable_bus(dir.path(), 2, 1 << 20);
+    let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+    drop(h);
+    // No yield: the aborted task has not let go of its subscription.
+    for i in 0..5 {
+        b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.sync_durable().await.unwrap();
+    let stored = b
+        .replay(ReplayQuery {
+            pattern: "_dlq.>".into(),
+            from_seq: None,
+            since_ms: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let stored: Vec<Option<String>> = stored
+        .iter()
+        .map(|m| m.headers().get("Dlq-Id").map(str::to_owned))
+        .collect();
+    let listed: Vec<Option<String>> = b
+        .dlq_list()
+        .iter()
+        .map(|e| Some(e.id.to_string()))
+        .collect();
+    assert_eq!(listed, stored, "listed vs stored");
+}
+
+/// A tracing subscriber that holds up the thread of its first warning
+/// until `go` (or 2 s pass), saying when on `paused`: widens the gaps in
+/// the publisher's path that logging falls in. Also says when `done`.
+struct PauseAtFirstWarn {
+    paused: std::sync::mpsc::Sender<()>,
+    go: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl tracing::Subscriber for PauseAtFirstWarn {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        if *e.metadata().level() <= tracing::Level::WARN {
+            if let Some(go) = self.go.lock().take() {
+                let _ = self.paused.send(());
+                let _ = go.recv_timeout(Duration::from_secs(2));
+            }
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// An overflow dead letter is in the list (and retriable) as soon as the
+/// subscription evicts it. Retried and delivered before the handler's task
+/// stored it, it is not counted as lost (as if pushed out of the list).
+#[tokio::test]
+async fn overflow_dead_letter_retried_at_once_is_not_lost() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 1,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+    // No yield: the handler's task does not run; m0 waits in its
+    // subscription, which m1 (on another thread) then overflows.
+    b.publish("jobs.x", None, "m0").await.unwrap();
+    let (paused_tx, paused) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let b2 = b.clone();
+    let done = paused_tx.clone();
+    let publisher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sub = PauseAtFirstWarn {
+            paused: paused_tx,
+            go: Mutex::new(Some(go_rx)),
+        };
+        tracing::subscriber::with_default(sub, || {
+            rt.block_on(b2.publish("jobs.x", None, "m1")).unwrap();
+        });
+        let _ = done.send(());
+    });
+    paused.recv().unwrap();
+    let id = b.dlq_list()[0].id;
+    assert_eq!(b.dlq_retry(id).await.unwrap(), RetryOutcome::Delivered);
+    let _ = go.send(());
+    publisher.join().unwrap();
+    wait_until("m1 is handled", || handled.lock().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut got = handled.lock().clone();
+    got.sort();
+    assert_eq!(got, ["m0", "m1"]);
+    let stats = b.dlq_stats();
+    assert_eq!(
+        (stats.lost, stats.overflowed, stats.entries),
+        (0, 1, 0),
+        "{stats:?}"
+    );
+}
