@@ -388,11 +388,14 @@ where
         self.bus.dead_letter(&self.name, error, attempts, msg).await;
     }
 
-    /// [`dead_letter`](Self::dead_letter) without waiting for an fsync.
-    fn dead_letter_now(&self, error: &str, attempts: u32, msg: Message) {
-        if !self.refuse_dead_letter(error, &msg) {
-            self.bus.dead_letter_now(&self.name, error, attempts, msg);
+    /// [`dead_letter`](Self::dead_letter) without waiting for an fsync;
+    /// whether it was dead-lettered.
+    fn dead_letter_now(&self, error: &str, attempts: u32, msg: Message) -> bool {
+        if self.refuse_dead_letter(error, &msg) {
+            return false;
         }
+        self.bus.dead_letter_now(&self.name, error, attempts, msg);
+        true
     }
 
     fn refuse_dead_letter(&self, error: &str, msg: &Message) -> bool {
@@ -633,9 +636,10 @@ async fn run_handler<F, Fut>(
                 Ok(msg) if !w.wants_dead_letters && is_dead_letter_subject(msg.subject.as_str()) => {}
                 Ok(msg) => {
                     if let Some(victim) = backlog.push(msg) {
-                        w.bus.inner.dlq.counters.overflowed.fetch_add(1, Ordering::Relaxed);
                         let error = format!("{OVERFLOW_ERROR} ({} messages waiting)", backlog.cap);
-                        w.dead_letter_now(&error, 0, victim);
+                        if w.dead_letter_now(&error, 0, victim) {
+                            w.bus.inner.dlq.counters.overflowed.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     // What the subscription evicts is dead-lettered (see
                     // `overflow_sink`); it drops only durable messages it

@@ -672,3 +672,52 @@ async fn overflow_dead_letter_retried_at_once_is_not_lost() {
         "{stats:?}"
     );
 }
+
+/// A handler on `_dlq.>` whose backlog overflows with dead letters does not
+/// dead-letter them again: they count in `dead_letters_failed`, not in
+/// `overflowed` (which counts dead letters made, a part of
+/// `dead_lettered`).
+#[tokio::test]
+async fn dead_letters_a_backlog_overflows_with_are_not_counted_as_overflowed() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 1,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g2 = gate.clone();
+    let _h = b
+        .handle(
+            "alerts",
+            "_dlq.>",
+            HandlerOptions::default(),
+            move |_m: Message| {
+                let g2 = g2.clone();
+                async move {
+                    g2.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    // The first is held up, the second waits in the backlog, the next ones
+    // push it out (the publisher yields: the backlog overflows, not the
+    // subscription).
+    for i in 0..4 {
+        b.publish("_dlq.jobs.x", None, format!("d{i}"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = b.dlq_stats();
+    gate.add_permits(100);
+    assert_eq!(
+        (
+            stats.dead_letters_failed,
+            stats.overflowed,
+            stats.dead_lettered
+        ),
+        (2, 0, 0),
+        "{stats:?}"
+    );
+}
