@@ -444,12 +444,13 @@ impl Unstored {
     /// Lists a dead letter (`list` returns its id) and keeps the id for
     /// storing, in one step: it cannot be in the list and not here, where
     /// a retry or a dropped handle would miss it. `None` (nothing listed)
-    /// once closed.
-    fn record(&self, list: impl FnOnce() -> u64) -> Option<u64> {
+    /// once closed; else the id, and whether it is the first one waiting.
+    fn record(&self, list: impl FnOnce() -> u64) -> Option<(u64, bool)> {
         let mut st = self.state.lock();
         if st.closed {
             return None;
         }
+        let first = st.ids.is_empty() && st.pushed_out == 0;
         let id = list();
         if st.ids.len() >= self.max {
             st.ids.pop_front();
@@ -458,7 +459,7 @@ impl Unstored {
         st.ids.push_back(id);
         drop(st);
         self.notify.notify_one();
-        Some(id)
+        Some((id, first))
     }
 }
 
@@ -487,7 +488,7 @@ fn overflow_sink(
             return;
         }
         let subject = msg.subject.clone();
-        let Some(id) = unstored.record(|| inner.dlq.list(&handler, &error, 0, msg)) else {
+        let Some((id, first)) = unstored.record(|| inner.dlq.list(&handler, &error, 0, msg)) else {
             return;
         };
         inner
@@ -495,7 +496,12 @@ fn overflow_sink(
             .counters
             .overflowed
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(handler, %subject, id, error, attempts = 0, "message dead-lettered");
+        // Not a line per message: this is the publisher's path, possibly
+        // under the log's lock, and a flood evicts every message. The task
+        // logs how many it stored.
+        if first {
+            tracing::warn!(handler, %subject, id, error, "handler's subscription overflows: dead-lettering what it evicts");
+        }
     }))
 }
 
@@ -861,13 +867,25 @@ impl Bus {
             )
         };
         let mut gone = pushed_out;
+        let (mut stored, first_id, last_id) = (0u64, ids.front().copied(), ids.back().copied());
         for id in ids {
             match self.dlq_get(id) {
                 Some(e) => {
                     self.store_dead_letter(id, &e.handler, &e.error, e.attempts, e.message);
+                    stored += 1;
                 }
                 None => gone += 1,
             }
+        }
+        if stored > 0 {
+            tracing::warn!(
+                handler,
+                dead_lettered = stored,
+                first_id,
+                last_id,
+                error = OVERFLOW_ERROR,
+                "messages dead-lettered: the handler's subscription overflowed"
+            );
         }
         if gone > 0 {
             self.inner

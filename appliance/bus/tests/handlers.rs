@@ -721,3 +721,59 @@ async fn dead_letters_a_backlog_overflows_with_are_not_counted_as_overflowed() {
         "{stats:?}"
     );
 }
+
+/// Counts the warnings and errors logged on its thread.
+#[derive(Default)]
+struct CountWarnings(Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing::Subscriber for CountWarnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        if *e.metadata().level() <= tracing::Level::WARN {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A flood to a starved handler dead-letters its subscription's overflow
+/// on the publisher's path (under the durable log's lock, for a durable
+/// message's fan-out): that path does not log a line per message.
+#[tokio::test]
+async fn a_flood_to_a_starved_handler_does_not_log_per_message_on_the_publisher() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 4,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let (_h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+    let logged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = CountWarnings(logged.clone());
+    let b2 = b.clone();
+    // Joined without yielding: the handler's task does not run meanwhile.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(counter, || {
+            rt.block_on(async {
+                for i in 0..1000 {
+                    b2.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+                }
+            });
+        });
+    })
+    .join()
+    .unwrap();
+    assert_eq!(b.dlq_stats().overflowed, 996);
+    let logged = logged.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(logged <= 1, "{logged} lines logged by the publisher");
+}
