@@ -863,6 +863,12 @@ impl Bus {
     /// Shuts the bus down: subscriptions end with [`CloseReason::BusClosed`],
     /// the durable log gets a last fsync, and its thread stops. Blocks briefly.
     pub fn close(&self) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // While publishing still works: the dead letters handlers'
+        // subscriptions recorded that their tasks have not stored yet.
+        self.store_all_unstored();
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -149,11 +149,16 @@ pub(crate) struct DlqCounters {
 
 type RetryRequest = (Message, oneshot::Sender<Result<(), String>>);
 
+/// A running handler: where to send retries, and its [`Unstored`].
+type Running = (mpsc::Sender<RetryRequest>, Arc<Unstored>);
+
 #[derive(Debug)]
 pub(crate) struct DlqState {
     entries: Mutex<BTreeMap<u64, DlqEntry>>,
     counters: DlqCounters,
-    handlers: Mutex<HashMap<String, mpsc::Sender<RetryRequest>>>,
+    /// Running handlers: where to send retries, and the dead letters their
+    /// subscriptions recorded, to store at shutdown.
+    handlers: Mutex<HashMap<String, Running>>,
     next_id: AtomicU64,
     max_entries: usize,
 }
@@ -707,8 +712,9 @@ impl Bus {
     ///   [`OVERFLOW_ERROR`], 0 attempts, counted in
     ///   [`DlqStats::overflowed`]. It is in the dead-letter list (and
     ///   retriable) at once; its `_dlq.<subject>` record is published by the
-    ///   handler's task when it next runs, or when the handle is dropped
-    ///   (the publisher's path, where the eviction happens, cannot publish).
+    ///   handler's task when it next runs, when the handle is dropped, or
+    ///   when the bus shuts down (the publisher's path, where the eviction
+    ///   happens, cannot publish).
     ///   Once the handle is dropped, what its subscription still evicts
     ///   until the task has stopped is not dead-lettered, like what it
     ///   still holds;
@@ -794,7 +800,7 @@ impl Bus {
             if handlers.contains_key(name) {
                 return Err(BusError::HandlerExists(name.to_owned()));
             }
-            handlers.insert(name.to_owned(), tx);
+            handlers.insert(name.to_owned(), (tx, unstored.clone()));
         }
         let defaults = self.inner.opts.dlq;
         let backoff = backoff.unwrap_or(defaults.backoff);
@@ -847,6 +853,23 @@ impl Bus {
     ) -> Option<Ticket> {
         let id = self.inner.dlq.record(handler, error, attempts, msg.clone());
         self.store_dead_letter(id, handler, error, attempts, msg)
+    }
+
+    /// Stores what every handler's subscription recorded and its task has
+    /// not stored yet (see [`Unstored`]), for a shutdown: they record no
+    /// more. Call before publishing stops.
+    pub(crate) fn store_all_unstored(&self) {
+        let all: Vec<(String, Arc<Unstored>)> = self
+            .inner
+            .dlq
+            .handlers
+            .lock()
+            .iter()
+            .map(|(name, (_, u))| (name.clone(), u.clone()))
+            .collect();
+        for (name, u) in all {
+            self.store_unstored(&name, &u, true);
+        }
     }
 
     /// Stores the dead letters a handler's subscription recorded (see
@@ -994,7 +1017,7 @@ impl Bus {
             .handlers
             .lock()
             .get(&entry.handler)
-            .cloned()
+            .map(|(tx, _)| tx.clone())
             .ok_or_else(|| BusError::HandlerGone(entry.handler.clone()))?;
         let (rtx, rrx) = oneshot::channel();
         tx.send((entry.message.clone(), rtx))

@@ -777,3 +777,33 @@ async fn a_flood_to_a_starved_handler_does_not_log_per_message_on_the_publisher(
     let logged = logged.load(std::sync::atomic::Ordering::Relaxed);
     assert!(logged <= 1, "{logged} lines logged by the publisher");
 }
+
+/// The dead letters a starved handler's subscription recorded are stored
+/// when the bus shuts down before the handler's task ran: they are in the
+/// list after a restart, as they were before it.
+#[tokio::test]
+async fn dead_letters_of_a_starved_handler_survive_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = durable_bus(dir.path(), 2, 1 << 20);
+        let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+        // No yield: the handler's task does not run before the close.
+        for i in 0..5 {
+            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+        }
+        assert_eq!(b.dlq_list().len(), 3);
+        b.close();
+        drop(h);
+        drop(b);
+        // The aborted handler task lets go of its bus (and the log's lock)
+        // once the runtime drops it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = durable_bus(dir.path(), 2, 1 << 20);
+    let restored: Vec<String> = b
+        .dlq_list()
+        .iter()
+        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(restored, ["m0", "m1", "m2"], "after a restart");
+}
