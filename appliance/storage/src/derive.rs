@@ -160,6 +160,9 @@ pub struct EventDeriver {
     /// pool began (by the manager before a restart, or before the pool was
     /// exported), with no `finished` since: the first poll publishes its end.
     resilver_open_before: BTreeSet<String>,
+    /// The same for scrubs: a scrub's `progress` (or `paused`) was
+    /// published and no `finished` or `canceled` since.
+    scrub_open_before: BTreeSet<String>,
 }
 
 /// What must survive a restart for a resilver's `finished` to follow its
@@ -285,6 +288,26 @@ impl EventDeriver {
             .then_some(ResilverMark { open, last_end })
     }
 
+    /// Seeds whether a scrub's `progress` went out before a restart with no
+    /// `finished` or `canceled` since: its end is then published at first
+    /// sight even with no earlier completion to compare with.
+    pub fn set_scrub_open(&mut self, pool: &str, open: bool) {
+        if open {
+            self.scrub_open_before.insert(pool.to_owned());
+        } else {
+            self.scrub_open_before.remove(pool);
+        }
+    }
+
+    /// Whether a scrub of `pool` was published running or paused and not
+    /// yet ended (to persist like [`Self::resilver_mark`]).
+    pub fn scrub_open(&self, pool: &str) -> bool {
+        self.pools.get(pool).map_or_else(
+            || self.scrub_open_before.contains(pool),
+            PoolSeen::scrub_open,
+        )
+    }
+
     /// Pools in the published view.
     pub fn pools(&self) -> Vec<String> {
         self.pools.keys().cloned().collect()
@@ -311,6 +334,7 @@ impl EventDeriver {
         // Taken at first sight whatever the scan shows (see below for a
         // resilver whose scan stats a scrub replaced meanwhile).
         let open_before = first && self.resilver_open_before.remove(&name);
+        let scrub_open_before = first && self.scrub_open_before.remove(&name);
         // When the poll read ZFS, not now (see `status_as_of`).
         let as_of = snap.as_of.min(now);
         let free = snap.datasets.iter().find(|d| d.name == name).map_or_else(
@@ -465,7 +489,14 @@ impl EventDeriver {
         // Scans.
         let errs = devices_with_errors(status);
         if let Some(scan) = &status.scan {
-            let ev = self.scan_events(&name, scan, &errs, (first, open_before), as_of, now);
+            let ev = self.scan_events(
+                &name,
+                scan,
+                &errs,
+                (first, open_before, scrub_open_before),
+                as_of,
+                now,
+            );
             events.extend(ev);
         }
 
@@ -517,7 +548,7 @@ impl EventDeriver {
         pool: &str,
         scan: &ScanStatus,
         errs: &[DeviceErrors],
-        (first, open_before): (bool, bool),
+        (first, resilver_open_before, scrub_open_before): (bool, bool, bool),
         as_of: u64,
         now: u64,
     ) -> Vec<StorageEvent> {
@@ -564,8 +595,13 @@ impl EventDeriver {
         // A terminal scan never seen running: publish it if it is newer than
         // what we know. At first sight of a pool that needs a persisted end
         // to compare with (else every restart would republish the last
-        // scan), or a resilver whose `started` went out before.
-        let open_before = open_before && is_resilver;
+        // scan), or a scan whose `started` (a scrub's `progress`) went out
+        // before.
+        let open_before = if is_resilver {
+            resilver_open_before
+        } else {
+            scrub_open_before
+        };
         let unseen_terminal_is_new = match scan.end_time {
             Some(e) => {
                 known_end.is_none_or(|k| e > k) && !(first && known_end.is_none() && !open_before)
@@ -808,12 +844,13 @@ impl EventDeriver {
             &format!("pool {pool} is no longer imported"),
             now,
         );
-        if self
-            .pools
-            .remove(pool)
-            .is_some_and(|p| p.resilver_started || p.resilver_end_unpublished.is_some())
-        {
-            self.resilver_open_before.insert(pool.to_owned());
+        if let Some(p) = self.pools.remove(pool) {
+            if p.resilver_started || p.resilver_end_unpublished.is_some() {
+                self.resilver_open_before.insert(pool.to_owned());
+            }
+            if p.scrub_open() {
+                self.scrub_open_before.insert(pool.to_owned());
+            }
         }
         ev
     }
@@ -877,6 +914,15 @@ impl EventDeriver {
 }
 
 impl PoolSeen {
+    /// A scrub is running or paused in the published view (its `progress`
+    /// or `paused` went out).
+    fn scrub_open(&self) -> bool {
+        self.scan.as_ref().is_some_and(|s| {
+            s.function == ScanFunction::Scrub
+                && matches!(s.state, ScanState::Running | ScanState::Paused)
+        })
+    }
+
     fn new() -> Self {
         Self {
             state: String::new(),

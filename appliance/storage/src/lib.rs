@@ -42,7 +42,9 @@
 //!   mark persisted with the scrub book before the `started` went out; a
 //!   resilver newer than the last end known is published too), and when a
 //!   scrub replaces its scan stats before any poll shows its end (published
-//!   from the last poll that showed it running). A closing mark is
+//!   from the last poll that showed it running). Likewise a scrub whose
+//!   `progress` went out is followed by its `finished` across a restart,
+//!   its first one included. A closing mark (and a scrub's completion) is
 //!   persisted after its `finished` goes out, so a crash repeats an event
 //!   rather than losing one.
 //! * Intent before action: pool creation, scheduled scrubs and scrub

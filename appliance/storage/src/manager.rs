@@ -254,6 +254,7 @@ impl StorageManager {
                     last_end: r.resilver_ended,
                 },
             );
+            deriver.set_scrub_open(pool, r.scrub_open);
         }
         let actor = Actor {
             quotas: QuotaTracker::new(cfg.quota.clone()),
@@ -543,40 +544,53 @@ impl Actor {
 
     fn publish(&mut self, events: Vec<StorageEvent>) {
         for e in events {
+            // A scan event's pool, and whether it opens a scan (a
+            // resilver's `started`, a scrub's `progress` or `paused`).
+            let scan = match &e {
+                StorageEvent::Resilver(r) => {
+                    Some((r.pool.clone(), r.phase == ScanEventPhase::Started))
+                }
+                StorageEvent::Scrub(s) => Some((
+                    s.pool.clone(),
+                    matches!(s.phase, ScanEventPhase::Progress | ScanEventPhase::Paused),
+                )),
+                _ => None,
+            };
+            if let Some((pool, true)) = &scan {
+                // Before the event goes out: a scan whose open mark is lost
+                // would never be followed by its end after a restart.
+                self.save_scan_marks(pool, false);
+            }
+            self.sink.publish(&e);
+            // After it: an end persisted before its event went out would,
+            // after a crash in between, lose that event (the next start
+            // takes the end for one it published). A crash repeats it
+            // instead.
+            let mut completed = false;
             if let StorageEvent::Scrub(s) = &e {
                 if s.phase == ScanEventPhase::Finished {
                     if let Some(end) = s.scan.ended_at {
-                        if self.book.completed(&s.pool, end) {
-                            self.save_book();
-                        }
+                        completed = self.book.completed(&s.pool, end);
                     }
                 }
             }
-            let resilver = match &e {
-                StorageEvent::Resilver(r) => Some((r.pool.clone(), r.phase)),
-                _ => None,
-            };
-            if let Some((pool, ScanEventPhase::Started)) = &resilver {
-                // Before the event goes out: a `started` whose mark is lost
-                // would never be followed by its `finished`.
-                self.save_resilver_mark(pool);
-            }
-            self.sink.publish(&e);
-            if let Some((pool, _)) = &resilver {
-                // After it: a mark closed before its `finished` went out
-                // would, after a crash in between, lose that `finished`
-                // (the next start takes the end for one it published).
-                self.save_resilver_mark(pool);
+            if let Some((pool, _)) = &scan {
+                self.save_scan_marks(pool, completed);
             }
         }
     }
 
-    /// Persists what the deriver knows of `pool`'s resilvers if it changed.
-    fn save_resilver_mark(&mut self, pool: &str) {
+    /// Persists what the deriver knows of `pool`'s open scans and last
+    /// resilver end if it changed (or if `changed` already).
+    fn save_scan_marks(&mut self, pool: &str, mut changed: bool) {
         if let Some(mark) = self.deriver.resilver_mark(pool) {
-            if self.book.resilver(pool, mark) {
-                self.save_book();
-            }
+            changed |= self.book.resilver(pool, mark);
+        }
+        if self.deriver.published_state(pool).is_some() || self.book.get(pool).scrub_open {
+            changed |= self.book.scrub_open(pool, self.deriver.scrub_open(pool));
+        }
+        if changed {
+            self.save_book();
         }
     }
 
@@ -807,7 +821,7 @@ impl Actor {
                                 self.publish(ev);
                                 // An end seen without an event (at first
                                 // sight) is the one the next start compares with.
-                                self.save_resilver_mark(&p.name);
+                                self.save_scan_marks(&p.name, false);
                             }
                             for d in &snap.datasets {
                                 let ev =

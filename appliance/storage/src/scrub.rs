@@ -188,6 +188,10 @@ pub struct ScrubRecord {
     /// End of the newest resilver known to have ended (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resilver_ended: Option<u64>,
+    /// A scrub's `progress` (or `paused`) was published and its end not
+    /// yet (see [`crate::derive::EventDeriver::scrub_open`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scrub_open: bool,
 }
 
 /// Local minute of the day at `now`.
@@ -287,6 +291,15 @@ impl ScrubBook {
         r.resilver_open = mark.open;
         r.resilver_ended = mark.last_end.max(r.resilver_ended);
         before != (r.resilver_open, r.resilver_ended)
+    }
+
+    /// Records whether a published scrub is still open; true if the book
+    /// changed.
+    pub fn scrub_open(&mut self, pool: &str, open: bool) -> bool {
+        let r = self.pools.entry(pool.to_owned()).or_default();
+        let changed = r.scrub_open != open;
+        r.scrub_open = open;
+        changed
     }
 
     /// Records a scrub request at `now`.

@@ -494,6 +494,43 @@ fn finished_scrub_at_start_up_is_published_only_if_newer_than_persisted() {
     assert!(!ev.iter().any(|e| matches!(e, StorageEvent::Scrub(_))));
 }
 
+/// The first scrub of a pool, under way when the manager stopped, ended
+/// while it was down: with the open mark its `finished` is published at
+/// first sight though no completion was persisted before; once ended, the
+/// mark closes.
+#[test]
+fn a_scrub_open_before_a_restart_is_finished_at_first_sight() {
+    let t = 1_795_376_800;
+    let mut before = EventDeriver::default();
+    before.observe_snapshot(&json_snapshot("scrub-running", t - 100), t - 100);
+    assert!(before.scrub_open("tank"));
+
+    let mut after = EventDeriver::default();
+    after.set_scrub_open("tank", true);
+    let ev = after.observe_snapshot(&json_snapshot("scrub-done", t), t);
+    assert!(
+        briefs(&ev).contains(&"storage.scrub.tank.finished".to_owned()),
+        "{:?}",
+        briefs(&ev)
+    );
+    assert!(!after.scrub_open("tank"));
+
+    // An open mark and an equal persisted end: that end was published.
+    let mut again = EventDeriver::default();
+    again.set_scrub_open("tank", true);
+    again.set_known_scrub_end("tank", 1_795_376_712);
+    let ev = again.observe_snapshot(&json_snapshot("scrub-done", t), t);
+    assert!(!ev.iter().any(|e| matches!(e, StorageEvent::Scrub(_))));
+
+    // A pool exported mid-scrub keeps the mark until it is back.
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("scrub-running", t - 100), t - 100);
+    d.observe_absent("tank", t - 50);
+    assert!(d.scrub_open("tank"));
+    let ev = d.observe_snapshot(&json_snapshot("scrub-done", t), t);
+    assert!(briefs(&ev).contains(&"storage.scrub.tank.finished".to_owned()));
+}
+
 #[test]
 fn replace_and_resilver_from_json_captures() {
     let t = 1_795_376_700;

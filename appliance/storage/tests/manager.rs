@@ -1341,7 +1341,10 @@ async fn a_crash_before_a_resilver_finished_goes_out_does_not_lose_it() {
         rig.clock.clone(),
     );
     let _ = mgr2.refresh().await;
-    assert!(actor2.await.is_err(), "the actor crashed on the finished");
+    let end = tokio::time::timeout(Duration::from_secs(120), actor2)
+        .await
+        .expect("no finished was published: the actor did not crash on it");
+    assert!(end.is_err(), "the actor crashed on the finished");
 
     let sink3 = Arc::new(CollectingSink::new());
     let (mgr3, _) = StorageManager::spawn(
@@ -1360,4 +1363,92 @@ async fn a_crash_before_a_resilver_finished_goes_out_does_not_lose_it() {
         subjects(&ev)
     );
     mgr3.shutdown().await;
+}
+
+/// Crashes the manager when a scrub's `finished` is about to go out.
+#[derive(Debug)]
+struct CrashOnScrubEnd;
+
+impl appliance_storage::EventSink for CrashOnScrubEnd {
+    fn publish(&self, event: &StorageEvent) {
+        assert_ne!(
+            event.subject(),
+            "storage.scrub.tank.finished",
+            "crash before the finished goes out"
+        );
+    }
+}
+
+/// A pool's first scrub: the manager stops while it runs, and the
+/// restarted one crashes as its `finished` is about to go out. The start
+/// after that still publishes it, once; its completion is then persisted.
+#[tokio::test(start_paused = true)]
+async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 100 * MB)
+        .unwrap();
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+        .await;
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(book.contains("\"scrub_open\": true"), "{book}");
+    rig.mgr.shutdown().await;
+
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+
+    let (mgr2, actor2) = StorageManager::spawn(
+        rig.cfg.clone(),
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        Arc::new(CrashOnScrubEnd),
+        rig.clock.clone(),
+    );
+    let _ = mgr2.refresh().await;
+    let end = tokio::time::timeout(Duration::from_secs(120), actor2)
+        .await
+        .expect("no finished was published: the actor did not crash on it");
+    assert!(end.is_err(), "the actor crashed on the finished");
+
+    let restart = || {
+        let sink = Arc::new(CollectingSink::new());
+        let (mgr, _) = StorageManager::spawn(
+            rig.cfg.clone(),
+            rig.zfs.clone(),
+            rig.disks.clone(),
+            sink.clone(),
+            rig.clock.clone(),
+        );
+        (mgr, sink)
+    };
+    let (mgr3, sink3) = restart();
+    mgr3.refresh().await.unwrap();
+    let ev = sink3.snapshot();
+    assert_eq!(
+        count(&ev, "storage.scrub.tank.finished"),
+        1,
+        "{:#?}",
+        subjects(&ev)
+    );
+    let st = mgr3.scrub_status("tank".into()).await.unwrap();
+    assert!(st.last_completed_at.is_some(), "{st:?}");
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(!book.contains("\"scrub_open\": true"), "{book}");
+    mgr3.shutdown().await;
+
+    let (mgr4, sink4) = restart();
+    mgr4.refresh().await.unwrap();
+    let ev = sink4.snapshot();
+    assert_eq!(
+        count(&ev, "storage.scrub.tank.finished"),
+        0,
+        "{:#?}",
+        subjects(&ev)
+    );
 }
