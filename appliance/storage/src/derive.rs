@@ -251,8 +251,18 @@ impl EventDeriver {
 
     /// Seeds the end of the last completed scrub known from persisted state,
     /// so a finished scrub seen at start-up is published only if newer.
+    /// Only moves forward (a completion and a later canceled scrub's end
+    /// may both be seeded).
     pub fn set_known_scrub_end(&mut self, pool: &str, end: u64) {
-        self.known_scrub_end.insert(pool.to_owned(), end);
+        let e = self.known_scrub_end.entry(pool.to_owned()).or_insert(end);
+        *e = (*e).max(end);
+    }
+
+    /// The end (Unix seconds) of the newest scrub known to have ended,
+    /// finished or canceled: to persist after its event went out, so that a
+    /// canceled scrub (no completion) is not published again at each start.
+    pub fn known_scrub_end(&self, pool: &str) -> Option<u64> {
+        self.known_scrub_end.get(pool).copied()
     }
 
     /// Seeds what was persisted of `pool`'s resilvers, so that a resilver

@@ -244,7 +244,7 @@ impl StorageManager {
         };
         let mut deriver = EventDeriver::new(cfg.derive);
         for (pool, r) in &book.pools {
-            if let Some(end) = r.last_completed {
+            for end in [r.last_completed, r.scrub_ended].into_iter().flatten() {
                 deriver.set_known_scrub_end(pool, end);
             }
             deriver.set_resilver_mark(
@@ -581,10 +581,13 @@ impl Actor {
     }
 
     /// Persists what the deriver knows of `pool`'s open scans and last
-    /// resilver end if it changed (or if `changed` already).
+    /// scan ends if it changed (or if `changed` already).
     fn save_scan_marks(&mut self, pool: &str, mut changed: bool) {
         if let Some(mark) = self.deriver.resilver_mark(pool) {
             changed |= self.book.resilver(pool, mark);
+        }
+        if let Some(end) = self.deriver.known_scrub_end(pool) {
+            changed |= self.book.scrub_ended(pool, end);
         }
         if self.deriver.published_state(pool).is_some() || self.book.get(pool).scrub_open {
             changed |= self.book.scrub_open(pool, self.deriver.scrub_open(pool));

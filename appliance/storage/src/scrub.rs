@@ -192,6 +192,11 @@ pub struct ScrubRecord {
     /// yet (see [`crate::derive::EventDeriver::scrub_open`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub scrub_open: bool,
+    /// End of the newest scrub known to have ended, finished or canceled
+    /// (Unix seconds; [`Self::last_completed`] keeps completions only, for
+    /// the scheduler). Absent in books written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_ended: Option<u64>,
 }
 
 /// Local minute of the day at `now`.
@@ -300,6 +305,17 @@ impl ScrubBook {
         let changed = r.scrub_open != open;
         r.scrub_open = open;
         changed
+    }
+
+    /// Records the newest scrub end known (finished or canceled); only
+    /// moves forward. True if the book changed.
+    pub fn scrub_ended(&mut self, pool: &str, end: u64) -> bool {
+        let r = self.pools.entry(pool.to_owned()).or_default();
+        if r.scrub_ended.is_some_and(|e| e >= end) {
+            return false;
+        }
+        r.scrub_ended = Some(end);
+        true
     }
 
     /// Records a scrub request at `now`.

@@ -1452,3 +1452,114 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
         subjects(&ev)
     );
 }
+
+/// Spawns a manager on the rig's ZFS, disks and clock with a fresh sink.
+fn restarted(rig: &Rig) -> (StorageManager, Arc<CollectingSink>) {
+    let sink = Arc::new(CollectingSink::new());
+    let (mgr, _) = StorageManager::spawn(
+        rig.cfg.clone(),
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        sink.clone(),
+        rig.clock.clone(),
+    );
+    (mgr, sink)
+}
+
+/// A scrub stopped (`zpool scrub -s`) after an earlier one completed: its
+/// `canceled` goes out once, not again at every restart (its end is newer
+/// than the last completion, the only end the book kept).
+#[tokio::test(start_paused = true)]
+async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 100 * MB)
+        .unwrap();
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
+        .await;
+
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 2)
+        .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Stop)
+        .await
+        .unwrap();
+    rig.wait_events("canceled", |e| count(e, "storage.scrub.tank.canceled") == 1)
+        .await;
+    rig.mgr.shutdown().await;
+
+    for _ in 0..2 {
+        let (mgr, sink) = restarted(&rig);
+        mgr.refresh().await.unwrap();
+        let ev = sink.snapshot();
+        assert_eq!(
+            count(&ev, "storage.scrub.tank.canceled"),
+            0,
+            "{:#?}",
+            subjects(&ev)
+        );
+        mgr.shutdown().await;
+    }
+}
+
+/// A scrub canceled while the manager is down, after an earlier one
+/// completed: published once at the next start, not at the one after.
+#[tokio::test(start_paused = true)]
+async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 100 * MB)
+        .unwrap();
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 2)
+        .await;
+    rig.mgr.shutdown().await;
+
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    rig.sync();
+    rig.fake.scrub("tank", ScrubAction::Stop).await.unwrap();
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (mgr, sink) = restarted(&rig);
+        mgr.refresh().await.unwrap();
+        seen.push(count(&sink.snapshot(), "storage.scrub.tank.canceled"));
+        mgr.shutdown().await;
+    }
+    assert_eq!(seen, vec![1, 0], "canceled published at each start");
+}
