@@ -573,6 +573,14 @@ impl EventDeriver {
         if !is_scrub && !is_resilver {
             return out;
         }
+        // ZFS restarts a running scrub as a resilver ("scan aborted,
+        // restarting"): a scrub whose `progress` went out, now or before
+        // this view of the pool began, and that a resilver replaced never
+        // completed. Its end goes out first, as canceled.
+        if is_resilver && (seen.scrub_open() || scrub_open_before) {
+            let at = scan.start_time.unwrap_or(as_of).min(now);
+            out.push(replaced_scrub_end(seen, pool, errs, at, now));
+        }
         let mk = |phase| {
             let ev = ScanEvent {
                 pool: pool.to_owned(),
@@ -790,6 +798,16 @@ impl EventDeriver {
                 seen.resilver_started = false;
             }
             "resilver_start" if !seen.resilver_started => {
+                if seen.scrub_open() {
+                    // See `scan_events`: the resilver replaced the scrub.
+                    let errs = seen
+                        .last_status
+                        .as_ref()
+                        .map(devices_with_errors)
+                        .unwrap_or_default();
+                    out.events
+                        .push(replaced_scrub_end(seen, &pool, &errs, at, now));
+                }
                 out.events.extend(unpublished_resilver_end(seen, &pool));
                 seen.resilver_started = true;
                 seen.resilver_started_at = at;
@@ -977,6 +995,41 @@ fn unpublished_resilver_end(seen: &mut PoolSeen, pool: &str) -> Option<StorageEv
         devices_with_errors: status.map(devices_with_errors).unwrap_or_default(),
         at,
     }))
+}
+
+/// The `canceled` of a scrub whose `progress` went out and that a resilver
+/// replaced (ZFS restarts a running scrub as a resilver), ended at `at`:
+/// its figures are those of the last poll that showed it, if any. Closes
+/// it in the published view.
+fn replaced_scrub_end(
+    seen: &mut PoolSeen,
+    pool: &str,
+    errs: &[DeviceErrors],
+    at: u64,
+    now: u64,
+) -> StorageEvent {
+    let mut scan = seen
+        .last_status
+        .as_ref()
+        .and_then(|s| s.scan.as_ref())
+        .filter(|s| s.function == ScanFunction::Scrub)
+        .map_or_else(|| empty_scan(&ScanFunction::Scrub), |s| scan_report(s, at));
+    scan.phase = ScanPhase::Canceled;
+    scan.rate_bytes_per_sec = None;
+    scan.eta_secs = None;
+    scan.ended_at = Some(at);
+    if let Some(s) = seen.scan.as_mut() {
+        if s.function == ScanFunction::Scrub {
+            s.state = ScanState::Canceled;
+        }
+    }
+    StorageEvent::Scrub(ScanEvent {
+        pool: pool.to_owned(),
+        phase: ScanEventPhase::Canceled,
+        scan,
+        devices_with_errors: errs.to_vec(),
+        at: now,
+    })
 }
 
 /// Marks the pool's disks that udev reported gone as REMOVED where ZFS still

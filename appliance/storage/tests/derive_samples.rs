@@ -531,6 +531,40 @@ fn a_scrub_open_before_a_restart_is_finished_at_first_sight() {
     assert!(briefs(&ev).contains(&"storage.scrub.tank.finished".to_owned()));
 }
 
+/// A resilver replaces a running scrub's scan stats (ZFS restarts the
+/// scrub as a resilver): the scrub's end goes out as canceled before the
+/// resilver's start, once; also at first sight with the open mark.
+#[test]
+fn a_scrub_replaced_by_a_resilver_is_canceled() {
+    let t = 1_795_376_800;
+    let scrub_ends = |ev: &[StorageEvent]| {
+        briefs(ev)
+            .into_iter()
+            .filter(|b| b.starts_with("storage.scrub.tank."))
+            .collect::<Vec<_>>()
+    };
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("scrub-running", t - 100), t - 100);
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t), t);
+    let b = briefs(&ev);
+    let canceled = b
+        .iter()
+        .position(|x| x.starts_with("storage.scrub.tank.canceled"));
+    let started = b
+        .iter()
+        .position(|x| x.starts_with("storage.resilver.tank.started"));
+    assert!(canceled.is_some() && canceled < started, "{b:?}");
+    assert!(!d.scrub_open("tank"));
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 10), t + 10);
+    assert!(scrub_ends(&ev).is_empty(), "{:?}", briefs(&ev));
+
+    let mut after = EventDeriver::default();
+    after.set_scrub_open("tank", true);
+    let ev = after.observe_snapshot(&json_snapshot("resilvering", t), t);
+    assert_eq!(scrub_ends(&ev).len(), 1, "{:?}", briefs(&ev));
+    assert!(!after.scrub_open("tank"));
+}
+
 #[test]
 fn replace_and_resilver_from_json_captures() {
     let t = 1_795_376_700;

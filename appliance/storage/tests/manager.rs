@@ -1563,3 +1563,86 @@ async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
     }
     assert_eq!(seen, vec![1, 0], "canceled published at each start");
 }
+
+/// ZFS restarts a running scrub as a resilver (a disk replaced): the
+/// scrub's `progress` went out, so its end must too (as `canceled`: it
+/// never completed), before the resilver's `started`.
+#[tokio::test(start_paused = true)]
+async fn a_scrub_replaced_by_a_resilver_is_published_as_canceled() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 100 * MB)
+        .unwrap();
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    rig.sync();
+    rig.fake
+        .replace("tank", "virtio-ZD2", &by_id("ZN2"))
+        .await
+        .unwrap();
+    rig.wait_events("resilver started", |e| {
+        count(e, "storage.resilver.tank.started") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    let ev = rig
+        .wait_events("resilver finished", |e| {
+            count(e, "storage.resilver.tank.finished") == 1
+        })
+        .await;
+    let scrub_ends: Vec<String> = subjects(&ev)
+        .into_iter()
+        .filter(|s| s.ends_with(".canceled") || s == "storage.scrub.tank.finished")
+        .collect();
+    assert_eq!(
+        scrub_ends,
+        vec!["storage.scrub.tank.canceled".to_owned()],
+        "{:#?}",
+        subjects(&ev)
+    );
+    let at = |s: &str| subjects(&ev).iter().position(|x| x == s).unwrap();
+    assert!(at("storage.scrub.tank.canceled") < at("storage.resilver.tank.started"));
+    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    assert!(!book.contains("\"scrub_open\": true"), "{book}");
+}
+
+/// The same while the manager is down: the next start publishes the open
+/// scrub's `canceled`, once.
+#[tokio::test(start_paused = true)]
+async fn a_scrub_replaced_by_a_resilver_while_the_manager_is_down_is_published_as_canceled() {
+    let rig = Rig::provisioned().await;
+    rig.fake
+        .set_dataset_used("tank/documents", 100 * MB)
+        .unwrap();
+    rig.sync();
+    rig.mgr
+        .scrub("tank".into(), ScrubCommand::Start)
+        .await
+        .unwrap();
+    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+        .await;
+    rig.mgr.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    rig.sync();
+    rig.fake
+        .replace("tank", "virtio-ZD2", &by_id("ZN2"))
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (mgr, sink) = restarted(&rig);
+        mgr.refresh().await.unwrap();
+        seen.push(count(&sink.snapshot(), "storage.scrub.tank.canceled"));
+        mgr.shutdown().await;
+    }
+    assert_eq!(seen, vec![1, 0], "the replaced scrub's end");
+}
