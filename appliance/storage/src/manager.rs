@@ -569,9 +569,12 @@ impl Actor {
             let mut completed = false;
             if let StorageEvent::Scrub(s) = &e {
                 if s.phase == ScanEventPhase::Finished {
-                    if let Some(end) = s.scan.ended_at {
-                        completed = self.book.completed(&s.pool, end);
-                    }
+                    // The text form (OpenZFS 2.1) gives no end time: the
+                    // scrub ended by the poll that shows it ended. Without
+                    // a completion the scheduler would start another scrub
+                    // once the request's grace is over, and again after it.
+                    let end = s.scan.ended_at.unwrap_or(s.at);
+                    completed = self.book.completed(&s.pool, end);
                 }
             }
             if let Some((pool, _)) = &scan {

@@ -37,6 +37,9 @@ struct HangingZfs {
     /// While set, `pool_status` reads the pool and then waits for this
     /// before answering (a poll that read the pool before a change).
     held: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    /// While set, `pool_status` answers without scan start and end times,
+    /// like the text form of OpenZFS 2.1 (`zpool status -p`).
+    text_form: Mutex<bool>,
 }
 
 impl HangingZfs {
@@ -56,7 +59,13 @@ impl HangingZfs {
 impl Zfs for HangingZfs {
     async fn pool_status(&self, pool: &str) -> Result<PoolStatus, ZfsError> {
         self.maybe_hang(pool).await;
-        let status = self.inner.pool_status(pool).await;
+        let mut status = self.inner.pool_status(pool).await;
+        if *self.text_form.lock().unwrap() {
+            if let Ok(Some(scan)) = status.as_mut().map(|s| s.scan.as_mut()) {
+                scan.start_time = None;
+                scan.end_time = None;
+            }
+        }
         let held = self.held.lock().unwrap().clone();
         if let Some(gate) = held {
             gate.notified().await;
@@ -144,6 +153,7 @@ impl Rig {
             inner: fake.clone(),
             hung: Mutex::new(BTreeSet::new()),
             held: Mutex::new(None),
+            text_form: Mutex::new(false),
         });
         // ZN2 is the spare disk, hot-added later.
         let disks = Arc::new(FakeDisks::new(FakeDisks::blank_disks(
@@ -1645,4 +1655,53 @@ async fn a_scrub_replaced_by_a_resilver_while_the_manager_is_down_is_published_a
         mgr.shutdown().await;
     }
     assert_eq!(seen, vec![1, 0], "the replaced scrub's end");
+}
+
+/// With the 2.1 text form (no scan start or end times) a finished scrub is
+/// still a completion: the scheduler does not start another one as soon as
+/// its request's grace is over.
+#[tokio::test(start_paused = true)]
+async fn a_scheduled_scrub_without_scan_times_is_not_repeated() {
+    let rig = Rig::new();
+    *rig.zfs.text_form.lock().unwrap() = true;
+    let mut cfg = rig.cfg.clone();
+    cfg.scrub.threshold_days = 1;
+    rig.mgr.shutdown().await;
+    let sink = Arc::new(CollectingSink::new());
+    let (mgr, _) = StorageManager::spawn(
+        cfg,
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        sink.clone(),
+        rig.clock.clone(),
+    );
+    mgr.create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
+        .await
+        .unwrap();
+    mgr.refresh().await.unwrap();
+    rig.fake
+        .set_dataset_used("tank/documents", 50 * MB)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(86_400 + 120)).await;
+    rig.sync();
+    mgr.refresh().await.unwrap();
+    assert_eq!(count(&sink.snapshot(), "storage.scrub.tank.progress"), 1);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    rig.sync();
+    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    mgr.refresh().await.unwrap();
+    assert_eq!(count(&sink.snapshot(), "storage.scrub.tank.finished"), 1);
+    // Well past the request's grace, within the threshold.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    rig.sync();
+    mgr.refresh().await.unwrap();
+    let ev = sink.snapshot();
+    assert_eq!(
+        count(&ev, "storage.scrub.tank.progress"),
+        1,
+        "another scrub ran: {:#?}",
+        subjects(&ev)
+    );
+    let st = mgr.scrub_status("tank".into()).await.unwrap();
+    assert!(st.last_completed_at.is_some(), "{st:?}");
 }
