@@ -45,9 +45,10 @@
 //!   from the last poll that showed it running). Likewise a scrub whose
 //!   `progress` went out is followed by its `finished` across a restart,
 //!   its first one included, or by its `canceled` (also when ZFS restarts
-//!   it as a resilver: published before the resilver's `started`). A closing mark (and a scrub's completion) is
-//!   persisted after its `finished` goes out, so a crash repeats an event
-//!   rather than losing one.
+//!   it as a resilver: published before the resilver's `started`). A
+//!   closing mark (and a scrub's completion) is persisted after its
+//!   `finished` goes out, so a crash repeats an event rather than losing
+//!   one.
 //! * Intent before action: pool creation, scheduled scrubs and scrub
 //!   completions are on disk before (or as) they happen; restarts complete
 //!   or report, never repeat blindly.
