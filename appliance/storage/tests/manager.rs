@@ -201,6 +201,82 @@ impl Rig {
         rig
     }
 
+    /// A provisioned rig with 100 MB of documents and a scrub under way
+    /// (its first `progress` published).
+    async fn scrubbing() -> Self {
+        let rig = Self::provisioned().await;
+        rig.fake
+            .set_dataset_used("tank/documents", 100 * MB)
+            .unwrap();
+        rig.sync();
+        rig.mgr
+            .scrub("tank".into(), ScrubCommand::Start)
+            .await
+            .unwrap();
+        rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
+            .await;
+        rig
+    }
+
+    /// A provisioned rig with 60 MB of documents whose ZD2 was pulled and
+    /// replaced by the hot-added ZN2: the resilver's `started` is out.
+    async fn resilvering() -> Self {
+        let rig = Self::provisioned().await;
+        rig.fake
+            .set_dataset_used("tank/documents", 60 * MB)
+            .unwrap();
+        rig.fake
+            .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
+            .unwrap();
+        rig.disks.update(|s| {
+            *s = FakeDisks::blank_disks(&serials(), 256 * MB);
+        });
+        rig.sync();
+        rig.mgr
+            .replace("tank".into(), by_id("ZD2"), by_id("ZN2"), false)
+            .await
+            .unwrap();
+        rig.wait_events("resilver started", |e| {
+            count(e, "storage.resilver.tank.started") == 1
+        })
+        .await;
+        rig
+    }
+
+    /// After `secs` seconds, the running scan ends.
+    async fn finish_scan_after(&self, secs: u64) {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        self.sync();
+        self.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    }
+
+    /// The persisted scrub book, as text.
+    fn book(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("scrub.json")).unwrap()
+    }
+
+    /// Spawns another manager on the rig's ZFS, disks and clock, with
+    /// `sink` (as a restart of the daemon does).
+    fn restart_with(
+        &self,
+        sink: Arc<dyn appliance_storage::EventSink>,
+    ) -> (StorageManager, tokio::task::JoinHandle<()>) {
+        StorageManager::spawn(
+            self.cfg.clone(),
+            self.zfs.clone(),
+            self.disks.clone(),
+            sink,
+            self.clock.clone(),
+        )
+    }
+
+    /// [`Self::restart_with`] a fresh collecting sink.
+    fn restarted(&self) -> (StorageManager, Arc<CollectingSink>) {
+        let sink = Arc::new(CollectingSink::new());
+        let (mgr, _) = self.restart_with(sink.clone());
+        (mgr, sink)
+    }
+
     /// Waits (in paused time) until `pred` holds for the events so far.
     async fn wait_events(
         &self,
@@ -1225,45 +1301,14 @@ async fn a_disk_back_from_a_brief_fault_then_pulled_is_published_both_times() {
 /// out before; the one after that does not publish it again.
 #[tokio::test(start_paused = true)]
 async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_restart() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 60 * MB)
-        .unwrap();
-    rig.fake
-        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
-        .unwrap();
-    rig.disks.update(|s| {
-        *s = FakeDisks::blank_disks(&serials(), 256 * MB);
-    });
-    rig.sync();
-    rig.mgr
-        .replace("tank".into(), by_id("ZD2"), by_id("ZN2"), false)
-        .await
-        .unwrap();
-    rig.wait_events("resilver started", |e| {
-        count(e, "storage.resilver.tank.started") == 1
-    })
-    .await;
-    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    let rig = Rig::resilvering().await;
+    let book = rig.book();
     assert!(book.contains("\"resilver_open\": true"), "{book}");
     rig.mgr.shutdown().await;
 
-    tokio::time::sleep(Duration::from_secs(600)).await;
-    rig.sync();
-    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    rig.finish_scan_after(600).await;
 
-    let restart = || {
-        let sink = Arc::new(CollectingSink::new());
-        let (mgr, _) = StorageManager::spawn(
-            rig.cfg.clone(),
-            rig.zfs.clone(),
-            rig.disks.clone(),
-            sink.clone(),
-            rig.clock.clone(),
-        );
-        (mgr, sink)
-    };
-    let (mgr2, sink2) = restart();
+    let (mgr2, sink2) = rig.restarted();
     mgr2.refresh().await.unwrap();
     let ev = sink2.snapshot();
     assert_eq!(
@@ -1274,12 +1319,12 @@ async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_re
     );
     let r = mgr2.report().await.unwrap();
     assert_eq!(r.status, StorageStatus::Healthy);
-    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    let book = rig.book();
     assert!(!book.contains("\"resilver_open\": true"), "{book}");
     assert!(book.contains("\"resilver_ended\": "), "{book}");
     mgr2.shutdown().await;
 
-    let (mgr3, sink3) = restart();
+    let (mgr3, sink3) = rig.restarted();
     mgr3.refresh().await.unwrap();
     let ev = sink3.snapshot();
     assert_eq!(
@@ -1318,52 +1363,19 @@ impl appliance_storage::EventSink for CrashOnResilverEnd {
 /// event, never lose the `finished` of a published `started`).
 #[tokio::test(start_paused = true)]
 async fn a_crash_before_a_resilver_finished_goes_out_does_not_lose_it() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 60 * MB)
-        .unwrap();
-    rig.fake
-        .set_disk_state("tank", "virtio-ZD2", DeviceState::Removed)
-        .unwrap();
-    rig.disks.update(|s| {
-        *s = FakeDisks::blank_disks(&serials(), 256 * MB);
-    });
-    rig.sync();
-    rig.mgr
-        .replace("tank".into(), by_id("ZD2"), by_id("ZN2"), false)
-        .await
-        .unwrap();
-    rig.wait_events("resilver started", |e| {
-        count(e, "storage.resilver.tank.started") == 1
-    })
-    .await;
+    let rig = Rig::resilvering().await;
     rig.mgr.shutdown().await;
 
-    tokio::time::sleep(Duration::from_secs(600)).await;
-    rig.sync();
-    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    rig.finish_scan_after(600).await;
 
-    let (mgr2, actor2) = StorageManager::spawn(
-        rig.cfg.clone(),
-        rig.zfs.clone(),
-        rig.disks.clone(),
-        Arc::new(CrashOnResilverEnd),
-        rig.clock.clone(),
-    );
+    let (mgr2, actor2) = rig.restart_with(Arc::new(CrashOnResilverEnd));
     let _ = mgr2.refresh().await;
     let end = tokio::time::timeout(Duration::from_secs(120), actor2)
         .await
         .expect("no finished was published: the actor did not crash on it");
     assert!(end.is_err(), "the actor crashed on the finished");
 
-    let sink3 = Arc::new(CollectingSink::new());
-    let (mgr3, _) = StorageManager::spawn(
-        rig.cfg.clone(),
-        rig.zfs.clone(),
-        rig.disks.clone(),
-        sink3.clone(),
-        rig.clock.clone(),
-    );
+    let (mgr3, sink3) = rig.restarted();
     mgr3.refresh().await.unwrap();
     let ev = sink3.snapshot();
     assert_eq!(
@@ -1394,50 +1406,21 @@ impl appliance_storage::EventSink for CrashOnScrubEnd {
 /// after that still publishes it, once; its completion is then persisted.
 #[tokio::test(start_paused = true)]
 async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 100 * MB)
-        .unwrap();
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
-        .await;
-    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    let rig = Rig::scrubbing().await;
+    let book = rig.book();
     assert!(book.contains("\"scrub_open\": true"), "{book}");
     rig.mgr.shutdown().await;
 
-    tokio::time::sleep(Duration::from_secs(600)).await;
-    rig.sync();
-    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    rig.finish_scan_after(600).await;
 
-    let (mgr2, actor2) = StorageManager::spawn(
-        rig.cfg.clone(),
-        rig.zfs.clone(),
-        rig.disks.clone(),
-        Arc::new(CrashOnScrubEnd),
-        rig.clock.clone(),
-    );
+    let (mgr2, actor2) = rig.restart_with(Arc::new(CrashOnScrubEnd));
     let _ = mgr2.refresh().await;
     let end = tokio::time::timeout(Duration::from_secs(120), actor2)
         .await
         .expect("no finished was published: the actor did not crash on it");
     assert!(end.is_err(), "the actor crashed on the finished");
 
-    let restart = || {
-        let sink = Arc::new(CollectingSink::new());
-        let (mgr, _) = StorageManager::spawn(
-            rig.cfg.clone(),
-            rig.zfs.clone(),
-            rig.disks.clone(),
-            sink.clone(),
-            rig.clock.clone(),
-        );
-        (mgr, sink)
-    };
-    let (mgr3, sink3) = restart();
+    let (mgr3, sink3) = rig.restarted();
     mgr3.refresh().await.unwrap();
     let ev = sink3.snapshot();
     assert_eq!(
@@ -1448,11 +1431,11 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
     );
     let st = mgr3.scrub_status("tank".into()).await.unwrap();
     assert!(st.last_completed_at.is_some(), "{st:?}");
-    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    let book = rig.book();
     assert!(!book.contains("\"scrub_open\": true"), "{book}");
     mgr3.shutdown().await;
 
-    let (mgr4, sink4) = restart();
+    let (mgr4, sink4) = rig.restarted();
     mgr4.refresh().await.unwrap();
     let ev = sink4.snapshot();
     assert_eq!(
@@ -1463,38 +1446,13 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
     );
 }
 
-/// Spawns a manager on the rig's ZFS, disks and clock with a fresh sink.
-fn restarted(rig: &Rig) -> (StorageManager, Arc<CollectingSink>) {
-    let sink = Arc::new(CollectingSink::new());
-    let (mgr, _) = StorageManager::spawn(
-        rig.cfg.clone(),
-        rig.zfs.clone(),
-        rig.disks.clone(),
-        sink.clone(),
-        rig.clock.clone(),
-    );
-    (mgr, sink)
-}
-
 /// A scrub stopped (`zpool scrub -s`) after an earlier one completed: its
 /// `canceled` goes out once, not again at every restart (its end is newer
 /// than the last completion, the only end the book kept).
 #[tokio::test(start_paused = true)]
 async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 100 * MB)
-        .unwrap();
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
-        .await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    rig.sync();
-    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    let rig = Rig::scrubbing().await;
+    rig.finish_scan_after(30).await;
     rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
         .await;
 
@@ -1517,7 +1475,7 @@ async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
     rig.mgr.shutdown().await;
 
     for _ in 0..2 {
-        let (mgr, sink) = restarted(&rig);
+        let (mgr, sink) = rig.restarted();
         mgr.refresh().await.unwrap();
         let ev = sink.snapshot();
         assert_eq!(
@@ -1534,20 +1492,8 @@ async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
 /// completed: published once at the next start, not at the one after.
 #[tokio::test(start_paused = true)]
 async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 100 * MB)
-        .unwrap();
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
-        .await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    rig.sync();
-    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    let rig = Rig::scrubbing().await;
+    rig.finish_scan_after(30).await;
     rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
         .await;
     tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -1566,7 +1512,7 @@ async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
 
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let (mgr, sink) = restarted(&rig);
+        let (mgr, sink) = rig.restarted();
         mgr.refresh().await.unwrap();
         seen.push(count(&sink.snapshot(), "storage.scrub.tank.canceled"));
         mgr.shutdown().await;
@@ -1579,17 +1525,7 @@ async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
 /// never completed), before the resilver's `started`.
 #[tokio::test(start_paused = true)]
 async fn a_scrub_replaced_by_a_resilver_is_published_as_canceled() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 100 * MB)
-        .unwrap();
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
-        .await;
+    let rig = Rig::scrubbing().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     rig.sync();
     rig.fake
@@ -1600,9 +1536,7 @@ async fn a_scrub_replaced_by_a_resilver_is_published_as_canceled() {
         count(e, "storage.resilver.tank.started") == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    rig.sync();
-    rig.fake.advance_scan("tank", u64::MAX / 2).unwrap();
+    rig.finish_scan_after(30).await;
     let ev = rig
         .wait_events("resilver finished", |e| {
             count(e, "storage.resilver.tank.finished") == 1
@@ -1620,7 +1554,7 @@ async fn a_scrub_replaced_by_a_resilver_is_published_as_canceled() {
     );
     let at = |s: &str| subjects(&ev).iter().position(|x| x == s).unwrap();
     assert!(at("storage.scrub.tank.canceled") < at("storage.resilver.tank.started"));
-    let book = std::fs::read_to_string(rig.state_dir.join("scrub.json")).unwrap();
+    let book = rig.book();
     assert!(!book.contains("\"scrub_open\": true"), "{book}");
 }
 
@@ -1628,17 +1562,7 @@ async fn a_scrub_replaced_by_a_resilver_is_published_as_canceled() {
 /// scrub's `canceled`, once.
 #[tokio::test(start_paused = true)]
 async fn a_scrub_replaced_by_a_resilver_while_the_manager_is_down_is_published_as_canceled() {
-    let rig = Rig::provisioned().await;
-    rig.fake
-        .set_dataset_used("tank/documents", 100 * MB)
-        .unwrap();
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 1)
-        .await;
+    let rig = Rig::scrubbing().await;
     rig.mgr.shutdown().await;
     tokio::time::sleep(Duration::from_secs(600)).await;
     rig.sync();
@@ -1649,7 +1573,7 @@ async fn a_scrub_replaced_by_a_resilver_while_the_manager_is_down_is_published_a
 
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let (mgr, sink) = restarted(&rig);
+        let (mgr, sink) = rig.restarted();
         mgr.refresh().await.unwrap();
         seen.push(count(&sink.snapshot(), "storage.scrub.tank.canceled"));
         mgr.shutdown().await;
