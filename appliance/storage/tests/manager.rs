@@ -277,6 +277,30 @@ impl Rig {
         (mgr, sink)
     }
 
+    /// Replaces the rig's manager by one that scrubs daily, creates the
+    /// pool with 50 MB of documents, and returns that manager and its sink.
+    async fn with_daily_scrubs(&self) -> (StorageManager, Arc<CollectingSink>) {
+        let mut cfg = self.cfg.clone();
+        cfg.scrub.threshold_days = 1;
+        self.mgr.shutdown().await;
+        let sink = Arc::new(CollectingSink::new());
+        let (mgr, _) = StorageManager::spawn(
+            cfg,
+            self.zfs.clone(),
+            self.disks.clone(),
+            sink.clone(),
+            self.clock.clone(),
+        );
+        mgr.create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
+            .await
+            .unwrap();
+        mgr.refresh().await.unwrap();
+        self.fake
+            .set_dataset_used("tank/documents", 50 * MB)
+            .unwrap();
+        (mgr, sink)
+    }
+
     /// Waits (in paused time) until `pred` holds for the events so far.
     async fn wait_events(
         &self,
@@ -686,24 +710,7 @@ async fn scrub_progress_pause_finish_checksum_errors_and_persistence() {
 #[tokio::test(start_paused = true)]
 async fn scheduled_scrub_runs_when_due_and_not_during_resilver() {
     let rig = Rig::new();
-    let mut cfg = rig.cfg.clone();
-    cfg.scrub.threshold_days = 1;
-    rig.mgr.shutdown().await;
-    let sink = Arc::new(CollectingSink::new());
-    let (mgr, _) = StorageManager::spawn(
-        cfg,
-        rig.zfs.clone(),
-        rig.disks.clone(),
-        sink.clone(),
-        rig.clock.clone(),
-    );
-    mgr.create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
-        .await
-        .unwrap();
-    mgr.refresh().await.unwrap();
-    rig.fake
-        .set_dataset_used("tank/documents", 50 * MB)
-        .unwrap();
+    let (mgr, sink) = rig.with_daily_scrubs().await;
     // A day later the scheduler starts a scrub by itself.
     tokio::time::sleep(Duration::from_secs(86_400 + 120)).await;
     rig.sync();
@@ -1588,24 +1595,7 @@ async fn a_scrub_replaced_by_a_resilver_while_the_manager_is_down_is_published_a
 async fn a_scheduled_scrub_without_scan_times_is_not_repeated() {
     let rig = Rig::new();
     *rig.zfs.text_form.lock().unwrap() = true;
-    let mut cfg = rig.cfg.clone();
-    cfg.scrub.threshold_days = 1;
-    rig.mgr.shutdown().await;
-    let sink = Arc::new(CollectingSink::new());
-    let (mgr, _) = StorageManager::spawn(
-        cfg,
-        rig.zfs.clone(),
-        rig.disks.clone(),
-        sink.clone(),
-        rig.clock.clone(),
-    );
-    mgr.create_pool("tank".into(), StorageLayout::Raidz2, six(), false)
-        .await
-        .unwrap();
-    mgr.refresh().await.unwrap();
-    rig.fake
-        .set_dataset_used("tank/documents", 50 * MB)
-        .unwrap();
+    let (mgr, sink) = rig.with_daily_scrubs().await;
     tokio::time::sleep(Duration::from_secs(86_400 + 120)).await;
     rig.sync();
     mgr.refresh().await.unwrap();
