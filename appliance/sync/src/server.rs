@@ -683,6 +683,8 @@ struct ConnActor {
     /// each holding its frame's memory: once they hold the connection's
     /// [`IN_FLIGHT_CHUNK_BYTES`], its streams are not read further. Handled
     /// in order, so uploads pipelined on one stream are answered in order.
+    /// Those of a stream the client resets meanwhile are dropped (see
+    /// [`StreamState::failed`]).
     waiting: VecDeque<(StreamKey, Manifest, Option<OwnedSemaphorePermit>)>,
     next_stream: StreamKey,
     /// Memory reservation of the frame being handled, for its chunk write.
