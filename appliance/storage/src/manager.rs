@@ -807,7 +807,12 @@ impl Actor {
                                         .unwrap_or_default()
                                 }
                             };
-                            self.book.saw_pool(&p.name, now);
+                            if self.book.saw_pool(&p.name, now) {
+                                // At once: the first scheduled scrub is due
+                                // a threshold after this, not after the
+                                // first poll of the next restart.
+                                self.save_book();
+                            }
                             let mut status = status;
                             crate::derive::mark_gone(&mut status, &self.gone);
                             let mut snap = PoolSnapshot {

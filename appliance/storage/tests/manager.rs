@@ -729,6 +729,40 @@ async fn scheduled_scrub_runs_when_due_and_not_during_resilver() {
         .any(|e| e.subject() == "storage.scrub.tank.progress"));
 }
 
+/// When the appliance first saw the pool is persisted at once: a restart
+/// before anything else saved the book does not push the first scheduled
+/// scrub out (restarts more often than the threshold kept it from ever
+/// running).
+#[tokio::test(start_paused = true)]
+async fn a_restart_does_not_postpone_the_first_scheduled_scrub() {
+    let rig = Rig::new();
+    let (mgr, _) = rig.with_daily_scrubs().await;
+    tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
+    mgr.shutdown().await;
+    let mut cfg = rig.cfg.clone();
+    cfg.scrub.threshold_days = 1;
+    let sink = Arc::new(CollectingSink::new());
+    let (mgr, _) = StorageManager::spawn(
+        cfg,
+        rig.zfs.clone(),
+        rig.disks.clone(),
+        sink.clone(),
+        rig.clock.clone(),
+    );
+    rig.sync();
+    mgr.refresh().await.unwrap();
+    // A day after the pool was first seen, half a day after the restart.
+    tokio::time::sleep(Duration::from_secs(12 * 3600 + 120)).await;
+    rig.sync();
+    mgr.refresh().await.unwrap();
+    let st = mgr.scrub_status("tank".into()).await.unwrap();
+    assert_eq!(
+        st.scan.as_ref().map(|s| s.kind),
+        Some(appliance_types::storage::ScanKind::Scrub),
+        "{st:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn one_and_two_disks_pulled_publish_degraded_with_margin_once() {
     let rig = Rig::provisioned().await;
