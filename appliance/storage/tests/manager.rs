@@ -218,6 +218,24 @@ impl Rig {
         rig
     }
 
+    /// [`Self::scrubbing`], that scrub completed, and an hour later a
+    /// second one under way (its first `progress` published).
+    async fn scrubbing_again() -> Self {
+        let rig = Self::scrubbing().await;
+        rig.finish_scan_after(30).await;
+        rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
+            .await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        rig.sync();
+        rig.mgr
+            .scrub("tank".into(), ScrubCommand::Start)
+            .await
+            .unwrap();
+        rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 2)
+            .await;
+        rig
+    }
+
     /// A provisioned rig with 60 MB of documents whose ZD2 was pulled and
     /// replaced by the hot-added ZN2: the resilver's `started` is out.
     async fn resilvering() -> Self {
@@ -1492,19 +1510,7 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
 /// than the last completion, the only end the book kept).
 #[tokio::test(start_paused = true)]
 async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
-    let rig = Rig::scrubbing().await;
-    rig.finish_scan_after(30).await;
-    rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
-        .await;
-
-    tokio::time::sleep(Duration::from_secs(3600)).await;
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 2)
-        .await;
+    let rig = Rig::scrubbing_again().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     rig.sync();
     rig.mgr
@@ -1533,18 +1539,7 @@ async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
 /// completed: published once at the next start, not at the one after.
 #[tokio::test(start_paused = true)]
 async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
-    let rig = Rig::scrubbing().await;
-    rig.finish_scan_after(30).await;
-    rig.wait_events("finished", |e| count(e, "storage.scrub.tank.finished") == 1)
-        .await;
-    tokio::time::sleep(Duration::from_secs(3600)).await;
-    rig.sync();
-    rig.mgr
-        .scrub("tank".into(), ScrubCommand::Start)
-        .await
-        .unwrap();
-    rig.wait_events("progress", |e| count(e, "storage.scrub.tank.progress") == 2)
-        .await;
+    let rig = Rig::scrubbing_again().await;
     rig.mgr.shutdown().await;
 
     tokio::time::sleep(Duration::from_secs(600)).await;
