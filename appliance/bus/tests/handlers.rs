@@ -595,15 +595,11 @@ async fn no_dead_letter_is_listed_unstored_after_the_handle_is_dropped() {
     assert_eq!(listed, stored, "listed vs stored");
 }
 
-/// A tracing subscriber that holds up the thread of its first warning
-/// until `go` (or 2 s pass), saying when on `paused`: widens the gaps in
-/// the publisher's path that logging falls in. Also says when `done`.
-struct PauseAtFirstWarn {
-    paused: std::sync::mpsc::Sender<()>,
-    go: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-}
+/// A tracing subscriber that runs its closure on each warning or error
+/// logged on its thread (the tests' window on the publisher's path).
+struct OnWarn<F>(F);
 
-impl tracing::Subscriber for PauseAtFirstWarn {
+impl<F: Fn() + Send + Sync + 'static> tracing::Subscriber for OnWarn<F> {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
         true
     }
@@ -614,10 +610,7 @@ impl tracing::Subscriber for PauseAtFirstWarn {
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, e: &tracing::Event<'_>) {
         if *e.metadata().level() <= tracing::Level::WARN {
-            if let Some(go) = self.go.lock().take() {
-                let _ = self.paused.send(());
-                let _ = go.recv_timeout(Duration::from_secs(2));
-            }
+            (self.0)();
         }
     }
     fn enter(&self, _: &tracing::span::Id) {}
@@ -646,10 +639,16 @@ async fn overflow_dead_letter_retried_at_once_is_not_lost() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let sub = PauseAtFirstWarn {
-            paused: paused_tx,
-            go: Mutex::new(Some(go_rx)),
-        };
+        // Holds up the thread at its first warning until `go` (or 2 s
+        // pass), saying so on `paused`: widens the gap between listing a
+        // dead letter and keeping its id.
+        let go_rx = Mutex::new(Some(go_rx));
+        let sub = OnWarn(move || {
+            if let Some(go) = go_rx.lock().take() {
+                let _ = paused_tx.send(());
+                let _ = go.recv_timeout(Duration::from_secs(2));
+            }
+        });
         tracing::subscriber::with_default(sub, || {
             rt.block_on(b2.publish("jobs.x", None, "m1")).unwrap();
         });
@@ -722,28 +721,6 @@ async fn dead_letters_a_backlog_overflows_with_are_not_counted_as_overflowed() {
     );
 }
 
-/// Counts the warnings and errors logged on its thread.
-#[derive(Default)]
-struct CountWarnings(Arc<std::sync::atomic::AtomicUsize>);
-
-impl tracing::Subscriber for CountWarnings {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        if *e.metadata().level() <= tracing::Level::WARN {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 /// A flood to a starved handler dead-letters its subscription's overflow
 /// on the publisher's path (under the durable log's lock, for a durable
 /// message's fan-out): that path does not log a line per message.
@@ -756,7 +733,10 @@ async fn a_flood_to_a_starved_handler_does_not_log_per_message_on_the_publisher(
     .unwrap();
     let (_h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
     let logged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = CountWarnings(logged.clone());
+    let seen = logged.clone();
+    let counter = OnWarn(move || {
+        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
     let b2 = b.clone();
     // Joined without yielding: the handler's task does not run meanwhile.
     std::thread::spawn(move || {
