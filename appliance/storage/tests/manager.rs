@@ -288,6 +288,24 @@ impl Rig {
         )
     }
 
+    /// Starts a manager with `crashing`, a sink that panics the actor on
+    /// the event under test, waits for that crash, then starts another and
+    /// returns it with what it published at its first poll.
+    async fn crash_then_restart(
+        &self,
+        crashing: Arc<dyn appliance_storage::EventSink>,
+    ) -> (StorageManager, Vec<StorageEvent>) {
+        let (mgr, actor) = self.restart_with(crashing);
+        let _ = mgr.refresh().await;
+        let end = tokio::time::timeout(Duration::from_secs(120), actor)
+            .await
+            .expect("no finished was published: the actor did not crash on it");
+        assert!(end.is_err(), "the actor crashed on the finished");
+        let (mgr, sink) = self.restarted();
+        mgr.refresh().await.unwrap();
+        (mgr, sink.snapshot())
+    }
+
     /// [`Self::restart_with`] a fresh collecting sink.
     fn restarted(&self) -> (StorageManager, Arc<CollectingSink>) {
         let sink = Arc::new(CollectingSink::new());
@@ -1427,16 +1445,7 @@ async fn a_crash_before_a_resilver_finished_goes_out_does_not_lose_it() {
 
     rig.finish_scan_after(600).await;
 
-    let (mgr2, actor2) = rig.restart_with(Arc::new(CrashOnResilverEnd));
-    let _ = mgr2.refresh().await;
-    let end = tokio::time::timeout(Duration::from_secs(120), actor2)
-        .await
-        .expect("no finished was published: the actor did not crash on it");
-    assert!(end.is_err(), "the actor crashed on the finished");
-
-    let (mgr3, sink3) = rig.restarted();
-    mgr3.refresh().await.unwrap();
-    let ev = sink3.snapshot();
+    let (mgr3, ev) = rig.crash_then_restart(Arc::new(CrashOnResilverEnd)).await;
     assert_eq!(
         count(&ev, "storage.resilver.tank.finished"),
         1,
@@ -1472,16 +1481,7 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
 
     rig.finish_scan_after(600).await;
 
-    let (mgr2, actor2) = rig.restart_with(Arc::new(CrashOnScrubEnd));
-    let _ = mgr2.refresh().await;
-    let end = tokio::time::timeout(Duration::from_secs(120), actor2)
-        .await
-        .expect("no finished was published: the actor did not crash on it");
-    assert!(end.is_err(), "the actor crashed on the finished");
-
-    let (mgr3, sink3) = rig.restarted();
-    mgr3.refresh().await.unwrap();
-    let ev = sink3.snapshot();
+    let (mgr3, ev) = rig.crash_then_restart(Arc::new(CrashOnScrubEnd)).await;
     assert_eq!(
         count(&ev, "storage.scrub.tank.finished"),
         1,
