@@ -647,10 +647,16 @@ impl EventDeriver {
                 if is_resilver && seen.resilver_end_unpublished.is_some_and(|e| as_of <= e) => {}
             ScanState::Running => {
                 if is_resilver && !seen.resilver_started {
-                    // A new resilver, read after the end of the last one
-                    // that no poll showed: that end goes out first.
-                    out.extend(unpublished_resilver_end(seen, pool));
-                    out.push(mk(ScanEventPhase::Started));
+                    // Its `started` went out before this view of the pool
+                    // began (a restart, or the pool's return): the same
+                    // resilver still running, or one ZFS restarted, which a
+                    // running view also takes for the same one. Else a new
+                    // resilver, read after the end of the last one that no
+                    // poll showed: that end goes out first.
+                    if !(first && resilver_open_before) {
+                        out.extend(unpublished_resilver_end(seen, pool));
+                        out.push(mk(ScanEventPhase::Started));
+                    }
                     seen.resilver_started = true;
                     seen.resilver_started_at = as_of;
                 }

@@ -48,7 +48,8 @@
 //!   it as a resilver: published before the resilver's `started`). A
 //!   closing mark (and a scrub's completion) is persisted after its
 //!   `finished` goes out, so a crash repeats an event rather than losing
-//!   one.
+//!   one. A resilver still running after a restart (or the pool's return)
+//!   gets its `progress`, not a second `started`.
 //! * Intent before action: pool creation, scheduled scrubs and scrub
 //!   completions are on disk before (or as) they happen; restarts complete
 //!   or report, never repeat blindly.

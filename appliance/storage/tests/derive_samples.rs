@@ -1065,6 +1065,56 @@ fn a_resilver_that_ended_while_nobody_watched_is_finished_after_a_restart() {
     );
 }
 
+/// A resilver whose `started` went out before a restart and that still runs
+/// after it (or again: ZFS restarts a resilver when another disk needs it,
+/// which a running deriver also takes for the same one): the restart
+/// publishes its progress, not a second `started`; its one `finished`
+/// follows when it ends. The same for a pool exported and imported again.
+#[test]
+fn a_resilver_still_running_after_a_restart_is_not_started_again() {
+    let t = 1_795_376_700;
+    let mut before = EventDeriver::default();
+    before.observe_snapshot(&json_snapshot("removed2", t), t);
+    let ev = before.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Started, ScanEventPhase::Progress]
+    );
+    let mark = before.resilver_mark("tank").unwrap();
+
+    let mut after = EventDeriver::default();
+    after.set_resilver_mark("tank", mark);
+    let ev = after.observe_snapshot(&json_snapshot("resilvering", t + 200), t + 200);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Progress],
+        "{:?}",
+        briefs(&ev)
+    );
+    assert!(after.resilver_mark("tank").unwrap().open);
+    // A `resilver_start` the event follower replays from the kernel's ring
+    // is not a new resilver either.
+    let out = after.observe_zfs_event(&resilver_zfs_event("resilver_start", 20, t + 40), t + 201);
+    assert!(out.events.is_empty(), "{:?}", briefs(&out.events));
+    let ev = after.observe_snapshot(&json_snapshot("resilvered", t + 400), t + 400);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+    assert!(!after.resilver_mark("tank").unwrap().open);
+
+    let mut d = EventDeriver::default();
+    d.observe_snapshot(&json_snapshot("removed2", t), t);
+    d.observe_snapshot(&json_snapshot("resilvering", t + 50), t + 50);
+    d.observe_absent("tank", t + 60);
+    let ev = d.observe_snapshot(&json_snapshot("resilvering", t + 200), t + 200);
+    assert_eq!(
+        resilver_phases(&ev),
+        [ScanEventPhase::Progress],
+        "{:?}",
+        briefs(&ev)
+    );
+    let ev = d.observe_snapshot(&json_snapshot("resilvered", t + 400), t + 400);
+    assert_eq!(resilver_phases(&ev), [ScanEventPhase::Finished]);
+}
+
 /// A resilver that started and ended while the manager was down, after one
 /// it knew the end of: its end is published at first sight.
 #[test]

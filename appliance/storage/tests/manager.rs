@@ -1419,6 +1419,43 @@ async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_re
     );
 }
 
+/// The daemon restarts while a resilver runs: the restart publishes its
+/// progress, not its `started` again, and the one `finished` follows.
+#[tokio::test(start_paused = true)]
+async fn a_restart_during_a_resilver_does_not_start_it_again() {
+    let rig = Rig::resilvering().await;
+    rig.mgr.shutdown().await;
+
+    let (mgr2, sink2) = rig.restarted();
+    mgr2.refresh().await.unwrap();
+    let ev = sink2.snapshot();
+    assert_eq!(
+        count(&ev, "storage.resilver.tank.started"),
+        0,
+        "{:#?}",
+        subjects(&ev)
+    );
+    assert_eq!(
+        count(&ev, "storage.resilver.tank.progress"),
+        1,
+        "{:#?}",
+        subjects(&ev)
+    );
+    assert!(rig.book().contains("\"resilver_open\": true"));
+    rig.finish_scan_after(600).await;
+    mgr2.refresh().await.unwrap();
+    let ev = sink2.snapshot();
+    assert_eq!(
+        count(&ev, "storage.resilver.tank.finished"),
+        1,
+        "{:#?}",
+        subjects(&ev)
+    );
+    assert_eq!(count(&ev, "storage.resilver.tank.started"), 0);
+    assert!(!rig.book().contains("\"resilver_open\": true"));
+    mgr2.shutdown().await;
+}
+
 /// A sink that "crashes the daemon" (panics the actor) when it is handed a
 /// resilver's `finished`: whatever the manager persisted before that went
 /// to disk, the event did not go out.
