@@ -23,6 +23,12 @@
 # PIPELINES and TESTS (defaults "memory durable", "256 16384", "1 16",
 # "set get") pick rows; OURS_ARGS adds arguments to our server.
 #
+# CONTROL=redis runs a second redis-server, configured like the first, in
+# place of ours: an A/A run. Every difference it shows between two copies
+# of one program is this machine's noise, so it tells how often the
+# target verdict (ours >= redis at the median, in throughput and in p99)
+# misses when nothing differs.
+#
 # CPUs: on a machine with at least two, redis-benchmark runs on CPU
 # CLIENT_CPUS (default 0) and both servers on SERVER_CPUS (default 1), so
 # that the scheduler never puts the client and the server it measures on
@@ -86,20 +92,21 @@ wait_port() {
 start_servers() { # mode
     local mode=$1
     mkdir -p "$work/$mode/redis" "$work/$mode/ours"
-    if [[ $mode == durable ]]; then
-        "${server_pin[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
-            --appendonly yes --appendfsync always --daemonize no --logfile "$work/redis.log" &
-        pids+=($!)
+    local aof=no
+    [[ $mode == durable ]] && aof=yes
+    "${server_pin[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
+        --appendonly "$aof" --appendfsync always --daemonize no --logfile "$work/redis.log" &
+    pids+=($!)
+    if [[ ${CONTROL:-} == redis ]]; then
+        "${server_pin[@]}" redis-server --bind 127.0.0.1 --port "$OURS_PORT" --dir "$work/$mode/ours" --save '' \
+            --appendonly "$aof" --appendfsync always --daemonize no --logfile "$work/ours.log" &
+    elif [[ $mode == durable ]]; then
         "${server_pin[@]}" "$ours_bin" --listen "127.0.0.1:$OURS_PORT" --dir "$work/$mode/ours" --fsync always "${ours_args[@]}" \
             >"$work/ours.log" 2>&1 &
-        pids+=($!)
     else
-        "${server_pin[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$work/$mode/redis" --save '' \
-            --appendonly no --daemonize no --logfile "$work/redis.log" &
-        pids+=($!)
         "${server_pin[@]}" "$ours_bin" --listen "127.0.0.1:$OURS_PORT" "${ours_args[@]}" >"$work/ours.log" 2>&1 &
-        pids+=($!)
     fi
+    pids+=($!)
     # (taskset execs the server, so these are the servers' own pids.)
     redis_pid=${pids[0]} ours_pid=${pids[1]}
     wait_port "$REDIS_PORT"
@@ -202,6 +209,11 @@ print(interval([b[0] / a[0] for a, b in zip(r, o)], "more", "LESS") + ",",
       interval([b[1] / a[1] for a, b in zip(r, o)], "HIGHER", "lower"))' "$1" "$2"
 }
 
+case ${CONTROL:-} in
+'') ;;
+redis) echo "CONTROL=redis: the \"ours\" columns are a second redis-server (an A/A run)" ;;
+*) echo "CONTROL must be redis or unset" >&2; exit 2 ;;
+esac
 printf '%-8s %-4s %3s %6s | %12s %9s | %12s %9s | %6s %-7s | %-29s | %-31s | %s\n' \
     mode test P size "redis rps" "p99 ms" "ours rps" "p99 ms" ratio verdict "cpu %: client r/o, server r/o" "p99 of the rounds, redis / ours" \
     "round by round, ours/redis: rps, p99"
