@@ -12,6 +12,10 @@
 //!   Without them it is a plain key, like a string value. Other fields are
 //!   ignored.
 //!
+//! The whole file is checked before any entry is stored: a key that appears
+//! twice or a value of another shape is refused, naming the key, and nothing
+//! is imported.
+//!
 //! Export writes agent entries as objects under their MD5 hex, plain keys
 //! without expiry as strings, and plain keys with one as objects with
 //! `response` and `expires_at_ms`, so an export imports back to the same
@@ -56,19 +60,26 @@ pub enum JsonError {
         max: u64,
     },
     /// The input is not the expected JSON.
-    #[error("import: not a cache JSON object: {0}")]
+    #[error("import: not a cache JSON file, nothing was imported: {0}")]
     Parse(#[source] serde_json::Error),
     /// Writing JSON failed.
     #[error("export: {0}")]
     Write(#[source] serde_json::Error),
-    /// The cache refused to persist an entry (the import stops there).
-    #[error("import stopped at key {key:?}: {source}")]
+    /// The cache refused to persist an entry (the import stops there; the
+    /// entries before it are in).
+    #[error(
+        "import stopped at key {key:?}: {source}; before it, {} agent entries and {} plain keys \
+         were imported ({} already expired, {} refused)",
+        imported.agent_entries, imported.plain_entries, imported.expired, imported.refused
+    )]
     Cache {
         /// JSON key of the entry.
         key: String,
         /// Cause.
         #[source]
         source: CacheError,
+        /// What went in before it.
+        imported: Box<ImportReport>,
     },
 }
 
@@ -122,7 +133,64 @@ enum JsonValue {
 
 const MAX_REFUSED_KEYS: usize = 16;
 
-/// Import entries from JSON read from `r` (at most `max_bytes`).
+/// The file's entries in order, every one checked before any is stored: a
+/// duplicate key (which a map would keep only the last of) and a value that
+/// is neither a response string nor an entry object are refused, naming the
+/// key.
+struct Entries(Vec<(String, JsonEntry)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of md5-hex keys to responses")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                use serde::de::Error as _;
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(A::Error::custom(format!(
+                            "key {key:?} appears more than once"
+                        )));
+                    }
+                    let value: serde_json::Value = map.next_value()?;
+                    let entry = match value {
+                        serde_json::Value::String(response) => JsonEntry {
+                            agent: None,
+                            prompt: None,
+                            variant: None,
+                            response,
+                            expires_at_ms: None,
+                        },
+                        v @ serde_json::Value::Object(_) => serde_json::from_value(v)
+                            .map_err(|e| A::Error::custom(format!("entry {key:?}: {e}")))?,
+                        other => {
+                            return Err(A::Error::custom(format!(
+                                "entry {key:?} is {other}, not a response string or an \
+                                 object with a \"response\" string"
+                            )))
+                        }
+                    };
+                    out.push((key, entry));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Import entries from JSON read from `r` (at most `max_bytes`). The whole
+/// input is read and checked first, so bad input imports nothing; only a
+/// failure to persist can stop an import part-way, and its error says what
+/// went in before it.
 pub fn import_json(cache: &Cache, r: impl Read, max_bytes: u64) -> Result<ImportReport, JsonError> {
     let mut limited = r.take(max_bytes.saturating_add(1));
     let mut text = Vec::new();
@@ -136,22 +204,11 @@ pub fn import_json(cache: &Cache, r: impl Read, max_bytes: u64) -> Result<Import
     if text.len() as u64 > max_bytes {
         return Err(JsonError::TooLarge { max: max_bytes });
     }
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&text).map_err(JsonError::Parse)?;
+    let Entries(entries) = serde_json::from_slice(&text).map_err(JsonError::Parse)?;
+    drop(text);
     let mut report = ImportReport::default();
     let now = cache.now_ms();
-    for (json_key, value) in map {
-        let value: JsonValue = serde_json::from_value(value).map_err(JsonError::Parse)?;
-        let entry = match value {
-            JsonValue::Text(response) => JsonEntry {
-                agent: None,
-                prompt: None,
-                variant: None,
-                response,
-                expires_at_ms: None,
-            },
-            JsonValue::Entry(e) => e,
-        };
+    for (json_key, entry) in entries {
         let ttl = match entry.expires_at_ms {
             Some(at) if at <= now => {
                 report.expired += 1;
@@ -161,47 +218,45 @@ pub fn import_json(cache: &Cache, r: impl Read, max_bytes: u64) -> Result<Import
             None => None,
         };
         let response = Bytes::from(entry.response);
-        let result = match (&entry.agent, &entry.prompt) {
+        let (result, agent) = match (&entry.agent, &entry.prompt) {
             (Some(agent), Some(prompt)) => {
                 let variant = entry.variant.as_deref().unwrap_or("");
                 let md5 =
                     Request::new(agent.as_bytes(), prompt.as_bytes(), variant.as_bytes()).md5();
-                if parse_md5_hex(json_key.as_bytes()) != Some(md5) {
-                    report.rekeyed += 1;
-                }
-                report.agent_entries += 1;
-                cache.put(
+                let rekeyed = parse_md5_hex(json_key.as_bytes()) != Some(md5);
+                let result = cache.put(
                     agent.as_bytes(),
                     prompt.as_bytes(),
                     variant.as_bytes(),
                     response,
                     ttl,
-                )
+                );
+                (result, Some(rekeyed))
             }
-            _ => {
-                report.plain_entries += 1;
+            _ => (
                 cache
                     .set_plain(json_key.as_bytes(), response, ttl, SetCondition::Always)
-                    .map(|_| ())
-            }
+                    .map(|_| ()),
+                None,
+            ),
         };
-        match result {
-            Ok(()) => {}
-            Err(CacheError::Refused(_)) => {
-                if entry.agent.is_some() && entry.prompt.is_some() {
-                    report.agent_entries -= 1;
-                } else {
-                    report.plain_entries -= 1;
-                }
+        match (result, agent) {
+            (Ok(()), Some(rekeyed)) => {
+                report.agent_entries += 1;
+                report.rekeyed += u64::from(rekeyed);
+            }
+            (Ok(()), None) => report.plain_entries += 1,
+            (Err(CacheError::Refused(_)), _) => {
                 report.refused += 1;
                 if report.refused_keys.len() < MAX_REFUSED_KEYS {
                     report.refused_keys.push(json_key);
                 }
             }
-            Err(source) => {
+            (Err(source), _) => {
                 return Err(JsonError::Cache {
                     key: json_key,
                     source,
+                    imported: Box::new(report),
                 })
             }
         }
@@ -426,6 +481,55 @@ mod tests {
         assert_eq!((r.plain_entries, r.refused), (1, 1));
         assert_eq!(r.refused_keys, vec!["a".to_string()]);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn an_entry_that_is_not_a_response_imports_nothing_and_is_named() {
+        let (_, c) = cache();
+        // Keys come out of the object in order, so "a" would go in before
+        // "b" is found wanting.
+        for input in [
+            &br#"{"a": "x", "b": 5, "c": "y"}"#[..],
+            &br#"{"a": "x", "b": null}"#[..],
+            &br#"{"a": "x", "b": {"agent": "bot", "prompt": "p"}}"#[..],
+            &br#"{"a": "x", "b": {"response": 7}}"#[..],
+        ] {
+            let e = import_json(&c, input, 1 << 20).unwrap_err();
+            assert!(matches!(e, JsonError::Parse(_)), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(r#""b""#), "the bad entry is not named: {msg}");
+            assert!(msg.contains("nothing was imported"), "{msg}");
+            assert!(c.is_empty(), "a failed import stored entries: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_duplicate_key_is_refused_instead_of_losing_a_value() {
+        let (_, c) = cache();
+        let e = import_json(
+            &c,
+            &br#"{"k": "first", "j": "x", "k": "second"}"#[..],
+            1 << 20,
+        )
+        .unwrap_err();
+        assert!(matches!(e, JsonError::Parse(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(r#""k""#) && msg.contains("more than once"),
+            "{msg}"
+        );
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_refused_agent_entry_is_not_counted_as_rekeyed() {
+        let small = Cache::new(CacheConfig {
+            max_value_bytes: 3,
+            ..CacheConfig::default()
+        });
+        let input = br#"{"0123456789abcdef0123456789abcdef": {"agent": "a", "prompt": "p", "response": "too long"}}"#;
+        let r = import_json(&small, &input[..], 1 << 20).unwrap();
+        assert_eq!((r.agent_entries, r.rekeyed, r.refused), (0, 0, 1));
     }
 
     #[test]

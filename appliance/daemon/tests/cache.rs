@@ -309,3 +309,33 @@ fn damaged_cache_log_fails_the_component_not_the_daemon() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unavailable"));
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn a_file_with_one_bad_entry_imports_nothing_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    // "a" comes before "b" in the object: it must not go in on its own.
+    let file = dir.path().join("half.json");
+    std::fs::write(&file, r#"{"a": "an answer", "b": 5, "c": "another"}"#).unwrap();
+    let out = d.ctl(&["cache", "import", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(r#""b""#), "the bad entry is not named: {err}");
+    assert!(err.contains("nothing was imported"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&d, &["cache", "stats", "--json"])).unwrap();
+    assert_eq!(v["entries"], 0, "a failed import stored entries: {v}");
+
+    // A key given twice would silently lose one of its values.
+    std::fs::write(&file, r#"{"k": "first", "k": "second"}"#).unwrap();
+    let out = d.ctl(&["cache", "import", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#""k""#) && err.contains("more than once"),
+        "{err}"
+    );
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
