@@ -11,8 +11,12 @@ use clap::Subcommand;
 
 use crate::{print_json, Client};
 
-/// Size of the pieces an import is sent in (well under the frame limit).
+/// Largest piece an import is sent in.
 const IMPORT_PIECE: usize = 256 * 1024;
+
+/// Room for the envelope around an import piece in a control frame (the
+/// request's variant tags and the piece's length take at most 7 bytes).
+const PIECE_ENVELOPE: usize = 64;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum CacheCmd {
@@ -235,7 +239,11 @@ pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Re
             let mut f = std::fs::File::open(file)
                 .with_context(|| format!("cannot open {}", file.display()))?;
             client.send(&Request::Cache(CacheRequest::Import))?;
-            let mut buf = vec![0u8; IMPORT_PIECE];
+            // Pieces that fit the daemon's frame limit (1 KiB and up).
+            let piece = (client.max_frame as usize)
+                .saturating_sub(PIECE_ENVELOPE)
+                .clamp(1, IMPORT_PIECE);
+            let mut buf = vec![0u8; piece];
             loop {
                 let n = f
                     .read(&mut buf)

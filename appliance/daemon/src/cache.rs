@@ -33,8 +33,19 @@ pub const STATS_SUBJECT: &str = "cache.stats";
 /// fits the memory bound, and a stop for a runaway stream.
 pub const MAX_IMPORT_BYTES: u64 = 1 << 30;
 
-/// Size of the pieces an export is sent in.
+/// Largest piece an export is sent in.
 pub const EXPORT_CHUNK: usize = 256 * 1024;
+
+/// Room for the envelope around an export piece in a control frame (the
+/// response's variant tags and the piece's length take at most 7 bytes).
+pub const PIECE_ENVELOPE: usize = 64;
+
+/// The export piece that fits a control frame of `max_frame` bytes.
+pub fn export_piece(max_frame: u32) -> usize {
+    (max_frame as usize)
+        .saturating_sub(PIECE_ENVELOPE)
+        .clamp(1, EXPORT_CHUNK)
+}
 
 /// The engine's settings from the config.
 pub fn engine_config(cfg: &CacheConfig) -> EngineConfig {
@@ -313,46 +324,67 @@ impl Import {
     }
 }
 
-/// A `Write` that sends full pieces to the control connection.
+/// A `Write` that sends pieces of at most `piece` bytes to the control
+/// connection (one write may carry a whole multi-megabyte response).
 struct PieceWriter {
     tx: tokio::sync::mpsc::Sender<Vec<u8>>,
     buf: Vec<u8>,
+    piece: usize,
+}
+
+impl PieceWriter {
+    fn send(&self, piece: Vec<u8>) -> std::io::Result<()> {
+        self.tx.blocking_send(piece).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+
+    /// Sends every full piece in the buffer.
+    fn send_full(&mut self) -> std::io::Result<()> {
+        while self.buf.len() >= self.piece {
+            let rest = self.buf.split_off(self.piece);
+            let piece = std::mem::replace(&mut self.buf, rest);
+            self.send(piece)?;
+        }
+        Ok(())
+    }
 }
 
 impl Write for PieceWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= EXPORT_CHUNK {
-            self.flush()?;
-        }
+        self.send_full()?;
         Ok(data.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        self.send_full()?;
         if self.buf.is_empty() {
             return Ok(());
         }
         let piece = std::mem::take(&mut self.buf);
-        self.tx.blocking_send(piece).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })
+        self.send(piece)
     }
 }
 
-/// Starts an export: pieces arrive on the receiver; the handle gives the
-/// summary once every piece was sent.
+/// Starts an export in pieces that fit a control frame of `max_frame`
+/// bytes: pieces arrive on the receiver; the handle gives the summary once
+/// every piece was sent.
 pub fn export(
     cache: &Arc<Cache>,
+    max_frame: u32,
 ) -> (
     tokio::sync::mpsc::Receiver<Vec<u8>>,
     tokio::task::JoinHandle<Result<CacheResponse, ControlError>>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let c = cache.clone();
+    let piece = export_piece(max_frame);
     let task = tokio::task::spawn_blocking(move || {
         let mut w = PieceWriter {
             tx,
-            buf: Vec::with_capacity(EXPORT_CHUNK),
+            buf: Vec::with_capacity(piece),
+            piece,
         };
         let report = appliance_cache::json::export_json(&c, &mut w)
             .map_err(|e| ControlError::new(ErrorCode::Internal, e.to_string()))?;

@@ -294,7 +294,7 @@ async fn cache_request(
             write_msg(stream, &cache_reply(import.finish().await), max_frame).await
         }
         CacheRequest::Export => {
-            let (mut pieces, task) = crate::cache::export(cache);
+            let (mut pieces, task) = crate::cache::export(cache, max_frame);
             while let Some(piece) = pieces.recv().await {
                 write_msg(
                     stream,

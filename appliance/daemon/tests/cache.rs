@@ -339,3 +339,50 @@ fn a_file_with_one_bad_entry_imports_nothing_and_says_which() {
     );
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn export_and_import_fit_the_control_frame_whatever_the_entries() {
+    // The defaults: values up to 8 MiB, control frames up to 1 MiB.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &[], &[]);
+    let big = "x".repeat(2 << 20);
+    let file = dir.path().join("big.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "0123456789abcdef0123456789abcdef": big,
+            "k": {"agent": "a", "prompt": "p", "response": big},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    ctl_ok(&d, &["cache", "import", file.to_str().unwrap()]);
+    let out = dir.path().join("export.json");
+    ctl_ok(&d, &["cache", "export", out.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(v["0123456789abcdef0123456789abcdef"], big.as_str());
+    assert_eq!(v.as_object().unwrap().len(), 2);
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+
+    // The smallest frames the config allows.
+    let cfg = dir.path().join("small-frames.toml");
+    std::fs::write(&cfg, "version = 1\n[control]\nmax_frame_bytes = 4096\n").unwrap();
+    let state = dir.path().join("state2");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let small = dir.path().join("small.json");
+    let entries: serde_json::Map<String, serde_json::Value> = (0..100)
+        .map(|i| (format!("key{i}"), serde_json::json!("y".repeat(100))))
+        .collect();
+    std::fs::write(&small, serde_json::Value::Object(entries).to_string()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ctl_ok(
+        &d,
+        &["cache", "import", small.to_str().unwrap(), "--json"],
+    ))
+    .unwrap();
+    assert_eq!(v["plain_entries"], 100, "{v}");
+    ctl_ok(&d, &["cache", "export", out.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 100);
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
