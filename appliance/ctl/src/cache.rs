@@ -1,6 +1,7 @@
 //! `appliancectl cache ...`
 
 use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -86,7 +87,9 @@ fn expect_cache(r: Response) -> anyhow::Result<CacheResponse> {
 }
 
 /// Writes `path` atomically: a temporary file beside it, fsync, rename,
-/// fsync of the directory.
+/// fsync of the directory. The file gets the mode of the one it replaces, or
+/// 0600 (an export holds cached responses). The temporary file is created
+/// new, so a link planted under its name is not followed.
 fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> anyhow::Result<()>,
@@ -103,9 +106,24 @@ fn write_atomically(
         name.to_string_lossy(),
         std::process::id()
     ));
+    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)
+        // A leftover of an interrupted export by a process of the same id.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", tmp.display()));
+            }
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
+        // The mode given at creation is narrowed by the umask.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
         fill(&mut f)?;
         f.sync_all()
             .with_context(|| format!("cannot fsync {}", tmp.display()))?;

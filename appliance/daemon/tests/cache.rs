@@ -386,3 +386,31 @@ fn export_and_import_fit_the_control_frame_whatever_the_entries() {
     assert_eq!(v.as_object().unwrap().len(), 100);
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn export_does_not_widen_who_may_read_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    ctl_ok(&d, &["cache", "put", "a", "p", "--response", "private"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+    // An older export the operator kept to themselves keeps its mode.
+    let kept = dir.path().join("kept.json");
+    std::fs::write(&kept, "{}").unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o600)).unwrap();
+    ctl_ok(&d, &["cache", "export", kept.to_str().unwrap()]);
+    assert_eq!(
+        mode(&kept),
+        0o600,
+        "the export replaced a 0600 file with a wider one"
+    );
+
+    // A new export holds cached responses: readable by its owner only.
+    let new = dir.path().join("new.json");
+    ctl_ok(&d, &["cache", "export", new.to_str().unwrap()]);
+    assert_eq!(mode(&new) & 0o077, 0, "mode {:o}", mode(&new));
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
