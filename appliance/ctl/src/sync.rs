@@ -108,18 +108,23 @@ fn line(c: &SyncClient) -> String {
     )
 }
 
-/// Writes the bundle with mode 0600, refusing to overwrite an existing file.
-fn write_bundle(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Creates the bundle file with mode 0600, refusing to overwrite an existing
+/// file. It is created before the daemon is asked to enroll, so a path that
+/// cannot be written costs nothing.
+fn create_bundle(path: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// Writes the bundle into the file [`create_bundle`] made.
+fn write_bundle(mut f: std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    f.sync_all()
 }
 
 pub(crate) fn run(client: &mut Client, cmd: &SyncCmd, json: bool) -> anyhow::Result<ExitCode> {
@@ -129,16 +134,27 @@ pub(crate) fn run(client: &mut Client, cmd: &SyncCmd, json: bool) -> anyhow::Res
             let path = out
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("{name}.bundle")));
-            if path.exists() {
+            if path.symlink_metadata().is_ok() {
                 bail!("{} already exists; choose another --out", path.display());
             }
+            let file = create_bundle(&path)?;
             let req = Request::Sync(SyncRequest::ClientAdd {
                 name: name.clone(),
                 quota: *quota,
             });
-            match client.request(&req)? {
+            let answer = client.request(&req);
+            if !matches!(answer, Ok(Response::Sync(SyncResponse::Enrolled { .. }))) {
+                let _ = std::fs::remove_file(&path);
+            }
+            match answer? {
                 Response::Sync(SyncResponse::Enrolled { client, bundle }) => {
-                    write_bundle(&path, &bundle)?;
+                    write_bundle(file, &bundle).with_context(|| {
+                        format!(
+                            "{name} was enrolled, but its bundle could not be written to {}; \
+                             revoke it (`appliancectl sync client revoke {name}`) and add it again",
+                            path.display()
+                        )
+                    })?;
                     if json {
                         print_json(&serde_json::json!({ "client": client, "bundle": path }))?;
                     } else {
