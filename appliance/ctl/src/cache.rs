@@ -47,8 +47,8 @@ pub(crate) enum CacheCmd {
         /// Read the response from this file.
         #[arg(long, value_name = "FILE")]
         response_file: Option<PathBuf>,
-        /// Time to live in seconds (default: the configured TTL).
-        #[arg(long, value_name = "SECONDS")]
+        /// Time to live in seconds, at least 1 (default: the configured TTL).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
         ttl: Option<u64>,
         /// Model name and parameters.
         #[arg(long, default_value = "")]

@@ -89,3 +89,25 @@ fn a_socket_that_is_not_the_daemon_is_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn a_ttl_of_zero_is_a_usage_error() {
+    let out = ctl()
+        .args([
+            "--socket",
+            "/nonexistent.sock",
+            "cache",
+            "put",
+            "agent",
+            "prompt",
+            "--response",
+            "r",
+            "--ttl",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--ttl"), "{err}");
+}
