@@ -414,3 +414,43 @@ fn export_does_not_widen_who_may_read_the_file() {
     assert_eq!(mode(&new) & 0o077, 0, "mode {:o}", mode(&new));
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
+
+/// Not fixed: a single get or put is one control frame (1 MiB by default),
+/// while the cache takes values up to 8 MiB. Run with `--ignored`.
+#[test]
+#[ignore = "fault: cache get/put of a value over the control frame fails (1 MiB frames, 8 MiB values)"]
+fn get_and_put_take_any_value_the_cache_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &[], &[]);
+    let big = dir.path().join("big.txt");
+    std::fs::write(&big, vec![b'z'; 2 << 20]).unwrap();
+    // Stored through an import (pieces), then read back.
+    let file = dir.path().join("big.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({"k": {"agent": "a", "prompt": "p", "response": "z".repeat(2 << 20)}})
+            .to_string(),
+    )
+    .unwrap();
+    ctl_ok(&d, &["cache", "import", file.to_str().unwrap()]);
+    let out = d.ctl(&["cache", "get", "a", "p"]);
+    assert!(
+        out.status.success(),
+        "get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), (2 << 20) + 1);
+    ctl_ok(
+        &d,
+        &[
+            "cache",
+            "put",
+            "a",
+            "q",
+            "--response-file",
+            big.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
