@@ -101,11 +101,20 @@ pub(crate) struct Client {
 impl Client {
     fn connect(path: &Path) -> anyhow::Result<Self> {
         let stream = UnixStream::connect(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach applianced at {}: {e}. Is the daemon running? \
-                 (set --socket or APPLIANCE_SOCKET for another socket)",
-                path.display()
-            )
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                anyhow::anyhow!(
+                    "cannot reach applianced at {}: {e}. The control socket is open to root \
+                     and to the group the daemon gives it (config key `control.socket_group`); \
+                     run as one of them",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!(
+                    "cannot reach applianced at {}: {e}. Is the daemon running? \
+                     (set --socket or APPLIANCE_SOCKET for another socket)",
+                    path.display()
+                )
+            }
         })?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;

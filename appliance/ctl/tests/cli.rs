@@ -111,3 +111,35 @@ fn a_ttl_of_zero_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--ttl"), "{err}");
 }
+
+#[test]
+fn a_socket_the_user_may_not_open_is_not_called_a_missing_daemon() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: acting as another user needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("control.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // nobody/nogroup.
+    let out = ctl()
+        .arg("--socket")
+        .arg(&path)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        !err.contains("Is the daemon running?"),
+        "the daemon is running; the user lacks the rights: {err}"
+    );
+    assert!(err.contains("socket_group"), "{err}");
+}
