@@ -1225,16 +1225,17 @@ impl BusInner {
             }
             match self.deliver(s, msg, counters, wakes) {
                 Took::Yes => n += 1,
-                Took::Refused(q) => self.drop_refused(&q, msg, counters),
+                Took::Refused(q) => self.drop_refused(&[q], msg, counters),
                 Took::No => {}
             }
         }
         if !m.groups.is_empty() {
             let start = m.rr.fetch_add(1, Ordering::Relaxed);
             for g in &m.groups {
-                // The first member that refused it: it drops (or evicts)
-                // the message if no other member takes it.
-                let mut refused = None;
+                // The members that refused it, in order: if no other
+                // member takes it, they drop (or dead-letter) it (no
+                // allocation unless one refuses).
+                let mut refused = Vec::new();
                 let mut took = false;
                 for k in 0..g.len() {
                     let member = &g[(start + k) % g.len()];
@@ -1248,16 +1249,14 @@ impl BusInner {
                             took = true;
                             break;
                         }
-                        Took::Refused(q) => {
-                            refused.get_or_insert(q);
-                        }
+                        Took::Refused(q) => refused.push(q),
                         Took::No => {}
                     }
                 }
                 if took {
                     n += 1;
-                } else if let Some(q) = refused {
-                    self.drop_refused(&q, msg, counters);
+                } else if !refused.is_empty() {
+                    self.drop_refused(&refused, msg, counters);
                 }
             }
         }
@@ -1265,12 +1264,26 @@ impl BusInner {
         n
     }
 
-    /// A message a subscription refused ([`Offer::Dropped`]) and nobody
-    /// else took: counted once, and handed to the subscription's evict sink
-    /// if it has one (see [`LocalQueue::drop_refused`]).
-    fn drop_refused(&self, q: &LocalQueue, msg: &Message, counters: &Counters) {
+    /// A message that `refused` (one subscription, or a queue group's
+    /// members that refused it, in order: [`Offer::Dropped`]) refused and
+    /// nobody took: counted once on the subject. The first of them with an
+    /// evict sink that takes it (a handler's subscription dead-letters it)
+    /// gets it, whichever refused first: a group with a handler among its
+    /// members loses nothing without a dead letter. Else it is counted
+    /// dropped by the first that refused it.
+    fn drop_refused(&self, refused: &[Arc<LocalQueue>], msg: &Message, counters: &Counters) {
+        let Some(first) = refused.first() else {
+            return;
+        };
         counters.drop_one();
-        q.drop_refused(msg.clone());
+        let mut msg = msg.clone();
+        for q in refused.iter().filter(|q| q.evicts()) {
+            match q.evict(msg) {
+                Ok(()) => return,
+                Err(m) => msg = m,
+            }
+        }
+        first.count_dropped();
     }
 
     fn deliver(
@@ -1351,7 +1364,8 @@ impl BusInner {
 enum Took {
     Yes,
     /// Its queue refused it ([`Offer::Dropped`]): the caller drops it
-    /// through this queue unless another queue group member takes it.
+    /// (see [`BusInner::drop_refused`]) unless another queue group member
+    /// takes it.
     Refused(Arc<LocalQueue>),
     No,
 }

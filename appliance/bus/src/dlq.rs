@@ -446,17 +446,22 @@ impl Unstored {
         }
     }
 
-    /// Lists a dead letter (`list` returns its id) and keeps the id for
-    /// storing, in one step: it cannot be in the list and not here, where
-    /// a retry or a dropped handle would miss it. `None` (nothing listed)
-    /// once closed; else the id, and whether it is the first one waiting.
-    fn record(&self, list: impl FnOnce() -> u64) -> Option<(u64, bool)> {
+    /// Lists `msg` as a dead letter (`list` returns its id) and keeps the
+    /// id for storing, in one step: it cannot be in the list and not here,
+    /// where a retry or a dropped handle would miss it. Once closed,
+    /// nothing is listed and `msg` is given back; else the id, and whether
+    /// it is the first one waiting.
+    fn record(
+        &self,
+        msg: Message,
+        list: impl FnOnce(Message) -> u64,
+    ) -> Result<(u64, bool), Message> {
         let mut st = self.state.lock();
         if st.closed {
-            return None;
+            return Err(msg);
         }
         let first = st.ids.is_empty() && st.pushed_out == 0;
-        let id = list();
+        let id = list(msg);
         if st.ids.len() >= self.max {
             st.ids.pop_front();
             st.pushed_out += 1;
@@ -464,7 +469,7 @@ impl Unstored {
         st.ids.push_back(id);
         drop(st);
         self.notify.notify_one();
-        Some((id, first))
+        Ok((id, first))
     }
 }
 
@@ -482,20 +487,20 @@ fn overflow_sink(
     let error = format!("{OVERFLOW_ERROR} ({cap} messages waiting in its subscription)");
     Evict(Box::new(move |msg: Message| {
         let Some(inner) = bus.upgrade() else {
-            return;
+            return Err(msg);
         };
         if is_dead_letter_subject(msg.subject.as_str()) {
             // Never dead-lettered again; a handler not naming them would
             // have skipped it anyway.
             if wants_dead_letters {
                 inner.dlq.refuse_dead_letter(&handler, &error, &msg);
+                return Ok(());
             }
-            return;
+            return Err(msg);
         }
         let subject = msg.subject.clone();
-        let Some((id, first)) = unstored.record(|| inner.dlq.list(&handler, &error, 0, msg)) else {
-            return;
-        };
+        // Once the handle is dropped it is not this handler's any more.
+        let (id, first) = unstored.record(msg, |msg| inner.dlq.list(&handler, &error, 0, msg))?;
         inner
             .dlq
             .counters
@@ -507,6 +512,7 @@ fn overflow_sink(
         if first {
             tracing::warn!(handler, %subject, id, error, "handler's subscription overflows: dead-lettering what it evicts");
         }
+        Ok(())
     }))
 }
 
@@ -722,6 +728,11 @@ impl Bus {
     ///   order, as above. (In a queue group, a durable message that no
     ///   member can take, each having `2^20` waiting in the log, is
     ///   dead-lettered too.)
+    ///
+    /// In a queue group, a message that no member takes (each refusing it,
+    /// its queue full of durable messages) is dead-lettered by a handler
+    /// among the members, whichever member was offered it first: a plain
+    /// subscription in the group does not drop it past the handler.
     ///
     /// So every message the handler is subscribed to is handled or
     /// dead-lettered, except (counted in [`DlqStats::lost`], logged as an

@@ -57,9 +57,9 @@ pub(crate) enum Offer {
     /// Queued after dropping an older message.
     QueuedDroppedOldest,
     /// Not queued: the queue refused the message itself. Nothing is counted
-    /// or evicted yet: a queue group offers it to the next member, and
-    /// whoever ends up with nobody taking it calls
-    /// [`LocalQueue::drop_refused`] once.
+    /// or evicted yet: a queue group offers it to the next member, and if
+    /// nobody takes it the fan-out drops it once, through a refusing
+    /// member's [`Evict`] sink if one takes it.
     Dropped,
     /// Not queued; the subscriber will read it from the durable log.
     Deferred,
@@ -98,7 +98,9 @@ pub(crate) struct LocalState {
 /// Called from the publisher's fan-out, possibly under the durable log's
 /// lock and never under the queue's own: it must not block and must not
 /// publish (publishing takes that lock and can come back to this queue).
-pub(crate) struct Evict(pub Box<dyn Fn(Message) + Send + Sync>);
+/// It gives the message back (`Err`) when it does not take it (a handler
+/// whose handle is dropped): then it is counted dropped.
+pub(crate) struct Evict(pub Box<dyn Fn(Message) -> Result<(), Message> + Send + Sync>);
 
 impl std::fmt::Debug for Evict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,15 +232,31 @@ impl LocalQueue {
     }
 
     /// A message this queue evicted, or refused with [`Offer::Dropped`]
-    /// and nobody else took: handed to the [`Evict`] sink if there is one,
-    /// else counted dropped. Call without the queue's lock.
+    /// and nobody else took: handed to the [`Evict`] sink if there is one
+    /// and it takes it, else counted dropped. Call without the queue's lock.
     pub fn drop_refused(&self, msg: Message) {
+        if self.evict(msg).is_err() {
+            self.count_dropped();
+        }
+    }
+
+    /// Whether this queue hands what it evicts to an [`Evict`] sink.
+    pub fn evicts(&self) -> bool {
+        self.evict.is_some()
+    }
+
+    /// Hands `msg` to the [`Evict`] sink; gives it back if there is none
+    /// or the sink does not take it. Call without the queue's lock.
+    pub fn evict(&self, msg: Message) -> Result<(), Message> {
         match &self.evict {
             Some(evict) => (evict.0)(msg),
-            None => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            None => Err(msg),
         }
+    }
+
+    /// Counts one message dropped for this subscriber.
+    pub fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn close(&self, reason: CloseReason) {
@@ -469,6 +487,7 @@ mod tests {
         let evict = Evict(Box::new(move |m: Message| {
             g2.lock()
                 .push(String::from_utf8(m.payload.to_vec()).unwrap());
+            Ok(())
         }));
         let q =
             LocalQueue::new(2, SlowConsumerPolicy::DropOldest, true, None, false).with_evict(evict);
@@ -489,6 +508,17 @@ mod tests {
         q.drop_refused(refused);
         assert_eq!(*got.lock(), vec!["2", "5"]);
         assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+        // A sink that does not take it (a dropped handler) gives it back:
+        // counted.
+        let q = LocalQueue::new(1, SlowConsumerPolicy::DropOldest, false, None, false)
+            .with_evict(Evict(Box::new(Err)));
+        q.offer(&msg(1, None));
+        assert_eq!(q.offer(&msg(2, None)), Offer::QueuedDroppedOldest);
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            q.evict(msg(3, None)).map_err(|m| m.payload),
+            Err("3".into())
+        );
         // Without a sink the same is counted.
         let q = LocalQueue::new(1, SlowConsumerPolicy::DropOldest, true, None, false);
         q.offer(&msg(1, Some(1)));

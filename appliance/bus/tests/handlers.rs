@@ -787,3 +787,130 @@ async fn dead_letters_of_a_starved_handler_survive_shutdown() {
         .collect();
     assert_eq!(restored, ["m0", "m1", "m2"], "after a restart");
 }
+
+/// A gated handler on `*.d` in queue group `g`, sharing it with a plain
+/// drop-oldest subscription that never reads (subscribed first, so it is
+/// offered the group's first message). Both queues are filled with durable
+/// messages (`storage.d`, one at a time so the handler's task takes its
+/// share), so both refuse the non-durable ones. Returns the bus, the gate,
+/// the plain member and what the handler handled.
+async fn mixed_group_full_of_durable_messages(
+    dir: &std::path::Path,
+) -> (
+    Bus,
+    HandlerHandle,
+    Arc<tokio::sync::Semaphore>,
+    Subscription,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let b = durable_bus(dir, 2, 1 << 20);
+    let plain = b
+        .subscribe(
+            "*.d",
+            SubscribeOptions {
+                queue_group: Some("g".into()),
+                slow_consumer: Some(SlowConsumerPolicy::DropOldest),
+                ..SubscribeOptions::default()
+            },
+        )
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (g2, h2) = (gate.clone(), handled.clone());
+    let h = b
+        .handle(
+            "mixed",
+            "*.d",
+            HandlerOptions {
+                queue_group: Some("g".into()),
+                ..HandlerOptions::default()
+            },
+            move |m: Message| {
+                let (g2, h2) = (g2.clone(), h2.clone());
+                async move {
+                    g2.acquire().await.unwrap().forget();
+                    h2.lock()
+                        .push(String::from_utf8(m.payload.to_vec()).unwrap());
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    // Round robin: the plain member gets s0, s2, ... (2 queued, the rest
+    // deferred to the log), the handler s1, s3, ... (1 running, 2 in its
+    // backlog, 2 in its subscription, the rest deferred).
+    for i in 0..14 {
+        b.publish("storage.d", None, format!("s{i}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (b, h, gate, plain, handled)
+}
+
+/// A non-durable message that every member of a queue group refuses (their queues full of durable messages) is
+/// dead-lettered by the handler member, whichever member refused it first;
+/// it is not dropped through the plain member. Each is counted once: as a
+/// dead letter (stored on `_dlq.jobs.d`), not as lost, not as the plain
+/// member's drop.
+#[tokio::test]
+async fn queue_group_dead_letters_what_a_plain_member_and_a_handler_both_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _h, gate, mut plain, handled) = mixed_group_full_of_durable_messages(dir.path()).await;
+    // The group's round robin for jobs.d starts at the plain member: j0,
+    // j2 are refused by it first, j1, j3 by the handler first.
+    for i in 0..4 {
+        b.publish("jobs.d", None, format!("j{i}")).await.unwrap();
+    }
+    let stats = b.dlq_stats();
+    assert_eq!(
+        (
+            stats.dead_lettered,
+            stats.overflowed,
+            stats.lost,
+            plain.dropped()
+        ),
+        (4, 4, 0, 0),
+        "{stats:?}"
+    );
+    let mut listed: Vec<String> = b
+        .dlq_list()
+        .iter()
+        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["j0", "j1", "j2", "j3"]);
+    assert_eq!(b.stats().subjects["jobs"].drops, 4, "each counted once");
+    // Every durable message reaches one member, in order.
+    gate.add_permits(1000);
+    let mut got_plain = Vec::new();
+    for _ in 0..7 {
+        let m = tokio::time::timeout(Duration::from_secs(5), plain.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got_plain.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got_plain, ["s0", "s2", "s4", "s6", "s8", "s10", "s12"]);
+    wait_until("the handler's share is handled", || {
+        handled.lock().len() == 7
+    })
+    .await;
+    assert_eq!(
+        *handled.lock(),
+        ["s1", "s3", "s5", "s7", "s9", "s11", "s13"]
+    );
+    // Stored, once each.
+    wait_until("stored", || b.dlq_stats().dead_lettered == 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.sync_durable().await.unwrap();
+    let stored = b
+        .replay(ReplayQuery {
+            pattern: "_dlq.jobs.d".into(),
+            from_seq: None,
+            since_ms: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 4);
+    assert_eq!(b.dlq_stats().lost, 0);
+}
