@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::message::{decode_stored, encode_stored, stored_subject, Message};
 use crate::queue::{
-    CloseReason, ConnOutbound, Evict, LocalQueue, LocalState, Offer, SlowConsumerPolicy,
+    CloseReason, ConnOutbound, Evict, LocalQueue, LocalState, Lost, Offer, SlowConsumerPolicy,
 };
 use crate::stats::{
     sum, ConnCounters, ConnectionStats, Counters, DurableStats, StatsSnapshot, SubjectCounters,
@@ -629,17 +629,20 @@ impl Bus {
         pattern: &str,
         opts: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
-        self.subscribe_evicting(pattern, opts, None, false)
+        self.subscribe_evicting(pattern, opts, None, None, false)
     }
 
     /// [`subscribe`](Self::subscribe), with what a drop-oldest queue evicts
-    /// handed to `evict` instead of being dropped, and (with
-    /// `skip_dead_letters`) no dead letters or retry outcomes offered.
+    /// handed to `evict` instead of being dropped, deferred durable
+    /// messages it could not read back told to `lost` as it skips them,
+    /// and (with `skip_dead_letters`) no dead letters or retry outcomes
+    /// offered.
     pub(crate) fn subscribe_evicting(
         &self,
         pattern: &str,
         opts: SubscribeOptions,
         evict: Option<Evict>,
+        lost: Option<Lost>,
         skip_dead_letters: bool,
     ) -> Result<Subscription, BusError> {
         if self.inner.closed.load(Ordering::Acquire) {
@@ -678,6 +681,7 @@ impl Bus {
             if let Some(evict) = evict {
                 q = q.with_evict(evict);
             }
+            q.lost = lost;
             q.skip_dead_letters = skip_dead_letters;
             let st = q.state.get_mut();
             st.read_upto = next;
@@ -1607,13 +1611,16 @@ impl Subscription {
         }
     }
 
-    /// Counts the deferred messages not read back as dropped: catching up
-    /// skipped them.
+    /// Counts the deferred messages not read back as dropped, and tells
+    /// the queue's [`Lost`] hook: catching up skipped them.
     fn drop_lagged(&self, st: &mut LocalState) {
         let n = std::mem::take(&mut st.lagged);
         if n > 0 {
             self.queue.dropped.fetch_add(n, Ordering::Relaxed);
             tracing::warn!(pattern = %self.pattern, dropped = n, "subscription skipped durable messages it could not read back from the log");
+            if let Some(lost) = &self.queue.lost {
+                (lost.0)(n);
+            }
         }
     }
 

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::{Bus, BusError, SubscribeOptions, Subscription, Ticket, Wakes};
 use crate::message::{Headers, Message};
-use crate::queue::{CloseReason, Evict, SlowConsumerPolicy};
+use crate::queue::{CloseReason, Evict, Lost, SlowConsumerPolicy};
 
 /// The subject prefix of dead letters.
 pub const DLQ_PREFIX: &str = "_dlq.";
@@ -516,6 +516,19 @@ fn overflow_sink(
     }))
 }
 
+/// The [`Lost`] hook of a handler's subscription: durable messages it
+/// could not read back from the log are counted in [`DlqStats::lost`] (and
+/// logged) as the subscription skips them, in the handler's task.
+fn lost_sink(bus: std::sync::Weak<crate::bus::BusInner>, handler: String) -> Lost {
+    Lost(Box::new(move |n: u64| {
+        let Some(inner) = bus.upgrade() else {
+            return;
+        };
+        inner.dlq.counters.lost.fetch_add(n, Ordering::Relaxed);
+        tracing::error!(handler, lost = n, "handler's subscription could not read durable messages back from the log: dropped without a dead letter");
+    }))
+}
+
 /// The messages a handler has taken from its subscription but not yet run,
 /// oldest first, bounded by `cap` (see [`Bus::handle`], "Falling behind").
 struct Backlog {
@@ -619,7 +632,6 @@ async fn run_handler<F, Fut>(
     let mut backlog = Backlog::new(cap);
     let mut retry: Option<RetryRequest> = None;
     let mut busy: Option<Busy> = None;
-    let mut seen_dropped = 0u64;
     let end = loop {
         // Before any retry: a retried entry is then stored before its
         // outcome.
@@ -657,16 +669,6 @@ async fn run_handler<F, Fut>(
                         if w.dead_letter_now(&error, 0, victim) {
                             w.bus.inner.dlq.counters.overflowed.fetch_add(1, Ordering::Relaxed);
                         }
-                    }
-                    // What the subscription evicts is dead-lettered (see
-                    // `overflow_sink`); it drops only durable messages it
-                    // could not read back from the log.
-                    let dropped = sub.dropped();
-                    if dropped > seen_dropped {
-                        let n = dropped - seen_dropped;
-                        seen_dropped = dropped;
-                        w.bus.inner.dlq.counters.lost.fetch_add(n, Ordering::Relaxed);
-                        tracing::error!(handler = %w.name, pattern = %sub.pattern(), lost = n, "handler's subscription could not read durable messages back from the log: dropped without a dead letter");
                     }
                 }
                 Err(reason) => break Some(reason),
@@ -802,6 +804,7 @@ impl Bus {
                 cap,
                 unstored.clone(),
             )),
+            Some(lost_sink(Arc::downgrade(&self.inner), name.to_owned())),
             // Its task would skip them.
             !wants_dead_letters,
         )?;

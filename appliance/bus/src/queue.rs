@@ -108,6 +108,19 @@ impl std::fmt::Debug for Evict {
     }
 }
 
+/// Told, when it happens, how many durable messages deferred to a
+/// subscription it could not read back from the log (a read error, or
+/// removed by retention first): a handler counts them lost at once, not
+/// when its next message comes. Called from the subscriber's `recv`, under
+/// the queue's lock: it must not block or touch the queue.
+pub(crate) struct Lost(pub Box<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lost")
+    }
+}
+
 /// Most sequence numbers one queue group member keeps deferred (8 MiB of
 /// them): past this a message is offered to the next member instead.
 pub(crate) const MAX_DEFERRED: usize = 1 << 20;
@@ -123,6 +136,8 @@ pub(crate) struct LocalQueue {
     catch_up: bool,
     /// Where evicted messages go instead of being dropped.
     evict: Option<Evict>,
+    /// Told of deferred durable messages not read back.
+    pub lost: Option<Lost>,
     /// Messages dropped (not handed to `evict`).
     pub dropped: AtomicU64,
     /// Dead letters and retry outcomes are neither offered to it nor read
@@ -155,6 +170,7 @@ impl LocalQueue {
             policy,
             catch_up,
             evict: None,
+            lost: None,
             dropped: AtomicU64::new(0),
             skip_dead_letters: false,
         }

@@ -914,3 +914,78 @@ async fn queue_group_dead_letters_what_a_plain_member_and_a_handler_both_refuse(
     assert_eq!(stored.len(), 4);
     assert_eq!(b.dlq_stats().lost, 0);
 }
+
+/// Flips a byte of the one stored record holding `marker` (12 bytes) in the
+/// durable log under `dir`.
+fn damage_record(dir: &std::path::Path, marker: &[u8]) {
+    let mut damaged = 0;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            let mut bytes = std::fs::read(&p).unwrap();
+            if let Some(i) = bytes.windows(marker.len()).position(|w| w == marker) {
+                bytes[i] ^= 0xff;
+                std::fs::write(&p, bytes).unwrap();
+                damaged += 1;
+            }
+        }
+    }
+    assert_eq!(damaged, 1);
+}
+
+/// A handler whose subscription cannot read its deferred durable messages
+/// back from the log (a damaged record) counts them in `DlqStats::lost`
+/// when the read fails, not when its next message comes: with no further
+/// message they are counted all the same. Counted once.
+#[tokio::test]
+async fn a_handlers_failed_catch_up_is_counted_lost_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = durable_bus(dir.path(), 2, 1 << 20);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (g2, h2) = (gate.clone(), handled.clone());
+    let _h = b
+        .handle(
+            "disks",
+            "storage.>",
+            HandlerOptions::default(),
+            move |m: Message| {
+                let (g2, h2) = (g2.clone(), h2.clone());
+                async move {
+                    g2.acquire().await.unwrap().forget();
+                    h2.lock()
+                        .push(String::from_utf8(m.payload.to_vec()).unwrap());
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    // m0 runs (held up), m1 and m2 fill the backlog, m3 and m4 the
+    // subscription; m5..m9 are deferred to the log.
+    for i in 0..10 {
+        b.publish("storage.d", None, format!("marker-{i}-xyz"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.sync_durable().await.unwrap();
+    damage_record(dir.path(), b"marker-7-xyz");
+    gate.add_permits(1000);
+    wait_until("m0..m4 are handled", || handled.lock().len() == 5).await;
+    wait_until("the failed catch-up is counted", || b.dlq_stats().lost == 5).await;
+    assert_eq!(
+        *handled.lock(),
+        [0, 1, 2, 3, 4].map(|i| format!("marker-{i}-xyz"))
+    );
+    // The next message is handled; the loss is not counted again.
+    b.publish("storage.d", None, "after").await.unwrap();
+    wait_until("after is handled", || handled.lock().len() == 6).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stats = b.dlq_stats();
+    assert_eq!((stats.lost, stats.dead_lettered), (5, 0), "{stats:?}");
+}
