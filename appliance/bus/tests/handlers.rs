@@ -989,3 +989,61 @@ async fn a_handlers_failed_catch_up_is_counted_lost_at_once() {
     let stats = b.dlq_stats();
     assert_eq!((stats.lost, stats.dead_lettered), (5, 0), "{stats:?}");
 }
+
+/// A starved handler's subscription that overflows while the bus shuts
+/// down (the closing thread held up after storing the dead letters
+/// recorded so far, publishing still accepted): what it evicts from then on
+/// is not listed, as the handler is stopping, so every dead letter listed
+/// after the close is stored, and is back after a restart.
+#[tokio::test]
+async fn dead_letters_listed_while_the_bus_closes_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed: Vec<String>;
+    {
+        let b = durable_bus(dir.path(), 2, 1 << 20);
+        let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+        // No yield: the handler's task does not run before the close.
+        for i in 0..5 {
+            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+        }
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let b2 = b.clone();
+        let closer = std::thread::spawn(move || {
+            // Held up at its first warning (after storing what was
+            // recorded so far) until `go`.
+            let go_rx = Mutex::new(Some(go_rx));
+            let sub = OnWarn(move || {
+                if let Some(go) = go_rx.lock().take() {
+                    let _ = paused_tx.send(());
+                    let _ = go.recv_timeout(Duration::from_secs(2));
+                }
+            });
+            tracing::subscriber::with_default(sub, || b2.close());
+        });
+        paused.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Published meanwhile (the close has not begun refusing yet): the
+        // subscription evicts m3, m4, m5.
+        for i in 5..8 {
+            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+        }
+        go.send(()).unwrap();
+        closer.join().unwrap();
+        listed = b
+            .dlq_list()
+            .iter()
+            .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+            .collect();
+        drop(h);
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, ["m0", "m1", "m2"]);
+    let b = durable_bus(dir.path(), 2, 1 << 20);
+    let restored: Vec<String> = b
+        .dlq_list()
+        .iter()
+        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(restored, listed, "after a restart");
+}
