@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -424,6 +424,8 @@ where
 struct Unstored {
     state: Mutex<UnstoredState>,
     notify: Notify,
+    /// Signalled when a store of taken ids ends (`UnstoredState::storing`).
+    stored: Condvar,
     max: usize,
 }
 
@@ -435,6 +437,10 @@ struct UnstoredState {
     /// The handle was dropped: nothing more is recorded, as nobody would
     /// store it.
     closed: bool,
+    /// Stores under way: ids taken from here and not all published yet.
+    /// Closing waits for them, so a shutdown does not stop publishing
+    /// under them (their ids are no longer here for it to store).
+    storing: usize,
 }
 
 impl Unstored {
@@ -442,6 +448,7 @@ impl Unstored {
         Self {
             state: Mutex::new(UnstoredState::default()),
             notify: Notify::new(),
+            stored: Condvar::new(),
             max: max.max(1),
         }
     }
@@ -890,19 +897,42 @@ impl Bus {
     /// [`Unstored`]), without waiting for an fsync. One whose entry is
     /// already out of the list (pushed out by newer ones before it could
     /// be stored) is gone: counted in [`DlqStats::lost`]. With `close`,
-    /// the subscription records no more (its handle is dropped).
+    /// the subscription records no more (its handle is dropped, or the bus
+    /// shuts down), and this first waits for any store under way (the
+    /// handler's task's), which only publishes: a shutdown then cannot stop
+    /// publishing before those are stored.
     fn store_unstored(&self, handler: &str, unstored: &Unstored, close: bool) {
         let (ids, pushed_out) = {
             let mut st = unstored.state.lock();
             st.closed |= close;
+            if close {
+                while st.storing > 0 {
+                    unstored.stored.wait(&mut st);
+                }
+            }
             if st.ids.is_empty() && st.pushed_out == 0 {
                 return;
             }
+            st.storing += 1;
             (
                 std::mem::take(&mut st.ids),
                 std::mem::take(&mut st.pushed_out),
             )
         };
+        // Ends the store also if publishing panics: a close must not hang.
+        struct Done<'a>(&'a Unstored);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().storing -= 1;
+                self.0.stored.notify_all();
+            }
+        }
+        let _done = Done(unstored);
+        self.store_taken(handler, ids, pushed_out);
+    }
+
+    /// Stores the dead letters `ids` (see [`store_unstored`](Self::store_unstored)).
+    fn store_taken(&self, handler: &str, ids: VecDeque<u64>, pushed_out: u64) {
         let mut gone = pushed_out;
         let (mut stored, first_id, last_id) = (0u64, ids.front().copied(), ids.back().copied());
         for id in ids {

@@ -1047,3 +1047,55 @@ async fn dead_letters_listed_while_the_bus_closes_are_stored() {
         .collect();
     assert_eq!(restored, listed, "after a restart");
 }
+
+/// `Bus::close` while a handler's task is storing the overflow dead letters
+/// its subscription recorded (closed as soon as the first is published, by
+/// another thread): the close waits for the task to store them all, so
+/// every one listed is back after a restart.
+#[tokio::test]
+async fn close_waits_for_a_handler_storing_its_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed;
+    {
+        let b = durable_bus(dir.path(), 2, 1 << 20);
+        let mut dead = b
+            .subscribe(
+                "_dlq.>",
+                SubscribeOptions {
+                    capacity: Some(1 << 16),
+                    ..SubscribeOptions::default()
+                },
+            )
+            .unwrap();
+        let b2 = b.clone();
+        let worker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (h, _handled) =
+                    recording_handler(&b2, "jobs", "jobs.>", Duration::from_millis(10));
+                // No yield: all but the last 2 are evicted, then the task
+                // stores them in one go.
+                for i in 0..3000 {
+                    b2.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(h);
+            });
+        });
+        tokio::time::timeout(Duration::from_secs(5), dead.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        b.close();
+        worker.join().unwrap();
+        listed = b.dlq_list().len();
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, 2998);
+    let b = durable_bus(dir.path(), 2, 1 << 20);
+    assert_eq!(b.dlq_list().len(), listed, "after a restart");
+}
