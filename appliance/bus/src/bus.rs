@@ -866,13 +866,18 @@ impl Bus {
 
     /// Shuts the bus down: subscriptions end with [`CloseReason::BusClosed`],
     /// the durable log gets a last fsync, and its thread stops. Blocks briefly.
+    /// Every dead letter listed by then is stored first (it waits for those
+    /// being stored); a handler that fails on a message after that does not
+    /// dead-letter it (counted in [`DlqStats::lost`](crate::DlqStats::lost)).
     pub fn close(&self) {
         if self.inner.closed.load(Ordering::Acquire) {
             return;
         }
         // While publishing still works: the dead letters handlers'
-        // subscriptions recorded that their tasks have not stored yet.
+        // subscriptions recorded that their tasks have not stored yet, and
+        // the dead letters and retry outcomes being stored; none after.
         self.store_all_unstored();
+        self.inner.dlq.stop_storing();
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }

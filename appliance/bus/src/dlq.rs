@@ -130,8 +130,9 @@ pub struct DlqStats {
     /// dead-lettered: durable messages its subscription could not read back
     /// from the log (a read error, or removed by retention), and overflow
     /// dead letters pushed out of the dead-letter list before the handler's
-    /// task could store them (see [`Bus::handle`], "Falling behind"). Each
-    /// loss is logged as an error.
+    /// task could store them (see [`Bus::handle`], "Falling behind"), and
+    /// messages a handler failed on after [`Bus::close`] stopped storing
+    /// dead letters. Each loss is logged as an error.
     pub lost: u64,
     /// Dead letters (or retry outcomes) that a handler named explicitly
     /// failed to handle, or had to drop on overflow: logged as errors and
@@ -155,6 +156,12 @@ type Running = (mpsc::Sender<RetryRequest>, Arc<Unstored>);
 #[derive(Debug)]
 pub(crate) struct DlqState {
     entries: Mutex<BTreeMap<u64, DlqEntry>>,
+    /// Dead letters and retry outcomes being stored (listed or applied to
+    /// the list, not yet published), and whether storing has stopped: a
+    /// shutdown waits for those under way before publishing stops, and
+    /// refuses new ones, so none is listed but not stored.
+    storing: Mutex<(usize, bool)>,
+    stored: Condvar,
     counters: DlqCounters,
     /// Running handlers: where to send retries, and the dead letters their
     /// subscriptions recorded, to store at shutdown.
@@ -167,6 +174,8 @@ impl DlqState {
     pub fn new(max_entries: usize) -> Self {
         Self {
             entries: Mutex::new(BTreeMap::new()),
+            storing: Mutex::new((0, false)),
+            stored: Condvar::new(),
             handlers: Mutex::new(HashMap::new()),
             counters: DlqCounters::default(),
             next_id: AtomicU64::new(1),
@@ -180,6 +189,29 @@ impl DlqState {
 
     pub fn close(&self) {
         self.handlers.lock().clear();
+    }
+
+    /// Starts storing a dead letter or a retry outcome (see `storing`):
+    /// `None` once storing has stopped. Hold the guard from the change to
+    /// the list until the record is published (not across an await).
+    pub(crate) fn start_storing(&self) -> Option<Storing<'_>> {
+        let mut st = self.storing.lock();
+        if st.1 {
+            return None;
+        }
+        st.0 += 1;
+        Some(Storing(self))
+    }
+
+    /// Stops storing: waits for the stores under way (publishes only, never
+    /// anything on the publisher's path), then refuses new ones. Called by
+    /// `Bus::close` before publishing stops.
+    pub(crate) fn stop_storing(&self) {
+        let mut st = self.storing.lock();
+        st.1 = true;
+        while st.0 > 0 {
+            self.stored.wait(&mut st);
+        }
     }
 
     /// Lists a dead letter and counts it (it is stored separately, see
@@ -292,6 +324,17 @@ impl DlqState {
         self.next_id
             .fetch_max(id.saturating_add(1), Ordering::Relaxed);
         applied
+    }
+}
+
+/// A dead letter or retry outcome being stored ([`DlqState::start_storing`]).
+/// Ends on drop, also if publishing panics: a shutdown must not hang.
+pub(crate) struct Storing<'a>(&'a DlqState);
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        self.0.storing.lock().0 -= 1;
+        self.0.stored.notify_all();
     }
 }
 
@@ -424,8 +467,6 @@ where
 struct Unstored {
     state: Mutex<UnstoredState>,
     notify: Notify,
-    /// Signalled when a store of taken ids ends (`UnstoredState::storing`).
-    stored: Condvar,
     max: usize,
 }
 
@@ -437,10 +478,6 @@ struct UnstoredState {
     /// The handle was dropped: nothing more is recorded, as nobody would
     /// store it.
     closed: bool,
-    /// Stores under way: ids taken from here and not all published yet.
-    /// Closing waits for them, so a shutdown does not stop publishing
-    /// under them (their ids are no longer here for it to store).
-    storing: usize,
 }
 
 impl Unstored {
@@ -448,7 +485,6 @@ impl Unstored {
         Self {
             state: Mutex::new(UnstoredState::default()),
             notify: Notify::new(),
-            stored: Condvar::new(),
             max: max.max(1),
         }
     }
@@ -872,6 +908,12 @@ impl Bus {
         attempts: u32,
         msg: Message,
     ) -> Option<Ticket> {
+        // Listed and stored, or (the bus shutting down) neither.
+        let Some(_storing) = self.inner.dlq.start_storing() else {
+            self.inner.dlq.counters.lost.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(handler, subject = %msg.subject, error, "the bus is shut down: a message its handler failed on is not dead-lettered; lost");
+            return None;
+        };
         let id = self.inner.dlq.record(handler, error, attempts, msg.clone());
         self.store_dead_letter(id, handler, error, attempts, msg)
     }
@@ -898,36 +940,24 @@ impl Bus {
     /// already out of the list (pushed out by newer ones before it could
     /// be stored) is gone: counted in [`DlqStats::lost`]. With `close`,
     /// the subscription records no more (its handle is dropped, or the bus
-    /// shuts down), and this first waits for any store under way (the
-    /// handler's task's), which only publishes: a shutdown then cannot stop
-    /// publishing before those are stored.
+    /// shuts down). Once the bus has stopped storing dead letters
+    /// ([`DlqState::stop_storing`]) there is nothing left to store.
     fn store_unstored(&self, handler: &str, unstored: &Unstored, close: bool) {
+        let Some(_storing) = self.inner.dlq.start_storing() else {
+            unstored.state.lock().closed |= close;
+            return;
+        };
         let (ids, pushed_out) = {
             let mut st = unstored.state.lock();
             st.closed |= close;
-            if close {
-                while st.storing > 0 {
-                    unstored.stored.wait(&mut st);
-                }
-            }
             if st.ids.is_empty() && st.pushed_out == 0 {
                 return;
             }
-            st.storing += 1;
             (
                 std::mem::take(&mut st.ids),
                 std::mem::take(&mut st.pushed_out),
             )
         };
-        // Ends the store also if publishing panics: a close must not hang.
-        struct Done<'a>(&'a Unstored);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.state.lock().storing -= 1;
-                self.0.stored.notify_all();
-            }
-        }
-        let _done = Done(unstored);
         self.store_taken(handler, ids, pushed_out);
     }
 
@@ -1070,6 +1100,9 @@ impl Bus {
         let result = rrx
             .await
             .map_err(|_| BusError::HandlerGone(entry.handler.clone()))?;
+        // From the change to the list until its record is published, so a
+        // shutdown cannot come in between (after one, it is not stored).
+        let storing = self.inner.dlq.start_storing();
         let (outcome, status, error, attempts) = {
             let mut entries = self.inner.dlq.entries.lock();
             match result {
@@ -1109,11 +1142,13 @@ impl Bus {
                 h.with("Dlq-Id", &id.to_string()).encode()
             },
         );
-        let stored = match self.publish_dlq_record(
+        let published = self.publish_dlq_record(
             &format!("{DLQ_STATE_PREFIX}{id}"),
             headers,
             bytes::Bytes::new(),
-        ) {
+        );
+        drop(storing);
+        let stored = match published {
             Ok(t) => self.settle(t).await.map(|_| ()),
             Err(e) => Err(e),
         };

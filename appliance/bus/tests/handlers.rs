@@ -1099,3 +1099,59 @@ async fn close_waits_for_a_handler_storing_its_dead_letters() {
     let b = durable_bus(dir.path(), 2, 1 << 20);
     assert_eq!(b.dlq_list().len(), listed, "after a restart");
 }
+
+/// `Bus::close` between a failed message being listed as a dead letter and
+/// its record being published (the handler's thread held up there, at the
+/// "message dead-lettered" warning): the dead letter listed after the
+/// close is stored, and is back after a restart.
+#[tokio::test]
+async fn close_while_a_handler_dead_letters_stores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed;
+    {
+        let b = durable_bus(dir.path(), 16, 1 << 20);
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let b2 = b.clone();
+        let worker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let go_rx = Mutex::new(Some(go_rx));
+            let sub = OnWarn(move || {
+                if let Some(go) = go_rx.lock().take() {
+                    let _ = paused_tx.send(());
+                    let _ = go.recv_timeout(Duration::from_secs(5));
+                }
+            });
+            tracing::subscriber::with_default(sub, || {
+                rt.block_on(async {
+                    let h = recording_handler(&b2, "jobs", "jobs.>", Duration::from_millis(1));
+                    ready_tx.send(()).unwrap();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    drop(h);
+                });
+            });
+        });
+        ready.recv().unwrap();
+        b.publish("jobs.x", None, "bad").await.unwrap();
+        paused.recv_timeout(Duration::from_secs(5)).unwrap();
+        let b3 = b.clone();
+        let closer = std::thread::spawn(move || b3.close());
+        std::thread::sleep(Duration::from_millis(100));
+        go.send(()).unwrap();
+        closer.join().unwrap();
+        worker.join().unwrap();
+        listed = b.dlq_list().len();
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = durable_bus(dir.path(), 16, 1 << 20);
+    assert_eq!(
+        (listed, b.dlq_list().len()),
+        (1, 1),
+        "listed, then back after a restart"
+    );
+}
