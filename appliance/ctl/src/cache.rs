@@ -1,6 +1,6 @@
 //! `appliancectl cache ...`
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -139,6 +139,93 @@ fn write_atomically(
     result
 }
 
+/// Sends a [`CacheRequest::GetPieces`] and gathers the hit's pieces; `None`
+/// on a miss.
+fn get_in_pieces(client: &mut Client, req: &Request) -> anyhow::Result<Option<Vec<u8>>> {
+    let len = match expect_cache(client.request(req)?)? {
+        CacheResponse::Miss => return Ok(None),
+        CacheResponse::HitLen(len) => len,
+        other => bail!("unexpected answer from applianced: {other:?}"),
+    };
+    let len = usize::try_from(len).context("applianced announced a response too large to hold")?;
+    // Grown as pieces arrive rather than trusting the announced length.
+    let mut v = Vec::new();
+    while v.len() < len {
+        match expect_cache(client.next_response()?)? {
+            CacheResponse::HitPiece(p) if p.len() <= len - v.len() => v.extend_from_slice(&p),
+            CacheResponse::HitPiece(_) => {
+                bail!("applianced sent more than the {len} bytes it announced")
+            }
+            other => bail!("unexpected answer from applianced: {other:?}"),
+        }
+    }
+    Ok(Some(v))
+}
+
+/// Where the response of a `cache put` comes from.
+enum PutSource {
+    /// Given on the command line, or read whole from something that is not a
+    /// regular file (a pipe has no length to announce).
+    Bytes(Vec<u8>),
+    /// A regular file, read once the daemon took its length.
+    File {
+        path: PathBuf,
+        file: std::fs::File,
+        len: u64,
+    },
+}
+
+impl PutSource {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        if meta.is_file() {
+            return Ok(PutSource::File {
+                path: path.to_owned(),
+                file,
+                len: meta.len(),
+            });
+        }
+        let mut v = Vec::new();
+        file.read_to_end(&mut v)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(PutSource::Bytes(v))
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            PutSource::Bytes(v) => v.len() as u64,
+            PutSource::File { len, .. } => *len,
+        }
+    }
+
+    /// The response; a file whose length changed since it was announced is
+    /// an error (and nothing is stored: its pieces are never all sent).
+    fn read(self) -> anyhow::Result<Vec<u8>> {
+        match self {
+            PutSource::Bytes(v) => Ok(v),
+            PutSource::File { path, file, len } => {
+                let mut v = Vec::new();
+                file.take(len.saturating_add(1))
+                    .read_to_end(&mut v)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                if v.len() as u64 != len {
+                    bail!(
+                        "{} changed size while being stored ({len} bytes, then {}); nothing \
+                         was stored",
+                        path.display(),
+                        v.len()
+                    );
+                }
+                Ok(v)
+            }
+        }
+    }
+}
+
 pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
         CacheCmd::Get {
@@ -146,36 +233,33 @@ pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Re
             prompt,
             variant,
         } => {
-            let req = Request::Cache(CacheRequest::Get {
+            let req = Request::Cache(CacheRequest::GetPieces {
                 agent: agent.clone(),
                 prompt: prompt.clone(),
                 variant: variant.clone(),
             });
-            match expect_cache(client.request(&req)?)? {
-                CacheResponse::Hit(v) => {
-                    if json {
-                        print_json(
-                            &serde_json::json!({ "hit": true, "response": String::from_utf8_lossy(&v) }),
-                        )?;
-                    } else {
-                        let mut out = std::io::stdout().lock();
-                        out.write_all(&v)?;
-                        if !v.ends_with(b"\n") {
-                            out.write_all(b"\n")?;
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
+            let Some(v) = get_in_pieces(client, &req)? else {
+                if json {
+                    print_json(&serde_json::json!({ "hit": false }))?;
+                } else {
+                    eprintln!("miss");
                 }
-                CacheResponse::Miss => {
-                    if json {
-                        print_json(&serde_json::json!({ "hit": false }))?;
-                    } else {
-                        eprintln!("miss");
-                    }
-                    Ok(ExitCode::FAILURE)
+                return Ok(ExitCode::FAILURE);
+            };
+            if json {
+                print_json(
+                    &serde_json::json!({ "hit": true, "response": String::from_utf8_lossy(&v) }),
+                )?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&v)?;
+                // Exactly the response's bytes, unless a person reads them.
+                if out.is_terminal() && !v.ends_with(b"\n") {
+                    out.write_all(b"\n")?;
                 }
-                other => bail!("unexpected answer from applianced: {other:?}"),
+                out.flush()?;
             }
+            Ok(ExitCode::SUCCESS)
         }
         CacheCmd::Put {
             agent,
@@ -185,21 +269,32 @@ pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Re
             ttl,
             variant,
         } => {
-            let response = match (response, response_file) {
-                (Some(r), _) => r.clone().into_bytes(),
-                (None, Some(f)) => {
-                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
-                }
+            let source = match (response, response_file) {
+                (Some(r), _) => PutSource::Bytes(r.clone().into_bytes()),
+                (None, Some(f)) => PutSource::open(f)?,
                 (None, None) => bail!("give --response TEXT or --response-file FILE"),
             };
-            let req = Request::Cache(CacheRequest::Put {
+            let start = CacheRequest::PutPieces {
                 agent: agent.clone(),
                 prompt: prompt.clone(),
                 variant: variant.clone(),
-                response,
+                len: source.len(),
                 ttl_secs: *ttl,
-            });
-            match expect_cache(client.request(&req)?)? {
+            };
+            match expect_cache(client.request(&Request::Cache(start))?)? {
+                CacheResponse::PutReady => {}
+                other => bail!("unexpected answer from applianced: {other:?}"),
+            }
+            // The daemon took the announced length; only now is the file
+            // read (a regular file, at most one value).
+            let response = source.read()?;
+            let piece = (client.max_frame as usize)
+                .saturating_sub(PIECE_ENVELOPE)
+                .clamp(1, IMPORT_PIECE);
+            for p in response.chunks(piece) {
+                client.send(&Request::Cache(CacheRequest::PutPiece(p.to_vec())))?;
+            }
+            match expect_cache(client.next_response()?)? {
                 CacheResponse::Stored => {
                     if json {
                         print_json(&serde_json::json!({ "stored": true }))?;

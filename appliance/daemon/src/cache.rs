@@ -176,6 +176,17 @@ fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, ControlError> {
     r.map_err(|e| ControlError::new(ErrorCode::Internal, format!("cache task failed: {e}")))
 }
 
+/// A put's TTL: at least 1 second, or `None` for the configured default.
+pub fn check_ttl(ttl_secs: Option<u64>) -> Result<(), ControlError> {
+    if ttl_secs == Some(0) {
+        return Err(ControlError::new(
+            ErrorCode::InvalidArgument,
+            "--ttl must be at least 1 second",
+        ));
+    }
+    Ok(())
+}
+
 /// Carries out a single-answer cache request. Anything that may fsync runs on
 /// a blocking thread.
 pub async fn handle(cache: &Arc<Cache>, req: CacheRequest) -> Result<CacheResponse, ControlError> {
@@ -197,12 +208,7 @@ pub async fn handle(cache: &Arc<Cache>, req: CacheRequest) -> Result<CacheRespon
             response,
             ttl_secs,
         } => {
-            if ttl_secs == Some(0) {
-                return Err(ControlError::new(
-                    ErrorCode::InvalidArgument,
-                    "--ttl must be at least 1 second",
-                ));
-            }
+            check_ttl(ttl_secs)?;
             let c = cache.clone();
             joined(
                 tokio::task::spawn_blocking(move || {
@@ -238,12 +244,73 @@ pub async fn handle(cache: &Arc<Cache>, req: CacheRequest) -> Result<CacheRespon
             .map(CacheResponse::Invalidated)
             .map_err(|e| cache_error(&e))
         }
-        CacheRequest::Import | CacheRequest::ImportChunk(_) | CacheRequest::Export => {
-            Err(ControlError::new(
+        CacheRequest::Import
+        | CacheRequest::ImportChunk(_)
+        | CacheRequest::Export
+        | CacheRequest::GetPieces { .. }
+        | CacheRequest::PutPieces { .. }
+        | CacheRequest::PutPiece(_) => Err(ControlError::new(
+            ErrorCode::InvalidArgument,
+            "import, export and get and put in pieces are streamed; this request is out of \
+             place here",
+        )),
+    }
+}
+
+/// A response arriving in pieces (`cache put` of any size): the announced
+/// length is checked against the cache's maximum value size before the
+/// client sends anything, and the response is handed out only once every
+/// byte arrived. It never holds more than the announced length, which is at
+/// most one value.
+#[derive(Debug)]
+pub struct PutAssembly {
+    len: usize,
+    buf: Vec<u8>,
+}
+
+impl PutAssembly {
+    /// Starts a put of `len` bytes into a cache that takes values of at most
+    /// `max_value` bytes.
+    pub fn start(len: u64, max_value: usize) -> Result<Self, ControlError> {
+        match usize::try_from(len) {
+            Ok(len) if len <= max_value => Ok(Self {
+                len,
+                buf: Vec::with_capacity(len),
+            }),
+            _ => Err(ControlError::new(
                 ErrorCode::InvalidArgument,
-                "import and export are streamed; this request is out of place here",
-            ))
+                format!(
+                    "the response is {len} bytes; the cache takes responses of at most \
+                     {max_value} bytes (config key cache.max_value_bytes); nothing was stored"
+                ),
+            )),
         }
+    }
+
+    /// Whether every byte arrived.
+    pub fn is_complete(&self) -> bool {
+        self.buf.len() == self.len
+    }
+
+    /// Adds the next piece; more than was announced is refused.
+    pub fn feed(&mut self, piece: &[u8]) -> Result<(), ControlError> {
+        if piece.len() > self.len - self.buf.len() {
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the pieces of the response run past the {} bytes announced; nothing was \
+                     stored",
+                    self.len
+                ),
+            ));
+        }
+        self.buf.extend_from_slice(piece);
+        Ok(())
+    }
+
+    /// The whole response, once [`PutAssembly::is_complete`].
+    pub fn into_response(self) -> Vec<u8> {
+        self.buf
     }
 }
 
@@ -469,5 +536,33 @@ impl Collector for CacheCollector {
             g.encode(m)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_put_in_pieces_takes_exactly_what_was_announced() {
+        assert_eq!(
+            PutAssembly::start(9, 8).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        assert!(PutAssembly::start(u64::MAX, usize::MAX >> 1).is_err());
+        let mut p = PutAssembly::start(5, 8).unwrap();
+        assert!(!p.is_complete());
+        p.feed(b"ab").unwrap();
+        p.feed(b"").unwrap();
+        assert!(
+            p.feed(b"cdef").is_err(),
+            "one byte past the announced length"
+        );
+        assert!(!p.is_complete());
+        p.feed(b"cde").unwrap();
+        assert!(p.is_complete());
+        assert!(p.feed(b"f").is_err());
+        assert_eq!(p.into_response(), b"abcde");
+        assert!(PutAssembly::start(0, 8).unwrap().is_complete());
     }
 }

@@ -311,6 +311,76 @@ async fn cache_request(
             });
             write_msg(stream, &cache_reply(done), max_frame).await
         }
+        CacheRequest::GetPieces {
+            agent,
+            prompt,
+            variant,
+        } => {
+            // The value is shared with the cache (no copy); at most one
+            // piece of it is copied into a frame at a time.
+            let Some(value) = cache.get(agent.as_bytes(), prompt.as_bytes(), variant.as_bytes())
+            else {
+                return write_msg(stream, &Response::Cache(CacheResponse::Miss), max_frame).await;
+            };
+            let len = CacheResponse::HitLen(value.len() as u64);
+            write_msg(stream, &Response::Cache(len), max_frame).await?;
+            for piece in value.chunks(crate::cache::export_piece(max_frame)) {
+                let piece = CacheResponse::HitPiece(piece.to_vec());
+                write_msg(stream, &Response::Cache(piece), max_frame).await?;
+            }
+            Ok(())
+        }
+        CacheRequest::PutPieces {
+            agent,
+            prompt,
+            variant,
+            len,
+            ttl_secs,
+        } => {
+            // Refused on the announced length, before the client sends a
+            // byte of it.
+            let put = crate::cache::check_ttl(ttl_secs).and_then(|()| {
+                crate::cache::PutAssembly::start(len, cache.config().max_value_bytes)
+            });
+            let mut put = match put {
+                Ok(p) => p,
+                Err(e) => return write_msg(stream, &Response::Error(e), max_frame).await,
+            };
+            write_msg(stream, &Response::Cache(CacheResponse::PutReady), max_frame).await?;
+            while !put.is_complete() {
+                let Ok(payload) = read_frame(stream, max_frame, idle_timeout).await else {
+                    // The client went away (or stalled) mid-put: the pieces
+                    // are dropped and nothing is stored.
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "put interrupted",
+                    ));
+                };
+                let fed = match decode_payload::<Request>(&payload, "request") {
+                    Ok(Request::Cache(CacheRequest::PutPiece(piece))) => put.feed(&piece),
+                    _ => Err(ControlError::new(
+                        ErrorCode::BadFrame,
+                        "expected the next piece of the response being put; nothing was stored",
+                    )),
+                };
+                if let Err(e) = fed {
+                    return write_msg(stream, &Response::Error(e), max_frame).await;
+                }
+            }
+            let req = CacheRequest::Put {
+                agent,
+                prompt,
+                variant,
+                response: put.into_response(),
+                ttl_secs,
+            };
+            write_msg(
+                stream,
+                &cache_reply(crate::cache::handle(cache, req).await),
+                max_frame,
+            )
+            .await
+        }
         other => {
             write_msg(
                 stream,

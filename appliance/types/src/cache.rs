@@ -47,6 +47,39 @@ pub enum CacheRequest {
     /// Export every entry as JSON: [`CacheResponse::ExportChunk`] frames,
     /// then [`CacheResponse::Exported`].
     Export,
+    /// Look up a response of any size the cache takes (a [`CacheRequest::Get`]
+    /// answer is one frame): [`CacheResponse::HitLen`] and then
+    /// [`CacheResponse::HitPiece`] frames carrying exactly that many bytes,
+    /// or [`CacheResponse::Miss`].
+    GetPieces {
+        /// Agent id.
+        agent: String,
+        /// Prompt.
+        prompt: String,
+        /// Variant.
+        variant: String,
+    },
+    /// Start storing a response of `len` bytes in pieces. The daemon answers
+    /// [`CacheResponse::PutReady`], or an error before a byte is sent (a
+    /// `len` over the cache's maximum value size, a TTL of 0); the client then
+    /// sends [`CacheRequest::PutPiece`] frames of `len` bytes in all and gets
+    /// one [`CacheResponse::Stored`]. The response is stored only once every
+    /// byte arrived: a client that goes away part-way stores nothing.
+    /// Mutating.
+    PutPieces {
+        /// Agent id.
+        agent: String,
+        /// Prompt.
+        prompt: String,
+        /// Variant.
+        variant: String,
+        /// The response's length in bytes.
+        len: u64,
+        /// Time to live in seconds; `None` for the configured default.
+        ttl_secs: Option<u64>,
+    },
+    /// A piece of the response being stored by [`CacheRequest::PutPieces`].
+    PutPiece(Vec<u8>),
 }
 
 impl CacheRequest {
@@ -58,6 +91,8 @@ impl CacheRequest {
                 | CacheRequest::Invalidate { .. }
                 | CacheRequest::Import
                 | CacheRequest::ImportChunk(_)
+                | CacheRequest::PutPieces { .. }
+                | CacheRequest::PutPiece(_)
         )
     }
 }
@@ -123,7 +158,17 @@ pub enum CacheResponse {
     Exported {
         /// Entries written.
         written: u64,
-        /// Entries skipped because they are not UTF-8.
+        /// Entries skipped because their key, agent, prompt or variant is
+        /// not UTF-8 (a response that is not goes out as
+        /// `response_base64`).
         skipped_binary: u64,
     },
+    /// Answer to [`CacheRequest::GetPieces`]: a hit of this many bytes,
+    /// which follow as [`CacheResponse::HitPiece`] frames.
+    HitLen(u64),
+    /// A piece of a hit.
+    HitPiece(Vec<u8>),
+    /// The daemon takes the response announced by
+    /// [`CacheRequest::PutPieces`]: send its pieces.
+    PutReady,
 }

@@ -21,7 +21,11 @@
 //! # Evolution
 //! Postcard encodes enums by variant index: new requests, responses and error
 //! codes are only ever appended at the end. A change that breaks this bumps
-//! [`PROTOCOL_VERSION`].
+//! [`PROTOCOL_VERSION`]. An older daemon of the same version answers a
+//! request appended after it was built with [`ErrorCode::BadFrame`] and stays
+//! usable; `appliancectl` and `applianced` ship together, so the CLI uses the
+//! newest requests (for example [`CacheRequest::GetPieces`] rather than
+//! [`CacheRequest::Get`]) and the daemon keeps serving the older ones.
 
 use std::fmt;
 
@@ -129,8 +133,14 @@ impl Request {
             Request::Events(EventsRequest::Tail { .. }) => "events tail",
             Request::Events(EventsRequest::DlqList) => "events dlq list",
             Request::Events(EventsRequest::DlqRetry { .. }) => "events dlq retry",
-            Request::Cache(CacheRequest::Get { .. }) => "cache get",
-            Request::Cache(CacheRequest::Put { .. }) => "cache put",
+            Request::Cache(CacheRequest::Get { .. } | CacheRequest::GetPieces { .. }) => {
+                "cache get"
+            }
+            Request::Cache(
+                CacheRequest::Put { .. }
+                | CacheRequest::PutPieces { .. }
+                | CacheRequest::PutPiece(_),
+            ) => "cache put",
             Request::Cache(CacheRequest::Stats) => "cache stats",
             Request::Cache(CacheRequest::Invalidate { .. }) => "cache invalidate",
             Request::Cache(CacheRequest::Import | CacheRequest::ImportChunk(_)) => "cache import",
@@ -434,6 +444,63 @@ mod tests {
         assert!(!Request::Events(EventsRequest::DlqList).is_mutating());
         assert!(!Request::Events(EventsRequest::Tail {
             pattern: ">".into()
+        })
+        .is_mutating());
+    }
+
+    #[test]
+    fn appended_cache_variants_keep_the_indices_before_them() {
+        use crate::cache::CacheRequest as C;
+        let enc = |r: &Request| postcard::to_stdvec(r).unwrap();
+        // Request::Cache is variant 4; the first byte after it is the cache
+        // request's index.
+        assert_eq!(enc(&Request::Cache(C::Stats))[..2], [4, 2]);
+        assert_eq!(enc(&Request::Cache(C::Export))[..2], [4, 6]);
+        let get = C::GetPieces {
+            agent: String::new(),
+            prompt: String::new(),
+            variant: String::new(),
+        };
+        assert_eq!(enc(&Request::Cache(get))[..2], [4, 7]);
+        let put = C::PutPieces {
+            agent: String::new(),
+            prompt: String::new(),
+            variant: String::new(),
+            len: 0,
+            ttl_secs: None,
+        };
+        assert_eq!(enc(&Request::Cache(put))[..2], [4, 8]);
+        assert_eq!(enc(&Request::Cache(C::PutPiece(vec![])))[..2], [4, 9]);
+        let resp = |r: CacheResponse| postcard::to_stdvec(&Response::Cache(r)).unwrap();
+        assert_eq!(resp(CacheResponse::Miss)[..2], [5, 1]);
+        assert_eq!(
+            resp(CacheResponse::Exported {
+                written: 0,
+                skipped_binary: 0
+            })[..2],
+            [5, 7]
+        );
+        assert_eq!(resp(CacheResponse::HitLen(0))[..2], [5, 8]);
+        assert_eq!(resp(CacheResponse::HitPiece(vec![]))[..2], [5, 9]);
+        assert_eq!(resp(CacheResponse::PutReady)[..2], [5, 10]);
+    }
+
+    #[test]
+    fn a_put_in_pieces_is_mutating() {
+        use crate::cache::CacheRequest as C;
+        assert!(Request::Cache(C::PutPiece(vec![1])).is_mutating());
+        assert!(Request::Cache(C::PutPieces {
+            agent: "a".into(),
+            prompt: "p".into(),
+            variant: String::new(),
+            len: 1,
+            ttl_secs: None,
+        })
+        .is_mutating());
+        assert!(!Request::Cache(C::GetPieces {
+            agent: "a".into(),
+            prompt: "p".into(),
+            variant: String::new(),
         })
         .is_mutating());
     }
