@@ -5,7 +5,10 @@
 //! - a string: the response, imported as a **plain key** named by the JSON key
 //!   (readable with `GET <key>`), or
 //! - an object with `response` and optionally `agent`, `prompt`, `variant`
-//!   and `expires_at_ms` (Unix milliseconds). With both `agent` and `prompt`
+//!   and `expires_at_ms` (Unix milliseconds). In place of the `response`
+//!   string it may hold `response_base64`: the response's bytes in standard
+//!   base64 (padded), for a response that is not UTF-8 and so cannot be a
+//!   JSON string; exactly one of the two is given. With both `agent` and `prompt`
 //!   it is an **agent entry**, stored under the MD5 of our encoding (see the
 //!   crate docs); when that differs from the JSON key (the old cache hashed
 //!   differently) the entry is still imported and counted as `rekeyed`.
@@ -19,14 +22,19 @@
 //! Export writes agent entries as objects under their MD5 hex, plain keys
 //! without expiry as strings, and plain keys with one as objects with
 //! `response` and `expires_at_ms`, so an export imports back to the same
-//! state. Entries whose bytes are not UTF-8 cannot be JSON strings; they are
-//! skipped and counted.
+//! state. A response that is not UTF-8 is written as `response_base64` in an
+//! object (never altered into a string), so it too comes back byte for byte.
+//! An entry whose plain key, agent, prompt or variant is not UTF-8 cannot be
+//! written (those are JSON strings and the JSON key); it is skipped and
+//! counted in [`ExportReport::skipped_binary`].
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
@@ -106,8 +114,8 @@ pub struct ImportReport {
 pub struct ExportReport {
     /// Entries written.
     pub written: u64,
-    /// Entries skipped because a key, agent, prompt, variant or response is
-    /// not UTF-8.
+    /// Entries skipped because a plain key, agent, prompt or variant is not
+    /// UTF-8 (a response that is not goes out as `response_base64`).
     pub skipped_binary: u64,
 }
 
@@ -119,16 +127,78 @@ struct JsonEntry {
     prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     variant: Option<String>,
-    response: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_base64: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+impl JsonEntry {
+    /// An entry object for `response`: a string if it is UTF-8, else
+    /// base64.
+    fn with_response(response: &[u8]) -> Self {
+        let (text, base64) = match std::str::from_utf8(response) {
+            Ok(t) => (Some(t.to_owned()), None),
+            Err(_) => (None, Some(BASE64.encode(response))),
+        };
+        Self {
+            agent: None,
+            prompt: None,
+            variant: None,
+            response: text,
+            response_base64: base64,
+            expires_at_ms: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum JsonValue {
     Text(String),
     Entry(JsonEntry),
+}
+
+/// One checked entry of an import file.
+#[derive(Debug)]
+struct Entry {
+    agent: Option<String>,
+    prompt: Option<String>,
+    variant: Option<String>,
+    response: Vec<u8>,
+    expires_at_ms: Option<u64>,
+}
+
+impl Entry {
+    /// The entry of an object: exactly one of `response` and
+    /// `response_base64`, the latter valid base64.
+    fn from_json(key: &str, e: JsonEntry) -> Result<Self, String> {
+        let response = match (e.response, e.response_base64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => BASE64
+                .decode(b64.as_bytes())
+                .map_err(|err| format!("entry {key:?}: response_base64 is not base64: {err}"))?,
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "entry {key:?} has both \"response\" and \"response_base64\"; give one"
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "entry {key:?} has no \"response\" string (nor \"response_base64\")"
+                ))
+            }
+        };
+        Ok(Self {
+            agent: e.agent,
+            prompt: e.prompt,
+            variant: e.variant,
+            response,
+            expires_at_ms: e.expires_at_ms,
+        })
+    }
 }
 
 const MAX_REFUSED_KEYS: usize = 16;
@@ -137,7 +207,7 @@ const MAX_REFUSED_KEYS: usize = 16;
 /// duplicate key (which a map would keep only the last of) and a value that
 /// is neither a response string nor an entry object are refused, naming the
 /// key.
-struct Entries(Vec<(String, JsonEntry)>);
+struct Entries(Vec<(String, Entry)>);
 
 impl<'de> Deserialize<'de> for Entries {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -162,19 +232,22 @@ impl<'de> Deserialize<'de> for Entries {
                     }
                     let value: serde_json::Value = map.next_value()?;
                     let entry = match value {
-                        serde_json::Value::String(response) => JsonEntry {
+                        serde_json::Value::String(response) => Entry {
                             agent: None,
                             prompt: None,
                             variant: None,
-                            response,
+                            response: response.into_bytes(),
                             expires_at_ms: None,
                         },
-                        v @ serde_json::Value::Object(_) => serde_json::from_value(v)
-                            .map_err(|e| A::Error::custom(format!("entry {key:?}: {e}")))?,
+                        v @ serde_json::Value::Object(_) => {
+                            let e = serde_json::from_value(v)
+                                .map_err(|e| A::Error::custom(format!("entry {key:?}: {e}")))?;
+                            Entry::from_json(&key, e).map_err(A::Error::custom)?
+                        }
                         other => {
                             return Err(A::Error::custom(format!(
                                 "entry {key:?} is {other}, not a response string or an \
-                                 object with a \"response\" string"
+                                 object with a \"response\" string (or \"response_base64\")"
                             )))
                         }
                     };
@@ -270,10 +343,6 @@ pub fn export_json(cache: &Cache, w: impl Write) -> Result<ExportReport, JsonErr
     let mut ser = serde_json::Serializer::pretty(w);
     let mut map = ser.serialize_map(None).map_err(JsonError::Write)?;
     for (key, entry) in cache.snapshot() {
-        let Ok(response) = String::from_utf8(entry.value.to_vec()) else {
-            report.skipped_binary += 1;
-            continue;
-        };
         let (name, value) = match (&key, entry.owner.as_ref()) {
             (Key::Agent(md5), Some(owner)) => {
                 let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
@@ -291,8 +360,8 @@ pub fn export_json(cache: &Cache, w: impl Write) -> Result<ExportReport, JsonErr
                         agent: Some(agent),
                         prompt: Some(prompt),
                         variant: (!variant.is_empty()).then_some(variant),
-                        response,
                         expires_at_ms: entry.expires_at,
+                        ..JsonEntry::with_response(&entry.value)
                     }),
                 )
             }
@@ -301,14 +370,11 @@ pub fn export_json(cache: &Cache, w: impl Write) -> Result<ExportReport, JsonErr
                     report.skipped_binary += 1;
                     continue;
                 };
-                let value = match entry.expires_at {
-                    None => JsonValue::Text(response),
-                    Some(at) => JsonValue::Entry(JsonEntry {
-                        agent: None,
-                        prompt: None,
-                        variant: None,
-                        response,
-                        expires_at_ms: Some(at),
+                let value = match (entry.expires_at, std::str::from_utf8(&entry.value)) {
+                    (None, Ok(text)) => JsonValue::Text(text.to_owned()),
+                    (at, _) => JsonValue::Entry(JsonEntry {
+                        expires_at_ms: at,
+                        ..JsonEntry::with_response(&entry.value)
                     }),
                 };
                 (name, value)
@@ -433,23 +499,47 @@ mod tests {
             SetCondition::Always,
         )
         .unwrap();
+        // Responses that are not UTF-8: a plain key with and without expiry,
+        // an agent entry. Each byte value once, so nothing is lost on the way.
+        let every_byte: Vec<u8> = (0..=255u8).rev().collect();
         a.set_plain(b"bin", vec![0xff, 0xfe], None, SetCondition::Always)
+            .unwrap();
+        a.set_plain(
+            b"bin-ttl",
+            every_byte.clone(),
+            Some(Duration::from_secs(30)),
+            SetCondition::Always,
+        )
+        .unwrap();
+        a.put(b"bot", b"q3", b"", every_byte.clone(), None).unwrap();
+        // A plain key that is not UTF-8 cannot be a JSON key.
+        a.set_plain(b"\xffkey", "v", None, SetCondition::Always)
             .unwrap();
         let mut out = Vec::new();
         let ex = export_json(&a, &mut out).unwrap();
         assert_eq!(
             ex,
             ExportReport {
-                written: 4,
+                written: 7,
                 skipped_binary: 1
             }
         );
         let text = String::from_utf8(out.clone()).unwrap();
         assert!(text.contains(r#""k": "v""#), "{text}");
+        assert!(!text.contains('\u{fffd}'), "{text}");
+        let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(doc["bin"], serde_json::json!({"response_base64": "//4="}));
 
         let b = Cache::with_clock(CacheConfig::default(), clock);
         let im = import_json(&b, &out[..], 1 << 20).unwrap();
-        assert_eq!((im.agent_entries, im.plain_entries, im.rekeyed), (2, 2, 0));
+        assert_eq!((im.agent_entries, im.plain_entries, im.rekeyed), (3, 4, 0));
+        assert_eq!(b.get_plain(b"bin"), Some(Bytes::from(vec![0xff, 0xfe])));
+        assert_eq!(
+            b.get_plain(b"bin-ttl"),
+            Some(Bytes::from(every_byte.clone()))
+        );
+        assert_eq!(b.ttl(b"bin-ttl"), KeyTtl::Remaining(30_000));
+        assert_eq!(b.get(b"bot", b"q3", b""), Some(Bytes::from(every_byte)));
         assert_eq!(b.get(b"bot", b"q1", b""), Some(Bytes::from("r1")));
         assert_eq!(b.get(b"bot", b"q2", b"gpt"), Some(Bytes::from("r2")));
         assert_eq!(b.ttl(b"t"), KeyTtl::Remaining(30_000));
@@ -499,6 +589,45 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(r#""b""#), "the bad entry is not named: {msg}");
             assert!(msg.contains("nothing was imported"), "{msg}");
+            assert!(c.is_empty(), "a failed import stored entries: {msg}");
+        }
+    }
+
+    #[test]
+    fn response_base64_is_one_response_or_the_entry_is_refused() {
+        let (_, c) = cache();
+        let r = import_json(
+            &c,
+            &br#"{"a": {"response_base64": "AP8="}, "b": {"agent": "x", "prompt": "y", "response_base64": ""}}"#[..],
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!((r.plain_entries, r.agent_entries), (1, 1));
+        assert_eq!(c.get_plain(b"a"), Some(Bytes::from(vec![0, 0xff])));
+        assert_eq!(c.get(b"x", b"y", b""), Some(Bytes::new()));
+        let (_, c) = cache();
+        for (input, says) in [
+            (
+                &br#"{"a": "x", "b": {"response": "r", "response_base64": "AA=="}}"#[..],
+                "both",
+            ),
+            (
+                &br#"{"a": "x", "b": {"response_base64": "not base64!"}}"#[..],
+                "not base64",
+            ),
+            (
+                &br#"{"a": "x", "b": {"response_base64": 5}}"#[..],
+                "invalid type",
+            ),
+            (
+                &br#"{"a": "x", "b": {"agent": "x", "prompt": "y"}}"#[..],
+                "no \"response\"",
+            ),
+        ] {
+            let e = import_json(&c, input, 1 << 20).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, JsonError::Parse(_)), "{msg}");
+            assert!(msg.contains(r#""b""#) && msg.contains(says), "{msg}");
             assert!(c.is_empty(), "a failed import stored entries: {msg}");
         }
     }

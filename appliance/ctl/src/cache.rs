@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use appliance_types::cache::{CacheRequest, CacheResponse};
 use appliance_types::control::{Request, Response};
+use base64::Engine as _;
 use clap::Subcommand;
 
 use crate::{print_json, Client};
@@ -21,7 +22,9 @@ const PIECE_ENVELOPE: usize = 64;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum CacheCmd {
-    /// Look up a response; exits 1 on a miss.
+    /// Look up a response; exits 1 on a miss. Writes the response's bytes as
+    /// they are; with --json, "response" holds it if it is UTF-8, else
+    /// "response_base64" does.
     Get {
         /// Agent id.
         agent: String,
@@ -67,7 +70,8 @@ pub(crate) enum CacheCmd {
         variant: String,
     },
     /// Load entries from a JSON file (md5-hex keys to responses, or to
-    /// objects with agent, prompt and response). Needs admin rights.
+    /// objects with agent, prompt and response, or response_base64 for a
+    /// response that is not UTF-8). Needs admin rights.
     Import {
         /// The JSON file.
         file: PathBuf,
@@ -162,6 +166,18 @@ fn get_in_pieces(client: &mut Client, req: &Request) -> anyhow::Result<Option<Ve
     Ok(Some(v))
 }
 
+/// The JSON document of a hit: `response` when the bytes are UTF-8, else
+/// `response_base64` (standard alphabet, padded), never a lossy string.
+fn hit_json(v: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(v) {
+        Ok(text) => serde_json::json!({ "hit": true, "response": text }),
+        Err(_) => serde_json::json!({
+            "hit": true,
+            "response_base64": base64::engine::general_purpose::STANDARD.encode(v),
+        }),
+    }
+}
+
 /// Where the response of a `cache put` comes from.
 enum PutSource {
     /// Given on the command line, or read whole from something that is not a
@@ -247,9 +263,7 @@ pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Re
                 return Ok(ExitCode::FAILURE);
             };
             if json {
-                print_json(
-                    &serde_json::json!({ "hit": true, "response": String::from_utf8_lossy(&v) }),
-                )?;
+                print_json(&hit_json(&v))?;
             } else {
                 let mut out = std::io::stdout().lock();
                 out.write_all(&v)?;
@@ -408,12 +422,36 @@ pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Re
                     &serde_json::json!({ "file": file, "written": written, "skipped_binary": skipped }),
                 )?;
             } else {
-                println!(
-                    "exported {written} entries to {} ({skipped} binary entries skipped)",
-                    file.display()
-                );
+                println!("exported {written} entries to {}", file.display());
+                if skipped > 0 {
+                    println!(
+                        "skipped {skipped} entries whose key, agent, prompt or variant is not \
+                         UTF-8 (JSON cannot hold it)"
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hit_is_never_a_lossy_string() {
+        assert_eq!(
+            hit_json("héllo".as_bytes()),
+            serde_json::json!({ "hit": true, "response": "héllo" })
+        );
+        assert_eq!(
+            hit_json(b"\xff\xfebin"),
+            serde_json::json!({ "hit": true, "response_base64": "//5iaW4=" })
+        );
+        assert_eq!(
+            hit_json(b""),
+            serde_json::json!({ "hit": true, "response": "" })
+        );
     }
 }
