@@ -1,9 +1,12 @@
 //! `appliancectl cache ...`
 
+use std::ffi::{OsStr, OsString};
 use std::io::{IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use anyhow::{bail, Context};
 use appliance_types::cache::{CacheRequest, CacheResponse};
@@ -90,10 +93,102 @@ fn expect_cache(r: Response) -> anyhow::Result<CacheResponse> {
     }
 }
 
+/// The temporary file of the export being written. The signal thread of
+/// [`clean_up_on_signals`] removes it; the rename takes it under the same
+/// lock, so a finished export is never removed and a removed one never
+/// renamed into place.
+static PENDING_TMP: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+fn pending_tmp() -> MutexGuard<'static, Option<PathBuf>> {
+    PENDING_TMP.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// From now on, SIGINT, SIGTERM or SIGHUP removes the pending temporary
+/// file, then ends the process by that signal as it would have ended
+/// without the watch. (The watch stays for the rest of the process: a
+/// signal-hook handler, once removed, would leave the signal ignored.)
+fn clean_up_on_signals() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot watch for SIGINT, SIGTERM and SIGHUP")?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            // Held until the process is gone.
+            let mut pending = pending_tmp();
+            if let Some(tmp) = pending.take() {
+                let _ = std::fs::remove_file(tmp);
+            }
+            let _ = signal_hook::low_level::emulate_default_handler(signal);
+            std::process::exit(128 + signal);
+        }
+    });
+    Ok(())
+}
+
+/// Whether process `pid` exists. One of another user's (EPERM) counts.
+fn process_exists(pid: i32) -> bool {
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+/// The `.NAME.tmp-PID` file an export by process `pid` writes for `name`.
+fn tmp_name(name: &OsStr, pid: u32) -> OsString {
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".tmp-{pid}"));
+    tmp
+}
+
+/// The PID in `file`, if it is a temporary file of an export to `name`.
+fn tmp_pid(file: &OsStr, name: &OsStr) -> Option<i32> {
+    let digits = file
+        .as_bytes()
+        .strip_prefix(b".")?
+        .strip_prefix(name.as_bytes())?
+        .strip_prefix(b".tmp-")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+}
+
+/// Removes the temporary files of exports to `name` in `dir` whose process
+/// is gone (a SIGKILL or a power cut gives no chance to clean up). A file of
+/// a process that exists is left alone: it may be writing it.
+fn remove_stale_temporaries(dir: &Path, name: &OsStr) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let own = i32::try_from(std::process::id()).unwrap_or(0);
+    for e in entries.flatten() {
+        let Some(pid) = tmp_pid(&e.file_name(), name) else {
+            continue;
+        };
+        // Our own is removed (as a leftover) before it is created.
+        if pid == own || process_exists(pid) || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        if std::fs::remove_file(e.path()).is_ok() {
+            eprintln!(
+                "appliancectl: removed {}, left by an export (process {pid}) that did not finish",
+                e.path().display()
+            );
+        }
+    }
+}
+
 /// Writes `path` atomically: a temporary file beside it, fsync, rename,
 /// fsync of the directory. The file gets the mode of the one it replaces, or
 /// 0600 (an export holds cached responses). The temporary file is created
-/// new, so a link planted under its name is not followed.
+/// new, so a link planted under its name is not followed. SIGINT, SIGTERM
+/// and SIGHUP remove it, and so does the next export once its process is
+/// gone.
 fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> anyhow::Result<()>,
@@ -105,12 +200,11 @@ fn write_atomically(
     let name = path
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(tmp_name(name, std::process::id()));
     let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
+    clean_up_on_signals()?;
+    remove_stale_temporaries(&dir, name);
+    *pending_tmp() = Some(tmp.clone());
     let result = (|| {
         // A leftover of an interrupted export by a process of the same id.
         match std::fs::remove_file(&tmp) {
@@ -131,14 +225,21 @@ fn write_atomically(
         fill(&mut f)?;
         f.sync_all()
             .with_context(|| format!("cannot fsync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename into {}", path.display()))?;
+        {
+            let mut pending = pending_tmp();
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot rename into {}", path.display()))?;
+            *pending = None;
+        }
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("cannot fsync {}", dir.display()))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let mut pending = pending_tmp();
+        if pending.take().is_some() {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
     result
 }
@@ -438,6 +539,50 @@ pub(crate) fn run(client: &mut Client, cmd: &CacheCmd, json: bool) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_files_are_told_by_target_and_pid() {
+        let name = OsStr::new("cache.json");
+        assert_eq!(tmp_name(name, 42), ".cache.json.tmp-42");
+        assert_eq!(tmp_pid(OsStr::new(".cache.json.tmp-42"), name), Some(42));
+        for other in [
+            ".cache.json.tmp-",
+            ".cache.json.tmp-0",
+            ".cache.json.tmp-4x2",
+            ".cache.json.tmp--1",
+            ".cache.json.tmp-99999999999",
+            ".cache.jsonx.tmp-42",
+            ".other.json.tmp-42",
+            "cache.json.tmp-42",
+            ".cache.json.tmp-42.bak",
+        ] {
+            assert_eq!(tmp_pid(OsStr::new(other), name), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_the_temporaries_of_gone_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = OsStr::new("cache.json");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let live = std::process::id();
+        for f in [
+            tmp_name(name, gone),
+            tmp_name(name, live),
+            tmp_name(OsStr::new("other.json"), gone),
+        ] {
+            std::fs::write(dir.path().join(f), "partial").unwrap();
+        }
+        remove_stale_temporaries(dir.path(), name);
+        assert!(!dir.path().join(tmp_name(name, gone)).exists());
+        assert!(dir.path().join(tmp_name(name, live)).exists());
+        assert!(dir
+            .path()
+            .join(tmp_name(OsStr::new("other.json"), gone))
+            .exists());
+    }
 
     #[test]
     fn a_hit_is_never_a_lossy_string() {
