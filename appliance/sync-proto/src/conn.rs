@@ -358,6 +358,27 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
         out
     }
 
+    /// Reading a stream failed while its client may still be listening
+    /// (it stalled in the middle of a frame, or ended in one): the uploads
+    /// it controls end with `error`, each told to the client on it.
+    pub fn stream_failed(&mut self, stream: S, error: &WireError) -> Vec<ConnAction<S>> {
+        let mut ids: Vec<UploadId> = self
+            .uploads
+            .iter()
+            .filter(|(_, (s, _))| *s == stream)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some((_, session)) = self.uploads.get_mut(&id) {
+                let actions = session.give_up(error.clone());
+                out.extend(self.map_actions(id, actions));
+            }
+        }
+        out
+    }
+
     /// The connection ended: every open upload fails.
     pub fn connection_closed(&mut self, error: &WireError) -> Vec<ConnAction<S>> {
         self.phase = Phase::Closed;

@@ -404,6 +404,16 @@ impl ServerUpload {
         vec![ServerAction::Finished(UploadOutcome::Failed { error })]
     }
 
+    /// Ends the upload with `error`, told to the client: its control
+    /// stream failed in a way that leaves the client waiting for an answer
+    /// (it stalled in the middle of a frame, say).
+    pub fn give_up(&mut self, error: WireError) -> Vec<ServerAction> {
+        if self.phase == Phase::Finished {
+            return Vec::new();
+        }
+        self.fail(error)
+    }
+
     fn maybe_assemble(&mut self, actions: &mut Vec<ServerAction>) {
         if self.phase == Phase::Receiving && self.pending.is_empty() {
             if let Some(manifest) = &self.manifest {

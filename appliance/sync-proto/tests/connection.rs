@@ -657,3 +657,62 @@ fn an_oversized_manifest_is_refused_as_too_large() {
     );
     assert_eq!(conn.open_uploads(), 0);
 }
+
+#[test]
+fn a_failed_stream_tells_its_uploads_why_they_end() {
+    let mut store = Store::default();
+    let mut conn = ready(&mut store);
+    let now = Instant::now();
+    let actions = conn.handle(
+        1,
+        Message::Upload(manifest("a", &data(100, 1))),
+        now,
+        &mut store,
+    );
+    assert!(asks_for_chunks(&actions));
+    let actions = conn.handle(
+        2,
+        Message::Upload(manifest("b", &data(100, 2))),
+        now,
+        &mut store,
+    );
+    assert!(asks_for_chunks(&actions));
+    let upload = |actions: &[ConnAction<u32>]| {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                ConnAction::Send {
+                    message: Message::NeedChunks(n),
+                    ..
+                } => Some(n.upload),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let b = upload(&actions);
+
+    let actions = conn.stream_failed(2, &WireError::IdleTimeout);
+    assert_eq!(
+        actions,
+        vec![
+            ConnAction::Send {
+                stream: 2,
+                message: Message::Error {
+                    upload: Some(b),
+                    error: WireError::IdleTimeout
+                }
+            },
+            ConnAction::UploadFinished {
+                upload: b,
+                outcome: UploadOutcome::Failed {
+                    error: WireError::IdleTimeout
+                }
+            }
+        ]
+    );
+    // Only that stream's upload ended, and only once.
+    assert_eq!(conn.open_uploads(), 1);
+    assert!(conn.stream_failed(2, &WireError::IdleTimeout).is_empty());
+    assert!(conn.stream_closed(2).is_empty());
+    assert!(!conn.is_closed());
+}
