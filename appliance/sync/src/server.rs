@@ -26,9 +26,12 @@
 //! - [`ServerConfig::idle_timeout`] (60 s): QUIC idle timeout; the client
 //!   sends keep-alives every 10 s, so only a vanished peer hits it. A stream
 //!   that stalls in the middle of a frame for [`ServerConfig::stream_idle`]
-//!   ([`STREAM_IDLE`]) is dropped, and
-//!   an upload that stops getting chunks fails after the protocol's
-//!   `IDLE_TIMEOUT`.
+//!   ([`STREAM_IDLE`]) is dropped, and so is one silent that long between
+//!   frames while the server owes it nothing (time the client waits for
+//!   the server — the lookup queue, a request, a running upload whose
+//!   chunks come elsewhere — does not count); each upload this ends is
+//!   answered `IdleTimeout`. An upload that stops getting chunks fails
+//!   after the protocol's `IDLE_TIMEOUT`.
 //! - UDP socket buffers of 4 MiB ([`UDP_BUFFER_BYTES`]): with the kernel
 //!   default (~200 KiB) a fast sender overflows the receive buffer and
 //!   QUIC backs off on the resulting loss; the bench measured the
@@ -39,31 +42,31 @@ use crate::admission::{Admission, Refused, Reservation, Reservations};
 use crate::events::{EventSink, SyncEvent};
 use crate::identity::{Authority, ClientName};
 use crate::store::{ClientStore, Documents, Staged, StoreError};
-use crate::wire::{read_header, write_frame, WireIoError};
-use appliance_sync_proto::frame::{chunk_head, MAX_CHUNK_HEAD_LEN};
+use crate::wire::{write_frame, WireIoError};
+use appliance_sync_proto::frame::{chunk_head, HEADER_LEN, MAX_CHUNK_HEAD_LEN};
 use appliance_sync_proto::limits::{IDLE_TIMEOUT, MAX_LIST_ENTRIES};
 use appliance_sync_proto::message::{Manifest, StatusReply, UploadId};
 use appliance_sync_proto::server::{
     Admission as ProtoAdmission, AdmissionRequest, ChunkIndex, Refusal,
 };
 use appliance_sync_proto::{
-    decode_payload, AssembleFailure, ConnAction, Hash, Message, Request, ServerConnection,
-    StorageFailure, UploadOutcome, WireError,
+    decode_payload, parse_header, AssembleFailure, ConnAction, Hash, Message, Request,
+    ServerConnection, StorageFailure, UploadOutcome, WireError,
 };
 use parking_lot::Mutex;
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use std::collections::{HashMap, VecDeque};
+use quinn::{Connection, Endpoint, ReadExactError, RecvStream, SendStream, VarInt};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Bytes of decoded chunks one connection may have queued for the disk.
 pub const IN_FLIGHT_CHUNK_BYTES: usize = 64 << 20;
-/// A stream that sends nothing for this long in the middle of a frame (or
-/// before its first) is reset.
+/// A stream that sends nothing for this long in the middle of a frame, or
+/// between frames while the server owes its client nothing, is stopped.
 pub const STREAM_IDLE: Duration = IDLE_TIMEOUT;
 /// Chunks up to this size are hashed by their stream's reader task itself
 /// (BLAKE3 of 64 KiB takes about 20 µs, less than handing the buffer to a
@@ -110,7 +113,8 @@ pub struct ServerConfig {
     pub max_streams: u32,
     pub idle_timeout: Duration,
     /// A stream that stalls this long waiting for the rest of a frame (or
-    /// for its next frame) is dropped; default [`STREAM_IDLE`].
+    /// for its next frame, counting only time the server owes its client
+    /// nothing) is dropped; default [`STREAM_IDLE`].
     pub stream_idle: Duration,
     /// Time a graceful shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
@@ -653,6 +657,39 @@ struct StreamState {
     /// ended, and its `Upload` frames still waiting for their lookup are
     /// dropped instead of starting uploads nobody drives.
     failed: bool,
+    /// What the client is told about each upload its failed stream ends:
+    /// none after a reset (the client gave up), a typed error when it may
+    /// still be listening (see [`failure_answer`]).
+    answer: Option<WireError>,
+    /// Running uploads whose chunks came on this stream.
+    carrying: HashSet<UploadId>,
+    /// Frames of this stream handled so far.
+    handled: u64,
+    /// What the stream's reader knows of the above: it does not count the
+    /// client's silence while the server owes it something (see
+    /// [`next_frame_header`]).
+    owing: watch::Sender<Owing>,
+}
+
+/// What a stream's reader is told by the connection's task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Owing {
+    /// Frames of the stream handled: the reader knows how many it handed
+    /// on, and those not handled yet are owed an answer too.
+    handled: u64,
+    /// See [`StreamState::owed`].
+    owed: bool,
+}
+
+impl StreamState {
+    /// Whether the client waits for the server on this stream, so its
+    /// silence is not idleness: an `Upload` waiting for its lookup, a
+    /// request being served, a running upload it controls (its chunks may
+    /// come on other streams) or carries chunks of. The protocol machine's
+    /// per-upload idle limit watches the uploads meanwhile.
+    fn owed(&self, controls_upload: bool) -> bool {
+        self.preparing > 0 || self.serving || controls_upload || !self.carrying.is_empty()
+    }
 }
 
 struct ConnActor {
@@ -684,7 +721,9 @@ struct ConnActor {
     /// [`IN_FLIGHT_CHUNK_BYTES`], its streams are not read further. Handled
     /// in order, so uploads pipelined on one stream are answered in order.
     /// Those of a stream the client resets meanwhile are dropped (see
-    /// [`StreamState::failed`]).
+    /// [`StreamState::failed`]); of one that stalls mid-frame, answered with
+    /// [`StreamState::answer`]. The wait does not count as the client's
+    /// silence (see [`Owing`]).
     waiting: VecDeque<(StreamKey, Manifest, Option<OwnedSemaphorePermit>)>,
     next_stream: StreamKey,
     /// Memory reservation of the frame being handled, for its chunk write.
@@ -781,6 +820,7 @@ impl ConnActor {
             tokio::spawn(writer_task(send, rx));
             tx
         });
+        let (owing, owing_rx) = watch::channel(Owing::default());
         self.streams.insert(
             key,
             StreamState {
@@ -789,6 +829,10 @@ impl ConnActor {
                 serving: false,
                 preparing: 0,
                 failed: false,
+                answer: None,
+                carrying: HashSet::new(),
+                handled: 0,
+                owing,
             },
         );
         tokio::spawn(reader_task(
@@ -797,10 +841,27 @@ impl ConnActor {
             self.events_tx.clone(),
             self.memory.clone(),
             self.stream_idle,
+            owing_rx,
         ));
     }
 
+    /// Applies `event`; a frame's stream learns that it was handled and
+    /// what the server owes it now (see [`Owing`]).
     fn handle_event(&mut self, event: Event) {
+        let frame_of = match &event {
+            Event::Frame { stream, .. } | Event::Chunk { stream, .. } => Some(*stream),
+            _ => None,
+        };
+        if let Some(s) = frame_of.and_then(|stream| self.streams.get_mut(&stream)) {
+            s.handled += 1;
+        }
+        self.apply_event(event);
+        if let Some(stream) = frame_of {
+            self.update_owed(stream);
+        }
+    }
+
+    fn apply_event(&mut self, event: Event) {
         let now = Instant::now();
         match event {
             Event::Frame {
@@ -834,6 +895,7 @@ impl ConnActor {
                         let store = self.store.clone();
                         tokio::task::spawn_blocking(move || store.suspend_staged(&staged, true));
                     }
+                    self.answer_dropped_upload(stream);
                 } else {
                     self.handle_frame(stream, message, None, staged.as_ref(), now);
                 }
@@ -860,10 +922,15 @@ impl ConnActor {
                         actions
                     }
                     _ => {
+                        let answer = failure_answer(&error);
                         if let Some(s) = self.streams.get_mut(&stream) {
                             s.failed = true;
+                            s.answer.clone_from(&answer);
                         }
-                        self.proto.stream_closed(stream)
+                        match answer {
+                            Some(answer) => self.proto.stream_failed(stream, &answer),
+                            None => self.proto.stream_closed(stream),
+                        }
                     }
                 };
                 self.perform(actions);
@@ -878,6 +945,11 @@ impl ConnActor {
                 actual,
                 permit,
             } => {
+                if self.uploads.contains_key(&upload) {
+                    if let Some(s) = self.streams.get_mut(&stream) {
+                        s.carrying.insert(upload);
+                    }
+                }
                 let actions = self
                     .proto
                     .handle_hashed_chunk(stream, upload, hash, data, actual, now);
@@ -950,6 +1022,7 @@ impl ConnActor {
                     s.preparing = s.preparing.saturating_sub(1);
                 }
                 drop(permit);
+                self.answer_dropped_upload(stream);
                 self.maybe_drop_stream(stream);
                 continue;
             }
@@ -1072,6 +1145,34 @@ impl ConnActor {
         self.streams.get(&stream).is_some_and(|s| s.failed)
     }
 
+    /// Tells the client of a failed stream that an `Upload` frame it sent
+    /// there was dropped before it became an upload (nothing was reserved
+    /// for it yet), unless it reset the stream (see [`StreamState::answer`]).
+    fn answer_dropped_upload(&mut self, stream: StreamKey) {
+        if let Some(error) = self.streams.get(&stream).and_then(|s| s.answer.clone()) {
+            self.send(
+                stream,
+                Message::Error {
+                    upload: None,
+                    error,
+                },
+            );
+        }
+    }
+
+    /// Tells `stream`'s reader what the server owes its client now (see
+    /// [`Owing`]).
+    fn update_owed(&self, stream: StreamKey) {
+        if let Some(s) = self.streams.get(&stream) {
+            let now = Owing {
+                handled: s.handled,
+                owed: s.owed(self.proto_controls(stream)),
+            };
+            s.owing
+                .send_if_modified(|was| std::mem::replace(was, now) != now);
+        }
+    }
+
     fn mark_reader_done(&mut self, stream: StreamKey) {
         if let Some(s) = self.streams.get_mut(&stream) {
             s.reader_done = true;
@@ -1079,8 +1180,10 @@ impl ConnActor {
         self.maybe_drop_stream(stream);
     }
 
-    /// Finishes a stream's writer once nothing can still reply on it.
+    /// Finishes a stream's writer once nothing can still reply on it;
+    /// until then, updates what its reader knows (see [`Self::update_owed`]).
     fn maybe_drop_stream(&mut self, stream: StreamKey) {
+        self.update_owed(stream);
         let Some(s) = self.streams.get(&stream) else {
             return;
         };
@@ -1160,6 +1263,7 @@ impl ConnActor {
                         s.serving = true;
                         s.writer.clone()
                     });
+                    self.update_owed(stream);
                     if let Some(writer) = writer {
                         let store = self.store.clone();
                         let tx = self.events_tx.clone();
@@ -1204,6 +1308,7 @@ impl ConnActor {
                     path: info.path.clone(),
                     size: info.size,
                 });
+                self.update_owed(stream);
             }
         }
     }
@@ -1227,6 +1332,14 @@ impl ConnActor {
             if let Some(n) = self.upload_streams.get_mut(&stream) {
                 *n = n.saturating_sub(1);
             }
+            self.maybe_drop_stream(stream);
+        }
+        let carriers: Vec<StreamKey> = self
+            .streams
+            .iter_mut()
+            .filter_map(|(key, s)| s.carrying.remove(&upload).then_some(*key))
+            .collect();
+        for stream in carriers {
             self.maybe_drop_stream(stream);
         }
         let (path, size, bytes) = info.map_or((String::new(), 0, 0), |i| (i.path, i.size, i.bytes));
@@ -1279,9 +1392,12 @@ async fn reader_task(
     events: mpsc::Sender<Event>,
     memory: Arc<Semaphore>,
     idle: Duration,
+    mut owing: watch::Receiver<Owing>,
 ) {
+    // Frames handed on to the connection's task.
+    let mut sent = 0u64;
     loop {
-        let len = match read_header(&mut recv, idle).await {
+        let len = match next_frame_header(&mut recv, idle, &mut owing, sent).await {
             Ok(Some(len)) => len,
             Ok(None) => {
                 let _ = events.send(Event::ReaderDone { stream }).await;
@@ -1325,6 +1441,7 @@ async fn reader_task(
                 if events.send(event).await.is_err() {
                     return;
                 }
+                sent += 1;
             }
             Err(error) => {
                 let _ = recv.stop(VarInt::from_u32(close_code::PROTOCOL));
@@ -1332,6 +1449,73 @@ async fn reader_task(
                 return;
             }
         }
+    }
+}
+
+/// Reads the next frame's header: `Ok(None)` at a clean end of the stream.
+/// The wait for its first byte is limited to `idle` of the client's
+/// silence, not counting the time the server owes the client something on
+/// this stream: an answer to one of the `sent` frames handed on, or what
+/// [`StreamState::owed`] says. A client waiting for the server is not
+/// idle. Once a frame has begun, every wait for more of it is limited to
+/// `idle`.
+async fn next_frame_header(
+    recv: &mut RecvStream,
+    idle: Duration,
+    owing: &mut watch::Receiver<Owing>,
+    sent: u64,
+) -> Result<Option<usize>, WireIoError> {
+    let mut header = [0u8; HEADER_LEN];
+    let first = tokio::select! {
+        read = recv.read(&mut header[..1]) => read?,
+        () = client_silence(owing, sent, idle) => return Err(WireIoError::Idle(idle)),
+    };
+    match first {
+        None => return Ok(None),
+        Some(0) => return Err(WireIoError::Truncated),
+        Some(_) => {}
+    }
+    match tokio::time::timeout(idle, recv.read_exact(&mut header[1..])).await {
+        Err(_) => Err(WireIoError::Idle(idle)),
+        Ok(Ok(())) => Ok(Some(parse_header(&header)?)),
+        Ok(Err(ReadExactError::FinishedEarly(_))) => Err(WireIoError::Truncated),
+        Ok(Err(ReadExactError::ReadError(e))) => Err(e.into()),
+    }
+}
+
+/// Ends once the client has been silent for `idle` while the server owed
+/// it nothing (see [`next_frame_header`]); each time the server owes it
+/// something the count restarts. Without the connection's task (the
+/// sender is gone), `idle` plainly.
+async fn client_silence(owing: &mut watch::Receiver<Owing>, sent: u64, idle: Duration) {
+    loop {
+        if owing
+            .wait_for(|o| o.handled >= sent && !o.owed)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match tokio::time::timeout(idle, owing.changed()).await {
+            Err(_) => return,
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+        }
+    }
+    tokio::time::sleep(idle).await;
+}
+
+/// The typed error the client gets for each upload a failed stream ends,
+/// if it may still be listening: it stalled in the middle of a frame
+/// ([`WireError::IdleTimeout`]) or ended its side in one. A reset stream
+/// or a lost connection gets none.
+fn failure_answer(error: &WireIoError) -> Option<WireError> {
+    match error {
+        WireIoError::Idle(_) => Some(WireError::IdleTimeout),
+        WireIoError::Truncated => Some(WireError::Malformed {
+            detail: error.to_string(),
+        }),
+        _ => None,
     }
 }
 

@@ -496,6 +496,284 @@ async fn uploads_waiting_on_a_reset_stream_never_start() {
     fx.stop().await;
 }
 
+/// The next frame on `recv`, or `None` if the server finished the stream
+/// without one (printed as "no answer" by [`answered`]).
+async fn answer(recv: &mut quinn::RecvStream) -> Option<Message> {
+    appliance_sync::wire::read_frame(recv, Duration::from_secs(20))
+        .await
+        .unwrap()
+        .map(|(m, _)| m)
+}
+
+/// Keeps the connection's lookup queue busy for one slow staging lookup
+/// (~2 s in a debug build): starts two uploads of the slowest kind on a
+/// stream of their own (both refused by the 1 MiB quota of the tests'
+/// client) and returns once the first is answered, so the second runs.
+async fn keep_lookups_busy(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    for seed in 0..2 {
+        let m = largest_manifest(&format!("slow{seed}.bin"), seed);
+        appliance_sync::wire::write_frame(&mut send, &Message::Upload(m))
+            .await
+            .unwrap();
+    }
+    expect_quota_refusal(&mut recv).await;
+    (send, recv)
+}
+
+async fn expect_quota_refusal(recv: &mut quinn::RecvStream) {
+    let refused = answer(recv).await;
+    assert!(
+        matches!(
+            refused,
+            Some(Message::Error {
+                error: WireError::QuotaExceeded { .. },
+                ..
+            })
+        ),
+        "expected a quota refusal, got {}",
+        answered(refused.as_ref())
+    );
+}
+
+fn answered(answer: Option<&Message>) -> String {
+    answer.map_or_else(
+        || "no answer: the server ended the stream".to_owned(),
+        |m| format!("{m:?}"),
+    )
+}
+
+fn small_upload(name: &str, len: usize, seed: u64) -> (Vec<u8>, Manifest) {
+    let data = random_bytes(len, seed);
+    let manifest = digest_bytes(&data)
+        .unwrap()
+        .to_manifest(&RelPath::parse(name).unwrap(), Mtime { secs: 5, nanos: 0 });
+    (data, manifest)
+}
+
+/// `Upload` frames waiting for the connection's lookup queue are answered
+/// however long the queue takes: the server makes the client wait, so the
+/// wait does not count against the stream's idle limit. Their streams were
+/// dropped after `stream_idle` without any answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_waiting_for_the_lookup_queue_are_answered_past_the_stream_idle_limit() {
+    let idle = Duration::from_millis(200);
+    let mut fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
+    let bundle = fx.enroll("ines", Some(1 << 20));
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    // The second slow upload waits for the first's lookup, its stream
+    // silent since it was sent.
+    let (_slow_send, mut slow_recv) = keep_lookups_busy(&conn).await;
+    // One more waits behind the second's lookup on a stream of its own.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_, manifest) = small_upload("queued.bin", 300_000, 1);
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    let sent = std::time::Instant::now();
+    expect_quota_refusal(&mut slow_recv).await;
+    let got = answer(&mut recv).await;
+    let waited = sent.elapsed();
+    eprintln!("the queued upload was answered after {waited:?}");
+    assert!(
+        matches!(got, Some(Message::NeedChunks(_))),
+        "after {waited:?} waiting for the lookup queue: {}",
+        answered(got.as_ref())
+    );
+    assert!(
+        waited > idle,
+        "the queue was not busy long enough: {waited:?}"
+    );
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
+/// Sends `upload`'s chunks slower than `idle`, each on a new stream of its
+/// own (`per_chunk`) or all on one, and returns the upload's answer on its
+/// control stream, which carries nothing meanwhile.
+async fn paced_upload(
+    conn: &quinn::Connection,
+    idle: Duration,
+    per_chunk: bool,
+) -> (Option<Message>, Hash) {
+    let data = random_bytes(3 << 20, 8);
+    let digest = digest_bytes(&data).unwrap();
+    assert!(digest.chunks.len() >= 3, "{}", digest.chunks.len());
+    let manifest = digest.to_manifest(
+        &RelPath::parse("long.bin").unwrap(),
+        Mtime { secs: 5, nanos: 0 },
+    );
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    let Some(Message::NeedChunks(need)) = answer(&mut recv).await else {
+        panic!("no NeedChunks")
+    };
+    let mut shared = None;
+    for c in &digest.chunks {
+        tokio::time::sleep(idle * 2).await;
+        let start = usize::try_from(c.offset).unwrap();
+        let chunk = Message::Chunk {
+            upload: need.upload,
+            hash: c.hash,
+            data: data[start..start + c.len as usize].to_vec(),
+        };
+        if per_chunk {
+            let mut own = conn.open_uni().await.unwrap();
+            appliance_sync::wire::write_frame(&mut own, &chunk)
+                .await
+                .unwrap();
+            own.finish().unwrap();
+        } else {
+            let stream = match &mut shared {
+                Some(s) => s,
+                None => shared.insert(conn.open_uni().await.unwrap()),
+            };
+            appliance_sync::wire::write_frame(stream, &chunk)
+                .await
+                .expect("the server stopped reading the chunk stream");
+        }
+    }
+    let done = answer(&mut recv).await;
+    if let Some(mut s) = shared {
+        s.finish().unwrap();
+    }
+    (done, digest.file_hash)
+}
+
+/// While an upload runs with its chunks on other streams, its control
+/// stream carries nothing: the client waits for the server, it is not
+/// idle. The upload was cancelled ("upload stream closed by the client")
+/// once its control stream had been silent for `stream_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_upload_outlives_its_silent_control_stream() {
+    let idle = Duration::from_millis(300);
+    let mut fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
+    let bundle = fx.enroll("ines", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (done, file_hash) = paced_upload(&conn, idle, true).await;
+    assert!(
+        matches!(&done, Some(Message::Committed(c)) if c.file_hash == file_hash),
+        "expected Committed, got {}",
+        answered(done.as_ref())
+    );
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
+/// A stream that carries a running upload's chunks may pause between them
+/// (the client's chunk senders wait for the next chunk, a re-request, or
+/// the commit); the upload's own idle limit watches that. The server
+/// stopped the stream after `stream_idle`, failing the next chunk's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_stream_may_pause_between_chunks_of_a_running_upload() {
+    let idle = Duration::from_millis(300);
+    let mut fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
+    let bundle = fx.enroll("ines", None);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (done, file_hash) = paced_upload(&conn, idle, false).await;
+    assert!(
+        matches!(&done, Some(Message::Committed(c)) if c.file_hash == file_hash),
+        "expected Committed, got {}",
+        answered(done.as_ref())
+    );
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
+/// A stream that stalls in the middle of a frame is still dropped after
+/// `stream_idle`, even while its `Upload` waits for the lookup queue; that
+/// upload is answered with a typed `IdleTimeout` and holds nothing (its
+/// quota is free for the next upload). It ended without any answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_stalled_mid_frame_answers_its_waiting_upload() {
+    let mut fx = Fixture::start_configured(|c| c.stream_idle = Duration::from_millis(100)).await;
+    let bundle = fx.enroll("ines", Some(1 << 20));
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (_slow_send, mut slow_recv) = keep_lookups_busy(&conn).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_, manifest) = small_upload("stalled.bin", 900_000, 2);
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    // Two bytes of the next frame's header, then nothing.
+    send.write_all(&[0, 0]).await.unwrap();
+    let got = answer(&mut recv).await;
+    assert!(
+        matches!(
+            got,
+            Some(Message::Error {
+                upload: None,
+                error: WireError::IdleTimeout
+            })
+        ),
+        "expected IdleTimeout, got {}",
+        answered(got.as_ref())
+    );
+    assert_eq!(answer(&mut recv).await, None);
+    expect_quota_refusal(&mut slow_recv).await;
+    // 1 MB fits the 1 MiB quota only if the dropped upload holds none of it.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_, manifest) = small_upload("after.bin", 1_000_000, 3);
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    let got = answer(&mut recv).await;
+    assert!(
+        matches!(got, Some(Message::NeedChunks(_))),
+        "the dropped upload still holds the quota: {}",
+        answered(got.as_ref())
+    );
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
+/// A running upload whose control stream stalls in the middle of a frame
+/// ends with a typed `IdleTimeout` told to the client, and gives its
+/// reservation back. It ended silently, as if the client had reset it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_stream_stalls_mid_frame_is_told_why_it_ends() {
+    let mut fx = Fixture::start_configured(|c| c.stream_idle = Duration::from_millis(300)).await;
+    let bundle = fx.enroll("ines", Some(1 << 20));
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_, manifest) = small_upload("stalled.bin", 900_000, 2);
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    let Some(Message::NeedChunks(need)) = answer(&mut recv).await else {
+        panic!("no NeedChunks")
+    };
+    // Two bytes of a chunk frame's header, then nothing.
+    send.write_all(&[0, 0]).await.unwrap();
+    let got = answer(&mut recv).await;
+    assert_eq!(
+        got,
+        Some(Message::Error {
+            upload: Some(need.upload),
+            error: WireError::IdleTimeout
+        }),
+        "{}",
+        answered(got.as_ref())
+    );
+    assert_eq!(answer(&mut recv).await, None);
+    // 1 MB fits the 1 MiB quota only if the ended upload holds none of it.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_, manifest) = small_upload("after.bin", 1_000_000, 3);
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    let got = answer(&mut recv).await;
+    assert!(
+        matches!(got, Some(Message::NeedChunks(_))),
+        "the ended upload still holds the quota: {}",
+        answered(got.as_ref())
+    );
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
 fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
     Bundle {
         version: BUNDLE_VERSION,
