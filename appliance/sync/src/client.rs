@@ -341,7 +341,7 @@ impl SyncClient {
             Some(reason) => ClientError::Connection(reason),
             None => ClientError::Wire {
                 context: context.into(),
-                error: WireIoError::Truncated,
+                error: WireIoError::NoAnswer,
             },
         }
     }
@@ -635,7 +635,7 @@ impl SyncClient {
                 let done = !matches!(next, Ok(Some(_)));
                 let item = match next {
                     Ok(Some((m, _))) => Ok(m),
-                    Ok(None) => Err(WireIoError::Truncated),
+                    Ok(None) => Err(WireIoError::NoAnswer),
                     Err(e) => Err(e),
                 };
                 if reply_tx.send(item).await.is_err() || done {

@@ -19,6 +19,11 @@ pub enum WireIoError {
     Truncated,
     #[error("no data for {0:?}")]
     Idle(Duration),
+    /// The peer finished the stream at a frame boundary while an answer
+    /// was awaited (appliances before the typed `IdleTimeout` answer did
+    /// so when they gave up on a stream).
+    #[error("the stream ended without an answer; try again")]
+    NoAnswer,
 }
 
 /// Reads the next frame. `Ok(None)` on a clean end of stream at a frame
