@@ -51,8 +51,9 @@
 //! 4. the record is deleted, and chunks now held by the document leave the
 //!    chunk store.
 //!
-//! Commits of one path take turns (striped locks by path), so two never
-//! both replace, count or version the same document.
+//! Commits (and deletes) of one path take turns (`PathTurns`), so two
+//! never both replace, count or version the same document; those of
+//! different paths never wait for each other, so their fsyncs overlap.
 //!
 //! A crash before 3 leaves only staging files. [`ClientStore::open`] keeps
 //! resumable pairs (`<key>.data` + `<key>.landed`, younger than
@@ -380,8 +381,51 @@ struct ManifestFile {
     manifest: Manifest,
 }
 
-/// Stripes of the per-path commit lock ([`ClientStore::commit_locks`]).
-const COMMIT_LOCKS: usize = 64;
+/// Turns of the commits (and deletes) of each path: one at a time per
+/// path, any number of paths at once. A turn lasts a whole commit, its
+/// fsyncs included (the document in the way, its accounting and its
+/// version name are decided and used under it); turns of different paths
+/// are independent, so their fsyncs run concurrently. It replaced 64 locks
+/// striped by a hash of the path, under which ~1 in 64 pairs of different
+/// paths waited for each other's fsyncs: with 32 commits of 32 KiB at once
+/// and each fsync delayed 5 ms (the store alone; `LD_PRELOAD` shim),
+/// 1,387 commits/s against 1,892 with no shared turns (93 with one lock).
+#[derive(Debug, Default)]
+struct PathTurns {
+    /// Paths whose turn is taken.
+    busy: Mutex<HashSet<String>>,
+    /// Signalled when a turn ends.
+    ended: parking_lot::Condvar,
+}
+
+impl PathTurns {
+    /// Waits for `path`'s turn; it lasts until the returned guard drops.
+    fn take(&self, path: &RelPath) -> PathTurn<'_> {
+        let mut busy = self.busy.lock();
+        while busy.contains(path.as_str()) {
+            self.ended.wait(&mut busy);
+        }
+        busy.insert(path.as_str().to_owned());
+        PathTurn {
+            turns: self,
+            path: path.as_str().to_owned(),
+        }
+    }
+}
+
+/// One path's turn (see [`PathTurns`]); ends when dropped, also on unwind.
+#[must_use]
+struct PathTurn<'a> {
+    turns: &'a PathTurns,
+    path: String,
+}
+
+impl Drop for PathTurn<'_> {
+    fn drop(&mut self) {
+        self.turns.busy.lock().remove(&self.path);
+        self.turns.ended.notify_all();
+    }
+}
 
 /// One client's documents. Cheap to share (`Arc`); every method is
 /// blocking IO and belongs on a blocking thread.
@@ -415,10 +459,10 @@ pub struct ClientStore {
     /// Directory fsyncs shared by the commits that wait for them together
     /// (see [`DirSyncs`]).
     dir_syncs: DirSyncs,
-    /// Commits of one path take turns (by a hash of the path): two at once
-    /// would both see the same document in the way, both account for it,
-    /// and both pick the same version name.
-    commit_locks: [Mutex<()>; COMMIT_LOCKS],
+    /// Commits of one path take turns: two at once would both see the same
+    /// document in the way, both account for it, and both pick the same
+    /// version name.
+    commit_turns: PathTurns,
     /// Whether staging files start anonymous (`O_TMPFILE`, see
     /// [`Self::with_staged_file`]): probed at open, cleared if the file
     /// system refuses them later.
@@ -624,7 +668,7 @@ impl ClientStore {
                 staging_fd: root_fd.try_clone().map_err(io_at(root))?,
                 manifests_fd: root_fd.try_clone().map_err(io_at(root))?,
                 dir_syncs: DirSyncs::default(),
-                commit_locks: std::array::from_fn(|_| Mutex::new(())),
+                commit_turns: PathTurns::default(),
                 tmpfile: std::sync::atomic::AtomicBool::new(false),
             };
             let staging_fd = bootstrap.open_internal_dir(STAGING_DIR_NAME, true)?;
@@ -648,7 +692,7 @@ impl ClientStore {
             staging_fd,
             manifests_fd,
             dir_syncs: DirSyncs::default(),
-            commit_locks: std::array::from_fn(|_| Mutex::new(())),
+            commit_turns: PathTurns::default(),
             tmpfile: std::sync::atomic::AtomicBool::new(false),
         };
         let mut report = OpenReport::default();
@@ -1756,19 +1800,10 @@ impl ClientStore {
         result
     }
 
-    /// The commit lock of `path` (see [`Self::commit_locks`]).
-    fn commit_lock(&self, path: &RelPath) -> &Mutex<()> {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        path.as_str().hash(&mut h);
-        let stripe = h.finish() % COMMIT_LOCKS as u64;
-        &self.commit_locks[usize::try_from(stripe).unwrap_or(0)]
-    }
-
     fn commit_staged_inner(&self, staged: &Staged) -> Result<(), StoreError> {
         let manifest = &staged.manifest;
         let path = &manifest.path;
-        let _turn = self.commit_lock(path).lock();
+        let _turn = self.commit_turns.take(path);
         // Another upload sharing this state committed it while this one
         // waited for its turn: the document is in place.
         if staged.committed.load(Ordering::SeqCst) {
@@ -2368,7 +2403,7 @@ impl ClientStore {
     pub fn delete(&self, path: &RelPath) -> Result<(), StoreError> {
         // A commit of the path in between would be counted wrong (or have
         // its new document deleted in place of the old one).
-        let _turn = self.commit_lock(path).lock();
+        let _turn = self.commit_turns.take(path);
         let (parent, name) = self.open_parent(path, false)?;
         let st = fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| self.err_errno(path.as_str(), e))?;
@@ -2671,6 +2706,59 @@ mod tests {
                 assert!(seen.iter().any(|started| started >= mine));
             }
         }
+    }
+
+    /// Commits of different paths never wait for each other, so their
+    /// fsyncs overlap; a commit waits only for one of its own path. `b` is
+    /// a path that shared `a.bin`'s lock under the former 64 striped
+    /// locks, where its commit waited for all of `a.bin`'s, fsyncs and all.
+    #[test]
+    fn a_commit_waits_only_for_commits_of_its_own_path() {
+        use std::hash::{Hash as _, Hasher as _};
+        let old_stripe = |p: &str| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            p.hash(&mut h);
+            h.finish() % 64
+        };
+        let b = (0..)
+            .map(|i| format!("b{i}.bin"))
+            .find(|p| old_stripe(p) == old_stripe("a.bin"))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false);
+        let (bytes_a, bytes_b) = (data(6000, 1), data(5000, 2));
+        let (ma, mb) = (manifest_for("a.bin", &bytes_a), manifest_for(&b, &bytes_b));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            // A commit of a.bin holds its turn (in its fsyncs, say).
+            let turn = store.commit_turns.take(&RelPath::parse("a.bin").unwrap());
+            let (store, tx_b, mb, bytes_b) = (&store, tx.clone(), &mb, &bytes_b);
+            scope.spawn(move || {
+                upload(store, mb, bytes_b).unwrap();
+                tx_b.send("b").unwrap();
+            });
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(10)),
+                Ok("b"),
+                "the commit of {b} waited for a commit of a.bin"
+            );
+            let (tx_a, ma, bytes_a) = (tx.clone(), &ma, &bytes_a);
+            scope.spawn(move || {
+                upload(store, ma, bytes_a).unwrap();
+                tx_a.send("a").unwrap();
+            });
+            assert!(
+                rx.recv_timeout(Duration::from_millis(300)).is_err(),
+                "a second commit of a.bin did not wait for its turn"
+            );
+            drop(turn);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("a"));
+        });
+        assert_eq!(std::fs::read(dir.path().join("a.bin")).unwrap(), bytes_a);
+        assert_eq!(std::fs::read(dir.path().join(&b)).unwrap(), bytes_b);
+        assert_eq!(store.files(), 2);
+        // Nothing is left behind for paths whose turns ended.
+        assert!(store.commit_turns.busy.lock().is_empty());
     }
 
     #[test]
