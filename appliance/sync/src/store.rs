@@ -1556,7 +1556,7 @@ impl ClientStore {
         }
         let shown = format!("{STAGING_DIR_NAME}/{}.{DATA_SUFFIX}", staged.name);
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        self.with_staged_file(staged, |file| {
+        let written = self.with_staged_file(staged, |file| {
             for &i in positions {
                 let offset = staged.manifest.chunks[i].offset;
                 file.write_all_at(&data, offset)
@@ -1566,7 +1566,18 @@ impl ClientStore {
             // afterwards gives back these bytes too.
             self.account_staged(staged, u64::from(len) * positions.len() as u64);
             Ok(())
-        })?;
+        });
+        match written {
+            // The other upload sharing the state landed this chunk after
+            // the check above and settled the state since (its commit, which
+            // needs every chunk): nothing is missing. This upload's own
+            // commit finds the document committed, or the state ended.
+            Err(StoreError::Ended { .. }) if staged.landed.lock().contains(hash) => {
+                tracing::debug!(client = %self.client, path = %staged.manifest.path, chunk = %hash, "chunk landed by the other upload sharing the staged state, since settled");
+                return Ok(());
+            }
+            r => r?,
+        }
         staged.landed.lock().insert(*hash);
         staged.feed(positions, &Arc::new(data));
         staged.batch.lock().push((*hash, len));
