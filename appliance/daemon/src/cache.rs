@@ -261,7 +261,10 @@ pub async fn handle(cache: &Arc<Cache>, req: CacheRequest) -> Result<CacheRespon
 /// length is checked against the cache's maximum value size before the
 /// client sends anything, and the response is handed out only once every
 /// byte arrived. It never holds more than the announced length, which is at
-/// most one value.
+/// most one value, and never reserves more than twice what arrived: an
+/// announced length is only a claim (cache.max_value_bytes may be as large
+/// as cache.max_bytes, and reserving it up front for every connection, or
+/// one larger than memory, would abort the daemon).
 #[derive(Debug)]
 pub struct PutAssembly {
     len: usize,
@@ -275,7 +278,7 @@ impl PutAssembly {
         match usize::try_from(len) {
             Ok(len) if len <= max_value => Ok(Self {
                 len,
-                buf: Vec::with_capacity(len),
+                buf: Vec::new(),
             }),
             _ => Err(ControlError::new(
                 ErrorCode::InvalidArgument,
@@ -304,6 +307,11 @@ impl PutAssembly {
                 ),
             ));
         }
+        // Doubling, as a Vec grows, but never past the announced length.
+        let want = (self.buf.len() + piece.len())
+            .max(self.buf.capacity().saturating_mul(2))
+            .min(self.len);
+        self.buf.reserve_exact(want - self.buf.len());
         self.buf.extend_from_slice(piece);
         Ok(())
     }
@@ -564,5 +572,18 @@ mod tests {
         assert!(p.feed(b"f").is_err());
         assert_eq!(p.into_response(), b"abcde");
         assert!(PutAssembly::start(0, 8).unwrap().is_complete());
+    }
+
+    #[test]
+    fn a_put_in_pieces_reserves_what_arrived_not_what_was_announced() {
+        let mut p = PutAssembly::start(1 << 50, usize::MAX).unwrap();
+        assert_eq!(p.buf.capacity(), 0);
+        p.feed(&[7; 1000]).unwrap();
+        assert!(p.buf.capacity() < 1 << 20, "{}", p.buf.capacity());
+        let mut p = PutAssembly::start(1500, 1500).unwrap();
+        p.feed(&[1; 1000]).unwrap();
+        p.feed(&[2; 500]).unwrap();
+        assert!(p.is_complete());
+        assert_eq!(p.buf.capacity(), 1500);
     }
 }

@@ -779,3 +779,72 @@ fn an_interrupted_export_leaves_nothing_behind() {
     assert_eq!(v.as_object().unwrap().len(), 64);
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
+
+/// A put in pieces holds what has arrived, not what was announced: a
+/// length the config allows (cache.max_value_bytes may be as large as
+/// cache.max_bytes) but memory cannot hold at once is not reserved up front,
+/// so announcing it neither takes the memory nor aborts the daemon.
+#[test]
+fn a_put_announcing_more_than_memory_does_not_stop_the_daemon() {
+    use appliance_types::cache::{CacheRequest, CacheResponse};
+    use appliance_types::control::{
+        decode_payload, encode_frame, ClientHello, Request, Response, ServerHello,
+        DEFAULT_MAX_FRAME,
+    };
+    use std::io::{Read, Write};
+
+    fn send<T: serde::Serialize>(s: &mut std::os::unix::net::UnixStream, m: &T) {
+        s.write_all(&encode_frame(m, DEFAULT_MAX_FRAME).unwrap())
+            .unwrap();
+    }
+    fn recv(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<Vec<u8>> {
+        let mut prefix = [0u8; 4];
+        s.read_exact(&mut prefix)?;
+        let mut buf = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        s.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("big-values.toml");
+    // 1 PiB: accepted by the config check, more than any address space
+    // (47 bits of user addresses on x86-64) can reserve.
+    std::fs::write(
+        &cfg,
+        "version = 1\n[cache]\nmax_bytes = 1125899906842624\nmax_value_bytes = 1125899906842624\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send(&mut s, &ClientHello::new("test"));
+    let _: ServerHello = decode_payload(&recv(&mut s).unwrap(), "server hello").unwrap();
+    send(
+        &mut s,
+        &Request::Cache(CacheRequest::PutPieces {
+            agent: "a".into(),
+            prompt: "p".into(),
+            variant: String::new(),
+            len: 1 << 50,
+            ttl_secs: None,
+        }),
+    );
+    let answer = recv(&mut s).map(|p| decode_payload::<Response>(&p, "response").unwrap());
+    assert!(
+        matches!(
+            answer,
+            Ok(Response::Cache(CacheResponse::PutReady) | Response::Error(_))
+        ),
+        "announcing a 1 PiB put was answered {answer:?}; daemon's stderr:\n{}",
+        d.stderr()
+    );
+    drop(s);
+    let out = d.ctl(&["cache", "stats"]);
+    assert!(
+        out.status.success(),
+        "the daemon stopped serving after a 1 PiB put was announced: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
