@@ -103,13 +103,43 @@ fn pending_tmp() -> MutexGuard<'static, Option<PathBuf>> {
     PENDING_TMP.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The signals ignored by this process, from the `SigIgn:` line of
+/// `/proc/self/status` (a hex mask, bit N-1 for signal N); none if it cannot
+/// be read.
+fn ignored_signals(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// The signals among `wanted` that this process does not ignore.
+fn not_ignored(wanted: &[i32], ignored: u64) -> Vec<i32> {
+    wanted
+        .iter()
+        .copied()
+        .filter(|s| !(1..=64).contains(s) || ignored & (1 << (s - 1)) == 0)
+        .collect()
+}
+
 /// From now on, SIGINT, SIGTERM or SIGHUP removes the pending temporary
 /// file, then ends the process by that signal as it would have ended
-/// without the watch. (The watch stays for the rest of the process: a
-/// signal-hook handler, once removed, would leave the signal ignored.)
+/// without the watch. A signal the process was started ignoring (`nohup`
+/// ignores SIGHUP; a shell's background job, SIGINT) is not watched: it
+/// stays ignored and the export goes on. (The watch stays for the rest of
+/// the process: a signal-hook handler, once removed, would leave the signal
+/// ignored.)
 fn clean_up_on_signals() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let ignored = std::fs::read_to_string("/proc/self/status")
+        .map(|s| ignored_signals(&s))
+        .unwrap_or(0);
+    let watched = not_ignored(&[SIGINT, SIGTERM, SIGHUP], ignored);
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let mut signals = signal_hook::iterator::Signals::new(&watched)
         .context("cannot watch for SIGINT, SIGTERM and SIGHUP")?;
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
@@ -582,6 +612,16 @@ mod tests {
             .path()
             .join(tmp_name(OsStr::new("other.json"), gone))
             .exists());
+    }
+
+    #[test]
+    fn ignored_signals_are_not_watched() {
+        // SIGHUP (1) ignored, as under nohup; SIGPIPE (13) too.
+        let status = "Name:\tappliancectl\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001001\nSigCgt:\t0000000000000000\n";
+        assert_eq!(ignored_signals(status), 0x1001);
+        assert_eq!(not_ignored(&[2, 15, 1], 0x1001), vec![2, 15]);
+        assert_eq!(not_ignored(&[2, 15, 1], 0), vec![2, 15, 1]);
+        assert_eq!(ignored_signals("nothing here"), 0);
     }
 
     #[test]

@@ -780,6 +780,62 @@ fn an_interrupted_export_leaves_nothing_behind() {
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// An export started with SIGHUP ignored (`nohup appliancectl cache export
+/// ... &`, then the terminal closes) goes on as it would have without the
+/// clean-up watch: a signal the process was told to ignore neither removes
+/// its temporary file nor ends it.
+#[test]
+fn an_export_under_nohup_survives_a_hangup() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut d = Daemon::start(&state, &[], &[]);
+    let entries: serde_json::Map<String, serde_json::Value> = (0..64)
+        .map(|i| (format!("key{i}"), serde_json::json!("v".repeat(256 << 10))))
+        .collect();
+    let file = dir.path().join("in.json");
+    std::fs::write(&file, serde_json::Value::Object(entries).to_string()).unwrap();
+    ctl_ok(&d, &["cache", "import", file.to_str().unwrap()]);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("cache.json");
+    // nohup(1) ignores SIGHUP and runs the command in its place (same
+    // process); an ignored signal stays ignored across exec.
+    let mut cmd = std::process::Command::new("nohup");
+    cmd.arg(common::appliancectl())
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["cache", "export", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let started = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .any(|e| e.unwrap().metadata().is_ok_and(|m| m.len() > 0));
+        if started || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGHUP,
+    );
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "an export with SIGHUP ignored was ended by it: {status}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 64);
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
+
 /// A put in pieces holds what has arrived, not what was announced: a
 /// length the config allows (cache.max_value_bytes may be as large as
 /// cache.max_bytes) but memory cannot hold at once is not reserved up front,
