@@ -181,11 +181,13 @@ fn tmp_pid(file: &OsStr, name: &OsStr) -> Option<i32> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
+    // Only the name [`tmp_name`] gives: no leading zero ("007" is a file
+    // appliancectl never wrote, whatever process 7 is).
     std::str::from_utf8(digits)
         .ok()?
         .parse()
         .ok()
-        .filter(|p| *p > 0)
+        .filter(|p: &i32| *p > 0 && p.to_string().as_bytes() == digits)
 }
 
 /// Removes the temporary files of exports to `name` in `dir` whose process
@@ -588,6 +590,26 @@ mod tests {
         ] {
             assert_eq!(tmp_pid(OsStr::new(other), name), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_name_an_export_never_writes_is_not_its_temporary() {
+        let name = OsStr::new("cache.json");
+        for other in [
+            ".cache.json.tmp-042",
+            ".cache.json.tmp-00",
+            ".cache.json.tmp-0001",
+        ] {
+            assert_eq!(tmp_pid(OsStr::new(other), name), None, "{other}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let padded = format!(".cache.json.tmp-0{gone}");
+        std::fs::write(dir.path().join(&padded), "someone's").unwrap();
+        remove_stale_temporaries(dir.path(), name);
+        assert!(dir.path().join(&padded).exists(), "{padded} was removed");
     }
 
     #[test]
