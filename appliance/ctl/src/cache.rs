@@ -132,9 +132,7 @@ fn not_ignored(wanted: &[i32], ignored: u64) -> Vec<i32> {
 /// ignored.)
 fn clean_up_on_signals() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let ignored = std::fs::read_to_string("/proc/self/status")
-        .map(|s| ignored_signals(&s))
-        .unwrap_or(0);
+    let ignored = std::fs::read_to_string("/proc/self/status").map_or(0, |s| ignored_signals(&s));
     let watched = not_ignored(&[SIGINT, SIGTERM, SIGHUP], ignored);
     if watched.is_empty() {
         return Ok(());
