@@ -161,6 +161,17 @@ fn process_exists(pid: i32) -> bool {
     )
 }
 
+/// An exclusive lock on the file at `path` (not followed if a link), if
+/// nobody else holds one.
+fn lock_if_unheld(path: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .ok()?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
 /// The `.NAME.tmp-PID` file an export by process `pid` writes for `name`.
 fn tmp_name(name: &OsStr, pid: u32) -> OsString {
     let mut tmp = OsString::from(".");
@@ -204,6 +215,13 @@ fn remove_stale_temporaries(dir: &Path, name: &OsStr) {
         if pid == own || process_exists(pid) || !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
+        // Its writer may live where `kill` cannot see it (another PID
+        // namespace, another host on a shared file system): a writer holds
+        // an exclusive lock on its temporary file until it is renamed, so
+        // only a file nobody holds is stale. Removed under our own lock.
+        let Some(_stale) = lock_if_unheld(&e.path()) else {
+            continue;
+        };
         if std::fs::remove_file(e.path()).is_ok() {
             eprintln!(
                 "appliancectl: removed {}, left by an export (process {pid}) that did not finish",
@@ -243,12 +261,17 @@ fn write_atomically(
             }
             _ => {}
         }
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
+        // Held until the rename: it tells an export that cannot see this
+        // process that the file is not stale (see remove_stale_temporaries).
+        let mut f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("cannot lock {}", tmp.display()))?;
         // The mode given at creation is narrowed by the umask.
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
