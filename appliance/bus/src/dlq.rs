@@ -437,13 +437,16 @@ where
     }
 
     /// [`dead_letter`](Self::dead_letter) without waiting for an fsync;
-    /// whether it was dead-lettered.
+    /// whether it was dead-lettered (listed).
     fn dead_letter_now(&self, error: &str, attempts: u32, msg: Message) -> bool {
         if self.refuse_dead_letter(error, &msg) {
             return false;
         }
-        self.bus.dead_letter_now(&self.name, error, attempts, msg);
-        true
+        // Not listed once the bus has stopped storing dead letters
+        // (counted lost instead, not as overflowed).
+        self.bus
+            .dead_letter_now(&self.name, error, attempts, msg)
+            .is_some()
     }
 
     fn refuse_dead_letter(&self, error: &str, msg: &Message) -> bool {
@@ -892,7 +895,7 @@ impl Bus {
     }
 
     async fn dead_letter(&self, handler: &str, error: &str, attempts: u32, msg: Message) {
-        if let Some(ticket) = self.dead_letter_now(handler, error, attempts, msg) {
+        if let Some(Some(ticket)) = self.dead_letter_now(handler, error, attempts, msg) {
             if let Err(e) = self.settle(ticket).await {
                 tracing::warn!(error = %e, handler, "could not store dead letter");
             }
@@ -900,14 +903,16 @@ impl Bus {
     }
 
     /// Records a dead letter and publishes it without waiting for the
-    /// durable log's fsync; returns the ticket to wait on, if published.
+    /// durable log's fsync. `None` if it was not listed (the bus has
+    /// stopped storing dead letters: counted lost); else the ticket to wait
+    /// on, if published.
     fn dead_letter_now(
         &self,
         handler: &str,
         error: &str,
         attempts: u32,
         msg: Message,
-    ) -> Option<Ticket> {
+    ) -> Option<Option<Ticket>> {
         // Listed and stored, or (the bus shutting down) neither.
         let Some(_storing) = self.inner.dlq.start_storing() else {
             self.inner.dlq.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -915,7 +920,7 @@ impl Bus {
             return None;
         };
         let id = self.inner.dlq.record(handler, error, attempts, msg.clone());
-        self.store_dead_letter(id, handler, error, attempts, msg)
+        Some(self.store_dead_letter(id, handler, error, attempts, msg))
     }
 
     /// Stores what every handler's subscription recorded and its task has

@@ -1155,3 +1155,71 @@ async fn close_while_a_handler_dead_letters_stores_it() {
         "listed, then back after a restart"
     );
 }
+
+/// A handler held up on a message, with a dead-letter retry waiting for it
+/// (so its task keeps running after the close): its backlog overflows
+/// after `Bus::close` stopped storing dead letters. What it evicts then is
+/// not dead-lettered, so it is counted lost, and not as overflowed:
+/// `overflowed` counts dead letters.
+#[tokio::test]
+async fn a_backlog_overflow_after_close_is_lost_not_overflowed() {
+    let (b, _) = Bus::open(BusOptions {
+        subscriber_queue: 2,
+        ..BusOptions::default()
+    })
+    .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g2 = gate.clone();
+    let _h = b
+        .handle(
+            "jobs",
+            "jobs.>",
+            HandlerOptions {
+                max_attempts: Some(1),
+                ..HandlerOptions::default()
+            },
+            move |m: Message| {
+                let g2 = g2.clone();
+                async move {
+                    match &m.payload[..] {
+                        b"bad" => Err("boom".to_string()),
+                        b"hold" => {
+                            let _ = g2.acquire().await;
+                            Ok(())
+                        }
+                        _ => Ok(()),
+                    }
+                }
+            },
+        )
+        .unwrap();
+    b.publish("jobs.x", None, "bad").await.unwrap();
+    wait_until("bad is dead-lettered", || b.dlq_list().len() == 1).await;
+    let id = b.dlq_list()[0].id;
+    b.publish("jobs.x", None, "hold").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Waits behind "hold", keeping the handler's retry channel open.
+    let b2 = b.clone();
+    let retry = tokio::spawn(async move { b2.dlq_retry(id).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // a0, a1 fill the backlog; a2, a3 wait in the subscription.
+    for i in 0..2 {
+        b.publish("jobs.x", None, format!("a{i}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 2..4 {
+        b.publish("jobs.x", None, format!("a{i}")).await.unwrap();
+    }
+    assert_eq!(b.dlq_stats().overflowed, 0);
+    b.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), retry)
+        .await
+        .expect("the retry ends once the handler stops");
+    let stats = b.dlq_stats();
+    assert!(stats.overflowed <= stats.dead_lettered, "{stats:?}");
+    assert_eq!(
+        (stats.dead_lettered, stats.overflowed, stats.lost),
+        (1, 0, 2),
+        "{stats:?}"
+    );
+}
