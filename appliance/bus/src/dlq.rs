@@ -1088,6 +1088,9 @@ impl Bus {
     }
 
     /// Runs the entry's handler once more with the original message.
+    /// [`BusError::Closed`] if the bus shut down before the outcome could
+    /// be stored: the entry is then left unchanged (even if the handler
+    /// succeeded), as it is after a restart.
     pub async fn dlq_retry(&self, id: u64) -> Result<RetryOutcome, BusError> {
         let entry = self.dlq_get(id).ok_or(BusError::DlqNotFound(id))?;
         let tx = self
@@ -1106,8 +1109,13 @@ impl Bus {
             .await
             .map_err(|_| BusError::HandlerGone(entry.handler.clone()))?;
         // From the change to the list until its record is published, so a
-        // shutdown cannot come in between (after one, it is not stored).
-        let storing = self.inner.dlq.start_storing();
+        // shutdown cannot come in between. After one the outcome cannot be
+        // stored: the entry is left as stored, to be retried after a
+        // restart, not changed here only.
+        let Some(storing) = self.inner.dlq.start_storing() else {
+            tracing::warn!(id, "the bus shut down before the outcome of a dead-letter retry could be stored; the entry is kept");
+            return Err(BusError::Closed);
+        };
         let (outcome, status, error, attempts) = {
             let mut entries = self.inner.dlq.entries.lock();
             match result {

@@ -1223,3 +1223,74 @@ async fn a_backlog_overflow_after_close_is_lost_not_overflowed() {
         "{stats:?}"
     );
 }
+
+/// A dead-letter retry whose handler succeeds while the bus shuts down
+/// (`Bus::close` after the handler answered, before the retry took the
+/// answer): its outcome can no longer be stored, so the entry is left as
+/// it is; the list then matches the one rebuilt after a restart.
+#[tokio::test]
+async fn a_retry_answered_while_the_bus_closes_leaves_the_list_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listed, outcome);
+    {
+        let b = durable_bus(dir.path(), 16, 1 << 20);
+        let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (f2, r2, g2) = (fixed.clone(), ran.clone(), gate.clone());
+        let h = b
+            .handle(
+                "jobs",
+                "jobs.>",
+                HandlerOptions {
+                    max_attempts: Some(1),
+                    ..HandlerOptions::default()
+                },
+                move |_m: Message| {
+                    let ok = f2.load(std::sync::atomic::Ordering::SeqCst);
+                    r2.store(ok, std::sync::atomic::Ordering::SeqCst);
+                    let g2 = g2.clone();
+                    async move {
+                        if ok {
+                            let _ = g2.acquire().await;
+                            Ok(())
+                        } else {
+                            Err("boom".to_string())
+                        }
+                    }
+                },
+            )
+            .unwrap();
+        b.publish("jobs.x", None, "m").await.unwrap();
+        wait_until("m is dead-lettered", || b.dlq_list().len() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.sync_durable().await.unwrap();
+        let id = b.dlq_list()[0].id;
+        fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+        outcome = {
+            let mut retry = std::pin::pin!(b.dlq_retry(id));
+            // Polled until the handler runs; then not, while it answers.
+            tokio::select! {
+                biased;
+                r = &mut retry => panic!("the retry ended early: {r:?}"),
+                () = wait_until("the retry runs", || ran.load(std::sync::atomic::Ordering::SeqCst)) => {}
+            }
+            gate.add_permits(1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            b.close();
+            tokio::time::timeout(Duration::from_secs(5), retry)
+                .await
+                .unwrap()
+        };
+        listed = b.dlq_list().len();
+        drop(h);
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = durable_bus(dir.path(), 16, 1 << 20);
+    assert_eq!(
+        b.dlq_list().len(),
+        listed,
+        "after a restart (the retry returned {outcome:?})"
+    );
+}
