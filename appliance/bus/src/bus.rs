@@ -1645,6 +1645,11 @@ impl Subscription {
     pub fn pattern(&self) -> &str {
         self.pattern.as_str()
     }
+
+    /// Its queue (for a handler's handle to close it).
+    pub(crate) fn queue(&self) -> &Arc<LocalQueue> {
+        &self.queue
+    }
 }
 
 impl Drop for Subscription {

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::{Bus, BusError, SubscribeOptions, Subscription, Ticket, Wakes};
 use crate::message::{Headers, Message};
-use crate::queue::{CloseReason, Evict, Lost, SlowConsumerPolicy};
+use crate::queue::{CloseReason, Evict, LocalQueue, Lost, SlowConsumerPolicy};
 
 /// The subject prefix of dead letters.
 pub const DLQ_PREFIX: &str = "_dlq.";
@@ -345,6 +345,9 @@ pub struct HandlerHandle {
     bus: Bus,
     task: tokio::task::JoinHandle<()>,
     unstored: Arc<Unstored>,
+    /// The task's subscription's queue: closed on drop, so nothing more is
+    /// handed to it (a queue group's other members get it instead).
+    queue: Arc<LocalQueue>,
 }
 
 impl HandlerHandle {
@@ -356,12 +359,15 @@ impl HandlerHandle {
 
 impl Drop for HandlerHandle {
     fn drop(&mut self) {
+        // Offered nothing more, also before the task has stopped.
+        self.queue.close(CloseReason::Unsubscribed);
         self.task.abort();
         self.bus.inner.dlq.handlers.lock().remove(&self.name);
         // Dead letters its subscription recorded that the task had not
         // stored yet. The subscription goes with the task, which may not
-        // have stopped yet: what it evicts from now on is not dead-lettered
-        // (like what it still holds, it is not this handler's any more).
+        // have stopped yet: what a publish under way still evicts from it
+        // is not dead-lettered (like what it still holds, it is not this
+        // handler's any more).
         self.bus.store_unstored(&self.name, &self.unstored, true);
     }
 }
@@ -769,9 +775,9 @@ impl Bus {
     ///   handler's task when it next runs, when the handle is dropped, or
     ///   when the bus shuts down (the publisher's path, where the eviction
     ///   happens, cannot publish).
-    ///   Once the handle is dropped, what its subscription still evicts
-    ///   until the task has stopped is not dead-lettered, like what it
-    ///   still holds;
+    ///   Once the handle is dropped its subscription is offered nothing
+    ///   more (in a queue group the other members get the messages), and
+    ///   what it still holds is not handled or dead-lettered;
     /// * durable messages are left in the log, and read back from it in
     ///   order, as above. (In a queue group, a durable message that no
     ///   member can take, each having `2^20` waiting in the log, is
@@ -854,6 +860,7 @@ impl Bus {
             // Its task would skip them.
             !wants_dead_letters,
         )?;
+        let queue = sub.queue().clone();
         let (tx, rx) = mpsc::channel::<RetryRequest>(16);
         {
             let mut handlers = self.inner.dlq.handlers.lock();
@@ -879,6 +886,7 @@ impl Bus {
             bus: self.clone(),
             task,
             unstored,
+            queue,
         })
     }
 

@@ -1294,3 +1294,52 @@ async fn a_retry_answered_while_the_bus_closes_leaves_the_list_as_stored() {
         "after a restart (the retry returned {outcome:?})"
     );
 }
+
+/// Once a queue group member's handle is dropped, the group's messages go
+/// to the members still running: none is handed to the stopping member's
+/// subscription (where it would be neither handled, nor counted, nor
+/// dead-lettered), also before its task has stopped.
+#[tokio::test]
+async fn a_dropped_queue_group_member_gets_no_more_messages() {
+    let (b, _) = Bus::open(BusOptions::default()).unwrap();
+    let group = || HandlerOptions {
+        queue_group: Some("g".into()),
+        ..HandlerOptions::default()
+    };
+    let member = |name: &str, handled: &Arc<Mutex<Vec<String>>>| {
+        let h2 = handled.clone();
+        b.handle(name, "jobs.>", group(), move |m: Message| {
+            let h2 = h2.clone();
+            async move {
+                h2.lock()
+                    .push(String::from_utf8(m.payload.to_vec()).unwrap());
+                Ok(())
+            }
+        })
+        .unwrap()
+    };
+    let (got_a, got_b) = (Arc::default(), Arc::default());
+    let ha = member("a", &got_a);
+    let _hb = member("b", &got_b);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // No yield: the dropped member's task has not stopped yet.
+    drop(ha);
+    for i in 0..4 {
+        b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while got_b.lock().len() < 4 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = b.dlq_stats();
+    assert_eq!(
+        (
+            got_a.lock().len(),
+            got_b.lock().len(),
+            stats.lost,
+            stats.dead_lettered
+        ),
+        (0, 4, 0, 0),
+        "{stats:?}"
+    );
+}
