@@ -36,7 +36,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,6 +166,10 @@ pub(crate) struct DlqState {
     /// Running handlers: where to send retries, and the dead letters their
     /// subscriptions recorded, to store at shutdown.
     handlers: Mutex<HashMap<String, Running>>,
+    /// Set (under `handlers`' lock) when a shutdown takes the handlers to
+    /// store what they recorded: no handler is added after that, so none
+    /// records dead letters that nobody stores.
+    closing: AtomicBool,
     next_id: AtomicU64,
     max_entries: usize,
 }
@@ -177,6 +181,7 @@ impl DlqState {
             storing: Mutex::new((0, false)),
             stored: Condvar::new(),
             handlers: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
             counters: DlqCounters::default(),
             next_id: AtomicU64::new(1),
             max_entries: max_entries.max(1),
@@ -744,8 +749,8 @@ impl Bus {
     /// dead-lettering (see the module docs). `name` identifies the handler in
     /// dead-letter entries and must be unique among running handlers, and
     /// at most [`MAX_HANDLER_NAME`] bytes long
-    /// ([`BusError::HandlerNameTooLong`]).
-    /// Must be called inside a tokio runtime.
+    /// ([`BusError::HandlerNameTooLong`]). [`BusError::Closed`] once the
+    /// bus is shutting down. Must be called inside a tokio runtime.
     ///
     /// Messages are handled one at a time, in order.
     ///
@@ -837,7 +842,21 @@ impl Bus {
         let cap = self.inner.opts.subscriber_queue.max(1);
         let wants_dead_letters = is_dead_letter_subject(pattern);
         let unstored = Arc::new(Unstored::new(self.inner.dlq.max_entries));
-        let sub = self.subscribe_evicting(
+        let (tx, rx) = mpsc::channel::<RetryRequest>(16);
+        // Registered before it subscribes: what its subscription records
+        // is then stored by a shutdown, which registers no handler after
+        // it has taken them (see `Bus::store_all_unstored`).
+        {
+            let mut handlers = self.inner.dlq.handlers.lock();
+            if self.inner.dlq.closing.load(Ordering::Acquire) {
+                return Err(BusError::Closed);
+            }
+            if handlers.contains_key(name) {
+                return Err(BusError::HandlerExists(name.to_owned()));
+            }
+            handlers.insert(name.to_owned(), (tx, unstored.clone()));
+        }
+        let sub = match self.subscribe_evicting(
             pattern,
             SubscribeOptions {
                 queue_group,
@@ -859,16 +878,14 @@ impl Bus {
             Some(lost_sink(Arc::downgrade(&self.inner), name.to_owned())),
             // Its task would skip them.
             !wants_dead_letters,
-        )?;
-        let queue = sub.queue().clone();
-        let (tx, rx) = mpsc::channel::<RetryRequest>(16);
-        {
-            let mut handlers = self.inner.dlq.handlers.lock();
-            if handlers.contains_key(name) {
-                return Err(BusError::HandlerExists(name.to_owned()));
+        ) {
+            Ok(sub) => sub,
+            Err(e) => {
+                self.inner.dlq.handlers.lock().remove(name);
+                return Err(e);
             }
-            handlers.insert(name.to_owned(), (tx, unstored.clone()));
-        }
+        };
+        let queue = sub.queue().clone();
         let defaults = self.inner.opts.dlq;
         let backoff = backoff.unwrap_or(defaults.backoff);
         let worker = Arc::new(Worker {
@@ -935,14 +952,15 @@ impl Bus {
     /// not stored yet (see [`Unstored`]), for a shutdown: they record no
     /// more. Call before publishing stops.
     pub(crate) fn store_all_unstored(&self) {
-        let all: Vec<(String, Arc<Unstored>)> = self
-            .inner
-            .dlq
-            .handlers
-            .lock()
-            .iter()
-            .map(|(name, (_, u))| (name.clone(), u.clone()))
-            .collect();
+        let all: Vec<(String, Arc<Unstored>)> = {
+            let handlers = self.inner.dlq.handlers.lock();
+            // No handler is added after this: these are all.
+            self.inner.dlq.closing.store(true, Ordering::Release);
+            handlers
+                .iter()
+                .map(|(name, (_, u))| (name.clone(), u.clone()))
+                .collect()
+        };
         for (name, u) in all {
             self.store_unstored(&name, &u, true);
         }

@@ -1343,3 +1343,64 @@ async fn a_dropped_queue_group_member_gets_no_more_messages() {
         "{stats:?}"
     );
 }
+
+/// A handler started while `Bus::close` stores the handlers' overflow dead
+/// letters (the closing thread held up at its first warning, after it
+/// took the list of handlers), its pattern then flooded before the close
+/// goes on: the handler is refused (the bus is shutting down) or what its
+/// subscription dead-letters is stored; none is listed but not stored.
+#[tokio::test]
+async fn a_handler_started_while_the_bus_closes_lists_nothing_unstored() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed: Vec<String>;
+    {
+        let b = durable_bus(dir.path(), 2, 1 << 20);
+        let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+        // No yield: the handler's task does not run before the close.
+        for i in 0..5 {
+            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
+        }
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let b2 = b.clone();
+        let closer = std::thread::spawn(move || {
+            let go_rx = Mutex::new(Some(go_rx));
+            let sub = OnWarn(move || {
+                if let Some(go) = go_rx.lock().take() {
+                    let _ = paused_tx.send(());
+                    let _ = go.recv_timeout(Duration::from_secs(2));
+                }
+            });
+            tracing::subscriber::with_default(sub, || b2.close());
+        });
+        paused.recv_timeout(Duration::from_secs(5)).unwrap();
+        let late = b.handle(
+            "late",
+            "late.>",
+            HandlerOptions::default(),
+            |_m: Message| async { Ok(()) },
+        );
+        assert!(matches!(late, Ok(_) | Err(BusError::Closed)), "{late:?}");
+        for i in 0..5 {
+            b.publish("late.x", None, format!("n{i}")).await.unwrap();
+        }
+        go.send(()).unwrap();
+        closer.join().unwrap();
+        listed = b
+            .dlq_list()
+            .iter()
+            .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+            .collect();
+        drop(late);
+        drop(h);
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = durable_bus(dir.path(), 2, 1 << 20);
+    let restored: Vec<String> = b
+        .dlq_list()
+        .iter()
+        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(restored, listed, "after a restart");
+}
