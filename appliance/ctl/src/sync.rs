@@ -146,15 +146,30 @@ pub(crate) fn run(client: &mut Client, cmd: &SyncCmd, json: bool) -> anyhow::Res
             if !matches!(answer, Ok(Response::Sync(SyncResponse::Enrolled { .. }))) {
                 let _ = std::fs::remove_file(&path);
             }
-            match answer? {
+            let answer = answer.map_err(|e| {
+                if e.downcast_ref::<appliance_types::control::ControlError>()
+                    .is_some()
+                {
+                    e
+                } else {
+                    // No answer: the daemon may have enrolled it all the same.
+                    e.context(format!(
+                        "no answer from applianced to enrolling {name}; if `appliancectl sync \
+                         client list` shows it, revoke it and add it again"
+                    ))
+                }
+            })?;
+            match answer {
                 Response::Sync(SyncResponse::Enrolled { client, bundle }) => {
-                    write_bundle(file, &bundle).with_context(|| {
-                        format!(
+                    if let Err(e) = write_bundle(file, &bundle) {
+                        // A part of a bundle is no use; the next try needs the name free.
+                        let _ = std::fs::remove_file(&path);
+                        return Err(anyhow::Error::new(e).context(format!(
                             "{name} was enrolled, but its bundle could not be written to {}; \
                              revoke it (`appliancectl sync client revoke {name}`) and add it again",
                             path.display()
-                        )
-                    })?;
+                        )));
+                    }
                     if json {
                         print_json(&serde_json::json!({ "client": client, "bundle": path }))?;
                     } else {

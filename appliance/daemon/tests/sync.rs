@@ -290,6 +290,26 @@ fn a_bundle_that_cannot_be_written_does_not_use_up_the_enrollment() {
     );
     assert!(std::fs::metadata(&bundle).unwrap().len() > 0);
 
+    // A bundle that fails part-way through writing (here the file size
+    // limit, SIGXFSZ ignored as a full disk would fail it) is removed, so
+    // the same --out can be used once the client is revoked.
+    let cut = dir.path().join("cut.bundle");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"trap "" XFSZ; exec prlimit --fsize=64 "$@""#)
+        .arg("bash")
+        .arg(common::appliancectl())
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["sync", "client", "add", "desk", "--out"])
+        .arg(&cut)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revoke it"), "{err}");
+    assert!(!cut.exists(), "a bundle cut off part-way was left behind");
+
     // A refused enrollment leaves no empty bundle behind.
     let again = dir.path().join("again.bundle");
     let out = d.ctl(&[
