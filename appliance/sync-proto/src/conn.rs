@@ -339,29 +339,26 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
 
     /// A stream was closed or reset by the peer: uploads controlled by it end.
     pub fn stream_closed(&mut self, stream: S) -> Vec<ConnAction<S>> {
-        let mut ids: Vec<UploadId> = self
-            .uploads
-            .iter()
-            .filter(|(_, (s, _))| *s == stream)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort();
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some((_, session)) = self.uploads.get_mut(&id) {
-                let actions = session.abort(WireError::Cancelled {
-                    detail: "upload stream closed by the client".into(),
-                });
-                out.extend(self.map_actions(id, actions));
-            }
-        }
-        out
+        self.end_uploads_of(stream, |session| {
+            session.abort(WireError::Cancelled {
+                detail: "upload stream closed by the client".into(),
+            })
+        })
     }
 
     /// Reading a stream failed while its client may still be listening
     /// (it stalled in the middle of a frame, or ended in one): the uploads
     /// it controls end with `error`, each told to the client on it.
     pub fn stream_failed(&mut self, stream: S, error: &WireError) -> Vec<ConnAction<S>> {
+        self.end_uploads_of(stream, |session| session.give_up(error.clone()))
+    }
+
+    /// Ends each upload `stream` controls, in id order, with `end`.
+    fn end_uploads_of(
+        &mut self,
+        stream: S,
+        mut end: impl FnMut(&mut ServerUpload) -> Vec<ServerAction>,
+    ) -> Vec<ConnAction<S>> {
         let mut ids: Vec<UploadId> = self
             .uploads
             .iter()
@@ -372,7 +369,7 @@ impl<S: Copy + Eq + Debug> ServerConnection<S> {
         let mut out = Vec::new();
         for id in ids {
             if let Some((_, session)) = self.uploads.get_mut(&id) {
-                let actions = session.give_up(error.clone());
+                let actions = end(session);
                 out.extend(self.map_actions(id, actions));
             }
         }
