@@ -94,6 +94,117 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The payloads of the dead-letter list, in list order.
+fn dead_letter_payloads(b: &Bus) -> Vec<String> {
+    b.dlq_list()
+        .iter()
+        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
+        .collect()
+}
+
+/// Publishes `{prefix}{i}` on `subject` for each `i` in `range`, without
+/// yielding in between.
+async fn publish_numbered(b: &Bus, subject: &str, prefix: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        b.publish(subject, None, format!("{prefix}{i}"))
+            .await
+            .unwrap();
+    }
+}
+
+/// A durable bus under `dir` (subscriber queues of 2) with a recording
+/// handler on `jobs.>` starved by m0..m4, published without yielding: the
+/// handler's task has not run, so its subscription has dead-lettered m0,
+/// m1, m2.
+async fn starved_handler(dir: &std::path::Path) -> (Bus, HandlerHandle) {
+    let b = durable_bus(dir, 2, 1 << 20);
+    let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
+    // No yield: the handler's task does not run before the close.
+    publish_numbered(&b, "jobs.x", "m", 0..5).await;
+    (b, h)
+}
+
+/// Holds up the thread it is installed on at its first warning or error,
+/// saying so on the returned receiver, until the returned sender is sent
+/// to (or `hold` passes).
+fn pause_at_first_warning(
+    hold: Duration,
+) -> (
+    OnWarn<impl Fn() + Send + Sync + 'static>,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (paused_tx, paused) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(Some(go_rx));
+    let sub = OnWarn(move || {
+        if let Some(go) = go_rx.lock().take() {
+            let _ = paused_tx.send(());
+            let _ = go.recv_timeout(hold);
+        }
+    });
+    (sub, paused, go)
+}
+
+/// Runs `b.close()` on another thread, held up at its first warning
+/// (after storing the dead letters recorded so far); returns once it is
+/// held up, with the sender that lets it go on and the thread.
+fn close_held_at_first_warning(
+    b: &Bus,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (sub, paused, go) = pause_at_first_warning(Duration::from_secs(2));
+    let b2 = b.clone();
+    let closer = std::thread::spawn(move || {
+        tracing::subscriber::with_default(sub, || b2.close());
+    });
+    paused.recv_timeout(Duration::from_secs(5)).unwrap();
+    (go, closer)
+}
+
+/// A single-threaded runtime with IO and timers, for a test's own thread.
+fn thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Drops `b` and gives the aborted handler tasks time to let go of it
+/// (and of the durable log's lock), so that the log can be opened again.
+async fn let_go(b: Bus) {
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// A handler that records every payload it handles, held up before each
+/// until the returned gate has a permit.
+fn gated_handler(
+    b: &Bus,
+    name: &str,
+    pattern: &str,
+    opts: HandlerOptions,
+) -> (
+    HandlerHandle,
+    Arc<tokio::sync::Semaphore>,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (g2, h2) = (gate.clone(), handled.clone());
+    let h = b
+        .handle(name, pattern, opts, move |m: Message| {
+            let (g2, h2) = (g2.clone(), h2.clone());
+            async move {
+                g2.acquire().await.unwrap().forget();
+                h2.lock()
+                    .push(String::from_utf8(m.payload.to_vec()).unwrap());
+                Ok(())
+            }
+        })
+        .unwrap();
+    (h, gate, handled)
+}
+
 /// A handler on a non-durable subject that falls behind while it backs off
 /// keeps running: the overflow is dead-lettered (oldest first, with the
 /// overflow reason, counted), the rest is handled, and later messages are
@@ -348,10 +459,9 @@ async fn dead_letter_of_a_message_at_the_limit_survives_restart() {
         b.sync_durable().await.unwrap();
         drop(h);
         b.close();
-        drop(b);
         // The aborted handler task lets go of its bus (and the log's lock)
         // once the runtime drops it.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     let b = durable_bus(dir.path(), 16, max);
     let list = b.dlq_list();
@@ -765,26 +875,16 @@ async fn a_flood_to_a_starved_handler_does_not_log_per_message_on_the_publisher(
 async fn dead_letters_of_a_starved_handler_survive_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let b = durable_bus(dir.path(), 2, 1 << 20);
-        let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
-        // No yield: the handler's task does not run before the close.
-        for i in 0..5 {
-            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
-        }
+        let (b, h) = starved_handler(dir.path()).await;
         assert_eq!(b.dlq_list().len(), 3);
         b.close();
         drop(h);
-        drop(b);
         // The aborted handler task lets go of its bus (and the log's lock)
         // once the runtime drops it.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     let b = durable_bus(dir.path(), 2, 1 << 20);
-    let restored: Vec<String> = b
-        .dlq_list()
-        .iter()
-        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
-        .collect();
+    let restored = dead_letter_payloads(&b);
     assert_eq!(restored, ["m0", "m1", "m2"], "after a restart");
 }
 
@@ -814,28 +914,15 @@ async fn mixed_group_full_of_durable_messages(
             },
         )
         .unwrap();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (g2, h2) = (gate.clone(), handled.clone());
-    let h = b
-        .handle(
-            "mixed",
-            "*.d",
-            HandlerOptions {
-                queue_group: Some("g".into()),
-                ..HandlerOptions::default()
-            },
-            move |m: Message| {
-                let (g2, h2) = (g2.clone(), h2.clone());
-                async move {
-                    g2.acquire().await.unwrap().forget();
-                    h2.lock()
-                        .push(String::from_utf8(m.payload.to_vec()).unwrap());
-                    Ok(())
-                }
-            },
-        )
-        .unwrap();
+    let (h, gate, handled) = gated_handler(
+        &b,
+        "mixed",
+        "*.d",
+        HandlerOptions {
+            queue_group: Some("g".into()),
+            ..HandlerOptions::default()
+        },
+    );
     // Round robin: the plain member gets s0, s2, ... (2 queued, the rest
     // deferred to the log), the handler s1, s3, ... (1 running, 2 in its
     // backlog, 2 in its subscription, the rest deferred).
@@ -871,11 +958,7 @@ async fn queue_group_dead_letters_what_a_plain_member_and_a_handler_both_refuse(
         (4, 4, 0, 0),
         "{stats:?}"
     );
-    let mut listed: Vec<String> = b
-        .dlq_list()
-        .iter()
-        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
-        .collect();
+    let mut listed = dead_letter_payloads(&b);
     listed.sort();
     assert_eq!(listed, ["j0", "j1", "j2", "j3"]);
     assert_eq!(b.stats().subjects["jobs"].drops, 4, "each counted once");
@@ -946,25 +1029,7 @@ fn damage_record(dir: &std::path::Path, marker: &[u8]) {
 async fn a_handlers_failed_catch_up_is_counted_lost_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let b = durable_bus(dir.path(), 2, 1 << 20);
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (g2, h2) = (gate.clone(), handled.clone());
-    let _h = b
-        .handle(
-            "disks",
-            "storage.>",
-            HandlerOptions::default(),
-            move |m: Message| {
-                let (g2, h2) = (g2.clone(), h2.clone());
-                async move {
-                    g2.acquire().await.unwrap().forget();
-                    h2.lock()
-                        .push(String::from_utf8(m.payload.to_vec()).unwrap());
-                    Ok(())
-                }
-            },
-        )
-        .unwrap();
+    let (_h, gate, handled) = gated_handler(&b, "disks", "storage.>", HandlerOptions::default());
     // m0 runs (held up), m1 and m2 fill the backlog, m3 and m4 the
     // subscription; m5..m9 are deferred to the log.
     for i in 0..10 {
@@ -1000,51 +1065,20 @@ async fn dead_letters_listed_while_the_bus_closes_are_stored() {
     let dir = tempfile::tempdir().unwrap();
     let listed: Vec<String>;
     {
-        let b = durable_bus(dir.path(), 2, 1 << 20);
-        let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
-        // No yield: the handler's task does not run before the close.
-        for i in 0..5 {
-            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
-        }
-        let (paused_tx, paused) = std::sync::mpsc::channel();
-        let (go, go_rx) = std::sync::mpsc::channel::<()>();
-        let b2 = b.clone();
-        let closer = std::thread::spawn(move || {
-            // Held up at its first warning (after storing what was
-            // recorded so far) until `go`.
-            let go_rx = Mutex::new(Some(go_rx));
-            let sub = OnWarn(move || {
-                if let Some(go) = go_rx.lock().take() {
-                    let _ = paused_tx.send(());
-                    let _ = go.recv_timeout(Duration::from_secs(2));
-                }
-            });
-            tracing::subscriber::with_default(sub, || b2.close());
-        });
-        paused.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (b, h) = starved_handler(dir.path()).await;
+        let (go, closer) = close_held_at_first_warning(&b);
         // Published meanwhile (the close has not begun refusing yet): the
         // subscription evicts m3, m4, m5.
-        for i in 5..8 {
-            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
-        }
+        publish_numbered(&b, "jobs.x", "m", 5..8).await;
         go.send(()).unwrap();
         closer.join().unwrap();
-        listed = b
-            .dlq_list()
-            .iter()
-            .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
-            .collect();
+        listed = dead_letter_payloads(&b);
         drop(h);
-        drop(b);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     assert_eq!(listed, ["m0", "m1", "m2"]);
     let b = durable_bus(dir.path(), 2, 1 << 20);
-    let restored: Vec<String> = b
-        .dlq_list()
-        .iter()
-        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
-        .collect();
+    let restored = dead_letter_payloads(&b);
     assert_eq!(restored, listed, "after a restart");
 }
 
@@ -1069,18 +1103,13 @@ async fn close_waits_for_a_handler_storing_its_dead_letters() {
             .unwrap();
         let b2 = b.clone();
         let worker = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = thread_runtime();
             rt.block_on(async {
                 let (h, _handled) =
                     recording_handler(&b2, "jobs", "jobs.>", Duration::from_millis(10));
                 // No yield: all but the last 2 are evicted, then the task
                 // stores them in one go.
-                for i in 0..3000 {
-                    b2.publish("jobs.x", None, format!("m{i}")).await.unwrap();
-                }
+                publish_numbered(&b2, "jobs.x", "m", 0..3000).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 drop(h);
             });
@@ -1092,8 +1121,7 @@ async fn close_waits_for_a_handler_storing_its_dead_letters() {
         b.close();
         worker.join().unwrap();
         listed = b.dlq_list().len();
-        drop(b);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     assert_eq!(listed, 2998);
     let b = durable_bus(dir.path(), 2, 1 << 20);
@@ -1110,22 +1138,11 @@ async fn close_while_a_handler_dead_letters_stores_it() {
     let listed;
     {
         let b = durable_bus(dir.path(), 16, 1 << 20);
-        let (paused_tx, paused) = std::sync::mpsc::channel();
-        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (sub, paused, go) = pause_at_first_warning(Duration::from_secs(5));
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let b2 = b.clone();
         let worker = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let go_rx = Mutex::new(Some(go_rx));
-            let sub = OnWarn(move || {
-                if let Some(go) = go_rx.lock().take() {
-                    let _ = paused_tx.send(());
-                    let _ = go.recv_timeout(Duration::from_secs(5));
-                }
-            });
+            let rt = thread_runtime();
             tracing::subscriber::with_default(sub, || {
                 rt.block_on(async {
                     let h = recording_handler(&b2, "jobs", "jobs.>", Duration::from_millis(1));
@@ -1145,8 +1162,7 @@ async fn close_while_a_handler_dead_letters_stores_it() {
         closer.join().unwrap();
         worker.join().unwrap();
         listed = b.dlq_list().len();
-        drop(b);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     let b = durable_bus(dir.path(), 16, 1 << 20);
     assert_eq!(
@@ -1284,8 +1300,7 @@ async fn a_retry_answered_while_the_bus_closes_leaves_the_list_as_stored() {
         };
         listed = b.dlq_list().len();
         drop(h);
-        drop(b);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     let b = durable_bus(dir.path(), 16, 1 << 20);
     assert_eq!(
@@ -1354,26 +1369,8 @@ async fn a_handler_started_while_the_bus_closes_lists_nothing_unstored() {
     let dir = tempfile::tempdir().unwrap();
     let listed: Vec<String>;
     {
-        let b = durable_bus(dir.path(), 2, 1 << 20);
-        let (h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
-        // No yield: the handler's task does not run before the close.
-        for i in 0..5 {
-            b.publish("jobs.x", None, format!("m{i}")).await.unwrap();
-        }
-        let (paused_tx, paused) = std::sync::mpsc::channel();
-        let (go, go_rx) = std::sync::mpsc::channel::<()>();
-        let b2 = b.clone();
-        let closer = std::thread::spawn(move || {
-            let go_rx = Mutex::new(Some(go_rx));
-            let sub = OnWarn(move || {
-                if let Some(go) = go_rx.lock().take() {
-                    let _ = paused_tx.send(());
-                    let _ = go.recv_timeout(Duration::from_secs(2));
-                }
-            });
-            tracing::subscriber::with_default(sub, || b2.close());
-        });
-        paused.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (b, h) = starved_handler(dir.path()).await;
+        let (go, closer) = close_held_at_first_warning(&b);
         let late = b.handle(
             "late",
             "late.>",
@@ -1381,26 +1378,15 @@ async fn a_handler_started_while_the_bus_closes_lists_nothing_unstored() {
             |_m: Message| async { Ok(()) },
         );
         assert!(matches!(late, Ok(_) | Err(BusError::Closed)), "{late:?}");
-        for i in 0..5 {
-            b.publish("late.x", None, format!("n{i}")).await.unwrap();
-        }
+        publish_numbered(&b, "late.x", "n", 0..5).await;
         go.send(()).unwrap();
         closer.join().unwrap();
-        listed = b
-            .dlq_list()
-            .iter()
-            .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
-            .collect();
+        listed = dead_letter_payloads(&b);
         drop(late);
         drop(h);
-        drop(b);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let_go(b).await;
     }
     let b = durable_bus(dir.path(), 2, 1 << 20);
-    let restored: Vec<String> = b
-        .dlq_list()
-        .iter()
-        .map(|e| String::from_utf8(b.dlq_get(e.id).unwrap().message.payload.to_vec()).unwrap())
-        .collect();
+    let restored = dead_letter_payloads(&b);
     assert_eq!(restored, listed, "after a restart");
 }
