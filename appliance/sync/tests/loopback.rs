@@ -551,6 +551,36 @@ fn small_upload(name: &str, len: usize, seed: u64) -> (Vec<u8>, Manifest) {
     (data, manifest)
 }
 
+/// A server whose streams are dropped after `idle` without traffic, and a
+/// raw connection of client "ines" (with `quota`) to it.
+async fn idle_limited_server(idle: Duration, quota: Option<u64>) -> (Fixture, quinn::Connection) {
+    let fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
+    let bundle = fx.enroll("ines", quota);
+    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    (fx, conn)
+}
+
+/// Opens a stream of its own and sends the `Upload` of a [`small_upload`]
+/// on it; returns the stream.
+async fn send_small_upload(
+    conn: &quinn::Connection,
+    name: &str,
+    len: usize,
+    seed: u64,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let (_, manifest) = small_upload(name, len, seed);
+    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
+        .await
+        .unwrap();
+    (send, recv)
+}
+
+async fn close_and_stop(conn: quinn::Connection, mut fx: Fixture) {
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    fx.stop().await;
+}
+
 /// `Upload` frames waiting for the connection's lookup queue are answered
 /// however long the queue takes: the server makes the client wait, so the
 /// wait does not count against the stream's idle limit. Their streams were
@@ -558,18 +588,12 @@ fn small_upload(name: &str, len: usize, seed: u64) -> (Vec<u8>, Manifest) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_waiting_for_the_lookup_queue_are_answered_past_the_stream_idle_limit() {
     let idle = Duration::from_millis(200);
-    let mut fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
-    let bundle = fx.enroll("ines", Some(1 << 20));
-    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (fx, conn) = idle_limited_server(idle, Some(1 << 20)).await;
     // The second slow upload waits for the first's lookup, its stream
     // silent since it was sent.
     let (_slow_send, mut slow_recv) = keep_lookups_busy(&conn).await;
     // One more waits behind the second's lookup on a stream of its own.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let (_, manifest) = small_upload("queued.bin", 300_000, 1);
-    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
-        .await
-        .unwrap();
+    let (_send, mut recv) = send_small_upload(&conn, "queued.bin", 300_000, 1).await;
     let sent = std::time::Instant::now();
     expect_quota_refusal(&mut slow_recv).await;
     let got = answer(&mut recv).await;
@@ -584,8 +608,7 @@ async fn uploads_waiting_for_the_lookup_queue_are_answered_past_the_stream_idle_
         waited > idle,
         "the queue was not busy long enough: {waited:?}"
     );
-    conn.close(quinn::VarInt::from_u32(0), b"done");
-    fx.stop().await;
+    close_and_stop(conn, fx).await;
 }
 
 /// Sends `upload`'s chunks slower than `idle`, each on a new stream of its
@@ -642,6 +665,15 @@ async fn paced_upload(
     (done, digest.file_hash)
 }
 
+#[track_caller]
+fn assert_committed(done: Option<&Message>, file_hash: Hash) {
+    assert!(
+        matches!(done, Some(Message::Committed(c)) if c.file_hash == file_hash),
+        "expected Committed, got {}",
+        answered(done)
+    );
+}
+
 /// While an upload runs with its chunks on other streams, its control
 /// stream carries nothing: the client waits for the server, it is not
 /// idle. The upload was cancelled ("upload stream closed by the client")
@@ -649,17 +681,10 @@ async fn paced_upload(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_upload_outlives_its_silent_control_stream() {
     let idle = Duration::from_millis(300);
-    let mut fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
-    let bundle = fx.enroll("ines", None);
-    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (fx, conn) = idle_limited_server(idle, None).await;
     let (done, file_hash) = paced_upload(&conn, idle, true).await;
-    assert!(
-        matches!(&done, Some(Message::Committed(c)) if c.file_hash == file_hash),
-        "expected Committed, got {}",
-        answered(done.as_ref())
-    );
-    conn.close(quinn::VarInt::from_u32(0), b"done");
-    fx.stop().await;
+    assert_committed(done.as_ref(), file_hash);
+    close_and_stop(conn, fx).await;
 }
 
 /// A stream that carries a running upload's chunks may pause between them
@@ -669,17 +694,10 @@ async fn a_running_upload_outlives_its_silent_control_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_stream_may_pause_between_chunks_of_a_running_upload() {
     let idle = Duration::from_millis(300);
-    let mut fx = Fixture::start_configured(|c| c.stream_idle = idle).await;
-    let bundle = fx.enroll("ines", None);
-    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (fx, conn) = idle_limited_server(idle, None).await;
     let (done, file_hash) = paced_upload(&conn, idle, false).await;
-    assert!(
-        matches!(&done, Some(Message::Committed(c)) if c.file_hash == file_hash),
-        "expected Committed, got {}",
-        answered(done.as_ref())
-    );
-    conn.close(quinn::VarInt::from_u32(0), b"done");
-    fx.stop().await;
+    assert_committed(done.as_ref(), file_hash);
+    close_and_stop(conn, fx).await;
 }
 
 /// A stream that stalls in the middle of a frame is still dropped after
@@ -688,15 +706,9 @@ async fn a_chunk_stream_may_pause_between_chunks_of_a_running_upload() {
 /// quota is free for the next upload). It ended without any answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_stalled_mid_frame_answers_its_waiting_upload() {
-    let mut fx = Fixture::start_configured(|c| c.stream_idle = Duration::from_millis(100)).await;
-    let bundle = fx.enroll("ines", Some(1 << 20));
-    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
+    let (fx, conn) = idle_limited_server(Duration::from_millis(100), Some(1 << 20)).await;
     let (_slow_send, mut slow_recv) = keep_lookups_busy(&conn).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let (_, manifest) = small_upload("stalled.bin", 900_000, 2);
-    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
-        .await
-        .unwrap();
+    let (mut send, mut recv) = send_small_upload(&conn, "stalled.bin", 900_000, 2).await;
     // Two bytes of the next frame's header, then nothing.
     send.write_all(&[0, 0]).await.unwrap();
     let got = answer(&mut recv).await;
@@ -714,19 +726,14 @@ async fn a_stream_stalled_mid_frame_answers_its_waiting_upload() {
     assert_eq!(answer(&mut recv).await, None);
     expect_quota_refusal(&mut slow_recv).await;
     // 1 MB fits the 1 MiB quota only if the dropped upload holds none of it.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let (_, manifest) = small_upload("after.bin", 1_000_000, 3);
-    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
-        .await
-        .unwrap();
+    let (_send, mut recv) = send_small_upload(&conn, "after.bin", 1_000_000, 3).await;
     let got = answer(&mut recv).await;
     assert!(
         matches!(got, Some(Message::NeedChunks(_))),
         "the dropped upload still holds the quota: {}",
         answered(got.as_ref())
     );
-    conn.close(quinn::VarInt::from_u32(0), b"done");
-    fx.stop().await;
+    close_and_stop(conn, fx).await;
 }
 
 /// A running upload whose control stream stalls in the middle of a frame
@@ -734,14 +741,8 @@ async fn a_stream_stalled_mid_frame_answers_its_waiting_upload() {
 /// reservation back. It ended silently, as if the client had reset it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_stream_stalls_mid_frame_is_told_why_it_ends() {
-    let mut fx = Fixture::start_configured(|c| c.stream_idle = Duration::from_millis(300)).await;
-    let bundle = fx.enroll("ines", Some(1 << 20));
-    let conn = raw_connect(&bundle, fx.addr).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let (_, manifest) = small_upload("stalled.bin", 900_000, 2);
-    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
-        .await
-        .unwrap();
+    let (fx, conn) = idle_limited_server(Duration::from_millis(300), Some(1 << 20)).await;
+    let (mut send, mut recv) = send_small_upload(&conn, "stalled.bin", 900_000, 2).await;
     let Some(Message::NeedChunks(need)) = answer(&mut recv).await else {
         panic!("no NeedChunks")
     };
@@ -759,19 +760,14 @@ async fn an_upload_whose_stream_stalls_mid_frame_is_told_why_it_ends() {
     );
     assert_eq!(answer(&mut recv).await, None);
     // 1 MB fits the 1 MiB quota only if the ended upload holds none of it.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let (_, manifest) = small_upload("after.bin", 1_000_000, 3);
-    appliance_sync::wire::write_frame(&mut send, &Message::Upload(manifest))
-        .await
-        .unwrap();
+    let (_send, mut recv) = send_small_upload(&conn, "after.bin", 1_000_000, 3).await;
     let got = answer(&mut recv).await;
     assert!(
         matches!(got, Some(Message::NeedChunks(_))),
         "the ended upload still holds the quota: {}",
         answered(got.as_ref())
     );
-    conn.close(quinn::VarInt::from_u32(0), b"done");
-    fx.stop().await;
+    close_and_stop(conn, fx).await;
 }
 
 fn foreign_bundle(fx: &Fixture, cert_pem: String, key_pem: String) -> Bundle {
