@@ -41,6 +41,165 @@ fn ctl_ok(d: &Daemon, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A daemon with its state in `dir/state` and the tests' [`config`].
+fn start_configured(dir: &std::path::Path) -> Daemon {
+    let cfg = config(dir);
+    let state = dir.join("state");
+    Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[])
+}
+
+/// A daemon with its state in `dir/state` and no config file.
+fn start_default(dir: &std::path::Path) -> Daemon {
+    let state = dir.join("state");
+    Daemon::start(&state, &[], &[])
+}
+
+/// A daemon with its state in `dir/{state}` and `toml` as its config,
+/// written to `dir/{name}`.
+fn start_with_config(dir: &std::path::Path, name: &str, toml: &str, state: &str) -> Daemon {
+    let cfg = dir.join(name);
+    std::fs::write(&cfg, toml).unwrap();
+    let state = dir.join(state);
+    Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[])
+}
+
+#[track_caller]
+fn terminate_cleanly(d: &mut Daemon) {
+    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+}
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `appliancectl cache put AGENT PROMPT --response-file FILE`, which must
+/// succeed.
+fn put_file(d: &Daemon, agent: &str, prompt: &str, file: &std::path::Path) {
+    ctl_ok(
+        d,
+        &[
+            "cache",
+            "put",
+            agent,
+            prompt,
+            "--response-file",
+            file.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Writes an import file of `n` plain entries, `key0`.., each `value`.
+fn write_entries(file: &std::path::Path, n: usize, value: &str) {
+    let entries: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("key{i}"), serde_json::json!(value)))
+        .collect();
+    std::fs::write(file, serde_json::Value::Object(entries).to_string()).unwrap();
+}
+
+/// Imports 64 entries of 256 KiB (an export long enough to be caught
+/// part-way) and returns an empty export directory `dir/out` and the
+/// export's path in it, `cache.json`.
+fn import_a_long_export(
+    d: &Daemon,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let file = dir.join("in.json");
+    write_entries(&file, 64, &"v".repeat(256 << 10));
+    ctl_ok(d, &["cache", "import", file.to_str().unwrap()]);
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("cache.json");
+    (out_dir, out)
+}
+
+/// `appliancectl --socket SOCKET cache export OUT`, run by `wrapper` (a
+/// program and its arguments) if one is given.
+fn export_command(wrapper: &[&str], d: &Daemon, out: &std::path::Path) -> std::process::Command {
+    let mut cmd = match wrapper {
+        [] => std::process::Command::new(common::appliancectl()),
+        [program, args @ ..] => {
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args).arg(common::appliancectl());
+            cmd
+        }
+    };
+    cmd.arg("--socket")
+        .arg(d.socket())
+        .args(["cache", "export", out.to_str().unwrap()]);
+    cmd
+}
+
+/// Waits (up to 20 s) until an entry of `out_dir` shows the export has
+/// started, or the export has ended.
+fn wait_for_export_to_start(
+    child: &mut std::process::Child,
+    out_dir: &std::path::Path,
+    started: impl Fn(&std::fs::DirEntry) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let started = std::fs::read_dir(out_dir)
+            .unwrap()
+            .any(|e| started(&e.unwrap()));
+        if started || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn signal_child(child: &std::process::Child, signal: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        signal,
+    )
+}
+
+/// Sends `m` as one control frame.
+fn send<T: serde::Serialize>(s: &mut std::os::unix::net::UnixStream, m: &T) {
+    use std::io::Write;
+    let frame =
+        appliance_types::control::encode_frame(m, appliance_types::control::DEFAULT_MAX_FRAME)
+            .unwrap();
+    s.write_all(&frame).unwrap();
+}
+
+/// The payload of the next control frame.
+fn recv(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix)?;
+    let mut buf = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    s.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// A raw connection to the daemon's control socket, past the hellos,
+/// reads timing out after 10 s.
+fn connect_raw(d: &Daemon) -> std::os::unix::net::UnixStream {
+    use appliance_types::control::{decode_payload, ClientHello, ServerHello};
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send(&mut s, &ClientHello::new("test"));
+    let _: ServerHello = decode_payload(&recv(&mut s).unwrap(), "server hello").unwrap();
+    s
+}
+
+/// The request that starts a put in pieces of `len` bytes for agent "a".
+fn put_pieces(prompt: &str, len: u64) -> appliance_types::control::Request {
+    appliance_types::control::Request::Cache(appliance_types::cache::CacheRequest::PutPieces {
+        agent: "a".into(),
+        prompt: prompt.into(),
+        variant: String::new(),
+        len,
+        ttl_secs: None,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_client_ctl_and_stats() {
     let dir = tempfile::tempdir().unwrap();
@@ -313,9 +472,7 @@ fn damaged_cache_log_fails_the_component_not_the_daemon() {
 #[test]
 fn a_file_with_one_bad_entry_imports_nothing_and_says_which() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let mut d = start_configured(dir.path());
     // "a" comes before "b" in the object: it must not go in on its own.
     let file = dir.path().join("half.json");
     std::fs::write(&file, r#"{"a": "an answer", "b": 5, "c": "another"}"#).unwrap();
@@ -337,15 +494,14 @@ fn a_file_with_one_bad_entry_imports_nothing_and_says_which() {
         err.contains(r#""k""#) && err.contains("more than once"),
         "{err}"
     );
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 #[test]
 fn export_and_import_fit_the_control_frame_whatever_the_entries() {
     // The defaults: values up to 8 MiB, control frames up to 1 MiB.
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
+    let mut d = start_default(dir.path());
     let big = "x".repeat(2 << 20);
     let file = dir.path().join("big.json");
     std::fs::write(
@@ -360,21 +516,20 @@ fn export_and_import_fit_the_control_frame_whatever_the_entries() {
     ctl_ok(&d, &["cache", "import", file.to_str().unwrap()]);
     let out = dir.path().join("export.json");
     ctl_ok(&d, &["cache", "export", out.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let v: serde_json::Value = read_json(&out);
     assert_eq!(v["0123456789abcdef0123456789abcdef"], big.as_str());
     assert_eq!(v.as_object().unwrap().len(), 2);
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 
     // The smallest frames the config allows.
-    let cfg = dir.path().join("small-frames.toml");
-    std::fs::write(&cfg, "version = 1\n[control]\nmax_frame_bytes = 4096\n").unwrap();
-    let state = dir.path().join("state2");
-    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let mut d = start_with_config(
+        dir.path(),
+        "small-frames.toml",
+        "version = 1\n[control]\nmax_frame_bytes = 4096\n",
+        "state2",
+    );
     let small = dir.path().join("small.json");
-    let entries: serde_json::Map<String, serde_json::Value> = (0..100)
-        .map(|i| (format!("key{i}"), serde_json::json!("y".repeat(100))))
-        .collect();
-    std::fs::write(&small, serde_json::Value::Object(entries).to_string()).unwrap();
+    write_entries(&small, 100, &"y".repeat(100));
     let v: serde_json::Value = serde_json::from_str(&ctl_ok(
         &d,
         &["cache", "import", small.to_str().unwrap(), "--json"],
@@ -382,18 +537,16 @@ fn export_and_import_fit_the_control_frame_whatever_the_entries() {
     .unwrap();
     assert_eq!(v["plain_entries"], 100, "{v}");
     ctl_ok(&d, &["cache", "export", out.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let v: serde_json::Value = read_json(&out);
     assert_eq!(v.as_object().unwrap().len(), 100);
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 #[test]
 fn export_does_not_widen_who_may_read_the_file() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let mut d = start_configured(dir.path());
     ctl_ok(&d, &["cache", "put", "a", "p", "--response", "private"]);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
 
@@ -412,7 +565,7 @@ fn export_does_not_widen_who_may_read_the_file() {
     let new = dir.path().join("new.json");
     ctl_ok(&d, &["cache", "export", new.to_str().unwrap()]);
     assert_eq!(mode(&new) & 0o077, 0, "mode {:o}", mode(&new));
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// A get or a put is cut into pieces that fit the control frame (1 MiB by
@@ -423,8 +576,7 @@ fn export_does_not_widen_who_may_read_the_file() {
 #[test]
 fn get_and_put_take_any_value_the_cache_takes() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
+    let mut d = start_default(dir.path());
     // Stored through an import (pieces), then read back.
     let file = dir.path().join("big.json");
     std::fs::write(
@@ -450,17 +602,7 @@ fn get_and_put_take_any_value_the_cache_takes() {
             .map(|i| u8::try_from(i * 7 % 251).unwrap())
             .collect();
         std::fs::write(&big, &content).unwrap();
-        ctl_ok(
-            &d,
-            &[
-                "cache",
-                "put",
-                "a",
-                prompt,
-                "--response-file",
-                big.to_str().unwrap(),
-            ],
-        );
+        put_file(&d, "a", prompt, &big);
         let out = d.ctl(&["cache", "get", "a", prompt]);
         assert!(
             out.status.success(),
@@ -500,29 +642,21 @@ fn get_and_put_take_any_value_the_cache_takes() {
         assert!(started.elapsed() < Duration::from_secs(10), "{err}");
     }
     assert_eq!(d.ctl(&["cache", "get", "a", "r"]).status.code(), Some(1));
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 
     // The smallest frames the config allows.
-    let cfg = dir.path().join("small-frames.toml");
-    std::fs::write(&cfg, "version = 1\n[control]\nmax_frame_bytes = 1024\n").unwrap();
-    let state = dir.path().join("state2");
-    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let mut d = start_with_config(
+        dir.path(),
+        "small-frames.toml",
+        "version = 1\n[control]\nmax_frame_bytes = 1024\n",
+        "state2",
+    );
     let content: Vec<u8> = (0..100_000u32)
         .map(|i| u8::try_from(i % 253).unwrap())
         .collect();
     let f = dir.path().join("small-frames.bin");
     std::fs::write(&f, &content).unwrap();
-    ctl_ok(
-        &d,
-        &[
-            "cache",
-            "put",
-            "a",
-            "p",
-            "--response-file",
-            f.to_str().unwrap(),
-        ],
-    );
+    put_file(&d, "a", "p", &f);
     let out = d.ctl(&["cache", "get", "a", "p"]);
     assert!(
         out.status.success(),
@@ -530,7 +664,7 @@ fn get_and_put_take_any_value_the_cache_takes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.stdout == content, "the response came back altered");
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// A put in pieces is stored only once every announced byte arrived: a
@@ -539,47 +673,17 @@ fn get_and_put_take_any_value_the_cache_takes() {
 #[test]
 fn a_put_cut_off_part_way_stores_nothing() {
     use appliance_types::cache::{CacheRequest, CacheResponse};
-    use appliance_types::control::{
-        decode_payload, encode_frame, ClientHello, Request, Response, ServerHello,
-        DEFAULT_MAX_FRAME,
-    };
-    use std::io::{Read, Write};
+    use appliance_types::control::{decode_payload, Request, Response};
 
-    fn send<T: serde::Serialize>(s: &mut std::os::unix::net::UnixStream, m: &T) {
-        s.write_all(&encode_frame(m, DEFAULT_MAX_FRAME).unwrap())
-            .unwrap();
-    }
-    fn recv(s: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
-        let mut prefix = [0u8; 4];
-        s.read_exact(&mut prefix).unwrap();
-        let mut buf = vec![0u8; u32::from_be_bytes(prefix) as usize];
-        s.read_exact(&mut buf).unwrap();
-        buf
-    }
     fn response(s: &mut std::os::unix::net::UnixStream) -> Response {
-        decode_payload(&recv(s), "response").unwrap()
+        decode_payload(&recv(s).unwrap(), "response").unwrap()
     }
-    let start = |prompt: &str| {
-        Request::Cache(CacheRequest::PutPieces {
-            agent: "a".into(),
-            prompt: prompt.into(),
-            variant: String::new(),
-            len: 1000,
-            ttl_secs: None,
-        })
-    };
+    let start = |prompt: &str| put_pieces(prompt, 1000);
     let piece = |n: usize| Request::Cache(CacheRequest::PutPiece(vec![b'x'; n]));
 
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
-    let connect = || {
-        let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        send(&mut s, &ClientHello::new("test"));
-        let _: ServerHello = decode_payload(&recv(&mut s), "server hello").unwrap();
-        s
-    };
+    let mut d = start_default(dir.path());
+    let connect = || connect_raw(&d);
 
     // Gone after 999 of 1000 bytes.
     let mut s = connect();
@@ -614,7 +718,7 @@ fn a_put_cut_off_part_way_stores_nothing() {
         let out = d.ctl(&["cache", "get", "a", prompt]);
         assert_eq!(out.status.code(), Some(1), "{prompt} was stored");
     }
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// A response that is not UTF-8 is never altered: `cache get` writes its
@@ -625,23 +729,11 @@ fn a_put_cut_off_part_way_stores_nothing() {
 fn get_json_does_not_alter_a_binary_response() {
     use base64::Engine as _;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
+    let mut d = start_configured(dir.path());
     let bytes = b"\xff\xfebin".to_vec();
     let file = dir.path().join("bin.txt");
     std::fs::write(&file, &bytes).unwrap();
-    ctl_ok(
-        &d,
-        &[
-            "cache",
-            "put",
-            "a",
-            "p",
-            "--response-file",
-            file.to_str().unwrap(),
-        ],
-    );
+    put_file(&d, "a", "p", &file);
     ctl_ok(&d, &["cache", "put", "a", "t", "--response", "text é"]);
     let check = |d: &Daemon| {
         let out = d.ctl(&["cache", "get", "a", "p", "--json"]);
@@ -689,7 +781,7 @@ fn get_json_does_not_alter_a_binary_response() {
     assert_eq!(d.ctl(&["cache", "get", "a", "p"]).status.code(), Some(1));
     ctl_ok(&d, &["cache", "import", export.to_str().unwrap()]);
     check(&d);
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// An export stopped by a signal (Ctrl-C, SIGTERM, a closed terminal's
@@ -702,17 +794,8 @@ fn an_interrupted_export_leaves_nothing_behind() {
     use nix::sys::signal::Signal;
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
-    let entries: serde_json::Map<String, serde_json::Value> = (0..64)
-        .map(|i| (format!("key{i}"), serde_json::json!("v".repeat(256 << 10))))
-        .collect();
-    let file = dir.path().join("in.json");
-    std::fs::write(&file, serde_json::Value::Object(entries).to_string()).unwrap();
-    ctl_ok(&d, &["cache", "import", file.to_str().unwrap()]);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let out = out_dir.join("cache.json");
+    let mut d = start_default(dir.path());
+    let (out_dir, out) = import_a_long_export(&d, dir.path());
     std::fs::write(&out, "{}").unwrap();
     let left = || -> Vec<_> {
         std::fs::read_dir(&out_dir)
@@ -722,33 +805,12 @@ fn an_interrupted_export_leaves_nothing_behind() {
             .collect()
     };
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        let mut child = std::process::Command::new(common::appliancectl())
-            .arg("--socket")
-            .arg(d.socket())
-            .args(["cache", "export", out.to_str().unwrap()])
-            .spawn()
-            .unwrap();
+        let mut child = export_command(&[], &d, &out).spawn().unwrap();
         // Stop it once its temporary file has something in it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let started = std::fs::read_dir(&out_dir).unwrap().any(|e| {
-                let e = e.unwrap();
-                e.file_name() != "cache.json" && e.metadata().is_ok_and(|m| m.len() > 0)
-            });
-            if started || child.try_wait().unwrap().is_some() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the export never started"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-            signal,
-        )
-        .unwrap();
+        wait_for_export_to_start(&mut child, &out_dir, |e| {
+            e.file_name() != "cache.json" && e.metadata().is_ok_and(|m| m.len() > 0)
+        });
+        signal_child(&child, signal).unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(signal as i32), "{signal}: {status}");
         assert_eq!(
@@ -775,9 +837,9 @@ fn an_interrupted_export_leaves_nothing_behind() {
     ctl_ok(&d, &["cache", "export", out.to_str().unwrap()]);
     assert!(!dead.exists(), "{:?}", left());
     assert!(live.exists(), "the file of a live process was removed");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let v: serde_json::Value = read_json(&out);
     assert_eq!(v.as_object().unwrap().len(), 64);
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// An export started with SIGHUP ignored (`nohup appliancectl cache export
@@ -788,52 +850,25 @@ fn an_interrupted_export_leaves_nothing_behind() {
 fn an_export_under_nohup_survives_a_hangup() {
     use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
-    let entries: serde_json::Map<String, serde_json::Value> = (0..64)
-        .map(|i| (format!("key{i}"), serde_json::json!("v".repeat(256 << 10))))
-        .collect();
-    let file = dir.path().join("in.json");
-    std::fs::write(&file, serde_json::Value::Object(entries).to_string()).unwrap();
-    ctl_ok(&d, &["cache", "import", file.to_str().unwrap()]);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let out = out_dir.join("cache.json");
+    let mut d = start_default(dir.path());
+    let (out_dir, out) = import_a_long_export(&d, dir.path());
     // nohup(1) ignores SIGHUP and runs the command in its place (same
     // process); an ignored signal stays ignored across exec.
-    let mut cmd = std::process::Command::new("nohup");
-    cmd.arg(common::appliancectl())
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["cache", "export", out.to_str().unwrap()])
-        .stdout(std::process::Stdio::null());
+    let mut cmd = export_command(&["nohup"], &d, &out);
+    cmd.stdout(std::process::Stdio::null());
     let mut child = cmd.spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let started = std::fs::read_dir(&out_dir)
-            .unwrap()
-            .any(|e| e.unwrap().metadata().is_ok_and(|m| m.len() > 0));
-        if started || child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the export never started"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        Signal::SIGHUP,
-    );
+    wait_for_export_to_start(&mut child, &out_dir, |e| {
+        e.metadata().is_ok_and(|m| m.len() > 0)
+    });
+    let _ = signal_child(&child, Signal::SIGHUP);
     let status = child.wait().unwrap();
     assert!(
         status.success(),
         "an export with SIGHUP ignored was ended by it: {status}"
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let v: serde_json::Value = read_json(&out);
     assert_eq!(v.as_object().unwrap().len(), 64);
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// A put in pieces holds what has arrived, not what was announced: a
@@ -842,50 +877,20 @@ fn an_export_under_nohup_survives_a_hangup() {
 /// so announcing it neither takes the memory nor aborts the daemon.
 #[test]
 fn a_put_announcing_more_than_memory_does_not_stop_the_daemon() {
-    use appliance_types::cache::{CacheRequest, CacheResponse};
-    use appliance_types::control::{
-        decode_payload, encode_frame, ClientHello, Request, Response, ServerHello,
-        DEFAULT_MAX_FRAME,
-    };
-    use std::io::{Read, Write};
-
-    fn send<T: serde::Serialize>(s: &mut std::os::unix::net::UnixStream, m: &T) {
-        s.write_all(&encode_frame(m, DEFAULT_MAX_FRAME).unwrap())
-            .unwrap();
-    }
-    fn recv(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<Vec<u8>> {
-        let mut prefix = [0u8; 4];
-        s.read_exact(&mut prefix)?;
-        let mut buf = vec![0u8; u32::from_be_bytes(prefix) as usize];
-        s.read_exact(&mut buf)?;
-        Ok(buf)
-    }
+    use appliance_types::cache::CacheResponse;
+    use appliance_types::control::{decode_payload, Response};
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("big-values.toml");
     // 1 PiB: accepted by the config check, more than any address space
     // (47 bits of user addresses on x86-64) can reserve.
-    std::fs::write(
-        &cfg,
+    let mut d = start_with_config(
+        dir.path(),
+        "big-values.toml",
         "version = 1\n[cache]\nmax_bytes = 1125899906842624\nmax_value_bytes = 1125899906842624\n",
-    )
-    .unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()], &[]);
-    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    send(&mut s, &ClientHello::new("test"));
-    let _: ServerHello = decode_payload(&recv(&mut s).unwrap(), "server hello").unwrap();
-    send(
-        &mut s,
-        &Request::Cache(CacheRequest::PutPieces {
-            agent: "a".into(),
-            prompt: "p".into(),
-            variant: String::new(),
-            len: 1 << 50,
-            ttl_secs: None,
-        }),
+        "state",
     );
+    let mut s = connect_raw(&d);
+    send(&mut s, &put_pieces("p", 1 << 50));
     let answer = recv(&mut s).map(|p| decode_payload::<Response>(&p, "response").unwrap());
     assert!(
         matches!(
@@ -902,7 +907,7 @@ fn a_put_announcing_more_than_memory_does_not_stop_the_daemon() {
         "the daemon stopped serving after a 1 PiB put was announced: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
 
 /// The temporary file of a live export is not removed by an export that
@@ -916,8 +921,7 @@ fn an_export_in_another_pid_namespace_keeps_a_live_temporary() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
+    let mut d = start_default(dir.path());
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let out = out_dir.join("cache.json");
@@ -930,12 +934,7 @@ fn an_export_in_another_pid_namespace_keeps_a_live_temporary() {
         nix::fcntl::FlockArg::LockExclusiveNonblock,
     )
     .unwrap();
-    let status = std::process::Command::new("unshare")
-        .args(["--pid", "--fork"])
-        .arg(common::appliancectl())
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["cache", "export", out.to_str().unwrap()])
+    let status = export_command(&["unshare", "--pid", "--fork"], &d, &out)
         .status()
         .unwrap();
     assert!(status.success(), "unshare --pid needs root: {status}");
@@ -943,5 +942,5 @@ fn an_export_in_another_pid_namespace_keeps_a_live_temporary() {
         live.exists(),
         "an export in another PID namespace removed a live export's temporary file"
     );
-    assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
+    terminate_cleanly(&mut d);
 }
