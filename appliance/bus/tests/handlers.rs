@@ -64,11 +64,7 @@ async fn burst_while_backing_off(
     backoff: Duration,
     yielding: bool,
 ) -> (Bus, HandlerHandle, Arc<Mutex<Vec<String>>>) {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 4,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(4);
     let (h, handled) = recording_handler(&b, "jobs", "jobs.>", backoff);
     b.publish("jobs.x", None, "bad").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -92,6 +88,16 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A bus without a durable log, with subscriber queues of `queue`.
+fn memory_bus(queue: usize) -> Bus {
+    Bus::open(BusOptions {
+        subscriber_queue: queue,
+        ..BusOptions::default()
+    })
+    .unwrap()
+    .0
 }
 
 /// The payloads of the dead-letter list, in list order.
@@ -312,11 +318,7 @@ async fn handler_starved_by_a_burst_dead_letters_the_overflow_and_keeps_running(
 /// on `_dlq.<subject>` by its task once it runs, like any other.
 #[tokio::test]
 async fn dead_letters_of_a_starved_handler_are_published() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 2,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(2);
     let mut dead = b
         .subscribe(
             "_dlq.>",
@@ -644,11 +646,7 @@ async fn handler_names_are_bounded() {
 /// either: only the overflow is dead-lettered, the rest is handled.
 #[tokio::test]
 async fn catch_all_handler_own_dead_letters_evict_nothing() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 4,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(4);
     let (_h, handled) = recording_handler(&b, "all", ">", Duration::from_millis(10));
     // No yield: the handler's task does not run before the last publish.
     for i in 0..8 {
@@ -732,11 +730,7 @@ impl<F: Fn() + Send + Sync + 'static> tracing::Subscriber for OnWarn<F> {
 /// stored it, it is not counted as lost (as if pushed out of the list).
 #[tokio::test]
 async fn overflow_dead_letter_retried_at_once_is_not_lost() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 1,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(1);
     let (_h, handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
     // No yield: the handler's task does not run; m0 waits in its
     // subscription, which m1 (on another thread) then overflows.
@@ -788,11 +782,7 @@ async fn overflow_dead_letter_retried_at_once_is_not_lost() {
 /// `dead_lettered`).
 #[tokio::test]
 async fn dead_letters_a_backlog_overflows_with_are_not_counted_as_overflowed() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 1,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(1);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g2 = gate.clone();
     let _h = b
@@ -836,11 +826,7 @@ async fn dead_letters_a_backlog_overflows_with_are_not_counted_as_overflowed() {
 /// message's fan-out): that path does not log a line per message.
 #[tokio::test]
 async fn a_flood_to_a_starved_handler_does_not_log_per_message_on_the_publisher() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 4,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(4);
     let (_h, _handled) = recording_handler(&b, "jobs", "jobs.>", Duration::from_millis(10));
     let logged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = logged.clone();
@@ -1179,11 +1165,7 @@ async fn close_while_a_handler_dead_letters_stores_it() {
 /// `overflowed` counts dead letters.
 #[tokio::test]
 async fn a_backlog_overflow_after_close_is_lost_not_overflowed() {
-    let (b, _) = Bus::open(BusOptions {
-        subscriber_queue: 2,
-        ..BusOptions::default()
-    })
-    .unwrap();
+    let b = memory_bus(2);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g2 = gate.clone();
     let _h = b
