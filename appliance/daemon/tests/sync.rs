@@ -255,20 +255,25 @@ fn sync_waits_for_its_documents_directory() {
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// `appliancectl sync client add laptop --out OUT`.
+fn add_laptop(d: &Daemon, out: &std::path::Path) -> std::process::Output {
+    d.ctl(&[
+        "sync",
+        "client",
+        "add",
+        "laptop",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_bundle_that_cannot_be_written_does_not_use_up_the_enrollment() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut d = Daemon::start(&state, &[], &[]);
     let nowhere = dir.path().join("no-such-dir/laptop.bundle");
-    let out = d.ctl(&[
-        "sync",
-        "client",
-        "add",
-        "laptop",
-        "--out",
-        nowhere.to_str().unwrap(),
-    ]);
+    let out = add_laptop(&d, &nowhere);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No such file or directory"), "{err}");
@@ -277,17 +282,7 @@ fn a_bundle_that_cannot_be_written_does_not_use_up_the_enrollment() {
         serde_json::from_str(&ok(&d.ctl(&["sync", "client", "list", "--json"]), "list")).unwrap();
     assert_eq!(list, serde_json::json!([]), "enrolled without a bundle");
     let bundle = dir.path().join("laptop.bundle");
-    ok(
-        &d.ctl(&[
-            "sync",
-            "client",
-            "add",
-            "laptop",
-            "--out",
-            bundle.to_str().unwrap(),
-        ]),
-        "add after the failed one",
-    );
+    ok(&add_laptop(&d, &bundle), "add after the failed one");
     assert!(std::fs::metadata(&bundle).unwrap().len() > 0);
 
     // A bundle that fails part-way through writing (here the file size
@@ -312,14 +307,7 @@ fn a_bundle_that_cannot_be_written_does_not_use_up_the_enrollment() {
 
     // A refused enrollment leaves no empty bundle behind.
     let again = dir.path().join("again.bundle");
-    let out = d.ctl(&[
-        "sync",
-        "client",
-        "add",
-        "laptop",
-        "--out",
-        again.to_str().unwrap(),
-    ]);
+    let out = add_laptop(&d, &again);
     assert_eq!(out.status.code(), Some(1));
     assert!(!again.exists());
     assert_eq!(d.terminate(Duration::from_secs(10)).code(), Some(0));
