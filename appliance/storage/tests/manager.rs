@@ -377,6 +377,13 @@ fn count(ev: &[StorageEvent], subject: &str) -> usize {
     ev.iter().filter(|e| e.subject() == subject).count()
 }
 
+/// Asserts that `subject` was published `n` times in `ev`, listing them all
+/// if not.
+#[track_caller]
+fn assert_published(ev: &[StorageEvent], subject: &str, n: usize) {
+    assert_eq!(count(ev, subject), n, "{subject}: {:#?}", subjects(ev));
+}
+
 /// What udev reports when the disk `id` (kernel name `devname`) leaves `bay`.
 fn pulled(id: &str, devname: &str, bay: &str) -> appliance_storage::udev::DiskChange {
     appliance_storage::udev::DiskChange {
@@ -1388,12 +1395,7 @@ async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_re
     let (mgr2, sink2) = rig.restarted();
     mgr2.refresh().await.unwrap();
     let ev = sink2.snapshot();
-    assert_eq!(
-        count(&ev, "storage.resilver.tank.finished"),
-        1,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.resilver.tank.finished", 1);
     let r = mgr2.report().await.unwrap();
     assert_eq!(r.status, StorageStatus::Healthy);
     let book = rig.book();
@@ -1404,19 +1406,9 @@ async fn a_resilver_that_ends_while_the_manager_is_down_is_finished_after_the_re
     let (mgr3, sink3) = rig.restarted();
     mgr3.refresh().await.unwrap();
     let ev = sink3.snapshot();
-    assert_eq!(
-        count(&ev, "storage.resilver.tank.finished"),
-        0,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.resilver.tank.finished", 0);
     // The restart still republishes the pool's state.
-    assert_eq!(
-        count(&ev, "storage.pool.tank.state"),
-        1,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.pool.tank.state", 1);
 }
 
 /// The daemon restarts while a resilver runs: the restart publishes its
@@ -1429,28 +1421,13 @@ async fn a_restart_during_a_resilver_does_not_start_it_again() {
     let (mgr2, sink2) = rig.restarted();
     mgr2.refresh().await.unwrap();
     let ev = sink2.snapshot();
-    assert_eq!(
-        count(&ev, "storage.resilver.tank.started"),
-        0,
-        "{:#?}",
-        subjects(&ev)
-    );
-    assert_eq!(
-        count(&ev, "storage.resilver.tank.progress"),
-        1,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.resilver.tank.started", 0);
+    assert_published(&ev, "storage.resilver.tank.progress", 1);
     assert!(rig.book().contains("\"resilver_open\": true"));
     rig.finish_scan_after(600).await;
     mgr2.refresh().await.unwrap();
     let ev = sink2.snapshot();
-    assert_eq!(
-        count(&ev, "storage.resilver.tank.finished"),
-        1,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.resilver.tank.finished", 1);
     assert_eq!(count(&ev, "storage.resilver.tank.started"), 0);
     assert!(!rig.book().contains("\"resilver_open\": true"));
     mgr2.shutdown().await;
@@ -1483,12 +1460,7 @@ async fn a_crash_before_a_resilver_finished_goes_out_does_not_lose_it() {
     rig.finish_scan_after(600).await;
 
     let (mgr3, ev) = rig.crash_then_restart(Arc::new(CrashOnResilverEnd)).await;
-    assert_eq!(
-        count(&ev, "storage.resilver.tank.finished"),
-        1,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.resilver.tank.finished", 1);
     mgr3.shutdown().await;
 }
 
@@ -1519,12 +1491,7 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
     rig.finish_scan_after(600).await;
 
     let (mgr3, ev) = rig.crash_then_restart(Arc::new(CrashOnScrubEnd)).await;
-    assert_eq!(
-        count(&ev, "storage.scrub.tank.finished"),
-        1,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.scrub.tank.finished", 1);
     let st = mgr3.scrub_status("tank".into()).await.unwrap();
     assert!(st.last_completed_at.is_some(), "{st:?}");
     let book = rig.book();
@@ -1534,12 +1501,7 @@ async fn a_scrub_finished_while_the_manager_is_down_is_published_despite_a_crash
     let (mgr4, sink4) = rig.restarted();
     mgr4.refresh().await.unwrap();
     let ev = sink4.snapshot();
-    assert_eq!(
-        count(&ev, "storage.scrub.tank.finished"),
-        0,
-        "{:#?}",
-        subjects(&ev)
-    );
+    assert_published(&ev, "storage.scrub.tank.finished", 0);
 }
 
 /// A scrub stopped (`zpool scrub -s`) after an earlier one completed: its
@@ -1562,12 +1524,7 @@ async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
         let (mgr, sink) = rig.restarted();
         mgr.refresh().await.unwrap();
         let ev = sink.snapshot();
-        assert_eq!(
-            count(&ev, "storage.scrub.tank.canceled"),
-            0,
-            "{:#?}",
-            subjects(&ev)
-        );
+        assert_published(&ev, "storage.scrub.tank.canceled", 0);
         mgr.shutdown().await;
     }
 }
