@@ -261,6 +261,15 @@ pub struct ScrubBook {
     pub pools: BTreeMap<String, ScrubRecord>,
 }
 
+/// Moves `slot` forward to `end` (a Unix time); true if it moved.
+fn advance(slot: &mut Option<u64>, end: u64) -> bool {
+    if slot.is_some_and(|s| s >= end) {
+        return false;
+    }
+    *slot = Some(end);
+    true
+}
+
 impl ScrubBook {
     /// The record of `pool` (default when unknown).
     pub fn get(&self, pool: &str) -> ScrubRecord {
@@ -281,11 +290,7 @@ impl ScrubBook {
     /// if the book changed.
     pub fn completed(&mut self, pool: &str, end: u64) -> bool {
         let r = self.pools.entry(pool.to_owned()).or_default();
-        if r.last_completed.is_some_and(|l| l >= end) {
-            return false;
-        }
-        r.last_completed = Some(end);
-        true
+        advance(&mut r.last_completed, end)
     }
 
     /// Records what is known of the pool's resilvers; true if the book
@@ -311,11 +316,7 @@ impl ScrubBook {
     /// moves forward. True if the book changed.
     pub fn scrub_ended(&mut self, pool: &str, end: u64) -> bool {
         let r = self.pools.entry(pool.to_owned()).or_default();
-        if r.scrub_ended.is_some_and(|e| e >= end) {
-            return false;
-        }
-        r.scrub_ended = Some(end);
-        true
+        advance(&mut r.scrub_ended, end)
     }
 
     /// Records a scrub request at `now`.

@@ -306,6 +306,19 @@ impl Rig {
         (mgr, sink.snapshot())
     }
 
+    /// Restarts the manager twice in a row (each polls once and shuts
+    /// down); how many times each start published `subject`.
+    async fn published_at_two_starts(&self, subject: &str) -> Vec<usize> {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (mgr, sink) = self.restarted();
+            mgr.refresh().await.unwrap();
+            seen.push(count(&sink.snapshot(), subject));
+            mgr.shutdown().await;
+        }
+        seen
+    }
+
     /// [`Self::restart_with`] a fresh collecting sink.
     fn restarted(&self) -> (StorageManager, Arc<CollectingSink>) {
         let sink = Arc::new(CollectingSink::new());
@@ -1520,13 +1533,10 @@ async fn a_canceled_scrub_is_not_published_again_after_a_restart() {
         .await;
     rig.mgr.shutdown().await;
 
-    for _ in 0..2 {
-        let (mgr, sink) = rig.restarted();
-        mgr.refresh().await.unwrap();
-        let ev = sink.snapshot();
-        assert_published(&ev, "storage.scrub.tank.canceled", 0);
-        mgr.shutdown().await;
-    }
+    let seen = rig
+        .published_at_two_starts("storage.scrub.tank.canceled")
+        .await;
+    assert_eq!(seen, vec![0, 0], "canceled published at a start");
 }
 
 /// A scrub canceled while the manager is down, after an earlier one
@@ -1540,13 +1550,9 @@ async fn a_scrub_canceled_while_the_manager_is_down_is_published_once() {
     rig.sync();
     rig.fake.scrub("tank", ScrubAction::Stop).await.unwrap();
 
-    let mut seen = Vec::new();
-    for _ in 0..2 {
-        let (mgr, sink) = rig.restarted();
-        mgr.refresh().await.unwrap();
-        seen.push(count(&sink.snapshot(), "storage.scrub.tank.canceled"));
-        mgr.shutdown().await;
-    }
+    let seen = rig
+        .published_at_two_starts("storage.scrub.tank.canceled")
+        .await;
     assert_eq!(seen, vec![1, 0], "canceled published at each start");
 }
 
@@ -1601,13 +1607,9 @@ async fn a_scrub_replaced_by_a_resilver_while_the_manager_is_down_is_published_a
         .await
         .unwrap();
 
-    let mut seen = Vec::new();
-    for _ in 0..2 {
-        let (mgr, sink) = rig.restarted();
-        mgr.refresh().await.unwrap();
-        seen.push(count(&sink.snapshot(), "storage.scrub.tank.canceled"));
-        mgr.shutdown().await;
-    }
+    let seen = rig
+        .published_at_two_starts("storage.scrub.tank.canceled")
+        .await;
     assert_eq!(seen, vec![1, 0], "the replaced scrub's end");
 }
 
